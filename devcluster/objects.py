@@ -1,0 +1,219 @@
+"""Playing the kubelet: create Nodes, Services and Pods, and drive pod status by hand.
+
+With no kubelet, a pod stays Pending with no IP forever. Tests and the demo patch ``status`` (phase,
+IP, the Ready condition) themselves, which is exactly the input the EndpointSlice controller reads.
+Pods are bound to a Node at creation (``spec.nodeName``), as the scheduler would.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import itertools
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from sidecar.kube.api import ApiError, KubeApi, ResourcePath
+
+PODS = ResourcePath("", "v1", "pods")
+SERVICES = ResourcePath("", "v1", "services")
+SERVICE_ACCOUNTS = ResourcePath("", "v1", "serviceaccounts")
+ENDPOINT_SLICES = ResourcePath("discovery.k8s.io", "v1", "endpointslices")
+WORKER_METADATA = ResourcePath("nvidia.com", "v1alpha1", "dynamoworkermetadatas")
+
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> T:
+    """Poll ``condition`` until it returns something truthy; raise with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while True:
+        last = condition()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last value: {last!r})")
+        time.sleep(interval)  # poll
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+_ip_counter = itertools.count(1)
+
+
+def next_pod_ip() -> str:
+    """A fresh address in 10.244.0.0/16 (never routed: nothing ever dials these)."""
+    return str(ipaddress.ip_address("10.244.0.0") + next(_ip_counter))
+
+
+class Cluster:
+    """Object helpers over a ``KubeApi`` with admin rights."""
+
+    def __init__(self, api: KubeApi) -> None:
+        self.api = api
+
+    # -- namespaces and nodes ----------------------------------------------------------------------
+    def create_namespace(self, name: str, labels: Mapping[str, str] | None = None) -> dict[str, Any]:
+        body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": dict(labels or {})}}
+        return self.api.create("/api/v1/namespaces", body)
+
+    def delete_namespace(self, name: str) -> None:
+        try:
+            self.api.delete(f"/api/v1/namespaces/{name}")
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+
+    def wait_for_service_account(self, namespace: str, name: str = "default", timeout: float = 30.0) -> None:
+        def exists() -> bool:
+            try:
+                self.api.get(SERVICE_ACCOUNTS.item(namespace, name))
+                return True
+            except ApiError as exc:
+                if exc.status == 404:
+                    return False
+                raise
+
+        wait_for(exists, timeout, what=f"service account {namespace}/{name}")
+
+    def ensure_node(self, name: str = "node-a", zone: str = "zone-a") -> dict[str, Any]:
+        body = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone, "kubernetes.io/hostname": name}},
+        }
+        try:
+            return self.api.create("/api/v1/nodes", body)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+            return self.api.get(f"/api/v1/nodes/{name}")
+
+    # -- services --------------------------------------------------------------------------------
+    def create_service(
+        self, namespace: str, name: str, selector: Mapping[str, str], port: int = 8000, headless: bool = True
+    ) -> dict[str, Any]:
+        spec: dict[str, Any] = {
+            "selector": dict(selector),
+            "ports": [{"name": "http", "port": port, "targetPort": port, "protocol": "TCP"}],
+        }
+        if headless:
+            spec["clusterIP"] = "None"
+        body = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name}, "spec": spec}
+        return self.api.create(SERVICES.collection(namespace), body)
+
+    # -- pods --------------------------------------------------------------------------------------
+    def create_pod(
+        self,
+        namespace: str,
+        name: str,
+        labels: Mapping[str, str],
+        node: str = "node-a",
+        port: int = 8000,
+        service_account: str = "default",
+    ) -> dict[str, Any]:
+        body = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "labels": dict(labels)},
+            "spec": {
+                "nodeName": node,
+                "serviceAccountName": service_account,
+                "automountServiceAccountToken": False,
+                "containers": [
+                    {"name": "main", "image": "example.invalid/worker:1", "ports": [{"containerPort": port, "name": "http"}]}
+                ],
+            },
+        }
+        return self.api.create(PODS.collection(namespace), body)
+
+    def set_pod_status(self, namespace: str, name: str, ready: bool, ip: str | None = None) -> dict[str, Any]:
+        """Patch the status a kubelet would report: Running, an IP, and the Ready condition."""
+        pod = self.api.get(PODS.item(namespace, name))
+        ip = ip or (pod.get("status") or {}).get("podIP") or next_pod_ip()
+        state = "True" if ready else "False"
+        now = _now()
+        status = {
+            "phase": "Running",
+            "podIP": ip,
+            "podIPs": [{"ip": ip}],
+            "hostIP": "192.0.2.1",
+            "startTime": (pod.get("status") or {}).get("startTime") or now,
+            "conditions": [
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
+                {"type": "Initialized", "status": "True", "lastTransitionTime": now},
+                {"type": "ContainersReady", "status": state, "lastTransitionTime": now},
+                {"type": "Ready", "status": state, "lastTransitionTime": now},
+            ],
+        }
+        return self.api.request(
+            "PATCH", PODS.item(namespace, name) + "/status", body={"status": status},
+            content_type="application/merge-patch+json",
+        )
+
+    def start_pod(
+        self, namespace: str, name: str, labels: Mapping[str, str], ready: bool = True, ip: str | None = None
+    ) -> dict[str, Any]:
+        """Create a pod and report it Running (and Ready unless told otherwise)."""
+        self.create_pod(namespace, name, labels)
+        return self.set_pod_status(namespace, name, ready=ready, ip=ip)
+
+    def relabel_pod(self, namespace: str, name: str, labels: Mapping[str, str | None]) -> dict[str, Any]:
+        return self.api.merge_patch(PODS.item(namespace, name), {"metadata": {"labels": dict(labels)}})
+
+    def delete_pod(self, namespace: str, name: str, grace_seconds: int = 0) -> None:
+        """Delete a pod; grace 0 removes it at once (there is no kubelet to confirm termination)."""
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": grace_seconds}
+        try:
+            self.api.delete(PODS.item(namespace, name), body)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+
+    def get_or_none(self, path: str) -> dict[str, Any] | None:
+        try:
+            return self.api.get(path)
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def endpoint_slices(self, namespace: str, service: str) -> list[dict[str, Any]]:
+        reply = self.api.get(
+            ENDPOINT_SLICES.collection(namespace), [("labelSelector", f"kubernetes.io/service-name={service}")]
+        )
+        return reply.get("items", [])
+
+    def ready_pods_in_slices(self, namespace: str, service: str) -> dict[str, bool]:
+        """pod name -> ready, as the EndpointSlice controller currently publishes them."""
+        result: dict[str, bool] = {}
+        for item in self.endpoint_slices(namespace, service):
+            for endpoint in item.get("endpoints") or ():
+                name = (endpoint.get("targetRef") or {}).get("name")
+                if name:
+                    ready = (endpoint.get("conditions") or {}).get("ready")
+                    result[name] = result.get(name, False) or ready is not False
+        return result
+
+    # -- RBAC and tokens ---------------------------------------------------------------------------
+    def create_service_account(self, namespace: str, name: str) -> dict[str, Any]:
+        body = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}}
+        return self.api.create(SERVICE_ACCOUNTS.collection(namespace), body)
+
+    def pod_bound_token(self, namespace: str, service_account: str, pod: Mapping[str, Any], seconds: int = 3600) -> str:
+        """A real pod-bound token from the TokenRequest API, as the kubelet would mount it."""
+        body = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {
+                "audiences": ["https://kubernetes.default.svc"],
+                "expirationSeconds": seconds,
+                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": pod["metadata"]["name"], "uid": pod["metadata"]["uid"]},
+            },
+        }
+        reply = self.api.create(SERVICE_ACCOUNTS.item(namespace, service_account) + "/token", body)
+        return reply["status"]["token"]

@@ -1,0 +1,377 @@
+"""Configuration: downward-API identity and ``DISCOVERY_*`` settings, each with a matching CLI flag.
+
+Environment variables are the pod spec's natural language, so they are the contract; flags mirror them
+for local runs. One table (``OPTIONS``) drives the parser, ``--help`` and the README, so the three
+cannot drift. Precedence: flag, then environment, then default; for the pod identity Dynamo's order is
+kept (a downward-API file in ``/etc/podinfo`` wins over the environment variable), so a pod configured
+for Dynamo configures the sidecar the same way.
+
+Every problem is reported as a ``ConfigError`` naming the variable, the flag, what was expected and
+what was found, and all problems are reported at once, so a broken pod spec is fixed in one go.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import pathlib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar.core.resources import validate_worker_data
+from sidecar.core.selectors import EVERYTHING, LabelSelector, SelectorError, parse_selector, selector_from_labels
+
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+
+class ConfigError(ValueError):
+    """Start-up cannot proceed; the message lists every bad setting."""
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """Where a server listens: ``host:port`` on loopback (or any interface when allowed) or a Unix socket."""
+
+    host: str = ""
+    port: int = 0
+    unix_path: str = ""
+
+    @property
+    def grpc_target(self) -> str:
+        if self.unix_path:
+            return f"unix://{self.unix_path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return self.grpc_target
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``"30"``, ``"30s"``, ``"500ms"``, ``"2m"``, ``"1h"``; must be positive."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", text)
+    if not match:
+        raise ValueError(f"expected a duration such as 30s, 500ms or 2m, got {text!r}")
+    value = float(match.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
+    if value <= 0:
+        raise ValueError(f"expected a positive duration, got {text!r}")
+    return value
+
+
+def parse_positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise ValueError(f"expected a number of at least 1, got {value}")
+    return value
+
+
+def _parse_host_port(text: str, loopback_only: bool) -> ListenAddress:
+    match = re.fullmatch(r"\[?([^\[\]]*?)\]?:(\d+)", text.strip())
+    if not match:
+        raise ValueError(f"expected host:port{' or unix:///path' if loopback_only else ''}, got {text!r}")
+    host, port = match.group(1) or ("127.0.0.1" if loopback_only else "0.0.0.0"), int(match.group(2))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 0-65535")
+    if loopback_only:
+        if host == "localhost":
+            host = "127.0.0.1"
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                raise ValueError(
+                    f"the local API must listen on loopback or a Unix socket only (it is unauthenticated), got {host!r}"
+                )
+        except ValueError as exc:
+            if "loopback" in str(exc):
+                raise
+            raise ValueError(f"expected a loopback IP address (127.0.0.1 or ::1), got {host!r}") from None
+    return ListenAddress(host=host, port=port)
+
+
+def parse_grpc_listen(text: str) -> ListenAddress:
+    if text.startswith("unix://"):
+        path = text[len("unix://") :]
+        if not path.startswith("/"):
+            raise ValueError(f"a Unix socket needs an absolute path (unix:///run/discovery.sock), got {text!r}")
+        return ListenAddress(unix_path=path)
+    return _parse_host_port(text, loopback_only=True)
+
+
+def parse_http_listen(text: str) -> ListenAddress | None:
+    """The HTTP endpoint serves probes from the kubelet, so any interface is allowed; ``off`` disables it."""
+    if text.strip().lower() in ("off", "none", "disabled"):
+        return None
+    return _parse_host_port(text, loopback_only=False)
+
+
+def parse_json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    problem = validate_worker_data(value)
+    if problem:
+        raise ValueError(problem.replace("spec.data", "the metadata"))
+    return value
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """``k=v,k2=v2`` (env) or the downward-API ``labels`` file format (``k="v"`` per line)."""
+    labels: dict[str, str] = {}
+    for part in re.split(r"[,\n]", text):
+        part = part.strip()
+        if not part:
+            continue
+        if "=" not in part:
+            raise ValueError(f"expected key=value, got {part!r}")
+        key, value = part.split("=", 1)
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = json.loads(value)
+        labels[key.strip()] = value
+    try:
+        selector_from_labels(labels)  # validates keys and values with Kubernetes' rules
+    except SelectorError as exc:
+        raise ValueError(str(exc)) from None
+    return labels
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: its environment variable, its flag, how to parse it and what it means."""
+
+    env: str
+    flag: str
+    help: str
+    default: str | None = None
+    podinfo_file: str | None = None  # read from the downward-API volume first (Dynamo's order)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("POD_NAME", "--pod-name", "this pod's name (downward API metadata.name); also the CR's name", podinfo_file="pod_name"),
+    Option("POD_NAMESPACE", "--pod-namespace", "this pod's namespace (downward API metadata.namespace)", podinfo_file="pod_namespace"),
+    Option("POD_UID", "--pod-uid", "this pod's UID (downward API metadata.uid); owner of the CR", podinfo_file="pod_uid"),
+    Option("DISCOVERY_POD_LABELS", "--pod-labels",
+           "labels to put on this pod's CR (peers filter on them), k=v,k2=v2; default: the downward-API "
+           "labels file in the podinfo directory, if any", podinfo_file="labels"),
+    Option("DISCOVERY_SERVICE_NAME", "--service-name",
+           "the Service whose EndpointSlices define peer readiness (label kubernetes.io/service-name)"),
+    Option("DISCOVERY_ENDPOINTSLICE_SELECTOR", "--endpointslice-selector",
+           "label selector for the EndpointSlices to watch; combined (AND) with --service-name when both are set"),
+    Option("DISCOVERY_GRPC_LISTEN", "--grpc-listen", "local API address: host:port on loopback, or unix:///path",
+           default="127.0.0.1:50051"),
+    Option("DISCOVERY_HTTP_LISTEN", "--http-listen",
+           "health (/healthz, /readyz), /metrics and /debug/peers; host:port, or 'off'", default="0.0.0.0:8090"),
+    Option("DISCOVERY_METADATA", "--metadata", "initial spec.data of this pod's CR, as a JSON object"),
+    Option("DISCOVERY_METADATA_FILE", "--metadata-file", "initial spec.data read from a JSON file (instead of --metadata)"),
+    Option("DYN_DISCOVERY_BACKEND", "--backend", "discovery backend: kubernetes (this sidecar) or etcd (not served here)",
+           default="kubernetes"),
+    Option("KUBECONFIG", "--kubeconfig", "kubeconfig to use outside a cluster (in a pod: the service account)"),
+    Option("DISCOVERY_PODINFO_DIR", "--podinfo-dir", "downward-API volume read before the POD_* variables",
+           default="/etc/podinfo"),
+    Option("DISCOVERY_WATCH_SILENCE_TIMEOUT", "--watch-silence-timeout",
+           "restart a watch that delivered nothing (not even a bookmark) for this long", default="90s"),
+    Option("DISCOVERY_REQUEST_TIMEOUT", "--request-timeout", "timeout of single API requests", default="15s"),
+    Option("DISCOVERY_BACKOFF_MAX", "--backoff-max", "longest wait between retries (jittered exponential backoff)",
+           default="30s"),
+    Option("DISCOVERY_HISTORY_SIZE", "--history-size",
+           "changes kept for clients resuming by revision (also bounds a slow client's backlog)", default="10000"),
+    Option("DISCOVERY_SHUTDOWN_TIMEOUT", "--shutdown-timeout",
+           "on SIGTERM, the most time spent deregistering and closing streams", default="20s"),
+    Option("DISCOVERY_FIELD_MANAGER", "--field-manager", "server-side apply field manager", default="discovery-sidecar"),
+    Option("DISCOVERY_LOG_FORMAT", "--log-format", "auto (JSON unless on a terminal), json or console", default="auto"),
+    Option("DISCOVERY_LOG_LEVEL", "--log-level", "debug, info, warning or error", default="info"),
+)
+OPTIONS_BY_ENV = {o.env: o for o in OPTIONS}
+
+
+def _dest(option: Option) -> str:
+    return option.flag.lstrip("-").replace("-", "_")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for option in OPTIONS:
+        default = f" (default: {option.default})" if option.default else ""
+        parser.add_argument(option.flag, dest=_dest(option), default=None, metavar=option.env,
+                            help=f"{option.help}{default}. Env: {option.env}")
+
+
+@dataclass(frozen=True)
+class PodIdentity:
+    name: str
+    namespace: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    identity: PodIdentity
+    pod_labels: Mapping[str, str]
+    endpointslice_selector: LabelSelector
+    grpc_listen: ListenAddress
+    http_listen: ListenAddress | None
+    initial_metadata: Mapping[str, Any]
+    kubeconfig: str | None
+    watch_silence_timeout: float
+    request_timeout: float
+    backoff_max: float
+    history_size: int
+    shutdown_timeout: float
+    field_manager: str
+    log_format: str
+    log_level: str
+    raw: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+
+class _Reader:
+    """Resolves raw values and collects every problem before failing."""
+
+    def __init__(self, args: argparse.Namespace | None, environ: Mapping[str, str]) -> None:
+        self.args = args
+        self.environ = environ
+        self.problems: list[str] = []
+        self.raw: dict[str, str] = {}
+        podinfo = self._lookup(OPTIONS_BY_ENV["DISCOVERY_PODINFO_DIR"])
+        self.podinfo_dir = pathlib.Path(podinfo or "/etc/podinfo")
+
+    def _lookup(self, option: Option) -> str | None:
+        value = getattr(self.args, _dest(option), None) if self.args is not None else None
+        if value is not None:
+            return value
+        if option.podinfo_file and hasattr(self, "podinfo_dir"):
+            path = self.podinfo_dir / option.podinfo_file
+            try:
+                text = path.read_text().strip()
+            except OSError:
+                text = ""
+            if text:
+                return text
+        value = self.environ.get(option.env)
+        if value is not None and value.strip() != "":
+            return value
+        return option.default
+
+    def where(self, env: str) -> str:
+        option = OPTIONS_BY_ENV[env]
+        return f"{option.env} ({option.flag})"
+
+    def get(self, env: str, parse: Callable[[str], Any] = str, required: str | None = None) -> Any:
+        option = OPTIONS_BY_ENV[env]
+        text = self._lookup(option)
+        if text is None:
+            if required:
+                self.problems.append(f"{self.where(env)} is not set: {required}")
+            return None
+        self.raw[env] = text
+        try:
+            return parse(text)
+        except (ValueError, OSError) as exc:
+            self.problems.append(f"{self.where(env)}: {exc}")
+            return None
+
+
+def _read_metadata_file(path: str) -> dict[str, Any]:
+    try:
+        text = pathlib.Path(path).read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    return parse_json_object(text)
+
+
+def load_settings(args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Resolve and validate every setting; raise ``ConfigError`` listing all problems."""
+    reader = _Reader(args, os.environ if environ is None else environ)
+    need_downward = "expose it with the downward API (fieldRef) or a podinfo volume"
+    name = reader.get("POD_NAME", required=f"the pod's name; {need_downward}")
+    namespace = reader.get("POD_NAMESPACE", required=f"the pod's namespace; {need_downward}")
+    uid = reader.get("POD_UID", required=f"the pod's UID; {need_downward}")
+    labels = reader.get("DISCOVERY_POD_LABELS", parse_labels) or {}
+
+    backend = reader.get("DYN_DISCOVERY_BACKEND")
+    if backend is not None and backend not in ("kubernetes", "etcd"):
+        reader.problems.append(f"{reader.where('DYN_DISCOVERY_BACKEND')}: expected kubernetes or etcd, got {backend!r}")
+    elif backend == "etcd":
+        reader.problems.append(
+            f"{reader.where('DYN_DISCOVERY_BACKEND')} is 'etcd': this sidecar serves the kubernetes backend only; "
+            "remove the sidecar from etcd-backed pods or set kubernetes"
+        )
+
+    service = reader.get("DISCOVERY_SERVICE_NAME")
+    slice_selector = reader.get("DISCOVERY_ENDPOINTSLICE_SELECTOR", _parse_selector_value)
+    selector = EVERYTHING
+    if service:
+        try:
+            selector = selector.and_(selector_from_labels({SERVICE_NAME_LABEL: service}))
+        except SelectorError as exc:
+            reader.problems.append(f"{reader.where('DISCOVERY_SERVICE_NAME')}: not a valid Service name: {exc}")
+    if isinstance(slice_selector, LabelSelector):
+        selector = selector.and_(slice_selector)
+    if not service and slice_selector is None and "DISCOVERY_ENDPOINTSLICE_SELECTOR" not in reader.raw:
+        reader.problems.append(
+            f"set {reader.where('DISCOVERY_SERVICE_NAME')} or {reader.where('DISCOVERY_ENDPOINTSLICE_SELECTOR')}: "
+            "they say which EndpointSlices define peer readiness"
+        )
+    elif selector.is_empty() and not reader.problems:
+        reader.problems.append(
+            f"{reader.where('DISCOVERY_ENDPOINTSLICE_SELECTOR')} selects every EndpointSlice in the namespace; "
+            "give a non-empty selector"
+        )
+
+    inline = reader.get("DISCOVERY_METADATA", parse_json_object)
+    from_file = reader.get("DISCOVERY_METADATA_FILE", _read_metadata_file)
+    if "DISCOVERY_METADATA" in reader.raw and "DISCOVERY_METADATA_FILE" in reader.raw:
+        reader.problems.append(
+            f"set only one of {reader.where('DISCOVERY_METADATA')} and {reader.where('DISCOVERY_METADATA_FILE')}"
+        )
+
+    settings = dict(
+        grpc_listen=reader.get("DISCOVERY_GRPC_LISTEN", parse_grpc_listen),
+        http_listen=reader.get("DISCOVERY_HTTP_LISTEN", parse_http_listen),
+        kubeconfig=reader.get("KUBECONFIG"),
+        watch_silence_timeout=reader.get("DISCOVERY_WATCH_SILENCE_TIMEOUT", parse_duration),
+        request_timeout=reader.get("DISCOVERY_REQUEST_TIMEOUT", parse_duration),
+        backoff_max=reader.get("DISCOVERY_BACKOFF_MAX", parse_duration),
+        history_size=reader.get("DISCOVERY_HISTORY_SIZE", parse_positive_int),
+        shutdown_timeout=reader.get("DISCOVERY_SHUTDOWN_TIMEOUT", parse_duration),
+        field_manager=reader.get("DISCOVERY_FIELD_MANAGER"),
+        log_format=reader.get("DISCOVERY_LOG_FORMAT", _choice("auto", "json", "console")),
+        log_level=reader.get("DISCOVERY_LOG_LEVEL", _choice("debug", "info", "warning", "error")),
+    )
+    if reader.problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(reader.problems))
+    return Settings(
+        identity=PodIdentity(name=name, namespace=namespace, uid=uid),
+        pod_labels=labels,
+        endpointslice_selector=selector,
+        initial_metadata=inline if inline is not None else (from_file if from_file is not None else {}),
+        raw=reader.raw,
+        **settings,
+    )
+
+
+def _parse_selector_value(text: str) -> LabelSelector:
+    try:
+        return parse_selector(text)
+    except SelectorError as exc:
+        raise ValueError(f"invalid label selector: {exc}") from None
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}, got {text!r}")
+        return value
+
+    return parse
+
+
+def describe_environment() -> Sequence[tuple[str, str, str, str]]:
+    """(env, flag, default, meaning) rows, for the README's configuration table."""
+    return [(o.env, o.flag, o.default or "", o.help) for o in OPTIONS]

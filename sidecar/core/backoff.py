@@ -1,0 +1,27 @@
+"""Jittered exponential backoff, as a value that computes delays (the caller does the waiting).
+
+Full jitter (a uniform draw between zero and the exponential bound) spreads the retries of many
+sidecars that lost the same API server at the same moment, instead of having them return in waves.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Backoff:
+    initial: float = 0.2
+    maximum: float = 30.0
+    factor: float = 2.0
+    rng: random.Random = field(default_factory=random.Random, repr=False)
+    attempts: int = 0
+
+    def next_delay(self) -> float:
+        bound = min(self.maximum, self.initial * self.factor**self.attempts)
+        self.attempts += 1
+        return self.rng.uniform(bound / 2, bound)
+
+    def reset(self) -> None:
+        self.attempts = 0

@@ -1,0 +1,89 @@
+"""The revisioned event log: every change to the peer set, in order, with bounded history.
+
+Each entry gets the next revision. The log keeps the last ``capacity`` entries; a reader that asks
+for the changes after a revision the log no longer holds is told so (``None``) and must start over
+from a snapshot. That is what makes resume-by-revision possible for clients of ``WatchPeers`` and
+what bounds the sidecar's memory whatever its clients do: the log is shared, and a subscriber holds
+nothing but its position in it.
+
+``history_id`` names one history. Revisions from another sidecar process (another history) mean
+nothing here, so a resume request carries both.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from sidecar.core.peer import Peer
+
+
+class ApiStatus(enum.Enum):
+    CONNECTED = "connected"
+    DEGRADED = "degraded"
+
+
+@dataclass(frozen=True)
+class PeerChange:
+    """Peer ``uid`` went from ``before`` to ``after`` (None: absent)."""
+
+    uid: str
+    before: Peer | None
+    after: Peer | None
+
+
+@dataclass(frozen=True)
+class StatusChange:
+    status: ApiStatus
+    reason: str
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    revision: int
+    change: PeerChange | StatusChange
+
+
+class EventLog:
+    def __init__(self, history_id: str, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("event log capacity must be at least 1")
+        self.history_id = history_id
+        self.capacity = capacity
+        # A ring buffer: the entry of revision r sits at (r - 1) % capacity, so a reader near the head
+        # (the common case) is served in O(entries read), not O(history).
+        self._ring: list[LogEntry | None] = [None] * capacity
+        self._size = 0
+        self._head = 0
+
+    @property
+    def head_revision(self) -> int:
+        """The revision of the newest entry (0 before any)."""
+        return self._head
+
+    @property
+    def oldest_resumable_revision(self) -> int:
+        """The smallest revision R for which ``entries_after(R)`` still returns the full history."""
+        return self._head - self._size
+
+    def append(self, change: PeerChange | StatusChange) -> LogEntry:
+        self._head += 1
+        entry = LogEntry(self._head, change)
+        self._ring[(self._head - 1) % self.capacity] = entry
+        self._size = min(self._size + 1, self.capacity)
+        return entry
+
+    def covers(self, revision: int) -> bool:
+        """True when every entry after ``revision`` is still held (and ``revision`` is not in the future)."""
+        return self.oldest_resumable_revision <= revision <= self._head
+
+    def entries_after(self, revision: int, limit: int | None = None) -> list[LogEntry] | None:
+        """The entries with a revision above ``revision`` (at most ``limit``), or None if evicted."""
+        if not self.covers(revision):
+            return None
+        last = self._head if limit is None else min(self._head, revision + limit)
+        ring, capacity = self._ring, self.capacity
+        return [ring[(r - 1) % capacity] for r in range(revision + 1, last + 1)]  # type: ignore[misc]
+
+    def __len__(self) -> int:
+        return self._size

@@ -1,0 +1,146 @@
+"""What one client sees: the log projected through its filter, coalesced per peer.
+
+Projection is stateless. A log entry carries the peer before and after the change, so whether it is
+an addition, an update or a removal *for this client* follows from whether the filter matched before
+and after (a label change can move a peer out of a client's selector: a removal for that client only).
+Because nothing per client is remembered, a client that resumes at revision R is served by projecting
+the entries after R, exactly as if it had never left.
+
+Coalescing: a batch of entries is folded to one event per peer (first ``before``, last ``after``), so
+a client that reads slowly receives the net change, and a peer that flapped and came back as it was
+produces nothing at all.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sidecar.core.eventlog import LogEntry, PeerChange, StatusChange
+from sidecar.core.peer import Peer, PeerState
+from sidecar.core.selectors import EVERYTHING, LabelSelector
+
+
+@dataclass(frozen=True)
+class PeerFilter:
+    selector: LabelSelector = EVERYTHING
+    groups: tuple[tuple[str, LabelSelector], ...] = ()
+    include_self: bool = False
+    ready_only: bool = False
+
+    def groups_of(self, peer: Peer, self_uid: str) -> tuple[str, ...] | None:
+        """The group names ``peer`` is in, or None when the filter excludes it."""
+        if peer.uid == self_uid and not self.include_self:
+            return None
+        if self.ready_only and peer.state is not PeerState.READY:
+            return None
+        if not self.selector.matches(peer.labels):
+            return None
+        if not self.groups:
+            return ()
+        names = tuple(name for name, selector in self.groups if selector.matches(peer.labels))
+        return names or None
+
+
+@dataclass(frozen=True)
+class PeerView:
+    """A peer as one client sees it: with the names of the client's groups it belongs to."""
+
+    peer: Peer
+    groups: tuple[str, ...]
+
+
+class EventType(enum.Enum):
+    ADDED = "added"
+    UPDATED = "updated"
+    REMOVED = "removed"
+
+
+@dataclass(frozen=True)
+class ViewEvent:
+    type: EventType
+    view: PeerView
+
+
+@dataclass(frozen=True)
+class DeltaMessage:
+    revision: int
+    events: tuple[ViewEvent, ...]
+
+
+@dataclass(frozen=True)
+class StatusMessage:
+    revision: int
+    change: StatusChange
+
+
+Message = DeltaMessage | StatusMessage
+
+
+def view_of(peer: Peer | None, peer_filter: PeerFilter, self_uid: str) -> PeerView | None:
+    if peer is None:
+        return None
+    groups = peer_filter.groups_of(peer, self_uid)
+    return None if groups is None else PeerView(peer, groups)
+
+
+def snapshot_views(peers: Iterable[Peer], peer_filter: PeerFilter, self_uid: str) -> list[PeerView]:
+    """The filtered peer set in a stable order (namespace, name, uid)."""
+    views = (view_of(p, peer_filter, self_uid) for p in peers)
+    return sorted(
+        (v for v in views if v is not None), key=lambda v: (v.peer.namespace, v.peer.name, v.peer.uid)
+    )
+
+
+def classify(before: PeerView | None, after: PeerView | None) -> ViewEvent | None:
+    if before is None:
+        return None if after is None else ViewEvent(EventType.ADDED, after)
+    if after is None:
+        return ViewEvent(EventType.REMOVED, before)
+    return None if before == after else ViewEvent(EventType.UPDATED, after)
+
+
+def _fold(changes: Sequence[PeerChange], peer_filter: PeerFilter, self_uid: str) -> list[ViewEvent]:
+    first_before: dict[str, Peer | None] = {}
+    last_after: dict[str, Peer | None] = {}
+    for change in changes:
+        first_before.setdefault(change.uid, change.before)
+        last_after.pop(change.uid, None)  # re-insert: order by each peer's latest change
+        last_after[change.uid] = change.after
+    events = []
+    for uid, after in last_after.items():
+        event = classify(
+            view_of(first_before[uid], peer_filter, self_uid), view_of(after, peer_filter, self_uid)
+        )
+        if event is not None:
+            events.append(event)
+    return events
+
+
+def project(entries: Sequence[LogEntry], peer_filter: PeerFilter, self_uid: str) -> list[Message]:
+    """Turn consecutive log entries into the messages one client is sent.
+
+    Runs of peer changes become one coalesced ``DeltaMessage`` (skipped when the filter leaves nothing);
+    a status change is its own message, in order. Each message's revision is that of the last entry it
+    accounts for, so a client that applied it can resume from there.
+    """
+    messages: list[Message] = []
+    run: list[PeerChange] = []
+    run_revision = 0
+    for entry in entries:
+        if isinstance(entry.change, StatusChange):
+            if run:
+                events = _fold(run, peer_filter, self_uid)
+                if events:
+                    messages.append(DeltaMessage(run_revision, tuple(events)))
+                run = []
+            messages.append(StatusMessage(entry.revision, entry.change))
+        else:
+            run.append(entry.change)
+            run_revision = entry.revision
+    if run:
+        events = _fold(run, peer_filter, self_uid)
+        if events:
+            messages.append(DeltaMessage(run_revision, tuple(events)))
+    return messages

@@ -1,0 +1,156 @@
+"""Typed, validated views of the two Kubernetes objects the join reads.
+
+The watch layer hands raw JSON dicts straight from the API server; these functions pick out what the
+join needs and nothing else, so the join never touches raw objects and the rules for malformed input
+live in one place. Nothing here raises on bad content: an EndpointSlice entry without a Pod
+``targetRef`` is skipped, and a ``DynamoWorkerMetadata`` whose ``spec.data`` is unusable is returned with
+``data_error`` set, so the join can keep the last good metadata of that pod incarnation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.core.peer import PortInfo, canonical_json
+
+DYNAMO_DATA_MAPS = ("endpoints", "model_cards", "event_channels")
+"""The keys Dynamo puts in ``spec.data``; when present they must be JSON objects."""
+
+
+@dataclass(frozen=True)
+class EndpointEntry:
+    """One pod's entry in one EndpointSlice."""
+
+    pod_uid: str
+    pod_name: str
+    addresses: tuple[str, ...]
+    ready: bool
+    serving: bool
+    terminating: bool
+    node_name: str = ""
+    zone: str = ""
+    hostname: str = ""
+
+
+@dataclass(frozen=True)
+class SliceView:
+    """What the join keeps of an EndpointSlice: its ports and its pod-backed endpoints."""
+
+    name: str
+    namespace: str
+    resource_version: str
+    ports: tuple[PortInfo, ...]
+    endpoints: tuple[EndpointEntry, ...]
+
+
+@dataclass(frozen=True)
+class WorkerMetadata:
+    """What the join keeps of a ``DynamoWorkerMetadata`` CR."""
+
+    name: str
+    namespace: str
+    uid: str
+    resource_version: str
+    owner_pod_uids: tuple[str, ...]
+    labels: Mapping[str, str]
+    data: Mapping[str, Any] | None
+    data_json: str
+    data_error: str | None = None
+
+
+def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    meta = obj.get("metadata")
+    return meta if isinstance(meta, Mapping) else {}
+
+
+def object_key(obj: Mapping[str, Any]) -> str:
+    """``namespace/name`` of a raw object, the key the stores index by."""
+    meta = _meta(obj)
+    return f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+
+
+def _condition(conditions: Mapping[str, Any], name: str, default: bool) -> bool:
+    """An EndpointConditions field; Kubernetes says an unset one means ``default`` (ready: true)."""
+    value = conditions.get(name)
+    return default if value is None else bool(value)
+
+
+def parse_endpoint_slice(obj: Mapping[str, Any]) -> SliceView:
+    meta = _meta(obj)
+    ports = []
+    for raw in obj.get("ports") or ():
+        if not isinstance(raw, Mapping) or not isinstance(raw.get("port"), int):
+            continue  # a port without a number ("all ports") carries nothing a peer can dial
+        ports.append(
+            PortInfo(
+                port=raw["port"],
+                name=raw.get("name") or "",
+                protocol=raw.get("protocol") or "TCP",
+                app_protocol=raw.get("appProtocol") or "",
+            )
+        )
+    entries = []
+    for raw in obj.get("endpoints") or ():
+        if not isinstance(raw, Mapping):
+            continue
+        target = raw.get("targetRef") or {}
+        if target.get("kind") != "Pod" or not target.get("uid"):
+            continue  # only pod-backed endpoints can be joined with a pod's metadata
+        conditions = raw.get("conditions") or {}
+        ready = _condition(conditions, "ready", True)
+        entries.append(
+            EndpointEntry(
+                pod_uid=target["uid"],
+                pod_name=target.get("name") or "",
+                addresses=tuple(a for a in raw.get("addresses") or () if isinstance(a, str)),
+                ready=ready,
+                serving=_condition(conditions, "serving", ready),
+                terminating=_condition(conditions, "terminating", False),
+                node_name=raw.get("nodeName") or "",
+                zone=raw.get("zone") or "",
+                hostname=raw.get("hostname") or "",
+            )
+        )
+    return SliceView(
+        name=meta.get("name", ""),
+        namespace=meta.get("namespace", ""),
+        resource_version=meta.get("resourceVersion", ""),
+        ports=tuple(sorted(set(ports))),
+        endpoints=tuple(entries),
+    )
+
+
+def validate_worker_data(data: Any) -> str | None:
+    """Why ``spec.data`` is unusable, or None. Unknown content is opaque and always accepted."""
+    if not isinstance(data, Mapping):
+        return f"spec.data must be a JSON object, got {type(data).__name__}"
+    for key in DYNAMO_DATA_MAPS:
+        if key in data and not isinstance(data[key], Mapping):
+            return f"spec.data.{key} must be a JSON object (Dynamo reads it as a map), got {type(data[key]).__name__}"
+    return None
+
+
+def parse_worker_metadata(obj: Mapping[str, Any]) -> WorkerMetadata:
+    meta = _meta(obj)
+    owners = tuple(
+        ref["uid"]
+        for ref in meta.get("ownerReferences") or ()
+        if isinstance(ref, Mapping) and ref.get("kind") == "Pod" and ref.get("uid")
+    )
+    spec = obj.get("spec")
+    data = spec.get("data") if isinstance(spec, Mapping) else None
+    error = "spec is missing" if not isinstance(spec, Mapping) else validate_worker_data(data)
+    labels = meta.get("labels") if isinstance(meta.get("labels"), Mapping) else {}
+    return WorkerMetadata(
+        name=meta.get("name", ""),
+        namespace=meta.get("namespace", ""),
+        uid=meta.get("uid", ""),
+        resource_version=meta.get("resourceVersion", ""),
+        owner_pod_uids=owners,
+        labels=dict(labels),
+        data=None if error else data,
+        data_json="" if error else canonical_json(data),
+        data_error=error,
+    )

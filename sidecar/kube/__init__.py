@@ -1,0 +1,1 @@
+"""The Kubernetes-facing shell: transport, watches and registration."""

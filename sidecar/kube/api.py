@@ -1,0 +1,193 @@
+"""A thin JSON transport over the official ``kubernetes`` client.
+
+The official client supplies what is easy to get wrong (kubeconfig and in-cluster loading, TLS,
+bearer-token refresh, proxies); this module sends raw requests through it and returns plain dicts.
+Skipping the generated model classes matters on the watch path: deserialising every event into typed
+models costs more than the rest of the sidecar together, and the join only needs a handful of fields.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import urllib3
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+
+Query = Sequence[tuple[str, str]]
+
+CONNECTION_ERRORS = (urllib3.exceptions.HTTPError, OSError)
+"""Failures that mean "could not talk to the API server" (refused, reset, timed out, TLS)."""
+
+
+class ApiError(Exception):
+    """A non-2xx answer from the API server, with the Status object's reason and message."""
+
+    def __init__(self, status: int, reason: str, message: str, body: Mapping[str, Any] | None = None) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.body = body or {}
+
+    @classmethod
+    def from_response(cls, status: int, raw: bytes) -> ApiError:
+        try:
+            body = json.loads(raw) if raw else {}
+        except ValueError:
+            body = {"message": raw.decode("utf-8", "replace")[:500]}
+        if not isinstance(body, dict):
+            body = {"message": str(body)[:500]}
+        return cls(status, str(body.get("reason", "")), str(body.get("message", "")), body)
+
+    @property
+    def is_transient(self) -> bool:
+        """Worth retrying as is: throttling, timeouts, server errors, conflicts."""
+        return self.status in (409, 429) or self.status >= 500 or self.status == 0
+
+
+@dataclass(frozen=True)
+class ResourcePath:
+    """Where a namespaced resource lives in the REST API."""
+
+    group: str  # "" for the core group
+    version: str
+    plural: str
+
+    def collection(self, namespace: str) -> str:
+        prefix = f"/api/{self.version}" if not self.group else f"/apis/{self.group}/{self.version}"
+        return f"{prefix}/namespaces/{quote(namespace, safe='')}/{self.plural}"
+
+    def item(self, namespace: str, name: str) -> str:
+        return f"{self.collection(namespace)}/{quote(name, safe='')}"
+
+
+def load_api_client(kubeconfig: str | None = None) -> k8s_client.ApiClient:
+    """In a pod, the service account; elsewhere ``kubeconfig`` or ``$KUBECONFIG`` or ``~/.kube/config``."""
+    configuration = k8s_client.Configuration()
+    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+        k8s_config.load_incluster_config(client_configuration=configuration)
+    else:
+        k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    return k8s_client.ApiClient(configuration)
+
+
+class KubeApi:
+    """Raw JSON requests to the API server through an official ``ApiClient``."""
+
+    def __init__(self, api_client: k8s_client.ApiClient, request_timeout: float = 15.0) -> None:
+        self.api_client = api_client
+        self.request_timeout = request_timeout
+
+    @classmethod
+    def from_kubeconfig(cls, kubeconfig: str | None = None, request_timeout: float = 15.0) -> KubeApi:
+        return cls(load_api_client(kubeconfig), request_timeout)
+
+    def close(self) -> None:
+        self.api_client.close()
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        query: Query = (),
+        body: Any = None,
+        content_type: str = "application/json",
+        timeout: float | tuple[float, float] | None = None,
+    ) -> urllib3.BaseHTTPResponse:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+            if not isinstance(body, (str, bytes)):
+                body = json.dumps(body)
+        method_, url, header_params, body_, post = self.api_client.param_serialize(
+            method, path, query_params=list(query), header_params=headers, body=body, auth_settings=["BearerToken"]
+        )
+        try:
+            response = self.api_client.call_api(
+                method_, url, header_params, body_, post, _request_timeout=timeout or self.request_timeout
+            )
+        except ApiException as exc:  # the REST layer raises these for TLS failures (status 0)
+            raise ApiError(exc.status or 0, exc.reason or "", str(exc)) from exc
+        return response.response
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        query: Query = (),
+        body: Any = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        response = self._send(method, path, query, body, content_type)
+        try:
+            raw = response.data
+        finally:
+            response.release_conn()
+        if not 200 <= response.status < 300:
+            raise ApiError.from_response(response.status, raw)
+        return json.loads(raw) if raw else {}
+
+    def get(self, path: str, query: Query = ()) -> dict[str, Any]:
+        return self.request("GET", path, query)
+
+    def create(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        return self.request("POST", path, body=body)
+
+    def delete(self, path: str, body: Mapping[str, Any] | None = None, query: Query = ()) -> dict[str, Any]:
+        return self.request("DELETE", path, query, body=body)
+
+    def merge_patch(self, path: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        return self.request("PATCH", path, body=patch, content_type="application/merge-patch+json")
+
+    def apply(self, path: str, body: Mapping[str, Any], field_manager: str, force: bool = True) -> dict[str, Any]:
+        """Server-side apply (JSON is YAML, so the body is sent as JSON under the apply content type)."""
+        query = [("fieldManager", field_manager)] + ([("force", "true")] if force else [])
+        return self.request("PATCH", path, query, body=body, content_type="application/apply-patch+yaml")
+
+    def stream(self, path: str, query: Query, read_timeout: float) -> WatchStream:
+        """Open a watch; the caller iterates lines. ``read_timeout`` bounds silence between bytes."""
+        response = self._send("GET", path, query, timeout=(min(10.0, self.request_timeout), read_timeout))
+        if not 200 <= response.status < 300:
+            try:
+                raw = response.data
+            finally:
+                response.release_conn()
+            raise ApiError.from_response(response.status, raw)
+        return WatchStream(response)
+
+
+class WatchStream:
+    """The body of a watch response, decoded line by line, closable from another thread."""
+
+    def __init__(self, response: urllib3.BaseHTTPResponse) -> None:
+        self._response = response
+        self._closed = False
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        buffer = b""
+        for chunk in self._response.stream(65536, decode_content=True):
+            buffer += chunk
+            while True:
+                newline = buffer.find(b"\n")
+                if newline < 0:
+                    break
+                line, buffer = buffer[:newline], buffer[newline + 1 :]
+                if line.strip():
+                    yield json.loads(line)
+        if buffer.strip() and not self._closed:
+            yield json.loads(buffer)
+
+    def close(self) -> None:
+        """Unblock a reader stuck in a read (shutdown, or a silent watch being abandoned)."""
+        self._closed = True
+        shutdown = getattr(self._response, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        self._response.release_conn()

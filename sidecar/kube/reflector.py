@@ -1,0 +1,219 @@
+"""List-then-watch of one resource into the hub, the way client-go's Reflector does it.
+
+* List (paginated, consistent), hand the full set to the hub, which diffs it against what it knew;
+  then watch from the list's resourceVersion with bookmarks, so a reconnect resumes where it left off.
+* ``410 Gone`` (on the watch request or as an ERROR event): the history is compacted; relist. Because
+  the hub diffs a relist, peers that did not change are not removed and re-added.
+* A watch that delivers nothing, not even a bookmark, for ``silence_timeout`` is abandoned and
+  re-established from the last resourceVersion: managed control planes drop idle watches without
+  closing them.
+* Any other failure: jittered exponential backoff, and the hub is told the source is unhealthy, which
+  the stream reports as DEGRADED until the next successful list or watch.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import urllib3
+
+from sidecar.core.backoff import Backoff
+from sidecar.hub import PeerHub
+from sidecar.kube.api import CONNECTION_ERRORS, ApiError, KubeApi, ResourcePath, WatchStream
+from sidecar.metrics import Metrics
+
+WatchObserver = Callable[[str, Mapping[str, Any]], None]
+"""Called with (event type, object) for every ADDED/MODIFIED/DELETED event, after the hub applied it."""
+
+
+class _Gone(Exception):
+    """The resourceVersion we hold is compacted away: relist."""
+
+
+@dataclass(frozen=True)
+class WatchTarget:
+    source: str  # also the metrics/log label
+    resource: ResourcePath
+    namespace: str
+    label_selector: str = ""
+
+
+class Reflector:
+    def __init__(
+        self,
+        api: KubeApi,
+        target: WatchTarget,
+        hub: PeerHub,
+        metrics: Metrics,
+        *,
+        silence_timeout: float,
+        backoff_max: float,
+        page_size: int = 500,
+        observers: list[WatchObserver] | None = None,
+    ) -> None:
+        self.api = api
+        self.target = target
+        self.hub = hub
+        self.metrics = metrics
+        self.silence_timeout = silence_timeout
+        self.page_size = page_size
+        self.observers = observers or []
+        self.backoff = Backoff(maximum=backoff_max)
+        self.log = structlog.get_logger("sidecar.reflector").bind(source=target.source)
+        self.resource_version = ""
+        self.relists = 0
+        self._stop = threading.Event()
+        self._stream: WatchStream | None = None
+        self._healthy = True
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name=f"reflector-{self.target.source}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        stream = self._stream
+        if stream is not None:
+            stream.close()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run(self) -> None:
+        need_list = True
+        while not self._stop.is_set():
+            try:
+                if need_list:
+                    self._list()
+                    need_list = False
+                self._watch()
+                self.backoff.reset()
+            except _Gone:
+                self.log.info("resource version expired, relisting", resource_version=self.resource_version)
+                self.metrics.watch_restarts.labels(self.target.source, "expired").inc()
+                need_list = True
+            except urllib3.exceptions.ReadTimeoutError:
+                if self._stop.is_set():
+                    break
+                self.log.warning("watch silent, restarting it", silence_seconds=self.silence_timeout)
+                self.metrics.watch_restarts.labels(self.target.source, "silent").inc()
+            except ApiError as exc:
+                self._failed(f"API error {exc.status} {exc.reason}: {exc.message}", str(exc.status), exc)
+            except CONNECTION_ERRORS as exc:
+                if self._stop.is_set():
+                    break
+                self._failed(f"cannot reach the API server: {type(exc).__name__}", "connection", exc)
+
+    def _failed(self, reason: str, code: str, exc: Exception) -> None:
+        self.metrics.api_errors.labels(f"watch-{self.target.source}", code).inc()
+        self.metrics.watch_restarts.labels(self.target.source, "error").inc()
+        hint = ""
+        if isinstance(exc, ApiError) and exc.status == 403:
+            hint = "the service account lacks list/watch on this resource: apply manifests/rbac.yaml"
+        elif isinstance(exc, ApiError) and exc.status == 404:
+            hint = "the resource type is not served: is the CRD (manifests/crd.yaml) installed?"
+        delay = self.backoff.next_delay()
+        self.log.warning("watch failed, retrying", reason=reason, hint=hint or None, retry_in=round(delay, 2))
+        if self._healthy:
+            self._healthy = False
+            self.hub.set_source_health(self.target.source, False, reason)
+        self._stop.wait(delay)
+
+    def _became_healthy(self) -> None:
+        if not self._healthy:
+            self._healthy = True
+            self.log.info("API server reachable again")
+            self.hub.set_source_health(self.target.source, True)
+
+    # -- list -------------------------------------------------------------------------------------
+    def _query(self) -> list[tuple[str, str]]:
+        return [("labelSelector", self.target.label_selector)] if self.target.label_selector else []
+
+    def _list(self) -> None:
+        items: list[dict[str, Any]] = []
+        token = ""
+        path = self.target.resource.collection(self.target.namespace)
+        while True:
+            query = self._query() + [("limit", str(self.page_size))]
+            if token:
+                query.append(("continue", token))
+            try:
+                page = self.api.get(path, query)
+            except ApiError as exc:
+                if exc.status == 410 and token:  # the continue token expired mid-list: start over
+                    items, token = [], ""
+                    continue
+                raise
+            items.extend(page.get("items") or [])
+            token = (page.get("metadata") or {}).get("continue") or ""
+            if not token:
+                break
+        self.resource_version = (page.get("metadata") or {}).get("resourceVersion", "")
+        self.relists += 1
+        self._became_healthy()
+        entries = self.hub.replace(self.target.source, items)
+        self.metrics.relists.labels(self.target.source).inc()
+        self.log.info("listed", objects=len(items), resource_version=self.resource_version, changes=len(entries))
+
+    # -- watch ------------------------------------------------------------------------------------
+    def _watch(self) -> None:
+        query = self._query() + [
+            ("watch", "1"),
+            ("allowWatchBookmarks", "true"),
+            ("resourceVersion", self.resource_version),
+            # Like client-go: end the watch server-side every 5-10 minutes, spread so that sidecars
+            # started together do not reconnect together.
+            ("timeoutSeconds", str(int(300 * (1 + random.random())))),
+        ]
+        try:
+            stream = self.api.stream(self.target.resource.collection(self.target.namespace), query, self.silence_timeout)
+        except ApiError as exc:
+            if exc.status == 410:
+                raise _Gone from exc
+            raise
+        self._stream = stream
+        try:
+            if self._stop.is_set():
+                return
+            self._became_healthy()
+            for event in stream:
+                received = time.monotonic()
+                self._handle(event, received)
+                if self._stop.is_set():
+                    return
+        finally:
+            self._stream = None
+            stream.close()
+
+    def _handle(self, event: Mapping[str, Any], received: float) -> None:
+        kind = event.get("type")
+        obj = event.get("object") or {}
+        if kind == "ERROR":
+            code = obj.get("code")
+            if code == 410:
+                raise _Gone
+            raise ApiError(int(code or 500), str(obj.get("reason", "")), str(obj.get("message", "watch error")), obj)
+        rv = (obj.get("metadata") or {}).get("resourceVersion")
+        if kind == "BOOKMARK":
+            if rv:
+                self.resource_version = rv
+            return
+        if kind in ("ADDED", "MODIFIED"):
+            self.hub.upsert(self.target.source, obj, received)
+        elif kind == "DELETED":
+            self.hub.delete(self.target.source, obj, received)
+        else:
+            self.log.warning("unknown watch event type ignored", type=kind)
+            return
+        if rv:
+            self.resource_version = rv
+        self.metrics.events_applied.labels(self.target.source, kind.lower()).inc()
+        for observer in self.observers:
+            observer(kind, obj)

@@ -1,0 +1,38 @@
+"""Prometheus metrics, in a registry per daemon (so tests can run several in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.peers = Gauge("discovery_peers", "Peers currently known, by state", ["state"], registry=r)
+        self.watch_restarts = Counter(
+            "discovery_watch_restarts_total", "Watches re-established, by reason (expired, silent, error)",
+            ["source", "reason"], registry=r,
+        )
+        self.relists = Counter("discovery_relists_total", "Full lists of a watched resource", ["source"], registry=r)
+        self.events_applied = Counter(
+            "discovery_watch_events_total", "Watch events applied, by resource and type", ["source", "type"], registry=r
+        )
+        self.peer_changes = Counter("discovery_peer_changes_total", "Entries appended to the event log", registry=r)
+        self.subscribers = Gauge("discovery_stream_subscribers", "Open WatchPeers streams", registry=r)
+        self.messages_sent = Counter(
+            "discovery_stream_messages_total", "WatchPeers messages sent, by kind", ["kind"], registry=r
+        )
+        self.api_errors = Counter(
+            "discovery_api_errors_total", "Failed API server requests, by operation and status code",
+            ["operation", "code"], registry=r,
+        )
+        self.propagation_lag = Histogram(
+            "discovery_propagation_lag_seconds",
+            "Time from receiving an API watch event to sending the resulting WatchPeers message",
+            buckets=LAG_BUCKETS, registry=r,
+        )
+        self.registered = Gauge("discovery_registered", "1 while this pod's CR is applied and owned by it", registry=r)
+        self.api_connected = Gauge("discovery_api_connected", "1 while both watches reach the API server", registry=r)

@@ -1,0 +1,101 @@
+"""Conversions between the core's values and the protobuf messages of ``discovery.v1``.
+
+Kept apart from the servicer so the client module and the CLI share them, and so request validation
+(selectors, groups) produces the same precise messages everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2
+
+from sidecar.api.discovery.v1 import discovery_pb2 as pb
+from sidecar.core.eventlog import ApiStatus
+from sidecar.core.peer import Peer, PeerState
+from sidecar.core.projection import EventType, PeerFilter, PeerView
+from sidecar.core.selectors import EVERYTHING, SelectorError, parse_selector
+
+PEER_STATE = {PeerState.READY: pb.PEER_STATE_READY, PeerState.DRAINING: pb.PEER_STATE_DRAINING}
+API_STATUS = {ApiStatus.CONNECTED: pb.API_STATUS_CONNECTED, ApiStatus.DEGRADED: pb.API_STATUS_DEGRADED}
+EVENT_TYPE = {EventType.ADDED: pb.EVENT_TYPE_ADDED, EventType.UPDATED: pb.EVENT_TYPE_UPDATED,
+              EventType.REMOVED: pb.EVENT_TYPE_REMOVED}
+GROUP_NAME_MAX = 63
+
+
+def to_struct(document: Any) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(document)
+    return struct
+
+
+def peer_to_pb(view: PeerView) -> pb.Peer:
+    peer = view.peer
+    return pb.Peer(
+        name=peer.name,
+        namespace=peer.namespace,
+        uid=peer.uid,
+        instance_id=peer.instance_id,
+        instance_id_hex=peer.instance_id_hex,
+        addresses=peer.addresses,
+        ports=[pb.Port(name=p.name, port=p.port, protocol=p.protocol, app_protocol=p.app_protocol) for p in peer.ports],
+        labels=dict(peer.labels),
+        state=PEER_STATE[peer.state],
+        data=to_struct(peer.data),
+        data_json=peer.data_json,
+        node_name=peer.node_name,
+        zone=peer.zone,
+        hostname=peer.hostname,
+        groups=view.groups,
+    )
+
+
+def filter_from_pb(message: pb.PeerFilter) -> PeerFilter:
+    """Validate and convert a request's filter; ValueError carries the INVALID_ARGUMENT text."""
+    try:
+        selector = parse_selector(message.selector) if message.selector else EVERYTHING
+    except SelectorError as exc:
+        raise ValueError(f"filter.selector: {exc}") from None
+    groups = []
+    seen = set()
+    for index, group in enumerate(message.groups):
+        if not group.name or len(group.name) > GROUP_NAME_MAX:
+            raise ValueError(f"filter.groups[{index}].name must be 1-{GROUP_NAME_MAX} characters")
+        if group.name in seen:
+            raise ValueError(f"filter.groups[{index}].name {group.name!r} is used twice")
+        seen.add(group.name)
+        try:
+            groups.append((group.name, parse_selector(group.selector)))
+        except SelectorError as exc:
+            raise ValueError(f"filter.groups[{index}] ({group.name}).selector: {exc}") from None
+    return PeerFilter(selector=selector, groups=tuple(groups), include_self=message.include_self,
+                      ready_only=message.ready_only)
+
+
+def document_from_publish(request: pb.PublishMetadataRequest) -> dict[str, Any]:
+    """The document of a PublishMetadata request; ValueError for INVALID_ARGUMENT."""
+    has_json = bool(request.data_json)
+    has_struct = request.HasField("data")
+    if has_json == has_struct:
+        raise ValueError("set exactly one of data_json and data")
+    if has_json:
+        try:
+            document = json.loads(request.data_json)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"data_json is not valid JSON: {exc.msg} at column {exc.colno}") from None
+    else:
+        document = json_format.MessageToDict(request.data)
+    if not isinstance(document, dict):
+        raise ValueError(f"the metadata must be a JSON object, got {type(document).__name__}")
+    return document
+
+
+def peer_from_pb_json(peer: pb.Peer) -> dict[str, Any]:
+    """A received peer as plain JSON (for ``peers -o json``), with spec.data from its exact JSON."""
+    result = json_format.MessageToDict(peer, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    result["data"] = json.loads(peer.data_json) if peer.data_json else result.get("data", {})
+    result.pop("data_json", None)
+    result["instance_id"] = peer.instance_id
+    result["state"] = pb.PeerState.Name(peer.state).removeprefix("PEER_STATE_").lower()
+    return result
