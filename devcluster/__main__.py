@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import json
 import os
-import pathlib
 import shutil
 import signal
 import sys

@@ -67,7 +67,9 @@ def ldflags(versions: dict[str, str]) -> str:
 def _go() -> str:
     go = shutil.which("go")
     if go is None:
-        raise RuntimeError("the Go toolchain is required to build the control plane (https://go.dev/dl); `go` is not on PATH")
+        raise RuntimeError(
+            "the Go toolchain is required to build the control plane (https://go.dev/dl); `go` is not on PATH"
+        )
     return go
 
 

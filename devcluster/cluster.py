@@ -146,7 +146,9 @@ class ControlPlane:
         self._write_kubeconfig()
         self.components = {
             "etcd": Component("etcd", self._etcd_argv(), self.work_dir / "etcd.log"),
-            "kube-apiserver": Component("kube-apiserver", self._apiserver_argv(paths), self.work_dir / "kube-apiserver.log"),
+            "kube-apiserver": Component(
+                "kube-apiserver", self._apiserver_argv(paths), self.work_dir / "kube-apiserver.log"
+            ),
             "kube-controller-manager": Component(
                 "kube-controller-manager", self._kcm_argv(), self.work_dir / "kube-controller-manager.log"
             ),
@@ -281,7 +283,9 @@ class ControlPlane:
             if probe():
                 return
             time.sleep(0.2)  # poll: start-up has no event to wait on
-        raise TimeoutError(f"{name} not ready after {timeout:.0f}s; its log ends with:\n{self.components[name].log_tail()}")
+        raise TimeoutError(
+            f"{name} not ready after {timeout:.0f}s; its log ends with:\n{self.components[name].log_tail()}"
+        )
 
     def _etcd_healthy(self) -> bool:
         try:

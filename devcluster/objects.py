@@ -125,7 +125,11 @@ class Cluster:
                 "serviceAccountName": service_account,
                 "automountServiceAccountToken": False,
                 "containers": [
-                    {"name": "main", "image": "example.invalid/worker:1", "ports": [{"containerPort": port, "name": "http"}]}
+                    {
+                        "name": "main",
+                        "image": "example.invalid/worker:1",
+                        "ports": [{"containerPort": port, "name": "http"}],
+                    }
                 ],
             },
         }
@@ -149,9 +153,23 @@ class Cluster:
                 {"type": "ContainersReady", "status": state, "lastTransitionTime": now},
                 {"type": "Ready", "status": state, "lastTransitionTime": now},
             ],
+            "containerStatuses": [
+                {
+                    "name": c["name"],
+                    "ready": ready,
+                    "started": True,
+                    "restartCount": 0,
+                    "image": c["image"],
+                    "imageID": "",
+                    "state": {"running": {"startedAt": now}},
+                }
+                for c in pod["spec"]["containers"]
+            ],
         }
         return self.api.request(
-            "PATCH", PODS.item(namespace, name) + "/status", body={"status": status},
+            "PATCH",
+            PODS.item(namespace, name) + "/status",
+            body={"status": status},
             content_type="application/merge-patch+json",
         )
 
@@ -212,7 +230,12 @@ class Cluster:
             "spec": {
                 "audiences": ["https://kubernetes.default.svc"],
                 "expirationSeconds": seconds,
-                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": pod["metadata"]["name"], "uid": pod["metadata"]["uid"]},
+                "boundObjectRef": {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "name": pod["metadata"]["name"],
+                    "uid": pod["metadata"]["uid"],
+                },
             },
         }
         reply = self.api.create(SERVICE_ACCOUNTS.item(namespace, service_account) + "/token", body)

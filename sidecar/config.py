@@ -23,7 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.core.resources import validate_worker_data
-from sidecar.core.selectors import EVERYTHING, LabelSelector, SelectorError, parse_selector, selector_from_labels
+from sidecar.core.selectors import (
+    EVERYTHING,
+    LabelSelector,
+    SelectorError,
+    parse_selector,
+    selector_from_labels,
+)
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
@@ -154,41 +160,101 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("POD_NAME", "--pod-name", "this pod's name (downward API metadata.name); also the CR's name", podinfo_file="pod_name"),
-    Option("POD_NAMESPACE", "--pod-namespace", "this pod's namespace (downward API metadata.namespace)", podinfo_file="pod_namespace"),
-    Option("POD_UID", "--pod-uid", "this pod's UID (downward API metadata.uid); owner of the CR", podinfo_file="pod_uid"),
-    Option("DISCOVERY_POD_LABELS", "--pod-labels",
-           "labels to put on this pod's CR (peers filter on them), k=v,k2=v2; default: the downward-API "
-           "labels file in the podinfo directory, if any", podinfo_file="labels"),
-    Option("DISCOVERY_SERVICE_NAME", "--service-name",
-           "the Service whose EndpointSlices define peer readiness (label kubernetes.io/service-name)"),
-    Option("DISCOVERY_ENDPOINTSLICE_SELECTOR", "--endpointslice-selector",
-           "label selector for the EndpointSlices to watch; combined (AND) with --service-name when both are set"),
-    Option("DISCOVERY_GRPC_LISTEN", "--grpc-listen", "local API address: host:port on loopback, or unix:///path",
-           default="127.0.0.1:50051"),
-    Option("DISCOVERY_HTTP_LISTEN", "--http-listen",
-           "health (/healthz, /readyz), /metrics and /debug/peers; host:port, or 'off'", default="0.0.0.0:8090"),
+    Option(
+        "POD_NAME",
+        "--pod-name",
+        "this pod's name (downward API metadata.name); also the CR's name",
+        podinfo_file="pod_name",
+    ),
+    Option(
+        "POD_NAMESPACE",
+        "--pod-namespace",
+        "this pod's namespace (downward API metadata.namespace)",
+        podinfo_file="pod_namespace",
+    ),
+    Option(
+        "POD_UID", "--pod-uid", "this pod's UID (downward API metadata.uid); owner of the CR", podinfo_file="pod_uid"
+    ),
+    Option(
+        "DISCOVERY_POD_LABELS",
+        "--pod-labels",
+        "labels to put on this pod's CR (peers filter on them), k=v,k2=v2; default: the downward-API "
+        "labels file in the podinfo directory, if any",
+        podinfo_file="labels",
+    ),
+    Option(
+        "DISCOVERY_SERVICE_NAME",
+        "--service-name",
+        "the Service whose EndpointSlices define peer readiness (label kubernetes.io/service-name)",
+    ),
+    Option(
+        "DISCOVERY_ENDPOINTSLICE_SELECTOR",
+        "--endpointslice-selector",
+        "label selector for the EndpointSlices to watch; combined (AND) with --service-name when both are set",
+    ),
+    Option(
+        "DISCOVERY_GRPC_LISTEN",
+        "--grpc-listen",
+        "local API address: host:port on loopback, or unix:///path",
+        default="127.0.0.1:50051",
+    ),
+    Option(
+        "DISCOVERY_HTTP_LISTEN",
+        "--http-listen",
+        "health (/healthz, /readyz), /metrics and /debug/peers; host:port, or 'off'",
+        default="0.0.0.0:8090",
+    ),
     Option("DISCOVERY_METADATA", "--metadata", "initial spec.data of this pod's CR, as a JSON object"),
-    Option("DISCOVERY_METADATA_FILE", "--metadata-file", "initial spec.data read from a JSON file (instead of --metadata)"),
-    Option("DYN_DISCOVERY_BACKEND", "--backend", "discovery backend: kubernetes (this sidecar) or etcd (not served here)",
-           default="kubernetes"),
+    Option(
+        "DISCOVERY_METADATA_FILE", "--metadata-file", "initial spec.data read from a JSON file (instead of --metadata)"
+    ),
+    Option(
+        "DYN_DISCOVERY_BACKEND",
+        "--backend",
+        "discovery backend: kubernetes (this sidecar) or etcd (not served here)",
+        default="kubernetes",
+    ),
     Option("KUBECONFIG", "--kubeconfig", "kubeconfig to use outside a cluster (in a pod: the service account)"),
-    Option("DISCOVERY_PODINFO_DIR", "--podinfo-dir", "downward-API volume read before the POD_* variables",
-           default="/etc/podinfo"),
-    Option("DISCOVERY_WATCH_SILENCE_TIMEOUT", "--watch-silence-timeout",
-           "restart a watch that delivered nothing (not even a bookmark) for this long", default="90s"),
+    Option(
+        "DISCOVERY_PODINFO_DIR",
+        "--podinfo-dir",
+        "downward-API volume read before the POD_* variables",
+        default="/etc/podinfo",
+    ),
+    Option(
+        "DISCOVERY_WATCH_SILENCE_TIMEOUT",
+        "--watch-silence-timeout",
+        "restart a watch that delivered nothing (not even a bookmark) for this long",
+        default="90s",
+    ),
     Option("DISCOVERY_REQUEST_TIMEOUT", "--request-timeout", "timeout of single API requests", default="15s"),
-    Option("DISCOVERY_BACKOFF_MAX", "--backoff-max", "longest wait between retries (jittered exponential backoff)",
-           default="30s"),
-    Option("DISCOVERY_HISTORY_SIZE", "--history-size",
-           "changes kept for clients resuming by revision (also bounds a slow client's backlog)", default="10000"),
-    Option("DISCOVERY_SHUTDOWN_TIMEOUT", "--shutdown-timeout",
-           "on SIGTERM, the most time spent deregistering and closing streams", default="20s"),
-    Option("DISCOVERY_FIELD_MANAGER", "--field-manager", "server-side apply field manager", default="discovery-sidecar"),
+    Option(
+        "DISCOVERY_BACKOFF_MAX",
+        "--backoff-max",
+        "longest wait between retries (jittered exponential backoff)",
+        default="30s",
+    ),
+    Option(
+        "DISCOVERY_HISTORY_SIZE",
+        "--history-size",
+        "changes kept for clients resuming by revision (also bounds a slow client's backlog)",
+        default="10000",
+    ),
+    Option(
+        "DISCOVERY_SHUTDOWN_TIMEOUT",
+        "--shutdown-timeout",
+        "on SIGTERM, the most time spent deregistering and closing streams",
+        default="20s",
+    ),
+    Option(
+        "DISCOVERY_FIELD_MANAGER", "--field-manager", "server-side apply field manager", default="discovery-sidecar"
+    ),
     Option("DISCOVERY_LOG_FORMAT", "--log-format", "auto (JSON unless on a terminal), json or console", default="auto"),
     Option("DISCOVERY_LOG_LEVEL", "--log-level", "debug, info, warning or error", default="info"),
 )
 OPTIONS_BY_ENV = {o.env: o for o in OPTIONS}
+_PODINFO_WINS = frozenset({"POD_NAME", "POD_NAMESPACE", "POD_UID"})
+"""Options whose downward-API file wins over the environment variable (Dynamo reads these files first)."""
 
 
 def _dest(option: Option) -> str:
@@ -198,8 +264,13 @@ def _dest(option: Option) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for option in OPTIONS:
         default = f" (default: {option.default})" if option.default else ""
-        parser.add_argument(option.flag, dest=_dest(option), default=None, metavar=option.env,
-                            help=f"{option.help}{default}. Env: {option.env}")
+        parser.add_argument(
+            option.flag,
+            dest=_dest(option),
+            default=None,
+            metavar=option.env,
+            help=f"{option.help}{default}. Env: {option.env}",
+        )
 
 
 @dataclass(frozen=True)
@@ -244,18 +315,24 @@ class _Reader:
         value = getattr(self.args, _dest(option), None) if self.args is not None else None
         if value is not None:
             return value
-        if option.podinfo_file and hasattr(self, "podinfo_dir"):
-            path = self.podinfo_dir / option.podinfo_file
-            try:
-                text = path.read_text().strip()
-            except OSError:
-                text = ""
-            if text:
-                return text
+        from_file = self._podinfo(option)
+        if from_file is not None and option.env in _PODINFO_WINS:
+            return from_file  # Dynamo's order for the pod identity: the downward-API file first
         value = self.environ.get(option.env)
         if value is not None and value.strip() != "":
             return value
+        if from_file is not None:
+            return from_file  # anything else (the labels file) is only a default
         return option.default
+
+    def _podinfo(self, option: Option) -> str | None:
+        if not option.podinfo_file or not hasattr(self, "podinfo_dir"):
+            return None
+        try:
+            text = (self.podinfo_dir / option.podinfo_file).read_text().strip()
+        except OSError:
+            return None
+        return text or None
 
     def where(self, env: str) -> str:
         option = OPTIONS_BY_ENV[env]

@@ -59,7 +59,9 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         self.log = structlog.get_logger("sidecar.grpc")
 
     # -- WatchPeers -------------------------------------------------------------------------------------
-    def WatchPeers(self, request: pb.WatchPeersRequest, context: grpc.ServicerContext) -> Iterator[pb.WatchPeersResponse]:
+    def WatchPeers(
+        self, request: pb.WatchPeersRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.WatchPeersResponse]:
         try:
             peer_filter = filter_from_pb(request.filter)
         except ValueError as exc:
@@ -150,15 +152,20 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         revision, peers, status = self.hub.state()
         views = snapshot_views(peers, peer_filter, self.hub.self_uid)
         return pb.ListPeersResponse(
-            revision=revision, history_id=self.hub.history_id, peers=[peer_to_pb(v) for v in views],
+            revision=revision,
+            history_id=self.hub.history_id,
+            peers=[peer_to_pb(v) for v in views],
             status=API_STATUS[status.status],
         )
 
     def GetSelf(self, request: pb.GetSelfRequest, context: grpc.ServicerContext) -> pb.GetSelfResponse:
         identity = self.identity
         response = pb.GetSelfResponse(
-            name=identity.name, namespace=identity.namespace, uid=identity.uid,
-            instance_id=instance_id(identity.name), instance_id_hex=format(instance_id(identity.name), "x"),
+            name=identity.name,
+            namespace=identity.namespace,
+            uid=identity.uid,
+            instance_id=instance_id(identity.name),
+            instance_id_hex=format(instance_id(identity.name), "x"),
         )
         if self.registrar is not None:
             state = self.registrar.state()

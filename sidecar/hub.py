@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import structlog
+
 from sidecar.core.directory import ENDPOINT_SLICES, WORKER_METADATA, PeerDirectory
 from sidecar.core.eventlog import ApiStatus, LogEntry, StatusChange
 from sidecar.core.peer import Peer
@@ -42,7 +44,9 @@ class PeerHub:
         self._listeners.append(listener)
 
     # -- writes (watch threads) -------------------------------------------------------------------
-    def _commit(self, mutate: Callable[[PeerDirectory], list[LogEntry]], received: float | None = None) -> list[LogEntry]:
+    def _commit(
+        self, mutate: Callable[[PeerDirectory], list[LogEntry]], received: float | None = None
+    ) -> list[LogEntry]:
         with self._changed:
             entries = mutate(self._directory)
             if entries:
@@ -63,6 +67,13 @@ class PeerHub:
             view = parse_endpoint_slice(obj)
             return self._commit(lambda d: d.apply_slice(key, view), received)
         record = parse_worker_metadata(obj)
+        if record.data_error:
+            structlog.get_logger("sidecar.hub").warning(
+                "invalid worker metadata; keeping the last valid data of this pod incarnation",
+                cr=record.name,
+                owners=list(record.owner_pod_uids),
+                reason=record.data_error,
+            )
         return self._commit(lambda d: d.apply_metadata(key, record), received)
 
     def delete(self, source: str, obj: Mapping[str, Any], received: float | None = None) -> list[LogEntry]:

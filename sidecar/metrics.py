@@ -13,8 +13,10 @@ class Metrics:
         r = self.registry
         self.peers = Gauge("discovery_peers", "Peers currently known, by state", ["state"], registry=r)
         self.watch_restarts = Counter(
-            "discovery_watch_restarts_total", "Watches re-established, by reason (expired, silent, error)",
-            ["source", "reason"], registry=r,
+            "discovery_watch_restarts_total",
+            "Watches re-established, by reason (expired, silent, error)",
+            ["source", "reason"],
+            registry=r,
         )
         self.relists = Counter("discovery_relists_total", "Full lists of a watched resource", ["source"], registry=r)
         self.events_applied = Counter(
@@ -26,13 +28,16 @@ class Metrics:
             "discovery_stream_messages_total", "WatchPeers messages sent, by kind", ["kind"], registry=r
         )
         self.api_errors = Counter(
-            "discovery_api_errors_total", "Failed API server requests, by operation and status code",
-            ["operation", "code"], registry=r,
+            "discovery_api_errors_total",
+            "Failed API server requests, by operation and status code",
+            ["operation", "code"],
+            registry=r,
         )
         self.propagation_lag = Histogram(
             "discovery_propagation_lag_seconds",
             "Time from receiving an API watch event to sending the resulting WatchPeers message",
-            buckets=LAG_BUCKETS, registry=r,
+            buckets=LAG_BUCKETS,
+            registry=r,
         )
         self.registered = Gauge("discovery_registered", "1 while this pod's CR is applied and owned by it", registry=r)
         self.api_connected = Gauge("discovery_api_connected", "1 while both watches reach the API server", registry=r)

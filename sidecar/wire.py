@@ -13,14 +13,17 @@ from google.protobuf import json_format, struct_pb2
 
 from sidecar.api.discovery.v1 import discovery_pb2 as pb
 from sidecar.core.eventlog import ApiStatus
-from sidecar.core.peer import Peer, PeerState
+from sidecar.core.peer import PeerState
 from sidecar.core.projection import EventType, PeerFilter, PeerView
 from sidecar.core.selectors import EVERYTHING, SelectorError, parse_selector
 
 PEER_STATE = {PeerState.READY: pb.PEER_STATE_READY, PeerState.DRAINING: pb.PEER_STATE_DRAINING}
 API_STATUS = {ApiStatus.CONNECTED: pb.API_STATUS_CONNECTED, ApiStatus.DEGRADED: pb.API_STATUS_DEGRADED}
-EVENT_TYPE = {EventType.ADDED: pb.EVENT_TYPE_ADDED, EventType.UPDATED: pb.EVENT_TYPE_UPDATED,
-              EventType.REMOVED: pb.EVENT_TYPE_REMOVED}
+EVENT_TYPE = {
+    EventType.ADDED: pb.EVENT_TYPE_ADDED,
+    EventType.UPDATED: pb.EVENT_TYPE_UPDATED,
+    EventType.REMOVED: pb.EVENT_TYPE_REMOVED,
+}
 GROUP_NAME_MAX = 63
 
 
@@ -69,8 +72,9 @@ def filter_from_pb(message: pb.PeerFilter) -> PeerFilter:
             groups.append((group.name, parse_selector(group.selector)))
         except SelectorError as exc:
             raise ValueError(f"filter.groups[{index}] ({group.name}).selector: {exc}") from None
-    return PeerFilter(selector=selector, groups=tuple(groups), include_self=message.include_self,
-                      ready_only=message.ready_only)
+    return PeerFilter(
+        selector=selector, groups=tuple(groups), include_self=message.include_self, ready_only=message.ready_only
+    )
 
 
 def document_from_publish(request: pb.PublishMetadataRequest) -> dict[str, Any]:
@@ -93,7 +97,9 @@ def document_from_publish(request: pb.PublishMetadataRequest) -> dict[str, Any]:
 
 def peer_from_pb_json(peer: pb.Peer) -> dict[str, Any]:
     """A received peer as plain JSON (for ``peers -o json``), with spec.data from its exact JSON."""
-    result = json_format.MessageToDict(peer, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    result = json_format.MessageToDict(
+        peer, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
     result["data"] = json.loads(peer.data_json) if peer.data_json else result.get("data", {})
     result.pop("data_json", None)
     result["instance_id"] = peer.instance_id

@@ -19,7 +19,10 @@ class Backoff:
     attempts: int = 0
 
     def next_delay(self) -> float:
-        bound = min(self.maximum, self.initial * self.factor**self.attempts)
+        try:
+            bound = min(self.maximum, self.initial * self.factor**self.attempts)
+        except OverflowError:  # factor**attempts leaves the float range after ~1000 attempts
+            bound = self.maximum
         self.attempts += 1
         return self.rng.uniform(bound / 2, bound)
 

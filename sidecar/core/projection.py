@@ -88,9 +88,7 @@ def view_of(peer: Peer | None, peer_filter: PeerFilter, self_uid: str) -> PeerVi
 def snapshot_views(peers: Iterable[Peer], peer_filter: PeerFilter, self_uid: str) -> list[PeerView]:
     """The filtered peer set in a stable order (namespace, name, uid)."""
     views = (view_of(p, peer_filter, self_uid) for p in peers)
-    return sorted(
-        (v for v in views if v is not None), key=lambda v: (v.peer.namespace, v.peer.name, v.peer.uid)
-    )
+    return sorted((v for v in views if v is not None), key=lambda v: (v.peer.namespace, v.peer.name, v.peer.uid))
 
 
 def classify(before: PeerView | None, after: PeerView | None) -> ViewEvent | None:
@@ -110,9 +108,7 @@ def _fold(changes: Sequence[PeerChange], peer_filter: PeerFilter, self_uid: str)
         last_after[change.uid] = change.after
     events = []
     for uid, after in last_after.items():
-        event = classify(
-            view_of(first_before[uid], peer_filter, self_uid), view_of(after, peer_filter, self_uid)
-        )
+        event = classify(view_of(first_before[uid], peer_filter, self_uid), view_of(after, peer_filter, self_uid))
         if event is not None:
             events.append(event)
     return events

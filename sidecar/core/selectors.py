@@ -181,9 +181,7 @@ class Requirement:
         count = len(self.values)
         spelled = self.operator.value
         if self.operator in _SINGLE_VALUE and count != 1:
-            raise SelectorError(
-                f"operator {spelled!r} on key {self.key!r} takes exactly one value, got {count}"
-            )
+            raise SelectorError(f"operator {spelled!r} on key {self.key!r} takes exactly one value, got {count}")
         if self.operator in _SET_VALUED and count == 0:
             raise SelectorError(f"operator {spelled!r} on key {self.key!r} takes at least one value")
         if self.operator in _VALUELESS and count != 0:
@@ -443,8 +441,7 @@ class _Parser:
         self._next()
         if token.kind is not _Kind.WORD:
             raise SelectorError(
-                f"expected a value after '{key}{operator.text}' at position {token.position}, "
-                f"found {token.describe()}",
+                f"expected a value after '{key}{operator.text}' at position {token.position}, found {token.describe()}",
                 token.position,
             )
         return self._value(key, token)

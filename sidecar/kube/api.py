@@ -8,6 +8,7 @@ models costs more than the rest of the sidecar together, and the join only needs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -103,9 +104,9 @@ class KubeApi:
     ) -> urllib3.BaseHTTPResponse:
         headers = {"Accept": "application/json"}
         if body is not None:
+            # The REST layer serialises dict bodies itself for */json, */*+json and */*+yaml
+            # (JSON is YAML, so that covers server-side apply too).
             headers["Content-Type"] = content_type
-            if not isinstance(body, (str, bytes)):
-                body = json.dumps(body)
         method_, url, header_params, body_, post = self.api_client.param_serialize(
             method, path, query_params=list(query), header_params=headers, body=body, auth_settings=["BearerToken"]
         )
@@ -147,7 +148,7 @@ class KubeApi:
         return self.request("PATCH", path, body=patch, content_type="application/merge-patch+json")
 
     def apply(self, path: str, body: Mapping[str, Any], field_manager: str, force: bool = True) -> dict[str, Any]:
-        """Server-side apply (JSON is YAML, so the body is sent as JSON under the apply content type)."""
+        """Server-side apply: the body goes out as JSON under the apply content type."""
         query = [("fieldManager", field_manager)] + ([("force", "true")] if force else [])
         return self.request("PATCH", path, query, body=body, content_type="application/apply-patch+yaml")
 
@@ -189,5 +190,7 @@ class WatchStream:
         self._closed = True
         shutdown = getattr(self._response, "shutdown", None)
         if shutdown is not None:
-            shutdown()
+            # ValueError/OSError: not connected yet, or already closed: nothing to unblock.
+            with contextlib.suppress(ValueError, OSError):
+                shutdown()
         self._response.release_conn()

@@ -173,7 +173,9 @@ class Reflector:
             ("timeoutSeconds", str(int(300 * (1 + random.random())))),
         ]
         try:
-            stream = self.api.stream(self.target.resource.collection(self.target.namespace), query, self.silence_timeout)
+            stream = self.api.stream(
+                self.target.resource.collection(self.target.namespace), query, self.silence_timeout
+            )
         except ApiError as exc:
             if exc.status == 410:
                 raise _Gone from exc

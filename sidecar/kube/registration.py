@@ -148,8 +148,11 @@ class Registrar:
             try:
                 self.api.delete(
                     self.path,
-                    {"apiVersion": "v1", "kind": "DeleteOptions",
-                     "preconditions": {"uid": meta["uid"], "resourceVersion": meta["resourceVersion"]}},
+                    {
+                        "apiVersion": "v1",
+                        "kind": "DeleteOptions",
+                        "preconditions": {"uid": meta["uid"], "resourceVersion": meta["resourceVersion"]},
+                    },
                 )
                 return
             except ApiError as exc:
@@ -245,7 +248,8 @@ class Registrar:
             self.api.delete(
                 self.path,
                 {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": self._applied_uid()}}
-                if self._applied_uid() else None,
+                if self._applied_uid()
+                else None,
             )
         except ApiError as exc:
             if exc.status == 404:

@@ -1,0 +1,49 @@
+# Everyday commands. The two a newcomer needs: `make demo` and `make test` (see README).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: venv demo test unit integration lint protos controlplane cluster-up cluster-down bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv            ## build/start a local control plane and show live discovery
+	$(PY) -m demo
+
+test: venv            ## the whole suite, unit and integration (builds the control plane once)
+	$(PY) -m devcluster build
+	$(PY) -m pytest
+
+unit: venv
+	$(PY) -m pytest tests/unit
+
+integration: venv
+	$(PY) -m devcluster build
+	$(PY) -m pytest tests/integration
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+protos: venv          ## regenerate sidecar/api from protos/
+	$(PY) scripts/gen_protos.py
+
+controlplane: venv    ## build kube-apiserver, kube-controller-manager, kubectl, etcd into ~/.cache
+	$(PY) -m devcluster build
+
+cluster-up: venv      ## leave a control plane running; prints its kubeconfig path
+	@$(PY) -m devcluster up
+
+cluster-down: venv
+	@$(PY) -m devcluster down
+
+bench: venv
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis .ruff_cache

@@ -1,0 +1,90 @@
+"""HTTP endpoints for the kubelet and for people: probes, Prometheus metrics, the peer list.
+
+``/healthz``  the process is alive and its threads are running (liveness).
+``/readyz``   registered and both watches synced (readiness); the body says what is missing.
+``/metrics``  Prometheus text format.
+``/debug/peers`` the current peer set as JSON (including this pod), like SGLang's ``/workers``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from sidecar.config import ListenAddress
+from sidecar.hub import PeerHub
+from sidecar.metrics import Metrics
+
+Check = Callable[[], list[str]]
+"""Returns the reasons something is not OK (empty: OK)."""
+
+
+class HttpServer:
+    def __init__(
+        self, listen: ListenAddress, hub: PeerHub, metrics: Metrics, liveness: Check, readiness: Check
+    ) -> None:
+        self.hub = hub
+        handler = self._handler_class(hub, metrics, liveness, readiness)
+        self.server = ThreadingHTTPServer((listen.host, listen.port), handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
+
+    @staticmethod
+    def _handler_class(
+        hub: PeerHub, metrics: Metrics, liveness: Check, readiness: Check
+    ) -> type[BaseHTTPRequestHandler]:
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - probes would flood the log
+                return
+
+            def _send(self, code: int, body: bytes, content_type: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _check(self, check: Check) -> None:
+                problems = check()
+                text = "ok\n" if not problems else "".join(f"{p}\n" for p in problems)
+                self._send(200 if not problems else 503, text.encode(), "text/plain; charset=utf-8")
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                path = self.path.split("?", 1)[0]
+                if path == "/healthz":
+                    self._check(liveness)
+                elif path == "/readyz":
+                    self._check(readiness)
+                elif path == "/metrics":
+                    self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
+                elif path == "/debug/peers":
+                    revision, peers, status = hub.state()
+                    body = {
+                        "history_id": hub.history_id,
+                        "revision": revision,
+                        "synced": hub.synced,
+                        "api_status": status.status.value,
+                        "api_status_reason": status.reason,
+                        "peers": [
+                            p.to_json_dict() | {"self": p.uid == hub.self_uid}
+                            for p in sorted(peers, key=lambda p: (p.namespace, p.name))
+                        ],
+                    }
+                    self._send(200, json.dumps(body, indent=2).encode() + b"\n", "application/json")
+                else:
+                    self._send(404, b"not found: try /healthz, /readyz, /metrics or /debug/peers\n", "text/plain")
+
+        return Handler
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
