@@ -114,8 +114,9 @@ class Cluster:
         labels: Mapping[str, str],
         node: str = "node-a",
         port: int = 8000,
-        service_account: str = "default",
+        service_account: str = "discovery-sidecar",
     ) -> dict[str, Any]:
+        """A pod bound to ``node``; by default under the sidecar's service account (manifests/rbac.yaml)."""
         body = {
             "apiVersion": "v1",
             "kind": "Pod",
@@ -174,10 +175,16 @@ class Cluster:
         )
 
     def start_pod(
-        self, namespace: str, name: str, labels: Mapping[str, str], ready: bool = True, ip: str | None = None
+        self,
+        namespace: str,
+        name: str,
+        labels: Mapping[str, str],
+        ready: bool = True,
+        ip: str | None = None,
+        service_account: str = "discovery-sidecar",
     ) -> dict[str, Any]:
         """Create a pod and report it Running (and Ready unless told otherwise)."""
-        self.create_pod(namespace, name, labels)
+        self.create_pod(namespace, name, labels, service_account=service_account)
         return self.set_pod_status(namespace, name, ready=ready, ip=ip)
 
     def relabel_pod(self, namespace: str, name: str, labels: Mapping[str, str | None]) -> dict[str, Any]:

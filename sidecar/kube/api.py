@@ -190,7 +190,7 @@ class WatchStream:
         self._closed = True
         shutdown = getattr(self._response, "shutdown", None)
         if shutdown is not None:
-            # ValueError/OSError: not connected yet, or already closed: nothing to unblock.
-            with contextlib.suppress(ValueError, OSError):
+            # Not connected yet, already closed or already back in the pool: nothing to unblock.
+            with contextlib.suppress(ValueError, RuntimeError, OSError):
                 shutdown()
         self._response.release_conn()

@@ -1,0 +1,336 @@
+"""Self-registration against the real control plane, with real pod-bound service-account tokens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from devcluster.cluster import ControlPlane
+from devcluster.objects import WORKER_METADATA, Cluster, wait_for
+from devcluster.sidecars import write_token_kubeconfig
+from sidecar.config import PodIdentity
+from sidecar.kube.api import ApiError, KubeApi
+from sidecar.kube.registration import Registrar
+from sidecar.metrics import Metrics
+from tests.conftest import Sidecars
+from tests.integration.streams import StreamRecorder
+
+pytestmark = pytest.mark.integration
+
+METADATA = {
+    "endpoints": {"dynamo/backend/generate/10dbf5fbb4b0ff": {"transport": {"nats_tcp": "dynamo.backend.generate"}}},
+    "model_cards": {},
+    "event_channels": {},
+    "opaque": {"big": 12345678901234567890, "list": [1, "two", None]},
+}
+
+
+def cr(cluster: Cluster, namespace: str, name: str) -> dict | None:
+    return cluster.get_or_none(WORKER_METADATA.item(namespace, name))
+
+
+def test_registers_cr_owned_by_the_pod(namespace: str, cluster: Cluster, sidecars: Sidecars) -> None:
+    pod = cluster.start_pod(namespace, "worker-0", {"app": "w", "role": "prefill"})
+    sidecars.start(pod, "w", metadata=METADATA).wait_ready()
+    obj = cr(cluster, namespace, "worker-0")
+    assert obj is not None
+    meta = obj["metadata"]
+    assert meta["ownerReferences"] == [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "name": "worker-0",
+            "uid": pod["metadata"]["uid"],
+            "controller": False,
+            "blockOwnerDeletion": False,
+        }
+    ]
+    assert obj["spec"]["data"] == METADATA, "spec.data must round-trip exactly, big integers included"
+    assert meta["labels"] == {"app": "w", "role": "prefill"}
+    managers = {(m["manager"], m["operation"]) for m in meta["managedFields"]}
+    assert ("discovery-sidecar", "Apply") in managers, "registration uses server-side apply"
+
+
+def test_cr_is_garbage_collected_when_the_pod_goes(namespace: str, cluster: Cluster, sidecars: Sidecars) -> None:
+    pod = cluster.start_pod(namespace, "worker-gc", {"app": "w"})
+    process = sidecars.start(pod, "w").wait_ready()
+    process.kill()  # no deregistration: only garbage collection can remove it now
+    assert cr(cluster, namespace, "worker-gc") is not None
+    cluster.delete_pod(namespace, "worker-gc", grace_seconds=0)
+    wait_for(lambda: cr(cluster, namespace, "worker-gc") is None, 60, what="GC of the CR")
+
+
+def test_stale_incarnation_cr_is_replaced_not_adopted(namespace: str, cluster: Cluster, sidecars: Sidecars) -> None:
+    # A leftover CR under this pod's name whose owner is not this pod (an owner that still exists, so the
+    # garbage collector leaves it alone): exactly what fencing is for.
+    holder = cluster.api.create(
+        f"/api/v1/namespaces/{namespace}/configmaps",
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "old-owner"}},
+    )
+    stale = cluster.api.create(
+        WORKER_METADATA.collection(namespace),
+        {
+            "apiVersion": "nvidia.com/v1alpha1",
+            "kind": "DynamoWorkerMetadata",
+            "metadata": {
+                "name": "worker-1",
+                "ownerReferences": [
+                    {"apiVersion": "v1", "kind": "ConfigMap", "name": "old-owner", "uid": holder["metadata"]["uid"]}
+                ],
+            },
+            "spec": {"data": {"stale": True}},
+        },
+    )
+    pod = cluster.start_pod(namespace, "worker-1", {"app": "w"})
+    process = sidecars.start(pod, "w", metadata={"fresh": True}).wait_ready()
+    fresh = cr(cluster, namespace, "worker-1")
+    assert fresh is not None
+    assert fresh["metadata"]["uid"] != stale["metadata"]["uid"], "the stale object must be replaced, not adopted"
+    assert fresh["spec"]["data"] == {"fresh": True}
+    assert [r["uid"] for r in fresh["metadata"]["ownerReferences"]] == [pod["metadata"]["uid"]]
+    assert any(e.get("event") == "replacing a CR left by another pod incarnation" for e in process.log_events())
+
+
+def test_same_name_new_uid_gets_its_own_cr(namespace: str, cluster: Cluster, sidecars: Sidecars) -> None:
+    old_pod = cluster.start_pod(namespace, "worker-2", {"app": "w"})
+    old = sidecars.start(old_pod, "w", metadata={"incarnation": 1}).wait_ready()
+    old.kill()
+    old_cr = cr(cluster, namespace, "worker-2")
+    assert old_cr is not None
+    cluster.delete_pod(namespace, "worker-2", grace_seconds=0)
+    new_pod = cluster.start_pod(namespace, "worker-2", {"app": "w"})
+    assert new_pod["metadata"]["uid"] != old_pod["metadata"]["uid"]
+    sidecars.start(new_pod, "w", metadata={"incarnation": 2}).wait_ready()
+    current = cr(cluster, namespace, "worker-2")
+    assert current is not None
+    assert current["metadata"]["uid"] != old_cr["metadata"]["uid"]
+    assert current["metadata"]["ownerReferences"][0]["uid"] == new_pod["metadata"]["uid"]
+    assert current["spec"]["data"] == {"incarnation": 2}
+
+
+def test_fencing_precondition_never_deletes_a_fresh_cr(namespace: str, cluster: Cluster, admin_api: KubeApi) -> None:
+    """The race: fencing reads a stale CR, then the CR is replaced by a fresh one before the delete lands."""
+    pod = cluster.start_pod(namespace, "worker-3", {"app": "w"})
+    identity = PodIdentity("worker-3", namespace, pod["metadata"]["uid"])
+    path = WORKER_METADATA.item(namespace, "worker-3")
+
+    def body(owner_uid: str, data: dict) -> dict:
+        return {
+            "apiVersion": "nvidia.com/v1alpha1",
+            "kind": "DynamoWorkerMetadata",
+            "metadata": {
+                "name": "worker-3",
+                "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": "worker-3", "uid": owner_uid}],
+            },
+            "spec": {"data": data},
+        }
+
+    admin_api.create(WORKER_METADATA.collection(namespace), body("00000000-0000-0000-0000-000000000000", {"s": 1}))
+
+    class RacingApi(KubeApi):
+        """Lets the real GET through, then swaps the object before the registrar can act on it."""
+
+        swapped = False
+
+        def get(self, p: str, query=()):  # type: ignore[override]
+            seen = super().get(p, query)
+            if p == path and not self.swapped:
+                self.swapped = True
+                admin_api.delete(path)
+                admin_api.create(WORKER_METADATA.collection(namespace), body(pod["metadata"]["uid"], {"fresh": 1}))
+            return seen
+
+    racing = RacingApi(admin_api.api_client)
+    fresh_uid = None
+    registrar = Registrar(racing, identity, {}, {"fresh": 1}, "discovery-sidecar", Metrics())
+    registrar.fence()
+    fresh = admin_api.get(path)
+    fresh_uid = fresh["metadata"]["uid"]
+    assert racing.swapped
+    assert fresh["spec"]["data"] == {"fresh": 1}, "the fresh CR survived the fencing delete (UID precondition)"
+    registrar.fence()  # reads the fresh CR, sees it is ours, leaves it
+    assert admin_api.get(path)["metadata"]["uid"] == fresh_uid
+
+
+def test_recreated_after_external_delete(namespace: str, cluster: Cluster, sidecars: Sidecars) -> None:
+    pod = cluster.start_pod(namespace, "worker-4", {"app": "w"})
+    sidecars.start(pod, "w", metadata={"k": "v"}).wait_ready()
+    first = cr(cluster, namespace, "worker-4")
+    assert first is not None
+    cluster.api.delete(WORKER_METADATA.item(namespace, "worker-4"))
+    again = wait_for(
+        lambda: (lambda o: o if o and o["metadata"]["uid"] != first["metadata"]["uid"] else None)(
+            cr(cluster, namespace, "worker-4")
+        ),
+        30,
+        what="the sidecar to re-create its CR",
+    )
+    assert again["spec"]["data"] == {"k": "v"}
+    assert again["metadata"]["ownerReferences"][0]["uid"] == pod["metadata"]["uid"]
+
+
+def test_published_metadata_reaches_a_peer(namespace: str, cluster: Cluster, sidecars: Sidecars) -> None:
+    cluster.create_service(namespace, "w", {"app": "w"})
+    pod_a = cluster.start_pod(namespace, "worker-a", {"app": "w"})
+    pod_b = cluster.start_pod(namespace, "worker-b", {"app": "w"})
+    a = sidecars.start(pod_a, "w", metadata={"endpoints": {}, "model_cards": {}}).wait_ready()
+    b = sidecars.start(pod_b, "w").wait_ready()
+    watcher = StreamRecorder(b.target)
+    try:
+        watcher.wait_names({"worker-a"})
+        from sidecar.client import DiscoveryClient
+
+        with DiscoveryClient(a.target) as client:
+            reply = client.publish_metadata({"model_cards": {"llama": {"ctx": 8192}}}, merge=True)
+            assert json.loads(reply.data_json) == {"endpoints": {}, "model_cards": {"llama": {"ctx": 8192}}}
+            me = client.get_self()
+            assert me.registered and me.uid == pod_a["metadata"]["uid"]
+            assert json.loads(me.data_json)["model_cards"] == {"llama": {"ctx": 8192}}
+        watcher.wait_until(
+            lambda r: json.loads(r.peers()["worker-a"].data_json).get("model_cards") == {"llama": {"ctx": 8192}},
+            what="the peer to see the published model card",
+        )
+        stored = cr(cluster, namespace, "worker-a")
+        assert stored is not None and stored["spec"]["data"]["model_cards"] == {"llama": {"ctx": 8192}}
+    finally:
+        watcher.close()
+
+
+def test_sigterm_deregisters_before_exit(namespace: str, cluster: Cluster, sidecars: Sidecars) -> None:
+    cluster.create_service(namespace, "w", {"app": "w"})
+    pod_a = cluster.start_pod(namespace, "worker-x", {"app": "w"})
+    pod_b = cluster.start_pod(namespace, "worker-y", {"app": "w"})
+    a = sidecars.start(pod_a, "w").wait_ready()
+    b = sidecars.start(pod_b, "w").wait_ready()
+    watcher = StreamRecorder(b.target)
+    try:
+        watcher.wait_names({"worker-x"})
+        assert a.terminate(timeout=20) == 0
+        # The process has exited; by then its CR must already be gone (not merely about to be).
+        assert cr(cluster, namespace, "worker-x") is None
+        watcher.wait_names(set())
+        events = [e.get("event") for e in a.log_events()]
+        assert "deregistered" in events and events.index("deregistered") < events.index("stopped")
+    finally:
+        watcher.close()
+
+
+# -- RBAC: the Role suffices, and nothing less does -------------------------------------------------------
+FULL_RULES = {
+    ("nvidia.com", "dynamoworkermetadatas"): ["get", "list", "watch", "create", "patch", "delete"],
+    ("discovery.k8s.io", "endpointslices"): ["list", "watch"],
+}
+DROPS = [(res, verb) for (_, res), verbs in FULL_RULES.items() for verb in verbs]
+
+
+def make_limited_role(cluster: Cluster, namespace: str, drop: tuple[str, str] | None) -> None:
+    rules = [
+        {"apiGroups": [group], "resources": [res], "verbs": [v for v in verbs if (res, v) != drop]}
+        for (group, res), verbs in FULL_RULES.items()
+    ]
+    rbac = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}"
+    cluster.api.create(
+        f"{rbac}/roles",
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "limited"}, "rules": rules},
+    )
+    cluster.create_service_account(namespace, "limited")
+    cluster.api.create(
+        f"{rbac}/rolebindings",
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "limited"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "limited"},
+            "subjects": [{"kind": "ServiceAccount", "name": "limited", "namespace": namespace}],
+        },
+    )
+
+
+def test_role_in_manifests_matches_the_verbs_tested_here() -> None:
+    import yaml
+
+    from tests.conftest import MANIFESTS
+
+    docs = [d for d in yaml.safe_load_all((MANIFESTS / "rbac.yaml").read_text()) if d and d["kind"] == "Role"]
+    rules = {(r["apiGroups"][0], r["resources"][0]): sorted(r["verbs"]) for r in docs[0]["rules"]}
+    assert rules == {k: sorted(v) for k, v in FULL_RULES.items()}
+
+
+@pytest.mark.parametrize("drop", [None, *DROPS], ids=lambda d: "full-role" if d is None else f"without-{d[1]}-{d[0]}")
+def test_each_role_verb_is_needed(
+    drop: tuple[str, str] | None, namespace: str, cluster: Cluster, sidecars: Sidecars
+) -> None:
+    cluster.create_service(namespace, "w", {"app": "w"})
+    make_limited_role(cluster, namespace, drop)
+    pod = cluster.start_pod(namespace, "worker-r", {"app": "w"}, service_account="limited")
+    process = sidecars.start(pod, "w", service_account="limited")
+
+    def readyz() -> str:
+        return process.http_get("/readyz")[1]
+
+    if drop is None or drop == ("dynamoworkermetadatas", "delete"):
+        process.wait_ready()
+        assert process.terminate(timeout=20) == 0
+        remains = cr(cluster, namespace, "worker-r") is not None
+        assert remains == (drop is not None), "without delete, deregistration fails and the CR stays"
+        if drop is not None:
+            assert "deregistration failed" in [e.get("event") for e in process.log_events()]
+        return
+    resource, verb = drop
+    expected = {
+        "get": "forbidden to register",
+        "create": "forbidden to register",
+        "patch": "forbidden to register",
+        "list": "watches not synced",
+        "watch": f"{resource}: API error 403",
+    }[verb]
+    wait_for(lambda: expected in readyz(), 30, what=f"/readyz to report {expected!r}")
+    status, _ = process.http_get("/readyz")
+    assert status == 503
+
+
+# -- the admission policy ----------------------------------------------------------------------------------
+def test_admission_policy_limits_a_pod_to_its_own_cr(
+    control_plane: ControlPlane, namespace: str, cluster: Cluster, tmp_path
+) -> None:
+    mine = cluster.start_pod(namespace, "own-pod", {"app": "w"})
+    cluster.start_pod(namespace, "other-pod", {"app": "w"})
+    token = cluster.pod_bound_token(namespace, "discovery-sidecar", mine)
+    api = KubeApi.from_kubeconfig(str(write_token_kubeconfig(control_plane, token, tmp_path / "own.kubeconfig")))
+
+    def body(name: str) -> dict:
+        return {"apiVersion": "nvidia.com/v1alpha1", "kind": "DynamoWorkerMetadata", "metadata": {"name": name},
+                "spec": {"data": {}}}
+
+    created = api.apply(WORKER_METADATA.item(namespace, "own-pod"), body("own-pod"), "discovery-sidecar")
+    assert created["metadata"]["name"] == "own-pod"
+
+    with pytest.raises(ApiError) as create_other:
+        api.apply(WORKER_METADATA.item(namespace, "other-pod"), body("other-pod"), "discovery-sidecar")
+    assert create_other.value.status == 403
+    assert "pod own-pod tried other-pod" in create_other.value.message
+
+    cluster.api.create(WORKER_METADATA.collection(namespace), body("other-pod"))  # as an admin: allowed
+    with pytest.raises(ApiError) as update_other:
+        api.merge_patch(WORKER_METADATA.item(namespace, "other-pod"), {"spec": {"data": {"hijack": True}}})
+    assert update_other.value.status == 403
+    with pytest.raises(ApiError) as delete_other:
+        api.delete(WORKER_METADATA.item(namespace, "other-pod"))
+    assert delete_other.value.status == 403
+    assert cr(cluster, namespace, "other-pod")["spec"]["data"] == {}  # type: ignore[index]
+
+    # A token of the same service account that is not bound to a pod cannot write at all.
+    unbound = cluster.api.create(
+        f"/api/v1/namespaces/{namespace}/serviceaccounts/discovery-sidecar/token",
+        {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+         "spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 600}},
+    )["status"]["token"]
+    plain = KubeApi.from_kubeconfig(str(write_token_kubeconfig(control_plane, unbound, tmp_path / "plain.kubeconfig")))
+    with pytest.raises(ApiError) as no_pod:
+        plain.apply(WORKER_METADATA.item(namespace, "own-pod"), body("own-pod"), "discovery-sidecar")
+    assert no_pod.value.status == 403 and "without a pod-bound token" in no_pod.value.message
+    api.delete(WORKER_METADATA.item(namespace, "own-pod"))  # its own: allowed
+    assert cr(cluster, namespace, "own-pod") is None
+    api.close()
+    plain.close()
