@@ -91,7 +91,9 @@ def test_rbac_refuses_without_role_and_allows_with_it(
     cluster.create_service_account(namespace, "no-role")
     pod = cluster.create_pod(namespace, "rbac-pod", {"app": "rbac"}, service_account="no-role")
     token = cluster.pod_bound_token(namespace, "no-role", pod)
-    without = KubeApi.from_kubeconfig(str(write_token_kubeconfig(control_plane, token, tmp_path / "no-role.kubeconfig")))
+    without = KubeApi.from_kubeconfig(
+        str(write_token_kubeconfig(control_plane, token, tmp_path / "no-role.kubeconfig"))
+    )
     with pytest.raises(ApiError) as refused:
         without.get(ENDPOINT_SLICES.collection(namespace))
     assert refused.value.status == 403

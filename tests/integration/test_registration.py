@@ -22,7 +22,9 @@ METADATA = {
     "endpoints": {"dynamo/backend/generate/10dbf5fbb4b0ff": {"transport": {"nats_tcp": "dynamo.backend.generate"}}},
     "model_cards": {},
     "event_channels": {},
-    "opaque": {"big": 12345678901234567890, "list": [1, "two", None]},
+    # 2**53 + 1: not representable as a double, so any float conversion on the way would show.
+    # (Integers beyond int64 are turned into doubles by the API server itself.)
+    "opaque": {"big": 9007199254740993, "list": [1, "two", None]},
 }
 
 
@@ -47,7 +49,9 @@ def test_registers_cr_owned_by_the_pod(namespace: str, cluster: Cluster, sidecar
         }
     ]
     assert obj["spec"]["data"] == METADATA, "spec.data must round-trip exactly, big integers included"
-    assert meta["labels"] == {"app": "w", "role": "prefill"}
+    # The pod's labels as the API server has them (1.36 also copies the node's zone label onto pods).
+    assert meta["labels"] == pod["metadata"]["labels"]
+    assert {"app": "w", "role": "prefill"}.items() <= meta["labels"].items()
     managers = {(m["manager"], m["operation"]) for m in meta["managedFields"]}
     assert ("discovery-sidecar", "Apply") in managers, "registration uses server-side apply"
 
@@ -115,18 +119,25 @@ def test_fencing_precondition_never_deletes_a_fresh_cr(namespace: str, cluster: 
     identity = PodIdentity("worker-3", namespace, pod["metadata"]["uid"])
     path = WORKER_METADATA.item(namespace, "worker-3")
 
-    def body(owner_uid: str, data: dict) -> dict:
+    def body(owner_kind: str, owner_name: str, owner_uid: str, data: dict) -> dict:
         return {
             "apiVersion": "nvidia.com/v1alpha1",
             "kind": "DynamoWorkerMetadata",
             "metadata": {
                 "name": "worker-3",
-                "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": "worker-3", "uid": owner_uid}],
+                "ownerReferences": [{"apiVersion": "v1", "kind": owner_kind, "name": owner_name, "uid": owner_uid}],
             },
             "spec": {"data": data},
         }
 
-    admin_api.create(WORKER_METADATA.collection(namespace), body("00000000-0000-0000-0000-000000000000", {"s": 1}))
+    # The stale CR's owner must exist, or the garbage collector may delete it before fencing looks.
+    holder = admin_api.create(
+        f"/api/v1/namespaces/{namespace}/configmaps",
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "h"}},
+    )
+    admin_api.create(
+        WORKER_METADATA.collection(namespace), body("ConfigMap", "h", holder["metadata"]["uid"], {"stale": 1})
+    )
 
     class RacingApi(KubeApi):
         """Lets the real GET through, then swaps the object before the registrar can act on it."""
@@ -138,16 +149,16 @@ def test_fencing_precondition_never_deletes_a_fresh_cr(namespace: str, cluster: 
             if p == path and not self.swapped:
                 self.swapped = True
                 admin_api.delete(path)
-                admin_api.create(WORKER_METADATA.collection(namespace), body(pod["metadata"]["uid"], {"fresh": 1}))
+                fresh_body = body("Pod", "worker-3", pod["metadata"]["uid"], {"fresh": 1})
+                admin_api.create(WORKER_METADATA.collection(namespace), fresh_body)
             return seen
 
     racing = RacingApi(admin_api.api_client)
-    fresh_uid = None
     registrar = Registrar(racing, identity, {}, {"fresh": 1}, "discovery-sidecar", Metrics())
     registrar.fence()
+    assert racing.swapped, "fencing must have read the stale CR"
     fresh = admin_api.get(path)
     fresh_uid = fresh["metadata"]["uid"]
-    assert racing.swapped
     assert fresh["spec"]["data"] == {"fresh": 1}, "the fresh CR survived the fencing delete (UID precondition)"
     registrar.fence()  # reads the fresh CR, sees it is ours, leaves it
     assert admin_api.get(path)["metadata"]["uid"] == fresh_uid
@@ -300,8 +311,12 @@ def test_admission_policy_limits_a_pod_to_its_own_cr(
     api = KubeApi.from_kubeconfig(str(write_token_kubeconfig(control_plane, token, tmp_path / "own.kubeconfig")))
 
     def body(name: str) -> dict:
-        return {"apiVersion": "nvidia.com/v1alpha1", "kind": "DynamoWorkerMetadata", "metadata": {"name": name},
-                "spec": {"data": {}}}
+        return {
+            "apiVersion": "nvidia.com/v1alpha1",
+            "kind": "DynamoWorkerMetadata",
+            "metadata": {"name": name},
+            "spec": {"data": {}},
+        }
 
     created = api.apply(WORKER_METADATA.item(namespace, "own-pod"), body("own-pod"), "discovery-sidecar")
     assert created["metadata"]["name"] == "own-pod"
@@ -323,8 +338,11 @@ def test_admission_policy_limits_a_pod_to_its_own_cr(
     # A token of the same service account that is not bound to a pod cannot write at all.
     unbound = cluster.api.create(
         f"/api/v1/namespaces/{namespace}/serviceaccounts/discovery-sidecar/token",
-        {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-         "spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 600}},
+        {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 600},
+        },
     )["status"]["token"]
     plain = KubeApi.from_kubeconfig(str(write_token_kubeconfig(control_plane, unbound, tmp_path / "plain.kubeconfig")))
     with pytest.raises(ApiError) as no_pod:

@@ -1,0 +1,552 @@
+"""Tests for sidecar.core.directory, including a model-based property test of the whole core.
+
+The model test drives a ``PeerDirectory`` with random operations over a small universe (3 pod names
+with 2 incarnations each, 3 EndpointSlices, 4 CRs) and, after every step, checks it against a peer set
+computed from scratch from the current "cluster truth" by an independent function written here; checks
+that the log is exactly the difference, that replaying it rebuilds the peer set, and that any client's
+projection of it (in any chunking, and resuming from any revision) reaches that client's snapshot.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+from collections.abc import Mapping
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.core.directory import PeerDirectory
+from sidecar.core.eventlog import ApiStatus, LogEntry, PeerChange, StatusChange
+from sidecar.core.instance_id import instance_id
+from sidecar.core.peer import Peer, PeerState, PortInfo
+from sidecar.core.projection import EventType, PeerFilter, PeerView, StatusMessage, project, snapshot_views
+from sidecar.core.resources import SliceView, WorkerMetadata, parse_endpoint_slice, parse_worker_metadata
+from sidecar.core.selectors import parse_selector
+
+NS = "ns"
+_rv = itertools.count(1)
+
+
+# -- builders -----------------------------------------------------------------------------------------------
+
+
+def raw_endpoint(
+    uid: str,
+    name: str,
+    addresses: tuple[str, ...] = ("10.0.0.1",),
+    conditions: Mapping[str, bool | None] | None = None,
+    node: str = "",
+) -> dict[str, Any]:
+    return {
+        "addresses": list(addresses),
+        "conditions": {k: v for k, v in (conditions or {}).items() if v is not None},
+        "nodeName": node,
+        "targetRef": {"kind": "Pod", "uid": uid, "name": name, "namespace": NS},
+    }
+
+
+def make_slice(name: str, endpoints: list[dict[str, Any]], ports: tuple[int, ...] = (9000,)) -> SliceView:
+    return parse_endpoint_slice(
+        {
+            "metadata": {"name": name, "namespace": NS, "resourceVersion": str(next(_rv))},
+            "endpoints": endpoints,
+            "ports": [{"name": f"p{p}", "port": p} for p in ports],
+        }
+    )
+
+
+def make_cr(name: str, owner: str | None, data: Any, labels: Mapping[str, str] | None = None) -> WorkerMetadata:
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": NS,
+        "uid": f"cr-{name}",
+        "resourceVersion": str(next(_rv)),
+        "labels": dict(labels or {}),
+    }
+    if owner is not None:
+        meta["ownerReferences"] = [{"apiVersion": "v1", "kind": "Pod", "name": name, "uid": owner}]
+    return parse_worker_metadata({"metadata": meta, "spec": {"data": data}})
+
+
+def key(name: str) -> str:
+    return f"{NS}/{name}"
+
+
+def new_log_entries(directory: PeerDirectory, head: int) -> list[LogEntry]:
+    entries = directory.log.entries_after(head)
+    assert entries is not None
+    return entries
+
+
+# -- example tests ------------------------------------------------------------------------------------------
+
+
+def test_synced_only_after_both_relists() -> None:
+    d = PeerDirectory("h", 100)
+    assert not d.synced
+    d.apply_slice(key("s1"), make_slice("s1", []))
+    d.apply_metadata(key("p"), make_cr("p", "u", {}))
+    assert not d.synced  # watch events alone never sync
+    d.replace_slices({})
+    assert not d.synced
+    d.replace_metadata({})
+    assert d.synced
+    d2 = PeerDirectory("h", 100)
+    d2.replace_metadata({})
+    assert not d2.synced
+    d2.replace_slices({})
+    assert d2.synced
+
+
+def test_apply_add_update_remove_logs_each_change() -> None:
+    d = PeerDirectory("h", 100)
+    assert d.apply_slice(key("s1"), make_slice("s1", [raw_endpoint("u1", "pod-1")])) == []
+    (added,) = d.apply_metadata(key("pod-1"), make_cr("pod-1", "u1", {"endpoints": {}}))
+    assert isinstance(added.change, PeerChange)
+    assert added.revision == 1 and added.change.before is None and added.change.after is not None
+    assert added.change.after.instance_id == instance_id("pod-1")
+    assert dict(d.peers) == {"u1": added.change.after}
+    (updated,) = d.apply_metadata(key("pod-1"), make_cr("pod-1", "u1", {"endpoints": {"x": {}}}))
+    assert updated.revision == 2 and updated.change.before == added.change.after
+    (removed,) = d.apply_slice(key("s1"), None)
+    assert removed.change.after is None and dict(d.peers) == {}
+    assert d.log.head_revision == 3
+
+
+def test_unchanged_peer_produces_no_entry() -> None:
+    d = PeerDirectory("h", 100)
+    d.apply_slice(key("s1"), make_slice("s1", [raw_endpoint("u1", "pod-1")]))
+    d.apply_metadata(key("pod-1"), make_cr("pod-1", "u1", {"endpoints": {}}))
+    head = d.log.head_revision
+    # new resourceVersions, same content
+    assert d.apply_slice(key("s1"), make_slice("s1", [raw_endpoint("u1", "pod-1")])) == []
+    assert d.apply_metadata(key("pod-1"), make_cr("pod-1", "u1", {"endpoints": {}})) == []
+    # a second slice listing the same pod with the same address and port: still the same peer
+    assert d.apply_slice(key("s2"), make_slice("s2", [raw_endpoint("u1", "pod-1")])) == []
+    assert d.log.head_revision == head
+
+
+def test_relist_with_unchanged_content_appends_nothing() -> None:
+    d = PeerDirectory("h", 100)
+    slices = {key(f"s{i}"): make_slice(f"s{i}", [raw_endpoint(f"u{i}", f"pod-{i}")]) for i in range(3)}
+    crs = {key(f"pod-{i}"): make_cr(f"pod-{i}", f"u{i}", {"endpoints": {}}) for i in range(3)}
+    d.replace_slices(slices)
+    assert len(d.replace_metadata(crs)) == 3
+    head = d.log.head_revision
+    assert d.replace_slices(slices) == []
+    assert d.replace_metadata(crs) == []
+    # the same objects re-read from the API server (new resourceVersions): still nothing
+    fresh_slices = {key(f"s{i}"): make_slice(f"s{i}", [raw_endpoint(f"u{i}", f"pod-{i}")]) for i in range(3)}
+    fresh_crs = {key(f"pod-{i}"): make_cr(f"pod-{i}", f"u{i}", {"endpoints": {}}) for i in range(3)}
+    assert d.replace_slices(fresh_slices) == []
+    assert d.replace_metadata(fresh_crs) == []
+    assert d.log.head_revision == head
+    assert set(d.peers) == {"u0", "u1", "u2"}
+
+
+def test_relist_that_drops_an_object_removes_exactly_its_peers() -> None:
+    d = PeerDirectory("h", 100)
+    slices = {
+        key("s1"): make_slice("s1", [raw_endpoint("u1", "pod-1"), raw_endpoint("u2", "pod-2")]),
+        key("s2"): make_slice("s2", [raw_endpoint("u2", "pod-2"), raw_endpoint("u3", "pod-3")]),
+    }
+    crs = {key(f"pod-{i}"): make_cr(f"pod-{i}", f"u{i}", {}) for i in (1, 2, 3)}
+    d.replace_slices(slices)
+    d.replace_metadata(crs)
+    assert set(d.peers) == {"u1", "u2", "u3"}
+    # s1 vanished while the watch was down: u1 goes; u2 stays (still in s2) and is unchanged
+    entries = d.replace_slices({key("s2"): slices[key("s2")]})
+    assert [(e.change.uid, e.change.after) for e in entries if isinstance(e.change, PeerChange)] == [("u1", None)]
+    assert set(d.peers) == {"u2", "u3"}
+    # the CR of pod-3 vanished too
+    entries = d.replace_metadata({k: v for k, v in crs.items() if k != key("pod-3")})
+    assert [(e.change.uid, e.change.after) for e in entries if isinstance(e.change, PeerChange)] == [("u3", None)]
+    assert set(d.peers) == {"u2"}
+
+
+def test_status_changes() -> None:
+    d = PeerDirectory("h", 100)
+    assert d.status == StatusChange(ApiStatus.CONNECTED, "")
+    assert d.set_status(ApiStatus.CONNECTED, "again") == []
+    (entry,) = d.set_status(ApiStatus.DEGRADED, "watch failed")
+    assert entry.change == StatusChange(ApiStatus.DEGRADED, "watch failed")
+    assert d.status == entry.change
+    assert d.set_status(ApiStatus.DEGRADED, "still failing") == []  # only transitions are logged
+    (entry,) = d.set_status(ApiStatus.CONNECTED, "")
+    assert entry.revision == 2
+
+
+def test_deleting_unknown_objects_is_a_noop() -> None:
+    d = PeerDirectory("h", 100)
+    assert d.apply_slice(key("nope"), None) == []
+    assert d.apply_metadata(key("nope"), None) == []
+    assert d.log.head_revision == 0
+
+
+def test_draining_is_an_update() -> None:
+    d = PeerDirectory("h", 100)
+    d.apply_metadata(key("pod-1"), make_cr("pod-1", "u1", {}))
+    d.apply_slice(key("s1"), make_slice("s1", [raw_endpoint("u1", "pod-1")]))
+    (entry,) = d.apply_slice(
+        key("s1"),
+        make_slice("s1", [raw_endpoint("u1", "pod-1", conditions={"ready": False, "serving": True,
+                                                                      "terminating": True})]),
+    )
+    assert isinstance(entry.change, PeerChange)
+    assert entry.change.after is not None and entry.change.after.state is PeerState.DRAINING
+    (entry,) = d.apply_slice(
+        key("s1"),
+        make_slice("s1", [raw_endpoint("u1", "pod-1", conditions={"ready": False, "serving": False,
+                                                                      "terminating": True})]),
+    )
+    assert isinstance(entry.change, PeerChange) and entry.change.after is None
+
+
+def test_a_new_incarnation_replaces_the_old_one() -> None:
+    d = PeerDirectory("h", 100)
+    d.apply_slice(key("s1"), make_slice("s1", [raw_endpoint("old", "pod-1")]))
+    d.apply_metadata(key("pod-1"), make_cr("pod-1", "old", {"endpoints": {"v": 1}}))
+    assert set(d.peers) == {"old"}
+    # the pod is recreated: the slice now lists the new UID, the stale CR still names the old one
+    d.apply_slice(key("s1"), make_slice("s1", [raw_endpoint("new", "pod-1")]))
+    assert set(d.peers) == set()
+    # the new sidecar fences the CR
+    entries = d.apply_metadata(key("pod-1"), make_cr("pod-1", "new", {"endpoints": {"v": 2}}))
+    assert [e.change.uid for e in entries if isinstance(e.change, PeerChange)] == ["new"]
+    assert d.peers["new"].data == {"endpoints": {"v": 2}}
+
+
+def test_invalid_metadata_update_keeps_the_peer() -> None:
+    d = PeerDirectory("h", 100)
+    d.apply_slice(key("s1"), make_slice("s1", [raw_endpoint("u1", "pod-1")]))
+    d.apply_metadata(key("pod-1"), make_cr("pod-1", "u1", {"endpoints": {"v": 1}}))
+    assert d.apply_metadata(key("pod-1"), make_cr("pod-1", "u1", {"endpoints": ["not", "a", "map"]})) == []
+    assert d.peers["u1"].data == {"endpoints": {"v": 1}}
+
+
+# -- the model ------------------------------------------------------------------------------------------------
+
+PODS = ("pod-a", "pod-b", "pod-c")
+UIDS = tuple(f"{pod}-{n}" for pod in PODS for n in (1, 2))
+SLICES = ("s1", "s2", "s3")
+CRS = (*PODS, "extra")  # "extra" is a CR not named after any pod (two CRs may claim one pod)
+ADDRESSES = ("10.0.0.1", "10.0.0.2", "fd00::1")
+VALID_DATA = ({}, {"endpoints": {}}, {"endpoints": {"ns/c/e/1": {"x": 1}}}, {"model_cards": {"m": {}}, "other": [1]})
+INVALID_DATA = ("broken", None, {"endpoints": []}, {"event_channels": 3})
+
+
+def pod_name(uid: str) -> str:
+    return uid.rsplit("-", 1)[0]
+
+
+conditions_st = st.fixed_dictionaries(
+    {"ready": st.none() | st.booleans(), "serving": st.none() | st.booleans(),
+     "terminating": st.none() | st.booleans()}
+)
+endpoint_st = st.builds(
+    lambda uid, addresses, conditions, node: raw_endpoint(uid, pod_name(uid), tuple(addresses), conditions, node),
+    st.sampled_from(UIDS),
+    st.lists(st.sampled_from(ADDRESSES), unique=True, max_size=2),
+    conditions_st,
+    st.sampled_from(["", "n1", "n2"]),
+)
+slice_content_st = st.tuples(
+    st.lists(endpoint_st, max_size=4, unique_by=lambda e: e["targetRef"]["uid"]),
+    st.lists(st.sampled_from([80, 81, 82]), unique=True, max_size=2).map(tuple),
+)
+labels_st = st.fixed_dictionaries(
+    {}, optional={"role": st.sampled_from(["prefill", "decode"]), "zone": st.just("a")}
+)
+
+
+def cr_content_st(name: str) -> st.SearchStrategy[tuple[str | None, Any, dict[str, str]]]:
+    # Mostly owned by one of the incarnations of the pod it is named after, sometimes by anyone or no one.
+    own = st.sampled_from([uid for uid in UIDS if pod_name(uid) == name] or list(UIDS))
+    return st.tuples(
+        st.one_of(own, own, own, st.sampled_from((*UIDS, None))),
+        st.sampled_from(VALID_DATA + INVALID_DATA),
+        labels_st,
+    )
+
+
+slice_change_st = st.tuples(st.sampled_from(SLICES), st.one_of(slice_content_st, slice_content_st, st.none()))
+cr_change_st = st.sampled_from(CRS).flatmap(
+    lambda name: st.tuples(st.just(name), st.one_of(cr_content_st(name), cr_content_st(name), st.none()))
+)
+op_st = st.one_of(
+    st.tuples(st.just("slice"), slice_change_st),
+    st.tuples(st.just("slice"), slice_change_st),
+    st.tuples(st.just("slice"), slice_change_st),
+    st.tuples(st.just("cr"), cr_change_st),
+    st.tuples(st.just("cr"), cr_change_st),
+    st.tuples(st.just("cr"), cr_change_st),
+    # a relist after 410 Gone: some changes were missed while the watch was down
+    st.tuples(st.just("relist_slices"), st.lists(slice_change_st, max_size=3)),
+    st.tuples(st.just("relist_metadata"), st.lists(cr_change_st, max_size=3)),
+    st.tuples(st.just("status"), st.sampled_from(ApiStatus)),
+    # targeted changes of an existing object, the common case: new data for a CR, new conditions for a pod
+    st.tuples(st.just("cr_data"), st.tuples(st.sampled_from(CRS), st.sampled_from(VALID_DATA + INVALID_DATA))),
+    st.tuples(st.just("cr_data"), st.tuples(st.sampled_from(CRS), st.sampled_from(VALID_DATA + INVALID_DATA))),
+    st.tuples(st.just("endpoint"), st.tuples(st.sampled_from(SLICES), endpoint_st)),
+    st.tuples(st.just("endpoint"), st.tuples(st.sampled_from(SLICES), endpoint_st)),
+)
+
+
+class Truth:
+    """The cluster as it is, plus what the spec says must be remembered: a CR's last valid data."""
+
+    def __init__(self) -> None:
+        self.slices: dict[str, SliceView] = {}
+        self.crs: dict[str, WorkerMetadata] = {}
+        # CR key -> its last valid record, kept across invalid updates while the owner stays the same.
+        self.last_valid: dict[str, WorkerMetadata] = {}
+
+    def set_slice(self, name: str, content: tuple[list[dict[str, Any]], tuple[int, ...]] | None) -> SliceView | None:
+        view = None if content is None else make_slice(name, content[0], content[1])
+        if view is None:
+            self.slices.pop(key(name), None)
+        else:
+            self.slices[key(name)] = view
+        return view
+
+    def set_cr(self, name: str, content: tuple[str | None, Any, dict[str, str]] | None) -> WorkerMetadata | None:
+        record = None if content is None else make_cr(name, *content)
+        if record is None:
+            self.crs.pop(key(name), None)
+        else:
+            self.crs[key(name)] = record
+        return record
+
+    def observe_cr(self, k: str) -> None:
+        """The directory has seen the current state of CR ``k``."""
+        record = self.crs.get(k)
+        if record is None:
+            self.last_valid.pop(k, None)
+        elif record.data_error is None:
+            self.last_valid[k] = record
+        elif k in self.last_valid and self.last_valid[k].owner_pod_uids != record.owner_pod_uids:
+            del self.last_valid[k]
+
+    def peers(self) -> dict[str, Peer]:
+        """The peer set, from scratch."""
+        result = {}
+        for uid in UIDS:
+            listed = [
+                (skey, e) for skey in sorted(self.slices) for e in self.slices[skey].endpoints if e.pod_uid == uid
+            ]
+            live = [e for _, e in listed if e.ready or (e.serving and e.terminating)]
+            if not live:
+                continue
+            claims = [k for k, r in self.crs.items() if uid in r.owner_pod_uids]
+            if not claims:
+                continue
+            name = pod_name(uid)
+            chosen = min(claims, key=lambda k: (self.crs[k].name != name, self.crs[k].name, k))
+            record: WorkerMetadata | None = self.crs[chosen]
+            if record is not None and record.data_error is not None:
+                fallback = self.last_valid.get(chosen)
+                record = fallback if fallback is not None and uid in fallback.owner_pod_uids else None
+            if record is None:
+                continue
+            ports: set[PortInfo] = set()
+            for skey, _ in listed:
+                ports.update(self.slices[skey].ports)
+            assert record.data is not None
+            result[uid] = Peer(
+                uid=uid,
+                name=name,
+                namespace=NS,
+                instance_id=instance_id(record.name),
+                addresses=tuple(sorted({a for e in live for a in e.addresses})),
+                ports=tuple(sorted(ports)),
+                labels=dict(record.labels),
+                state=PeerState.READY if any(e.ready for e in live) else PeerState.DRAINING,
+                data=record.data,
+                data_json=record.data_json,
+                node_name=live[0].node_name,
+            )
+        return result
+
+
+def as_json(peers: Mapping[str, Peer]) -> dict[str, Any]:
+    return {uid: p.to_json_dict() for uid, p in peers.items()}
+
+
+def apply_messages(view: dict[str, PeerView], messages: list[Any]) -> None:
+    """A strict client: an ADDED peer must be new, an UPDATED or REMOVED one known."""
+    for message in messages:
+        if isinstance(message, StatusMessage):
+            continue
+        assert message.events
+        for event in message.events:
+            uid = event.view.peer.uid
+            if event.type is EventType.ADDED:
+                assert uid not in view
+                view[uid] = event.view
+            elif event.type is EventType.UPDATED:
+                assert uid in view and view[uid] != event.view
+                view[uid] = event.view
+            else:
+                assert view.get(uid) == event.view
+                del view[uid]
+
+
+def project_in_chunks(
+    entries: list[LogEntry], cuts: list[int], peer_filter: PeerFilter, self_uid: str, view: dict[str, PeerView]
+) -> None:
+    bounds = sorted({0, len(entries), *(c for c in cuts if c <= len(entries))})
+    for start, end in zip(bounds, bounds[1:], strict=False):
+        apply_messages(view, project(entries[start:end], peer_filter, self_uid))
+
+
+FILTER_SELECTORS = [parse_selector(s) for s in ("", "role=decode", "role", "zone!=a", "!role")]
+GROUP_SETS = [(), (("prefill", parse_selector("role=prefill")), ("zoned", parse_selector("zone=a")))]
+filter_st = st.builds(
+    PeerFilter,
+    selector=st.sampled_from(FILTER_SELECTORS),
+    groups=st.sampled_from(GROUP_SETS),
+    include_self=st.booleans(),
+    ready_only=st.booleans(),
+)
+
+
+@settings(max_examples=250, deadline=None)
+@given(st.lists(op_st, min_size=4, max_size=40), st.data())
+def test_model_based_directory(ops: list[tuple[str, Any]], data: st.DataObject) -> None:
+    directory = PeerDirectory("history", 10_000)
+    truth = Truth()
+    status = ApiStatus.CONNECTED
+    listed: set[str] = set()
+    replica: dict[str, Peer] = {}
+    history: list[tuple[int, dict[str, Peer]]] = [(0, {})]
+
+    for op, arg in ops:
+        expected_before = truth.peers()
+        head = directory.log.head_revision
+        relist_unchanged = False
+        if op == "slice":
+            name, content = arg
+            got = directory.apply_slice(key(name), truth.set_slice(name, content))
+        elif op == "cr":
+            name, content = arg
+            got = directory.apply_metadata(key(name), truth.set_cr(name, content))
+            truth.observe_cr(key(name))
+        elif op == "cr_data":
+            name, new_data = arg
+            current = truth.crs.get(key(name))
+            content = None
+            if current is not None:
+                owner = current.owner_pod_uids[0] if current.owner_pod_uids else None
+                content = (owner, new_data, dict(current.labels))
+            got = directory.apply_metadata(key(name), truth.set_cr(name, content))
+            truth.observe_cr(key(name))
+        elif op == "endpoint":
+            name, endpoint = arg
+            current_slice = truth.slices.get(key(name))
+            others = [] if current_slice is None else [
+                raw_endpoint(e.pod_uid, e.pod_name, e.addresses,
+                             {"ready": e.ready, "serving": e.serving, "terminating": e.terminating}, e.node_name)
+                for e in current_slice.endpoints
+                if e.pod_uid != endpoint["targetRef"]["uid"]
+            ]
+            ports = (80,) if current_slice is None else tuple(p.port for p in current_slice.ports)
+            got = directory.apply_slice(key(name), truth.set_slice(name, ([*others, endpoint], ports)))
+        elif op == "relist_slices":
+            for name, content in arg:
+                truth.set_slice(name, content)
+            relist_unchanged = not arg
+            # re-read from the API server: same content, fresh objects and resourceVersions
+            fresh = {k: parse_endpoint_slice({"metadata": {"name": v.name, "namespace": NS,
+                                                           "resourceVersion": str(next(_rv))},
+                                              "ports": [{"name": p.name, "port": p.port} for p in v.ports],
+                                              "endpoints": [raw_endpoint(e.pod_uid, e.pod_name, e.addresses,
+                                                                         {"ready": e.ready, "serving": e.serving,
+                                                                          "terminating": e.terminating},
+                                                                         e.node_name) for e in v.endpoints]})
+                     for k, v in truth.slices.items()}
+            assert all(replace(truth.slices[k], resource_version=v.resource_version) == v for k, v in fresh.items())
+            truth.slices = fresh
+            got = directory.replace_slices(dict(truth.slices))
+            listed.add("slices")
+        elif op == "relist_metadata":
+            for name, content in arg:
+                truth.set_cr(name, content)
+            relist_unchanged = not arg
+            got = directory.replace_metadata(dict(truth.crs))
+            for k in set(truth.last_valid) | set(truth.crs):
+                truth.observe_cr(k)
+            listed.add("metadata")
+        else:
+            got = directory.set_status(arg, "reason")
+            assert len(got) == (0 if arg is status else 1)
+            if got:
+                assert got[0].change == StatusChange(arg, "reason")
+            status = arg
+            assert directory.status.status is status
+
+        expected = truth.peers()
+        # what was returned is what was appended
+        assert got == new_log_entries(directory, head)
+        assert [e.revision for e in got] == list(range(head + 1, head + 1 + len(got)))
+        # (1) the peer set equals the one computed from scratch
+        assert dict(directory.peers) == expected
+        assert as_json(directory.peers) == as_json(expected)
+        # the log holds exactly the differences, once per peer, and nothing spurious
+        changes = [e.change for e in got if isinstance(e.change, PeerChange)]
+        assert len({c.uid for c in changes}) == len(changes)
+        assert {c.uid: (c.before, c.after) for c in changes} == {
+            uid: (expected_before.get(uid), expected.get(uid))
+            for uid in expected_before.keys() | expected.keys()
+            if expected_before.get(uid) != expected.get(uid)
+        }
+        if relist_unchanged:
+            assert got == []
+        # (2) replaying the log rebuilds the peer set
+        for entry in got:
+            if isinstance(entry.change, PeerChange):
+                assert entry.change.before != entry.change.after
+                assert replica.get(entry.change.uid) == entry.change.before
+                if entry.change.after is None:
+                    del replica[entry.change.uid]
+                else:
+                    replica[entry.change.uid] = entry.change.after
+        assert replica == dict(directory.peers)
+        assert directory.synced == (listed == {"slices", "metadata"})
+        history.append((directory.log.head_revision, dict(directory.peers)))
+
+    # (3) any client: projecting the whole log onto an empty view, in any chunking, or resuming from any
+    # revision on top of the snapshot at that revision, reaches the snapshot of the final peer set.
+    all_entries = directory.log.entries_after(0)
+    assert all_entries is not None and len(all_entries) == directory.log.head_revision
+    rebuilt: dict[str, Peer] = {}
+    for entry in all_entries:
+        if isinstance(entry.change, PeerChange):
+            if entry.change.after is None:
+                rebuilt.pop(entry.change.uid)
+            else:
+                rebuilt[entry.change.uid] = entry.change.after
+    assert rebuilt == dict(directory.peers)
+
+    for _ in range(3):
+        peer_filter = data.draw(filter_st, label="filter")
+        self_uid = data.draw(st.sampled_from(UIDS), label="self_uid")
+        final = {v.peer.uid: v for v in snapshot_views(directory.peers.values(), peer_filter, self_uid)}
+
+        view: dict[str, PeerView] = {}
+        apply_messages(view, project(all_entries, peer_filter, self_uid))
+        assert view == final
+
+        cuts = data.draw(st.lists(st.integers(0, len(all_entries)), max_size=6), label="cuts")
+        view = {}
+        project_in_chunks(all_entries, cuts, peer_filter, self_uid, view)
+        assert view == final
+
+        revision, peers_then = data.draw(st.sampled_from(history), label="resume point")
+        view = {v.peer.uid: v for v in snapshot_views(peers_then.values(), peer_filter, self_uid)}
+        tail = directory.log.entries_after(revision)
+        assert tail is not None
+        cuts = data.draw(st.lists(st.integers(0, len(tail)), max_size=4), label="resume cuts")
+        project_in_chunks(tail, cuts, peer_filter, self_uid, view)
+        assert view == final
