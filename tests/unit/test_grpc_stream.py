@@ -1,0 +1,338 @@
+"""WatchPeers semantics through a real gRPC server, with the hub fed directly (no API server).
+
+These pin the stream contract deterministically: sync gating, ordered revisions, resume, eviction,
+slow clients, filters, status changes, health and reflection. The same behaviour against the real
+control plane is covered in tests/integration/test_peer_stream.py.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import uuid
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from sidecar.api.discovery.v1 import discovery_pb2 as pb
+from sidecar.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
+from sidecar.client import PeerSetView, make_filter
+from sidecar.config import ListenAddress, PodIdentity
+from sidecar.core.directory import ENDPOINT_SLICES, WORKER_METADATA, PeerDirectory
+from sidecar.grpc_service import DiscoveryService, GrpcServer
+from sidecar.hub import PeerHub
+from sidecar.metrics import Metrics
+
+NS = "ns"
+SELF = PodIdentity("self-0", NS, "uid-self")
+
+
+def endpoint_slice(name: str, pods: dict[str, tuple[str, bool]], port: int = 8000) -> dict:
+    """pods: pod name -> (uid, ready)."""
+    return {
+        "metadata": {"name": name, "namespace": NS, "resourceVersion": uuid.uuid4().hex},
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "endpoints": [
+            {
+                "addresses": [f"10.0.0.{abs(hash(uid)) % 250 + 1}"],
+                "conditions": {"ready": ready},
+                "targetRef": {"kind": "Pod", "name": pod, "namespace": NS, "uid": uid},
+            }
+            for pod, (uid, ready) in pods.items()
+        ],
+    }
+
+
+def worker_cr(pod: str, uid: str, labels: dict | None = None, data: dict | None = None) -> dict:
+    return {
+        "metadata": {
+            "name": pod,
+            "namespace": NS,
+            "uid": f"cr-{uid}",
+            "resourceVersion": uuid.uuid4().hex,
+            "labels": labels or {},
+            "ownerReferences": [{"kind": "Pod", "name": pod, "uid": uid}],
+        },
+        "spec": {"data": data if data is not None else {}},
+    }
+
+
+class Harness:
+    def __init__(self, history: int = 1000) -> None:
+        self.hub = PeerHub(PeerDirectory(uuid.uuid4().hex, history), SELF.uid)
+        self.metrics = Metrics()
+        self.server = GrpcServer(
+            DiscoveryService(self.hub, None, SELF, self.metrics), ListenAddress(host="127.0.0.1", port=0)
+        )
+        self.server.start()
+        self.channel = grpc.insecure_channel(self.server.target)
+        self.stub = pb_grpc.DiscoveryStub(self.channel)
+        self.pods: dict[str, tuple[str, bool]] = {}
+        self.crs: dict[str, dict] = {}
+
+    def sync(self) -> None:
+        self.hub.replace(ENDPOINT_SLICES, [endpoint_slice("s1", self.pods)])
+        self.hub.replace(WORKER_METADATA, list(self.crs.values()))
+
+    def add(self, pod: str, labels: dict | None = None, data: dict | None = None, ready: bool = True) -> None:
+        uid = f"uid-{pod}"
+        self.pods[pod] = (uid, ready)
+        self.crs[pod] = worker_cr(pod, uid, labels, data)
+        self.hub.upsert(WORKER_METADATA, self.crs[pod])
+        self.hub.upsert(ENDPOINT_SLICES, endpoint_slice("s1", self.pods))
+
+    def remove(self, pod: str) -> None:
+        self.pods.pop(pod)
+        self.hub.upsert(ENDPOINT_SLICES, endpoint_slice("s1", self.pods))
+        self.hub.delete(WORKER_METADATA, self.crs.pop(pod))
+
+    def close(self) -> None:
+        self.channel.close()
+        self.hub.close()
+        self.server.stop(0.5)
+
+
+class Reader:
+    """Reads a stream on a thread into a queue, so tests can wait for messages with a deadline."""
+
+    def __init__(self, call: Iterator[pb.WatchPeersResponse]) -> None:
+        self.call = call
+        self.messages: queue.Queue[pb.WatchPeersResponse | BaseException] = queue.Queue()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            for message in self.call:
+                self.messages.put(message)
+        except BaseException as exc:  # noqa: BLE001
+            self.messages.put(exc)
+
+    def next(self, timeout: float = 10.0) -> pb.WatchPeersResponse:
+        item = self.messages.get(timeout=timeout)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def until(self, view: PeerSetView, predicate, timeout: float = 10.0) -> None:
+        while not predicate(view):
+            view.apply(self.next(timeout))
+
+
+@pytest.fixture
+def harness() -> Iterator[Harness]:
+    h = Harness()
+    yield h
+    h.close()
+
+
+def names(view: PeerSetView) -> set[str]:
+    return {p.name for p in view.peers.values()}
+
+
+def test_first_message_waits_for_sync_and_is_a_full_snapshot(harness: Harness) -> None:
+    reader = Reader(harness.stub.WatchPeers(pb.WatchPeersRequest()))
+    harness.pods = {"a": ("uid-a", True), "b": ("uid-b", True)}
+    harness.crs = {p: worker_cr(p, f"uid-{p}") for p in ("a", "b")}
+    harness.hub.replace(ENDPOINT_SLICES, [endpoint_slice("s1", harness.pods)])
+    assert reader.messages.empty(), "nothing may be sent while only one source is synced"
+    harness.hub.replace(WORKER_METADATA, list(harness.crs.values()))
+    first = reader.next()
+    assert first.WhichOneof("kind") == "snapshot"
+    assert first.snapshot.reason == pb.SNAPSHOT_REASON_INITIAL
+    assert {p.name for p in first.snapshot.peers} == {"a", "b"}, "an empty first snapshot would mean 'none'"
+    assert first.history_id == harness.hub.history_id
+
+
+def test_deltas_follow_in_order_with_increasing_revisions(harness: Harness) -> None:
+    harness.sync()
+    reader = Reader(harness.stub.WatchPeers(pb.WatchPeersRequest()))
+    view = PeerSetView()
+    view.apply(reader.next())
+    harness.add("a")
+    harness.add("b", labels={"role": "decode"})
+    harness.remove("a")
+    reader.until(view, lambda v: names(v) == {"b"})
+    assert view.revision == harness.hub.head_revision()
+    seen = []
+    h2 = Reader(
+        harness.stub.WatchPeers(pb.WatchPeersRequest(resume_history_id=harness.hub.history_id, resume_revision=0))
+    )
+    first = h2.next()
+    assert first.WhichOneof("kind") == "resumed"
+    v2 = PeerSetView()
+    v2.apply(first)
+    while v2.revision < harness.hub.head_revision():
+        message = h2.next()
+        seen.append(message.revision)
+        v2.apply(message)
+    assert seen == sorted(set(seen)), "revisions strictly increase"
+    assert names(v2) == {"b"}
+
+
+def test_resume_gets_exactly_what_was_missed(harness: Harness) -> None:
+    harness.add("a")
+    harness.add("b")
+    harness.sync()
+    call = harness.stub.WatchPeers(pb.WatchPeersRequest())
+    reader = Reader(call)
+    view = PeerSetView()
+    view.apply(reader.next())
+    assert names(view) == {"a", "b"}
+    call.cancel()
+    harness.remove("a")
+    harness.add("c")
+    reader2 = Reader(harness.stub.WatchPeers(view.resume_request(pb.PeerFilter())))
+    resumed = reader2.next()
+    assert resumed.WhichOneof("kind") == "resumed"
+    updates = []
+    while view.revision < harness.hub.head_revision():
+        updates.append(view.apply(reader2.next()))
+    assert names(view) == {"b", "c"}
+    added = [p.name for u in updates for p in u.added]
+    removed = [p.name for u in updates for p in u.removed]
+    assert added == ["c"] and removed == ["a"], "only the missed changes, no replay of b"
+    assert not any(u.reset for u in updates)
+
+
+def test_resume_from_another_history_or_evicted_history_gets_flagged_snapshot() -> None:
+    h = Harness(history=3)
+    try:
+        h.sync()
+        other = Reader(h.stub.WatchPeers(pb.WatchPeersRequest(resume_history_id="another-process", resume_revision=1)))
+        message = other.next()
+        assert message.snapshot.reason == pb.SNAPSHOT_REASON_RESUME_UNAVAILABLE
+        for i in range(6):
+            h.add(f"p{i}")
+        evicted = Reader(h.stub.WatchPeers(pb.WatchPeersRequest(resume_history_id=h.hub.history_id, resume_revision=1)))
+        message = evicted.next()
+        assert message.WhichOneof("kind") == "snapshot"
+        assert message.snapshot.reason == pb.SNAPSHOT_REASON_RESUME_UNAVAILABLE
+        assert {p.name for p in message.snapshot.peers} == {f"p{i}" for i in range(6)}
+    finally:
+        h.close()
+
+
+def test_slow_client_is_reset_with_a_snapshot_not_buffered() -> None:
+    h = Harness(history=4)
+    try:
+        h.sync()
+        call = h.stub.WatchPeers(pb.WatchPeersRequest())
+        iterator = iter(call)
+        view = PeerSetView()
+        view.apply(next(iterator))
+        big = {"blob": "x" * 200_000}  # a few of these fill HTTP/2 flow-control windows: the server blocks
+        for i in range(40):
+            h.add(f"p{i % 8}", data={**big, "i": i})
+        resets = 0
+        while view.revision < h.hub.head_revision():
+            message = next(iterator)
+            if message.WhichOneof("kind") == "snapshot":
+                assert message.snapshot.reason == pb.SNAPSHOT_REASON_CLIENT_TOO_SLOW
+                resets += 1
+            view.apply(message)
+        assert resets >= 1, "a client that fell out of the history must get a fresh snapshot"
+        truth = {f"p{i}" for i in range(8)}
+        assert names(view) == truth
+        last_i = {p.name: json.loads(p.data_json)["i"] for p in view.peers.values()}
+        assert last_i == {f"p{k}": max(i for i in range(40) if i % 8 == k) for k in range(8)}
+        call.cancel()
+    finally:
+        h.close()
+
+
+def test_filters_selector_groups_and_label_moves(harness: Harness) -> None:
+    harness.add("pre-0", labels={"role": "prefill"})
+    harness.add("dec-0", labels={"role": "decode"})
+    harness.add("fe-0", labels={"role": "frontend"})
+    harness.sync()
+    request = pb.WatchPeersRequest(
+        filter=make_filter("role in (prefill,decode)", {"prefill": "role=prefill", "decode": "role=decode"})
+    )
+    reader = Reader(harness.stub.WatchPeers(request))
+    view = PeerSetView()
+    view.apply(reader.next())
+    assert {p.name: list(p.groups) for p in view.peers.values()} == {"pre-0": ["prefill"], "dec-0": ["decode"]}
+    harness.crs["pre-0"] = worker_cr("pre-0", "uid-pre-0", {"role": "frontend"})
+    harness.hub.upsert(WORKER_METADATA, harness.crs["pre-0"])
+    update = view.apply(reader.next())
+    assert [p.name for p in update.removed] == ["pre-0"], "a label change out of the selector is a removal"
+    listed = harness.stub.ListPeers(pb.ListPeersRequest(filter=make_filter("role=decode")), timeout=5)
+    assert [p.name for p in listed.peers] == ["dec-0"]
+
+
+@pytest.mark.parametrize(
+    ("selector", "groups", "fragment"),
+    [
+        ("role in prefill", {}, "filter.selector"),
+        ("", {"": "a=b"}, "groups[0].name"),
+        ("", {"g": "=b"}, "filter.groups[0] (g).selector"),
+    ],
+)
+def test_invalid_filters_are_invalid_argument(harness: Harness, selector: str, groups: dict, fragment: str) -> None:
+    harness.sync()
+    with pytest.raises(grpc.RpcError) as err:
+        next(iter(harness.stub.WatchPeers(pb.WatchPeersRequest(filter=make_filter(selector, groups)))))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in err.value.details()
+    with pytest.raises(grpc.RpcError) as unary:
+        harness.stub.ListPeers(pb.ListPeersRequest(filter=make_filter(selector, groups)), timeout=5)
+    assert unary.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_self_is_excluded_unless_asked(harness: Harness) -> None:
+    harness.pods[SELF.name] = (SELF.uid, True)
+    harness.crs[SELF.name] = worker_cr(SELF.name, SELF.uid)
+    harness.add("peer")
+    harness.sync()
+    default = harness.stub.ListPeers(pb.ListPeersRequest(), timeout=5)
+    assert [p.name for p in default.peers] == ["peer"]
+    with_self = harness.stub.ListPeers(pb.ListPeersRequest(filter=pb.PeerFilter(include_self=True)), timeout=5)
+    assert sorted(p.name for p in with_self.peers) == ["peer", SELF.name]
+
+
+def test_status_changes_are_streamed_and_resumed_correctly(harness: Harness) -> None:
+    harness.add("a")
+    harness.sync()
+    call = harness.stub.WatchPeers(pb.WatchPeersRequest())
+    reader = Reader(call)
+    view = PeerSetView()
+    view.apply(reader.next())
+    harness.hub.set_source_health(ENDPOINT_SLICES, False, "connection refused")
+    update = view.apply(reader.next())
+    assert update.kind == "status" and not update.connected and "connection refused" in update.status_reason
+    assert names(view) == {"a"}, "peers are kept (as possibly stale) while degraded"
+    call.cancel()
+    harness.hub.set_source_health(ENDPOINT_SLICES, True)
+    resumed = Reader(harness.stub.WatchPeers(view.resume_request(pb.PeerFilter())))
+    marker = view.apply(resumed.next())
+    assert marker.kind == "resumed" and not marker.connected, "the resume point is still in the degraded era"
+    recovered = view.apply(resumed.next())
+    assert recovered.kind == "status" and recovered.connected
+
+
+def test_health_and_reflection(harness: Harness) -> None:
+    health = health_pb2_grpc.HealthStub(harness.channel)
+    name = "discovery.v1.Discovery"
+    assert health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status == (
+        health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    harness.server.set_serving(True)
+    assert health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status == (
+        health_pb2.HealthCheckResponse.SERVING
+    )
+    stub = reflection_pb2_grpc.ServerReflectionStub(harness.channel)
+    replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+    services = {s.name for reply in replies for s in reply.list_services_response.service}
+    assert {name, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services
+
+
+def test_grpc_listen_refuses_non_loopback() -> None:
+    from sidecar.config import parse_grpc_listen
+
+    with pytest.raises(ValueError, match="loopback"):
+        parse_grpc_listen("0.0.0.0:50051")
+    assert parse_grpc_listen("unix:///run/d.sock").unix_path == "/run/d.sock"
