@@ -54,7 +54,9 @@ class StreamRecorder:
         def check() -> object:
             if self.error is not None and not self._reconnect:
                 raise AssertionError(f"stream failed: {self.error}")
-            return condition(self)
+            with self._lock:
+                started = bool(self.updates)
+            return started and condition(self)  # nothing is known before the first snapshot
 
         try:
             wait_for(check, timeout, what=what or "the stream to reach the expected state")

@@ -10,8 +10,8 @@ projection of it (in any chunking, and resuming from any revision) reaches that 
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from hypothesis import given, settings
