@@ -72,23 +72,19 @@ class PeerJoin:
         old = self._metadata.get(key)
         if old == record:
             return set()
-        # Relink without forgetting: an update to invalid data must still find the last valid record.
-        affected = self._unlink_metadata(key, old, forget_last_valid=False)
+        affected = self._unlink_metadata(key, old)
         self._metadata[key] = record
         for pod_uid in record.owner_pod_uids:
             self._metadata_by_pod.setdefault(pod_uid, set()).add(key)
             affected.add(pod_uid)
             if record.data_error is None:
                 self._last_valid[pod_uid] = record
-        for pod_uid in affected - set(record.owner_pod_uids):
-            if pod_uid not in self._metadata_by_pod:
-                self._last_valid.pop(pod_uid, None)
         return affected
 
     def delete_metadata(self, key: str) -> set[str]:
         return self._unlink_metadata(key, self._metadata.pop(key, None))
 
-    def _unlink_metadata(self, key: str, record: WorkerMetadata | None, forget_last_valid: bool = True) -> set[str]:
+    def _unlink_metadata(self, key: str, record: WorkerMetadata | None) -> set[str]:
         if record is None:
             return set()
         for pod_uid in record.owner_pod_uids:
@@ -97,8 +93,7 @@ class PeerJoin:
                 keys.discard(key)
                 if not keys:
                     del self._metadata_by_pod[pod_uid]
-                    if forget_last_valid:
-                        self._last_valid.pop(pod_uid, None)
+                    self._last_valid.pop(pod_uid, None)
         return set(record.owner_pod_uids)
 
     def metadata_keys(self) -> set[str]:

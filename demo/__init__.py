@@ -1,0 +1,1 @@
+"""The demo (``make demo`` / ``python -m demo``): see __main__.py."""

@@ -1,0 +1,211 @@
+"""The demo: live peer discovery on a local, real control plane (``make demo``).
+
+It builds (first run only) and starts etcd, kube-apiserver and kube-controller-manager, applies the
+manifests (CRD, RBAC, admission policy), creates worker pods in two roles behind a Service, runs one
+real sidecar process per pod (downward-API-style env vars, a pod-bound token each), and follows the
+peer set from the router pod's point of view with ``discovery-sidecar peers --watch`` while pods scale
+up, turn unready, publish metadata, terminate, and the API server restarts. Everything is stopped and
+removed at the end, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+
+from devcluster.build import ROOT, ensure_built
+from devcluster.cluster import ControlPlane
+from devcluster.objects import Cluster, wait_for
+from devcluster.sidecars import SidecarProcess, launch_sidecar
+from sidecar.client import DiscoveryClient
+from sidecar.kube.api import KubeApi
+
+NAMESPACE = "inference"
+SERVICE = "workers"
+BOLD, DIM, RESET = ("\x1b[1m", "\x1b[2m", "\x1b[0m") if sys.stdout.isatty() else ("", "", "")
+
+
+def say(message: str) -> None:
+    print(f"{BOLD}[demo]{RESET} {message}", flush=True)
+
+
+class Demo:
+    def __init__(self, work_dir: pathlib.Path, pace: float) -> None:
+        self.work_dir = work_dir
+        self.pace = pace
+        self.plane: ControlPlane | None = None
+        self.cluster: Cluster | None = None
+        self.sidecars: dict[str, SidecarProcess] = {}
+        self.watcher: subprocess.Popen[str] | None = None
+        self.lines: list[str] = []
+
+    def pause(self) -> None:
+        if self.pace:
+            time.sleep(self.pace)  # let a person read what just happened
+
+    # -- set-up --------------------------------------------------------------------------------------
+    def start_control_plane(self) -> None:
+        say("building the control plane binaries if needed (cached in ~/.cache after the first run)")
+        bin_dir = ensure_built(log=lambda m: say(m))
+        self.plane = ControlPlane(bin_dir=bin_dir, work_dir=self.work_dir / "controlplane", log=lambda m: say(m))
+        self.plane.start()
+        self.cluster = Cluster(KubeApi.from_kubeconfig(str(self.plane.kubeconfig)))
+
+    def kubectl(self, *args: str) -> str:
+        assert self.plane is not None
+        argv = [str(self.plane.kubectl), f"--kubeconfig={self.plane.kubeconfig}", *args]
+        return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+    def apply_manifests(self) -> None:
+        say("applying manifests/: CRD, admission policy, then RBAC in namespace " + NAMESPACE)
+        manifests = ROOT / "manifests"
+        self.kubectl("apply", "-f", str(manifests / "crd.yaml"), "-f", str(manifests / "admission-policy.yaml"))
+        self.kubectl("wait", "--for=condition=Established", "crd/dynamoworkermetadatas.nvidia.com", "--timeout=60s")
+        assert self.cluster is not None
+        self.cluster.create_namespace(NAMESPACE)
+        self.kubectl("apply", "-n", NAMESPACE, "-f", str(manifests / "rbac.yaml"))
+        self.cluster.wait_for_service_account(NAMESPACE, "discovery-sidecar")
+        self.cluster.ensure_node("node-a", "zone-a")
+        self.cluster.create_service(NAMESPACE, SERVICE, {"app": "worker"})
+
+    def add_pod(self, name: str, role: str, metadata: dict | None = None, ready: bool = True) -> SidecarProcess:
+        assert self.cluster is not None and self.plane is not None
+        pod = self.cluster.start_pod(NAMESPACE, name, {"app": "worker", "role": role}, ready=ready)
+        process = launch_sidecar(
+            self.plane,
+            self.cluster,
+            pod,
+            SERVICE,
+            self.work_dir / "sidecars",
+            metadata=metadata or {"endpoints": {}, "model_cards": {}},
+        )
+        self.sidecars[name] = process
+        return process
+
+    # -- the watcher ---------------------------------------------------------------------------------
+    def start_watcher(self, target: str) -> None:
+        argv = [sys.executable, "-m", "sidecar.cli", "peers", "--watch", "--target", target,
+                "--group", "prefill=role=prefill", "--group", "decode=role=decode"]
+        say(f"following the peer set as router-0 sees it: discovery-sidecar peers --watch --target {target} ...")
+        self.watcher = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._echo, daemon=True).start()
+
+    def _echo(self) -> None:
+        assert self.watcher is not None and self.watcher.stdout is not None
+        for line in self.watcher.stdout:
+            self.lines.append(line.rstrip())
+            print(f"   {DIM}peers --watch |{RESET} {line.rstrip()}", flush=True)
+
+    def wait_line(self, fragment: str, timeout: float = 60.0) -> None:
+        wait_for(lambda: any(fragment in line for line in self.lines), timeout, what=f"watch output {fragment!r}")
+
+    # -- the story -----------------------------------------------------------------------------------
+    def run(self) -> None:
+        self.start_control_plane()
+        self.apply_manifests()
+        say("starting 3 workers (2 prefill, 1 decode) and a router, each with its own sidecar process")
+        router = self.add_pod("router-0", "router")
+        for name, role in (("prefill-0", "prefill"), ("prefill-1", "prefill"), ("decode-0", "decode")):
+            self.add_pod(name, role)
+        for process in self.sidecars.values():
+            process.wait_ready(60)
+        self.start_watcher(router.target)
+        self.wait_line("# snapshot")
+        self.pause()
+
+        say("scale up: decode-1 joins")
+        self.add_pod("decode-1", "decode").wait_ready(60)
+        self.wait_line("added\tdecode-1")
+        self.pause()
+
+        say("prefill-1 fails its readiness probe: it leaves the peer set")
+        assert self.cluster is not None
+        self.cluster.set_pod_status(NAMESPACE, "prefill-1", ready=False)
+        self.wait_line("removed\tprefill-1")
+        self.pause()
+
+        say("prefill-1 is ready again")
+        self.cluster.set_pod_status(NAMESPACE, "prefill-1", ready=True)
+        self.wait_line("added\tprefill-1")
+        self.pause()
+
+        say("decode-0's main container publishes a model card through its sidecar (PublishMetadata)")
+        with DiscoveryClient(self.sidecars["decode-0"].target) as client:
+            client.publish_metadata({"model_cards": {"llama-3-8b": {"context_length": 8192}}}, merge=True)
+        self.wait_line("updated\tdecode-0")
+        self.pause()
+
+        say("decode-1 is shut down: SIGTERM to its sidecar deregisters it, then the pod goes")
+        self.sidecars.pop("decode-1").terminate(30)
+        self.wait_line("removed\tdecode-1")
+        self.cluster.delete_pod(NAMESPACE, "decode-1", grace_seconds=0)
+        self.pause()
+
+        say("kube-apiserver restarts: the stream reports DEGRADED (peers kept, maybe stale), then recovers")
+        assert self.plane is not None
+        self.plane.stop_apiserver()
+        self.wait_line("status\tdegraded")
+        self.plane.start_apiserver()
+        self.wait_line("status\tconnected", timeout=120)
+        self.pause()
+
+        say("final peer set from router-0 (discovery-sidecar peers):")
+        out = subprocess.run([sys.executable, "-m", "sidecar.cli", "peers", "--target", router.target],
+                             capture_output=True, text=True, check=True).stdout
+        print(out, flush=True)
+        say("the same, as the DynamoWorkerMetadata objects Dynamo's own discovery reads (kubectl get dwm):")
+        print(self.kubectl("get", "dwm", "-n", NAMESPACE, "-o", "wide"), flush=True)
+
+    def cleanup(self) -> None:
+        if self.watcher is not None:
+            self.watcher.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.watcher.wait(5)
+        for process in self.sidecars.values():
+            with contextlib.suppress(Exception):
+                process.terminate(15)
+        if self.plane is not None:
+            self.plane.stop()
+        say("cleaned up: sidecars and control plane stopped")
+
+
+@contextlib.contextmanager
+def work_dir(keep: bool) -> Iterator[pathlib.Path]:
+    if keep:
+        path = pathlib.Path(tempfile.mkdtemp(prefix="discovery-demo-"))
+        say(f"work directory (kept): {path}")
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="discovery-demo-") as path:
+        yield pathlib.Path(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--pace", type=float, default=float(os.environ.get("DEMO_PACE", "1.5")),
+                        help="seconds to pause between steps (0 for tests)")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the work directory with all logs")
+    args = parser.parse_args(argv)
+    with work_dir(args.keep_logs) as path:
+        demo = Demo(path, args.pace)
+        try:
+            demo.run()
+        except KeyboardInterrupt:
+            say("interrupted")
+            return 130
+        finally:
+            demo.cleanup()
+    say("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
