@@ -62,7 +62,9 @@ class Replay:
                 workdir = self.path(instruction.args, workdir)
                 workdir.mkdir(parents=True, exist_ok=True)
             elif keyword == "COPY":
-                assert "from" not in instruction.flags(), f"line {instruction.line}: the builder copies from the context"
+                assert "from" not in instruction.flags(), (
+                    f"line {instruction.line}: the builder copies from the context"
+                )
                 self.copy(instruction, workdir)
             elif keyword == "RUN":
                 self.run(instruction, workdir, env)
