@@ -26,11 +26,15 @@ from devcluster.objects import Cluster, wait_for
 SIDECAR_SERVICE_ACCOUNT = "discovery-sidecar"
 
 
-def write_token_kubeconfig(plane: ControlPlane, token: str, path: pathlib.Path) -> pathlib.Path:
+def write_token_kubeconfig(
+    plane: ControlPlane, token: str, path: pathlib.Path, server: str | None = None
+) -> pathlib.Path:
+    """A kubeconfig for ``token``; ``server`` overrides the address (e.g. a fault-injecting proxy)."""
+    cluster = {"server": server or plane.server, "certificate-authority": str(plane.ca_file)}
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "c", "cluster": {"server": plane.server, "certificate-authority": str(plane.ca_file)}}],
+        "clusters": [{"name": "c", "cluster": cluster}],
         "users": [{"name": "u", "user": {"token": token}}],
         "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
         "current-context": "c",
@@ -155,13 +159,14 @@ def launch_sidecar(
     metadata: Mapping[str, Any] | None = None,
     extra_env: Mapping[str, str] | None = None,
     service_account: str = SIDECAR_SERVICE_ACCOUNT,
+    server: str | None = None,
 ) -> SidecarProcess:
-    """Start a sidecar for ``pod`` under a pod-bound token of ``service_account``."""
+    """Start a sidecar for ``pod`` under a pod-bound token of ``service_account`` (via ``server`` if given)."""
     name = pod["metadata"]["name"]
     namespace = pod["metadata"]["namespace"]
     token = cluster.pod_bound_token(namespace, service_account, pod)
     work_dir.mkdir(parents=True, exist_ok=True)
-    kubeconfig = write_token_kubeconfig(plane, token, work_dir / f"{name}.kubeconfig")
+    kubeconfig = write_token_kubeconfig(plane, token, work_dir / f"{name}.kubeconfig", server)
     process = SidecarProcess(
         pod=pod,
         kubeconfig=kubeconfig,

@@ -31,7 +31,8 @@ class PeerJoin:
         self._entries: dict[str, dict[str, EndpointEntry]] = {}
         self._metadata: dict[str, WorkerMetadata] = {}  # CR key (namespace/name) -> record
         self._metadata_by_pod: dict[str, set[str]] = {}  # pod UID -> CR keys owned by it
-        # pod UID -> the last metadata with valid data for that incarnation.
+        # CR key -> the last record of that CR with valid data, kept while the CR keeps the same owners
+        # (the same pod incarnation): an update with invalid data falls back to it.
         self._last_valid: dict[str, WorkerMetadata] = {}
 
     # -- EndpointSlices -------------------------------------------------------------------------
@@ -77,11 +78,16 @@ class PeerJoin:
         for pod_uid in record.owner_pod_uids:
             self._metadata_by_pod.setdefault(pod_uid, set()).add(key)
             affected.add(pod_uid)
-            if record.data_error is None:
-                self._last_valid[pod_uid] = record
+        if record.data_error is None:
+            self._last_valid[key] = record
+        else:
+            last = self._last_valid.get(key)
+            if last is not None and last.owner_pod_uids != record.owner_pod_uids:
+                del self._last_valid[key]  # another incarnation's data never carries over
         return affected
 
     def delete_metadata(self, key: str) -> set[str]:
+        self._last_valid.pop(key, None)
         return self._unlink_metadata(key, self._metadata.pop(key, None))
 
     def _unlink_metadata(self, key: str, record: WorkerMetadata | None) -> set[str]:
@@ -93,7 +99,6 @@ class PeerJoin:
                 keys.discard(key)
                 if not keys:
                     del self._metadata_by_pod[pod_uid]
-                    self._last_valid.pop(pod_uid, None)
         return set(record.owner_pod_uids)
 
     def metadata_keys(self) -> set[str]:
@@ -114,12 +119,12 @@ class PeerJoin:
         keys = self._metadata_by_pod.get(pod_uid)
         if not keys:
             return None
-        records = sorted((self._metadata[k] for k in keys), key=lambda r: (r.name != pod_name, r.name))
-        current = records[0]
+        key = min(keys, key=lambda k: (self._metadata[k].name != pod_name, self._metadata[k].name, k))
+        current = self._metadata[key]
         if current.data_error is None:
             return current
-        fallback = self._last_valid.get(pod_uid)
-        return fallback if fallback is not None and fallback.name == current.name else None
+        fallback = self._last_valid.get(key)
+        return fallback if fallback is not None and pod_uid in fallback.owner_pod_uids else None
 
     def peer(self, pod_uid: str) -> Peer | None:
         per_slice = self._entries.get(pod_uid)

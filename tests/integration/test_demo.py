@@ -33,4 +33,6 @@ def test_demo_runs_and_shows_live_changes() -> None:
     assert all(p >= 0 for p in positions), dict(zip(expected_in_order, positions, strict=True))
     assert positions == sorted(positions), "the watch must show the steps in the order they happened"
     final_table = out[out.rfind("final peer set") :]
-    assert "decode-0" in final_table and "prefill-1" in final_table and "decode-1" not in final_table.split("kubectl")[0]
+    assert (
+        "decode-0" in final_table and "prefill-1" in final_table and "decode-1" not in final_table.split("kubectl")[0]
+    )

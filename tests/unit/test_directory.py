@@ -191,15 +191,17 @@ def test_draining_is_an_update() -> None:
     d.apply_slice(key("s1"), make_slice("s1", [raw_endpoint("u1", "pod-1")]))
     (entry,) = d.apply_slice(
         key("s1"),
-        make_slice("s1", [raw_endpoint("u1", "pod-1", conditions={"ready": False, "serving": True,
-                                                                      "terminating": True})]),
+        make_slice(
+            "s1", [raw_endpoint("u1", "pod-1", conditions={"ready": False, "serving": True, "terminating": True})]
+        ),
     )
     assert isinstance(entry.change, PeerChange)
     assert entry.change.after is not None and entry.change.after.state is PeerState.DRAINING
     (entry,) = d.apply_slice(
         key("s1"),
-        make_slice("s1", [raw_endpoint("u1", "pod-1", conditions={"ready": False, "serving": False,
-                                                                      "terminating": True})]),
+        make_slice(
+            "s1", [raw_endpoint("u1", "pod-1", conditions={"ready": False, "serving": False, "terminating": True})]
+        ),
     )
     assert isinstance(entry.change, PeerChange) and entry.change.after is None
 
@@ -242,8 +244,7 @@ def pod_name(uid: str) -> str:
 
 
 conditions_st = st.fixed_dictionaries(
-    {"ready": st.none() | st.booleans(), "serving": st.none() | st.booleans(),
-     "terminating": st.none() | st.booleans()}
+    {"ready": st.none() | st.booleans(), "serving": st.none() | st.booleans(), "terminating": st.none() | st.booleans()}
 )
 endpoint_st = st.builds(
     lambda uid, addresses, conditions, node: raw_endpoint(uid, pod_name(uid), tuple(addresses), conditions, node),
@@ -256,9 +257,7 @@ slice_content_st = st.tuples(
     st.lists(endpoint_st, max_size=4, unique_by=lambda e: e["targetRef"]["uid"]),
     st.lists(st.sampled_from([80, 81, 82]), unique=True, max_size=2).map(tuple),
 )
-labels_st = st.fixed_dictionaries(
-    {}, optional={"role": st.sampled_from(["prefill", "decode"]), "zone": st.just("a")}
-)
+labels_st = st.fixed_dictionaries({}, optional={"role": st.sampled_from(["prefill", "decode"]), "zone": st.just("a")})
 
 
 def cr_content_st(name: str) -> st.SearchStrategy[tuple[str | None, Any, dict[str, str]]]:
@@ -412,7 +411,7 @@ filter_st = st.builds(
 )
 
 
-@settings(max_examples=250, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.lists(op_st, min_size=4, max_size=40), st.data())
 def test_model_based_directory(ops: list[tuple[str, Any]], data: st.DataObject) -> None:
     directory = PeerDirectory("history", 10_000)
@@ -445,12 +444,21 @@ def test_model_based_directory(ops: list[tuple[str, Any]], data: st.DataObject) 
         elif op == "endpoint":
             name, endpoint = arg
             current_slice = truth.slices.get(key(name))
-            others = [] if current_slice is None else [
-                raw_endpoint(e.pod_uid, e.pod_name, e.addresses,
-                             {"ready": e.ready, "serving": e.serving, "terminating": e.terminating}, e.node_name)
-                for e in current_slice.endpoints
-                if e.pod_uid != endpoint["targetRef"]["uid"]
-            ]
+            others = (
+                []
+                if current_slice is None
+                else [
+                    raw_endpoint(
+                        e.pod_uid,
+                        e.pod_name,
+                        e.addresses,
+                        {"ready": e.ready, "serving": e.serving, "terminating": e.terminating},
+                        e.node_name,
+                    )
+                    for e in current_slice.endpoints
+                    if e.pod_uid != endpoint["targetRef"]["uid"]
+                ]
+            )
             ports = (80,) if current_slice is None else tuple(p.port for p in current_slice.ports)
             got = directory.apply_slice(key(name), truth.set_slice(name, ([*others, endpoint], ports)))
         elif op == "relist_slices":
@@ -458,14 +466,25 @@ def test_model_based_directory(ops: list[tuple[str, Any]], data: st.DataObject) 
                 truth.set_slice(name, content)
             relist_unchanged = not arg
             # re-read from the API server: same content, fresh objects and resourceVersions
-            fresh = {k: parse_endpoint_slice({"metadata": {"name": v.name, "namespace": NS,
-                                                           "resourceVersion": str(next(_rv))},
-                                              "ports": [{"name": p.name, "port": p.port} for p in v.ports],
-                                              "endpoints": [raw_endpoint(e.pod_uid, e.pod_name, e.addresses,
-                                                                         {"ready": e.ready, "serving": e.serving,
-                                                                          "terminating": e.terminating},
-                                                                         e.node_name) for e in v.endpoints]})
-                     for k, v in truth.slices.items()}
+            fresh = {
+                k: parse_endpoint_slice(
+                    {
+                        "metadata": {"name": v.name, "namespace": NS, "resourceVersion": str(next(_rv))},
+                        "ports": [{"name": p.name, "port": p.port} for p in v.ports],
+                        "endpoints": [
+                            raw_endpoint(
+                                e.pod_uid,
+                                e.pod_name,
+                                e.addresses,
+                                {"ready": e.ready, "serving": e.serving, "terminating": e.terminating},
+                                e.node_name,
+                            )
+                            for e in v.endpoints
+                        ],
+                    }
+                )
+                for k, v in truth.slices.items()
+            }
             assert all(replace(truth.slices[k], resource_version=v.resource_version) == v for k, v in fresh.items())
             truth.slices = fresh
             got = directory.replace_slices(dict(truth.slices))

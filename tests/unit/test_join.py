@@ -21,8 +21,9 @@ def ep(
     terminating: bool | None = None,
     node: str = "",
 ) -> dict[str, Any]:
-    conditions = {k: v for k, v in (("ready", ready), ("serving", serving), ("terminating", terminating))
-                  if v is not None}
+    conditions = {
+        k: v for k, v in (("ready", ready), ("serving", serving), ("terminating", terminating)) if v is not None
+    }
     out: dict[str, Any] = {
         "addresses": list(addresses),
         "conditions": conditions,

@@ -32,11 +32,20 @@ RFC_7386_EXAMPLES: list[tuple[Any, Any, Any]] = [
 
 # RFC 7386, section 3's worked example.
 RFC_7386_SECTION_3 = (
-    {"title": "Goodbye!", "author": {"givenName": "John", "familyName": "Doe"},
-     "tags": ["example", "sample"], "content": "This will be unchanged"},
+    {
+        "title": "Goodbye!",
+        "author": {"givenName": "John", "familyName": "Doe"},
+        "tags": ["example", "sample"],
+        "content": "This will be unchanged",
+    },
     {"title": "Hello!", "phoneNumber": "+01-123-456-7890", "author": {"familyName": None}, "tags": ["example"]},
-    {"title": "Hello!", "author": {"givenName": "John"}, "tags": ["example"],
-     "content": "This will be unchanged", "phoneNumber": "+01-123-456-7890"},
+    {
+        "title": "Hello!",
+        "author": {"givenName": "John"},
+        "tags": ["example"],
+        "content": "This will be unchanged",
+        "phoneNumber": "+01-123-456-7890",
+    },
 )
 
 

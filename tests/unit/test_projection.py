@@ -169,9 +169,7 @@ def test_status_entries_split_runs_and_keep_order() -> None:
     assert messages == [
         DeltaMessage(1, (ViewEvent(EventType.ADDED, PeerView(a, ())),)),
         StatusMessage(2, degraded),
-        DeltaMessage(
-            4, (ViewEvent(EventType.ADDED, PeerView(b, ())), ViewEvent(EventType.REMOVED, PeerView(a, ())))
-        ),
+        DeltaMessage(4, (ViewEvent(EventType.ADDED, PeerView(b, ())), ViewEvent(EventType.REMOVED, PeerView(a, ())))),
         StatusMessage(5, connected),
     ]
 
@@ -254,8 +252,7 @@ UIDS = ("a", "b", "c", SELF)
 peer_values = st.builds(
     peer,
     uid=st.just("?"),
-    labels=st.fixed_dictionaries({}, optional={"role": st.sampled_from(["prefill", "decode"]),
-                                               "zone": st.just("z")}),
+    labels=st.fixed_dictionaries({}, optional={"role": st.sampled_from(["prefill", "decode"]), "zone": st.just("z")}),
     state=st.sampled_from(PeerState),
     data=st.sampled_from([{}, {"v": 1}]),
 )

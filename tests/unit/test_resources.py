@@ -59,8 +59,11 @@ def test_condition_defaults(conditions: Any, expected: tuple[bool, bool, bool]) 
 
 def test_slice_fields() -> None:
     obj = _slice(
-        [_endpoint(uid="u1", name="pod-1", addresses=["10.0.0.1", "10.0.0.2"], nodeName="n1", zone="z1",
-                   hostname="h1")],
+        [
+            _endpoint(
+                uid="u1", name="pod-1", addresses=["10.0.0.1", "10.0.0.2"], nodeName="n1", zone="z1", hostname="h1"
+            )
+        ],
         ports=[{"name": "grpc", "port": 9000, "protocol": "TCP", "appProtocol": "kubernetes.io/h2c"}],
     )
     view = parse_endpoint_slice(obj)
@@ -154,8 +157,7 @@ def _cr(data: Any = None, *, spec: Any = "default", owners: Any = None, **meta: 
     metadata = {"name": "pod-1", "namespace": "ns", "uid": "cr-uid", "resourceVersion": "7", **meta}
     if owners is not None:
         metadata["ownerReferences"] = owners
-    obj: dict[str, Any] = {"apiVersion": "nvidia.com/v1alpha1", "kind": "DynamoWorkerMetadata",
-                           "metadata": metadata}
+    obj: dict[str, Any] = {"apiVersion": "nvidia.com/v1alpha1", "kind": "DynamoWorkerMetadata", "metadata": metadata}
     if spec == "default":
         obj["spec"] = {"data": data}
     elif spec is not None:

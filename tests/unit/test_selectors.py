@@ -301,9 +301,7 @@ BAD_REQUIREMENTS: list[tuple[str, Operator, frozenset[str], str]] = [
 
 
 @pytest.mark.parametrize(("key", "operator", "values", "fragment"), BAD_REQUIREMENTS)
-def test_invalid_requirements_raise(
-    key: str, operator: Operator, values: frozenset[str], fragment: str
-) -> None:
+def test_invalid_requirements_raise(key: str, operator: Operator, values: frozenset[str], fragment: str) -> None:
     with pytest.raises(SelectorError) as info:
         Requirement(key, operator, values)
     assert fragment in str(info.value)
@@ -416,9 +414,7 @@ pool_labels = st.dictionaries(pool_keys, pool_values, max_size=len(POOL_KEYS))
 
 
 @st.composite
-def requirements(
-    draw: st.DrawFn, keys: st.SearchStrategy[str], values: st.SearchStrategy[str]
-) -> Requirement:
+def requirements(draw: st.DrawFn, keys: st.SearchStrategy[str], values: st.SearchStrategy[str]) -> Requirement:
     operator = draw(st.sampled_from(Operator))
     key = draw(keys)
     if operator in (Operator.EXISTS, Operator.DOES_NOT_EXIST):
@@ -471,9 +467,7 @@ def test_matches_agrees_with_reference(terms: list[Requirement], labels: dict[st
 
 
 @given(pool_requirement_lists, pool_requirement_lists, pool_labels)
-def test_and_is_conjunction(
-    a_terms: list[Requirement], b_terms: list[Requirement], labels: dict[str, str]
-) -> None:
+def test_and_is_conjunction(a_terms: list[Requirement], b_terms: list[Requirement], labels: dict[str, str]) -> None:
     a, b = LabelSelector(tuple(a_terms)), LabelSelector(tuple(b_terms))
     both = a.and_(b)
     assert both.matches(labels) == (a.matches(labels) and b.matches(labels))
