@@ -1,12 +1,10 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -69,7 +67,7 @@ class PeerFilter(_message.Message):
     groups: _containers.RepeatedCompositeFieldContainer[PeerGroup]
     include_self: bool
     ready_only: bool
-    def __init__(self, selector: str | None = ..., groups: _Iterable[PeerGroup | _Mapping] | None = ..., include_self: bool | None = ..., ready_only: bool | None = ...) -> None: ...
+    def __init__(self, selector: _Optional[str] = ..., groups: _Optional[_Iterable[_Union[PeerGroup, _Mapping]]] = ..., include_self: _Optional[bool] = ..., ready_only: _Optional[bool] = ...) -> None: ...
 
 class PeerGroup(_message.Message):
     __slots__ = ("name", "selector")
@@ -77,7 +75,7 @@ class PeerGroup(_message.Message):
     SELECTOR_FIELD_NUMBER: _ClassVar[int]
     name: str
     selector: str
-    def __init__(self, name: str | None = ..., selector: str | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., selector: _Optional[str] = ...) -> None: ...
 
 class Port(_message.Message):
     __slots__ = ("name", "port", "protocol", "app_protocol")
@@ -89,7 +87,7 @@ class Port(_message.Message):
     port: int
     protocol: str
     app_protocol: str
-    def __init__(self, name: str | None = ..., port: int | None = ..., protocol: str | None = ..., app_protocol: str | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[str] = ..., app_protocol: _Optional[str] = ...) -> None: ...
 
 class Peer(_message.Message):
     __slots__ = ("name", "namespace", "uid", "instance_id", "instance_id_hex", "addresses", "ports", "labels", "state", "data", "data_json", "node_name", "zone", "hostname", "groups")
@@ -99,7 +97,7 @@ class Peer(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     UID_FIELD_NUMBER: _ClassVar[int]
@@ -130,7 +128,7 @@ class Peer(_message.Message):
     zone: str
     hostname: str
     groups: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: str | None = ..., namespace: str | None = ..., uid: str | None = ..., instance_id: int | None = ..., instance_id_hex: str | None = ..., addresses: _Iterable[str] | None = ..., ports: _Iterable[Port | _Mapping] | None = ..., labels: _Mapping[str, str] | None = ..., state: PeerState | str | None = ..., data: _struct_pb2.Struct | _Mapping | None = ..., data_json: str | None = ..., node_name: str | None = ..., zone: str | None = ..., hostname: str | None = ..., groups: _Iterable[str] | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., uid: _Optional[str] = ..., instance_id: _Optional[int] = ..., instance_id_hex: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., ports: _Optional[_Iterable[_Union[Port, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[PeerState, str]] = ..., data: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., data_json: _Optional[str] = ..., node_name: _Optional[str] = ..., zone: _Optional[str] = ..., hostname: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class WatchPeersRequest(_message.Message):
     __slots__ = ("filter", "resume_history_id", "resume_revision")
@@ -140,7 +138,7 @@ class WatchPeersRequest(_message.Message):
     filter: PeerFilter
     resume_history_id: str
     resume_revision: int
-    def __init__(self, filter: PeerFilter | _Mapping | None = ..., resume_history_id: str | None = ..., resume_revision: int | None = ...) -> None: ...
+    def __init__(self, filter: _Optional[_Union[PeerFilter, _Mapping]] = ..., resume_history_id: _Optional[str] = ..., resume_revision: _Optional[int] = ...) -> None: ...
 
 class Snapshot(_message.Message):
     __slots__ = ("peers", "reason", "status")
@@ -150,7 +148,7 @@ class Snapshot(_message.Message):
     peers: _containers.RepeatedCompositeFieldContainer[Peer]
     reason: SnapshotReason
     status: ApiStatus
-    def __init__(self, peers: _Iterable[Peer | _Mapping] | None = ..., reason: SnapshotReason | str | None = ..., status: ApiStatus | str | None = ...) -> None: ...
+    def __init__(self, peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., reason: _Optional[_Union[SnapshotReason, str]] = ..., status: _Optional[_Union[ApiStatus, str]] = ...) -> None: ...
 
 class PeerEvent(_message.Message):
     __slots__ = ("type", "peer")
@@ -158,19 +156,19 @@ class PeerEvent(_message.Message):
     PEER_FIELD_NUMBER: _ClassVar[int]
     type: EventType
     peer: Peer
-    def __init__(self, type: EventType | str | None = ..., peer: Peer | _Mapping | None = ...) -> None: ...
+    def __init__(self, type: _Optional[_Union[EventType, str]] = ..., peer: _Optional[_Union[Peer, _Mapping]] = ...) -> None: ...
 
 class Delta(_message.Message):
     __slots__ = ("events",)
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[PeerEvent]
-    def __init__(self, events: _Iterable[PeerEvent | _Mapping] | None = ...) -> None: ...
+    def __init__(self, events: _Optional[_Iterable[_Union[PeerEvent, _Mapping]]] = ...) -> None: ...
 
 class Resumed(_message.Message):
     __slots__ = ("status",)
     STATUS_FIELD_NUMBER: _ClassVar[int]
     status: ApiStatus
-    def __init__(self, status: ApiStatus | str | None = ...) -> None: ...
+    def __init__(self, status: _Optional[_Union[ApiStatus, str]] = ...) -> None: ...
 
 class StatusChange(_message.Message):
     __slots__ = ("status", "reason")
@@ -178,7 +176,7 @@ class StatusChange(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     status: ApiStatus
     reason: str
-    def __init__(self, status: ApiStatus | str | None = ..., reason: str | None = ...) -> None: ...
+    def __init__(self, status: _Optional[_Union[ApiStatus, str]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class WatchPeersResponse(_message.Message):
     __slots__ = ("revision", "history_id", "snapshot", "delta", "resumed", "status")
@@ -194,13 +192,13 @@ class WatchPeersResponse(_message.Message):
     delta: Delta
     resumed: Resumed
     status: StatusChange
-    def __init__(self, revision: int | None = ..., history_id: str | None = ..., snapshot: Snapshot | _Mapping | None = ..., delta: Delta | _Mapping | None = ..., resumed: Resumed | _Mapping | None = ..., status: StatusChange | _Mapping | None = ...) -> None: ...
+    def __init__(self, revision: _Optional[int] = ..., history_id: _Optional[str] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., delta: _Optional[_Union[Delta, _Mapping]] = ..., resumed: _Optional[_Union[Resumed, _Mapping]] = ..., status: _Optional[_Union[StatusChange, _Mapping]] = ...) -> None: ...
 
 class ListPeersRequest(_message.Message):
     __slots__ = ("filter",)
     FILTER_FIELD_NUMBER: _ClassVar[int]
     filter: PeerFilter
-    def __init__(self, filter: PeerFilter | _Mapping | None = ...) -> None: ...
+    def __init__(self, filter: _Optional[_Union[PeerFilter, _Mapping]] = ...) -> None: ...
 
 class ListPeersResponse(_message.Message):
     __slots__ = ("revision", "history_id", "peers", "status")
@@ -212,7 +210,7 @@ class ListPeersResponse(_message.Message):
     history_id: str
     peers: _containers.RepeatedCompositeFieldContainer[Peer]
     status: ApiStatus
-    def __init__(self, revision: int | None = ..., history_id: str | None = ..., peers: _Iterable[Peer | _Mapping] | None = ..., status: ApiStatus | str | None = ...) -> None: ...
+    def __init__(self, revision: _Optional[int] = ..., history_id: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ..., status: _Optional[_Union[ApiStatus, str]] = ...) -> None: ...
 
 class GetSelfRequest(_message.Message):
     __slots__ = ()
@@ -226,7 +224,7 @@ class GetSelfResponse(_message.Message):
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     UID_FIELD_NUMBER: _ClassVar[int]
@@ -247,7 +245,7 @@ class GetSelfResponse(_message.Message):
     data: _struct_pb2.Struct
     data_json: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, name: str | None = ..., namespace: str | None = ..., uid: str | None = ..., instance_id: int | None = ..., instance_id_hex: str | None = ..., registered: bool | None = ..., metadata_resource_version: str | None = ..., data: _struct_pb2.Struct | _Mapping | None = ..., data_json: str | None = ..., labels: _Mapping[str, str] | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., uid: _Optional[str] = ..., instance_id: _Optional[int] = ..., instance_id_hex: _Optional[str] = ..., registered: _Optional[bool] = ..., metadata_resource_version: _Optional[str] = ..., data: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., data_json: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class PublishMetadataRequest(_message.Message):
     __slots__ = ("data_json", "data", "mode")
@@ -257,7 +255,7 @@ class PublishMetadataRequest(_message.Message):
     data_json: str
     data: _struct_pb2.Struct
     mode: PublishMode
-    def __init__(self, data_json: str | None = ..., data: _struct_pb2.Struct | _Mapping | None = ..., mode: PublishMode | str | None = ...) -> None: ...
+    def __init__(self, data_json: _Optional[str] = ..., data: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., mode: _Optional[_Union[PublishMode, str]] = ...) -> None: ...
 
 class PublishMetadataResponse(_message.Message):
     __slots__ = ("metadata_resource_version", "data_json")
@@ -265,4 +263,4 @@ class PublishMetadataResponse(_message.Message):
     DATA_JSON_FIELD_NUMBER: _ClassVar[int]
     metadata_resource_version: str
     data_json: str
-    def __init__(self, metadata_resource_version: str | None = ..., data_json: str | None = ...) -> None: ...
+    def __init__(self, metadata_resource_version: _Optional[str] = ..., data_json: _Optional[str] = ...) -> None: ...
