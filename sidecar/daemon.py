@@ -37,6 +37,8 @@ class Sidecar:
         self.log = structlog.get_logger("sidecar").bind(pod=settings.identity.name)
         self.api = api or KubeApi.from_kubeconfig(settings.kubeconfig, settings.request_timeout)
         self.metrics = Metrics()
+        self.api.on_request = lambda method, code: self.metrics.api_requests.labels(method, str(code)).inc()
+        self.api.on_bytes = self.metrics.api_bytes.inc
         directory = PeerDirectory(history_id=uuid.uuid4().hex, history_capacity=settings.history_size)
         self.hub = PeerHub(directory, self_uid=settings.identity.uid)
         self.hub.add_listener(self._on_entries)

@@ -33,6 +33,17 @@ class Metrics:
             ["operation", "code"],
             registry=r,
         )
+        self.api_requests = Counter(
+            "discovery_api_requests_total",
+            "Requests sent to the API server, by method and status code",
+            ["method", "code"],
+            registry=r,
+        )
+        self.api_bytes = Counter(
+            "discovery_api_received_bytes_total",
+            "Response bytes received from the API server (watches included)",
+            registry=r,
+        )
         self.propagation_lag = Histogram(
             "discovery_propagation_lag_seconds",
             "Time from receiving an API watch event to sending the resulting WatchPeers message",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -79,12 +79,27 @@ def load_api_client(kubeconfig: str | None = None) -> k8s_client.ApiClient:
     return k8s_client.ApiClient(configuration)
 
 
+RequestObserver = Callable[[str, int], None]
+"""Called with (HTTP method, status code) for every request sent (status 0: no answer)."""
+BytesObserver = Callable[[int], None]
+"""Called with the number of response-body bytes received (watch streams included)."""
+
+
+def _ignore(*_: object) -> None:
+    return None
+
+
 class KubeApi:
-    """Raw JSON requests to the API server through an official ``ApiClient``."""
+    """Raw JSON requests to the API server through an official ``ApiClient``.
+
+    ``on_request`` and ``on_bytes`` let the owner count what the sidecar costs the API server.
+    """
 
     def __init__(self, api_client: k8s_client.ApiClient, request_timeout: float = 15.0) -> None:
         self.api_client = api_client
         self.request_timeout = request_timeout
+        self.on_request: RequestObserver = _ignore
+        self.on_bytes: BytesObserver = _ignore
 
     @classmethod
     def from_kubeconfig(cls, kubeconfig: str | None = None, request_timeout: float = 15.0) -> KubeApi:
@@ -115,7 +130,12 @@ class KubeApi:
                 method_, url, header_params, body_, post, _request_timeout=timeout or self.request_timeout
             )
         except ApiException as exc:  # the REST layer raises these for TLS failures (status 0)
+            self.on_request(method, exc.status or 0)
             raise ApiError(exc.status or 0, exc.reason or "", str(exc)) from exc
+        except CONNECTION_ERRORS:
+            self.on_request(method, 0)
+            raise
+        self.on_request(method, response.status)
         return response.response
 
     def request(
@@ -131,6 +151,7 @@ class KubeApi:
             raw = response.data
         finally:
             response.release_conn()
+        self.on_bytes(len(raw or b""))
         if not 200 <= response.status < 300:
             raise ApiError.from_response(response.status, raw)
         return json.loads(raw) if raw else {}
@@ -161,19 +182,21 @@ class KubeApi:
             finally:
                 response.release_conn()
             raise ApiError.from_response(response.status, raw)
-        return WatchStream(response)
+        return WatchStream(response, self.on_bytes)
 
 
 class WatchStream:
     """The body of a watch response, decoded line by line, closable from another thread."""
 
-    def __init__(self, response: urllib3.BaseHTTPResponse) -> None:
+    def __init__(self, response: urllib3.BaseHTTPResponse, on_bytes: BytesObserver = _ignore) -> None:
         self._response = response
+        self._on_bytes = on_bytes
         self._closed = False
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         buffer = b""
         for chunk in self._response.stream(65536, decode_content=True):
+            self._on_bytes(len(chunk))
             buffer += chunk
             while True:
                 newline = buffer.find(b"\n")
