@@ -1,4 +1,4 @@
-"""Network faults between a client and the real kube-apiserver.
+"""Network faults between a client and the real kube-apiserver (and a byte counter for benchmarks).
 
 Some failures cannot be asked of a real API server: a watch connection that stays open but goes
 silent (what a managed control plane's load balancer does to idle watches), or an API server that is
@@ -26,6 +26,8 @@ class FaultProxy:
         self._accepting.set()
         self._closed = threading.Event()
         self.connections_accepted = 0
+        self.bytes_to_server = 0
+        self.bytes_from_server = 0
         threading.Thread(target=self._accept_loop, name="fault-proxy", daemon=True).start()
 
     @property
@@ -98,6 +100,10 @@ class FaultProxy:
                     if not data:
                         return
                     peers[sock].sendall(data)
+                    if sock is upstream:
+                        self.bytes_from_server += len(data)
+                    else:
+                        self.bytes_to_server += len(data)
         except OSError:
             return
         finally:

@@ -160,6 +160,7 @@ def launch_sidecar(
     extra_env: Mapping[str, str] | None = None,
     service_account: str = SIDECAR_SERVICE_ACCOUNT,
     server: str | None = None,
+    start: bool = True,
 ) -> SidecarProcess:
     """Start a sidecar for ``pod`` under a pod-bound token of ``service_account`` (via ``server`` if given)."""
     name = pod["metadata"]["name"]
@@ -176,4 +177,4 @@ def launch_sidecar(
         metadata=dict(metadata or {}),
         extra_env=dict(extra_env or {}),
     )
-    return process.start()
+    return process.start() if start else process

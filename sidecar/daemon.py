@@ -122,7 +122,9 @@ class Sidecar:
             event = (
                 "peer added" if change.before is None else "peer removed" if change.after is None else "peer updated"
             )
-            self.log.info(
+            # Additions and removals are what operators look for; updates (metadata churn) can be many.
+            emit = self.log.debug if event == "peer updated" else self.log.info
+            emit(
                 event,
                 peer=peer.name,
                 uid=peer.uid,

@@ -56,6 +56,8 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         self.registrar = registrar
         self.identity = identity
         self.metrics = metrics
+        # Label children resolved once: .labels() is a dict lookup under a lock, on every message sent.
+        self._sent = {kind: metrics.messages_sent.labels(kind) for kind in ("snapshot", "resumed", "delta", "status")}
         self.log = structlog.get_logger("sidecar.grpc")
 
     # -- WatchPeers -------------------------------------------------------------------------------------
@@ -105,19 +107,19 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                 history_id=history_id,
                 resumed=pb.Resumed(status=API_STATUS[status_at(missed, self.hub.status())]),
             )
-            self.metrics.messages_sent.labels("resumed").inc()
+            self._sent["resumed"].inc()
         else:
             reason = pb.SNAPSHOT_REASON_RESUME_UNAVAILABLE if wants_resume else pb.SNAPSHOT_REASON_INITIAL
             cursor, message = self._snapshot(peer_filter, reason)
             yield message
-            self.metrics.messages_sent.labels("snapshot").inc()
+            self._sent["snapshot"].inc()
         while context.is_active() and not self.hub.closed:
             entries = self.hub.wait_entries(cursor, WAKE_INTERVAL, BATCH_LIMIT)
             if entries is None:
                 self.log.info("client fell behind the history; sending a fresh snapshot", revision=cursor)
                 cursor, message = self._snapshot(peer_filter, pb.SNAPSHOT_REASON_CLIENT_TOO_SLOW)
                 yield message
-                self.metrics.messages_sent.labels("snapshot").inc()
+                self._sent["snapshot"].inc()
                 continue
             if not entries:
                 continue
@@ -130,13 +132,13 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
 
     def _to_pb(self, message: DeltaMessage | StatusMessage, history_id: str) -> pb.WatchPeersResponse:
         if isinstance(message, StatusMessage):
-            self.metrics.messages_sent.labels("status").inc()
+            self._sent["status"].inc()
             return pb.WatchPeersResponse(
                 revision=message.revision,
                 history_id=history_id,
                 status=pb.StatusChange(status=API_STATUS[message.change.status], reason=message.change.reason),
             )
-        self.metrics.messages_sent.labels("delta").inc()
+        self._sent["delta"].inc()
         events = [pb.PeerEvent(type=EVENT_TYPE[e.type], peer=peer_to_pb(e.view)) for e in message.events]
         return pb.WatchPeersResponse(revision=message.revision, history_id=history_id, delta=pb.Delta(events=events))
 

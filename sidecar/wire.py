@@ -13,9 +13,10 @@ from google.protobuf import json_format, struct_pb2
 
 from sidecar.api.discovery.v1 import discovery_pb2 as pb
 from sidecar.core.eventlog import ApiStatus
-from sidecar.core.peer import PeerState
+from sidecar.core.peer import Peer, PeerState
 from sidecar.core.projection import EventType, PeerFilter, PeerView
 from sidecar.core.selectors import EVERYTHING, SelectorError, parse_selector
+from sidecar.struct_codec import encode_struct
 
 PEER_STATE = {PeerState.READY: pb.PEER_STATE_READY, PeerState.DRAINING: pb.PEER_STATE_DRAINING}
 API_STATUS = {ApiStatus.CONNECTED: pb.API_STATUS_CONNECTED, ApiStatus.DEGRADED: pb.API_STATUS_DEGRADED}
@@ -34,8 +35,20 @@ def to_struct(document: Any) -> struct_pb2.Struct:
 
 
 def peer_to_pb(view: PeerView) -> pb.Peer:
-    peer = view.peer
-    return pb.Peer(
+    """The peer's message for one client: encoded once per peer value, then shared (plus the client's groups)."""
+    base = view.peer.encoded.get("pb")
+    if base is None:
+        base = view.peer.encoded["pb"] = _encode_peer(view.peer)
+    if not view.groups:
+        return base  # messages are copied when placed into a parent message, so sharing is safe
+    message = pb.Peer()
+    message.CopyFrom(base)
+    message.groups.extend(view.groups)
+    return message
+
+
+def _encode_peer(peer: Peer) -> pb.Peer:
+    message = pb.Peer(
         name=peer.name,
         namespace=peer.namespace,
         uid=peer.uid,
@@ -45,13 +58,13 @@ def peer_to_pb(view: PeerView) -> pb.Peer:
         ports=[pb.Port(name=p.name, port=p.port, protocol=p.protocol, app_protocol=p.app_protocol) for p in peer.ports],
         labels=dict(peer.labels),
         state=PEER_STATE[peer.state],
-        data=to_struct(peer.data),
         data_json=peer.data_json,
         node_name=peer.node_name,
         zone=peer.zone,
         hostname=peer.hostname,
-        groups=view.groups,
     )
+    message.data.MergeFromString(encode_struct(peer.data))
+    return message
 
 
 def filter_from_pb(message: pb.PeerFilter) -> PeerFilter:

@@ -143,7 +143,7 @@ class PeerJoin:
         for key in per_slice:
             ports.update(self._slices[key].ports)
         first = live[0]
-        assert metadata.data is not None  # _metadata_for only returns valid records
+        assert metadata.document is not None  # _metadata_for only returns valid records
         return Peer(
             uid=pod_uid,
             name=pod_name or metadata.name,
@@ -153,8 +153,7 @@ class PeerJoin:
             ports=tuple(sorted(ports)),
             labels=metadata.labels,
             state=state,
-            data=metadata.data,
-            data_json=metadata.data_json,
+            document=metadata.document,
             node_name=first.node_name,
             zone=first.zone,
             hostname=first.hostname,

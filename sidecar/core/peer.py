@@ -34,6 +34,39 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+class Document:
+    """A JSON document (``spec.data``) with exact equality and its canonical text computed at most once.
+
+    Python's ``==`` on dicts treats ``1``, ``1.0`` and ``true`` alike, which would hide a real change.
+    Comparing canonical texts is exact but costs a serialisation per update, on the hot path. So dicts
+    are compared first (fast, in C, and decisive whenever they differ) and the texts only confirm an
+    apparent equality. The value is treated as immutable once wrapped.
+    """
+
+    __slots__ = ("value", "_json")
+
+    def __init__(self, value: Mapping[str, Any]) -> None:
+        self.value = value
+        self._json: str | None = None
+
+    @property
+    def json(self) -> str:
+        if self._json is None:
+            self._json = canonical_json(self.value)
+        return self._json
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Document):
+            return NotImplemented
+        return self is other or (self.value == other.value and self.json == other.json)
+
+    def __hash__(self) -> int:
+        return hash(self.json)
+
+    def __repr__(self) -> str:
+        return f"Document({self.json})"
+
+
 @dataclass(frozen=True)
 class Peer:
     uid: str
@@ -44,16 +77,25 @@ class Peer:
     ports: tuple[PortInfo, ...]
     labels: Mapping[str, str] = field(compare=False)
     state: PeerState
-    data: Mapping[str, Any] = field(compare=False)
-    data_json: str
+    document: Document
     node_name: str = ""
     zone: str = ""
     hostname: str = ""
     # Comparable stand-in for ``labels`` (a dict is neither hashable nor ordered).
     labels_key: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    # Encodings of this (immutable) peer that the shell computes once and reuses for every client.
+    encoded: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels_key", tuple(sorted(self.labels.items())))
+
+    @property
+    def data(self) -> Mapping[str, Any]:
+        return self.document.value
+
+    @property
+    def data_json(self) -> str:
+        return self.document.json
 
     @property
     def instance_id_hex(self) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.core.peer import PortInfo, canonical_json
+from sidecar.core.peer import Document, PortInfo
 
 DYNAMO_DATA_MAPS = ("endpoints", "model_cards", "event_channels")
 """The keys Dynamo puts in ``spec.data``; when present they must be JSON objects."""
@@ -55,14 +55,23 @@ class WorkerMetadata:
     resource_version: str
     owner_pod_uids: tuple[str, ...]
     labels: Mapping[str, str]
-    data: Mapping[str, Any] | None
-    data_json: str
+    document: Document | None  # None when spec.data is unusable (see data_error)
     data_error: str | None = None
 
+    @property
+    def data(self) -> Mapping[str, Any] | None:
+        return None if self.document is None else self.document.value
 
+    @property
+    def data_json(self) -> str:
+        return "" if self.document is None else self.document.json
+
+
+# The parsers below test ``isinstance(x, dict)``, not ``Mapping``: their input is decoded JSON, and the
+# ABC check costs more than the rest of the parsing on the watch path.
 def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
     meta = obj.get("metadata")
-    return meta if isinstance(meta, Mapping) else {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def object_key(obj: Mapping[str, Any]) -> str:
@@ -81,7 +90,7 @@ def parse_endpoint_slice(obj: Mapping[str, Any]) -> SliceView:
     meta = _meta(obj)
     ports = []
     for raw in obj.get("ports") or ():
-        if not isinstance(raw, Mapping) or not isinstance(raw.get("port"), int):
+        if not isinstance(raw, dict) or not isinstance(raw.get("port"), int):
             continue  # a port without a number ("all ports") carries nothing a peer can dial
         ports.append(
             PortInfo(
@@ -93,7 +102,7 @@ def parse_endpoint_slice(obj: Mapping[str, Any]) -> SliceView:
         )
     entries = []
     for raw in obj.get("endpoints") or ():
-        if not isinstance(raw, Mapping):
+        if not isinstance(raw, dict):
             continue
         target = raw.get("targetRef") or {}
         if target.get("kind") != "Pod" or not target.get("uid"):
@@ -137,12 +146,12 @@ def parse_worker_metadata(obj: Mapping[str, Any]) -> WorkerMetadata:
     owners = tuple(
         ref["uid"]
         for ref in meta.get("ownerReferences") or ()
-        if isinstance(ref, Mapping) and ref.get("kind") == "Pod" and ref.get("uid")
+        if isinstance(ref, dict) and ref.get("kind") == "Pod" and ref.get("uid")
     )
     spec = obj.get("spec")
-    data = spec.get("data") if isinstance(spec, Mapping) else None
-    error = "spec is missing" if not isinstance(spec, Mapping) else validate_worker_data(data)
-    labels = meta.get("labels") if isinstance(meta.get("labels"), Mapping) else {}
+    data = spec.get("data") if isinstance(spec, dict) else None
+    error = "spec is missing" if not isinstance(spec, dict) else validate_worker_data(data)
+    labels = meta.get("labels") if isinstance(meta.get("labels"), dict) else {}
     return WorkerMetadata(
         name=meta.get("name", ""),
         namespace=meta.get("namespace", ""),
@@ -150,7 +159,6 @@ def parse_worker_metadata(obj: Mapping[str, Any]) -> WorkerMetadata:
         resource_version=meta.get("resourceVersion", ""),
         owner_pod_uids=owners,
         labels=dict(labels),
-        data=None if error else data,
-        data_json="" if error else canonical_json(data),
+        document=None if error else Document(data),
         data_error=error,
     )

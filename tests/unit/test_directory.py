@@ -10,6 +10,7 @@ projection of it (in any chunking, and resuming from any revision) reaches that 
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 from sidecar.core.directory import PeerDirectory
 from sidecar.core.eventlog import ApiStatus, LogEntry, PeerChange, StatusChange
 from sidecar.core.instance_id import instance_id
-from sidecar.core.peer import Peer, PeerState, PortInfo
+from sidecar.core.peer import Document, Peer, PeerState, PortInfo
 from sidecar.core.projection import EventType, PeerFilter, PeerView, StatusMessage, project, snapshot_views
 from sidecar.core.resources import SliceView, WorkerMetadata, parse_endpoint_slice, parse_worker_metadata
 from sidecar.core.selectors import parse_selector
@@ -220,6 +221,18 @@ def test_a_new_incarnation_replaces_the_old_one() -> None:
     assert d.peers["new"].data == {"endpoints": {"v": 2}}
 
 
+def test_data_changes_are_compared_exactly() -> None:
+    # 1, 1.0 and True are equal in Python but are different JSON a client must hear about
+    d = PeerDirectory("h", 100)
+    d.apply_slice(key("s1"), make_slice("s1", [raw_endpoint("u1", "pod-1")]))
+    d.apply_metadata(key("pod-1"), make_cr("pod-1", "u1", {"endpoints": {"e": {"x": 1}}}))
+    for value in (1.0, True, 1):
+        (entry,) = d.apply_metadata(key("pod-1"), make_cr("pod-1", "u1", {"endpoints": {"e": {"x": value}}}))
+        assert isinstance(entry.change, PeerChange) and entry.change.after is not None
+        assert entry.change.after.data_json == json.dumps({"endpoints": {"e": {"x": value}}}, separators=(",", ":"))
+    assert d.apply_metadata(key("pod-1"), make_cr("pod-1", "u1", {"endpoints": {"e": {"x": 1}}})) == []
+
+
 def test_invalid_metadata_update_keeps_the_peer() -> None:
     d = PeerDirectory("h", 100)
     d.apply_slice(key("s1"), make_slice("s1", [raw_endpoint("u1", "pod-1")]))
@@ -235,7 +248,13 @@ UIDS = tuple(f"{pod}-{n}" for pod in PODS for n in (1, 2))
 SLICES = ("s1", "s2", "s3")
 CRS = (*PODS, "extra")  # "extra" is a CR not named after any pod (two CRs may claim one pod)
 ADDRESSES = ("10.0.0.1", "10.0.0.2", "fd00::1")
-VALID_DATA = ({}, {"endpoints": {}}, {"endpoints": {"ns/c/e/1": {"x": 1}}}, {"model_cards": {"m": {}}, "other": [1]})
+VALID_DATA = (
+    {},
+    {"endpoints": {"ns/c/e/1": {"x": 1}}},
+    {"endpoints": {"ns/c/e/1": {"x": 1.0}}},  # equal to the previous one in Python, not in JSON
+    {"endpoints": {"ns/c/e/1": {"x": True}}},
+    {"model_cards": {"m": {}}, "other": [1]},
+)
 INVALID_DATA = ("broken", None, {"endpoints": []}, {"event_channels": 3})
 
 
@@ -243,9 +262,18 @@ def pod_name(uid: str) -> str:
     return uid.rsplit("-", 1)[0]
 
 
-conditions_st = st.fixed_dictionaries(
+COMMON_CONDITIONS = (
+    {},  # all unset: ready
+    {"ready": True},
+    {"ready": False, "serving": True, "terminating": True},  # draining
+    {"ready": False, "serving": False, "terminating": True},  # gone
+    {"ready": False},  # not ready
+    {"ready": False, "serving": True},  # serving but not terminating: not a peer
+)
+any_conditions_st = st.fixed_dictionaries(
     {"ready": st.none() | st.booleans(), "serving": st.none() | st.booleans(), "terminating": st.none() | st.booleans()}
 )
+conditions_st = st.one_of(st.sampled_from(COMMON_CONDITIONS), any_conditions_st)
 endpoint_st = st.builds(
     lambda uid, addresses, conditions, node: raw_endpoint(uid, pod_name(uid), tuple(addresses), conditions, node),
     st.sampled_from(UIDS),
@@ -254,10 +282,13 @@ endpoint_st = st.builds(
     st.sampled_from(["", "n1", "n2"]),
 )
 slice_content_st = st.tuples(
-    st.lists(endpoint_st, max_size=4, unique_by=lambda e: e["targetRef"]["uid"]),
+    st.lists(endpoint_st, min_size=1, max_size=4, unique_by=lambda e: e["targetRef"]["uid"]),
     st.lists(st.sampled_from([80, 81, 82]), unique=True, max_size=2).map(tuple),
 )
 labels_st = st.fixed_dictionaries({}, optional={"role": st.sampled_from(["prefill", "decode"]), "zone": st.just("a")})
+
+
+data_st = st.one_of(st.sampled_from(VALID_DATA), st.sampled_from(VALID_DATA), st.sampled_from(INVALID_DATA))
 
 
 def cr_content_st(name: str) -> st.SearchStrategy[tuple[str | None, Any, dict[str, str]]]:
@@ -265,14 +296,14 @@ def cr_content_st(name: str) -> st.SearchStrategy[tuple[str | None, Any, dict[st
     own = st.sampled_from([uid for uid in UIDS if pod_name(uid) == name] or list(UIDS))
     return st.tuples(
         st.one_of(own, own, own, st.sampled_from((*UIDS, None))),
-        st.sampled_from(VALID_DATA + INVALID_DATA),
+        data_st,
         labels_st,
     )
 
 
-slice_change_st = st.tuples(st.sampled_from(SLICES), st.one_of(slice_content_st, slice_content_st, st.none()))
+slice_change_st = st.tuples(st.sampled_from(SLICES), st.one_of(*[slice_content_st] * 4, st.none()))
 cr_change_st = st.sampled_from(CRS).flatmap(
-    lambda name: st.tuples(st.just(name), st.one_of(cr_content_st(name), cr_content_st(name), st.none()))
+    lambda name: st.tuples(st.just(name), st.one_of(*[cr_content_st(name)] * 4, st.none()))
 )
 op_st = st.one_of(
     st.tuples(st.just("slice"), slice_change_st),
@@ -286,8 +317,8 @@ op_st = st.one_of(
     st.tuples(st.just("relist_metadata"), st.lists(cr_change_st, max_size=3)),
     st.tuples(st.just("status"), st.sampled_from(ApiStatus)),
     # targeted changes of an existing object, the common case: new data for a CR, new conditions for a pod
-    st.tuples(st.just("cr_data"), st.tuples(st.sampled_from(CRS), st.sampled_from(VALID_DATA + INVALID_DATA))),
-    st.tuples(st.just("cr_data"), st.tuples(st.sampled_from(CRS), st.sampled_from(VALID_DATA + INVALID_DATA))),
+    st.tuples(st.just("cr_data"), st.tuples(st.sampled_from(CRS), data_st)),
+    st.tuples(st.just("cr_data"), st.tuples(st.sampled_from(CRS), data_st)),
     st.tuples(st.just("endpoint"), st.tuples(st.sampled_from(SLICES), endpoint_st)),
     st.tuples(st.just("endpoint"), st.tuples(st.sampled_from(SLICES), endpoint_st)),
 )
@@ -362,8 +393,7 @@ class Truth:
                 ports=tuple(sorted(ports)),
                 labels=dict(record.labels),
                 state=PeerState.READY if any(e.ready for e in live) else PeerState.DRAINING,
-                data=record.data,
-                data_json=record.data_json,
+                document=Document(dict(record.data)),
                 node_name=live[0].node_name,
             )
         return result
@@ -412,7 +442,7 @@ filter_st = st.builds(
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(op_st, min_size=4, max_size=40), st.data())
+@given(st.lists(op_st, min_size=8, max_size=40), st.data())
 def test_model_based_directory(ops: list[tuple[str, Any]], data: st.DataObject) -> None:
     directory = PeerDirectory("history", 10_000)
     truth = Truth()

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.core.eventlog import ApiStatus, LogEntry, PeerChange, StatusChange
-from sidecar.core.peer import Peer, PeerState, canonical_json
+from sidecar.core.peer import Document, Peer, PeerState
 from sidecar.core.projection import (
     DeltaMessage,
     EventType,
@@ -42,8 +42,7 @@ def peer(
         ports=(),
         labels=labels or {},
         state=state,
-        data=data,
-        data_json=canonical_json(data),
+        document=Document(data),
     )
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: the sidecar against a raw watch, a client-go informer and a kube-rs reflector."""

@@ -1,0 +1,334 @@
+"""Turn bench/results.json into bench/RESULTS.md and bench/plots/*.png."""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import pathlib
+import re
+import sys
+from typing import Any
+
+OBSERVERS = ["raw-watch", "client-go-informer", "kube-rs-reflector", "sidecar"]
+TARGETS = {
+    "overhead_p99_ms_at_1k": 5.0,
+    "events_per_s": 5000,
+    "rss_mb_at_1k": 70.0,
+    "kb_per_peer": 4.0,
+    "startup_s_at_1k": 1.0,
+}
+
+
+def summarise_profile(collapsed: str, top: int = 15) -> dict[str, Any]:
+    """Self and inclusive sample shares per function from py-spy's raw (collapsed-stack) output."""
+    self_counts: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        self_counts[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+
+    def rows(counter: collections.Counter[str]) -> list[tuple[str, float]]:
+        return [(frame, round(100 * n / total, 1)) for frame, n in counter.most_common(top)] if total else []
+
+    text = [f"py-spy samples: {total}", "", "self time (% of samples):"]
+    text += [f"  {share:5.1f}%  {frame}" for frame, share in rows(self_counts)]
+    text += ["", "inclusive time (% of samples):"]
+    text += [f"  {share:5.1f}%  {frame}" for frame, share in rows(inclusive)]
+    return {"top_self": rows(self_counts), "top_inclusive": rows(inclusive), "text": "\n".join(text) + "\n"}
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _latency_table(latency: dict[str, Any], kind: str) -> list[str]:
+    rows = [
+        "| watcher | p50 ms | p90 ms | p99 ms | max ms | missed | sidecar/watcher p50 | sidecar/watcher p99 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    side = latency[kind].get("sidecar", {})
+    for name in OBSERVERS:
+        stats = latency[kind].get(name)
+        if not stats:
+            continue
+        ratio50 = side.get("p50") / stats["p50"] if stats.get("p50") else None
+        ratio99 = side.get("p99") / stats["p99"] if stats.get("p99") else None
+        rows.append(
+            f"| {name} | {_fmt(stats.get('p50'), 2)} | {_fmt(stats.get('p90'), 2)} | "
+            f"{_fmt(stats.get('p99'), 2)} | {_fmt(stats.get('max'), 2)} | {stats.get('missed', 0)} | "
+            f"{_fmt(ratio50, 2)} | {_fmt(ratio99, 2)} |"
+        )
+    overhead = side.get("overhead_over_floor") or {}
+    rows.append("")
+    rows.append(
+        f"Sidecar overhead over the raw watch, paired per write: p50 {_fmt(overhead.get('p50'), 2)} ms, "
+        f"p90 {_fmt(overhead.get('p90'), 2)} ms, p99 {_fmt(overhead.get('p99'), 2)} ms "
+        f"({overhead.get('n', 0)} writes)."
+    )
+    return rows
+
+
+def _plots(results: dict[str, Any], plots: pathlib.Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots.mkdir(exist_ok=True)
+    written = []
+    for size, entry in results["sizes"].items():
+        latency = entry.get("latency")
+        if not latency:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, kind, title in ((axes[0], "cr_update", "CR update"), (axes[1], "readiness", "pod readiness")):
+            for name in OBSERVERS:
+                values = sorted(latency.get(f"{kind}_samples", {}).get(name, []))
+                if values:
+                    ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=name)
+            ax.set_xscale("log")
+            ax.set_xlabel("write -> arrival (ms, log)")
+            ax.set_ylabel("fraction of writes")
+            ax.set_title(f"{title}, {size} peers")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = plots / f"latency-cdf-{size}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path.name)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    sizes = sorted(int(s) for s in results["sizes"])
+    for name in OBSERVERS:
+        ax.plot(sizes, [results["sizes"][str(s)]["rss_mb"].get(name, 0) for s in sizes], marker="o", label=name)
+    ax.set_xlabel("peers")
+    ax.set_ylabel("RSS after sync (MiB)")
+    ax.set_title("memory against peers")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(plots / "memory.png", dpi=110)
+    plt.close(fig)
+    written.append("memory.png")
+    return written
+
+
+def _slope_kb(results: dict[str, Any], name: str, low: int, high: int) -> float | None:
+    sizes = results["sizes"]
+    if str(low) not in sizes or str(high) not in sizes:
+        return None
+    return (sizes[str(high)]["rss_mb"][name] - sizes[str(low)]["rss_mb"][name]) * 1024 / (high - low)
+
+
+def write(results: dict[str, Any], bench_dir: pathlib.Path) -> None:
+    plots = _plots(results, bench_dir / "plots")
+    m = results["machine"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Generated by `make bench` (`python -m bench`) on {datetime.date.fromtimestamp(results['started'])}; "
+        f"raw numbers in `bench/results.json`. Run time {results['duration_seconds'] / 60:.0f} min.",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; Python {m['python']}; {m['go']}; "
+        f"{m['rustc']}. Control plane: Kubernetes {m['kubernetes']}, etcd {m['etcd']}, all on the same machine as "
+        "the watchers (2 cores shared by etcd, kube-apiserver, kube-controller-manager, four watchers and the "
+        "writer): absolute numbers are those of a loaded laptop-class box, ratios are the point.",
+        "",
+        "Watchers, side by side on the same API server, each observing every write:",
+        "",
+        "* `raw-watch`: the floor. A Go program doing LIST + WATCH over HTTP with minimal JSON decoding.",
+        "* `client-go-informer`: client-go shared informers (typed EndpointSlices, dynamic CRs).",
+        "* `kube-rs-reflector`: kube-rs `watcher` + `reflector` stores, the library Dynamo's and SGLang's "
+        "Rust discovery use.",
+        "* `sidecar`: a real `discovery-sidecar run` process; arrival is when the event reaches a WatchPeers "
+        "client (the gRPC hop included).",
+        "",
+        f"Each latency figure is the median over {results['args']['rounds']} rounds of that round's percentile. "
+        "CR update = server-side apply of `spec.data.seq` on one peer's CR. Pod readiness = one status PATCH "
+        "of a pod's Ready condition; it reaches watchers through the EndpointSlice controller, so it includes "
+        "that controller's latency for everyone.",
+        "",
+    ]
+    for size, entry in sorted(results["sizes"].items(), key=lambda kv: int(kv[0])):
+        if "latency" not in entry:
+            continue
+        lines += [f"## Propagation latency, {size} peers", "", "CR update:", ""]
+        lines += _latency_table(entry["latency"], "cr_update")
+        lines += ["", "Pod readiness:", ""]
+        lines += _latency_table(entry["latency"], "readiness")
+        lines += ["", f"![latency CDF]( plots/latency-cdf-{size}.png)".replace("( ", "("), ""]
+
+    lines += [
+        "## Memory (RSS after the initial sync, MiB)",
+        "",
+        "| peers | " + " | ".join(OBSERVERS) + " |",
+        "| --- |" + " --- |" * len(OBSERVERS),
+    ]
+    for size in sorted(results["sizes"], key=int):
+        rss = results["sizes"][size]["rss_mb"]
+        lines.append(f"| {size} | " + " | ".join(_fmt(rss.get(n)) for n in OBSERVERS) + " |")
+    biggest = max(int(s) for s in results["sizes"])
+    lines += [
+        "",
+        "Slope (KiB per additional peer, from 1,000 to the largest size): "
+        + ", ".join(f"{n} {_fmt(_slope_kb(results, n, 1000, biggest))}" for n in OBSERVERS)
+        + ".",
+        "",
+        "![memory](plots/memory.png)",
+        "",
+    ]
+
+    lines += [
+        "## Start-up (process start to first synced snapshot, seconds)",
+        "",
+        "| peers | " + " | ".join(OBSERVERS) + " |",
+        "| --- |" + " --- |" * len(OBSERVERS),
+    ]
+    for size in sorted(results["sizes"], key=int):
+        startup = results["sizes"][size]["startup_seconds"]
+        lines.append(f"| {size} | " + " | ".join(_fmt(startup.get(n), 2) for n in OBSERVERS) + " |")
+
+    churn = results["churn"]
+    lines += [
+        "",
+        f"## Churn ({churn['peers']} peers, CR updates as fast as the writers go)",
+        "",
+        "| writers | writes/s achieved | watcher | events seen | lag p50 ms | lag p99 ms | lag p50 first fifth | "
+        "lag p50 last fifth | CPU ms per 1,000 events |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for run in churn["runs"]:
+        for name in OBSERVERS:
+            r = run.get(name)
+            if not r:
+                continue
+            lines.append(
+                f"| {run['writers']} | {run['write_rate']:.0f} | {name} | {r['events_seen']} | "
+                f"{_fmt(r['lag_ms'].get('p50'))} | {_fmt(r['lag_ms'].get('p99'))} | "
+                f"{_fmt(r['lag_first_fifth_p50_ms'])} | {_fmt(r['lag_last_fifth_p50_ms'])} | "
+                f"{_fmt(r['cpu_ms_per_1000_events'], 0)} |"
+            )
+    p = churn["pipeline"]
+    lines += [
+        "",
+        "The API server on this machine accepts far fewer writes per second than the sidecar absorbs, so "
+        "the sidecar's own capacity is measured separately (`bench/pipeline.py`): real watch-event JSON lines "
+        "are decoded and applied exactly as the reflector does, and a WatchPeers client in another process "
+        "receives the result.",
+        "",
+        f"* {p['peers']} peers, {p['events_fed']} CR updates: applied at **{p['apply_rate_per_s']:.0f}/s**, "
+        f"end to end (last event received by the client) **{p['end_to_end_rate_per_s']:.0f}/s**; "
+        f"sidecar CPU {p['sidecar_cpu_ms_per_1000_events']:.0f} ms per 1,000 events; the client received "
+        f"{p['events_streamed']} events (the rest coalesced per peer while it was behind).",
+    ]
+    profile = churn.get("profile") or {}
+    if profile.get("top_self"):
+        lines += [
+            "",
+            "Where the sidecar's time goes under churn (py-spy, self time, top entries; full list in "
+            f"`bench/results/{profile['file']}`):",
+            "",
+        ]
+        lines += [f"* {share}% {frame}" for frame, share in profile["top_self"][:10]]
+    elif profile:
+        lines += ["", f"Profile: {profile.get('error')}"]
+
+    restart = results["restart"]
+    lines += [
+        "",
+        "## Recovery after a kube-apiserver restart",
+        "",
+        f"With {restart['peers']} peers: the API server took {restart['apiserver_restart_seconds']:.1f} s to "
+        f"come back; the sidecar's stream reported CONNECTED again "
+        f"{restart['sidecar_recovery_after_apiserver_ready_seconds']:.2f} s after the API server was ready, "
+        f"with {restart['relists']:.0f} relist(s) (a relist happens when the watch cache no longer holds the "
+        "sidecar's resourceVersion; otherwise the watches resume).",
+    ]
+
+    cost = results["cost"]
+    lines += [
+        "",
+        f"## API server cost ({cost['peers']} peers)",
+        "",
+        "Bytes each watcher received from the API server (TLS bytes, through a counting proxy):",
+        "",
+        "| phase | seconds | " + " | ".join(OBSERVERS) + " | sidecar requests |",
+        "| --- | --- |" + " --- |" * len(OBSERVERS) + " --- |",
+    ]
+    for phase in ("idle_60s", "rolling_restart"):
+        c = cost[phase]
+        lines.append(
+            f"| {phase} | {c['seconds']:.0f} | "
+            + " | ".join(f"{c['bytes_from_apiserver'].get(n, 0) / 1024:.0f} KiB" for n in OBSERVERS)
+            + f" | {c['sidecar_requests']:.0f} |"
+        )
+    lines += ["", "See `bench/COST_MODEL.md` for what this means for a whole cluster.", ""]
+
+    lines += _targets(results)
+    lines += ["", "Plots: " + ", ".join(f"`plots/{p}`" for p in plots), ""]
+    (bench_dir / "RESULTS.md").write_text("\n".join(lines))
+
+
+def _targets(results: dict[str, Any]) -> list[str]:
+    sizes = results["sizes"]
+    at_1k = sizes.get("1000", {})
+    overhead = (
+        (((at_1k.get("latency") or {}).get("cr_update") or {}).get("sidecar") or {})
+        .get("overhead_over_floor", {})
+        .get("p99")
+    )
+    biggest = max(int(s) for s in sizes)
+    rows = [
+        (
+            "overhead over the raw watch at p99, 1k peers (CR update)",
+            "<= 5 ms",
+            overhead,
+            overhead is not None and overhead <= TARGETS["overhead_p99_ms_at_1k"],
+        ),
+        (
+            "sustained events/s (sidecar pipeline, end to end)",
+            ">= 5,000",
+            results["churn"]["pipeline"]["end_to_end_rate_per_s"],
+            results["churn"]["pipeline"]["end_to_end_rate_per_s"] >= TARGETS["events_per_s"],
+        ),
+        (
+            "RSS at 1k peers (MiB)",
+            "<= 70",
+            at_1k.get("rss_mb", {}).get("sidecar"),
+            (at_1k.get("rss_mb", {}).get("sidecar") or 1e9) <= TARGETS["rss_mb_at_1k"],
+        ),
+        (
+            "KiB per additional peer",
+            "<= 4",
+            _slope_kb(results, "sidecar", 1000, biggest),
+            (_slope_kb(results, "sidecar", 1000, biggest) or 1e9) <= TARGETS["kb_per_peer"],
+        ),
+        (
+            "first synced snapshot at 1k peers (s)",
+            "<= 1",
+            at_1k.get("startup_seconds", {}).get("sidecar"),
+            (at_1k.get("startup_seconds", {}).get("sidecar") or 1e9) <= TARGETS["startup_s_at_1k"],
+        ),
+    ]
+    out = ["## Targets", "", "| target | aim | measured | met |", "| --- | --- | --- | --- |"]
+    for label, aim, value, met in rows:
+        out.append(f"| {label} | {aim} | {_fmt(value, 2)} | {'yes' if met else 'no'} |")
+    return out
+
+
+if __name__ == "__main__":
+    here = pathlib.Path(__file__).resolve().parent
+    write(json.loads((here / (sys.argv[1] if len(sys.argv) > 1 else "results.json")).read_text()), here)

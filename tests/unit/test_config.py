@@ -1,0 +1,341 @@
+"""Tests for sidecar.config: env/flag/podinfo resolution and validation, all problems reported at once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.config import (
+    OPTIONS,
+    SERVICE_NAME_LABEL,
+    ConfigError,
+    ListenAddress,
+    Settings,
+    add_arguments,
+    describe_environment,
+    load_settings,
+    parse_duration,
+)
+from sidecar.core.selectors import parse_selector, selector_from_labels
+
+
+@pytest.fixture
+def podinfo(tmp_path: pathlib.Path) -> pathlib.Path:
+    directory = tmp_path / "podinfo"
+    directory.mkdir()
+    return directory
+
+
+@pytest.fixture
+def env(podinfo: pathlib.Path) -> dict[str, str]:
+    return {
+        "POD_NAME": "worker-0",
+        "POD_NAMESPACE": "ns",
+        "POD_UID": "uid-1",
+        "DISCOVERY_SERVICE_NAME": "workers",
+        "DISCOVERY_PODINFO_DIR": str(podinfo),
+    }
+
+
+def load(environ: dict[str, str], argv: list[str] | None = None) -> Settings:
+    args = None
+    if argv is not None:
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        args = parser.parse_args(argv)
+    return load_settings(args=args, environ=environ)
+
+
+def problems(environ: dict[str, str], argv: list[str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load(environ, argv)
+    return str(info.value)
+
+
+def test_minimal_configuration_and_defaults(env: dict[str, str]) -> None:
+    s = load(env)
+    assert (s.identity.name, s.identity.namespace, s.identity.uid) == ("worker-0", "ns", "uid-1")
+    assert s.endpointslice_selector == selector_from_labels({SERVICE_NAME_LABEL: "workers"})
+    assert s.grpc_listen == ListenAddress(host="127.0.0.1", port=50051)
+    assert s.http_listen == ListenAddress(host="0.0.0.0", port=8090)
+    assert s.initial_metadata == {}
+    assert s.pod_labels == {}
+    assert s.kubeconfig is None
+    assert (s.watch_silence_timeout, s.request_timeout, s.backoff_max, s.shutdown_timeout) == (90, 15, 30, 20)
+    assert s.history_size == 10000
+    assert s.field_manager == "discovery-sidecar"
+    assert (s.log_format, s.log_level) == ("auto", "info")
+    assert s.raw["POD_NAME"] == "worker-0"
+
+
+def test_missing_identity_is_reported_together(env: dict[str, str]) -> None:
+    for name in ("POD_NAME", "POD_NAMESPACE", "POD_UID"):
+        del env[name]
+    text = problems(env)
+    for name, flag in (("POD_NAME", "--pod-name"), ("POD_NAMESPACE", "--pod-namespace"), ("POD_UID", "--pod-uid")):
+        assert f"{name} ({flag}) is not set" in text
+    assert "downward API" in text
+
+
+def test_blank_env_counts_as_unset(env: dict[str, str]) -> None:
+    env["POD_UID"] = "   "
+    assert "POD_UID (--pod-uid) is not set" in problems(env)
+
+
+def test_podinfo_files_win_over_env(env: dict[str, str], podinfo: pathlib.Path) -> None:
+    (podinfo / "pod_name").write_text("from-file-0\n")
+    (podinfo / "pod_uid").write_text("file-uid")
+    (podinfo / "pod_namespace").write_text("")  # empty file: falls back to the env var
+    s = load(env)
+    assert s.identity.name == "from-file-0"
+    assert s.identity.uid == "file-uid"
+    assert s.identity.namespace == "ns"
+
+
+def test_podinfo_files_alone_suffice(env: dict[str, str], podinfo: pathlib.Path) -> None:
+    for name in ("POD_NAME", "POD_NAMESPACE", "POD_UID"):
+        del env[name]
+    (podinfo / "pod_name").write_text("w")
+    (podinfo / "pod_namespace").write_text("n")
+    (podinfo / "pod_uid").write_text("u")
+    assert load(env).identity == load({**env, "POD_NAME": "x", "POD_NAMESPACE": "y", "POD_UID": "z"}).identity
+    assert (load(env).identity.name, load(env).identity.uid) == ("w", "u")
+
+
+def test_flags_win_over_everything(env: dict[str, str], podinfo: pathlib.Path) -> None:
+    (podinfo / "pod_name").write_text("from-file")
+    s = load(env, ["--pod-name", "from-flag", "--grpc-listen", "127.0.0.1:1234"])
+    assert s.identity.name == "from-flag"
+    assert s.grpc_listen.port == 1234
+
+
+def test_pod_labels_from_env_and_from_labels_file(env: dict[str, str], podinfo: pathlib.Path) -> None:
+    assert load({**env, "DISCOVERY_POD_LABELS": "role=decode, tier=a"}).pod_labels == {"role": "decode", "tier": "a"}
+    # the downward-API labels file (k="v" per line) is the default
+    (podinfo / "labels").write_text('app="dynamo"\nrole="prefill"\n')
+    assert load(env).pod_labels == {"app": "dynamo", "role": "prefill"}
+    # an explicit setting wins over that default
+    assert load({**env, "DISCOVERY_POD_LABELS": "role=decode"}).pod_labels == {"role": "decode"}
+
+
+def test_bad_pod_labels(env: dict[str, str]) -> None:
+    assert "DISCOVERY_POD_LABELS (--pod-labels)" in problems({**env, "DISCOVERY_POD_LABELS": "novalue"})
+    assert "DISCOVERY_POD_LABELS" in problems({**env, "DISCOVERY_POD_LABELS": "bad key!=x"})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:50051", ListenAddress(host="127.0.0.1", port=50051)),
+        ("localhost:7000", ListenAddress(host="127.0.0.1", port=7000)),
+        (":7000", ListenAddress(host="127.0.0.1", port=7000)),
+        ("127.0.0.2:1", ListenAddress(host="127.0.0.2", port=1)),
+        ("[::1]:7000", ListenAddress(host="::1", port=7000)),
+        ("unix:///run/discovery/api.sock", ListenAddress(unix_path="/run/discovery/api.sock")),
+    ],
+)
+def test_grpc_listen_accepted(env: dict[str, str], text: str, expected: ListenAddress) -> None:
+    assert load({**env, "DISCOVERY_GRPC_LISTEN": text}).grpc_listen == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("0.0.0.0:50051", "loopback"),
+        ("10.1.2.3:50051", "loopback"),
+        ("[::]:50051", "loopback"),
+        ("example.com:50051", "loopback IP address"),
+        ("unix://relative.sock", "absolute path"),
+        ("127.0.0.1:70000", "out of range"),
+        ("127.0.0.1", "host:port"),
+        ("nonsense", "host:port"),
+    ],
+)
+def test_grpc_listen_refused(env: dict[str, str], text: str, fragment: str) -> None:
+    text_out = problems({**env, "DISCOVERY_GRPC_LISTEN": text})
+    assert "DISCOVERY_GRPC_LISTEN (--grpc-listen)" in text_out
+    assert fragment in text_out
+
+
+def test_grpc_target_spelling() -> None:
+    assert ListenAddress(host="::1", port=5).grpc_target == "[::1]:5"
+    assert ListenAddress(host="127.0.0.1", port=5).grpc_target == "127.0.0.1:5"
+    assert str(ListenAddress(unix_path="/x.sock")) == "unix:///x.sock"
+
+
+def test_http_listen(env: dict[str, str]) -> None:
+    assert load({**env, "DISCOVERY_HTTP_LISTEN": "off"}).http_listen is None
+    assert load({**env, "DISCOVERY_HTTP_LISTEN": "10.0.0.1:9090"}).http_listen == ListenAddress("10.0.0.1", 9090)
+    assert load({**env, "DISCOVERY_HTTP_LISTEN": ":9090"}).http_listen == ListenAddress("0.0.0.0", 9090)
+    assert "DISCOVERY_HTTP_LISTEN (--http-listen)" in problems({**env, "DISCOVERY_HTTP_LISTEN": "9090"})
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30", 30), ("30s", 30), ("500ms", 0.5), ("2m", 120), ("1h", 3600), ("1.5m", 90), (" 5s ", 5)],
+)
+def test_durations(env: dict[str, str], text: str, seconds: float) -> None:
+    assert load({**env, "DISCOVERY_REQUEST_TIMEOUT": text}).request_timeout == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["0", "0s", "-1s", "10x", "s", "1d", "ten"])
+def test_bad_durations(env: dict[str, str], text: str) -> None:
+    out = problems({**env, "DISCOVERY_WATCH_SILENCE_TIMEOUT": text})
+    assert "DISCOVERY_WATCH_SILENCE_TIMEOUT (--watch-silence-timeout)" in out
+    assert repr(text) in out
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 10**6), st.sampled_from([("", 1), ("s", 1), ("ms", 0.001), ("m", 60), ("h", 3600)]))
+def test_parse_duration_property(number: int, unit: tuple[str, float]) -> None:
+    assert parse_duration(f"{number}{unit[0]}") == pytest.approx(number * unit[1])
+
+
+@pytest.mark.parametrize("text", ["0", "-5", "ten", "1.5"])
+def test_bad_history_size(env: dict[str, str], text: str) -> None:
+    assert "DISCOVERY_HISTORY_SIZE (--history-size)" in problems({**env, "DISCOVERY_HISTORY_SIZE": text})
+
+
+def test_metadata_inline(env: dict[str, str]) -> None:
+    data = {"endpoints": {"ns/c/e/1": {}}, "custom": 1}
+    assert load({**env, "DISCOVERY_METADATA": json.dumps(data)}).initial_metadata == data
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("{not json", "invalid JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ('"text"', "must be a JSON object"),
+        ('{"endpoints": []}', "endpoints must be a JSON object"),
+    ],
+)
+def test_bad_metadata(env: dict[str, str], text: str, fragment: str) -> None:
+    out = problems({**env, "DISCOVERY_METADATA": text})
+    assert "DISCOVERY_METADATA (--metadata)" in out
+    assert fragment in out
+
+
+def test_metadata_file(env: dict[str, str], tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "meta.json"
+    path.write_text('{"model_cards": {"m": {}}}')
+    assert load({**env, "DISCOVERY_METADATA_FILE": str(path)}).initial_metadata == {"model_cards": {"m": {}}}
+    out = problems({**env, "DISCOVERY_METADATA_FILE": str(tmp_path / "missing.json")})
+    assert "DISCOVERY_METADATA_FILE (--metadata-file)" in out and "cannot read" in out
+    path.write_text("[]")
+    assert "must be a JSON object" in problems({**env, "DISCOVERY_METADATA_FILE": str(path)})
+
+
+def test_metadata_and_metadata_file_together(env: dict[str, str], tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "meta.json"
+    path.write_text("{}")
+    out = problems({**env, "DISCOVERY_METADATA": "{}", "DISCOVERY_METADATA_FILE": str(path)})
+    assert "set only one of DISCOVERY_METADATA (--metadata) and DISCOVERY_METADATA_FILE (--metadata-file)" in out
+
+
+def test_backend(env: dict[str, str]) -> None:
+    assert load({**env, "DYN_DISCOVERY_BACKEND": "kubernetes"}).identity.name == "worker-0"
+    out = problems({**env, "DYN_DISCOVERY_BACKEND": "etcd"})
+    assert "DYN_DISCOVERY_BACKEND (--backend) is 'etcd'" in out
+    assert "kubernetes backend only" in out
+    out = problems({**env, "DYN_DISCOVERY_BACKEND": "consul"})
+    assert "expected kubernetes or etcd" in out and "'consul'" in out
+
+
+def test_service_name_and_selector_combine(env: dict[str, str]) -> None:
+    s = load({**env, "DISCOVERY_ENDPOINTSLICE_SELECTOR": "tier in (gpu),!canary"})
+    selector = s.endpointslice_selector
+    assert selector == parse_selector(f"{SERVICE_NAME_LABEL}=workers,tier in (gpu),!canary")
+    assert selector.matches({SERVICE_NAME_LABEL: "workers", "tier": "gpu"})
+    assert not selector.matches({SERVICE_NAME_LABEL: "workers", "tier": "cpu"})
+    assert not selector.matches({SERVICE_NAME_LABEL: "other", "tier": "gpu"})
+    assert not selector.matches({"tier": "gpu"})
+
+
+def test_selector_alone(env: dict[str, str]) -> None:
+    del env["DISCOVERY_SERVICE_NAME"]
+    s = load({**env, "DISCOVERY_ENDPOINTSLICE_SELECTOR": "app=dynamo"})
+    assert s.endpointslice_selector == parse_selector("app=dynamo")
+
+
+def test_neither_service_nor_selector(env: dict[str, str]) -> None:
+    del env["DISCOVERY_SERVICE_NAME"]
+    out = problems(env)
+    assert "DISCOVERY_SERVICE_NAME (--service-name)" in out
+    assert "DISCOVERY_ENDPOINTSLICE_SELECTOR (--endpointslice-selector)" in out
+
+
+def test_empty_selector_selects_everything_and_is_refused(env: dict[str, str]) -> None:
+    del env["DISCOVERY_SERVICE_NAME"]
+    out = problems(env, ["--endpointslice-selector", ""])
+    assert "selects every EndpointSlice" in out
+
+
+def test_bad_selector_and_bad_service_name(env: dict[str, str]) -> None:
+    out = problems({**env, "DISCOVERY_ENDPOINTSLICE_SELECTOR": "a in b"})
+    assert "DISCOVERY_ENDPOINTSLICE_SELECTOR (--endpointslice-selector): invalid label selector" in out
+    out = problems({**env, "DISCOVERY_SERVICE_NAME": "not a valid name!"})
+    assert "DISCOVERY_SERVICE_NAME (--service-name): not a valid Service name" in out
+
+
+@pytest.mark.parametrize(("env_name", "value"), [("DISCOVERY_LOG_FORMAT", "xml"), ("DISCOVERY_LOG_LEVEL", "loud")])
+def test_bad_choices(env: dict[str, str], env_name: str, value: str) -> None:
+    assert env_name in problems({**env, env_name: value})
+
+
+def test_choices_are_case_insensitive(env: dict[str, str]) -> None:
+    s = load({**env, "DISCOVERY_LOG_FORMAT": "JSON", "DISCOVERY_LOG_LEVEL": "Debug"})
+    assert (s.log_format, s.log_level) == ("json", "debug")
+
+
+def test_every_problem_in_one_error(env: dict[str, str]) -> None:
+    bad = {
+        "POD_NAME": "",
+        "DISCOVERY_PODINFO_DIR": env["DISCOVERY_PODINFO_DIR"],
+        "POD_NAMESPACE": "ns",
+        "POD_UID": "u",
+        "DISCOVERY_GRPC_LISTEN": "0.0.0.0:1",
+        "DISCOVERY_REQUEST_TIMEOUT": "soon",
+        "DISCOVERY_METADATA": "{",
+        "DYN_DISCOVERY_BACKEND": "etcd",
+        "DISCOVERY_HISTORY_SIZE": "0",
+    }
+    out = problems(bad)
+    for name in (
+        "POD_NAME",
+        "DISCOVERY_GRPC_LISTEN",
+        "DISCOVERY_REQUEST_TIMEOUT",
+        "DISCOVERY_METADATA",
+        "DYN_DISCOVERY_BACKEND",
+        "DISCOVERY_HISTORY_SIZE",
+        "DISCOVERY_SERVICE_NAME",
+    ):
+        assert name in out
+    assert out.startswith("invalid configuration:")
+    assert out.count("\n  - ") == 7
+
+
+def test_environ_defaults_to_process_environment(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("POD_NAME", "from-os-environ")
+    assert load_settings().identity.name == "from-os-environ"
+
+
+def test_option_table_is_consistent() -> None:
+    envs = [o.env for o in OPTIONS]
+    flags = [o.flag for o in OPTIONS]
+    assert len(set(envs)) == len(envs) and len(set(flags)) == len(flags)
+    for required in ("POD_NAME", "POD_NAMESPACE", "POD_UID", "DISCOVERY_SERVICE_NAME",
+                     "DISCOVERY_ENDPOINTSLICE_SELECTOR", "DISCOVERY_GRPC_LISTEN", "DISCOVERY_HTTP_LISTEN",
+                     "DISCOVERY_METADATA", "DISCOVERY_METADATA_FILE", "DYN_DISCOVERY_BACKEND", "KUBECONFIG"):
+        assert required in envs
+    assert [row[0] for row in describe_environment()] == envs
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert "Env: POD_NAME" in parser.format_help()
