@@ -208,10 +208,9 @@ class GrpcServer:
 
     def __init__(self, service: DiscoveryService, listen: ListenAddress) -> None:
         self.listen = listen
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=MAX_STREAMS + 8, thread_name_prefix="grpc"),
-            maximum_concurrent_rpcs=MAX_STREAMS,
-        )
+        # gRPC does not shut down an executor it is given: keep it, to stop its threads in stop().
+        self.executor = futures.ThreadPoolExecutor(max_workers=MAX_STREAMS + 8, thread_name_prefix="grpc")
+        self.server = grpc.server(self.executor, maximum_concurrent_rpcs=MAX_STREAMS)
         pb_grpc.add_DiscoveryServicer_to_server(service, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -245,3 +244,4 @@ class GrpcServer:
     def stop(self, grace: float) -> None:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait(grace + 1)
+        self.executor.shutdown(wait=True, cancel_futures=True)

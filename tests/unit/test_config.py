@@ -331,9 +331,19 @@ def test_option_table_is_consistent() -> None:
     envs = [o.env for o in OPTIONS]
     flags = [o.flag for o in OPTIONS]
     assert len(set(envs)) == len(envs) and len(set(flags)) == len(flags)
-    for required in ("POD_NAME", "POD_NAMESPACE", "POD_UID", "DISCOVERY_SERVICE_NAME",
-                     "DISCOVERY_ENDPOINTSLICE_SELECTOR", "DISCOVERY_GRPC_LISTEN", "DISCOVERY_HTTP_LISTEN",
-                     "DISCOVERY_METADATA", "DISCOVERY_METADATA_FILE", "DYN_DISCOVERY_BACKEND", "KUBECONFIG"):
+    for required in (
+        "POD_NAME",
+        "POD_NAMESPACE",
+        "POD_UID",
+        "DISCOVERY_SERVICE_NAME",
+        "DISCOVERY_ENDPOINTSLICE_SELECTOR",
+        "DISCOVERY_GRPC_LISTEN",
+        "DISCOVERY_HTTP_LISTEN",
+        "DISCOVERY_METADATA",
+        "DISCOVERY_METADATA_FILE",
+        "DYN_DISCOVERY_BACKEND",
+        "KUBECONFIG",
+    ):
         assert required in envs
     assert [row[0] for row in describe_environment()] == envs
     parser = argparse.ArgumentParser()

@@ -34,8 +34,17 @@ def test_matches_struct_update(document: dict) -> None:
 
 def test_examples_cover_every_value_kind() -> None:
     document = {
-        "null": None, "t": True, "f": False, "int": 1186445869714687, "neg": -3, "float": 2.5, "inf": math.inf,
-        "text": "ünïcode ✓", "empty": {}, "list": [1, "a", None, [True], {"k": "v"}], "nested": {"a": {"b": [1.5]}},
+        "null": None,
+        "t": True,
+        "f": False,
+        "int": 1186445869714687,
+        "neg": -3,
+        "float": 2.5,
+        "inf": math.inf,
+        "text": "ünïcode ✓",
+        "empty": {},
+        "list": [1, "a", None, [True], {"k": "v"}],
+        "nested": {"a": {"b": [1.5]}},
     }
     ours = struct_pb2.Struct.FromString(encode_struct(document))
     assert ours == reference(document)
