@@ -6,7 +6,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from devcluster.objects import ENDPOINT_SLICES, WORKER_METADATA, Cluster, wait_for
+from devcluster.objects import ENDPOINT_SLICES, Cluster, wait_for
 from sidecar.core.instance_id import instance_id_hex
 
 NAMESPACE = "bench"
@@ -51,27 +51,7 @@ class Workload:
         self.pods[name] = pod
 
     def write_cr(self, pod: dict[str, Any], seq: int) -> dict[str, Any]:
-        meta = pod["metadata"]
-        body = {
-            "apiVersion": "nvidia.com/v1alpha1",
-            "kind": "DynamoWorkerMetadata",
-            "metadata": {
-                "name": meta["name"],
-                "labels": meta.get("labels") or {},
-                "ownerReferences": [
-                    {
-                        "apiVersion": "v1",
-                        "kind": "Pod",
-                        "name": meta["name"],
-                        "uid": meta["uid"],
-                        "controller": False,
-                        "blockOwnerDeletion": False,
-                    }
-                ],
-            },
-            "spec": {"data": metadata(meta["name"], seq)},
-        }
-        return self.cluster.api.apply(WORKER_METADATA.item(NAMESPACE, meta["name"]), body, "dynamo")
+        return self.cluster.register_like_dynamo(pod, metadata(pod["metadata"]["name"], seq))
 
     def grow_to(self, size: int, log=print) -> None:
         if size <= self.size:

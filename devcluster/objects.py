@@ -224,7 +224,49 @@ class Cluster:
                     result[name] = result.get(name, False) or ready is not False
         return result
 
+    # -- DynamoWorkerMetadata written the way Dynamo's own runtime writes it ---------------------------
+    def register_like_dynamo(
+        self, pod: Mapping[str, Any], data: Mapping[str, Any] | None = None, field_manager: str = "dynamo"
+    ) -> dict[str, Any]:
+        """Server-side apply of the pod's CR, owned by the pod (controller false), as Dynamo does."""
+        meta = pod["metadata"]
+        body = {
+            "apiVersion": "nvidia.com/v1alpha1",
+            "kind": "DynamoWorkerMetadata",
+            "metadata": {
+                "name": meta["name"],
+                "labels": dict(meta.get("labels") or {}),
+                "ownerReferences": [
+                    {
+                        "apiVersion": "v1",
+                        "kind": "Pod",
+                        "name": meta["name"],
+                        "uid": meta["uid"],
+                        "controller": False,
+                        "blockOwnerDeletion": False,
+                    }
+                ],
+            },
+            "spec": {
+                "data": dict(data) if data is not None else {"endpoints": {}, "model_cards": {}, "event_channels": {}}
+            },
+        }
+        return self.api.apply(WORKER_METADATA.item(meta["namespace"], meta["name"]), body, field_manager)
+
     # -- RBAC and tokens ---------------------------------------------------------------------------
+    def bind_role(self, namespace: str, service_account: str, role: str, binding: str | None = None) -> dict[str, Any]:
+        """A RoleBinding of ``role`` to ``service_account`` (named ``binding``, default the account's name)."""
+        return self.api.create(
+            f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings",
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": {"name": binding or service_account},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
+                "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}],
+            },
+        )
+
     def create_service_account(self, namespace: str, name: str) -> dict[str, Any]:
         body = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}}
         return self.api.create(SERVICE_ACCOUNTS.collection(namespace), body)

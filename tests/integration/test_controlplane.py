@@ -99,16 +99,7 @@ def test_rbac_refuses_without_role_and_allows_with_it(
     assert refused.value.status == 403
     assert "system:serviceaccount:" + namespace + ":no-role" in refused.value.message
 
-    cluster.api.create(
-        f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings",
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": {"name": "no-role-now-has-role"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "discovery-sidecar"},
-            "subjects": [{"kind": "ServiceAccount", "name": "no-role", "namespace": namespace}],
-        },
-    )
+    cluster.bind_role(namespace, "no-role", "discovery-sidecar", binding="no-role-now-has-role")
     listing = wait_for(
         lambda: _try_list(without, ENDPOINT_SLICES.collection(namespace)), 30, what="RBAC to admit the bound SA"
     )

@@ -26,28 +26,8 @@ OBSERVER = "observer"
 
 
 def register_like_dynamo(cluster: Cluster, pod: dict, data: dict | None = None) -> dict:
-    """What Dynamo's runtime writes for its pod: SSA, owned by the pod, controller false."""
-    meta = pod["metadata"]
-    body = {
-        "apiVersion": "nvidia.com/v1alpha1",
-        "kind": "DynamoWorkerMetadata",
-        "metadata": {
-            "name": meta["name"],
-            "labels": meta.get("labels") or {},
-            "ownerReferences": [
-                {
-                    "apiVersion": "v1",
-                    "kind": "Pod",
-                    "name": meta["name"],
-                    "uid": meta["uid"],
-                    "controller": False,
-                    "blockOwnerDeletion": False,
-                }
-            ],
-        },
-        "spec": {"data": data if data is not None else {"endpoints": {}, "model_cards": {}, "event_channels": {}}},
-    }
-    return cluster.api.apply(WORKER_METADATA.item(meta["namespace"], meta["name"]), body, "dynamo")
+    """What Dynamo's runtime writes for its pod (see Cluster.register_like_dynamo)."""
+    return cluster.register_like_dynamo(pod, data)
 
 
 def truth(cluster: Cluster, namespace: str) -> dict[str, str]:

@@ -246,16 +246,7 @@ def make_limited_role(cluster: Cluster, namespace: str, drop: tuple[str, str] | 
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "limited"}, "rules": rules},
     )
     cluster.create_service_account(namespace, "limited")
-    cluster.api.create(
-        f"{rbac}/rolebindings",
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "RoleBinding",
-            "metadata": {"name": "limited"},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "limited"},
-            "subjects": [{"kind": "ServiceAccount", "name": "limited", "namespace": namespace}],
-        },
-    )
+    cluster.bind_role(namespace, "limited", "limited")
 
 
 def test_role_in_manifests_matches_the_verbs_tested_here() -> None:

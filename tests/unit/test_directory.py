@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -441,17 +442,43 @@ filter_st = st.builds(
 )
 
 
-@settings(max_examples=150, deadline=None)
-@given(st.lists(op_st, min_size=8, max_size=40), st.data())
-def test_model_based_directory(ops: list[tuple[str, Any]], data: st.DataObject) -> None:
-    directory = PeerDirectory("history", 10_000)
-    truth = Truth()
-    status = ApiStatus.CONNECTED
-    listed: set[str] = set()
-    replica: dict[str, Peer] = {}
-    history: list[tuple[int, dict[str, Peer]]] = [(0, {})]
+class ModelRun:
+    """One PeerDirectory driven alongside the truth; every step is checked against it."""
 
-    for op, arg in ops:
+    def __init__(self) -> None:
+        self.directory = PeerDirectory("history", 100_000)
+        self.truth = Truth()
+        self.status = ApiStatus.CONNECTED
+        self.listed: set[str] = set()
+        self.replica: dict[str, Peer] = {}
+        self.history: list[tuple[int, dict[str, Peer]]] = [(0, {})]
+
+    def _relist_slices(self) -> None:
+        """Re-read every slice from the API server: same content, fresh objects and resourceVersions."""
+        fresh = {
+            k: parse_endpoint_slice(
+                {
+                    "metadata": {"name": v.name, "namespace": NS, "resourceVersion": str(next(_rv))},
+                    "ports": [{"name": p.name, "port": p.port} for p in v.ports],
+                    "endpoints": [
+                        raw_endpoint(
+                            e.pod_uid,
+                            e.pod_name,
+                            e.addresses,
+                            {"ready": e.ready, "serving": e.serving, "terminating": e.terminating},
+                            e.node_name,
+                        )
+                        for e in v.endpoints
+                    ],
+                }
+            )
+            for k, v in self.truth.slices.items()
+        }
+        assert all(replace(self.truth.slices[k], resource_version=v.resource_version) == v for k, v in fresh.items())
+        self.truth.slices = fresh
+
+    def step(self, op: str, arg: Any) -> None:
+        directory, truth = self.directory, self.truth
         expected_before = truth.peers()
         head = directory.log.head_revision
         relist_unchanged = False
@@ -492,33 +519,13 @@ def test_model_based_directory(ops: list[tuple[str, Any]], data: st.DataObject) 
             ports = (80,) if current_slice is None else tuple(p.port for p in current_slice.ports)
             got = directory.apply_slice(key(name), truth.set_slice(name, ([*others, endpoint], ports)))
         elif op == "relist_slices":
+            # a relist after 410 Gone: the changes in ``arg`` happened while the watch was down
             for name, content in arg:
                 truth.set_slice(name, content)
             relist_unchanged = not arg
-            # re-read from the API server: same content, fresh objects and resourceVersions
-            fresh = {
-                k: parse_endpoint_slice(
-                    {
-                        "metadata": {"name": v.name, "namespace": NS, "resourceVersion": str(next(_rv))},
-                        "ports": [{"name": p.name, "port": p.port} for p in v.ports],
-                        "endpoints": [
-                            raw_endpoint(
-                                e.pod_uid,
-                                e.pod_name,
-                                e.addresses,
-                                {"ready": e.ready, "serving": e.serving, "terminating": e.terminating},
-                                e.node_name,
-                            )
-                            for e in v.endpoints
-                        ],
-                    }
-                )
-                for k, v in truth.slices.items()
-            }
-            assert all(replace(truth.slices[k], resource_version=v.resource_version) == v for k, v in fresh.items())
-            truth.slices = fresh
+            self._relist_slices()
             got = directory.replace_slices(dict(truth.slices))
-            listed.add("slices")
+            self.listed.add("slices")
         elif op == "relist_metadata":
             for name, content in arg:
                 truth.set_cr(name, content)
@@ -526,14 +533,14 @@ def test_model_based_directory(ops: list[tuple[str, Any]], data: st.DataObject) 
             got = directory.replace_metadata(dict(truth.crs))
             for k in set(truth.last_valid) | set(truth.crs):
                 truth.observe_cr(k)
-            listed.add("metadata")
+            self.listed.add("metadata")
         else:
             got = directory.set_status(arg, "reason")
-            assert len(got) == (0 if arg is status else 1)
+            assert len(got) == (0 if arg is self.status else 1)
             if got:
                 assert got[0].change == StatusChange(arg, "reason")
-            status = arg
-            assert directory.status.status is status
+            self.status = arg
+            assert directory.status.status is self.status
 
         expected = truth.peers()
         # what was returned is what was appended
@@ -556,46 +563,155 @@ def test_model_based_directory(ops: list[tuple[str, Any]], data: st.DataObject) 
         for entry in got:
             if isinstance(entry.change, PeerChange):
                 assert entry.change.before != entry.change.after
-                assert replica.get(entry.change.uid) == entry.change.before
+                assert self.replica.get(entry.change.uid) == entry.change.before
                 if entry.change.after is None:
-                    del replica[entry.change.uid]
+                    del self.replica[entry.change.uid]
                 else:
-                    replica[entry.change.uid] = entry.change.after
-        assert replica == dict(directory.peers)
-        assert directory.synced == (listed == {"slices", "metadata"})
-        history.append((directory.log.head_revision, dict(directory.peers)))
+                    self.replica[entry.change.uid] = entry.change.after
+        assert self.replica == dict(directory.peers)
+        assert directory.synced == (self.listed == {"slices", "metadata"})
+        self.history.append((directory.log.head_revision, dict(directory.peers)))
 
-    # (3) any client: projecting the whole log onto an empty view, in any chunking, or resuming from any
-    # revision on top of the snapshot at that revision, reaches the snapshot of the final peer set.
-    all_entries = directory.log.entries_after(0)
-    assert all_entries is not None and len(all_entries) == directory.log.head_revision
-    rebuilt: dict[str, Peer] = {}
-    for entry in all_entries:
-        if isinstance(entry.change, PeerChange):
-            if entry.change.after is None:
-                rebuilt.pop(entry.change.uid)
-            else:
-                rebuilt[entry.change.uid] = entry.change.after
-    assert rebuilt == dict(directory.peers)
+    def check_full_replay(self) -> list[LogEntry]:
+        all_entries = self.directory.log.entries_after(0)
+        assert all_entries is not None and len(all_entries) == self.directory.log.head_revision
+        rebuilt: dict[str, Peer] = {}
+        for entry in all_entries:
+            if isinstance(entry.change, PeerChange):
+                if entry.change.after is None:
+                    rebuilt.pop(entry.change.uid)
+                else:
+                    rebuilt[entry.change.uid] = entry.change.after
+        assert rebuilt == dict(self.directory.peers)
+        return all_entries
 
-    for _ in range(3):
-        peer_filter = data.draw(filter_st, label="filter")
-        self_uid = data.draw(st.sampled_from(UIDS), label="self_uid")
-        final = {v.peer.uid: v for v in snapshot_views(directory.peers.values(), peer_filter, self_uid)}
+    def check_client(
+        self,
+        peer_filter: PeerFilter,
+        self_uid: str,
+        cuts: list[int],
+        resume_at: int,
+        resume_cuts: list[int],
+    ) -> None:
+        """(3) Projecting the whole log onto an empty view, in any chunking, or resuming from a revision on top
+        of the snapshot at that revision, reaches the client's snapshot of the final peer set."""
+        all_entries = self.check_full_replay()
+        final = {v.peer.uid: v for v in snapshot_views(self.directory.peers.values(), peer_filter, self_uid)}
 
         view: dict[str, PeerView] = {}
         apply_messages(view, project(all_entries, peer_filter, self_uid))
         assert view == final
 
-        cuts = data.draw(st.lists(st.integers(0, len(all_entries)), max_size=6), label="cuts")
         view = {}
         project_in_chunks(all_entries, cuts, peer_filter, self_uid, view)
         assert view == final
 
-        revision, peers_then = data.draw(st.sampled_from(history), label="resume point")
+        revision, peers_then = self.history[resume_at]
         view = {v.peer.uid: v for v in snapshot_views(peers_then.values(), peer_filter, self_uid)}
-        tail = directory.log.entries_after(revision)
+        tail = self.directory.log.entries_after(revision)
         assert tail is not None
-        cuts = data.draw(st.lists(st.integers(0, len(tail)), max_size=4), label="resume cuts")
-        project_in_chunks(tail, cuts, peer_filter, self_uid, view)
+        project_in_chunks(tail, resume_cuts, peer_filter, self_uid, view)
         assert view == final
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(op_st, min_size=8, max_size=40), st.data())
+def test_model_based_directory(ops: list[tuple[str, Any]], data: st.DataObject) -> None:
+    """Shrinkable: a failure is reported as a short sequence of operations."""
+    run = ModelRun()
+    for op, arg in ops:
+        run.step(op, arg)
+    for _ in range(3):
+        run.check_client(
+            data.draw(filter_st, label="filter"),
+            data.draw(st.sampled_from(UIDS), label="self_uid"),
+            data.draw(st.lists(st.integers(0, run.directory.log.head_revision), max_size=6), label="cuts"),
+            data.draw(st.integers(0, len(run.history) - 1), label="resume at step"),
+            data.draw(st.lists(st.integers(0, run.directory.log.head_revision), max_size=4), label="resume cuts"),
+        )
+
+
+# Long random runs: cheap to generate, so they reach deep states (pods in several slices, draining pods,
+# fallbacks to last valid data, missed changes across relists) that short shrinkable sequences rarely do.
+# A failure names the seed, which replays it exactly.
+
+
+def random_conditions(rng: random.Random) -> dict[str, bool | None]:
+    if rng.random() < 0.8:
+        return dict(rng.choice(COMMON_CONDITIONS))
+    return {c: rng.choice([None, True, False]) for c in ("ready", "serving", "terminating")}
+
+
+def random_endpoint(rng: random.Random, uid: str) -> dict[str, Any]:
+    addresses = tuple(rng.sample(ADDRESSES, rng.randint(0, 2)))
+    return raw_endpoint(uid, pod_name(uid), addresses, random_conditions(rng), rng.choice(["", "n1", "n2"]))
+
+
+def random_slice_change(rng: random.Random) -> tuple[str, Any]:
+    name = rng.choice(SLICES)
+    if rng.random() < 0.15:
+        return name, None
+    endpoints = [random_endpoint(rng, uid) for uid in rng.sample(UIDS, rng.randint(1, 4))]
+    return name, (endpoints, tuple(rng.sample([80, 81, 82], rng.randint(0, 2))))
+
+
+def random_data(rng: random.Random) -> Any:
+    return rng.choice(VALID_DATA) if rng.random() < 0.7 else rng.choice(INVALID_DATA)
+
+
+def random_cr_change(rng: random.Random) -> tuple[str, Any]:
+    name = rng.choice(CRS)
+    if rng.random() < 0.15:
+        return name, None
+    own = [uid for uid in UIDS if pod_name(uid) == name] or list(UIDS)
+    owner = rng.choice(own) if rng.random() < 0.8 else rng.choice([*UIDS, None])
+    labels = {
+        k: v
+        for k, v in (("role", rng.choice(["prefill", "decode", None])), ("zone", rng.choice(["a", None])))
+        if v is not None
+    }
+    return name, (owner, random_data(rng), labels)
+
+
+def random_op(rng: random.Random) -> tuple[str, Any]:
+    kind = rng.choices(
+        ["slice", "cr", "cr_data", "endpoint", "relist_slices", "relist_metadata", "status"],
+        weights=[3, 3, 3, 4, 1, 1, 1],
+    )[0]
+    if kind == "slice":
+        return kind, random_slice_change(rng)
+    if kind == "cr":
+        return kind, random_cr_change(rng)
+    if kind == "cr_data":
+        return kind, (rng.choice(CRS), random_data(rng))
+    if kind == "endpoint":
+        return kind, (rng.choice(SLICES), random_endpoint(rng, rng.choice(UIDS)))
+    if kind == "relist_slices":
+        return kind, [random_slice_change(rng) for _ in range(rng.choice([0, 0, 1, 2, 3]))]
+    if kind == "relist_metadata":
+        return kind, [random_cr_change(rng) for _ in range(rng.choice([0, 0, 1, 2, 3]))]
+    return kind, rng.choice(list(ApiStatus))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**64 - 1))
+def test_model_based_directory_long_random_runs(seed: int) -> None:
+    rng = random.Random(seed)
+    run = ModelRun()
+    for _ in range(150):
+        run.step(*random_op(rng))
+    head = run.directory.log.head_revision
+    for _ in range(4):
+        peer_filter = PeerFilter(
+            selector=rng.choice(FILTER_SELECTORS),
+            groups=rng.choice(GROUP_SETS),
+            include_self=rng.random() < 0.5,
+            ready_only=rng.random() < 0.5,
+        )
+        run.check_client(
+            peer_filter,
+            rng.choice(UIDS),
+            [rng.randint(0, head) for _ in range(rng.randint(0, 8))],
+            rng.randrange(len(run.history)),
+            [rng.randint(0, head) for _ in range(rng.randint(0, 8))],
+        )
