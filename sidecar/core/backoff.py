@@ -1,7 +1,8 @@
 """Jittered exponential backoff, as a value that computes delays (the caller does the waiting).
 
-Full jitter (a uniform draw between zero and the exponential bound) spreads the retries of many
-sidecars that lost the same API server at the same moment, instead of having them return in waves.
+"Equal" jitter (a uniform draw between half the exponential bound and the bound) spreads the retries
+of many sidecars that lost the same API server at the same moment, instead of having them return in
+waves, while never retrying sooner than half the bound (full jitter may retry almost at once).
 """
 
 from __future__ import annotations
