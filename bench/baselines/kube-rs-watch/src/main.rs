@@ -13,13 +13,15 @@
 //! `Apply` becomes `MODIFIED` when the reflector store already held the object and `ADDED` otherwise;
 //! `Delete` becomes `DELETED`. Objects of the initial (re)list are not printed one by one: when the
 //! list completes (`InitDone`) one `SYNCED` line carries the store size in `count` (its `name` and
-//! `rv` are empty strings). Diagnostics go to stderr. SIGTERM or SIGINT exits with status 0.
+//! `rv` are empty strings). Diagnostics go to stderr. SIGTERM or SIGINT exits with status 0; a bad argument or an unusable
+//! kubeconfig exits with status 2.
 
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::io::{ErrorKind, Write};
+use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -34,7 +36,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-const USAGE: &str = "usage: kube-rs-watch --kubeconfig PATH [--namespace NS] [--slice-selector SELECTOR]";
+const USAGE: &str =
+    "usage: kube-rs-watch --kubeconfig PATH [--namespace NS] [--slice-selector SELECTOR]";
 
 /// Command-line options.
 struct Args {
@@ -61,7 +64,9 @@ fn parse_args() -> Result<Args> {
         let mut value = || -> Result<String> {
             match inline.clone() {
                 Some(v) => Ok(v),
-                None => it.next().ok_or_else(|| anyhow!("{flag} needs a value\n{USAGE}")),
+                None => it
+                    .next()
+                    .ok_or_else(|| anyhow!("{flag} needs a value\n{USAGE}")),
             }
         };
         match flag.as_str() {
@@ -72,7 +77,11 @@ fn parse_args() -> Result<Args> {
         }
     }
     let kubeconfig = kubeconfig.ok_or_else(|| anyhow!("--kubeconfig is required\n{USAGE}"))?;
-    Ok(Args { kubeconfig, namespace, slice_selector })
+    Ok(Args {
+        kubeconfig,
+        namespace,
+        slice_selector,
+    })
 }
 
 /// One output line. Field order is the documented key order.
@@ -90,7 +99,9 @@ struct Line<'a> {
 }
 
 fn now_ns() -> i64 {
-    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
 }
 
@@ -149,15 +160,20 @@ impl Describe for DynamicObject {
 /// `reflector()` writes each event into the store before handing it on, so whether the object was
 /// already known has to be read from the store just before that: an `inspect` between the watcher and
 /// the reflector records it, and the line is printed once the reflector has applied the event.
-async fn watch<K>(src: &'static str, api: Api<K>, config: watcher::Config, writer: Writer<K>, dyntype: <K as Resource>::DynamicType)
-where
+async fn watch<K>(
+    src: &'static str,
+    api: Api<K>,
+    config: watcher::Config,
+    writer: Writer<K>,
+    dyntype: <K as Resource>::DynamicType,
+) where
     K: Resource + Lookup<DynamicType = <K as Resource>::DynamicType> + Describe,
     K: Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     <K as Resource>::DynamicType: Clone + Eq + Hash,
 {
     let store = writer.as_reader();
     let known = Arc::new(AtomicBool::new(false));
-    let received = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let received = Arc::new(AtomicI64::new(0));
 
     let probe_store = store.clone();
     let probe_known = known.clone();
@@ -183,13 +199,26 @@ where
         let t = received.load(Ordering::Relaxed);
         let (kind, obj) = match &event {
             watcher::Event::Apply(obj) => {
-                let kind = if known.load(Ordering::Relaxed) { "MODIFIED" } else { "ADDED" };
+                let kind = if known.load(Ordering::Relaxed) {
+                    "MODIFIED"
+                } else {
+                    "ADDED"
+                };
                 (kind, obj)
             }
             watcher::Event::Delete(obj) => ("DELETED", obj),
             watcher::Event::InitDone => {
                 let count = store.len();
-                emit(&Line { t, src, kind: "SYNCED", name: "", rv: "", seq: Value::Null, ready: None, count: Some(count) });
+                emit(&Line {
+                    t,
+                    src,
+                    kind: "SYNCED",
+                    name: "",
+                    rv: "",
+                    seq: Value::Null,
+                    ready: None,
+                    count: Some(count),
+                });
                 continue;
             }
             watcher::Event::Init | watcher::Event::InitApply(_) => continue,
@@ -210,7 +239,17 @@ where
 }
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<()> {
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("kube-rs-watch: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run() -> Result<()> {
     let args = parse_args()?;
 
     // Handlers first, so a SIGTERM that arrives while connecting still means a clean exit.
@@ -250,7 +289,13 @@ async fn main() -> Result<()> {
     let both = async {
         tokio::join!(
             watch("endpointslices", slices, slice_cfg, slice_writer, ()),
-            watch("dynamoworkermetadatas", metas, watcher::Config::default(), meta_writer, ar),
+            watch(
+                "dynamoworkermetadatas",
+                metas,
+                watcher::Config::default(),
+                meta_writer,
+                ar
+            ),
         )
     };
 
