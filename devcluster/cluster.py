@@ -23,7 +23,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from devcluster import pki
@@ -311,13 +311,3 @@ class ControlPlane:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE  # its self-signed serving cert; only liveness is probed
         return self._https_ok(f"https://127.0.0.1:{self.kcm_port}/healthz", context)
-
-
-@contextlib.contextmanager
-def running_control_plane(bin_dir: pathlib.Path, work_dir: pathlib.Path, log: Log = _say) -> Iterator[ControlPlane]:
-    plane = ControlPlane(bin_dir=bin_dir, work_dir=work_dir, log=log)
-    plane.start()
-    try:
-        yield plane
-    finally:
-        plane.stop()

@@ -18,7 +18,7 @@ import json
 import os
 import pathlib
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -447,8 +447,3 @@ def _choice(*allowed: str) -> Callable[[str], str]:
         return value
 
     return parse
-
-
-def describe_environment() -> Sequence[tuple[str, str, str, str]]:
-    """(env, flag, default, meaning) rows, for the README's configuration table."""
-    return [(o.env, o.flag, o.default or "", o.help) for o in OPTIONS]

@@ -148,13 +148,6 @@ class PeerHub:
             self._changed.wait_for(lambda: log.head_revision > after or self._closed, timeout)
             return log.entries_after(after, limit)
 
-    def peer_by_name(self, name: str) -> Peer | None:
-        with self._lock:
-            for peer in self._directory.peers.values():
-                if peer.name == name:
-                    return peer
-        return None
-
     def source_health(self) -> dict[str, str]:
         with self._lock:
             return dict(self._source_health)
