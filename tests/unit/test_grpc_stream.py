@@ -336,3 +336,24 @@ def test_grpc_listen_refuses_non_loopback() -> None:
     with pytest.raises(ValueError, match="loopback"):
         parse_grpc_listen("0.0.0.0:50051")
     assert parse_grpc_listen("unix:///run/d.sock").unix_path == "/run/d.sock"
+
+
+def test_unix_socket_listener_and_cli_client(tmp_path, capsys) -> None:
+    from sidecar.cli import main as cli_main
+
+    socket_path = tmp_path / "discovery.sock"
+    hub = PeerHub(PeerDirectory(uuid.uuid4().hex, 100), SELF.uid)
+    server = GrpcServer(DiscoveryService(hub, None, SELF, Metrics()), ListenAddress(unix_path=str(socket_path)))
+    server.start()
+    try:
+        hub.replace(ENDPOINT_SLICES, [endpoint_slice("s1", {"w-0": ("uid-w-0", True)})])
+        hub.replace(WORKER_METADATA, [worker_cr("w-0", "uid-w-0", {"role": "decode"}, {"seq": 7})])
+        assert socket_path.exists()
+        assert cli_main(["peers", "--target", f"unix://{socket_path}", "-o", "json"]) == 0
+        listing = json.loads(capsys.readouterr().out)
+        assert [(p["name"], p["state"], p["data"]) for p in listing["peers"]] == [("w-0", "ready", {"seq": 7})]
+        assert cli_main(["peers", "--target", f"unix://{socket_path}", "-l", "role in (", "-o", "json"]) == 1
+        assert "INVALID_ARGUMENT" in capsys.readouterr().err
+    finally:
+        hub.close()
+        server.stop(0.5)
