@@ -24,6 +24,15 @@ from sidecar.api.discovery.v1 import discovery_pb2 as pb
 from sidecar.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+CHANNEL_OPTIONS = [
+    # ListPeers answers in one message; 10,000 peers with metadata are well over gRPC's 4 MiB default.
+    ("grpc.max_receive_message_length", 256 * 2**20),
+    # The sidecar is on loopback or a Unix socket and often starts moments before its client: retry the
+    # connection quickly instead of gRPC's default 1 s (growing to 120 s) backoff.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 PERMANENT_CODES = (
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.UNIMPLEMENTED,
@@ -49,20 +58,29 @@ class PeerSetUpdate:
 
 
 class PeerSetView:
-    """Applies ``WatchPeersResponse`` messages to a local copy of the peer set."""
+    """Applies ``WatchPeersResponse`` messages to a local copy of the peer set.
+
+    Parts of one change (``partial``) are gathered and applied together; ``apply`` returns None for
+    all but the last part, and the resume revision only moves once a change is complete.
+    """
 
     def __init__(self) -> None:
         self.peers: dict[str, pb.Peer] = {}
         self.revision = 0
         self.history_id = ""
         self.connected = True
+        self._parts: list[pb.WatchPeersResponse] = []
 
-    def apply(self, message: pb.WatchPeersResponse) -> PeerSetUpdate:
+    def apply(self, message: pb.WatchPeersResponse) -> PeerSetUpdate | None:
+        if message.partial:
+            self._parts.append(message)
+            return None
+        parts, self._parts = [*self._parts, message], []
         kind = message.WhichOneof("kind") or ""
         update = PeerSetUpdate(kind=kind, revision=message.revision, history_id=message.history_id, peers=self.peers)
         if kind == "snapshot":
             previous = self.peers
-            self.peers = {p.uid: p for p in message.snapshot.peers}
+            self.peers = {p.uid: p for part in parts for p in part.snapshot.peers}
             update.peers = self.peers
             update.reset = True
             update.added = [p for uid, p in self.peers.items() if uid not in previous]
@@ -70,7 +88,7 @@ class PeerSetView:
             update.removed = [p for uid, p in previous.items() if uid not in self.peers]
             self.connected = message.snapshot.status != pb.API_STATUS_DEGRADED
         elif kind == "delta":
-            for event in message.delta.events:
+            for event in (e for part in parts for e in part.delta.events):
                 if event.type == pb.EVENT_TYPE_REMOVED:
                     self.peers.pop(event.peer.uid, None)
                     update.removed.append(event.peer)
@@ -88,6 +106,7 @@ class PeerSetView:
         return update
 
     def resume_request(self, peer_filter: pb.PeerFilter) -> pb.WatchPeersRequest:
+        self._parts = []  # an incomplete change is resent from the last complete revision
         return pb.WatchPeersRequest(
             filter=peer_filter, resume_history_id=self.history_id, resume_revision=self.revision
         )
@@ -116,7 +135,7 @@ def _next_delay(attempt: int, maximum: float) -> float:
 class DiscoveryClient:
     def __init__(self, target: str = DEFAULT_TARGET) -> None:
         self.target = target
-        self.channel = grpc.insecure_channel(target)
+        self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.DiscoveryStub(self.channel)
 
     def close(self) -> None:
@@ -159,7 +178,9 @@ class DiscoveryClient:
             try:
                 for message in call:
                     attempt = 0
-                    yield view.apply(message)
+                    update = view.apply(message)
+                    if update is not None:
+                        yield update
                 return  # the server ended the stream cleanly
             except grpc.RpcError as exc:
                 if not reconnect or exc.code() in PERMANENT_CODES or exc.code() == grpc.StatusCode.CANCELLED:
@@ -174,7 +195,7 @@ class AsyncDiscoveryClient:
     """The same for asyncio programs (``grpc.aio``)."""
 
     def __init__(self, target: str = DEFAULT_TARGET) -> None:
-        self.channel = grpc.aio.insecure_channel(target)
+        self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.DiscoveryStub(self.channel)
 
     async def close(self) -> None:
@@ -196,7 +217,9 @@ class AsyncDiscoveryClient:
             try:
                 async for message in call:
                     attempt = 0
-                    yield view.apply(message)
+                    update = view.apply(message)
+                    if update is not None:
+                        yield update
                 return
             except grpc.aio.AioRpcError as exc:
                 if not reconnect or exc.code() in PERMANENT_CODES or exc.code() == grpc.StatusCode.CANCELLED:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
+from typing import TypeVar
 
 import grpc
 import structlog
@@ -34,12 +35,30 @@ from sidecar.kube.registration import Registrar, explain
 from sidecar.metrics import Metrics
 from sidecar.wire import API_STATUS, EVENT_TYPE, document_from_publish, filter_from_pb, peer_to_pb, to_struct
 
+T = TypeVar("T")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Discovery"].full_name
 WAKE_INTERVAL = 0.5
 """How often an idle stream checks that its client is still there (seconds)."""
 BATCH_LIMIT = 2000
 """Most log entries folded into one read; bounds the work and memory of one iteration."""
 MAX_STREAMS = 64
+PART_BYTES = 1 << 20
+"""Largest payload of one stream message: gRPC clients refuse messages over 4 MiB by default, so bigger
+snapshots and deltas go out in parts (``partial``) that clients apply together."""
+
+
+def split_by_size(items: list[T], size_of: Callable[[T], int], limit: int = PART_BYTES) -> list[list[T]]:
+    """Consecutive groups of ``items`` whose sizes add up to at most ``limit`` (one item may exceed it)."""
+    parts: list[list[T]] = [[]]
+    size = 0
+    for item in items:
+        item_size = size_of(item)
+        if parts[-1] and size + item_size > limit:
+            parts.append([])
+            size = 0
+        parts[-1].append(item)
+        size += item_size
+    return parts
 
 
 def status_at(entries_after: list[LogEntry], current: StatusChange) -> ApiStatus:
@@ -82,15 +101,21 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                 return False
         return True
 
-    def _snapshot(self, peer_filter: PeerFilter, reason: int) -> tuple[int, pb.WatchPeersResponse]:
+    def _snapshot(self, peer_filter: PeerFilter, reason: int) -> tuple[int, list[pb.WatchPeersResponse]]:
+        """The filtered peer set at one revision, in as many parts as its size needs."""
         revision, peers, status = self.hub.state()
         views = snapshot_views(peers, peer_filter, self.hub.self_uid)
-        message = pb.WatchPeersResponse(
-            revision=revision,
-            history_id=self.hub.history_id,
-            snapshot=pb.Snapshot(peers=[peer_to_pb(v) for v in views], reason=reason, status=API_STATUS[status.status]),
-        )
-        return revision, message
+        parts = split_by_size([peer_to_pb(v) for v in views], lambda m: m.ByteSize())
+        messages = [
+            pb.WatchPeersResponse(
+                revision=revision,
+                history_id=self.hub.history_id,
+                snapshot=pb.Snapshot(peers=part, reason=reason, status=API_STATUS[status.status]),
+                partial=index < len(parts) - 1,
+            )
+            for index, part in enumerate(parts)
+        ]
+        return revision, messages
 
     def _stream(
         self, request: pb.WatchPeersRequest, peer_filter: PeerFilter, context: grpc.ServicerContext
@@ -110,37 +135,43 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             self._sent["resumed"].inc()
         else:
             reason = pb.SNAPSHOT_REASON_RESUME_UNAVAILABLE if wants_resume else pb.SNAPSHOT_REASON_INITIAL
-            cursor, message = self._snapshot(peer_filter, reason)
-            yield message
+            cursor, messages = self._snapshot(peer_filter, reason)
+            yield from messages
             self._sent["snapshot"].inc()
         while context.is_active() and not self.hub.closed:
             entries = self.hub.wait_entries(cursor, WAKE_INTERVAL, BATCH_LIMIT)
             if entries is None:
                 self.log.info("client fell behind the history; sending a fresh snapshot", revision=cursor)
-                cursor, message = self._snapshot(peer_filter, pb.SNAPSHOT_REASON_CLIENT_TOO_SLOW)
-                yield message
+                cursor, messages = self._snapshot(peer_filter, pb.SNAPSHOT_REASON_CLIENT_TOO_SLOW)
+                yield from messages
                 self._sent["snapshot"].inc()
                 continue
             if not entries:
                 continue
             for projected in project(entries, peer_filter, self.hub.self_uid):
-                yield self._to_pb(projected, history_id)
+                yield from self._to_pb(projected, history_id)
                 received = self.hub.received_at.get(projected.revision)
                 if received is not None:
                     self.metrics.propagation_lag.observe(time.monotonic() - received)
             cursor = entries[-1].revision
 
-    def _to_pb(self, message: DeltaMessage | StatusMessage, history_id: str) -> pb.WatchPeersResponse:
+    def _to_pb(self, message: DeltaMessage | StatusMessage, history_id: str) -> list[pb.WatchPeersResponse]:
         if isinstance(message, StatusMessage):
             self._sent["status"].inc()
-            return pb.WatchPeersResponse(
-                revision=message.revision,
-                history_id=history_id,
-                status=pb.StatusChange(status=API_STATUS[message.change.status], reason=message.change.reason),
-            )
+            status = pb.StatusChange(status=API_STATUS[message.change.status], reason=message.change.reason)
+            return [pb.WatchPeersResponse(revision=message.revision, history_id=history_id, status=status)]
         self._sent["delta"].inc()
         events = [pb.PeerEvent(type=EVENT_TYPE[e.type], peer=peer_to_pb(e.view)) for e in message.events]
-        return pb.WatchPeersResponse(revision=message.revision, history_id=history_id, delta=pb.Delta(events=events))
+        parts = split_by_size(events, lambda e: e.ByteSize())
+        return [
+            pb.WatchPeersResponse(
+                revision=message.revision,
+                history_id=history_id,
+                delta=pb.Delta(events=part),
+                partial=index < len(parts) - 1,
+            )
+            for index, part in enumerate(parts)
+        ]
 
     # -- unary calls ------------------------------------------------------------------------------------
     def ListPeers(self, request: pb.ListPeersRequest, context: grpc.ServicerContext) -> pb.ListPeersResponse:

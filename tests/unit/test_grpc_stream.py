@@ -357,3 +357,43 @@ def test_unix_socket_listener_and_cli_client(tmp_path, capsys) -> None:
     finally:
         hub.close()
         server.stop(0.5)
+
+
+def test_large_snapshots_and_deltas_arrive_in_parts_under_the_message_limit() -> None:
+    """10,000 peers with metadata are far above gRPC's 4 MiB default message limit when sent whole."""
+    h = Harness(history=20000)
+    try:
+        big = {"model_cards": {"m": {"blob": "x" * 800}}}
+        h.pods = {f"p{i}": (f"uid-p{i}", True) for i in range(10000)}
+        h.crs = {p: worker_cr(p, uid, {"i": str(n)}, big) for n, (p, (uid, _)) in enumerate(h.pods.items())}
+        h.sync()
+        call = h.stub.WatchPeers(pb.WatchPeersRequest())
+        iterator = iter(call)
+        view = PeerSetView()
+        parts = []
+        update = None
+        while update is None:
+            message = next(iterator)
+            assert message.ByteSize() < 4 * 2**20
+            parts.append(message)
+            update = view.apply(message)
+        assert len(parts) > 1 and all(m.partial for m in parts[:-1]) and not parts[-1].partial
+        assert {m.revision for m in parts} == {parts[-1].revision}
+        assert update.kind == "snapshot" and len(update.peers) == 10000
+        # One slice change that removes every peer: big deltas arrive in parts too, each applied as a unit.
+        h.hub.replace(ENDPOINT_SLICES, [endpoint_slice("s1", {p: (uid, False) for p, (uid, _) in h.pods.items()})])
+        removed, partial_messages = 0, 0
+        while view.peers:
+            message = next(iterator)
+            assert message.ByteSize() < 4 * 2**20
+            partial_messages += message.partial
+            update = view.apply(message)
+            if update is None:
+                assert len(view.peers) == 10000 - removed, "parts are applied only once the last one arrives"
+            else:
+                assert update.kind == "delta"
+                removed += len(update.removed)
+        assert removed == 10000 and partial_messages > 0
+        call.cancel()
+    finally:
+        h.close()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64iscovery/v1/discovery.proto\x12\x0c\x64iscovery.v1\x1a\x1cgoogle/protobuf/struct.proto\"q\n\nPeerFilter\x12\x10\n\x08selector\x18\x01 \x01(\t\x12\'\n\x06groups\x18\x02 \x03(\x0b\x32\x17.discovery.v1.PeerGroup\x12\x14\n\x0cinclude_self\x18\x03 \x01(\x08\x12\x12\n\nready_only\x18\x04 \x01(\x08\"+\n\tPeerGroup\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08selector\x18\x02 \x01(\t\"J\n\x04Port\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x10\n\x08protocol\x18\x03 \x01(\t\x12\x14\n\x0c\x61pp_protocol\x18\x04 \x01(\t\"\x9c\x03\n\x04Peer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0b\n\x03uid\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\x04\x12\x17\n\x0finstance_id_hex\x18\x05 \x01(\t\x12\x11\n\taddresses\x18\x06 \x03(\t\x12!\n\x05ports\x18\x07 \x03(\x0b\x32\x12.discovery.v1.Port\x12.\n\x06labels\x18\x08 \x03(\x0b\x32\x1e.discovery.v1.Peer.LabelsEntry\x12&\n\x05state\x18\t \x01(\x0e\x32\x17.discovery.v1.PeerState\x12%\n\x04\x64\x61ta\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tdata_json\x18\x0b \x01(\t\x12\x11\n\tnode_name\x18\x0c \x01(\t\x12\x0c\n\x04zone\x18\r \x01(\t\x12\x10\n\x08hostname\x18\x0e \x01(\t\x12\x0e\n\x06groups\x18\x0f \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"q\n\x11WatchPeersRequest\x12(\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x18.discovery.v1.PeerFilter\x12\x19\n\x11resume_history_id\x18\x02 \x01(\t\x12\x17\n\x0fresume_revision\x18\x03 \x01(\x04\"\x84\x01\n\x08Snapshot\x12!\n\x05peers\x18\x01 \x03(\x0b\x32\x12.discovery.v1.Peer\x12,\n\x06reason\x18\x02 \x01(\x0e\x32\x1c.discovery.v1.SnapshotReason\x12\'\n\x06status\x18\x03 \x01(\x0e\x32\x17.discovery.v1.ApiStatus\"T\n\tPeerEvent\x12%\n\x04type\x18\x01 \x01(\x0e\x32\x17.discovery.v1.EventType\x12 \n\x04peer\x18\x02 \x01(\x0b\x32\x12.discovery.v1.Peer\"0\n\x05\x44\x65lta\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.discovery.v1.PeerEvent\"2\n\x07Resumed\x12\'\n\x06status\x18\x01 \x01(\x0e\x32\x17.discovery.v1.ApiStatus\"G\n\x0cStatusChange\x12\'\n\x06status\x18\x01 \x01(\x0e\x32\x17.discovery.v1.ApiStatus\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xec\x01\n\x12WatchPeersResponse\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x12\n\nhistory_id\x18\x02 \x01(\t\x12*\n\x08snapshot\x18\x03 \x01(\x0b\x32\x16.discovery.v1.SnapshotH\x00\x12$\n\x05\x64\x65lta\x18\x04 \x01(\x0b\x32\x13.discovery.v1.DeltaH\x00\x12(\n\x07resumed\x18\x05 \x01(\x0b\x32\x15.discovery.v1.ResumedH\x00\x12,\n\x06status\x18\x06 \x01(\x0b\x32\x1a.discovery.v1.StatusChangeH\x00\x42\x06\n\x04kind\"<\n\x10ListPeersRequest\x12(\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x18.discovery.v1.PeerFilter\"\x85\x01\n\x11ListPeersResponse\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x12\n\nhistory_id\x18\x02 \x01(\t\x12!\n\x05peers\x18\x03 \x03(\x0b\x32\x12.discovery.v1.Peer\x12\'\n\x06status\x18\x04 \x01(\x0e\x32\x17.discovery.v1.ApiStatus\"\x10\n\x0eGetSelfRequest\"\xc8\x02\n\x0fGetSelfResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0b\n\x03uid\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\x04\x12\x17\n\x0finstance_id_hex\x18\x05 \x01(\t\x12\x12\n\nregistered\x18\x06 \x01(\x08\x12!\n\x19metadata_resource_version\x18\x07 \x01(\t\x12%\n\x04\x64\x61ta\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tdata_json\x18\t \x01(\t\x12\x39\n\x06labels\x18\n \x03(\x0b\x32).discovery.v1.GetSelfResponse.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"{\n\x16PublishMetadataRequest\x12\x11\n\tdata_json\x18\x01 \x01(\t\x12%\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x04mode\x18\x03 \x01(\x0e\x32\x19.discovery.v1.PublishMode\"O\n\x17PublishMetadataResponse\x12!\n\x19metadata_resource_version\x18\x01 \x01(\t\x12\x11\n\tdata_json\x18\x02 \x01(\t*V\n\tPeerState\x12\x1a\n\x16PEER_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10PEER_STATE_READY\x10\x01\x12\x17\n\x13PEER_STATE_DRAINING\x10\x02*Z\n\tApiStatus\x12\x1a\n\x16\x41PI_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41PI_STATUS_CONNECTED\x10\x01\x12\x17\n\x13\x41PI_STATUS_DEGRADED\x10\x02*\x9b\x01\n\x0eSnapshotReason\x12\x1f\n\x1bSNAPSHOT_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17SNAPSHOT_REASON_INITIAL\x10\x01\x12&\n\"SNAPSHOT_REASON_RESUME_UNAVAILABLE\x10\x02\x12#\n\x1fSNAPSHOT_REASON_CLIENT_TOO_SLOW\x10\x03*m\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45VENT_TYPE_ADDED\x10\x01\x12\x16\n\x12\x45VENT_TYPE_UPDATED\x10\x02\x12\x16\n\x12\x45VENT_TYPE_REMOVED\x10\x03*c\n\x0bPublishMode\x12\x1c\n\x18PUBLISH_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14PUBLISH_MODE_REPLACE\x10\x01\x12\x1c\n\x18PUBLISH_MODE_MERGE_PATCH\x10\x02\x32\xd4\x02\n\tDiscovery\x12Q\n\nWatchPeers\x12\x1f.discovery.v1.WatchPeersRequest\x1a .discovery.v1.WatchPeersResponse0\x01\x12L\n\tListPeers\x12\x1e.discovery.v1.ListPeersRequest\x1a\x1f.discovery.v1.ListPeersResponse\x12\x46\n\x07GetSelf\x12\x1c.discovery.v1.GetSelfRequest\x1a\x1d.discovery.v1.GetSelfResponse\x12^\n\x0fPublishMetadata\x12$.discovery.v1.PublishMetadataRequest\x1a%.discovery.v1.PublishMetadataResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64iscovery/v1/discovery.proto\x12\x0c\x64iscovery.v1\x1a\x1cgoogle/protobuf/struct.proto\"q\n\nPeerFilter\x12\x10\n\x08selector\x18\x01 \x01(\t\x12\'\n\x06groups\x18\x02 \x03(\x0b\x32\x17.discovery.v1.PeerGroup\x12\x14\n\x0cinclude_self\x18\x03 \x01(\x08\x12\x12\n\nready_only\x18\x04 \x01(\x08\"+\n\tPeerGroup\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08selector\x18\x02 \x01(\t\"J\n\x04Port\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\x12\x10\n\x08protocol\x18\x03 \x01(\t\x12\x14\n\x0c\x61pp_protocol\x18\x04 \x01(\t\"\x9c\x03\n\x04Peer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0b\n\x03uid\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\x04\x12\x17\n\x0finstance_id_hex\x18\x05 \x01(\t\x12\x11\n\taddresses\x18\x06 \x03(\t\x12!\n\x05ports\x18\x07 \x03(\x0b\x32\x12.discovery.v1.Port\x12.\n\x06labels\x18\x08 \x03(\x0b\x32\x1e.discovery.v1.Peer.LabelsEntry\x12&\n\x05state\x18\t \x01(\x0e\x32\x17.discovery.v1.PeerState\x12%\n\x04\x64\x61ta\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tdata_json\x18\x0b \x01(\t\x12\x11\n\tnode_name\x18\x0c \x01(\t\x12\x0c\n\x04zone\x18\r \x01(\t\x12\x10\n\x08hostname\x18\x0e \x01(\t\x12\x0e\n\x06groups\x18\x0f \x03(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"q\n\x11WatchPeersRequest\x12(\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x18.discovery.v1.PeerFilter\x12\x19\n\x11resume_history_id\x18\x02 \x01(\t\x12\x17\n\x0fresume_revision\x18\x03 \x01(\x04\"\x84\x01\n\x08Snapshot\x12!\n\x05peers\x18\x01 \x03(\x0b\x32\x12.discovery.v1.Peer\x12,\n\x06reason\x18\x02 \x01(\x0e\x32\x1c.discovery.v1.SnapshotReason\x12\'\n\x06status\x18\x03 \x01(\x0e\x32\x17.discovery.v1.ApiStatus\"T\n\tPeerEvent\x12%\n\x04type\x18\x01 \x01(\x0e\x32\x17.discovery.v1.EventType\x12 \n\x04peer\x18\x02 \x01(\x0b\x32\x12.discovery.v1.Peer\"0\n\x05\x44\x65lta\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.discovery.v1.PeerEvent\"2\n\x07Resumed\x12\'\n\x06status\x18\x01 \x01(\x0e\x32\x17.discovery.v1.ApiStatus\"G\n\x0cStatusChange\x12\'\n\x06status\x18\x01 \x01(\x0e\x32\x17.discovery.v1.ApiStatus\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xfd\x01\n\x12WatchPeersResponse\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x12\n\nhistory_id\x18\x02 \x01(\t\x12*\n\x08snapshot\x18\x03 \x01(\x0b\x32\x16.discovery.v1.SnapshotH\x00\x12$\n\x05\x64\x65lta\x18\x04 \x01(\x0b\x32\x13.discovery.v1.DeltaH\x00\x12(\n\x07resumed\x18\x05 \x01(\x0b\x32\x15.discovery.v1.ResumedH\x00\x12,\n\x06status\x18\x06 \x01(\x0b\x32\x1a.discovery.v1.StatusChangeH\x00\x12\x0f\n\x07partial\x18\x07 \x01(\x08\x42\x06\n\x04kind\"<\n\x10ListPeersRequest\x12(\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x18.discovery.v1.PeerFilter\"\x85\x01\n\x11ListPeersResponse\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x12\n\nhistory_id\x18\x02 \x01(\t\x12!\n\x05peers\x18\x03 \x03(\x0b\x32\x12.discovery.v1.Peer\x12\'\n\x06status\x18\x04 \x01(\x0e\x32\x17.discovery.v1.ApiStatus\"\x10\n\x0eGetSelfRequest\"\xc8\x02\n\x0fGetSelfResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0b\n\x03uid\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\x04\x12\x17\n\x0finstance_id_hex\x18\x05 \x01(\t\x12\x12\n\nregistered\x18\x06 \x01(\x08\x12!\n\x19metadata_resource_version\x18\x07 \x01(\t\x12%\n\x04\x64\x61ta\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tdata_json\x18\t \x01(\t\x12\x39\n\x06labels\x18\n \x03(\x0b\x32).discovery.v1.GetSelfResponse.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"{\n\x16PublishMetadataRequest\x12\x11\n\tdata_json\x18\x01 \x01(\t\x12%\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x04mode\x18\x03 \x01(\x0e\x32\x19.discovery.v1.PublishMode\"O\n\x17PublishMetadataResponse\x12!\n\x19metadata_resource_version\x18\x01 \x01(\t\x12\x11\n\tdata_json\x18\x02 \x01(\t*V\n\tPeerState\x12\x1a\n\x16PEER_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10PEER_STATE_READY\x10\x01\x12\x17\n\x13PEER_STATE_DRAINING\x10\x02*Z\n\tApiStatus\x12\x1a\n\x16\x41PI_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41PI_STATUS_CONNECTED\x10\x01\x12\x17\n\x13\x41PI_STATUS_DEGRADED\x10\x02*\x9b\x01\n\x0eSnapshotReason\x12\x1f\n\x1bSNAPSHOT_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17SNAPSHOT_REASON_INITIAL\x10\x01\x12&\n\"SNAPSHOT_REASON_RESUME_UNAVAILABLE\x10\x02\x12#\n\x1fSNAPSHOT_REASON_CLIENT_TOO_SLOW\x10\x03*m\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45VENT_TYPE_ADDED\x10\x01\x12\x16\n\x12\x45VENT_TYPE_UPDATED\x10\x02\x12\x16\n\x12\x45VENT_TYPE_REMOVED\x10\x03*c\n\x0bPublishMode\x12\x1c\n\x18PUBLISH_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14PUBLISH_MODE_REPLACE\x10\x01\x12\x1c\n\x18PUBLISH_MODE_MERGE_PATCH\x10\x02\x32\xd4\x02\n\tDiscovery\x12Q\n\nWatchPeers\x12\x1f.discovery.v1.WatchPeersRequest\x1a .discovery.v1.WatchPeersResponse0\x01\x12L\n\tListPeers\x12\x1e.discovery.v1.ListPeersRequest\x1a\x1f.discovery.v1.ListPeersResponse\x12\x46\n\x07GetSelf\x12\x1c.discovery.v1.GetSelfRequest\x1a\x1d.discovery.v1.GetSelfResponse\x12^\n\x0fPublishMetadata\x12$.discovery.v1.PublishMetadataRequest\x1a%.discovery.v1.PublishMetadataResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,16 +36,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PEER_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_GETSELFRESPONSE_LABELSENTRY']._loaded_options = None
   _globals['_GETSELFRESPONSE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_PEERSTATE']._serialized_start=2230
-  _globals['_PEERSTATE']._serialized_end=2316
-  _globals['_APISTATUS']._serialized_start=2318
-  _globals['_APISTATUS']._serialized_end=2408
-  _globals['_SNAPSHOTREASON']._serialized_start=2411
-  _globals['_SNAPSHOTREASON']._serialized_end=2566
-  _globals['_EVENTTYPE']._serialized_start=2568
-  _globals['_EVENTTYPE']._serialized_end=2677
-  _globals['_PUBLISHMODE']._serialized_start=2679
-  _globals['_PUBLISHMODE']._serialized_end=2778
+  _globals['_PEERSTATE']._serialized_start=2247
+  _globals['_PEERSTATE']._serialized_end=2333
+  _globals['_APISTATUS']._serialized_start=2335
+  _globals['_APISTATUS']._serialized_end=2425
+  _globals['_SNAPSHOTREASON']._serialized_start=2428
+  _globals['_SNAPSHOTREASON']._serialized_end=2583
+  _globals['_EVENTTYPE']._serialized_start=2585
+  _globals['_EVENTTYPE']._serialized_end=2694
+  _globals['_PUBLISHMODE']._serialized_start=2696
+  _globals['_PUBLISHMODE']._serialized_end=2795
   _globals['_PEERFILTER']._serialized_start=76
   _globals['_PEERFILTER']._serialized_end=189
   _globals['_PEERGROUP']._serialized_start=191
@@ -69,21 +69,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSCHANGE']._serialized_start=1165
   _globals['_STATUSCHANGE']._serialized_end=1236
   _globals['_WATCHPEERSRESPONSE']._serialized_start=1239
-  _globals['_WATCHPEERSRESPONSE']._serialized_end=1475
-  _globals['_LISTPEERSREQUEST']._serialized_start=1477
-  _globals['_LISTPEERSREQUEST']._serialized_end=1537
-  _globals['_LISTPEERSRESPONSE']._serialized_start=1540
-  _globals['_LISTPEERSRESPONSE']._serialized_end=1673
-  _globals['_GETSELFREQUEST']._serialized_start=1675
-  _globals['_GETSELFREQUEST']._serialized_end=1691
-  _globals['_GETSELFRESPONSE']._serialized_start=1694
-  _globals['_GETSELFRESPONSE']._serialized_end=2022
+  _globals['_WATCHPEERSRESPONSE']._serialized_end=1492
+  _globals['_LISTPEERSREQUEST']._serialized_start=1494
+  _globals['_LISTPEERSREQUEST']._serialized_end=1554
+  _globals['_LISTPEERSRESPONSE']._serialized_start=1557
+  _globals['_LISTPEERSRESPONSE']._serialized_end=1690
+  _globals['_GETSELFREQUEST']._serialized_start=1692
+  _globals['_GETSELFREQUEST']._serialized_end=1708
+  _globals['_GETSELFRESPONSE']._serialized_start=1711
+  _globals['_GETSELFRESPONSE']._serialized_end=2039
   _globals['_GETSELFRESPONSE_LABELSENTRY']._serialized_start=680
   _globals['_GETSELFRESPONSE_LABELSENTRY']._serialized_end=725
-  _globals['_PUBLISHMETADATAREQUEST']._serialized_start=2024
-  _globals['_PUBLISHMETADATAREQUEST']._serialized_end=2147
-  _globals['_PUBLISHMETADATARESPONSE']._serialized_start=2149
-  _globals['_PUBLISHMETADATARESPONSE']._serialized_end=2228
-  _globals['_DISCOVERY']._serialized_start=2781
-  _globals['_DISCOVERY']._serialized_end=3121
+  _globals['_PUBLISHMETADATAREQUEST']._serialized_start=2041
+  _globals['_PUBLISHMETADATAREQUEST']._serialized_end=2164
+  _globals['_PUBLISHMETADATARESPONSE']._serialized_start=2166
+  _globals['_PUBLISHMETADATARESPONSE']._serialized_end=2245
+  _globals['_DISCOVERY']._serialized_start=2798
+  _globals['_DISCOVERY']._serialized_end=3138
 # @@protoc_insertion_point(module_scope)

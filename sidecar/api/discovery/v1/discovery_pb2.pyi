@@ -179,20 +179,22 @@ class StatusChange(_message.Message):
     def __init__(self, status: _Optional[_Union[ApiStatus, str]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class WatchPeersResponse(_message.Message):
-    __slots__ = ("revision", "history_id", "snapshot", "delta", "resumed", "status")
+    __slots__ = ("revision", "history_id", "snapshot", "delta", "resumed", "status", "partial")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     HISTORY_ID_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
     revision: int
     history_id: str
     snapshot: Snapshot
     delta: Delta
     resumed: Resumed
     status: StatusChange
-    def __init__(self, revision: _Optional[int] = ..., history_id: _Optional[str] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., delta: _Optional[_Union[Delta, _Mapping]] = ..., resumed: _Optional[_Union[Resumed, _Mapping]] = ..., status: _Optional[_Union[StatusChange, _Mapping]] = ...) -> None: ...
+    partial: bool
+    def __init__(self, revision: _Optional[int] = ..., history_id: _Optional[str] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., delta: _Optional[_Union[Delta, _Mapping]] = ..., resumed: _Optional[_Union[Resumed, _Mapping]] = ..., status: _Optional[_Union[StatusChange, _Mapping]] = ..., partial: _Optional[bool] = ...) -> None: ...
 
 class ListPeersRequest(_message.Message):
     __slots__ = ("filter",)
