@@ -80,8 +80,8 @@ def _consume(target: str, last_seq: int, connection: Any) -> None:
 
 def run(peers: int = 1000, events: int = 30000) -> dict[str, Any]:
     hub = PeerHub(PeerDirectory(uuid.uuid4().hex, 10000), "self")
-    hub.replace(ENDPOINT_SLICES, _slices(peers))
-    hub.replace(WORKER_METADATA, [_cr(i, 0) for i in range(peers)])
+    hub.replace_objects(ENDPOINT_SLICES, _slices(peers))
+    hub.replace_objects(WORKER_METADATA, [_cr(i, 0) for i in range(peers)])
     server = GrpcServer(
         DiscoveryService(hub, None, PodIdentity("self", "bench", "self"), Metrics()),
         ListenAddress(host="127.0.0.1", port=0),

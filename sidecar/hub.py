@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, cast
 
 import structlog
 
 from sidecar.core.directory import ENDPOINT_SLICES, WORKER_METADATA, PeerDirectory
 from sidecar.core.eventlog import ApiStatus, LogEntry, StatusChange
 from sidecar.core.peer import Peer
-from sidecar.core.resources import object_key, parse_endpoint_slice, parse_worker_metadata
+from sidecar.core.resources import (
+    SliceView,
+    WorkerMetadata,
+    object_key,
+    parse_endpoint_slice,
+    parse_worker_metadata,
+)
 
 EntryListener = Callable[[list[LogEntry]], None]
 
@@ -82,12 +88,22 @@ class PeerHub:
             return self._commit(lambda d: d.apply_slice(key, None), received)
         return self._commit(lambda d: d.apply_metadata(key, None), received)
 
-    def replace(self, source: str, objs: list[Mapping[str, Any]]) -> list[LogEntry]:
+    @staticmethod
+    def parse(source: str, obj: Mapping[str, Any]) -> SliceView | WorkerMetadata:
+        """The compact record the join keeps for a raw object (the raw object can then be dropped)."""
+        return parse_endpoint_slice(obj) if source == ENDPOINT_SLICES else parse_worker_metadata(obj)
+
+    def replace(self, source: str, records: Mapping[str, SliceView | WorkerMetadata]) -> list[LogEntry]:
+        """A full relist, already parsed (see ``parse``), keyed by ``namespace/name``."""
         if source == ENDPOINT_SLICES:
-            views = {object_key(o): parse_endpoint_slice(o) for o in objs}
+            views = cast("Mapping[str, SliceView]", records)
             return self._commit(lambda d: d.replace_slices(views))
-        records = {object_key(o): parse_worker_metadata(o) for o in objs}
-        return self._commit(lambda d: d.replace_metadata(records))
+        metadata = cast("Mapping[str, WorkerMetadata]", records)
+        return self._commit(lambda d: d.replace_metadata(metadata))
+
+    def replace_objects(self, source: str, objs: Iterable[Mapping[str, Any]]) -> list[LogEntry]:
+        """``replace`` from raw objects."""
+        return self.replace(source, {object_key(o): self.parse(source, o) for o in objs})
 
     def set_source_health(self, source: str, healthy: bool, reason: str = "") -> None:
         """A watch reports whether it can reach the API server; any unhealthy source degrades the hub."""

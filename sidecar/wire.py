@@ -16,7 +16,6 @@ from sidecar.core.eventlog import ApiStatus
 from sidecar.core.peer import Peer, PeerState
 from sidecar.core.projection import EventType, PeerFilter, PeerView
 from sidecar.core.selectors import EVERYTHING, SelectorError, parse_selector
-from sidecar.struct_codec import encode_struct
 
 PEER_STATE = {PeerState.READY: pb.PEER_STATE_READY, PeerState.DRAINING: pb.PEER_STATE_DRAINING}
 API_STATUS = {ApiStatus.CONNECTED: pb.API_STATUS_CONNECTED, ApiStatus.DEGRADED: pb.API_STATUS_DEGRADED}
@@ -63,7 +62,7 @@ def _encode_peer(peer: Peer) -> pb.Peer:
         zone=peer.zone,
         hostname=peer.hostname,
     )
-    message.data.MergeFromString(encode_struct(peer.data))
+    message.data.update(peer.data)
     return message
 
 

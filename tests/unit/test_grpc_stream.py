@@ -75,8 +75,8 @@ class Harness:
         self.crs: dict[str, dict] = {}
 
     def sync(self) -> None:
-        self.hub.replace(ENDPOINT_SLICES, [endpoint_slice("s1", self.pods)])
-        self.hub.replace(WORKER_METADATA, list(self.crs.values()))
+        self.hub.replace_objects(ENDPOINT_SLICES, [endpoint_slice("s1", self.pods)])
+        self.hub.replace_objects(WORKER_METADATA, list(self.crs.values()))
 
     def add(self, pod: str, labels: dict | None = None, data: dict | None = None, ready: bool = True) -> None:
         uid = f"uid-{pod}"
@@ -137,9 +137,9 @@ def test_first_message_waits_for_sync_and_is_a_full_snapshot(harness: Harness) -
     reader = Reader(harness.stub.WatchPeers(pb.WatchPeersRequest()))
     harness.pods = {"a": ("uid-a", True), "b": ("uid-b", True)}
     harness.crs = {p: worker_cr(p, f"uid-{p}") for p in ("a", "b")}
-    harness.hub.replace(ENDPOINT_SLICES, [endpoint_slice("s1", harness.pods)])
+    harness.hub.replace_objects(ENDPOINT_SLICES, [endpoint_slice("s1", harness.pods)])
     assert reader.messages.empty(), "nothing may be sent while only one source is synced"
-    harness.hub.replace(WORKER_METADATA, list(harness.crs.values()))
+    harness.hub.replace_objects(WORKER_METADATA, list(harness.crs.values()))
     first = reader.next()
     assert first.WhichOneof("kind") == "snapshot"
     assert first.snapshot.reason == pb.SNAPSHOT_REASON_INITIAL
@@ -346,8 +346,8 @@ def test_unix_socket_listener_and_cli_client(tmp_path, capsys) -> None:
     server = GrpcServer(DiscoveryService(hub, None, SELF, Metrics()), ListenAddress(unix_path=str(socket_path)))
     server.start()
     try:
-        hub.replace(ENDPOINT_SLICES, [endpoint_slice("s1", {"w-0": ("uid-w-0", True)})])
-        hub.replace(WORKER_METADATA, [worker_cr("w-0", "uid-w-0", {"role": "decode"}, {"seq": 7})])
+        hub.replace_objects(ENDPOINT_SLICES, [endpoint_slice("s1", {"w-0": ("uid-w-0", True)})])
+        hub.replace_objects(WORKER_METADATA, [worker_cr("w-0", "uid-w-0", {"role": "decode"}, {"seq": 7})])
         assert socket_path.exists()
         assert cli_main(["peers", "--target", f"unix://{socket_path}", "-o", "json"]) == 0
         listing = json.loads(capsys.readouterr().out)
@@ -381,7 +381,9 @@ def test_large_snapshots_and_deltas_arrive_in_parts_under_the_message_limit() ->
         assert {m.revision for m in parts} == {parts[-1].revision}
         assert update.kind == "snapshot" and len(update.peers) == 10000
         # One slice change that removes every peer: big deltas arrive in parts too, each applied as a unit.
-        h.hub.replace(ENDPOINT_SLICES, [endpoint_slice("s1", {p: (uid, False) for p, (uid, _) in h.pods.items()})])
+        h.hub.replace_objects(
+            ENDPOINT_SLICES, [endpoint_slice("s1", {p: (uid, False) for p, (uid, _) in h.pods.items()})]
+        )
         removed, partial_messages = 0, 0
         while view.peers:
             message = next(iterator)
