@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import statistics
 import time
 import uuid
 from typing import Any
@@ -119,6 +120,16 @@ def run(peers: int = 1000, events: int = 30000) -> dict[str, Any]:
         "note": "the consumer runs in its own process; events_streamed < events_fed means the stream "
         "coalesced several updates of one peer into one event for a reader that was behind",
     }
+
+
+def median_of_runs(peers: int, runs: int) -> dict[str, Any]:
+    """``run`` repeated; each rate is the median over the runs, and every run's figures are kept."""
+    results = [run(peers=peers) for _ in range(runs)]
+    summary = dict(results[0])
+    for key in ("apply_rate_per_s", "end_to_end_rate_per_s", "sidecar_cpu_ms_per_1000_events", "events_streamed"):
+        summary[key] = statistics.median(r[key] for r in results)
+    summary["runs"] = results
+    return summary
 
 
 if __name__ == "__main__":
