@@ -278,8 +278,45 @@ def write(results: dict[str, Any], bench_dir: pathlib.Path) -> None:
     lines += ["", "See `bench/COST_MODEL.md` for what this means for a whole cluster.", ""]
 
     lines += _targets(results)
+    lines += _analysis(results)
     lines += ["", "Plots: " + ", ".join(f"`plots/{p}`" for p in plots), ""]
     (bench_dir / "RESULTS.md").write_text("\n".join(lines))
+
+
+def _analysis(results: dict[str, Any]) -> list[str]:
+    """Where the sidecar loses to the baselines, why, and what was done about it."""
+    sizes = results["sizes"]
+    idle = sizes.get("0", {})
+    rss0 = idle.get("rss_mb", {})
+    start0 = idle.get("startup_seconds", {})
+    return [
+        "",
+        "## Where the sidecar loses, and why",
+        "",
+        f"* **Fixed cost of the runtime.** With no peers at all the sidecar's RSS is {_fmt(rss0.get('sidecar'))} MiB "
+        f"(Go raw watch {_fmt(rss0.get('raw-watch'))}, kube-rs {_fmt(rss0.get('kube-rs-reflector'))}) and it takes "
+        f"{_fmt(start0.get('sidecar'), 2)} s to its first snapshot ({_fmt(start0.get('raw-watch'), 2)} s). Measured "
+        "by import: the interpreter ~10 MiB, grpcio ~20 MiB, the official `kubernetes` client ~33 MiB and ~0.5 s "
+        "(its package imports its kubeconfig support: google-auth, oauthlib, requests, pydantic). This floor is "
+        "why the 70 MiB and 1 s targets at 1k peers are missed; it does not grow with peers.",
+        "* **Per peer.** The retained state is ~4.4 KiB of Python heap per peer (tracemalloc: the join's records, "
+        "`spec.data` kept as parsed JSON, the log entry, the encoded message). RSS grows faster because "
+        "decoding a list leaves a high-water mark: lists are now reduced to compact records page by page and "
+        "the heap is trimmed after each relist, which cut the slope from ~19 to the figure above.",
+        "* **Per event.** A Python process decodes each watch event (TLS in `ssl`, JSON, the join, the log) and "
+        "then encodes it for gRPC; the baselines only decode. That is the ~2-4 ms p50 overhead over the raw watch "
+        "and the higher CPU per 1,000 events under churn. Fixed along the way (profile first, then measured): "
+        "instance IDs cached per name (pure-Python SipHash cost ~50 us per event), canonical JSON of `spec.data` "
+        "computed only when needed (exact equality kept), each peer's protobuf encoded once and shared by all "
+        "clients, Prometheus label children resolved once, lists parsed page by page. A hand-written Struct "
+        "encoder was tried and dropped: cProfile blamed `Struct.update`, but timed without the profiler it was no "
+        "faster.",
+        "* **Found by these benchmarks:** at 10,000 peers the first snapshot (~10 MiB) exceeded gRPC's default 4 MiB "
+        "message limit and never arrived. Snapshots and deltas are now sent in parts (`partial`).",
+        "* **Noise.** Everything shares 2 cores; between two full runs the p99 overhead at 1k peers moved between "
+        "~4 and ~8 ms and pipeline capacity between ~4,100 and ~5,600 events/s. Medians over rounds (and over "
+        "three pipeline runs) are reported; compare ratios within one run rather than across runs.",
+    ]
 
 
 def _targets(results: dict[str, Any]) -> list[str]:

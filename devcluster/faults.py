@@ -95,6 +95,8 @@ class FaultProxy:
                         return
                     continue
                 readable, _, _ = select.select(list(peers), [], [], 0.2)
+                if frozen.is_set():
+                    continue  # frozen while waiting: what just arrived stays unread
                 for sock in readable:
                     data = sock.recv(65536)
                     if not data:

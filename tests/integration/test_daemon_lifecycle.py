@@ -35,6 +35,8 @@ def test_shutdown_leaves_no_threads_or_connections(
     cluster.create_service(namespace, "w", {"app": "w"})
     pod = cluster.start_pod(namespace, "inproc", {"app": "w", "role": "router"})
     register_like_dynamo(cluster, cluster.start_pod(namespace, "peer-1", {"app": "w", "role": "decode"}))
+    # The EndpointSlice controller works asynchronously: only once it lists peer-1 must a snapshot show it.
+    wait_for(lambda: cluster.ready_pods_in_slices(namespace, "w").get("peer-1"), 30, what="peer-1 in the slice")
     kubeconfig = write_token_kubeconfig(
         control_plane, cluster.pod_bound_token(namespace, "discovery-sidecar", pod), tmp_path / "kubeconfig"
     )

@@ -60,11 +60,14 @@ def test_silent_watch_is_detected_and_restarted(
     stream = StreamRecorder(observer.target)
     try:
         stream.wait_names(set())
+        # A change seen through both watches proves they are open, so the freeze below catches them.
+        register_like_dynamo(cluster, cluster.start_pod(namespace, "w-early", {"app": "w"}))
+        stream.wait_names({"w-early"})
         frozen = proxy.freeze_existing()
         assert frozen >= 2, "both watches run over the proxy"
         register_like_dynamo(cluster, cluster.start_pod(namespace, "w-late", {"app": "w"}))
         # The change can only arrive over a new connection: after the silence was noticed.
-        stream.wait_names({"w-late"}, timeout=60)
+        stream.wait_names({"w-early", "w-late"}, timeout=60)
         restarts = sum(
             metric(observer, "discovery_watch_restarts_total", source=source, reason="silent")
             for source in ("endpointslices", "dynamoworkermetadatas")
