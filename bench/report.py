@@ -229,7 +229,8 @@ def write(results: dict[str, Any], bench_dir: pathlib.Path) -> None:
         "are decoded and applied exactly as the reflector does, and a WatchPeers client in another process "
         "receives the result.",
         "",
-        f"* {p['peers']} peers, {p['events_fed']} CR updates: applied at **{p['apply_rate_per_s']:.0f}/s**, "
+        f"* {p['peers']} peers, {p['events_fed']} CR updates, median of {len(p.get('runs', [p]))} runs: "
+        f"applied at **{p['apply_rate_per_s']:.0f}/s**, "
         f"end to end (last event received by the client) **{p['end_to_end_rate_per_s']:.0f}/s**; "
         f"sidecar CPU {p['sidecar_cpu_ms_per_1000_events']:.0f} ms per 1,000 events; the client received "
         f"{p['events_streamed']} events (the rest coalesced per peer while it was behind).",

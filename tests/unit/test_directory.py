@@ -23,9 +23,10 @@ from sidecar.core.directory import PeerDirectory
 from sidecar.core.eventlog import ApiStatus, LogEntry, PeerChange, StatusChange
 from sidecar.core.instance_id import instance_id
 from sidecar.core.peer import Document, Peer, PeerState, PortInfo
-from sidecar.core.projection import EventType, PeerFilter, PeerView, StatusMessage, project, snapshot_views
+from sidecar.core.projection import PeerFilter, PeerView, project, snapshot_views
 from sidecar.core.resources import SliceView, WorkerMetadata, parse_endpoint_slice, parse_worker_metadata
 from sidecar.core.selectors import parse_selector
+from tests.unit.strict_client import apply_messages
 
 NS = "ns"
 _rv = itertools.count(1)
@@ -402,25 +403,6 @@ class Truth:
 
 def as_json(peers: Mapping[str, Peer]) -> dict[str, Any]:
     return {uid: p.to_json_dict() for uid, p in peers.items()}
-
-
-def apply_messages(view: dict[str, PeerView], messages: list[Any]) -> None:
-    """A strict client: an ADDED peer must be new, an UPDATED or REMOVED one known."""
-    for message in messages:
-        if isinstance(message, StatusMessage):
-            continue
-        assert message.events
-        for event in message.events:
-            uid = event.view.peer.uid
-            if event.type is EventType.ADDED:
-                assert uid not in view
-                view[uid] = event.view
-            elif event.type is EventType.UPDATED:
-                assert uid in view and view[uid] != event.view
-                view[uid] = event.view
-            else:
-                assert view.get(uid) == event.view
-                del view[uid]
 
 
 def project_in_chunks(

@@ -22,6 +22,7 @@ from sidecar.core.projection import (
     view_of,
 )
 from sidecar.core.selectors import parse_selector
+from tests.unit.strict_client import apply_messages
 
 
 def peer(
@@ -285,26 +286,6 @@ def consistent_logs(draw: st.DrawFn) -> tuple[list[LogEntry], dict[str, Peer]]:
             current[uid] = after
         log.append(LogEntry(revision, PeerChange(uid, before, after)))
     return log, current
-
-
-def apply_messages(view: dict[str, PeerView], messages: list[Any]) -> None:
-    for message in messages:
-        if isinstance(message, StatusMessage):
-            continue
-        assert message.events, "an empty delta must not be sent"
-        uids = [e.view.peer.uid for e in message.events]
-        assert len(uids) == len(set(uids)), "one event per peer per message"
-        for event in message.events:
-            uid = event.view.peer.uid
-            if event.type is EventType.ADDED:
-                assert uid not in view
-                view[uid] = event.view
-            elif event.type is EventType.UPDATED:
-                assert uid in view and view[uid] != event.view
-                view[uid] = event.view
-            else:
-                assert view.get(uid) == event.view
-                del view[uid]
 
 
 @settings(max_examples=300, deadline=None)
