@@ -315,7 +315,8 @@ def _analysis(results: dict[str, Any]) -> list[str]:
         "* **Found by these benchmarks:** at 10,000 peers the first snapshot (~10 MiB) exceeded gRPC's default 4 MiB "
         "message limit and never arrived. Snapshots and deltas are now sent in parts (`partial`).",
         "* **Noise.** Everything shares 2 cores; between two full runs the p99 overhead at 1k peers moved between "
-        "~4 and ~8 ms and pipeline capacity between ~4,100 and ~5,600 events/s. Medians over rounds (and over "
+        "~4 and ~8 ms and pipeline capacity (median of three) between ~3,800 and ~5,600 events/s, "
+        "single runs from ~3,100. Medians over rounds (and over "
         "three pipeline runs) are reported; compare ratios within one run rather than across runs.",
     ]
 
