@@ -126,6 +126,15 @@ def _plots(results: dict[str, Any], plots: pathlib.Path) -> list[str]:
     return written
 
 
+def _per_size_table(results: dict[str, Any], title: str, metric: str, digits: int) -> list[str]:
+    """A section with one row per peer count and one column per watcher, for a per-size metric."""
+    lines = [f"## {title}", "", "| peers | " + " | ".join(OBSERVERS) + " |", "| --- |" + " --- |" * len(OBSERVERS)]
+    for size in sorted(results["sizes"], key=int):
+        values = results["sizes"][size][metric]
+        lines.append(f"| {size} | " + " | ".join(_fmt(values.get(n), digits) for n in OBSERVERS) + " |")
+    return lines
+
+
 def _slope_kb(results: dict[str, Any], name: str, low: int, high: int) -> float | None:
     sizes = results["sizes"]
     if str(low) not in sizes or str(high) not in sizes:
@@ -171,15 +180,7 @@ def write(results: dict[str, Any], bench_dir: pathlib.Path) -> None:
         lines += _latency_table(entry["latency"], "readiness")
         lines += ["", f"![latency CDF]( plots/latency-cdf-{size}.png)".replace("( ", "("), ""]
 
-    lines += [
-        "## Memory (RSS after the initial sync, MiB)",
-        "",
-        "| peers | " + " | ".join(OBSERVERS) + " |",
-        "| --- |" + " --- |" * len(OBSERVERS),
-    ]
-    for size in sorted(results["sizes"], key=int):
-        rss = results["sizes"][size]["rss_mb"]
-        lines.append(f"| {size} | " + " | ".join(_fmt(rss.get(n)) for n in OBSERVERS) + " |")
+    lines += _per_size_table(results, "Memory (RSS after the initial sync, MiB)", "rss_mb", 1)
     biggest = max(int(s) for s in results["sizes"])
     lines += [
         "",
@@ -191,15 +192,9 @@ def write(results: dict[str, Any], bench_dir: pathlib.Path) -> None:
         "",
     ]
 
-    lines += [
-        "## Start-up (process start to first synced snapshot, seconds)",
-        "",
-        "| peers | " + " | ".join(OBSERVERS) + " |",
-        "| --- |" + " --- |" * len(OBSERVERS),
-    ]
-    for size in sorted(results["sizes"], key=int):
-        startup = results["sizes"][size]["startup_seconds"]
-        lines.append(f"| {size} | " + " | ".join(_fmt(startup.get(n), 2) for n in OBSERVERS) + " |")
+    lines += _per_size_table(
+        results, "Start-up (process start to first synced snapshot, seconds)", "startup_seconds", 2
+    )
 
     churn = results["churn"]
     lines += [

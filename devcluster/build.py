@@ -64,12 +64,11 @@ def ldflags(versions: dict[str, str]) -> str:
     return " ".join(["-s", "-w", *flags])
 
 
-def _go() -> str:
+def go_toolchain(purpose: str = "the control plane") -> str:
+    """The ``go`` command, or a clear error saying what it was needed for."""
     go = shutil.which("go")
     if go is None:
-        raise RuntimeError(
-            "the Go toolchain is required to build the control plane (https://go.dev/dl); `go` is not on PATH"
-        )
+        raise RuntimeError(f"the Go toolchain is required to build {purpose} (https://go.dev/dl); `go` is not on PATH")
     return go
 
 
@@ -77,7 +76,9 @@ def cache_key(versions: dict[str, str]) -> str:
     digest = hashlib.sha256()
     for name in ("go.mod", "go.sum"):
         digest.update((MODULE_DIR / name).read_bytes())
-    digest.update(subprocess.run([_go(), "version"], capture_output=True, text=True, check=True).stdout.encode())
+    digest.update(
+        subprocess.run([go_toolchain(), "version"], capture_output=True, text=True, check=True).stdout.encode()
+    )
     digest.update(ldflags(versions).encode())
     return f"k8s-{versions['kubernetes']}-etcd-{versions['etcd']}-{digest.hexdigest()[:12]}"
 
@@ -122,12 +123,12 @@ def ensure_built(log: Log = _say) -> pathlib.Path:
     )
     env = dict(os.environ, GOFLAGS="-buildvcs=false")
     started = time.monotonic()
-    _run_with_progress([_go(), "mod", "download", "-x"], env, "downloading Go modules", log)
+    _run_with_progress([go_toolchain(), "mod", "download", "-x"], env, "downloading Go modules", log)
     staging = target.parent / "bin.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     _run_with_progress(
-        [_go(), "build", "-v", "-ldflags", ldflags(versions), "-o", str(staging) + "/", *BINARIES.values()],
+        [go_toolchain(), "build", "-v", "-ldflags", ldflags(versions), "-o", str(staging) + "/", *BINARIES.values()],
         env,
         "compiling",
         log,

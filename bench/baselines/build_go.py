@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import time
+
+from devcluster.build import go_toolchain
 
 SOURCE_DIR = pathlib.Path(__file__).resolve().parent / "go-watch"
 SOURCE_FILES = ("go.mod", "go.sum", "main.go")
@@ -25,15 +26,6 @@ BINARY_NAME = "go-watch"
 
 def _say(message: str) -> None:
     print(f"[build_go] {message}", file=sys.stderr, flush=True)
-
-
-def _go() -> str:
-    go = shutil.which("go")
-    if go is None:
-        raise RuntimeError(
-            "the Go toolchain is required to build the go-watch baseline (https://go.dev/dl); `go` is not on PATH"
-        )
-    return go
 
 
 def source_key() -> str:
@@ -53,7 +45,7 @@ def ensure_go_watch() -> pathlib.Path:
     target = binary_path()
     if target.is_file():
         return target
-    go = _go()
+    go = go_toolchain("the go-watch baseline")
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(BINARY_NAME + ".partial")
     _say(f"building go-watch into {target} (a cold Go build cache takes a few minutes; later runs reuse it)")

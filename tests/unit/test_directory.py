@@ -24,7 +24,7 @@ from sidecar.core.eventlog import ApiStatus, LogEntry, PeerChange, StatusChange
 from sidecar.core.instance_id import instance_id
 from sidecar.core.peer import Document, Peer, PeerState, PortInfo
 from sidecar.core.projection import PeerFilter, PeerView, project, snapshot_views
-from sidecar.core.resources import SliceView, WorkerMetadata, parse_endpoint_slice, parse_worker_metadata
+from sidecar.core.resources import EndpointEntry, SliceView, WorkerMetadata, parse_endpoint_slice, parse_worker_metadata
 from sidecar.core.selectors import parse_selector
 from tests.unit.strict_client import apply_messages
 
@@ -48,6 +48,12 @@ def raw_endpoint(
         "nodeName": node,
         "targetRef": {"kind": "Pod", "uid": uid, "name": name, "namespace": NS},
     }
+
+
+def raw_from_entry(entry: EndpointEntry) -> dict[str, Any]:
+    """The raw endpoint an already parsed entry came from (to rebuild a slice with a change)."""
+    conditions = {"ready": entry.ready, "serving": entry.serving, "terminating": entry.terminating}
+    return raw_endpoint(entry.pod_uid, entry.pod_name, entry.addresses, conditions, entry.node_name)
 
 
 def make_slice(name: str, endpoints: list[dict[str, Any]], ports: tuple[int, ...] = (9000,)) -> SliceView:
@@ -442,16 +448,7 @@ class ModelRun:
                 {
                     "metadata": {"name": v.name, "namespace": NS, "resourceVersion": str(next(_rv))},
                     "ports": [{"name": p.name, "port": p.port} for p in v.ports],
-                    "endpoints": [
-                        raw_endpoint(
-                            e.pod_uid,
-                            e.pod_name,
-                            e.addresses,
-                            {"ready": e.ready, "serving": e.serving, "terminating": e.terminating},
-                            e.node_name,
-                        )
-                        for e in v.endpoints
-                    ],
+                    "endpoints": [raw_from_entry(e) for e in v.endpoints],
                 }
             )
             for k, v in self.truth.slices.items()
@@ -486,17 +483,7 @@ class ModelRun:
             others = (
                 []
                 if current_slice is None
-                else [
-                    raw_endpoint(
-                        e.pod_uid,
-                        e.pod_name,
-                        e.addresses,
-                        {"ready": e.ready, "serving": e.serving, "terminating": e.terminating},
-                        e.node_name,
-                    )
-                    for e in current_slice.endpoints
-                    if e.pod_uid != endpoint["targetRef"]["uid"]
-                ]
+                else [raw_from_entry(e) for e in current_slice.endpoints if e.pod_uid != endpoint["targetRef"]["uid"]]
             )
             ports = (80,) if current_slice is None else tuple(p.port for p in current_slice.ports)
             got = directory.apply_slice(key(name), truth.set_slice(name, ([*others, endpoint], ports)))
