@@ -139,13 +139,8 @@ class Sidecar:
         self.grpc.start()
         if self.http is not None:
             self.http.start()
-        for reflector in self.reflectors:
-            reflector.start()
-            assert reflector._thread is not None
-            self._threads.append(reflector._thread)
-        self.registrar.start()
-        assert self.registrar._thread is not None
-        self._threads.append(self.registrar._thread)
+        self._threads = [reflector.start() for reflector in self.reflectors]
+        self._threads.append(self.registrar.start())
         threading.Thread(target=self._mark_serving_when_synced, name="health", daemon=True).start()
         self.log.info(
             "started",

@@ -95,9 +95,11 @@ class Reflector:
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self) -> threading.Thread:
+        """Run in a background thread; return it (the daemon's liveness probe watches it)."""
         self._thread = threading.Thread(target=self.run, name=f"reflector-{self.target.source}", daemon=True)
         self._thread.start()
+        return self._thread
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()

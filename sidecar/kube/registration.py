@@ -188,9 +188,11 @@ class Registrar:
             raise
 
     # -- the loop --------------------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self) -> threading.Thread:
+        """Run in a background thread; return it (the daemon's liveness probe watches it)."""
         self._thread = threading.Thread(target=self.run, name="registrar", daemon=True)
         self._thread.start()
+        return self._thread
 
     def run(self) -> None:
         while not self._stop.is_set():
