@@ -27,8 +27,9 @@ integration: venv
 	$(PY) -m devcluster build
 	$(PY) -m pytest tests/integration
 
-lint: venv
+lint: venv            ## ruff, then mypy --strict on sidecar/ (settings in pyproject.toml)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 protos: venv          ## regenerate sidecar/api from protos/
 	$(PY) scripts/gen_protos.py
@@ -46,4 +47,4 @@ bench: venv
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis .ruff_cache .mypy_cache

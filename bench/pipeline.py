@@ -22,9 +22,10 @@ from bench.workload import metadata, peer_name
 from sidecar.api.discovery.v1 import discovery_pb2 as pb
 from sidecar.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
 from sidecar.config import ListenAddress, PodIdentity
-from sidecar.core.directory import ENDPOINT_SLICES, WORKER_METADATA, PeerDirectory
+from sidecar.core.directory import PeerDirectory
 from sidecar.grpc_service import DiscoveryService, GrpcServer
 from sidecar.hub import PeerHub
+from sidecar.kube.sources import ENDPOINT_SLICES, SOURCES, WORKER_METADATA
 from sidecar.metrics import Metrics
 
 
@@ -80,9 +81,10 @@ def _consume(target: str, last_seq: int, connection: Any) -> None:
 
 
 def run(peers: int = 1000, events: int = 30000) -> dict[str, Any]:
-    hub = PeerHub(PeerDirectory(uuid.uuid4().hex, 10000), "self")
-    hub.replace_objects(ENDPOINT_SLICES, _slices(peers))
-    hub.replace_objects(WORKER_METADATA, [_cr(i, 0) for i in range(peers)])
+    hub = PeerHub(PeerDirectory(uuid.uuid4().hex, 10000, [s.name for s in SOURCES]), "self")
+    for source, objects in ((ENDPOINT_SLICES, _slices(peers)), (WORKER_METADATA, [_cr(i, 0) for i in range(peers)])):
+        hub.store(source.name).replace({source.key(o): source.parse(o) for o in objects})
+    metadata = hub.store(WORKER_METADATA.name)
     server = GrpcServer(
         DiscoveryService(hub, None, PodIdentity("self", "bench", "self"), Metrics()),
         ListenAddress(host="127.0.0.1", port=0),
@@ -100,8 +102,9 @@ def run(peers: int = 1000, events: int = 30000) -> dict[str, Any]:
     started = time.perf_counter()
     cpu_started = time.process_time()
     for line in lines:
-        event = json.loads(line)
-        hub.upsert(WORKER_METADATA, event["object"], time.monotonic())
+        arrived = time.monotonic()
+        obj = json.loads(line)["object"]  # parsed and stored as the reflector does
+        metadata.upsert(WORKER_METADATA.key(obj), WORKER_METADATA.parse(obj), arrived)
     applied = time.perf_counter()
     if not ours.poll(120):
         raise RuntimeError("the consumer never saw the last event")

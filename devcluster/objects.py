@@ -14,13 +14,15 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from sidecar.kube import sources
 from sidecar.kube.api import ApiError, KubeApi, ResourcePath
 
 PODS = ResourcePath("", "v1", "pods")
 SERVICES = ResourcePath("", "v1", "services")
 SERVICE_ACCOUNTS = ResourcePath("", "v1", "serviceaccounts")
-ENDPOINT_SLICES = ResourcePath("discovery.k8s.io", "v1", "endpointslices")
-WORKER_METADATA = ResourcePath("nvidia.com", "v1alpha1", "dynamoworkermetadatas")
+# Where the sidecar's sources live, from its one table (tests write these objects directly).
+ENDPOINT_SLICES = sources.ENDPOINT_SLICES.resource
+WORKER_METADATA = sources.WORKER_METADATA.resource
 
 T = TypeVar("T")
 

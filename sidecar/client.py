@@ -1,17 +1,19 @@
 """A Python client of the local API, for the main container.
 
-``DiscoveryClient.watch()`` (and ``watch_async()``) yield a ``PeerSetUpdate`` after every message: what
-changed and the whole current peer set. When the stream breaks (the sidecar restarts, a deadline,
-a network hiccup on a Unix socket) the client reconnects with backoff and resumes from the last
-revision it applied: the sidecar then sends only what was missed, or a fresh snapshot flagged
-``reset=True`` when it no longer holds that history. Callers never see the seams.
+``DiscoveryClient.watch()`` (and ``AsyncDiscoveryClient.watch()``) yield a ``PeerSetUpdate`` after
+every message: what changed and the whole current peer set. When the stream breaks (the sidecar
+restarts, a deadline, a network hiccup on a Unix socket) the client reconnects with backoff and
+resumes from the last revision it applied: the sidecar then sends only what was missed, or a fresh
+snapshot flagged ``reset=True`` when it no longer holds that history. Callers never see the seams.
+
+The reconnect logic (what to ask for, what a message means, whether and how long to wait after an
+error) is ``_ResumableWatch``, written once; each client's ``watch`` only does its kind of IO.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import random
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ import grpc.aio
 
 from sidecar.api.discovery.v1 import discovery_pb2 as pb
 from sidecar.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
+from sidecar.core.backoff import Backoff
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 CHANNEL_OPTIONS = [
@@ -43,7 +46,11 @@ PERMANENT_CODES = (
 
 @dataclass
 class PeerSetUpdate:
-    """One applied message: the changes it brought and the resulting peer set."""
+    """One applied message: the changes it brought and the resulting peer set.
+
+    Made by ``PeerSetView.apply`` and yielded to the callers of ``watch``. ``peers`` is the view's own
+    dict (not a copy): it is the current set, and moves on with later messages.
+    """
 
     kind: str  # "snapshot", "delta", "resumed" or "status"
     revision: int
@@ -62,6 +69,10 @@ class PeerSetView:
 
     Parts of one change (``partial``) are gathered and applied together; ``apply`` returns None for
     all but the last part, and the resume revision only moves once a change is complete.
+
+    Owns the peer set by pod UID, the revision and history id to resume from, the API status and the
+    parts of an incomplete change. Used by ``_ResumableWatch`` (so by both clients' ``watch``), and
+    directly by programs that read a WatchPeers stream themselves.
     """
 
     def __init__(self) -> None:
@@ -127,16 +138,62 @@ def make_filter(
     )
 
 
-def _next_delay(attempt: int, maximum: float) -> float:
-    bound = min(maximum, 0.1 * 2**attempt)
-    return random.uniform(bound / 2, bound)
+class _ResumableWatch:
+    """One WatchPeers subscription across reconnects: all of ``watch`` but the IO, shared by both clients.
+
+    Owns the ``PeerSetView`` (the peer set and where to resume), the ``Backoff`` between reconnects
+    (0.1 s growing to ``max_backoff``, reset by any message) and the filter. ``DiscoveryClient.watch``
+    and ``AsyncDiscoveryClient.watch`` make one per call and ask it what to send (``request``), what a
+    message means (``on_message``) and, when the stream fails, whether to retry and after how long
+    (``on_error``); they only make the call, read it and sleep.
+    """
+
+    INITIAL_BACKOFF = 0.1
+
+    def __init__(
+        self,
+        peer_filter: pb.PeerFilter | None = None,
+        *,
+        reconnect: bool = True,
+        max_backoff: float = 5.0,
+        view: PeerSetView | None = None,
+    ) -> None:
+        self.filter = peer_filter or pb.PeerFilter()
+        self.reconnect = reconnect
+        self.view = view if view is not None else PeerSetView()
+        self.backoff = Backoff(initial=self.INITIAL_BACKOFF, maximum=max_backoff)
+
+    def request(self) -> pb.WatchPeersRequest:
+        """The request of the next call: the filter, resuming after the last complete change."""
+        return self.view.resume_request(self.filter)
+
+    def on_message(self, message: pb.WatchPeersResponse) -> PeerSetUpdate | None:
+        """Apply a message (the stream is healthy again); the update to yield, or None mid-change."""
+        self.backoff.reset()
+        return self.view.apply(message)
+
+    def on_error(self, error: grpc.RpcError) -> float:
+        """How long to wait before reconnecting after ``error`` ended the stream.
+
+        Re-raises ``error`` when reconnecting is off, its code is permanent, or it is CANCELLED (the
+        caller's own doing: the channel was closed or the call cancelled).
+        """
+        if not self.reconnect or error.code() in PERMANENT_CODES or error.code() == grpc.StatusCode.CANCELLED:
+            raise error
+        return self.backoff.next_delay()
 
 
 class DiscoveryClient:
+    """A blocking client of the sidecar's local API, for the main container's threads.
+
+    Owns one gRPC channel to ``target`` and its stub (close it, or use it as a context manager).
+    Called by application code and the ``peers`` CLI command; each ``watch`` call reconnects on its own.
+    """
+
     def __init__(self, target: str = DEFAULT_TARGET) -> None:
         self.target = target
         self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-        self.stub = pb_grpc.DiscoveryStub(self.channel)
+        self.stub: Any = pb_grpc.DiscoveryStub(self.channel)  # generated without type hints
 
     def close(self) -> None:
         self.channel.close()
@@ -148,19 +205,22 @@ class DiscoveryClient:
         self.close()
 
     def list_peers(self, peer_filter: pb.PeerFilter | None = None, timeout: float = 30.0) -> pb.ListPeersResponse:
-        return self.stub.ListPeers(
+        reply: pb.ListPeersResponse = self.stub.ListPeers(
             pb.ListPeersRequest(filter=peer_filter or pb.PeerFilter()), timeout=timeout, wait_for_ready=True
         )
+        return reply
 
     def get_self(self, timeout: float = 10.0) -> pb.GetSelfResponse:
-        return self.stub.GetSelf(pb.GetSelfRequest(), timeout=timeout, wait_for_ready=True)
+        reply: pb.GetSelfResponse = self.stub.GetSelf(pb.GetSelfRequest(), timeout=timeout, wait_for_ready=True)
+        return reply
 
     def publish_metadata(
         self, data: Mapping[str, Any], merge: bool = False, timeout: float = 30.0
     ) -> pb.PublishMetadataResponse:
         mode = pb.PUBLISH_MODE_MERGE_PATCH if merge else pb.PUBLISH_MODE_REPLACE
         request = pb.PublishMetadataRequest(data_json=json.dumps(dict(data)), mode=mode)
-        return self.stub.PublishMetadata(request, timeout=timeout, wait_for_ready=True)
+        reply: pb.PublishMetadataResponse = self.stub.PublishMetadata(request, timeout=timeout, wait_for_ready=True)
+        return reply
 
     def watch(
         self,
@@ -170,61 +230,57 @@ class DiscoveryClient:
         view: PeerSetView | None = None,
     ) -> Iterator[PeerSetUpdate]:
         """Yield an update per message, reconnecting and resuming by revision until closed."""
-        peer_filter = peer_filter or pb.PeerFilter()
-        view = view or PeerSetView()
-        attempt = 0
+        watch = _ResumableWatch(peer_filter, reconnect=reconnect, max_backoff=max_backoff, view=view)
         while True:
-            call = self.stub.WatchPeers(view.resume_request(peer_filter), wait_for_ready=True)
+            call = self.stub.WatchPeers(watch.request(), wait_for_ready=True)
             try:
                 for message in call:
-                    attempt = 0
-                    update = view.apply(message)
+                    update = watch.on_message(message)
                     if update is not None:
                         yield update
                 return  # the server ended the stream cleanly
-            except grpc.RpcError as exc:
-                if not reconnect or exc.code() in PERMANENT_CODES or exc.code() == grpc.StatusCode.CANCELLED:
-                    raise
+            except grpc.RpcError as error:
+                delay = watch.on_error(error)
             finally:
                 call.cancel()
-            time.sleep(_next_delay(attempt, max_backoff))  # backoff between reconnects
-            attempt += 1
+            time.sleep(delay)
 
 
 class AsyncDiscoveryClient:
-    """The same for asyncio programs (``grpc.aio``)."""
+    """The same for asyncio programs (``grpc.aio``).
+
+    Owns one ``grpc.aio`` channel to ``target`` and its stub (``await close()`` it). Called by asyncio
+    application code; each ``watch`` call reconnects on its own.
+    """
 
     def __init__(self, target: str = DEFAULT_TARGET) -> None:
         self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-        self.stub = pb_grpc.DiscoveryStub(self.channel)
+        self.stub: Any = pb_grpc.DiscoveryStub(self.channel)  # generated without type hints
 
     async def close(self) -> None:
-        await self.channel.close()
+        await self.channel.close(None)  # None: no grace (the stubs omit the parameter's default)
 
     async def list_peers(self, peer_filter: pb.PeerFilter | None = None, timeout: float = 30.0) -> pb.ListPeersResponse:
-        return await self.stub.ListPeers(
+        reply: pb.ListPeersResponse = await self.stub.ListPeers(
             pb.ListPeersRequest(filter=peer_filter or pb.PeerFilter()), timeout=timeout, wait_for_ready=True
         )
+        return reply
 
     async def watch(
         self, peer_filter: pb.PeerFilter | None = None, reconnect: bool = True, max_backoff: float = 5.0
     ) -> AsyncIterator[PeerSetUpdate]:
-        peer_filter = peer_filter or pb.PeerFilter()
-        view = PeerSetView()
-        attempt = 0
+        """Yield an update per message, reconnecting and resuming by revision until closed."""
+        watch = _ResumableWatch(peer_filter, reconnect=reconnect, max_backoff=max_backoff)
         while True:
-            call = self.stub.WatchPeers(view.resume_request(peer_filter), wait_for_ready=True)
+            call = self.stub.WatchPeers(watch.request(), wait_for_ready=True)
             try:
                 async for message in call:
-                    attempt = 0
-                    update = view.apply(message)
+                    update = watch.on_message(message)
                     if update is not None:
                         yield update
-                return
-            except grpc.aio.AioRpcError as exc:
-                if not reconnect or exc.code() in PERMANENT_CODES or exc.code() == grpc.StatusCode.CANCELLED:
-                    raise
+                return  # the server ended the stream cleanly
+            except grpc.aio.AioRpcError as error:
+                delay = watch.on_error(error)
             finally:
                 call.cancel()
-            await asyncio.sleep(_next_delay(attempt, max_backoff))  # backoff between reconnects
-            attempt += 1
+            await asyncio.sleep(delay)

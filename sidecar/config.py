@@ -20,7 +20,7 @@ import pathlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from sidecar.core.resources import validate_worker_data
 from sidecar.core.selectors import (
@@ -32,6 +32,8 @@ from sidecar.core.selectors import (
 )
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+_T = TypeVar("_T")
 
 
 class ConfigError(ValueError):
@@ -124,6 +126,7 @@ def parse_json_object(text: str) -> dict[str, Any]:
     problem = validate_worker_data(value)
     if problem:
         raise ValueError(problem.replace("spec.data", "the metadata"))
+    assert isinstance(value, dict), "validate_worker_data accepts JSON objects only"
     return value
 
 
@@ -312,7 +315,8 @@ class _Reader:
         self.podinfo_dir = pathlib.Path(podinfo or "/etc/podinfo")
 
     def _lookup(self, option: Option) -> str | None:
-        value = getattr(self.args, _dest(option), None) if self.args is not None else None
+        # add_arguments gives every option a plain string flag (no type=), unset being None
+        value: str | None = getattr(self.args, _dest(option), None) if self.args is not None else None
         if value is not None:
             return value
         from_file = self._podinfo(option)
@@ -338,7 +342,14 @@ class _Reader:
         option = OPTIONS_BY_ENV[env]
         return f"{option.env} ({option.flag})"
 
-    def get(self, env: str, parse: Callable[[str], Any] = str, required: str | None = None) -> Any:
+    @overload
+    def get(self, env: str, *, required: str | None = None) -> str | None: ...
+
+    @overload
+    def get(self, env: str, parse: Callable[[str], _T], required: str | None = None) -> _T | None: ...
+
+    def get(self, env: str, parse: Callable[[str], object] = str, required: str | None = None) -> object:
+        """The parsed value, or None when it is unset or invalid (then the problem is recorded)."""
         option = OPTIONS_BY_ENV[env]
         text = self._lookup(option)
         if text is None:
@@ -407,29 +418,44 @@ def load_settings(args: argparse.Namespace | None = None, environ: Mapping[str, 
             f"set only one of {reader.where('DISCOVERY_METADATA')} and {reader.where('DISCOVERY_METADATA_FILE')}"
         )
 
-    settings = dict(
-        grpc_listen=reader.get("DISCOVERY_GRPC_LISTEN", parse_grpc_listen),
-        http_listen=reader.get("DISCOVERY_HTTP_LISTEN", parse_http_listen),
-        kubeconfig=reader.get("KUBECONFIG"),
-        watch_silence_timeout=reader.get("DISCOVERY_WATCH_SILENCE_TIMEOUT", parse_duration),
-        request_timeout=reader.get("DISCOVERY_REQUEST_TIMEOUT", parse_duration),
-        backoff_max=reader.get("DISCOVERY_BACKOFF_MAX", parse_duration),
-        history_size=reader.get("DISCOVERY_HISTORY_SIZE", parse_positive_int),
-        shutdown_timeout=reader.get("DISCOVERY_SHUTDOWN_TIMEOUT", parse_duration),
-        field_manager=reader.get("DISCOVERY_FIELD_MANAGER"),
-        log_format=reader.get("DISCOVERY_LOG_FORMAT", _choice("auto", "json", "console")),
-        log_level=reader.get("DISCOVERY_LOG_LEVEL", _choice("debug", "info", "warning", "error")),
-    )
+    grpc_listen = reader.get("DISCOVERY_GRPC_LISTEN", parse_grpc_listen)
+    http_listen = reader.get("DISCOVERY_HTTP_LISTEN", parse_http_listen)
+    kubeconfig = reader.get("KUBECONFIG")
+    watch_silence_timeout = reader.get("DISCOVERY_WATCH_SILENCE_TIMEOUT", parse_duration)
+    request_timeout = reader.get("DISCOVERY_REQUEST_TIMEOUT", parse_duration)
+    backoff_max = reader.get("DISCOVERY_BACKOFF_MAX", parse_duration)
+    history_size = reader.get("DISCOVERY_HISTORY_SIZE", parse_positive_int)
+    shutdown_timeout = reader.get("DISCOVERY_SHUTDOWN_TIMEOUT", parse_duration)
+    field_manager = reader.get("DISCOVERY_FIELD_MANAGER")
+    log_format = reader.get("DISCOVERY_LOG_FORMAT", _choice("auto", "json", "console"))
+    log_level = reader.get("DISCOVERY_LOG_LEVEL", _choice("debug", "info", "warning", "error"))
     if reader.problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(reader.problems))
+    # No problems, so every required setting was given and every one with a default parsed.
     return Settings(
-        identity=PodIdentity(name=name, namespace=namespace, uid=uid),
+        identity=PodIdentity(name=_known(name), namespace=_known(namespace), uid=_known(uid)),
         pod_labels=labels,
         endpointslice_selector=selector,
         initial_metadata=inline if inline is not None else (from_file if from_file is not None else {}),
         raw=reader.raw,
-        **settings,
+        grpc_listen=_known(grpc_listen),
+        http_listen=http_listen,
+        kubeconfig=kubeconfig,
+        watch_silence_timeout=_known(watch_silence_timeout),
+        request_timeout=_known(request_timeout),
+        backoff_max=_known(backoff_max),
+        history_size=_known(history_size),
+        shutdown_timeout=_known(shutdown_timeout),
+        field_manager=_known(field_manager),
+        log_format=_known(log_format),
+        log_level=_known(log_level),
     )
+
+
+def _known(value: _T | None) -> _T:
+    """A setting that is required or has a default: ``_Reader.get`` gave None only with a problem recorded."""
+    assert value is not None, "a missing setting must have been reported as a problem"
+    return value
 
 
 def _parse_selector_value(text: str) -> LabelSelector:

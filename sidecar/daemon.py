@@ -17,21 +17,22 @@ from types import FrameType
 import structlog
 
 from sidecar.config import Settings
-from sidecar.core.directory import ENDPOINT_SLICES, WORKER_METADATA, PeerDirectory
-from sidecar.core.eventlog import ApiStatus, LogEntry, PeerChange, StatusChange
+from sidecar.core.directory import PeerDirectory
 from sidecar.grpc_service import DiscoveryService, GrpcServer
 from sidecar.http_server import HttpServer
 from sidecar.hub import PeerHub
-from sidecar.kube.api import KubeApi, ResourcePath
-from sidecar.kube.reflector import Reflector, WatchTarget
-from sidecar.kube.registration import WORKER_METADATA as WORKER_METADATA_PATH
+from sidecar.kube.api import KubeApi
+from sidecar.kube.reflector import Reflector
 from sidecar.kube.registration import Registrar
+from sidecar.kube.sources import WORKER_METADATA, watch_targets
 from sidecar.metrics import Metrics
-
-ENDPOINT_SLICES_PATH = ResourcePath("discovery.k8s.io", "v1", "endpointslices")
+from sidecar.reporting import PeerChangeReporter
 
 
 class Sidecar:
+    """Owns every part of one running sidecar and their order of start and stop; the CLI's ``run``
+    (and in-process tests) construct it."""
+
     def __init__(self, settings: Settings, api: KubeApi | None = None) -> None:
         self.settings = settings
         self.log = structlog.get_logger("sidecar").bind(pod=settings.identity.name)
@@ -39,9 +40,14 @@ class Sidecar:
         self.metrics = Metrics()
         self.api.on_request = lambda method, code: self.metrics.api_requests.labels(method, str(code)).inc()
         self.api.on_bytes = self.metrics.api_bytes.inc
-        directory = PeerDirectory(history_id=uuid.uuid4().hex, history_capacity=settings.history_size)
+        targets = watch_targets(settings)
+        directory = PeerDirectory(
+            history_id=uuid.uuid4().hex,
+            history_capacity=settings.history_size,
+            sources=[target.name for target in targets],
+        )
         self.hub = PeerHub(directory, self_uid=settings.identity.uid)
-        self.hub.add_listener(self._on_entries)
+        self.hub.add_listener(PeerChangeReporter(self.log, self.metrics))
         self.registrar = Registrar(
             self.api,
             settings.identity,
@@ -51,24 +57,17 @@ class Sidecar:
             self.metrics,
             settings.backoff_max,
         )
-        namespace = settings.identity.namespace
-        common = dict(silence_timeout=settings.watch_silence_timeout, backoff_max=settings.backoff_max)
         self.reflectors = [
             Reflector(
                 self.api,
-                WatchTarget(ENDPOINT_SLICES, ENDPOINT_SLICES_PATH, namespace, str(settings.endpointslice_selector)),
-                self.hub,
+                target,
+                self.hub.store(target.name),
                 self.metrics,
-                **common,
-            ),
-            Reflector(
-                self.api,
-                WatchTarget(WORKER_METADATA, WORKER_METADATA_PATH, namespace),
-                self.hub,
-                self.metrics,
-                observers=[self.registrar.observe],
-                **common,
-            ),
+                silence_timeout=settings.watch_silence_timeout,
+                backoff_max=settings.backoff_max,
+                observers=[self.registrar.observe] if target.source is WORKER_METADATA else [],
+            )
+            for target in targets
         ]
         self.grpc = GrpcServer(
             DiscoveryService(self.hub, self.registrar, settings.identity, self.metrics), settings.grpc_listen
@@ -86,8 +85,7 @@ class Sidecar:
         problems = []
         if self._stopping.is_set():
             problems.append("shutting down")
-        if not self.registrar.registered.is_set():
-            problems.append("not registered" + (f": {self.registrar.last_error}" if self.registrar.last_error else ""))
+        problems.extend(self.registrar.problems())
         if not self.hub.synced:
             problems.append("watches not synced yet")
         problems.extend(f"{source}: {reason}" for source, reason in self.hub.source_health().items())
@@ -97,41 +95,6 @@ class Sidecar:
         if self._stopping.is_set():
             return []
         return [f"thread {t.name} has died" for t in self._threads if not t.is_alive()]
-
-    # -- events -----------------------------------------------------------------------------------------
-    def _on_entries(self, entries: list[LogEntry]) -> None:
-        for entry in entries:
-            change = entry.change
-            if isinstance(change, StatusChange):
-                self.metrics.api_connected.set(1 if change.status is ApiStatus.CONNECTED else 0)
-                if change.status is ApiStatus.DEGRADED:
-                    self.log.warning(
-                        "API server unreachable: peer set may be stale", reason=change.reason, revision=entry.revision
-                    )
-                else:
-                    self.log.info("API server reachable: peer set is current", revision=entry.revision)
-                continue
-            assert isinstance(change, PeerChange)
-            self.metrics.peer_changes.inc()
-            if change.before is not None:
-                self.metrics.peers.labels(change.before.state.value).dec()
-            if change.after is not None:
-                self.metrics.peers.labels(change.after.state.value).inc()
-            peer = change.after or change.before
-            assert peer is not None
-            event = (
-                "peer added" if change.before is None else "peer removed" if change.after is None else "peer updated"
-            )
-            # Additions and removals are what operators look for; updates (metadata churn) can be many.
-            emit = self.log.debug if event == "peer updated" else self.log.info
-            emit(
-                event,
-                peer=peer.name,
-                uid=peer.uid,
-                state=(change.after or peer).state.value,
-                addresses=list(peer.addresses),
-                revision=entry.revision,
-            )
 
     # -- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -153,7 +116,7 @@ class Sidecar:
     def _mark_serving_when_synced(self) -> None:
         if self.hub.wait_synced(None):
             self.grpc.set_serving(True)
-            self.log.info("synced", peers=len(self.hub.state()[1]))
+            self.log.info("synced", peers=len(self.hub.state().peers))
 
     def shutdown(self) -> None:
         if self._stopping.is_set():

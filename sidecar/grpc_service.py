@@ -6,6 +6,10 @@ and sends them. gRPC's flow control blocks a send to a client that does not read
 moves on without it, and if the client's position falls out of the bounded history it is sent a
 fresh snapshot (``SNAPSHOT_REASON_CLIENT_TOO_SLOW``) instead of a backlog. Memory per stream is thus
 bounded by one batch, whatever the client does.
+
+The service reads the peer set through ``PeerReader`` and publishes through ``MetadataPublisher``
+(``sidecar.ports``); it imports no Kubernetes code, and maps the publisher's errors, which carry a
+meaning, to status codes.
 """
 
 from __future__ import annotations
@@ -25,15 +29,21 @@ from grpc_reflection.v1alpha import reflection
 from sidecar.api.discovery.v1 import discovery_pb2 as pb
 from sidecar.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
 from sidecar.config import ListenAddress, PodIdentity
-from sidecar.core.eventlog import ApiStatus, LogEntry, StatusChange
+from sidecar.core.eventlog import ApiStatus
 from sidecar.core.instance_id import instance_id
 from sidecar.core.peer import canonical_json
 from sidecar.core.projection import DeltaMessage, PeerFilter, StatusMessage, project, snapshot_views
-from sidecar.hub import PeerHub
-from sidecar.kube.api import CONNECTION_ERRORS, ApiError
-from sidecar.kube.registration import Registrar, explain
 from sidecar.metrics import Metrics
-from sidecar.wire import API_STATUS, EVENT_TYPE, document_from_publish, filter_from_pb, peer_to_pb, to_struct
+from sidecar.ports import (
+    Forbidden,
+    Invalid,
+    MetadataPublisher,
+    NotFound,
+    PeerReader,
+    RegistrationError,
+    Unavailable,
+)
+from sidecar.wire import API_STATUS, EVENT_TYPE, PeerEncoder, document_from_publish, filter_from_pb, to_struct
 
 T = TypeVar("T")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Discovery"].full_name
@@ -61,20 +71,40 @@ def split_by_size(items: list[T], size_of: Callable[[T], int], limit: int = PART
     return parts
 
 
-def status_at(entries_after: list[LogEntry], current: StatusChange) -> ApiStatus:
-    """The API status as of just before ``entries_after`` (status only ever flips between two values)."""
-    for entry in entries_after:
-        if isinstance(entry.change, StatusChange):
-            return ApiStatus.DEGRADED if entry.change.status is ApiStatus.CONNECTED else ApiStatus.CONNECTED
-    return current.status
+PUBLISH_ERROR_CODES: dict[type[RegistrationError], grpc.StatusCode] = {
+    Invalid: grpc.StatusCode.INVALID_ARGUMENT,
+    Forbidden: grpc.StatusCode.PERMISSION_DENIED,
+    # The target may appear (the CRD gets installed) and the store come back: worth retrying.
+    NotFound: grpc.StatusCode.UNAVAILABLE,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def publish_error_code(exc: RegistrationError) -> grpc.StatusCode:
+    for meaning, code in PUBLISH_ERROR_CODES.items():
+        if isinstance(exc, meaning):
+            return code
+    return grpc.StatusCode.UNAVAILABLE
 
 
 class DiscoveryService(pb_grpc.DiscoveryServicer):
-    def __init__(self, hub: PeerHub, registrar: Registrar | None, identity: PodIdentity, metrics: Metrics) -> None:
-        self.hub = hub
-        self.registrar = registrar
+    """The ``discovery.v1.Discovery`` servicer. Owns nothing shared but the encoder cache (``PeerEncoder``,
+    which has its own lock); each RPC runs in a gRPC worker thread and reads ``peers`` without holding a
+    lock across IO. Constructed by the daemon (or a test) with the hub and the publisher."""
+
+    def __init__(
+        self,
+        peers: PeerReader,
+        publisher: MetadataPublisher | None,
+        identity: PodIdentity,
+        metrics: Metrics,
+        encoder: PeerEncoder | None = None,
+    ) -> None:
+        self.peers = peers
+        self.publisher = publisher
         self.identity = identity
         self.metrics = metrics
+        self.encoder = encoder or PeerEncoder()
         # Label children resolved once: .labels() is a dict lookup under a lock, on every message sent.
         self._sent = {kind: metrics.messages_sent.labels(kind) for kind in ("snapshot", "resumed", "delta", "status")}
         self.log = structlog.get_logger("sidecar.grpc")
@@ -92,45 +122,52 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             yield from self._stream(request, peer_filter, context)
         finally:
             self.metrics.subscribers.dec()
-        if self.hub.closed:
+        if self.peers.closed:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the discovery sidecar is shutting down; reconnect to resume")
 
     def _wait_synced(self, context: grpc.ServicerContext) -> bool:
-        while not self.hub.wait_synced(WAKE_INTERVAL):
-            if self.hub.closed or not context.is_active():
+        while not self.peers.wait_synced(WAKE_INTERVAL):
+            if self.peers.closed or not context.is_active():
                 return False
         return True
 
-    def _snapshot(self, peer_filter: PeerFilter, reason: int) -> tuple[int, list[pb.WatchPeersResponse]]:
+    def _snapshot(self, peer_filter: PeerFilter, reason: pb.SnapshotReason) -> tuple[int, list[pb.WatchPeersResponse]]:
         """The filtered peer set at one revision, in as many parts as its size needs."""
-        revision, peers, status = self.hub.state()
-        views = snapshot_views(peers, peer_filter, self.hub.self_uid)
-        parts = split_by_size([peer_to_pb(v) for v in views], lambda m: m.ByteSize())
+        revision, peers, status = self._filtered_peers(peer_filter)
+        parts = split_by_size(peers, lambda m: m.ByteSize())
         messages = [
             pb.WatchPeersResponse(
                 revision=revision,
-                history_id=self.hub.history_id,
-                snapshot=pb.Snapshot(peers=part, reason=reason, status=API_STATUS[status.status]),
+                history_id=self.peers.history_id,
+                snapshot=pb.Snapshot(peers=part, reason=reason, status=API_STATUS[status]),
                 partial=index < len(parts) - 1,
             )
             for index, part in enumerate(parts)
         ]
         return revision, messages
 
+    def _filtered_peers(self, peer_filter: PeerFilter) -> tuple[int, list[pb.Peer], ApiStatus]:
+        """The peers one client sees, encoded, at one revision, with the status at that revision."""
+        revision, peers, status = self.peers.state()
+        views = snapshot_views(peers, peer_filter, self.peers.self_uid)
+        return revision, [self.encoder.encode(v) for v in views], status.status
+
     def _stream(
         self, request: pb.WatchPeersRequest, peer_filter: PeerFilter, context: grpc.ServicerContext
     ) -> Iterator[pb.WatchPeersResponse]:
         if not self._wait_synced(context):
             return
-        history_id = self.hub.history_id
+        history_id = self.peers.history_id
         wants_resume = bool(request.resume_history_id or request.resume_revision)
-        if wants_resume and self.hub.covers(request.resume_history_id, request.resume_revision):
+        resumed_status = (
+            self.peers.status_at(request.resume_revision)
+            if wants_resume and self.peers.covers(request.resume_history_id, request.resume_revision)
+            else None
+        )
+        if resumed_status is not None:
             cursor = request.resume_revision
-            missed = self.hub.wait_entries(cursor, 0, BATCH_LIMIT) or []
             yield pb.WatchPeersResponse(
-                revision=cursor,
-                history_id=history_id,
-                resumed=pb.Resumed(status=API_STATUS[status_at(missed, self.hub.status())]),
+                revision=cursor, history_id=history_id, resumed=pb.Resumed(status=API_STATUS[resumed_status])
             )
             self._sent["resumed"].inc()
         else:
@@ -138,8 +175,8 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             cursor, messages = self._snapshot(peer_filter, reason)
             yield from messages
             self._sent["snapshot"].inc()
-        while context.is_active() and not self.hub.closed:
-            entries = self.hub.wait_entries(cursor, WAKE_INTERVAL, BATCH_LIMIT)
+        while context.is_active() and not self.peers.closed:
+            entries = self.peers.wait_entries(cursor, WAKE_INTERVAL, BATCH_LIMIT)
             if entries is None:
                 self.log.info("client fell behind the history; sending a fresh snapshot", revision=cursor)
                 cursor, messages = self._snapshot(peer_filter, pb.SNAPSHOT_REASON_CLIENT_TOO_SLOW)
@@ -148,11 +185,10 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                 continue
             if not entries:
                 continue
-            for projected in project(entries, peer_filter, self.hub.self_uid):
+            for projected in project(entries, peer_filter, self.peers.self_uid):
                 yield from self._to_pb(projected, history_id)
-                received = self.hub.received_at.get(projected.revision)
-                if received is not None:
-                    self.metrics.propagation_lag.observe(time.monotonic() - received)
+                if projected.received is not None:
+                    self.metrics.propagation_lag.observe(time.monotonic() - projected.received)
             cursor = entries[-1].revision
 
     def _to_pb(self, message: DeltaMessage | StatusMessage, history_id: str) -> list[pb.WatchPeersResponse]:
@@ -161,7 +197,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             status = pb.StatusChange(status=API_STATUS[message.change.status], reason=message.change.reason)
             return [pb.WatchPeersResponse(revision=message.revision, history_id=history_id, status=status)]
         self._sent["delta"].inc()
-        events = [pb.PeerEvent(type=EVENT_TYPE[e.type], peer=peer_to_pb(e.view)) for e in message.events]
+        events = [pb.PeerEvent(type=EVENT_TYPE[e.type], peer=self.encoder.encode(e.view)) for e in message.events]
         parts = split_by_size(events, lambda e: e.ByteSize())
         return [
             pb.WatchPeersResponse(
@@ -180,15 +216,11 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         remaining = context.time_remaining()
-        if not self.hub.wait_synced(min(remaining, 3600) if remaining is not None else 3600):
+        if not self.peers.wait_synced(min(remaining, 3600) if remaining is not None else 3600):
             context.abort(grpc.StatusCode.UNAVAILABLE, "the sidecar has not synced with the API server yet")
-        revision, peers, status = self.hub.state()
-        views = snapshot_views(peers, peer_filter, self.hub.self_uid)
+        revision, peers, status = self._filtered_peers(peer_filter)
         return pb.ListPeersResponse(
-            revision=revision,
-            history_id=self.hub.history_id,
-            peers=[peer_to_pb(v) for v in views],
-            status=API_STATUS[status.status],
+            revision=revision, history_id=self.peers.history_id, peers=peers, status=API_STATUS[status]
         )
 
     def GetSelf(self, request: pb.GetSelfRequest, context: grpc.ServicerContext) -> pb.GetSelfResponse:
@@ -200,8 +232,8 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             instance_id=instance_id(identity.name),
             instance_id_hex=format(instance_id(identity.name), "x"),
         )
-        if self.registrar is not None:
-            state = self.registrar.state()
+        if self.publisher is not None:
+            state = self.publisher.registration()
             response.registered = state.registered
             response.metadata_resource_version = state.resource_version
             response.data.CopyFrom(to_struct(state.data))
@@ -212,30 +244,24 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
     def PublishMetadata(
         self, request: pb.PublishMetadataRequest, context: grpc.ServicerContext
     ) -> pb.PublishMetadataResponse:
-        if self.registrar is None:
+        if self.publisher is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this sidecar does not register the pod")
         try:
             document = document_from_publish(request)
-            applied = self.registrar.publish(document, merge=request.mode == pb.PUBLISH_MODE_MERGE_PATCH)
+            applied = self.publisher.publish(document, merge=request.mode == pb.PUBLISH_MODE_MERGE_PATCH)
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except ApiError as exc:
-            self.metrics.api_errors.labels("publish", str(exc.status)).inc()
-            code = {403: grpc.StatusCode.PERMISSION_DENIED, 422: grpc.StatusCode.INVALID_ARGUMENT}.get(
-                exc.status, grpc.StatusCode.UNAVAILABLE
-            )
-            context.abort(code, explain(exc, "publish metadata"))
-        except CONNECTION_ERRORS as exc:
-            self.metrics.api_errors.labels("publish", "connection").inc()
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot reach the API server: {type(exc).__name__}")
-        data = (applied.get("spec") or {}).get("data") or {}
+        except RegistrationError as exc:
+            context.abort(publish_error_code(exc), str(exc))
         return pb.PublishMetadataResponse(
-            metadata_resource_version=applied["metadata"]["resourceVersion"], data_json=canonical_json(data)
+            metadata_resource_version=applied.resource_version, data_json=canonical_json(applied.data)
         )
 
 
 class GrpcServer:
-    """The server with Discovery, health and reflection, bound to loopback or a Unix socket."""
+    """The server with Discovery, health and reflection, bound to loopback or a Unix socket.
+
+    Owns the gRPC server and its executor (gRPC does not shut down an executor it is given)."""
 
     def __init__(self, service: DiscoveryService, listen: ListenAddress) -> None:
         self.listen = listen

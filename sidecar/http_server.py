@@ -17,19 +17,20 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar.config import ListenAddress
-from sidecar.hub import PeerHub
 from sidecar.metrics import Metrics
+from sidecar.ports import PeerReader
 
 Check = Callable[[], list[str]]
 """Returns the reasons something is not OK (empty: OK)."""
 
 
 class HttpServer:
+    """Owns the HTTP listener and its thread; the daemon gives it the peer reader and the two checks."""
+
     def __init__(
-        self, listen: ListenAddress, hub: PeerHub, metrics: Metrics, liveness: Check, readiness: Check
+        self, listen: ListenAddress, peers: PeerReader, metrics: Metrics, liveness: Check, readiness: Check
     ) -> None:
-        self.hub = hub
-        handler = self._handler_class(hub, metrics, liveness, readiness)
+        handler = self._handler_class(peers, metrics, liveness, readiness)
         self.server = ThreadingHTTPServer((listen.host, listen.port), handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
@@ -37,7 +38,7 @@ class HttpServer:
 
     @staticmethod
     def _handler_class(
-        hub: PeerHub, metrics: Metrics, liveness: Check, readiness: Check
+        peers: PeerReader, metrics: Metrics, liveness: Check, readiness: Check
     ) -> type[BaseHTTPRequestHandler]:
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - probes would flood the log
@@ -64,16 +65,16 @@ class HttpServer:
                 elif path == "/metrics":
                     self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
                 elif path == "/debug/peers":
-                    revision, peers, status = hub.state()
+                    revision, current, status = peers.state()
                     body = {
-                        "history_id": hub.history_id,
+                        "history_id": peers.history_id,
                         "revision": revision,
-                        "synced": hub.synced,
+                        "synced": peers.synced,
                         "api_status": status.status.value,
                         "api_status_reason": status.reason,
                         "peers": [
-                            p.to_json_dict() | {"self": p.uid == hub.self_uid}
-                            for p in sorted(peers, key=lambda p: (p.namespace, p.name))
+                            p.to_json_dict() | {"self": p.uid == peers.self_uid}
+                            for p in sorted(current, key=lambda p: (p.namespace, p.name))
                         ],
                     }
                     self._send(200, json.dumps(body, indent=2).encode() + b"\n", "application/json")

@@ -7,6 +7,8 @@ Kept apart from the servicer so the client module and the CLI share them, and so
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
@@ -14,7 +16,7 @@ from google.protobuf import json_format, struct_pb2
 from sidecar.api.discovery.v1 import discovery_pb2 as pb
 from sidecar.core.eventlog import ApiStatus
 from sidecar.core.peer import Peer, PeerState
-from sidecar.core.projection import EventType, PeerFilter, PeerView
+from sidecar.core.projection import EventType, GroupedPeer, PeerFilter
 from sidecar.core.selectors import EVERYTHING, SelectorError, parse_selector
 
 PEER_STATE = {PeerState.READY: pb.PEER_STATE_READY, PeerState.DRAINING: pb.PEER_STATE_DRAINING}
@@ -33,20 +35,48 @@ def to_struct(document: Any) -> struct_pb2.Struct:
     return struct
 
 
-def peer_to_pb(view: PeerView) -> pb.Peer:
-    """The peer's message for one client: encoded once per peer value, then shared (plus the client's groups)."""
-    base = view.peer.encoded.get("pb")
-    if base is None:
-        base = view.peer.encoded["pb"] = _encode_peer(view.peer)
-    if not view.groups:
-        return base  # messages are copied when placed into a parent message, so sharing is safe
-    message = pb.Peer()
-    message.CopyFrom(base)
-    message.groups.extend(view.groups)
-    return message
+class PeerEncoder:
+    """Encodes each peer value once and shares the message among every client that is sent it.
+
+    Owns a bounded cache (least recently used first out) keyed by the peer object's identity; an entry
+    holds the peer itself, so its ``id`` cannot be reused while cached. ``_lock`` guards ``_cache``:
+    every WatchPeers and ListPeers thread calls ``encode``. Beyond ``capacity`` distinct peer values
+    (the current peers plus recently replaced ones) a peer is simply encoded again.
+    """
+
+    def __init__(self, capacity: int = 16384) -> None:
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[int, tuple[Peer, pb.Peer]] = OrderedDict()
+
+    def encode(self, view: GroupedPeer) -> pb.Peer:
+        """The peer's message for one client (its groups added to a copy of the shared one)."""
+        base = self._shared(view.peer)
+        if not view.groups:
+            return base  # messages are copied when placed into a parent message, so sharing is safe
+        message = pb.Peer()
+        message.CopyFrom(base)
+        message.groups.extend(view.groups)
+        return message
+
+    def _shared(self, peer: Peer) -> pb.Peer:
+        key = id(peer)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] is peer:
+                self._cache.move_to_end(key)
+                return hit[1]
+        message = encode_peer(peer)  # outside the lock: encoding is the expensive part
+        with self._lock:
+            self._cache[key] = (peer, message)
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        return message
 
 
-def _encode_peer(peer: Peer) -> pb.Peer:
+def encode_peer(peer: Peer) -> pb.Peer:
+    """A peer's message, without groups."""
     message = pb.Peer(
         name=peer.name,
         namespace=peer.namespace,

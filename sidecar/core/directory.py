@@ -1,29 +1,38 @@
 """The peer directory: the join, the current peer set and the event log, kept consistent.
 
-This is the one object the watch layer feeds and the API layer reads. It is pure and
-single-threaded; ``sidecar.hub.PeerHub`` adds the lock and the wake-ups. Every mutation recomputes
-the peers it may have touched and appends a log entry only for a peer whose value really changed,
-which is why a relist after ``410 Gone`` (``replace_*``) produces no spurious remove/add pairs.
+This is the one object every source feeds and the API layer reads. It is pure and single-threaded;
+``sidecar.hub.PeerHub`` adds the lock and the wake-ups. It knows sources only by name: each writes
+records under its own keys (``apply``), or its whole set after a (re)list (``replace``), and the
+directory is *synced* once every source it was built with has been listed once. Every mutation
+recomputes the peers it may have touched and appends a log entry only for a peer whose value really
+changed, which is why a relist after ``410 Gone`` produces no spurious remove/add pairs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 from sidecar.core.eventlog import ApiStatus, EventLog, LogEntry, PeerChange, StatusChange
-from sidecar.core.join import PeerJoin
+from sidecar.core.join import Join, PeerJoin
 from sidecar.core.peer import Peer
-from sidecar.core.resources import SliceView, WorkerMetadata
-
-ENDPOINT_SLICES = "endpointslices"
-WORKER_METADATA = "dynamoworkermetadatas"
-SOURCES = (ENDPOINT_SLICES, WORKER_METADATA)
+from sidecar.core.records import Record
 
 
 class PeerDirectory:
-    def __init__(self, history_id: str, history_capacity: int) -> None:
-        self.join = PeerJoin()
+    """Owns the join, the peer set, the log, the per-source key sets and sync state, and the API status.
+
+    Called by ``PeerHub`` only (under its lock); tests drive it directly.
+    """
+
+    def __init__(
+        self, history_id: str, history_capacity: int, sources: Collection[str], join: Join | None = None
+    ) -> None:
+        if not sources:
+            raise ValueError("a peer directory needs at least one source")
+        self.join: Join = join if join is not None else PeerJoin()
         self.log = EventLog(history_id, history_capacity)
+        self.sources = tuple(sources)
+        self._keys: dict[str, set[str]] = {source: set() for source in self.sources}
         self._peers: dict[str, Peer] = {}
         self._synced: set[str] = set()
         self._status = StatusChange(ApiStatus.CONNECTED, "")
@@ -39,44 +48,48 @@ class PeerDirectory:
 
     @property
     def synced(self) -> bool:
-        """Both sources have been listed once: from now on an empty peer set means none."""
-        return self._synced.issuperset(SOURCES)
+        """Every source has been listed once: from now on an empty peer set means none."""
+        return len(self._synced) == len(self.sources)
 
     # -- writes -----------------------------------------------------------------------------------
-    def apply_slice(self, key: str, view: SliceView | None) -> list[LogEntry]:
-        affected = self.join.delete_slice(key) if view is None else self.join.upsert_slice(key, view)
-        return self._refresh(affected)
+    def apply(self, source: str, key: str, record: Record | None, received: float | None = None) -> list[LogEntry]:
+        """One object of ``source`` changed (``record``) or went away (None)."""
+        return self._refresh(self._apply(source, key, record), received)
 
-    def apply_metadata(self, key: str, record: WorkerMetadata | None) -> list[LogEntry]:
-        affected = self.join.delete_metadata(key) if record is None else self.join.upsert_metadata(key, record)
-        return self._refresh(affected)
-
-    def replace_slices(self, views: Mapping[str, SliceView]) -> list[LogEntry]:
-        """A fresh list of all slices: apply only the differences, then mark the source synced."""
+    def replace(self, source: str, records: Mapping[str, Record], received: float | None = None) -> list[LogEntry]:
+        """A fresh list of all of ``source``'s objects: apply only the differences, then mark it synced."""
         affected: set[str] = set()
-        for key in self.join.slice_keys() - views.keys():
-            affected |= self.join.delete_slice(key)
-        for key, view in views.items():
-            affected |= self.join.upsert_slice(key, view)
-        self._synced.add(ENDPOINT_SLICES)
-        return self._refresh(affected)
-
-    def replace_metadata(self, records: Mapping[str, WorkerMetadata]) -> list[LogEntry]:
-        affected: set[str] = set()
-        for key in self.join.metadata_keys() - records.keys():
-            affected |= self.join.delete_metadata(key)
+        for key in self._source_keys(source) - records.keys():
+            affected |= self._apply(source, key, None)
         for key, record in records.items():
-            affected |= self.join.upsert_metadata(key, record)
-        self._synced.add(WORKER_METADATA)
-        return self._refresh(affected)
+            affected |= self._apply(source, key, record)
+        self._synced.add(source)
+        return self._refresh(affected, received)
 
     def set_status(self, status: ApiStatus, reason: str) -> list[LogEntry]:
         if status is self._status.status:
             return []
-        self._status = StatusChange(status, reason)
+        self._status = StatusChange(status, reason, previous=self._status.status)
         return [self.log.append(self._status)]
 
-    def _refresh(self, affected: Iterable[str]) -> list[LogEntry]:
+    def _source_keys(self, source: str) -> set[str]:
+        keys = self._keys.get(source)
+        if keys is None:
+            raise ValueError(f"unknown source {source!r}; this directory reads {', '.join(self.sources)}")
+        return keys
+
+    def _apply(self, source: str, key: str, record: Record | None) -> set[str]:
+        keys = self._source_keys(source)
+        join_key = f"{source}/{key}"  # sources may reuse each other's object names
+        if record is None:
+            if key not in keys:
+                return set()
+            keys.discard(key)
+            return self.join.delete(join_key)
+        keys.add(key)
+        return self.join.upsert(join_key, record)
+
+    def _refresh(self, affected: Iterable[str], received: float | None) -> list[LogEntry]:
         entries = []
         for uid in sorted(affected):
             after = self.join.peer(uid)
@@ -87,5 +100,5 @@ class PeerDirectory:
                 del self._peers[uid]
             else:
                 self._peers[uid] = after
-            entries.append(self.log.append(PeerChange(uid, before, after)))
+            entries.append(self.log.append(PeerChange(uid, before, after), received))
         return entries

@@ -6,6 +6,10 @@ from a snapshot. That is what makes resume-by-revision possible for clients of `
 what bounds the sidecar's memory whatever its clients do: the log is shared, and a subscriber holds
 nothing but its position in it.
 
+Each entry also carries when the event that produced it was received (``received``, a monotonic time
+passed in by the shell, so the core stays clock-free): the stream layer turns it into the
+propagation-lag metric without a second, unlocked table beside the log.
+
 ``history_id`` names one history. Revisions from another sidecar process (another history) mean
 nothing here, so a resume request carries both.
 """
@@ -19,6 +23,8 @@ from sidecar.core.peer import Peer
 
 
 class ApiStatus(enum.Enum):
+    """Whether the sidecar can reach the source of truth (the API server, or etcd)."""
+
     CONNECTED = "connected"
     DEGRADED = "degraded"
 
@@ -34,17 +40,25 @@ class PeerChange:
 
 @dataclass(frozen=True)
 class StatusChange:
+    """The API status became ``status`` (why: ``reason``); it was ``previous`` (None: the initial status)."""
+
     status: ApiStatus
     reason: str
+    previous: ApiStatus | None = None
 
 
 @dataclass(frozen=True)
 class LogEntry:
+    """One change at one revision; ``received`` is when its cause reached the sidecar (monotonic, or None)."""
+
     revision: int
     change: PeerChange | StatusChange
+    received: float | None = None
 
 
 class EventLog:
+    """Owns the ring of the last ``capacity`` entries and the head revision; the directory appends."""
+
     def __init__(self, history_id: str, capacity: int) -> None:
         if capacity < 1:
             raise ValueError("event log capacity must be at least 1")
@@ -66,9 +80,9 @@ class EventLog:
         """The smallest revision R for which ``entries_after(R)`` still returns the full history."""
         return self._head - self._size
 
-    def append(self, change: PeerChange | StatusChange) -> LogEntry:
+    def append(self, change: PeerChange | StatusChange, received: float | None = None) -> LogEntry:
         self._head += 1
-        entry = LogEntry(self._head, change)
+        entry = LogEntry(self._head, change, received)
         self._ring[(self._head - 1) % self.capacity] = entry
         self._size = min(self._size + 1, self.capacity)
         return entry

@@ -1,75 +1,91 @@
-"""The peer join: EndpointSlice readiness x DynamoWorkerMetadata, keyed by pod incarnation (UID).
+"""The peer join: readiness records x metadata records, keyed by pod incarnation (UID).
 
-A pod is a peer when
+This is where "who is a peer" is decided. A pod is a peer when
 
-* some EndpointSlice lists it (by ``targetRef.uid``) as ready, or as serving and terminating
-  (then it is *draining*), and
-* a ``DynamoWorkerMetadata`` names that same pod UID as its owner and has had valid ``spec.data``.
+* some readiness record (an EndpointSlice today) lists it, by pod UID, as live (``EndpointEntry.live``:
+  ready, or serving and terminating, which makes it *draining*), and
+* a metadata record (a ``DynamoWorkerMetadata``) names that same pod UID as its owner and has had valid
+  data.
 
 Matching on the UID, not the name, is what keeps a stale CR of an earlier pod with the same name from
-joining the new pod. A pod listed by several slices (several Services, address families, or a pod in
-transit between slices during resharding) is one peer: its entries are reference-counted per slice and
-it stays until the last slice drops it.
+joining the new pod. A pod listed by several readiness records (several Services, address families, or
+a pod in transit between slices during resharding) is one peer: its entries are reference-counted per
+record and it stays until the last record drops it.
 
-The join only records state and answers "what is peer X now"; turning changes into events is
+The join knows records, not sources: keys are opaque strings chosen by the caller (the directory
+prefixes them with the source's name), and a record's type says which side of the join it feeds.
+It only records state and answers "what is peer X now"; turning changes into events is
 ``sidecar.core.directory``'s job. Every mutator returns the UIDs whose peer may have changed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from typing import Protocol
 
 from sidecar.core.instance_id import instance_id
 from sidecar.core.peer import Peer, PeerState, PortInfo
-from sidecar.core.resources import EndpointEntry, SliceView, WorkerMetadata
+from sidecar.core.records import EndpointEntry, MetadataRecord, ReadinessRecord, Record
+
+
+class Join(Protocol):
+    """What the directory needs of a join rule: keyed records in, peers (by peer key) out."""
+
+    def upsert(self, key: str, record: Record) -> set[str]: ...
+
+    def delete(self, key: str) -> set[str]: ...
+
+    def peer(self, peer_key: str) -> Peer | None: ...
 
 
 class PeerJoin:
-    def __init__(self) -> None:
-        self._slices: dict[str, SliceView] = {}
-        # pod UID -> slice key -> the pod's entry in that slice (the reference count is len()).
-        self._entries: dict[str, dict[str, EndpointEntry]] = {}
-        self._metadata: dict[str, WorkerMetadata] = {}  # CR key (namespace/name) -> record
-        self._metadata_by_pod: dict[str, set[str]] = {}  # pod UID -> CR keys owned by it
-        # CR key -> the last record of that CR with valid data, kept while the CR keeps the same owners
-        # (the same pod incarnation): an update with invalid data falls back to it.
-        self._last_valid: dict[str, WorkerMetadata] = {}
+    """The Kubernetes join rule. Owns every record it was given; the directory is its only caller."""
 
-    # -- EndpointSlices -------------------------------------------------------------------------
-    def upsert_slice(self, key: str, view: SliceView) -> set[str]:
-        old = self._slices.get(key)
-        if old == view:
+    def __init__(self) -> None:
+        self._readiness: dict[str, ReadinessRecord] = {}
+        # pod UID -> readiness key -> the pod's entry in that record (the reference count is len()).
+        self._entries: dict[str, dict[str, EndpointEntry]] = {}
+        self._metadata: dict[str, MetadataRecord] = {}
+        self._metadata_by_pod: dict[str, set[str]] = {}  # pod UID -> metadata keys owned by it
+        # metadata key -> the last record under that key with valid data, kept while the record keeps
+        # the same owners (the same pod incarnation): an update with invalid data falls back to it.
+        self._last_valid: dict[str, MetadataRecord] = {}
+
+    # -- records in ----------------------------------------------------------------------------------
+    def upsert(self, key: str, record: Record) -> set[str]:
+        if isinstance(record, ReadinessRecord):
+            return self._upsert_readiness(key, record)
+        return self._upsert_metadata(key, record)
+
+    def delete(self, key: str) -> set[str]:
+        if key in self._readiness:
+            return self._drop_entries(key, self._readiness.pop(key))
+        self._last_valid.pop(key, None)
+        return self._unlink_metadata(key, self._metadata.pop(key, None))
+
+    def _upsert_readiness(self, key: str, record: ReadinessRecord) -> set[str]:
+        old = self._readiness.get(key)
+        if old == record:
             return set()
-        affected = self._drop_slice_entries(key, old)
-        self._slices[key] = view
-        for entry in view.endpoints:
+        affected = self._drop_entries(key, old)
+        self._readiness[key] = record
+        for entry in record.endpoints:
             self._entries.setdefault(entry.pod_uid, {})[key] = entry
             affected.add(entry.pod_uid)
         return affected
 
-    def delete_slice(self, key: str) -> set[str]:
-        return self._drop_slice_entries(key, self._slices.pop(key, None))
-
-    def _drop_slice_entries(self, key: str, view: SliceView | None) -> set[str]:
-        if view is None:
+    def _drop_entries(self, key: str, record: ReadinessRecord | None) -> set[str]:
+        if record is None:
             return set()
         affected = set()
-        for entry in view.endpoints:
-            per_slice = self._entries.get(entry.pod_uid)
-            if per_slice is not None and per_slice.pop(key, None) is not None:
+        for entry in record.endpoints:
+            per_record = self._entries.get(entry.pod_uid)
+            if per_record is not None and per_record.pop(key, None) is not None:
                 affected.add(entry.pod_uid)
-                if not per_slice:
+                if not per_record:
                     del self._entries[entry.pod_uid]
         return affected
 
-    def slice_keys(self) -> set[str]:
-        return set(self._slices)
-
-    def slice(self, key: str) -> SliceView | None:
-        return self._slices.get(key)
-
-    # -- DynamoWorkerMetadata ------------------------------------------------------------------------
-    def upsert_metadata(self, key: str, record: WorkerMetadata) -> set[str]:
+    def _upsert_metadata(self, key: str, record: MetadataRecord) -> set[str]:
         old = self._metadata.get(key)
         if old == record:
             return set()
@@ -78,7 +94,7 @@ class PeerJoin:
         for pod_uid in record.owner_pod_uids:
             self._metadata_by_pod.setdefault(pod_uid, set()).add(key)
             affected.add(pod_uid)
-        if record.data_error is None:
+        if record.problem is None:
             self._last_valid[key] = record
         else:
             last = self._last_valid.get(key)
@@ -86,11 +102,7 @@ class PeerJoin:
                 del self._last_valid[key]  # another incarnation's data never carries over
         return affected
 
-    def delete_metadata(self, key: str) -> set[str]:
-        self._last_valid.pop(key, None)
-        return self._unlink_metadata(key, self._metadata.pop(key, None))
-
-    def _unlink_metadata(self, key: str, record: WorkerMetadata | None) -> set[str]:
+    def _unlink_metadata(self, key: str, record: MetadataRecord | None) -> set[str]:
         if record is None:
             return set()
         for pod_uid in record.owner_pod_uids:
@@ -101,17 +113,11 @@ class PeerJoin:
                     del self._metadata_by_pod[pod_uid]
         return set(record.owner_pod_uids)
 
-    def metadata_keys(self) -> set[str]:
-        return set(self._metadata)
-
-    def metadata(self, key: str) -> WorkerMetadata | None:
-        return self._metadata.get(key)
-
     # -- the join ------------------------------------------------------------------------------------
     def known_pod_uids(self) -> set[str]:
         return set(self._entries) | set(self._metadata_by_pod)
 
-    def _metadata_for(self, pod_uid: str, pod_name: str) -> WorkerMetadata | None:
+    def _metadata_for(self, pod_uid: str, pod_name: str) -> MetadataRecord | None:
         """The metadata of this incarnation: its CR's current record when valid, else the last valid one.
 
         Should two CRs claim one pod, the one named after the pod (Dynamo's convention) wins.
@@ -121,29 +127,30 @@ class PeerJoin:
             return None
         key = min(keys, key=lambda k: (self._metadata[k].name != pod_name, self._metadata[k].name, k))
         current = self._metadata[key]
-        if current.data_error is None:
+        if current.problem is None:
             return current
         fallback = self._last_valid.get(key)
         return fallback if fallback is not None and pod_uid in fallback.owner_pod_uids else None
 
-    def peer(self, pod_uid: str) -> Peer | None:
-        per_slice = self._entries.get(pod_uid)
-        if not per_slice:
+    def peer(self, peer_key: str) -> Peer | None:
+        """The peer of pod incarnation ``peer_key`` (a pod UID), or None when it is not one."""
+        pod_uid = peer_key
+        per_record = self._entries.get(pod_uid)
+        if not per_record:
             return None
-        entries = [per_slice[k] for k in sorted(per_slice)]
-        live = [e for e in entries if e.ready or (e.serving and e.terminating)]
+        entries = [per_record[k] for k in sorted(per_record)]
+        live = [e for e in entries if e.live]
         if not live:
             return None
         pod_name = entries[0].pod_name
         metadata = self._metadata_for(pod_uid, pod_name)
-        if metadata is None:
+        if metadata is None or metadata.document is None:
             return None
         state = PeerState.READY if any(e.ready for e in live) else PeerState.DRAINING
         ports: set[PortInfo] = set()
-        for key in per_slice:
-            ports.update(self._slices[key].ports)
+        for key in per_record:
+            ports.update(self._readiness[key].ports)
         first = live[0]
-        assert metadata.document is not None  # _metadata_for only returns valid records
         return Peer(
             uid=pod_uid,
             name=pod_name or metadata.name,
@@ -158,6 +165,3 @@ class PeerJoin:
             zone=first.zone,
             hostname=first.hostname,
         )
-
-    def peers(self, pod_uids: Iterable[str]) -> dict[str, Peer | None]:
-        return {uid: self.peer(uid) for uid in pod_uids}

@@ -15,6 +15,8 @@ from typing import Any
 
 
 class PeerState(enum.Enum):
+    """READY takes new work; DRAINING is terminating but still serving what is under way."""
+
     READY = "ready"
     DRAINING = "draining"
 
@@ -69,6 +71,8 @@ class Document:
 
 @dataclass(frozen=True)
 class Peer:
+    """One peer, immutable: the join builds it, the log and every client's projection share it."""
+
     uid: str
     name: str
     namespace: str
@@ -83,8 +87,6 @@ class Peer:
     hostname: str = ""
     # Comparable stand-in for ``labels`` (a dict is neither hashable nor ordered).
     labels_key: tuple[tuple[str, str], ...] = field(default=(), repr=False)
-    # Encodings of this (immutable) peer that the shell computes once and reuses for every client.
-    encoded: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels_key", tuple(sorted(self.labels.items())))

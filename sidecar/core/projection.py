@@ -17,13 +17,15 @@ import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sidecar.core.eventlog import LogEntry, PeerChange, StatusChange
+from sidecar.core.eventlog import ApiStatus, LogEntry, PeerChange, StatusChange
 from sidecar.core.peer import Peer, PeerState
 from sidecar.core.selectors import EVERYTHING, LabelSelector
 
 
 @dataclass(frozen=True)
 class PeerFilter:
+    """What one client asked to see: a selector, named groups, and whether to include itself or draining peers."""
+
     selector: LabelSelector = EVERYTHING
     groups: tuple[tuple[str, LabelSelector], ...] = ()
     include_self: bool = False
@@ -44,7 +46,7 @@ class PeerFilter:
 
 
 @dataclass(frozen=True)
-class PeerView:
+class GroupedPeer:
     """A peer as one client sees it: with the names of the client's groups it belongs to."""
 
     peer: Peer
@@ -52,6 +54,8 @@ class PeerView:
 
 
 class EventType(enum.Enum):
+    """What a change is for one client (after its filter), not for the cluster."""
+
     ADDED = "added"
     UPDATED = "updated"
     REMOVED = "removed"
@@ -59,39 +63,47 @@ class EventType(enum.Enum):
 
 @dataclass(frozen=True)
 class ViewEvent:
+    """One peer added, updated or removed for one client."""
+
     type: EventType
-    view: PeerView
+    view: GroupedPeer
 
 
 @dataclass(frozen=True)
 class DeltaMessage:
+    """Coalesced peer events up to ``revision``; ``received``: when that revision's cause arrived."""
+
     revision: int
     events: tuple[ViewEvent, ...]
+    received: float | None = None
 
 
 @dataclass(frozen=True)
 class StatusMessage:
+    """The API status changed at ``revision``."""
+
     revision: int
     change: StatusChange
+    received: float | None = None
 
 
 Message = DeltaMessage | StatusMessage
 
 
-def view_of(peer: Peer | None, peer_filter: PeerFilter, self_uid: str) -> PeerView | None:
+def view_of(peer: Peer | None, peer_filter: PeerFilter, self_uid: str) -> GroupedPeer | None:
     if peer is None:
         return None
     groups = peer_filter.groups_of(peer, self_uid)
-    return None if groups is None else PeerView(peer, groups)
+    return None if groups is None else GroupedPeer(peer, groups)
 
 
-def snapshot_views(peers: Iterable[Peer], peer_filter: PeerFilter, self_uid: str) -> list[PeerView]:
+def snapshot_views(peers: Iterable[Peer], peer_filter: PeerFilter, self_uid: str) -> list[GroupedPeer]:
     """The filtered peer set in a stable order (namespace, name, uid)."""
     views = (view_of(p, peer_filter, self_uid) for p in peers)
     return sorted((v for v in views if v is not None), key=lambda v: (v.peer.namespace, v.peer.name, v.peer.uid))
 
 
-def classify(before: PeerView | None, after: PeerView | None) -> ViewEvent | None:
+def classify(before: GroupedPeer | None, after: GroupedPeer | None) -> ViewEvent | None:
     if before is None:
         return None if after is None else ViewEvent(EventType.ADDED, after)
     if after is None:
@@ -123,20 +135,32 @@ def project(entries: Sequence[LogEntry], peer_filter: PeerFilter, self_uid: str)
     """
     messages: list[Message] = []
     run: list[PeerChange] = []
-    run_revision = 0
+    last: LogEntry | None = None  # the last entry of the current run
+
+    def close_run() -> None:
+        events = _fold(run, peer_filter, self_uid)
+        if events and last is not None:
+            messages.append(DeltaMessage(last.revision, tuple(events), last.received))
+        run.clear()
+
     for entry in entries:
         if isinstance(entry.change, StatusChange):
-            if run:
-                events = _fold(run, peer_filter, self_uid)
-                if events:
-                    messages.append(DeltaMessage(run_revision, tuple(events)))
-                run = []
-            messages.append(StatusMessage(entry.revision, entry.change))
+            close_run()
+            messages.append(StatusMessage(entry.revision, entry.change, entry.received))
         else:
             run.append(entry.change)
-            run_revision = entry.revision
-    if run:
-        events = _fold(run, peer_filter, self_uid)
-        if events:
-            messages.append(DeltaMessage(run_revision, tuple(events)))
+            last = entry
+    close_run()
     return messages
+
+
+def status_before(entries: Sequence[LogEntry], current: StatusChange) -> ApiStatus:
+    """The API status as of just before ``entries`` (a resumed client is told it), given the current one.
+
+    The first status change among the entries knows what it replaced; without one, nothing changed
+    since, so the current status holds.
+    """
+    for entry in entries:
+        if isinstance(entry.change, StatusChange) and entry.change.previous is not None:
+            return entry.change.previous
+    return current.status

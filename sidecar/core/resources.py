@@ -1,70 +1,22 @@
-"""Typed, validated views of the two Kubernetes objects the join reads.
+"""Parsers from the Kubernetes objects the sources watch to the join's records (``sidecar.core.records``).
 
 The watch layer hands raw JSON dicts straight from the API server; these functions pick out what the
 join needs and nothing else, so the join never touches raw objects and the rules for malformed input
 live in one place. Nothing here raises on bad content: an EndpointSlice entry without a Pod
 ``targetRef`` is skipped, and a ``DynamoWorkerMetadata`` whose ``spec.data`` is unusable is returned with
-``data_error`` set, so the join can keep the last good metadata of that pod incarnation.
+``problem`` set, so the join can keep the last good metadata of that pod incarnation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from sidecar.core.peer import Document, PortInfo
+from sidecar.core.records import EndpointEntry, MetadataRecord, ReadinessRecord
 
 DYNAMO_DATA_MAPS = ("endpoints", "model_cards", "event_channels")
 """The keys Dynamo puts in ``spec.data``; when present they must be JSON objects."""
-
-
-@dataclass(frozen=True)
-class EndpointEntry:
-    """One pod's entry in one EndpointSlice."""
-
-    pod_uid: str
-    pod_name: str
-    addresses: tuple[str, ...]
-    ready: bool
-    serving: bool
-    terminating: bool
-    node_name: str = ""
-    zone: str = ""
-    hostname: str = ""
-
-
-@dataclass(frozen=True)
-class SliceView:
-    """What the join keeps of an EndpointSlice: its ports and its pod-backed endpoints."""
-
-    name: str
-    namespace: str
-    resource_version: str
-    ports: tuple[PortInfo, ...]
-    endpoints: tuple[EndpointEntry, ...]
-
-
-@dataclass(frozen=True)
-class WorkerMetadata:
-    """What the join keeps of a ``DynamoWorkerMetadata`` CR."""
-
-    name: str
-    namespace: str
-    uid: str
-    resource_version: str
-    owner_pod_uids: tuple[str, ...]
-    labels: Mapping[str, str]
-    document: Document | None  # None when spec.data is unusable (see data_error)
-    data_error: str | None = None
-
-    @property
-    def data(self) -> Mapping[str, Any] | None:
-        return None if self.document is None else self.document.value
-
-    @property
-    def data_json(self) -> str:
-        return "" if self.document is None else self.document.json
 
 
 # The parsers below test ``isinstance(x, dict)``, not ``Mapping``: their input is decoded JSON, and the
@@ -86,7 +38,7 @@ def _condition(conditions: Mapping[str, Any], name: str, default: bool) -> bool:
     return default if value is None else bool(value)
 
 
-def parse_endpoint_slice(obj: Mapping[str, Any]) -> SliceView:
+def parse_endpoint_slice(obj: Mapping[str, Any]) -> ReadinessRecord:
     meta = _meta(obj)
     ports = []
     for raw in obj.get("ports") or ():
@@ -122,7 +74,7 @@ def parse_endpoint_slice(obj: Mapping[str, Any]) -> SliceView:
                 hostname=raw.get("hostname") or "",
             )
         )
-    return SliceView(
+    return ReadinessRecord(
         name=meta.get("name", ""),
         namespace=meta.get("namespace", ""),
         resource_version=meta.get("resourceVersion", ""),
@@ -141,7 +93,7 @@ def validate_worker_data(data: Any) -> str | None:
     return None
 
 
-def parse_worker_metadata(obj: Mapping[str, Any]) -> WorkerMetadata:
+def parse_worker_metadata(obj: Mapping[str, Any]) -> MetadataRecord:
     meta = _meta(obj)
     owners = tuple(
         ref["uid"]
@@ -151,14 +103,15 @@ def parse_worker_metadata(obj: Mapping[str, Any]) -> WorkerMetadata:
     spec = obj.get("spec")
     data = spec.get("data") if isinstance(spec, dict) else None
     error = "spec is missing" if not isinstance(spec, dict) else validate_worker_data(data)
-    labels = meta.get("labels") if isinstance(meta.get("labels"), dict) else {}
-    return WorkerMetadata(
+    raw_labels = meta.get("labels")
+    labels: Mapping[str, str] = raw_labels if isinstance(raw_labels, dict) else {}
+    return MetadataRecord(
         name=meta.get("name", ""),
         namespace=meta.get("namespace", ""),
         uid=meta.get("uid", ""),
         resource_version=meta.get("resourceVersion", ""),
         owner_pod_uids=owners,
         labels=dict(labels),
-        document=None if error else Document(data),
-        data_error=error,
+        document=Document(data) if error is None and isinstance(data, dict) else None,
+        problem=error,
     )

@@ -136,7 +136,9 @@ class KubeApi:
             self.on_request(method, 0)
             raise
         self.on_request(method, response.status)
-        return response.response
+        # RESTResponse wraps the urllib3 response (preload_content=False) without annotating it
+        raw_response: urllib3.BaseHTTPResponse = response.response
+        return raw_response
 
     def request(
         self,

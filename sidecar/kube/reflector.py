@@ -1,13 +1,17 @@
-"""List-then-watch of one resource into the hub, the way client-go's Reflector does it.
+"""List-then-watch of one source into its store, the way client-go's Reflector does it.
 
-* List (paginated, consistent), hand the full set to the hub, which diffs it against what it knew;
+The reflector is generic over the rows of ``sidecar.kube.sources``: it parses each object with its
+source's parser as soon as it arrives and writes records into a ``SourceStore``; it never knows who
+reads them.
+
+* List (paginated, consistent), hand the full set to the store, which diffs it against what it knew;
   then watch from the list's resourceVersion with bookmarks, so a reconnect resumes where it left off.
 * ``410 Gone`` (on the watch request or as an ERROR event): the history is compacted; relist. Because
-  the hub diffs a relist, peers that did not change are not removed and re-added.
+  the directory diffs a relist, peers that did not change are not removed and re-added.
 * A watch that delivers nothing, not even a bookmark, for ``silence_timeout`` is abandoned and
   re-established from the last resourceVersion: managed control planes drop idle watches without
   closing them.
-* Any other failure: jittered exponential backoff, and the hub is told the source is unhealthy, which
+* Any other failure: jittered exponential backoff, and the store is told the source is unhealthy, which
   the stream reports as DEGRADED until the next successful list or watch.
 """
 
@@ -19,25 +23,26 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
 import urllib3
 
 from sidecar.core.backoff import Backoff
-from sidecar.core.resources import object_key
-from sidecar.hub import PeerHub
-from sidecar.kube.api import CONNECTION_ERRORS, ApiError, KubeApi, ResourcePath, WatchStream
+from sidecar.core.records import Record
+from sidecar.kube.api import CONNECTION_ERRORS, ApiError, KubeApi, WatchStream
+from sidecar.kube.sources import WatchTarget
 from sidecar.metrics import Metrics
+from sidecar.ports import SourceStore
 
 WatchObserver = Callable[[str, Mapping[str, Any]], None]
-"""Called with (event type, object) for every ADDED/MODIFIED/DELETED event, after the hub applied it."""
+"""Called with (event type, object) for every ADDED/MODIFIED/DELETED event, after the store applied it."""
 
 
 def _load_malloc_trim() -> Callable[[int], int] | None:
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
+        trim: Callable[[int], int] = ctypes.CDLL("libc.so.6").malloc_trim
+        return trim
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
         return None
 
@@ -57,20 +62,18 @@ class _Gone(Exception):
     """The resourceVersion we hold is compacted away: relist."""
 
 
-@dataclass(frozen=True)
-class WatchTarget:
-    source: str  # also the metrics/log label
-    resource: ResourcePath
-    namespace: str
-    label_selector: str = ""
-
-
 class Reflector:
+    """Owns one watch: its thread, its resourceVersion, its backoff and its open stream.
+
+    The daemon constructs and starts it; it writes into ``store`` and tells ``observers`` (the
+    registrar follows its own CR this way). ``stop`` may be called from any thread.
+    """
+
     def __init__(
         self,
         api: KubeApi,
         target: WatchTarget,
-        hub: PeerHub,
+        store: SourceStore,
         metrics: Metrics,
         *,
         silence_timeout: float,
@@ -80,13 +83,13 @@ class Reflector:
     ) -> None:
         self.api = api
         self.target = target
-        self.hub = hub
+        self.store = store
         self.metrics = metrics
         self.silence_timeout = silence_timeout
         self.page_size = page_size
         self.observers = observers or []
         self.backoff = Backoff(maximum=backoff_max)
-        self.log = structlog.get_logger("sidecar.reflector").bind(source=target.source)
+        self.log = structlog.get_logger("sidecar.reflector").bind(source=target.name)
         self.resource_version = ""
         self.relists = 0
         self._stop = threading.Event()
@@ -97,7 +100,7 @@ class Reflector:
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> threading.Thread:
         """Run in a background thread; return it (the daemon's liveness probe watches it)."""
-        self._thread = threading.Thread(target=self.run, name=f"reflector-{self.target.source}", daemon=True)
+        self._thread = threading.Thread(target=self.run, name=f"reflector-{self.target.name}", daemon=True)
         self._thread.start()
         return self._thread
 
@@ -120,13 +123,13 @@ class Reflector:
                 self.backoff.reset()
             except _Gone:
                 self.log.info("resource version expired, relisting", resource_version=self.resource_version)
-                self.metrics.watch_restarts.labels(self.target.source, "expired").inc()
+                self.metrics.watch_restarts.labels(self.target.name, "expired").inc()
                 need_list = True
             except urllib3.exceptions.ReadTimeoutError:
                 if self._stop.is_set():
                     break
                 self.log.warning("watch silent, restarting it", silence_seconds=self.silence_timeout)
-                self.metrics.watch_restarts.labels(self.target.source, "silent").inc()
+                self.metrics.watch_restarts.labels(self.target.name, "silent").inc()
             except ApiError as exc:
                 self._failed(f"API error {exc.status} {exc.reason}: {exc.message}", str(exc.status), exc)
             except CONNECTION_ERRORS as exc:
@@ -135,8 +138,8 @@ class Reflector:
                 self._failed(f"cannot reach the API server: {type(exc).__name__}", "connection", exc)
 
     def _failed(self, reason: str, code: str, exc: Exception) -> None:
-        self.metrics.api_errors.labels(f"watch-{self.target.source}", code).inc()
-        self.metrics.watch_restarts.labels(self.target.source, "error").inc()
+        self.metrics.api_errors.labels(f"watch-{self.target.name}", code).inc()
+        self.metrics.watch_restarts.labels(self.target.name, "error").inc()
         hint = ""
         if isinstance(exc, ApiError) and exc.status == 403:
             hint = "the service account lacks list/watch on this resource: apply manifests/rbac.yaml"
@@ -146,14 +149,14 @@ class Reflector:
         self.log.warning("watch failed, retrying", reason=reason, hint=hint or None, retry_in=round(delay, 2))
         if self._healthy:
             self._healthy = False
-            self.hub.set_source_health(self.target.source, False, reason)
+            self.store.set_health(False, reason)
         self._stop.wait(delay)
 
     def _became_healthy(self) -> None:
         if not self._healthy:
             self._healthy = True
             self.log.info("API server reachable again")
-            self.hub.set_source_health(self.target.source, True)
+            self.store.set_health(True)
 
     # -- list -------------------------------------------------------------------------------------
     def _query(self) -> list[tuple[str, str]]:
@@ -162,9 +165,9 @@ class Reflector:
     def _list(self) -> None:
         """A paginated, consistent list. Each page is reduced to compact records as it arrives, so the
         raw objects (managedFields and all) of a large namespace are never all in memory at once."""
-        records: dict[str, Any] = {}
+        records: dict[str, Record] = {}
         token = ""
-        path = self.target.resource.collection(self.target.namespace)
+        path = self.target.collection
         source = self.target.source
         while True:
             query = self._query() + [("limit", str(self.page_size))]
@@ -178,7 +181,7 @@ class Reflector:
                     continue
                 raise
             for obj in page.get("items") or ():
-                records[object_key(obj)] = self.hub.parse(source, obj)
+                records[source.key(obj)] = self._parse(obj)
             metadata = page.get("metadata") or {}
             token = metadata.get("continue") or ""
             del page
@@ -187,9 +190,9 @@ class Reflector:
         self.resource_version = metadata.get("resourceVersion", "")
         self.relists += 1
         self._became_healthy()
-        entries = self.hub.replace(source, records)
-        self.metrics.relists.labels(source).inc()
-        self.log.info("listed", objects=len(records), resource_version=self.resource_version, changes=len(entries))
+        changes = self.store.replace(records, time.monotonic())
+        self.metrics.relists.labels(source.name).inc()
+        self.log.info("listed", objects=len(records), resource_version=self.resource_version, changes=changes)
         release_free_memory()
 
     # -- watch ------------------------------------------------------------------------------------
@@ -203,9 +206,7 @@ class Reflector:
             ("timeoutSeconds", str(int(300 * (1 + random.random())))),
         ]
         try:
-            stream = self.api.stream(
-                self.target.resource.collection(self.target.namespace), query, self.silence_timeout
-            )
+            stream = self.api.stream(self.target.collection, query, self.silence_timeout)
         except ApiError as exc:
             if exc.status == 410:
                 raise _Gone from exc
@@ -238,14 +239,25 @@ class Reflector:
                 self.resource_version = rv
             return
         if kind in ("ADDED", "MODIFIED"):
-            self.hub.upsert(self.target.source, obj, received)
+            self.store.upsert(self.target.source.key(obj), self._parse(obj), received)
         elif kind == "DELETED":
-            self.hub.delete(self.target.source, obj, received)
+            self.store.delete(self.target.source.key(obj), received)
         else:
             self.log.warning("unknown watch event type ignored", type=kind)
             return
         if rv:
             self.resource_version = rv
-        self.metrics.events_applied.labels(self.target.source, kind.lower()).inc()
+        self.metrics.events_applied.labels(self.target.name, kind.lower()).inc()
         for observer in self.observers:
             observer(kind, obj)
+
+    def _parse(self, obj: Mapping[str, Any]) -> Record:
+        record = self.target.source.parse(obj)
+        if record.problem:
+            meta = obj.get("metadata") or {}
+            self.log.warning(
+                f"invalid {self.target.source.noun}; keeping the last valid data of this pod incarnation",
+                object=f"{meta.get('namespace', '')}/{meta.get('name', '')}",
+                reason=record.problem,
+            )
+        return record

@@ -10,6 +10,9 @@
   by another owner), it is re-applied.
 * Deregistration (SIGTERM) deletes the CR, again only this incarnation's (UID precondition), and waits
   until the deletion has come back through the watch: then peers watching the API server see it too.
+
+To the pod-facing API this is a ``MetadataPublisher``: ``publish`` raises the ``sidecar.ports`` errors
+with a meaning (forbidden, invalid, not found, unavailable), never a Kubernetes client exception.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -26,17 +28,28 @@ from sidecar.config import PodIdentity
 from sidecar.core.backoff import Backoff
 from sidecar.core.merge_patch import apply_merge_patch
 from sidecar.core.resources import validate_worker_data
-from sidecar.kube.api import CONNECTION_ERRORS, ApiError, KubeApi, ResourcePath
+from sidecar.kube.api import CONNECTION_ERRORS, ApiError, KubeApi
+from sidecar.kube.sources import WORKER_METADATA
 from sidecar.metrics import Metrics
+from sidecar.ports import Forbidden, Invalid, NotFound, Registration, RegistrationError, Unavailable
 
-WORKER_METADATA = ResourcePath("nvidia.com", "v1alpha1", "dynamoworkermetadatas")
 API_VERSION = "nvidia.com/v1alpha1"
 KIND = "DynamoWorkerMetadata"
 RESYNC_SECONDS = 60.0
 
 
-class RegistrationError(Exception):
-    """A failure that retrying as is will not fix; the message says what to change."""
+def registration_error(exc: Exception, action: str) -> RegistrationError:
+    """The meaning of a failed request (an ``ApiError`` or a connection error), with an operator's sentence."""
+    if not isinstance(exc, ApiError):
+        return Unavailable(f"cannot reach the API server to {action}: {type(exc).__name__}")
+    message = explain(exc, action)
+    if exc.status in (401, 403):
+        return Forbidden(message)
+    if exc.status == 404:
+        return NotFound(message)
+    if exc.status in (400, 413, 422):
+        return Invalid(message)
+    return Unavailable(message)
 
 
 def explain(exc: ApiError, action: str) -> str:
@@ -58,17 +71,16 @@ def owned_by(obj: Mapping[str, Any], identity: PodIdentity) -> bool:
     return any(r.get("kind") == "Pod" and r.get("uid") == identity.uid and r.get("name") == identity.name for r in refs)
 
 
-@dataclass(frozen=True)
-class Registration:
-    """The last state applied, as the gRPC ``GetSelf`` reports it."""
-
-    registered: bool
-    resource_version: str
-    data: Mapping[str, Any]
-    labels: Mapping[str, str]
-
-
 class Registrar:
+    """Owns this pod's CR: the desired data, the last applied object, and the thread that keeps it applied.
+
+    The daemon starts and deregisters it; the metadata reflector calls ``observe``; the gRPC layer
+    calls ``registration`` and ``publish`` (as a ``MetadataPublisher``) from its threads.
+    ``_apply_lock`` serialises applies (network IO: the loop and ``publish`` never interleave);
+    ``_state_lock`` guards ``_data``, ``_applied``, ``_last_error`` and ``_deregistering`` and is never
+    held during IO, so readers do not wait for the API server.
+    """
+
     def __init__(
         self,
         api: KubeApi,
@@ -85,21 +97,24 @@ class Registrar:
         self.field_manager = field_manager
         self.metrics = metrics
         self.log = structlog.get_logger("sidecar.registration").bind(pod=identity.name)
-        self.path = WORKER_METADATA.item(identity.namespace, identity.name)
+        self.path = WORKER_METADATA.resource.item(identity.namespace, identity.name)
+        self._apply_lock = threading.Lock()
+        self._state_lock = threading.Lock()
         self._data: dict[str, Any] = copy.deepcopy(dict(initial_data))
-        self._lock = threading.Lock()  # serialises applies (the loop and PublishMetadata)
+        self._applied: dict[str, Any] | None = None
+        self._last_error = ""
+        self._deregistering = False
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._deregistering = False
-        self._applied: dict[str, Any] | None = None
         self._gone = threading.Event()  # our CR's deletion came back through the watch
         self.registered = threading.Event()
-        self.last_error = ""
         self.backoff = Backoff(maximum=backoff_max)
         self._thread: threading.Thread | None = None
 
     # -- the desired object ---------------------------------------------------------------------------
     def desired(self) -> dict[str, Any]:
+        with self._state_lock:
+            data = copy.deepcopy(self._data)
         return {
             "apiVersion": API_VERSION,
             "kind": KIND,
@@ -118,17 +133,26 @@ class Registrar:
                     }
                 ],
             },
-            "spec": {"data": copy.deepcopy(self._data)},
+            "spec": {"data": data},
         }
 
-    def state(self) -> Registration:
-        applied = self._applied or {}
+    def registration(self) -> Registration:
+        with self._state_lock:
+            applied = self._applied or {}
+            data = copy.deepcopy(self._data)
         return Registration(
             registered=self.registered.is_set(),
             resource_version=(applied.get("metadata") or {}).get("resourceVersion", ""),
-            data=copy.deepcopy(self._data),
+            data=data,
             labels=dict(self.labels),
         )
+
+    def problems(self) -> list[str]:
+        if self.registered.is_set():
+            return []
+        with self._state_lock:
+            error = self._last_error
+        return ["not registered" + (f": {error}" if error else "")]
 
     # -- one pass ---------------------------------------------------------------------------------------
     def fence(self) -> None:
@@ -162,30 +186,51 @@ class Registrar:
                     raise
 
     def apply(self) -> dict[str, Any]:
-        with self._lock:
-            self.fence()
-            applied = self.api.apply(self.path, self.desired(), self.field_manager)
-            self._applied = applied
-            self._gone.clear()
-            self.registered.set()
-            self.metrics.registered.set(1)
-            self.last_error = ""
-            return applied
+        """Fence, then server-side apply the desired CR. Raises ``ApiError`` or a connection error."""
+        with self._apply_lock:
+            return self._apply_locked()
 
-    def publish(self, document: Mapping[str, Any], merge: bool) -> dict[str, Any]:
-        """Replace (or RFC 7386 merge-patch) spec.data and apply it now. Raises ValueError if invalid."""
-        with self._lock:
-            new = apply_merge_patch(self._data, dict(document)) if merge else copy.deepcopy(dict(document))
+    def _apply_locked(self) -> dict[str, Any]:
+        self.fence()
+        applied = self.api.apply(self.path, self.desired(), self.field_manager)
+        with self._state_lock:
+            self._applied = applied
+            self._last_error = ""
+        self._gone.clear()
+        self.registered.set()
+        self.metrics.registered.set(1)
+        return applied
+
+    def publish(self, document: Mapping[str, Any], merge: bool) -> Registration:
+        """Replace (or RFC 7386 merge-patch) spec.data and apply it now (``MetadataPublisher``).
+
+        On any failure the previous data stays the desired data, so the loop keeps applying that.
+        """
+        with self._apply_lock:
+            with self._state_lock:
+                previous = self._data
+            new = apply_merge_patch(previous, dict(document)) if merge else copy.deepcopy(dict(document))
             problem = validate_worker_data(new)
             if problem:
-                raise ValueError(problem)
-            previous, self._data = self._data, new
-        try:
-            return self.apply()
-        except Exception:
-            with self._lock:
-                self._data = previous
-            raise
+                raise Invalid(problem)
+            with self._state_lock:
+                self._data = new
+            try:
+                applied = self._apply_locked()
+            except Exception as exc:
+                with self._state_lock:
+                    self._data = previous
+                if not isinstance(exc, (ApiError, *CONNECTION_ERRORS)):
+                    raise
+                code = str(exc.status) if isinstance(exc, ApiError) else "connection"
+                self.metrics.api_errors.labels("publish", code).inc()
+                raise registration_error(exc, "publish metadata") from exc
+        return Registration(
+            registered=True,
+            resource_version=applied["metadata"]["resourceVersion"],
+            data=copy.deepcopy((applied.get("spec") or {}).get("data") or {}),
+            labels=dict(self.labels),
+        )
 
     # -- the loop --------------------------------------------------------------------------------------
     def start(self) -> threading.Thread:
@@ -213,7 +258,8 @@ class Registrar:
                 break
             self.registered.clear()
             self.metrics.registered.set(0)
-            self.last_error = message
+            with self._state_lock:
+                self._last_error = message
             delay = self.backoff.next_delay()
             self.log.error("registration failed, retrying", reason=message, retry_in=round(delay, 2))
             self._stop.wait(delay)
@@ -223,14 +269,16 @@ class Registrar:
         meta = obj.get("metadata") or {}
         if meta.get("name") != self.identity.name or meta.get("namespace") != self.identity.namespace:
             return
+        with self._state_lock:
+            deregistering = self._deregistering
         if kind == "DELETED":
             self._gone.set()
-            if not self._deregistering and not self._stop.is_set():
+            if not deregistering and not self._stop.is_set():
                 self.registered.clear()
                 self.metrics.registered.set(0)
                 self.log.warning("own CR was deleted from under the sidecar; re-creating it")
                 self._wake.set()
-        elif not owned_by(obj, self.identity) and not self._deregistering:
+        elif not owned_by(obj, self.identity) and not deregistering:
             self.log.warning("own CR now belongs to another owner; re-applying it")
             self._wake.set()
 
@@ -242,7 +290,8 @@ class Registrar:
 
     def deregister(self, timeout: float) -> bool:
         """Delete this incarnation's CR and wait until the watch saw it go. True when confirmed."""
-        self._deregistering = True
+        with self._state_lock:
+            self._deregistering = True
         self.stop()
         self.registered.clear()
         self.metrics.registered.set(0)
@@ -269,4 +318,6 @@ class Registrar:
         return confirmed
 
     def _applied_uid(self) -> str:
-        return ((self._applied or {}).get("metadata") or {}).get("uid", "")
+        with self._state_lock:
+            uid: str = ((self._applied or {}).get("metadata") or {}).get("uid", "")
+        return uid

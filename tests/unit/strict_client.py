@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sidecar.core.projection import EventType, PeerView, StatusMessage
+from sidecar.core.projection import EventType, GroupedPeer, StatusMessage
 
 
-def apply_messages(view: dict[str, PeerView], messages: list[Any]) -> None:
+def apply_messages(view: dict[str, GroupedPeer], messages: list[Any]) -> None:
     """Apply messages, asserting the stream contract: an ADDED peer is new, an UPDATED or REMOVED one
     is known, no message is empty, and a message has at most one event per peer."""
     for message in messages:

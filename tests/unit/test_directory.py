@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,12 +24,15 @@ from sidecar.core.directory import PeerDirectory
 from sidecar.core.eventlog import ApiStatus, LogEntry, PeerChange, StatusChange
 from sidecar.core.instance_id import instance_id
 from sidecar.core.peer import Document, Peer, PeerState, PortInfo
-from sidecar.core.projection import PeerFilter, PeerView, project, snapshot_views
-from sidecar.core.resources import EndpointEntry, SliceView, WorkerMetadata, parse_endpoint_slice, parse_worker_metadata
+from sidecar.core.projection import GroupedPeer, PeerFilter, project, snapshot_views
+from sidecar.core.records import EndpointEntry, MetadataRecord, ReadinessRecord
+from sidecar.core.resources import parse_endpoint_slice, parse_worker_metadata
 from sidecar.core.selectors import parse_selector
 from tests.unit.strict_client import apply_messages
 
 NS = "ns"
+SLICE_SOURCE, CR_SOURCE = "endpointslices", "dynamoworkermetadatas"
+SOURCES = (SLICE_SOURCE, CR_SOURCE)
 _rv = itertools.count(1)
 
 
@@ -56,7 +60,7 @@ def raw_from_entry(entry: EndpointEntry) -> dict[str, Any]:
     return raw_endpoint(entry.pod_uid, entry.pod_name, entry.addresses, conditions, entry.node_name)
 
 
-def make_slice(name: str, endpoints: list[dict[str, Any]], ports: tuple[int, ...] = (9000,)) -> SliceView:
+def make_slice(name: str, endpoints: list[dict[str, Any]], ports: tuple[int, ...] = (9000,)) -> ReadinessRecord:
     return parse_endpoint_slice(
         {
             "metadata": {"name": name, "namespace": NS, "resourceVersion": str(next(_rv))},
@@ -66,7 +70,7 @@ def make_slice(name: str, endpoints: list[dict[str, Any]], ports: tuple[int, ...
     )
 
 
-def make_cr(name: str, owner: str | None, data: Any, labels: Mapping[str, str] | None = None) -> WorkerMetadata:
+def make_cr(name: str, owner: str | None, data: Any, labels: Mapping[str, str] | None = None) -> MetadataRecord:
     meta: dict[str, Any] = {
         "name": name,
         "namespace": NS,
@@ -93,112 +97,146 @@ def new_log_entries(directory: PeerDirectory, head: int) -> list[LogEntry]:
 
 
 def test_synced_only_after_both_relists() -> None:
-    d = PeerDirectory("h", 100)
+    d = PeerDirectory("h", 100, SOURCES)
     assert not d.synced
-    d.apply_slice(key("s1"), make_slice("s1", []))
-    d.apply_metadata(key("p"), make_cr("p", "u", {}))
+    d.apply(SLICE_SOURCE, key("s1"), make_slice("s1", []))
+    d.apply(CR_SOURCE, key("p"), make_cr("p", "u", {}))
     assert not d.synced  # watch events alone never sync
-    d.replace_slices({})
+    d.replace(SLICE_SOURCE, {})
     assert not d.synced
-    d.replace_metadata({})
+    d.replace(CR_SOURCE, {})
     assert d.synced
-    d2 = PeerDirectory("h", 100)
-    d2.replace_metadata({})
+    d2 = PeerDirectory("h", 100, SOURCES)
+    d2.replace(CR_SOURCE, {})
     assert not d2.synced
-    d2.replace_slices({})
+    d2.replace(SLICE_SOURCE, {})
     assert d2.synced
 
 
 def test_apply_add_update_remove_logs_each_change() -> None:
-    d = PeerDirectory("h", 100)
-    assert d.apply_slice(key("s1"), make_slice("s1", [raw_endpoint("u1", "pod-1")])) == []
-    (added,) = d.apply_metadata(key("pod-1"), make_cr("pod-1", "u1", {"endpoints": {}}))
+    d = PeerDirectory("h", 100, SOURCES)
+    assert d.apply(SLICE_SOURCE, key("s1"), make_slice("s1", [raw_endpoint("u1", "pod-1")])) == []
+    (added,) = d.apply(CR_SOURCE, key("pod-1"), make_cr("pod-1", "u1", {"endpoints": {}}))
     assert isinstance(added.change, PeerChange)
     assert added.revision == 1 and added.change.before is None and added.change.after is not None
     assert added.change.after.instance_id == instance_id("pod-1")
     assert dict(d.peers) == {"u1": added.change.after}
-    (updated,) = d.apply_metadata(key("pod-1"), make_cr("pod-1", "u1", {"endpoints": {"x": {}}}))
+    (updated,) = d.apply(CR_SOURCE, key("pod-1"), make_cr("pod-1", "u1", {"endpoints": {"x": {}}}))
     assert updated.revision == 2 and updated.change.before == added.change.after
-    (removed,) = d.apply_slice(key("s1"), None)
+    (removed,) = d.apply(SLICE_SOURCE, key("s1"), None)
     assert removed.change.after is None and dict(d.peers) == {}
     assert d.log.head_revision == 3
 
 
 def test_unchanged_peer_produces_no_entry() -> None:
-    d = PeerDirectory("h", 100)
-    d.apply_slice(key("s1"), make_slice("s1", [raw_endpoint("u1", "pod-1")]))
-    d.apply_metadata(key("pod-1"), make_cr("pod-1", "u1", {"endpoints": {}}))
+    d = PeerDirectory("h", 100, SOURCES)
+    d.apply(SLICE_SOURCE, key("s1"), make_slice("s1", [raw_endpoint("u1", "pod-1")]))
+    d.apply(CR_SOURCE, key("pod-1"), make_cr("pod-1", "u1", {"endpoints": {}}))
     head = d.log.head_revision
     # new resourceVersions, same content
-    assert d.apply_slice(key("s1"), make_slice("s1", [raw_endpoint("u1", "pod-1")])) == []
-    assert d.apply_metadata(key("pod-1"), make_cr("pod-1", "u1", {"endpoints": {}})) == []
+    assert d.apply(SLICE_SOURCE, key("s1"), make_slice("s1", [raw_endpoint("u1", "pod-1")])) == []
+    assert d.apply(CR_SOURCE, key("pod-1"), make_cr("pod-1", "u1", {"endpoints": {}})) == []
     # a second slice listing the same pod with the same address and port: still the same peer
-    assert d.apply_slice(key("s2"), make_slice("s2", [raw_endpoint("u1", "pod-1")])) == []
+    assert d.apply(SLICE_SOURCE, key("s2"), make_slice("s2", [raw_endpoint("u1", "pod-1")])) == []
     assert d.log.head_revision == head
 
 
 def test_relist_with_unchanged_content_appends_nothing() -> None:
-    d = PeerDirectory("h", 100)
+    d = PeerDirectory("h", 100, SOURCES)
     slices = {key(f"s{i}"): make_slice(f"s{i}", [raw_endpoint(f"u{i}", f"pod-{i}")]) for i in range(3)}
     crs = {key(f"pod-{i}"): make_cr(f"pod-{i}", f"u{i}", {"endpoints": {}}) for i in range(3)}
-    d.replace_slices(slices)
-    assert len(d.replace_metadata(crs)) == 3
+    d.replace(SLICE_SOURCE, slices)
+    assert len(d.replace(CR_SOURCE, crs)) == 3
     head = d.log.head_revision
-    assert d.replace_slices(slices) == []
-    assert d.replace_metadata(crs) == []
+    assert d.replace(SLICE_SOURCE, slices) == []
+    assert d.replace(CR_SOURCE, crs) == []
     # the same objects re-read from the API server (new resourceVersions): still nothing
     fresh_slices = {key(f"s{i}"): make_slice(f"s{i}", [raw_endpoint(f"u{i}", f"pod-{i}")]) for i in range(3)}
     fresh_crs = {key(f"pod-{i}"): make_cr(f"pod-{i}", f"u{i}", {"endpoints": {}}) for i in range(3)}
-    assert d.replace_slices(fresh_slices) == []
-    assert d.replace_metadata(fresh_crs) == []
+    assert d.replace(SLICE_SOURCE, fresh_slices) == []
+    assert d.replace(CR_SOURCE, fresh_crs) == []
     assert d.log.head_revision == head
     assert set(d.peers) == {"u0", "u1", "u2"}
 
 
 def test_relist_that_drops_an_object_removes_exactly_its_peers() -> None:
-    d = PeerDirectory("h", 100)
+    d = PeerDirectory("h", 100, SOURCES)
     slices = {
         key("s1"): make_slice("s1", [raw_endpoint("u1", "pod-1"), raw_endpoint("u2", "pod-2")]),
         key("s2"): make_slice("s2", [raw_endpoint("u2", "pod-2"), raw_endpoint("u3", "pod-3")]),
     }
     crs = {key(f"pod-{i}"): make_cr(f"pod-{i}", f"u{i}", {}) for i in (1, 2, 3)}
-    d.replace_slices(slices)
-    d.replace_metadata(crs)
+    d.replace(SLICE_SOURCE, slices)
+    d.replace(CR_SOURCE, crs)
     assert set(d.peers) == {"u1", "u2", "u3"}
     # s1 vanished while the watch was down: u1 goes; u2 stays (still in s2) and is unchanged
-    entries = d.replace_slices({key("s2"): slices[key("s2")]})
+    entries = d.replace(SLICE_SOURCE, {key("s2"): slices[key("s2")]})
     assert [(e.change.uid, e.change.after) for e in entries if isinstance(e.change, PeerChange)] == [("u1", None)]
     assert set(d.peers) == {"u2", "u3"}
     # the CR of pod-3 vanished too
-    entries = d.replace_metadata({k: v for k, v in crs.items() if k != key("pod-3")})
+    entries = d.replace(CR_SOURCE, {k: v for k, v in crs.items() if k != key("pod-3")})
     assert [(e.change.uid, e.change.after) for e in entries if isinstance(e.change, PeerChange)] == [("u3", None)]
     assert set(d.peers) == {"u2"}
 
 
 def test_status_changes() -> None:
-    d = PeerDirectory("h", 100)
+    d = PeerDirectory("h", 100, SOURCES)
     assert d.status == StatusChange(ApiStatus.CONNECTED, "")
     assert d.set_status(ApiStatus.CONNECTED, "again") == []
     (entry,) = d.set_status(ApiStatus.DEGRADED, "watch failed")
-    assert entry.change == StatusChange(ApiStatus.DEGRADED, "watch failed")
+    assert entry.change == StatusChange(ApiStatus.DEGRADED, "watch failed", previous=ApiStatus.CONNECTED)
     assert d.status == entry.change
     assert d.set_status(ApiStatus.DEGRADED, "still failing") == []  # only transitions are logged
     (entry,) = d.set_status(ApiStatus.CONNECTED, "")
     assert entry.revision == 2
+    assert entry.change.previous is ApiStatus.DEGRADED
+
+
+def test_sources_have_their_own_key_spaces() -> None:
+    """Two sources may name objects alike; a relist of one never touches the other's objects."""
+    d = PeerDirectory("h", 100, (SLICE_SOURCE, "other-slices", CR_SOURCE))
+    d.apply(SLICE_SOURCE, key("s1"), make_slice("s1", [raw_endpoint("u1", "pod-1")]))
+    d.apply("other-slices", key("s1"), make_slice("s1", [raw_endpoint("u1", "pod-1")]))
+    d.apply(CR_SOURCE, key("pod-1"), make_cr("pod-1", "u1", {}))
+    assert set(d.peers) == {"u1"}
+    assert d.replace(SLICE_SOURCE, {}) == []  # still listed by the other source
+    assert set(d.peers) == {"u1"}
+    (removed,) = d.replace("other-slices", {})
+    assert isinstance(removed.change, PeerChange) and removed.change.after is None
+
+
+def test_unknown_source_is_refused_with_the_known_ones() -> None:
+    """A write for a source the directory was not built with is a wiring bug: say which sources exist."""
+    d = PeerDirectory("h", 100, SOURCES)
+    with pytest.raises(ValueError, match="unknown source 'pods'.*endpointslices, dynamoworkermetadatas"):
+        d.apply("pods", key("p"), None)
+    with pytest.raises(ValueError, match="at least one source"):
+        PeerDirectory("h", 100, ())
+
+
+def test_synced_needs_every_source() -> None:
+    """Synced means every source the directory reads has listed once, however many there are."""
+    d = PeerDirectory("h", 100, ("a", "b", "c"))
+    for source in ("a", "b"):
+        d.replace(source, {})
+        assert not d.synced
+    d.replace("c", {})
+    assert d.synced
 
 
 def test_deleting_unknown_objects_is_a_noop() -> None:
-    d = PeerDirectory("h", 100)
-    assert d.apply_slice(key("nope"), None) == []
-    assert d.apply_metadata(key("nope"), None) == []
+    d = PeerDirectory("h", 100, SOURCES)
+    assert d.apply(SLICE_SOURCE, key("nope"), None) == []
+    assert d.apply(CR_SOURCE, key("nope"), None) == []
     assert d.log.head_revision == 0
 
 
 def test_draining_is_an_update() -> None:
-    d = PeerDirectory("h", 100)
-    d.apply_metadata(key("pod-1"), make_cr("pod-1", "u1", {}))
-    d.apply_slice(key("s1"), make_slice("s1", [raw_endpoint("u1", "pod-1")]))
-    (entry,) = d.apply_slice(
+    d = PeerDirectory("h", 100, SOURCES)
+    d.apply(CR_SOURCE, key("pod-1"), make_cr("pod-1", "u1", {}))
+    d.apply(SLICE_SOURCE, key("s1"), make_slice("s1", [raw_endpoint("u1", "pod-1")]))
+    (entry,) = d.apply(
+        SLICE_SOURCE,
         key("s1"),
         make_slice(
             "s1", [raw_endpoint("u1", "pod-1", conditions={"ready": False, "serving": True, "terminating": True})]
@@ -206,7 +244,8 @@ def test_draining_is_an_update() -> None:
     )
     assert isinstance(entry.change, PeerChange)
     assert entry.change.after is not None and entry.change.after.state is PeerState.DRAINING
-    (entry,) = d.apply_slice(
+    (entry,) = d.apply(
+        SLICE_SOURCE,
         key("s1"),
         make_slice(
             "s1", [raw_endpoint("u1", "pod-1", conditions={"ready": False, "serving": False, "terminating": True})]
@@ -216,36 +255,36 @@ def test_draining_is_an_update() -> None:
 
 
 def test_a_new_incarnation_replaces_the_old_one() -> None:
-    d = PeerDirectory("h", 100)
-    d.apply_slice(key("s1"), make_slice("s1", [raw_endpoint("old", "pod-1")]))
-    d.apply_metadata(key("pod-1"), make_cr("pod-1", "old", {"endpoints": {"v": 1}}))
+    d = PeerDirectory("h", 100, SOURCES)
+    d.apply(SLICE_SOURCE, key("s1"), make_slice("s1", [raw_endpoint("old", "pod-1")]))
+    d.apply(CR_SOURCE, key("pod-1"), make_cr("pod-1", "old", {"endpoints": {"v": 1}}))
     assert set(d.peers) == {"old"}
     # the pod is recreated: the slice now lists the new UID, the stale CR still names the old one
-    d.apply_slice(key("s1"), make_slice("s1", [raw_endpoint("new", "pod-1")]))
+    d.apply(SLICE_SOURCE, key("s1"), make_slice("s1", [raw_endpoint("new", "pod-1")]))
     assert set(d.peers) == set()
     # the new sidecar fences the CR
-    entries = d.apply_metadata(key("pod-1"), make_cr("pod-1", "new", {"endpoints": {"v": 2}}))
+    entries = d.apply(CR_SOURCE, key("pod-1"), make_cr("pod-1", "new", {"endpoints": {"v": 2}}))
     assert [e.change.uid for e in entries if isinstance(e.change, PeerChange)] == ["new"]
     assert d.peers["new"].data == {"endpoints": {"v": 2}}
 
 
 def test_data_changes_are_compared_exactly() -> None:
     # 1, 1.0 and True are equal in Python but are different JSON a client must hear about
-    d = PeerDirectory("h", 100)
-    d.apply_slice(key("s1"), make_slice("s1", [raw_endpoint("u1", "pod-1")]))
-    d.apply_metadata(key("pod-1"), make_cr("pod-1", "u1", {"endpoints": {"e": {"x": 1}}}))
+    d = PeerDirectory("h", 100, SOURCES)
+    d.apply(SLICE_SOURCE, key("s1"), make_slice("s1", [raw_endpoint("u1", "pod-1")]))
+    d.apply(CR_SOURCE, key("pod-1"), make_cr("pod-1", "u1", {"endpoints": {"e": {"x": 1}}}))
     for value in (1.0, True, 1):
-        (entry,) = d.apply_metadata(key("pod-1"), make_cr("pod-1", "u1", {"endpoints": {"e": {"x": value}}}))
+        (entry,) = d.apply(CR_SOURCE, key("pod-1"), make_cr("pod-1", "u1", {"endpoints": {"e": {"x": value}}}))
         assert isinstance(entry.change, PeerChange) and entry.change.after is not None
         assert entry.change.after.data_json == json.dumps({"endpoints": {"e": {"x": value}}}, separators=(",", ":"))
-    assert d.apply_metadata(key("pod-1"), make_cr("pod-1", "u1", {"endpoints": {"e": {"x": 1}}})) == []
+    assert d.apply(CR_SOURCE, key("pod-1"), make_cr("pod-1", "u1", {"endpoints": {"e": {"x": 1}}})) == []
 
 
 def test_invalid_metadata_update_keeps_the_peer() -> None:
-    d = PeerDirectory("h", 100)
-    d.apply_slice(key("s1"), make_slice("s1", [raw_endpoint("u1", "pod-1")]))
-    d.apply_metadata(key("pod-1"), make_cr("pod-1", "u1", {"endpoints": {"v": 1}}))
-    assert d.apply_metadata(key("pod-1"), make_cr("pod-1", "u1", {"endpoints": ["not", "a", "map"]})) == []
+    d = PeerDirectory("h", 100, SOURCES)
+    d.apply(SLICE_SOURCE, key("s1"), make_slice("s1", [raw_endpoint("u1", "pod-1")]))
+    d.apply(CR_SOURCE, key("pod-1"), make_cr("pod-1", "u1", {"endpoints": {"v": 1}}))
+    assert d.apply(CR_SOURCE, key("pod-1"), make_cr("pod-1", "u1", {"endpoints": ["not", "a", "map"]})) == []
     assert d.peers["u1"].data == {"endpoints": {"v": 1}}
 
 
@@ -336,12 +375,14 @@ class Truth:
     """The cluster as it is, plus what the spec says must be remembered: a CR's last valid data."""
 
     def __init__(self) -> None:
-        self.slices: dict[str, SliceView] = {}
-        self.crs: dict[str, WorkerMetadata] = {}
+        self.slices: dict[str, ReadinessRecord] = {}
+        self.crs: dict[str, MetadataRecord] = {}
         # CR key -> its last valid record, kept across invalid updates while the owner stays the same.
-        self.last_valid: dict[str, WorkerMetadata] = {}
+        self.last_valid: dict[str, MetadataRecord] = {}
 
-    def set_slice(self, name: str, content: tuple[list[dict[str, Any]], tuple[int, ...]] | None) -> SliceView | None:
+    def set_slice(
+        self, name: str, content: tuple[list[dict[str, Any]], tuple[int, ...]] | None
+    ) -> ReadinessRecord | None:
         view = None if content is None else make_slice(name, content[0], content[1])
         if view is None:
             self.slices.pop(key(name), None)
@@ -349,7 +390,7 @@ class Truth:
             self.slices[key(name)] = view
         return view
 
-    def set_cr(self, name: str, content: tuple[str | None, Any, dict[str, str]] | None) -> WorkerMetadata | None:
+    def set_cr(self, name: str, content: tuple[str | None, Any, dict[str, str]] | None) -> MetadataRecord | None:
         record = None if content is None else make_cr(name, *content)
         if record is None:
             self.crs.pop(key(name), None)
@@ -362,7 +403,7 @@ class Truth:
         record = self.crs.get(k)
         if record is None:
             self.last_valid.pop(k, None)
-        elif record.data_error is None:
+        elif record.problem is None:
             self.last_valid[k] = record
         elif k in self.last_valid and self.last_valid[k].owner_pod_uids != record.owner_pod_uids:
             del self.last_valid[k]
@@ -382,8 +423,8 @@ class Truth:
                 continue
             name = pod_name(uid)
             chosen = min(claims, key=lambda k: (self.crs[k].name != name, self.crs[k].name, k))
-            record: WorkerMetadata | None = self.crs[chosen]
-            if record is not None and record.data_error is not None:
+            record: MetadataRecord | None = self.crs[chosen]
+            if record is not None and record.problem is not None:
                 fallback = self.last_valid.get(chosen)
                 record = fallback if fallback is not None and uid in fallback.owner_pod_uids else None
             if record is None:
@@ -412,7 +453,7 @@ def as_json(peers: Mapping[str, Peer]) -> dict[str, Any]:
 
 
 def project_in_chunks(
-    entries: list[LogEntry], cuts: list[int], peer_filter: PeerFilter, self_uid: str, view: dict[str, PeerView]
+    entries: list[LogEntry], cuts: list[int], peer_filter: PeerFilter, self_uid: str, view: dict[str, GroupedPeer]
 ) -> None:
     bounds = sorted({0, len(entries), *(c for c in cuts if c <= len(entries))})
     for start, end in zip(bounds, bounds[1:], strict=False):
@@ -434,7 +475,7 @@ class ModelRun:
     """One PeerDirectory driven alongside the truth; every step is checked against it."""
 
     def __init__(self) -> None:
-        self.directory = PeerDirectory("history", 100_000)
+        self.directory = PeerDirectory("history", 100_000, SOURCES)
         self.truth = Truth()
         self.status = ApiStatus.CONNECTED
         self.listed: set[str] = set()
@@ -463,10 +504,10 @@ class ModelRun:
         relist_unchanged = False
         if op == "slice":
             name, content = arg
-            got = directory.apply_slice(key(name), truth.set_slice(name, content))
+            got = directory.apply(SLICE_SOURCE, key(name), truth.set_slice(name, content))
         elif op == "cr":
             name, content = arg
-            got = directory.apply_metadata(key(name), truth.set_cr(name, content))
+            got = directory.apply(CR_SOURCE, key(name), truth.set_cr(name, content))
             truth.observe_cr(key(name))
         elif op == "cr_data":
             name, new_data = arg
@@ -475,7 +516,7 @@ class ModelRun:
             if current is not None:
                 owner = current.owner_pod_uids[0] if current.owner_pod_uids else None
                 content = (owner, new_data, dict(current.labels))
-            got = directory.apply_metadata(key(name), truth.set_cr(name, content))
+            got = directory.apply(CR_SOURCE, key(name), truth.set_cr(name, content))
             truth.observe_cr(key(name))
         elif op == "endpoint":
             name, endpoint = arg
@@ -486,20 +527,20 @@ class ModelRun:
                 else [raw_from_entry(e) for e in current_slice.endpoints if e.pod_uid != endpoint["targetRef"]["uid"]]
             )
             ports = (80,) if current_slice is None else tuple(p.port for p in current_slice.ports)
-            got = directory.apply_slice(key(name), truth.set_slice(name, ([*others, endpoint], ports)))
+            got = directory.apply(SLICE_SOURCE, key(name), truth.set_slice(name, ([*others, endpoint], ports)))
         elif op == "relist_slices":
             # a relist after 410 Gone: the changes in ``arg`` happened while the watch was down
             for name, content in arg:
                 truth.set_slice(name, content)
             relist_unchanged = not arg
             self._relist_slices()
-            got = directory.replace_slices(dict(truth.slices))
+            got = directory.replace(SLICE_SOURCE, dict(truth.slices))
             self.listed.add("slices")
         elif op == "relist_metadata":
             for name, content in arg:
                 truth.set_cr(name, content)
             relist_unchanged = not arg
-            got = directory.replace_metadata(dict(truth.crs))
+            got = directory.replace(CR_SOURCE, dict(truth.crs))
             for k in set(truth.last_valid) | set(truth.crs):
                 truth.observe_cr(k)
             self.listed.add("metadata")
@@ -507,7 +548,7 @@ class ModelRun:
             got = directory.set_status(arg, "reason")
             assert len(got) == (0 if arg is self.status else 1)
             if got:
-                assert got[0].change == StatusChange(arg, "reason")
+                assert got[0].change == StatusChange(arg, "reason", previous=self.status)
             self.status = arg
             assert directory.status.status is self.status
 
@@ -567,7 +608,7 @@ class ModelRun:
         all_entries = self.check_full_replay()
         final = {v.peer.uid: v for v in snapshot_views(self.directory.peers.values(), peer_filter, self_uid)}
 
-        view: dict[str, PeerView] = {}
+        view: dict[str, GroupedPeer] = {}
         apply_messages(view, project(all_entries, peer_filter, self_uid))
         assert view == final
 

@@ -22,10 +22,10 @@ from sidecar.api.discovery.v1 import discovery_pb2 as pb
 from sidecar.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
 from sidecar.client import PeerSetView, make_filter
 from sidecar.config import ListenAddress, PodIdentity
-from sidecar.core.directory import ENDPOINT_SLICES, WORKER_METADATA, PeerDirectory
 from sidecar.grpc_service import DiscoveryService, GrpcServer
-from sidecar.hub import PeerHub
+from sidecar.kube.sources import ENDPOINT_SLICES, WORKER_METADATA
 from sidecar.metrics import Metrics
+from tests.unit.feeding import SourceFeed, new_hub
 
 NS = "ns"
 SELF = PodIdentity("self-0", NS, "uid-self")
@@ -63,7 +63,8 @@ def worker_cr(pod: str, uid: str, labels: dict | None = None, data: dict | None 
 
 class Harness:
     def __init__(self, history: int = 1000) -> None:
-        self.hub = PeerHub(PeerDirectory(uuid.uuid4().hex, history), SELF.uid)
+        self.hub = new_hub(history, SELF.uid)
+        self.feed = SourceFeed(self.hub)
         self.metrics = Metrics()
         self.server = GrpcServer(
             DiscoveryService(self.hub, None, SELF, self.metrics), ListenAddress(host="127.0.0.1", port=0)
@@ -75,20 +76,20 @@ class Harness:
         self.crs: dict[str, dict] = {}
 
     def sync(self) -> None:
-        self.hub.replace_objects(ENDPOINT_SLICES, [endpoint_slice("s1", self.pods)])
-        self.hub.replace_objects(WORKER_METADATA, list(self.crs.values()))
+        self.feed.replace(ENDPOINT_SLICES, [endpoint_slice("s1", self.pods)])
+        self.feed.replace(WORKER_METADATA, list(self.crs.values()))
 
     def add(self, pod: str, labels: dict | None = None, data: dict | None = None, ready: bool = True) -> None:
         uid = f"uid-{pod}"
         self.pods[pod] = (uid, ready)
         self.crs[pod] = worker_cr(pod, uid, labels, data)
-        self.hub.upsert(WORKER_METADATA, self.crs[pod])
-        self.hub.upsert(ENDPOINT_SLICES, endpoint_slice("s1", self.pods))
+        self.feed.upsert(WORKER_METADATA, self.crs[pod])
+        self.feed.upsert(ENDPOINT_SLICES, endpoint_slice("s1", self.pods))
 
     def remove(self, pod: str) -> None:
         self.pods.pop(pod)
-        self.hub.upsert(ENDPOINT_SLICES, endpoint_slice("s1", self.pods))
-        self.hub.delete(WORKER_METADATA, self.crs.pop(pod))
+        self.feed.upsert(ENDPOINT_SLICES, endpoint_slice("s1", self.pods))
+        self.feed.delete(WORKER_METADATA, self.crs.pop(pod))
 
     def close(self) -> None:
         self.channel.close()
@@ -137,9 +138,9 @@ def test_first_message_waits_for_sync_and_is_a_full_snapshot(harness: Harness) -
     reader = Reader(harness.stub.WatchPeers(pb.WatchPeersRequest()))
     harness.pods = {"a": ("uid-a", True), "b": ("uid-b", True)}
     harness.crs = {p: worker_cr(p, f"uid-{p}") for p in ("a", "b")}
-    harness.hub.replace_objects(ENDPOINT_SLICES, [endpoint_slice("s1", harness.pods)])
+    harness.feed.replace(ENDPOINT_SLICES, [endpoint_slice("s1", harness.pods)])
     assert reader.messages.empty(), "nothing may be sent while only one source is synced"
-    harness.hub.replace_objects(WORKER_METADATA, list(harness.crs.values()))
+    harness.feed.replace(WORKER_METADATA, list(harness.crs.values()))
     first = reader.next()
     assert first.WhichOneof("kind") == "snapshot"
     assert first.snapshot.reason == pb.SNAPSHOT_REASON_INITIAL
@@ -257,7 +258,7 @@ def test_filters_selector_groups_and_label_moves(harness: Harness) -> None:
     view.apply(reader.next())
     assert {p.name: list(p.groups) for p in view.peers.values()} == {"pre-0": ["prefill"], "dec-0": ["decode"]}
     harness.crs["pre-0"] = worker_cr("pre-0", "uid-pre-0", {"role": "frontend"})
-    harness.hub.upsert(WORKER_METADATA, harness.crs["pre-0"])
+    harness.feed.upsert(WORKER_METADATA, harness.crs["pre-0"])
     update = view.apply(reader.next())
     assert [p.name for p in update.removed] == ["pre-0"], "a label change out of the selector is a removal"
     listed = harness.stub.ListPeers(pb.ListPeersRequest(filter=make_filter("role=decode")), timeout=5)
@@ -301,12 +302,12 @@ def test_status_changes_are_streamed_and_resumed_correctly(harness: Harness) -> 
     reader = Reader(call)
     view = PeerSetView()
     view.apply(reader.next())
-    harness.hub.set_source_health(ENDPOINT_SLICES, False, "connection refused")
+    harness.feed.set_health(ENDPOINT_SLICES, False, "connection refused")
     update = view.apply(reader.next())
     assert update.kind == "status" and not update.connected and "connection refused" in update.status_reason
     assert names(view) == {"a"}, "peers are kept (as possibly stale) while degraded"
     call.cancel()
-    harness.hub.set_source_health(ENDPOINT_SLICES, True)
+    harness.feed.set_health(ENDPOINT_SLICES, True)
     resumed = Reader(harness.stub.WatchPeers(view.resume_request(pb.PeerFilter())))
     marker = view.apply(resumed.next())
     assert marker.kind == "resumed" and not marker.connected, "the resume point is still in the degraded era"
@@ -342,12 +343,13 @@ def test_unix_socket_listener_and_cli_client(tmp_path, capsys) -> None:
     from sidecar.cli import main as cli_main
 
     socket_path = tmp_path / "discovery.sock"
-    hub = PeerHub(PeerDirectory(uuid.uuid4().hex, 100), SELF.uid)
+    hub = new_hub(100, SELF.uid)
+    feed = SourceFeed(hub)
     server = GrpcServer(DiscoveryService(hub, None, SELF, Metrics()), ListenAddress(unix_path=str(socket_path)))
     server.start()
     try:
-        hub.replace_objects(ENDPOINT_SLICES, [endpoint_slice("s1", {"w-0": ("uid-w-0", True)})])
-        hub.replace_objects(WORKER_METADATA, [worker_cr("w-0", "uid-w-0", {"role": "decode"}, {"seq": 7})])
+        feed.replace(ENDPOINT_SLICES, [endpoint_slice("s1", {"w-0": ("uid-w-0", True)})])
+        feed.replace(WORKER_METADATA, [worker_cr("w-0", "uid-w-0", {"role": "decode"}, {"seq": 7})])
         assert socket_path.exists()
         assert cli_main(["peers", "--target", f"unix://{socket_path}", "-o", "json"]) == 0
         listing = json.loads(capsys.readouterr().out)
@@ -381,7 +383,7 @@ def test_large_snapshots_and_deltas_arrive_in_parts_under_the_message_limit() ->
         assert {m.revision for m in parts} == {parts[-1].revision}
         assert update.kind == "snapshot" and len(update.peers) == 10000
         # One slice change that removes every peer: big deltas arrive in parts too, each applied as a unit.
-        h.hub.replace_objects(
+        h.feed.replace(
             ENDPOINT_SLICES, [endpoint_slice("s1", {p: (uid, False) for p, (uid, _) in h.pods.items()})]
         )
         removed, partial_messages = 0, 0

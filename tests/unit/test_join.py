@@ -1,4 +1,4 @@
-"""Tests for sidecar.core.join: EndpointSlice readiness x DynamoWorkerMetadata, keyed by pod UID."""
+"""Tests for sidecar.core.join: EndpointSlice readiness x DynamoMetadataRecord, keyed by pod UID."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Any
 from sidecar.core.instance_id import instance_id
 from sidecar.core.join import PeerJoin
 from sidecar.core.peer import PeerState, PortInfo, canonical_json
-from sidecar.core.resources import SliceView, WorkerMetadata, parse_endpoint_slice, parse_worker_metadata
+from sidecar.core.records import MetadataRecord, ReadinessRecord
+from sidecar.core.resources import parse_endpoint_slice, parse_worker_metadata
 
 NS = "ns"
 
@@ -34,7 +35,7 @@ def ep(
     return out
 
 
-def slice_view(name: str, endpoints: list[dict[str, Any]], ports: tuple[int, ...] = (9000,)) -> SliceView:
+def slice_view(name: str, endpoints: list[dict[str, Any]], ports: tuple[int, ...] = (9000,)) -> ReadinessRecord:
     return parse_endpoint_slice(
         {
             "metadata": {"name": name, "namespace": NS, "resourceVersion": "1"},
@@ -44,7 +45,7 @@ def slice_view(name: str, endpoints: list[dict[str, Any]], ports: tuple[int, ...
     )
 
 
-def cr(name: str, owner_uid: str | None, data: Any, labels: dict[str, str] | None = None) -> WorkerMetadata:
+def cr(name: str, owner_uid: str | None, data: Any, labels: dict[str, str] | None = None) -> MetadataRecord:
     meta: dict[str, Any] = {"name": name, "namespace": NS, "uid": f"cr-{name}", "labels": labels or {}}
     if owner_uid is not None:
         meta["ownerReferences"] = [{"kind": "Pod", "name": name, "uid": owner_uid, "apiVersion": "v1"}]
@@ -57,16 +58,16 @@ def key(name: str) -> str:
 
 def joined(uid: str = "u1", name: str = "pod-1", **ep_kwargs: Any) -> PeerJoin:
     join = PeerJoin()
-    join.upsert_slice(key("s1"), slice_view("s1", [ep(uid, name, **ep_kwargs)]))
-    join.upsert_metadata(key(name), cr(name, uid, {"endpoints": {}}))
+    join.upsert(key("s1"), slice_view("s1", [ep(uid, name, **ep_kwargs)]))
+    join.upsert(key(name), cr(name, uid, {"endpoints": {}}))
     return join
 
 
 def test_ready_endpoint_with_owned_cr_is_a_peer() -> None:
     join = PeerJoin()
-    join.upsert_slice(key("s1"), slice_view("s1", [ep("u1", "pod-1", node="n1")]))
+    join.upsert(key("s1"), slice_view("s1", [ep("u1", "pod-1", node="n1")]))
     assert join.peer("u1") is None  # no CR yet
-    affected = join.upsert_metadata(key("pod-1"), cr("pod-1", "u1", {"endpoints": {"a": 1}}, {"role": "x"}))
+    affected = join.upsert(key("pod-1"), cr("pod-1", "u1", {"endpoints": {"a": 1}}, {"role": "x"}))
     assert affected == {"u1"}
     peer = join.peer("u1")
     assert peer is not None
@@ -83,7 +84,7 @@ def test_ready_endpoint_with_owned_cr_is_a_peer() -> None:
 
 def test_cr_without_slice_is_not_a_peer() -> None:
     join = PeerJoin()
-    join.upsert_metadata(key("pod-1"), cr("pod-1", "u1", {}))
+    join.upsert(key("pod-1"), cr("pod-1", "u1", {}))
     assert join.peer("u1") is None
     assert join.known_pod_uids() == {"u1"}
 
@@ -101,7 +102,7 @@ def test_serving_and_terminating_is_draining() -> None:
 
 def test_ready_in_one_slice_wins_over_draining_in_another() -> None:
     join = joined(ready=False, serving=True, terminating=True)
-    join.upsert_slice(key("s2"), slice_view("s2", [ep("u1", "pod-1", addresses=("10.0.0.2",))]))
+    join.upsert(key("s2"), slice_view("s2", [ep("u1", "pod-1", addresses=("10.0.0.2",))]))
     peer = join.peer("u1")
     assert peer is not None and peer.state is PeerState.READY
     assert peer.addresses == ("10.0.0.1", "10.0.0.2")
@@ -109,48 +110,46 @@ def test_ready_in_one_slice_wins_over_draining_in_another() -> None:
 
 def test_cr_of_an_earlier_incarnation_never_joins() -> None:
     join = PeerJoin()
-    join.upsert_slice(key("s1"), slice_view("s1", [ep("u-new", "pod-1")]))
-    join.upsert_metadata(key("pod-1"), cr("pod-1", "u-old", {"endpoints": {}}))
+    join.upsert(key("s1"), slice_view("s1", [ep("u-new", "pod-1")]))
+    join.upsert(key("pod-1"), cr("pod-1", "u-old", {"endpoints": {}}))
     assert join.peer("u-new") is None
     assert join.peer("u-old") is None
     # the new pod's registration replaces the CR: now it joins
-    affected = join.upsert_metadata(key("pod-1"), cr("pod-1", "u-new", {"endpoints": {}}))
+    affected = join.upsert(key("pod-1"), cr("pod-1", "u-new", {"endpoints": {}}))
     assert affected == {"u-old", "u-new"}
     assert join.peer("u-new") is not None
 
 
 def test_cr_without_owner_never_joins() -> None:
     join = PeerJoin()
-    join.upsert_slice(key("s1"), slice_view("s1", [ep("u1", "pod-1")]))
-    join.upsert_metadata(key("pod-1"), cr("pod-1", None, {}))
+    join.upsert(key("s1"), slice_view("s1", [ep("u1", "pod-1")]))
+    join.upsert(key("pod-1"), cr("pod-1", None, {}))
     assert join.peer("u1") is None
 
 
 def test_pod_in_several_slices_counted_once_and_stays_until_gone_from_all() -> None:
     join = PeerJoin()
-    join.upsert_slice(key("s1"), slice_view("s1", [ep("u1", "pod-1", addresses=("10.0.0.1",))], ports=(1,)))
-    join.upsert_slice(key("s2"), slice_view("s2", [ep("u1", "pod-1", addresses=("fd00::1",))], ports=(2,)))
-    join.upsert_metadata(key("pod-1"), cr("pod-1", "u1", {}))
+    join.upsert(key("s1"), slice_view("s1", [ep("u1", "pod-1", addresses=("10.0.0.1",))], ports=(1,)))
+    join.upsert(key("s2"), slice_view("s2", [ep("u1", "pod-1", addresses=("fd00::1",))], ports=(2,)))
+    join.upsert(key("pod-1"), cr("pod-1", "u1", {}))
     peer = join.peer("u1")
     assert peer is not None
     assert peer.addresses == ("10.0.0.1", "fd00::1")
     assert [p.port for p in peer.ports] == [1, 2]
-    assert join.delete_slice(key("s1")) == {"u1"}
+    assert join.delete(key("s1")) == {"u1"}
     peer = join.peer("u1")
     assert peer is not None and peer.addresses == ("fd00::1",) and [p.port for p in peer.ports] == [2]
     # dropping the pod from s2 (slice still exists) removes it
-    assert join.upsert_slice(key("s2"), slice_view("s2", [], ports=(2,))) == {"u1"}
+    assert join.upsert(key("s2"), slice_view("s2", [], ports=(2,))) == {"u1"}
     assert join.peer("u1") is None
     assert join.known_pod_uids() == {"u1"}  # the CR is still known
 
 
 def test_addresses_only_from_live_entries_ports_from_all_slices() -> None:
     join = PeerJoin()
-    join.upsert_slice(key("s1"), slice_view("s1", [ep("u1", "pod-1", addresses=("10.0.0.1",))], ports=(1,)))
-    join.upsert_slice(
-        key("s2"), slice_view("s2", [ep("u1", "pod-1", addresses=("10.9.9.9",), ready=False)], ports=(2,))
-    )
-    join.upsert_metadata(key("pod-1"), cr("pod-1", "u1", {}))
+    join.upsert(key("s1"), slice_view("s1", [ep("u1", "pod-1", addresses=("10.0.0.1",))], ports=(1,)))
+    join.upsert(key("s2"), slice_view("s2", [ep("u1", "pod-1", addresses=("10.9.9.9",), ready=False)], ports=(2,)))
+    join.upsert(key("pod-1"), cr("pod-1", "u1", {}))
     peer = join.peer("u1")
     assert peer is not None
     assert peer.addresses == ("10.0.0.1",)
@@ -159,76 +158,76 @@ def test_addresses_only_from_live_entries_ports_from_all_slices() -> None:
 
 def test_invalid_data_keeps_last_valid_metadata_of_the_same_incarnation() -> None:
     join = PeerJoin()
-    join.upsert_slice(key("s1"), slice_view("s1", [ep("u1", "pod-1")]))
-    join.upsert_metadata(key("pod-1"), cr("pod-1", "u1", {"endpoints": {"v": 1}}))
-    join.upsert_metadata(key("pod-1"), cr("pod-1", "u1", {"endpoints": "broken"}))
+    join.upsert(key("s1"), slice_view("s1", [ep("u1", "pod-1")]))
+    join.upsert(key("pod-1"), cr("pod-1", "u1", {"endpoints": {"v": 1}}))
+    join.upsert(key("pod-1"), cr("pod-1", "u1", {"endpoints": "broken"}))
     peer = join.peer("u1")
     assert peer is not None and peer.data == {"endpoints": {"v": 1}}
     # several invalid updates in a row still keep it
-    join.upsert_metadata(key("pod-1"), cr("pod-1", "u1", 42))
+    join.upsert(key("pod-1"), cr("pod-1", "u1", 42))
     peer = join.peer("u1")
     assert peer is not None and peer.data == {"endpoints": {"v": 1}}
     # a valid update replaces it
-    join.upsert_metadata(key("pod-1"), cr("pod-1", "u1", {"endpoints": {"v": 2}}))
+    join.upsert(key("pod-1"), cr("pod-1", "u1", {"endpoints": {"v": 2}}))
     peer = join.peer("u1")
     assert peer is not None and peer.data == {"endpoints": {"v": 2}}
 
 
 def test_invalid_data_first_means_no_peer() -> None:
     join = PeerJoin()
-    join.upsert_slice(key("s1"), slice_view("s1", [ep("u1", "pod-1")]))
-    join.upsert_metadata(key("pod-1"), cr("pod-1", "u1", [1]))
+    join.upsert(key("s1"), slice_view("s1", [ep("u1", "pod-1")]))
+    join.upsert(key("pod-1"), cr("pod-1", "u1", [1]))
     assert join.peer("u1") is None
 
 
 def test_last_valid_data_does_not_survive_a_delete() -> None:
     join = PeerJoin()
-    join.upsert_slice(key("s1"), slice_view("s1", [ep("u1", "pod-1")]))
-    join.upsert_metadata(key("pod-1"), cr("pod-1", "u1", {"endpoints": {}}))
-    join.delete_metadata(key("pod-1"))
-    join.upsert_metadata(key("pod-1"), cr("pod-1", "u1", "broken"))
+    join.upsert(key("s1"), slice_view("s1", [ep("u1", "pod-1")]))
+    join.upsert(key("pod-1"), cr("pod-1", "u1", {"endpoints": {}}))
+    join.delete(key("pod-1"))
+    join.upsert(key("pod-1"), cr("pod-1", "u1", "broken"))
     assert join.peer("u1") is None
 
 
 def test_last_valid_data_does_not_cross_incarnations() -> None:
     join = PeerJoin()
-    join.upsert_slice(key("s1"), slice_view("s1", [ep("u-old", "pod-1"), ep("u-new", "pod-1")]))
-    join.upsert_metadata(key("pod-1"), cr("pod-1", "u-old", {"endpoints": {"old": 1}}))
+    join.upsert(key("s1"), slice_view("s1", [ep("u-old", "pod-1"), ep("u-new", "pod-1")]))
+    join.upsert(key("pod-1"), cr("pod-1", "u-old", {"endpoints": {"old": 1}}))
     assert join.peer("u-old") is not None
     # the CR is taken over by the new incarnation but with invalid data: old data must not join it
-    join.upsert_metadata(key("pod-1"), cr("pod-1", "u-new", "broken"))
+    join.upsert(key("pod-1"), cr("pod-1", "u-new", "broken"))
     assert join.peer("u-new") is None
     assert join.peer("u-old") is None
     # and flipping the owner back (invalid) does not resurrect the old data either
-    join.upsert_metadata(key("pod-1"), cr("pod-1", "u-old", "still broken"))
+    join.upsert(key("pod-1"), cr("pod-1", "u-old", "still broken"))
     assert join.peer("u-old") is None
 
 
 def test_cr_named_after_the_pod_wins_when_two_claim_it() -> None:
     join = PeerJoin()
-    join.upsert_slice(key("s1"), slice_view("s1", [ep("u1", "pod-1")]))
-    join.upsert_metadata(key("aaa-other"), cr("aaa-other", "u1", {"endpoints": {"other": 1}}))
+    join.upsert(key("s1"), slice_view("s1", [ep("u1", "pod-1")]))
+    join.upsert(key("aaa-other"), cr("aaa-other", "u1", {"endpoints": {"other": 1}}))
     peer = join.peer("u1")
     assert peer is not None and peer.instance_id == instance_id("aaa-other")
-    join.upsert_metadata(key("pod-1"), cr("pod-1", "u1", {"endpoints": {"own": 1}}))
+    join.upsert(key("pod-1"), cr("pod-1", "u1", {"endpoints": {"own": 1}}))
     peer = join.peer("u1")
     assert peer is not None
     assert peer.data == {"endpoints": {"own": 1}}
     assert peer.instance_id == instance_id("pod-1")
     # the own CR going invalid keeps its own last valid data, not the other CR's
-    join.upsert_metadata(key("pod-1"), cr("pod-1", "u1", "broken"))
+    join.upsert(key("pod-1"), cr("pod-1", "u1", "broken"))
     peer = join.peer("u1")
     assert peer is not None and peer.data == {"endpoints": {"own": 1}}
     # and the other CR being deleted does not affect that
-    join.delete_metadata(key("aaa-other"))
+    join.delete(key("aaa-other"))
     peer = join.peer("u1")
     assert peer is not None and peer.data == {"endpoints": {"own": 1}}
 
 
 def test_instance_id_from_cr_name_and_name_from_slice() -> None:
     join = PeerJoin()
-    join.upsert_slice(key("s1"), slice_view("s1", [ep("u1", "")]))  # targetRef without a name
-    join.upsert_metadata(key("worker-0"), cr("worker-0", "u1", {}))
+    join.upsert(key("s1"), slice_view("s1", [ep("u1", "")]))  # targetRef without a name
+    join.upsert(key("worker-0"), cr("worker-0", "u1", {}))
     peer = join.peer("u1")
     assert peer is not None
     assert peer.name == "worker-0"  # falls back to the CR name
@@ -238,34 +237,36 @@ def test_instance_id_from_cr_name_and_name_from_slice() -> None:
 def test_mutators_return_affected_uids_and_noops_return_nothing() -> None:
     join = PeerJoin()
     view = slice_view("s1", [ep("u1", "pod-1"), ep("u2", "pod-2")])
-    assert join.upsert_slice(key("s1"), view) == {"u1", "u2"}
-    assert join.upsert_slice(key("s1"), view) == set()
-    assert join.upsert_slice(key("s1"), slice_view("s1", [ep("u2", "pod-2")])) == {"u1", "u2"}
-    assert join.delete_slice(key("s1")) == {"u2"}
-    assert join.delete_slice(key("s1")) == set()
+    assert join.upsert(key("s1"), view) == {"u1", "u2"}
+    assert join.upsert(key("s1"), view) == set()
+    assert join.upsert(key("s1"), slice_view("s1", [ep("u2", "pod-2")])) == {"u1", "u2"}
+    assert join.delete(key("s1")) == {"u2"}
+    assert join.delete(key("s1")) == set()
     record = cr("pod-1", "u1", {})
-    assert join.upsert_metadata(key("pod-1"), record) == {"u1"}
-    assert join.upsert_metadata(key("pod-1"), record) == set()
-    assert join.delete_metadata(key("pod-1")) == {"u1"}
-    assert join.delete_metadata(key("pod-1")) == set()
+    assert join.upsert(key("pod-1"), record) == {"u1"}
+    assert join.upsert(key("pod-1"), record) == set()
+    assert join.delete(key("pod-1")) == {"u1"}
+    assert join.delete(key("pod-1")) == set()
     assert join.known_pod_uids() == set()
-    assert join.slice_keys() == set() and join.metadata_keys() == set()
+    assert join.peer("u1") is None and join.peer("u2") is None
 
 
-def test_accessors() -> None:
-    join = joined()
-    assert join.slice_keys() == {key("s1")}
-    assert join.metadata_keys() == {key("pod-1")}
-    assert join.slice(key("s1")) is not None and join.slice(key("nope")) is None
-    assert join.metadata(key("pod-1")) is not None and join.metadata(key("nope")) is None
-    peers = join.peers(["u1", "missing"])
-    assert peers["missing"] is None and peers["u1"] is not None
+def test_a_record_type_decides_the_side_of_the_join_whatever_its_key() -> None:
+    """Keys are opaque: readiness and metadata are told apart by the record, not by a key or a source."""
+    join = PeerJoin()
+    join.upsert("anything", slice_view("s1", [ep("u1", "pod-1")]))
+    join.upsert("something-else", cr("pod-1", "u1", {"endpoints": {}}))
+    assert join.peer("u1") is not None
+    assert join.delete("something-else") == {"u1"}
+    assert join.peer("u1") is None
+    assert join.delete("anything") == {"u1"}
+    assert join.known_pod_uids() == set()
 
 
 def test_cr_update_without_data_change_but_label_change_changes_peer() -> None:
     join = joined()
     before = join.peer("u1")
-    join.upsert_metadata(key("pod-1"), cr("pod-1", "u1", {"endpoints": {}}, {"role": "prefill"}))
+    join.upsert(key("pod-1"), cr("pod-1", "u1", {"endpoints": {}}, {"role": "prefill"}))
     after = join.peer("u1")
     assert before is not None and after is not None
     assert before != after

@@ -12,8 +12,8 @@ from sidecar.core.peer import Document, Peer, PeerState
 from sidecar.core.projection import (
     DeltaMessage,
     EventType,
+    GroupedPeer,
     PeerFilter,
-    PeerView,
     StatusMessage,
     ViewEvent,
     classify,
@@ -94,21 +94,21 @@ def test_selector_and_groups_combine() -> None:
 
 
 def test_classify() -> None:
-    a1 = PeerView(peer("a", data={"v": 1}), ())
-    a2 = PeerView(peer("a", data={"v": 2}), ())
+    a1 = GroupedPeer(peer("a", data={"v": 1}), ())
+    a2 = GroupedPeer(peer("a", data={"v": 2}), ())
     assert classify(None, None) is None
     assert classify(None, a1) == ViewEvent(EventType.ADDED, a1)
     assert classify(a1, None) == ViewEvent(EventType.REMOVED, a1)
     assert classify(a1, a2) == ViewEvent(EventType.UPDATED, a2)
-    assert classify(a1, PeerView(peer("a", data={"v": 1}), ())) is None
+    assert classify(a1, GroupedPeer(peer("a", data={"v": 1}), ())) is None
     # a change of groups alone is an update
-    assert classify(a1, PeerView(a1.peer, ("g",))) == ViewEvent(EventType.UPDATED, PeerView(a1.peer, ("g",)))
+    assert classify(a1, GroupedPeer(a1.peer, ("g",))) == ViewEvent(EventType.UPDATED, GroupedPeer(a1.peer, ("g",)))
 
 
 def test_view_of() -> None:
     assert view_of(None, PeerFilter(), SELF) is None
     assert view_of(peer(SELF), PeerFilter(), SELF) is None
-    assert view_of(peer("a", {"role": "x"}), GROUPS, SELF) == PeerView(peer("a", {"role": "x"}), ("any-role",))
+    assert view_of(peer("a", {"role": "x"}), GROUPS, SELF) == GroupedPeer(peer("a", {"role": "x"}), ("any-role",))
 
 
 # -- project ------------------------------------------------------------------------------------------
@@ -121,19 +121,19 @@ def entries(*changes: PeerChange | StatusChange) -> list[LogEntry]:
 def test_add_update_remove() -> None:
     a1, a2 = peer("a", data={"v": 1}), peer("a", data={"v": 2})
     log = entries(PeerChange("a", None, a1))
-    assert project(log, PeerFilter(), SELF) == [DeltaMessage(1, (ViewEvent(EventType.ADDED, PeerView(a1, ())),))]
+    assert project(log, PeerFilter(), SELF) == [DeltaMessage(1, (ViewEvent(EventType.ADDED, GroupedPeer(a1, ())),))]
     log = entries(PeerChange("a", a1, a2))
-    assert project(log, PeerFilter(), SELF) == [DeltaMessage(1, (ViewEvent(EventType.UPDATED, PeerView(a2, ())),))]
+    assert project(log, PeerFilter(), SELF) == [DeltaMessage(1, (ViewEvent(EventType.UPDATED, GroupedPeer(a2, ())),))]
     log = entries(PeerChange("a", a2, None))
-    assert project(log, PeerFilter(), SELF) == [DeltaMessage(1, (ViewEvent(EventType.REMOVED, PeerView(a2, ())),))]
+    assert project(log, PeerFilter(), SELF) == [DeltaMessage(1, (ViewEvent(EventType.REMOVED, GroupedPeer(a2, ())),))]
 
 
 def test_coalescing_first_before_last_after() -> None:
     a1, a2, a3 = (peer("a", data={"v": i}) for i in (1, 2, 3))
     log = entries(PeerChange("a", None, a1), PeerChange("a", a1, a2), PeerChange("a", a2, a3))
-    assert project(log, PeerFilter(), SELF) == [DeltaMessage(3, (ViewEvent(EventType.ADDED, PeerView(a3, ())),))]
+    assert project(log, PeerFilter(), SELF) == [DeltaMessage(3, (ViewEvent(EventType.ADDED, GroupedPeer(a3, ())),))]
     log = entries(PeerChange("a", a1, a2), PeerChange("a", a2, None))
-    assert project(log, PeerFilter(), SELF) == [DeltaMessage(2, (ViewEvent(EventType.REMOVED, PeerView(a1, ())),))]
+    assert project(log, PeerFilter(), SELF) == [DeltaMessage(2, (ViewEvent(EventType.REMOVED, GroupedPeer(a1, ())),))]
 
 
 def test_flap_back_to_same_value_yields_nothing() -> None:
@@ -167,9 +167,11 @@ def test_status_entries_split_runs_and_keep_order() -> None:
     )
     messages = project(log, PeerFilter(), SELF)
     assert messages == [
-        DeltaMessage(1, (ViewEvent(EventType.ADDED, PeerView(a, ())),)),
+        DeltaMessage(1, (ViewEvent(EventType.ADDED, GroupedPeer(a, ())),)),
         StatusMessage(2, degraded),
-        DeltaMessage(4, (ViewEvent(EventType.ADDED, PeerView(b, ())), ViewEvent(EventType.REMOVED, PeerView(a, ())))),
+        DeltaMessage(
+            4, (ViewEvent(EventType.ADDED, GroupedPeer(b, ())), ViewEvent(EventType.REMOVED, GroupedPeer(a, ())))
+        ),
         StatusMessage(5, connected),
     ]
 
@@ -198,10 +200,10 @@ def test_label_change_moves_a_peer_out_of_and_into_a_filter() -> None:
     f = PeerFilter(selector=parse_selector("role=decode"))
     decode, router = peer("a", {"role": "decode"}), peer("a", {"role": "router"})
     assert project(entries(PeerChange("a", decode, router)), f, SELF) == [
-        DeltaMessage(1, (ViewEvent(EventType.REMOVED, PeerView(decode, ())),))
+        DeltaMessage(1, (ViewEvent(EventType.REMOVED, GroupedPeer(decode, ())),))
     ]
     assert project(entries(PeerChange("a", router, decode)), f, SELF) == [
-        DeltaMessage(1, (ViewEvent(EventType.ADDED, PeerView(decode, ())),))
+        DeltaMessage(1, (ViewEvent(EventType.ADDED, GroupedPeer(decode, ())),))
     ]
     # a change invisible to the filter: none
     router2 = peer("a", {"role": "router"}, data={"v": 9})
@@ -212,10 +214,10 @@ def test_draining_leaves_a_ready_only_client() -> None:
     ready, draining = peer("a"), peer("a", state=PeerState.DRAINING)
     log = entries(PeerChange("a", ready, draining))
     assert project(log, PeerFilter(ready_only=True), SELF) == [
-        DeltaMessage(1, (ViewEvent(EventType.REMOVED, PeerView(ready, ())),))
+        DeltaMessage(1, (ViewEvent(EventType.REMOVED, GroupedPeer(ready, ())),))
     ]
     assert project(log, PeerFilter(), SELF) == [
-        DeltaMessage(1, (ViewEvent(EventType.UPDATED, PeerView(draining, ())),))
+        DeltaMessage(1, (ViewEvent(EventType.UPDATED, GroupedPeer(draining, ())),))
     ]
 
 
@@ -224,7 +226,7 @@ def test_message_revision_is_last_entry_of_the_run_even_if_filtered() -> None:
     a = peer("a", {"role": "decode"})
     x = peer("x", {"role": "router"})
     log = entries(PeerChange("a", None, a), PeerChange("x", None, x))
-    assert project(log, f, SELF) == [DeltaMessage(2, (ViewEvent(EventType.ADDED, PeerView(a, ())),))]
+    assert project(log, f, SELF) == [DeltaMessage(2, (ViewEvent(EventType.ADDED, GroupedPeer(a, ())),))]
 
 
 def test_snapshot_views_order_and_filter() -> None:
@@ -296,7 +298,7 @@ def test_projection_reaches_the_snapshot_whatever_the_chunking(
     log, final = log_and_final
     expected = {v.peer.uid: v for v in snapshot_views(final.values(), peer_filter, SELF)}
 
-    view: dict[str, PeerView] = {}
+    view: dict[str, GroupedPeer] = {}
     messages = project(log, peer_filter, SELF)
     apply_messages(view, messages)
     assert view == expected

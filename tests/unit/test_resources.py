@@ -1,4 +1,4 @@
-"""Tests for sidecar.core.resources: parsing EndpointSlices and DynamoWorkerMetadata CRs."""
+"""Tests for sidecar.core.resources: parsing EndpointSlices and DynamoMetadataRecord CRs."""
 
 from __future__ import annotations
 
@@ -150,14 +150,14 @@ def test_conditions_follow_kubernetes_defaults(all_conditions: list[dict[str, An
         assert (entry.ready, entry.serving, entry.terminating) == (ready, serving, terminating)
 
 
-# -- DynamoWorkerMetadata --------------------------------------------------------------------------------
+# -- DynamoMetadataRecord --------------------------------------------------------------------------------
 
 
 def _cr(data: Any = None, *, spec: Any = "default", owners: Any = None, **meta: Any) -> dict[str, Any]:
     metadata = {"name": "pod-1", "namespace": "ns", "uid": "cr-uid", "resourceVersion": "7", **meta}
     if owners is not None:
         metadata["ownerReferences"] = owners
-    obj: dict[str, Any] = {"apiVersion": "nvidia.com/v1alpha1", "kind": "DynamoWorkerMetadata", "metadata": metadata}
+    obj: dict[str, Any] = {"apiVersion": "nvidia.com/v1alpha1", "kind": "DynamoMetadataRecord", "metadata": metadata}
     if spec == "default":
         obj["spec"] = {"data": data}
     elif spec is not None:
@@ -176,7 +176,7 @@ def test_worker_metadata_fields() -> None:
     assert record.data == data
     assert record.data["custom"] == [1]  # unknown keys are carried
     assert record.data_json == canonical_json(data)
-    assert record.data_error is None
+    assert record.problem is None
 
 
 def test_owner_pod_uids_only_from_pod_owners() -> None:
@@ -207,9 +207,9 @@ def test_owner_pod_uids_only_from_pod_owners() -> None:
         ({"spec": {}}, "spec.data must be a JSON object"),
     ],
 )
-def test_data_error(obj_kwargs: dict[str, Any], fragment: str) -> None:
+def test_problem(obj_kwargs: dict[str, Any], fragment: str) -> None:
     record = parse_worker_metadata(_cr(**obj_kwargs))
-    assert record.data_error is not None and fragment in record.data_error
+    assert record.problem is not None and fragment in record.problem
     assert record.data is None
     assert record.data_json == ""
 
@@ -227,7 +227,7 @@ def test_data_error(obj_kwargs: dict[str, Any], fragment: str) -> None:
 def test_valid_data(data: dict[str, Any]) -> None:
     assert validate_worker_data(data) is None
     record = parse_worker_metadata(_cr(data))
-    assert record.data_error is None and record.data == data
+    assert record.problem is None and record.data == data
 
 
 def test_bad_labels_become_empty() -> None:
@@ -257,5 +257,5 @@ def test_validate_worker_data_agrees_with_the_rule(data: Any) -> None:
     )
     assert (problem is None) == ok
     record = parse_worker_metadata(_cr(data))
-    assert (record.data_error is None) == ok
-    assert record.data_error == problem
+    assert (record.problem is None) == ok
+    assert record.problem == problem

@@ -1,0 +1,84 @@
+"""The compact records the join keeps, whatever source they were read from.
+
+A source (EndpointSlices today, Pods or an etcd prefix later) reduces each of its objects to one of
+these records as soon as it arrives, and the raw object is dropped. The join reads records only, so
+a new source that says the same things (this pod is ready at these addresses; this pod incarnation
+has this metadata) is a new parser and nothing else.
+
+* ``ReadinessRecord``: which pod incarnations are ready (or draining) at which addresses and ports.
+* ``MetadataRecord``: the metadata one pod incarnation published (a ``DynamoWorkerMetadata`` CR).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.core.peer import Document, PortInfo
+
+
+@dataclass(frozen=True)
+class EndpointEntry:
+    """One pod incarnation's entry in one readiness record (e.g. its endpoint in an EndpointSlice)."""
+
+    pod_uid: str
+    pod_name: str
+    addresses: tuple[str, ...]
+    ready: bool
+    serving: bool
+    terminating: bool
+    node_name: str = ""
+    zone: str = ""
+    hostname: str = ""
+
+    @property
+    def live(self) -> bool:
+        """Counts towards a peer: ready, or still serving while terminating (then it is draining).
+
+        This is the one place the readiness rule lives; Kubernetes says a terminating endpoint that is
+        still serving may take requests that are already on their way, so it stays as DRAINING.
+        """
+        return self.ready or (self.serving and self.terminating)
+
+
+@dataclass(frozen=True)
+class ReadinessRecord:
+    """What the join keeps of one readiness object: its ports and its pod-backed endpoints."""
+
+    name: str
+    namespace: str
+    resource_version: str
+    ports: tuple[PortInfo, ...]
+    endpoints: tuple[EndpointEntry, ...]
+
+    @property
+    def problem(self) -> str | None:
+        """Readiness objects are never rejected as a whole: unusable endpoints are skipped at parse time."""
+        return None
+
+
+@dataclass(frozen=True)
+class MetadataRecord:
+    """What the join keeps of one pod incarnation's published metadata (a ``DynamoWorkerMetadata`` CR)."""
+
+    name: str
+    namespace: str
+    uid: str
+    resource_version: str
+    owner_pod_uids: tuple[str, ...]
+    labels: Mapping[str, str]
+    document: Document | None  # None when spec.data is unusable (see problem)
+    problem: str | None = None  # why the data is unusable; the join then keeps this incarnation's last valid data
+
+    @property
+    def data(self) -> Mapping[str, Any] | None:
+        return None if self.document is None else self.document.value
+
+    @property
+    def data_json(self) -> str:
+        return "" if self.document is None else self.document.json
+
+
+Record = ReadinessRecord | MetadataRecord
+"""Anything a source writes into the store."""

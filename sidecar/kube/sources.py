@@ -1,0 +1,76 @@
+"""The table of Kubernetes sources of peers: what is watched, and how its objects become records.
+
+Each row names a source once (the name is its key space in the directory and its label in metrics
+and logs), says where its objects live in the REST API and how one object is parsed into a core
+record and keyed. The reflector is generic over rows; ``watch_targets`` decides, from the settings,
+which rows this sidecar watches and with which namespace and selector.
+
+Adding a source is a parser in ``sidecar.core.resources`` (or a new record type and its join rule)
+and a row here; nothing in the hub, the directory or the gRPC layer changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.config import Settings
+from sidecar.core.records import Record
+from sidecar.core.resources import object_key, parse_endpoint_slice, parse_worker_metadata
+from sidecar.kube.api import ResourcePath
+
+RawObject = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class KubeSource:
+    """One row of the table: a watched resource and how its objects become keyed records."""
+
+    name: str  # the source's key space in the directory, and its label in metrics and logs
+    noun: str  # what one object is, for people ("worker metadata")
+    resource: ResourcePath
+    parse: Callable[[RawObject], Record]
+    key: Callable[[RawObject], str] = object_key
+
+
+ENDPOINT_SLICES = KubeSource(
+    "endpointslices", "EndpointSlice", ResourcePath("discovery.k8s.io", "v1", "endpointslices"), parse_endpoint_slice
+)
+"""Readiness: which pod incarnations are ready at which addresses and ports."""
+
+WORKER_METADATA = KubeSource(
+    "dynamoworkermetadatas",
+    "worker metadata",
+    ResourcePath("nvidia.com", "v1alpha1", "dynamoworkermetadatas"),
+    parse_worker_metadata,
+)
+"""Metadata: each pod's ``DynamoWorkerMetadata`` CR (also where this pod registers itself)."""
+
+SOURCES = (ENDPOINT_SLICES, WORKER_METADATA)
+
+
+@dataclass(frozen=True)
+class WatchTarget:
+    """One source as this sidecar watches it: in which namespace, with which label selector."""
+
+    source: KubeSource
+    namespace: str
+    label_selector: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def collection(self) -> str:
+        return self.source.resource.collection(self.namespace)
+
+
+def watch_targets(settings: Settings) -> list[WatchTarget]:
+    """The sources this sidecar watches, as its settings say."""
+    namespace = settings.identity.namespace
+    return [
+        WatchTarget(ENDPOINT_SLICES, namespace, str(settings.endpointslice_selector)),
+        WatchTarget(WORKER_METADATA, namespace),
+    ]

@@ -1,0 +1,132 @@
+"""Where the halves of the shell meet: the protocols between sources, the hub, registration and the API.
+
+* ``SourceStore``: what one source of peers (a Kubernetes reflector; an etcd watch later) writes into.
+  ``PeerHub.store(name)`` hands one out per source. A source never knows who reads.
+* ``PeerReader``: what the pod-facing layers (gRPC, HTTP) read; ``PeerHub`` implements it.
+* ``MetadataPublisher``: this pod's own registration (a Kubernetes CR today; an etcd lease later).
+  It raises ``RegistrationError`` subclasses with a meaning (forbidden, invalid, not found,
+  unavailable); the gRPC layer maps meanings to status codes and imports no client library.
+
+Nothing here imports a transport, so ``sidecar.grpc_service`` and ``sidecar.http_server`` depend on
+these and on the pure core only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+from sidecar.core.eventlog import ApiStatus, LogEntry, StatusChange
+from sidecar.core.peer import Peer
+from sidecar.core.records import Record
+
+
+class SourceStore(Protocol):
+    """The writer side of the peer directory, bound to one source (client-go's ``ReflectorStore``)."""
+
+    def upsert(self, key: str, record: Record, received: float | None = None) -> None:
+        """One object was added or changed; ``received`` is the monotonic time its event arrived."""
+
+    def delete(self, key: str, received: float | None = None) -> None:
+        """One object went away."""
+
+    def replace(self, records: Mapping[str, Record], received: float | None = None) -> int:
+        """The source's whole set after a (re)list; marks the source synced. Returns the changes it made."""
+        ...
+
+    def set_health(self, healthy: bool, reason: str = "") -> None:
+        """Whether the source can reach its origin; any unhealthy source makes the stream DEGRADED."""
+
+
+class PeerSetState(NamedTuple):
+    """The peer set at one revision, with the API status at that revision, taken atomically."""
+
+    revision: int
+    peers: list[Peer]
+    status: StatusChange
+
+
+class PeerReader(Protocol):
+    """The read side of the peer directory, as the gRPC and HTTP layers see it."""
+
+    @property
+    def history_id(self) -> str: ...
+
+    @property
+    def self_uid(self) -> str: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def synced(self) -> bool: ...
+
+    def wait_synced(self, timeout: float | None) -> bool:
+        """Block until every source has listed once (True), or the timeout or shutdown (False)."""
+        ...
+
+    def state(self) -> PeerSetState: ...
+
+    def covers(self, history_id: str, revision: int) -> bool:
+        """Whether a client at (history_id, revision) can resume from the held history."""
+        ...
+
+    def status_at(self, revision: int) -> ApiStatus | None:
+        """The API status as of ``revision``, or None when that history is no longer held."""
+        ...
+
+    def wait_entries(self, after: int, timeout: float, limit: int) -> list[LogEntry] | None:
+        """Entries after ``after`` (waiting up to ``timeout`` for one); None when the history is gone."""
+        ...
+
+    def source_health(self) -> dict[str, str]:
+        """Unhealthy sources and why."""
+        ...
+
+
+@dataclass(frozen=True)
+class Registration:
+    """This pod's registration as last applied: what ``GetSelf`` and ``PublishMetadata`` report."""
+
+    registered: bool
+    resource_version: str
+    data: Mapping[str, Any]
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+class MetadataPublisher(Protocol):
+    """This pod's own registration, for the pod-facing API."""
+
+    def registration(self) -> Registration: ...
+
+    def publish(self, document: Mapping[str, Any], merge: bool) -> Registration:
+        """Replace (or RFC 7386 merge-patch) the pod's metadata and apply it now.
+
+        Raises a ``RegistrationError`` subclass; on any error the previous metadata stays in force.
+        """
+        ...
+
+    def problems(self) -> Sequence[str]:
+        """Why the pod is not registered right now (empty: registered)."""
+        ...
+
+
+class RegistrationError(Exception):
+    """Registering or publishing failed; ``str()`` is a sentence for the operator (what to change)."""
+
+
+class Forbidden(RegistrationError):
+    """The credentials may not do this (RBAC, admission policy): retrying as is will not help."""
+
+
+class Invalid(RegistrationError):
+    """The metadata itself is unacceptable (schema, size, the API server's validation)."""
+
+
+class NotFound(RegistrationError):
+    """What registration writes to does not exist (e.g. the CRD is not installed)."""
+
+
+class Unavailable(RegistrationError):
+    """The backing store cannot be reached or answered with a transient error: retry later."""

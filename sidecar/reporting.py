@@ -1,0 +1,56 @@
+"""What operators see of the peer set changing: a log line per addition/removal, and the peer gauges.
+
+A hub listener: it is called in the writer's thread with each batch of new log entries, after the
+hub's lock is released, and does nothing but log and count.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sidecar.core.eventlog import ApiStatus, LogEntry, PeerChange, StatusChange
+from sidecar.metrics import Metrics
+
+
+class PeerChangeReporter:
+    """Owns nothing but a logger and the metrics it updates; the daemon registers it with the hub."""
+
+    def __init__(self, log: Any, metrics: Metrics) -> None:
+        self.log = log
+        self.metrics = metrics
+
+    def __call__(self, entries: list[LogEntry]) -> None:
+        for entry in entries:
+            if isinstance(entry.change, StatusChange):
+                self._status(entry.change, entry.revision)
+            else:
+                self._peer(entry.change, entry.revision)
+
+    def _status(self, change: StatusChange, revision: int) -> None:
+        connected = change.status is ApiStatus.CONNECTED
+        self.metrics.api_connected.set(1 if connected else 0)
+        if connected:
+            self.log.info("API server reachable: peer set is current", revision=revision)
+        else:
+            self.log.warning("API server unreachable: peer set may be stale", reason=change.reason, revision=revision)
+
+    def _peer(self, change: PeerChange, revision: int) -> None:
+        self.metrics.peer_changes.inc()
+        if change.before is not None:
+            self.metrics.peers.labels(change.before.state.value).dec()
+        if change.after is not None:
+            self.metrics.peers.labels(change.after.state.value).inc()
+        peer = change.after or change.before
+        if peer is None:  # a change always has one side; nothing to report otherwise
+            return
+        event = "peer added" if change.before is None else "peer removed" if change.after is None else "peer updated"
+        # Additions and removals are what operators look for; updates (metadata churn) can be many.
+        emit = self.log.debug if event == "peer updated" else self.log.info
+        emit(
+            event,
+            peer=peer.name,
+            uid=peer.uid,
+            state=peer.state.value,
+            addresses=list(peer.addresses),
+            revision=revision,
+        )
