@@ -278,6 +278,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @dataclass(frozen=True)
 class PodIdentity:
+    """Which pod incarnation this sidecar speaks for (downward API or /etc/podinfo)."""
+
     name: str
     namespace: str
     uid: str
@@ -285,6 +287,8 @@ class PodIdentity:
 
 @dataclass(frozen=True)
 class Settings:
+    """Every validated setting of ``run``; built once by ``load_settings`` and only read after."""
+
     identity: PodIdentity
     pod_labels: Mapping[str, str]
     endpointslice_selector: LabelSelector

@@ -32,7 +32,7 @@ from sidecar.config import ListenAddress, PodIdentity
 from sidecar.core.eventlog import ApiStatus
 from sidecar.core.instance_id import instance_id
 from sidecar.core.peer import canonical_json
-from sidecar.core.projection import DeltaMessage, PeerFilter, StatusMessage, project, snapshot_views
+from sidecar.core.projection import DeltaMessage, PeerFilter, StatusMessage, project, snapshot_peers
 from sidecar.metrics import Metrics
 from sidecar.ports import (
     Forbidden,
@@ -149,8 +149,8 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
     def _filtered_peers(self, peer_filter: PeerFilter) -> tuple[int, list[pb.Peer], ApiStatus]:
         """The peers one client sees, encoded, at one revision, with the status at that revision."""
         revision, peers, status = self.peers.state()
-        views = snapshot_views(peers, peer_filter, self.peers.self_uid)
-        return revision, [self.encoder.encode(v) for v in views], status.status
+        grouped = snapshot_peers(peers, peer_filter, self.peers.self_uid)
+        return revision, [self.encoder.encode(g) for g in grouped], status.status
 
     def _stream(
         self, request: pb.WatchPeersRequest, peer_filter: PeerFilter, context: grpc.ServicerContext
@@ -197,7 +197,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             status = pb.StatusChange(status=API_STATUS[message.change.status], reason=message.change.reason)
             return [pb.WatchPeersResponse(revision=message.revision, history_id=history_id, status=status)]
         self._sent["delta"].inc()
-        events = [pb.PeerEvent(type=EVENT_TYPE[e.type], peer=self.encoder.encode(e.view)) for e in message.events]
+        events = [pb.PeerEvent(type=EVENT_TYPE[e.type], peer=self.encoder.encode(e.peer)) for e in message.events]
         parts = split_by_size(events, lambda e: e.ByteSize())
         return [
             pb.WatchPeersResponse(

@@ -41,6 +41,8 @@ class HttpServer:
         peers: PeerReader, metrics: Metrics, liveness: Check, readiness: Check
     ) -> type[BaseHTTPRequestHandler]:
         class Handler(BaseHTTPRequestHandler):
+            """One request; the closure gives it the reader, the metrics and the checks (no shared state)."""
+
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - probes would flood the log
                 return
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Backoff:
+    """Owns the attempt count of one retry loop (a reflector, the registrar, a client's reconnects)."""
+
     initial: float = 0.2
     maximum: float = 30.0
     factor: float = 2.0

@@ -62,11 +62,11 @@ class EventType(enum.Enum):
 
 
 @dataclass(frozen=True)
-class ViewEvent:
+class ClientEvent:
     """One peer added, updated or removed for one client."""
 
     type: EventType
-    view: GroupedPeer
+    peer: GroupedPeer
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class DeltaMessage:
     """Coalesced peer events up to ``revision``; ``received``: when that revision's cause arrived."""
 
     revision: int
-    events: tuple[ViewEvent, ...]
+    events: tuple[ClientEvent, ...]
     received: float | None = None
 
 
@@ -90,28 +90,28 @@ class StatusMessage:
 Message = DeltaMessage | StatusMessage
 
 
-def view_of(peer: Peer | None, peer_filter: PeerFilter, self_uid: str) -> GroupedPeer | None:
+def grouped_peer(peer: Peer | None, peer_filter: PeerFilter, self_uid: str) -> GroupedPeer | None:
     if peer is None:
         return None
     groups = peer_filter.groups_of(peer, self_uid)
     return None if groups is None else GroupedPeer(peer, groups)
 
 
-def snapshot_views(peers: Iterable[Peer], peer_filter: PeerFilter, self_uid: str) -> list[GroupedPeer]:
+def snapshot_peers(peers: Iterable[Peer], peer_filter: PeerFilter, self_uid: str) -> list[GroupedPeer]:
     """The filtered peer set in a stable order (namespace, name, uid)."""
-    views = (view_of(p, peer_filter, self_uid) for p in peers)
-    return sorted((v for v in views if v is not None), key=lambda v: (v.peer.namespace, v.peer.name, v.peer.uid))
+    grouped = (grouped_peer(p, peer_filter, self_uid) for p in peers)
+    return sorted((g for g in grouped if g is not None), key=lambda g: (g.peer.namespace, g.peer.name, g.peer.uid))
 
 
-def classify(before: GroupedPeer | None, after: GroupedPeer | None) -> ViewEvent | None:
+def classify(before: GroupedPeer | None, after: GroupedPeer | None) -> ClientEvent | None:
     if before is None:
-        return None if after is None else ViewEvent(EventType.ADDED, after)
+        return None if after is None else ClientEvent(EventType.ADDED, after)
     if after is None:
-        return ViewEvent(EventType.REMOVED, before)
-    return None if before == after else ViewEvent(EventType.UPDATED, after)
+        return ClientEvent(EventType.REMOVED, before)
+    return None if before == after else ClientEvent(EventType.UPDATED, after)
 
 
-def _fold(changes: Sequence[PeerChange], peer_filter: PeerFilter, self_uid: str) -> list[ViewEvent]:
+def _fold(changes: Sequence[PeerChange], peer_filter: PeerFilter, self_uid: str) -> list[ClientEvent]:
     first_before: dict[str, Peer | None] = {}
     last_after: dict[str, Peer | None] = {}
     for change in changes:
@@ -120,7 +120,9 @@ def _fold(changes: Sequence[PeerChange], peer_filter: PeerFilter, self_uid: str)
         last_after[change.uid] = change.after
     events = []
     for uid, after in last_after.items():
-        event = classify(view_of(first_before[uid], peer_filter, self_uid), view_of(after, peer_filter, self_uid))
+        event = classify(
+            grouped_peer(first_before[uid], peer_filter, self_uid), grouped_peer(after, peer_filter, self_uid)
+        )
         if event is not None:
             events.append(event)
     return events

@@ -281,6 +281,8 @@ def selector_from_labels(labels: Mapping[str, str]) -> LabelSelector:
 
 
 class _Kind(enum.Enum):
+    """The lexical classes of the selector grammar."""
+
     WORD = "word"  # a key, a value, or the keywords in / notin (which are only keywords after a key)
     OPERATOR = "operator"  # a maximal run of operator characters, e.g. "=", "!=", "=~"
     OPEN = "("
@@ -291,6 +293,8 @@ class _Kind(enum.Enum):
 
 @dataclass(frozen=True)
 class _Token:
+    """One lexeme with its position, for error messages that point at the offending character."""
+
     kind: _Kind
     text: str
     position: int

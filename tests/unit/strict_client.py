@@ -14,16 +14,16 @@ def apply_messages(view: dict[str, GroupedPeer], messages: list[Any]) -> None:
         if isinstance(message, StatusMessage):
             continue
         assert message.events, "an empty delta must not be sent"
-        uids = [e.view.peer.uid for e in message.events]
+        uids = [e.peer.peer.uid for e in message.events]
         assert len(uids) == len(set(uids)), "one event per peer per message"
         for event in message.events:
-            uid = event.view.peer.uid
+            uid = event.peer.peer.uid
             if event.type is EventType.ADDED:
                 assert uid not in view
-                view[uid] = event.view
+                view[uid] = event.peer
             elif event.type is EventType.UPDATED:
-                assert uid in view and view[uid] != event.view
-                view[uid] = event.view
+                assert uid in view and view[uid] != event.peer
+                view[uid] = event.peer
             else:
-                assert view.get(uid) == event.view
+                assert view.get(uid) == event.peer
                 del view[uid]

@@ -24,7 +24,7 @@ from sidecar.core.directory import PeerDirectory
 from sidecar.core.eventlog import ApiStatus, LogEntry, PeerChange, StatusChange
 from sidecar.core.instance_id import instance_id
 from sidecar.core.peer import Document, Peer, PeerState, PortInfo
-from sidecar.core.projection import GroupedPeer, PeerFilter, project, snapshot_views
+from sidecar.core.projection import GroupedPeer, PeerFilter, project, snapshot_peers
 from sidecar.core.records import EndpointEntry, MetadataRecord, ReadinessRecord
 from sidecar.core.resources import parse_endpoint_slice, parse_worker_metadata
 from sidecar.core.selectors import parse_selector
@@ -606,7 +606,7 @@ class ModelRun:
         """(3) Projecting the whole log onto an empty view, in any chunking, or resuming from a revision on top
         of the snapshot at that revision, reaches the client's snapshot of the final peer set."""
         all_entries = self.check_full_replay()
-        final = {v.peer.uid: v for v in snapshot_views(self.directory.peers.values(), peer_filter, self_uid)}
+        final = {v.peer.uid: v for v in snapshot_peers(self.directory.peers.values(), peer_filter, self_uid)}
 
         view: dict[str, GroupedPeer] = {}
         apply_messages(view, project(all_entries, peer_filter, self_uid))
@@ -617,7 +617,7 @@ class ModelRun:
         assert view == final
 
         revision, peers_then = self.history[resume_at]
-        view = {v.peer.uid: v for v in snapshot_views(peers_then.values(), peer_filter, self_uid)}
+        view = {v.peer.uid: v for v in snapshot_peers(peers_then.values(), peer_filter, self_uid)}
         tail = self.directory.log.entries_after(revision)
         assert tail is not None
         project_in_chunks(tail, resume_cuts, peer_filter, self_uid, view)

@@ -10,16 +10,16 @@ from hypothesis import strategies as st
 from sidecar.core.eventlog import ApiStatus, LogEntry, PeerChange, StatusChange
 from sidecar.core.peer import Document, Peer, PeerState
 from sidecar.core.projection import (
+    ClientEvent,
     DeltaMessage,
     EventType,
     GroupedPeer,
     PeerFilter,
     StatusMessage,
-    ViewEvent,
     classify,
+    grouped_peer,
     project,
-    snapshot_views,
-    view_of,
+    snapshot_peers,
 )
 from sidecar.core.selectors import parse_selector
 from tests.unit.strict_client import apply_messages
@@ -97,18 +97,18 @@ def test_classify() -> None:
     a1 = GroupedPeer(peer("a", data={"v": 1}), ())
     a2 = GroupedPeer(peer("a", data={"v": 2}), ())
     assert classify(None, None) is None
-    assert classify(None, a1) == ViewEvent(EventType.ADDED, a1)
-    assert classify(a1, None) == ViewEvent(EventType.REMOVED, a1)
-    assert classify(a1, a2) == ViewEvent(EventType.UPDATED, a2)
+    assert classify(None, a1) == ClientEvent(EventType.ADDED, a1)
+    assert classify(a1, None) == ClientEvent(EventType.REMOVED, a1)
+    assert classify(a1, a2) == ClientEvent(EventType.UPDATED, a2)
     assert classify(a1, GroupedPeer(peer("a", data={"v": 1}), ())) is None
     # a change of groups alone is an update
-    assert classify(a1, GroupedPeer(a1.peer, ("g",))) == ViewEvent(EventType.UPDATED, GroupedPeer(a1.peer, ("g",)))
+    assert classify(a1, GroupedPeer(a1.peer, ("g",))) == ClientEvent(EventType.UPDATED, GroupedPeer(a1.peer, ("g",)))
 
 
 def test_view_of() -> None:
-    assert view_of(None, PeerFilter(), SELF) is None
-    assert view_of(peer(SELF), PeerFilter(), SELF) is None
-    assert view_of(peer("a", {"role": "x"}), GROUPS, SELF) == GroupedPeer(peer("a", {"role": "x"}), ("any-role",))
+    assert grouped_peer(None, PeerFilter(), SELF) is None
+    assert grouped_peer(peer(SELF), PeerFilter(), SELF) is None
+    assert grouped_peer(peer("a", {"role": "x"}), GROUPS, SELF) == GroupedPeer(peer("a", {"role": "x"}), ("any-role",))
 
 
 # -- project ------------------------------------------------------------------------------------------
@@ -121,19 +121,19 @@ def entries(*changes: PeerChange | StatusChange) -> list[LogEntry]:
 def test_add_update_remove() -> None:
     a1, a2 = peer("a", data={"v": 1}), peer("a", data={"v": 2})
     log = entries(PeerChange("a", None, a1))
-    assert project(log, PeerFilter(), SELF) == [DeltaMessage(1, (ViewEvent(EventType.ADDED, GroupedPeer(a1, ())),))]
+    assert project(log, PeerFilter(), SELF) == [DeltaMessage(1, (ClientEvent(EventType.ADDED, GroupedPeer(a1, ())),))]
     log = entries(PeerChange("a", a1, a2))
-    assert project(log, PeerFilter(), SELF) == [DeltaMessage(1, (ViewEvent(EventType.UPDATED, GroupedPeer(a2, ())),))]
+    assert project(log, PeerFilter(), SELF) == [DeltaMessage(1, (ClientEvent(EventType.UPDATED, GroupedPeer(a2, ())),))]
     log = entries(PeerChange("a", a2, None))
-    assert project(log, PeerFilter(), SELF) == [DeltaMessage(1, (ViewEvent(EventType.REMOVED, GroupedPeer(a2, ())),))]
+    assert project(log, PeerFilter(), SELF) == [DeltaMessage(1, (ClientEvent(EventType.REMOVED, GroupedPeer(a2, ())),))]
 
 
 def test_coalescing_first_before_last_after() -> None:
     a1, a2, a3 = (peer("a", data={"v": i}) for i in (1, 2, 3))
     log = entries(PeerChange("a", None, a1), PeerChange("a", a1, a2), PeerChange("a", a2, a3))
-    assert project(log, PeerFilter(), SELF) == [DeltaMessage(3, (ViewEvent(EventType.ADDED, GroupedPeer(a3, ())),))]
+    assert project(log, PeerFilter(), SELF) == [DeltaMessage(3, (ClientEvent(EventType.ADDED, GroupedPeer(a3, ())),))]
     log = entries(PeerChange("a", a1, a2), PeerChange("a", a2, None))
-    assert project(log, PeerFilter(), SELF) == [DeltaMessage(2, (ViewEvent(EventType.REMOVED, GroupedPeer(a1, ())),))]
+    assert project(log, PeerFilter(), SELF) == [DeltaMessage(2, (ClientEvent(EventType.REMOVED, GroupedPeer(a1, ())),))]
 
 
 def test_flap_back_to_same_value_yields_nothing() -> None:
@@ -150,7 +150,7 @@ def test_events_ordered_by_each_peers_latest_change() -> None:
     log = entries(PeerChange("a", None, a1), PeerChange("b", None, b1), PeerChange("a", a1, a2))
     (message,) = project(log, PeerFilter(), SELF)
     assert isinstance(message, DeltaMessage) and message.revision == 3
-    assert [e.view.peer.uid for e in message.events] == ["b", "a"]
+    assert [e.peer.peer.uid for e in message.events] == ["b", "a"]
     assert [e.type for e in message.events] == [EventType.ADDED, EventType.ADDED]
 
 
@@ -167,10 +167,10 @@ def test_status_entries_split_runs_and_keep_order() -> None:
     )
     messages = project(log, PeerFilter(), SELF)
     assert messages == [
-        DeltaMessage(1, (ViewEvent(EventType.ADDED, GroupedPeer(a, ())),)),
+        DeltaMessage(1, (ClientEvent(EventType.ADDED, GroupedPeer(a, ())),)),
         StatusMessage(2, degraded),
         DeltaMessage(
-            4, (ViewEvent(EventType.ADDED, GroupedPeer(b, ())), ViewEvent(EventType.REMOVED, GroupedPeer(a, ())))
+            4, (ClientEvent(EventType.ADDED, GroupedPeer(b, ())), ClientEvent(EventType.REMOVED, GroupedPeer(a, ())))
         ),
         StatusMessage(5, connected),
     ]
@@ -200,10 +200,10 @@ def test_label_change_moves_a_peer_out_of_and_into_a_filter() -> None:
     f = PeerFilter(selector=parse_selector("role=decode"))
     decode, router = peer("a", {"role": "decode"}), peer("a", {"role": "router"})
     assert project(entries(PeerChange("a", decode, router)), f, SELF) == [
-        DeltaMessage(1, (ViewEvent(EventType.REMOVED, GroupedPeer(decode, ())),))
+        DeltaMessage(1, (ClientEvent(EventType.REMOVED, GroupedPeer(decode, ())),))
     ]
     assert project(entries(PeerChange("a", router, decode)), f, SELF) == [
-        DeltaMessage(1, (ViewEvent(EventType.ADDED, GroupedPeer(decode, ())),))
+        DeltaMessage(1, (ClientEvent(EventType.ADDED, GroupedPeer(decode, ())),))
     ]
     # a change invisible to the filter: none
     router2 = peer("a", {"role": "router"}, data={"v": 9})
@@ -214,10 +214,10 @@ def test_draining_leaves_a_ready_only_client() -> None:
     ready, draining = peer("a"), peer("a", state=PeerState.DRAINING)
     log = entries(PeerChange("a", ready, draining))
     assert project(log, PeerFilter(ready_only=True), SELF) == [
-        DeltaMessage(1, (ViewEvent(EventType.REMOVED, GroupedPeer(ready, ())),))
+        DeltaMessage(1, (ClientEvent(EventType.REMOVED, GroupedPeer(ready, ())),))
     ]
     assert project(log, PeerFilter(), SELF) == [
-        DeltaMessage(1, (ViewEvent(EventType.UPDATED, GroupedPeer(draining, ())),))
+        DeltaMessage(1, (ClientEvent(EventType.UPDATED, GroupedPeer(draining, ())),))
     ]
 
 
@@ -226,7 +226,7 @@ def test_message_revision_is_last_entry_of_the_run_even_if_filtered() -> None:
     a = peer("a", {"role": "decode"})
     x = peer("x", {"role": "router"})
     log = entries(PeerChange("a", None, a), PeerChange("x", None, x))
-    assert project(log, f, SELF) == [DeltaMessage(2, (ViewEvent(EventType.ADDED, GroupedPeer(a, ())),))]
+    assert project(log, f, SELF) == [DeltaMessage(2, (ClientEvent(EventType.ADDED, GroupedPeer(a, ())),))]
 
 
 def test_snapshot_views_order_and_filter() -> None:
@@ -237,7 +237,7 @@ def test_snapshot_views_order_and_filter() -> None:
         peer("0", name="a", namespace="ns1"),
         peer(SELF, name="0", namespace="ns0"),
     ]
-    views = snapshot_views(peers, PeerFilter(), SELF)
+    views = snapshot_peers(peers, PeerFilter(), SELF)
     assert [(v.peer.namespace, v.peer.name, v.peer.uid) for v in views] == [
         ("ns1", "a", "0"),
         ("ns1", "a", "1"),
@@ -245,7 +245,7 @@ def test_snapshot_views_order_and_filter() -> None:
         ("ns2", "a", "2"),
     ]
     assert all(v.groups == () for v in views)
-    assert snapshot_views(peers, PeerFilter(selector=parse_selector("nope")), SELF) == []
+    assert snapshot_peers(peers, PeerFilter(selector=parse_selector("nope")), SELF) == []
 
 
 # -- property: projecting a consistent log through any filter ---------------------------------------------
@@ -296,7 +296,7 @@ def test_projection_reaches_the_snapshot_whatever_the_chunking(
     log_and_final: tuple[list[LogEntry], dict[str, Peer]], peer_filter: PeerFilter, cuts: list[int]
 ) -> None:
     log, final = log_and_final
-    expected = {v.peer.uid: v for v in snapshot_views(final.values(), peer_filter, SELF)}
+    expected = {v.peer.uid: v for v in snapshot_peers(final.values(), peer_filter, SELF)}
 
     view: dict[str, GroupedPeer] = {}
     messages = project(log, peer_filter, SELF)
