@@ -62,6 +62,10 @@ class _Gone(Exception):
     """The resourceVersion we hold is compacted away: relist."""
 
 
+class _Silent(Exception):
+    """The watch delivered nothing, not even a bookmark, for the silence timeout: re-establish it."""
+
+
 class Reflector:
     """Owns one watch: its thread, its resourceVersion, its backoff and its open stream.
 
@@ -125,7 +129,7 @@ class Reflector:
                 self.log.info("resource version expired, relisting", resource_version=self.resource_version)
                 self.metrics.watch_restarts.labels(self.target.name, "expired").inc()
                 need_list = True
-            except urllib3.exceptions.ReadTimeoutError:
+            except _Silent:
                 if self._stop.is_set():
                     break
                 self.log.warning("watch silent, restarting it", silence_seconds=self.silence_timeout)
@@ -211,16 +215,20 @@ class Reflector:
             if exc.status == 410:
                 raise _Gone from exc
             raise
+        except urllib3.exceptions.ReadTimeoutError as exc:
+            raise _Silent from exc
         self._stream = stream
         try:
             if self._stop.is_set():
                 return
             self._became_healthy()
-            for event in stream:
-                received = time.monotonic()
-                self._handle(event, received)
-                if self._stop.is_set():
-                    return
+            try:
+                for event in stream:
+                    self._handle(event, time.monotonic())
+                    if self._stop.is_set():
+                        return
+            except urllib3.exceptions.ReadTimeoutError as exc:  # only the watch may be silent; a list may not
+                raise _Silent from exc
         finally:
             self._stream = None
             stream.close()

@@ -191,6 +191,10 @@ class Registrar:
             return self._apply_locked()
 
     def _apply_locked(self) -> dict[str, Any]:
+        with self._state_lock:
+            deregistering = self._deregistering
+        if deregistering:  # nothing may re-create the CR once deregistration began
+            raise Unavailable("this pod is deregistering (the sidecar is shutting down): nothing is written any more")
         self.fence()
         applied = self.api.apply(self.path, self.desired(), self.field_manager)
         with self._state_lock:
@@ -254,6 +258,8 @@ class Registrar:
             except CONNECTION_ERRORS as exc:
                 self.metrics.api_errors.labels("register", "connection").inc()
                 message = f"cannot reach the API server to register: {type(exc).__name__}"
+            except RegistrationError as exc:  # deregistration began while this pass was under way
+                message = str(exc)
             if self._stop.is_set():
                 break
             self.registered.clear()
@@ -272,6 +278,11 @@ class Registrar:
         with self._state_lock:
             deregistering = self._deregistering
         if kind == "DELETED":
+            if not owned_by(obj, self.identity):
+                return  # another incarnation's CR (fencing removed it): not ours to re-create or confirm
+            applied_uid = self._applied_uid()
+            if applied_uid and meta.get("uid") != applied_uid:
+                return  # an older object of ours, not the one this sidecar holds
             self._gone.set()
             if not deregistering and not self._stop.is_set():
                 self.registered.clear()
@@ -293,13 +304,15 @@ class Registrar:
         with self._state_lock:
             self._deregistering = True
         self.stop()
+        with self._apply_lock:  # an apply under way finishes first; none starts after (they check _deregistering)
+            applied_uid = self._applied_uid()
         self.registered.clear()
         self.metrics.registered.set(0)
         try:
             self.api.delete(
                 self.path,
-                {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": self._applied_uid()}}
-                if self._applied_uid()
+                {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": applied_uid}}
+                if applied_uid
                 else None,
             )
         except ApiError as exc:
