@@ -41,6 +41,7 @@ from sidecar.ports import (
     NotFound,
     PeerReader,
     RegistrationError,
+    TooLarge,
     Unavailable,
 )
 from sidecar.wire import API_STATUS, EVENT_TYPE, PeerEncoder, document_from_publish, filter_from_pb, to_struct
@@ -73,6 +74,7 @@ def split_by_size(items: list[T], size_of: Callable[[T], int], limit: int = PART
 
 PUBLISH_ERROR_CODES: dict[type[RegistrationError], grpc.StatusCode] = {
     Invalid: grpc.StatusCode.INVALID_ARGUMENT,
+    TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Forbidden: grpc.StatusCode.PERMISSION_DENIED,
     # The target may appear (the CRD gets installed) and the store come back: worth retrying.
     NotFound: grpc.StatusCode.UNAVAILABLE,

@@ -4,8 +4,8 @@
   ``PeerHub.store(name)`` hands one out per source. A source never knows who reads.
 * ``PeerReader``: what the pod-facing layers (gRPC, HTTP) read; ``PeerHub`` implements it.
 * ``MetadataPublisher``: this pod's own registration (a Kubernetes CR today; an etcd lease later).
-  It raises ``RegistrationError`` subclasses with a meaning (forbidden, invalid, not found,
-  unavailable); the gRPC layer maps meanings to status codes and imports no client library.
+  It raises ``RegistrationError`` subclasses with a meaning (forbidden, invalid, too large,
+  not found, unavailable); the gRPC layer maps meanings to status codes and imports no client library.
 
 Nothing here imports a transport, so ``sidecar.grpc_service`` and ``sidecar.http_server`` depend on
 these and on the pure core only.
@@ -122,6 +122,10 @@ class Forbidden(RegistrationError):
 
 class Invalid(RegistrationError):
     """The metadata itself is unacceptable (schema, size, the API server's validation)."""
+
+
+class TooLarge(RegistrationError):
+    """The metadata exceeds a documented bound (size, depth): it will never fit as it is."""
 
 
 class NotFound(RegistrationError):

@@ -31,7 +31,7 @@ from sidecar.core.resources import validate_worker_data
 from sidecar.kube.api import CONNECTION_ERRORS, ApiError, KubeApi
 from sidecar.kube.sources import WORKER_METADATA
 from sidecar.metrics import Metrics
-from sidecar.ports import Forbidden, Invalid, NotFound, Registration, RegistrationError, Unavailable
+from sidecar.ports import Forbidden, Invalid, NotFound, Registration, RegistrationError, TooLarge, Unavailable
 
 API_VERSION = "nvidia.com/v1alpha1"
 KIND = "DynamoWorkerMetadata"
@@ -47,7 +47,9 @@ def registration_error(exc: Exception, action: str) -> RegistrationError:
         return Forbidden(message)
     if exc.status == 404:
         return NotFound(message)
-    if exc.status in (400, 413, 422):
+    if exc.status == 413:
+        return TooLarge(message)
+    if exc.status in (400, 422):
         return Invalid(message)
     return Unavailable(message)
 
