@@ -89,6 +89,9 @@ class Sidecar:
         if not self.hub.synced:
             problems.append("watches not synced yet")
         problems.extend(f"{source}: {reason}" for source, reason in self.hub.source_health().items())
+        # A dead thread is a readiness failure too: peers it fed would silently go stale while the pod
+        # stays in its Service (liveness may be off, or slow to restart the container).
+        problems.extend(self.liveness_problems())
         return problems
 
     def liveness_problems(self) -> list[str]:

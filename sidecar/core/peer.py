@@ -45,10 +45,11 @@ class Document:
     apparent equality. The value is treated as immutable once wrapped.
     """
 
-    __slots__ = ("value", "_json")
+    __slots__ = ("value", "size", "_json")
 
-    def __init__(self, value: Mapping[str, Any]) -> None:
+    def __init__(self, value: Mapping[str, Any], size: int = 0) -> None:
         self.value = value
+        self.size = size  # estimated JSON bytes (sidecar.core.bounds), for byte-bounded history; 0: unknown
         self._json: str | None = None
 
     @property

@@ -12,11 +12,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from sidecar.core.bounds import measure_metadata
 from sidecar.core.peer import Document, PortInfo
 from sidecar.core.records import EndpointEntry, MetadataRecord, ReadinessRecord
 
-DYNAMO_DATA_MAPS = ("endpoints", "model_cards", "event_channels")
-"""The keys Dynamo puts in ``spec.data``; when present they must be JSON objects."""
+DYNAMO_DATA_MAPS = ("endpoints", "model_cards", "event_channels", "event_sources")
+"""The maps Dynamo puts in ``spec.data``: each a JSON object, or null/missing, which Dynamo reads as empty
+(server-side apply stores a map whose last key was removed as null)."""
 
 
 # The parsers below test ``isinstance(x, dict)``, not ``Mapping``: their input is decoded JSON, and the
@@ -84,13 +86,26 @@ def parse_endpoint_slice(obj: Mapping[str, Any]) -> ReadinessRecord:
 
 
 def validate_worker_data(data: Any) -> str | None:
-    """Why ``spec.data`` is unusable, or None. Unknown content is opaque and always accepted."""
+    """Why ``spec.data`` is unusable, or None. Unknown content is opaque, and accepted within the bounds."""
+    return _check_worker_data(data)[0]
+
+
+def _check_worker_data(data: Any) -> tuple[str | None, int]:
     if not isinstance(data, Mapping):
-        return f"spec.data must be a JSON object, got {type(data).__name__}"
+        return f"spec.data must be a JSON object, got {type(data).__name__}", 0
     for key in DYNAMO_DATA_MAPS:
-        if key in data and not isinstance(data[key], Mapping):
-            return f"spec.data.{key} must be a JSON object (Dynamo reads it as a map), got {type(data[key]).__name__}"
-    return None
+        value = data.get(key)
+        if value is not None and not isinstance(value, Mapping):
+            return f"spec.data.{key} must be a JSON object (Dynamo reads it as a map), got {type(value).__name__}", 0
+    problem, size = measure_metadata(data)
+    return (None if problem is None else f"spec.data {problem}"), size
+
+
+def _with_empty_maps(data: dict[str, Any]) -> dict[str, Any]:
+    """Dynamo's maps that are null as empty maps, as Dynamo reads them (the rest untouched)."""
+    if all(data.get(key, ()) is not None for key in DYNAMO_DATA_MAPS):
+        return data
+    return {**data, **{key: {} for key in DYNAMO_DATA_MAPS if key in data and data[key] is None}}
 
 
 def parse_worker_metadata(obj: Mapping[str, Any]) -> MetadataRecord:
@@ -102,7 +117,7 @@ def parse_worker_metadata(obj: Mapping[str, Any]) -> MetadataRecord:
     )
     spec = obj.get("spec")
     data = spec.get("data") if isinstance(spec, dict) else None
-    error = "spec is missing" if not isinstance(spec, dict) else validate_worker_data(data)
+    error, size = ("spec is missing", 0) if not isinstance(spec, dict) else _check_worker_data(data)
     raw_labels = meta.get("labels")
     labels: Mapping[str, str] = raw_labels if isinstance(raw_labels, dict) else {}
     return MetadataRecord(
@@ -112,6 +127,6 @@ def parse_worker_metadata(obj: Mapping[str, Any]) -> MetadataRecord:
         resource_version=meta.get("resourceVersion", ""),
         owner_pod_uids=owners,
         labels=dict(labels),
-        document=Document(data) if error is None and isinstance(data, dict) else None,
+        document=Document(_with_empty_maps(data), size) if error is None and isinstance(data, dict) else None,
         problem=error,
     )

@@ -21,6 +21,8 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
+from sidecar.core import json_decode
+
 Query = Sequence[tuple[str, str]]
 
 CONNECTION_ERRORS = (urllib3.exceptions.HTTPError, OSError)
@@ -156,7 +158,7 @@ class KubeApi:
         self.on_bytes(len(raw or b""))
         if not 200 <= response.status < 300:
             raise ApiError.from_response(response.status, raw)
-        return json.loads(raw) if raw else {}
+        return json_decode.loads(raw) if raw else {}
 
     def get(self, path: str, query: Query = ()) -> dict[str, Any]:
         return self.request("GET", path, query)
@@ -206,9 +208,9 @@ class WatchStream:
                     break
                 line, buffer = buffer[:newline], buffer[newline + 1 :]
                 if line.strip():
-                    yield json.loads(line)
+                    yield json_decode.loads(line)
         if buffer.strip() and not self._closed:
-            yield json.loads(buffer)
+            yield json_decode.loads(buffer)
 
     def close(self) -> None:
         """Unblock a reader stuck in a read (shutdown, or a silent watch being abandoned)."""

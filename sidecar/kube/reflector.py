@@ -140,6 +140,9 @@ class Reflector:
                 if self._stop.is_set():
                     break
                 self._failed(f"cannot reach the API server: {type(exc).__name__}", "connection", exc)
+            except Exception as exc:  # a bug must cost a retry, never the watch: the thread lives on
+                self.log.exception("unexpected error in the watch; retrying")
+                self._failed(f"unexpected error: {type(exc).__name__}: {exc}", "internal", exc)
 
     def _failed(self, reason: str, code: str, exc: Exception) -> None:
         self.metrics.api_errors.labels(f"watch-{self.target.name}", code).inc()
@@ -185,7 +188,9 @@ class Reflector:
                     continue
                 raise
             for obj in page.get("items") or ():
-                records[source.key(obj)] = self._parse(obj)
+                record = self._parse(obj)
+                if record is not None:
+                    records[source.key(obj)] = record
             metadata = page.get("metadata") or {}
             token = metadata.get("continue") or ""
             del page
@@ -193,8 +198,8 @@ class Reflector:
                 break
         self.resource_version = metadata.get("resourceVersion", "")
         self.relists += 1
-        self._became_healthy()
         changes = self.store.replace(records, time.monotonic())
+        self._became_healthy()  # after the relist is applied: CONNECTED then means current
         self.metrics.relists.labels(source.name).inc()
         self.log.info("listed", objects=len(records), resource_version=self.resource_version, changes=changes)
         release_free_memory()
@@ -247,7 +252,9 @@ class Reflector:
                 self.resource_version = rv
             return
         if kind in ("ADDED", "MODIFIED"):
-            self.store.upsert(self.target.source.key(obj), self._parse(obj), received)
+            record = self._parse(obj)
+            if record is not None:
+                self.store.upsert(self.target.source.key(obj), record, received)
         elif kind == "DELETED":
             self.store.delete(self.target.source.key(obj), received)
         else:
@@ -257,12 +264,23 @@ class Reflector:
             self.resource_version = rv
         self.metrics.events_applied.labels(self.target.name, kind.lower()).inc()
         for observer in self.observers:
-            observer(kind, obj)
+            try:
+                observer(kind, obj)
+            except Exception:  # an observer's bug must not end the watch for everyone
+                self.log.exception("watch observer failed", observer=getattr(observer, "__qualname__", repr(observer)))
 
-    def _parse(self, obj: Mapping[str, Any]) -> Record:
-        record = self.target.source.parse(obj)
+    def _parse(self, obj: Mapping[str, Any]) -> Record | None:
+        """The object's record; None (logged, skipped) if the parser fails, which it is written never to do."""
+        meta = obj.get("metadata") or {}
+        try:
+            record = self.target.source.parse(obj)
+        except Exception:
+            self.log.exception(
+                f"cannot parse this {self.target.source.noun}; skipping it",
+                object=f"{meta.get('namespace', '')}/{meta.get('name', '')}",
+            )
+            return None
         if record.problem:
-            meta = obj.get("metadata") or {}
             self.log.warning(
                 f"invalid {self.target.source.noun}; keeping the last valid data of this pod incarnation",
                 object=f"{meta.get('namespace', '')}/{meta.get('name', '')}",

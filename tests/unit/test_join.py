@@ -1,4 +1,4 @@
-"""Tests for sidecar.core.join: EndpointSlice readiness x DynamoMetadataRecord, keyed by pod UID."""
+"""Tests for sidecar.core.join: EndpointSlice readiness x DynamoWorkerMetadata, keyed by pod UID."""
 
 from __future__ import annotations
 

@@ -286,6 +286,51 @@ class TestInvalidMetadata:
         assert rig.api.calls_of("get")[0].path == METADATA_PATH
 
 
+class TestNoThreadDies:
+    def test_a_parser_that_raises_skips_that_object_only(self, rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Whatever one object holds, the watch goes on: a failing parse is logged and that object skipped."""
+        real_parse = ENDPOINT_SLICES.parse
+
+        def parse(obj: Mapping[str, Any]) -> Any:
+            if obj["metadata"]["name"] == "boom":
+                raise RecursionError("maximum recursion depth exceeded")
+            return real_parse(obj)
+
+        source = type(ENDPOINT_SLICES)(ENDPOINT_SLICES.name, ENDPOINT_SLICES.noun, ENDPOINT_SLICES.resource, parse)
+        rig.api.on_get(page([endpoint_slice("boom", "1"), endpoint_slice("a", "2")], rv="100"))
+        rig.api.on_stream(
+            ScriptedStream(event("ADDED", endpoint_slice("boom", "101")), event("ADDED", endpoint_slice("b", "102")))
+        )
+        with structlog.testing.capture_logs() as logs:
+            rig.start(WatchTarget(source, NS))
+            (upsert,) = rig.store.wait_for_ops("upsert", 1)
+
+        (replace,) = [c for c in rig.store.snapshot() if c.op == "replace"]
+        assert replace.records is not None and set(replace.records) == {"ns/a"}
+        assert upsert.key == "ns/b"
+        assert [e["object"] for e in logs if e["event"].startswith("cannot parse this EndpointSlice")] == [
+            "ns/boom",
+            "ns/boom",
+        ]
+        assert rig.thread is not None and rig.thread.is_alive()
+
+    def test_an_observer_that_raises_does_not_end_the_watch(self, rig: Rig) -> None:
+        """An observer's bug is logged; the events after it are still applied."""
+
+        def observer(kind: str, obj: Mapping[str, Any]) -> None:
+            raise ValueError("observer bug")
+
+        rig.api.on_get(page([], rv="100"))
+        rig.api.on_stream(
+            ScriptedStream(event("ADDED", endpoint_slice("a", "101")), event("ADDED", endpoint_slice("b", "102")))
+        )
+        with structlog.testing.capture_logs() as logs:
+            rig.start(observers=[observer])
+            rig.store.wait_for_ops("upsert", 2)
+        assert len([e for e in logs if e["event"] == "watch observer failed"]) == 2
+        assert rig.thread is not None and rig.thread.is_alive()
+
+
 # -- 410 Gone --------------------------------------------------------------------------------------------
 class TestGone:
     def test_410_on_the_watch_request_relists(self, rig: Rig) -> None:
@@ -370,13 +415,14 @@ class TestConnectionErrors:
         ids=["protocol-error", "connection-refused"],
     )
     def test_connection_error_on_list_is_unhealthy_retried_and_recovers(self, rig: Rig, error: Exception) -> None:
-        """Unreachable API server: unhealthy once with a reason, retried with backoff, healthy after the list."""
+        """Unreachable API server: unhealthy once with a reason, retried with backoff, and healthy only once the
+        list is applied (so CONNECTED on the stream means the peer set is current, not about to change)."""
         rig.api.on_get(error, error, page([endpoint_slice("s1", "1")], rv="100"))
         rig.start()
         rig.watches(1)
 
         calls = rig.store.snapshot()
-        assert [(c.op, c.healthy) for c in calls] == [("set_health", False), ("set_health", True), ("replace", None)]
+        assert [(c.op, c.healthy) for c in calls] == [("set_health", False), ("replace", None), ("set_health", True)]
         assert calls[0].reason == f"cannot reach the API server: {type(error).__name__}"
         assert len(rig.api.calls_of("get")) == 3
         assert rig.sample("discovery_api_errors_total", operation="watch-endpointslices", code="connection") == 2

@@ -1,4 +1,4 @@
-"""Tests for sidecar.core.resources: parsing EndpointSlices and DynamoMetadataRecord CRs."""
+"""Tests for sidecar.core.resources: parsing EndpointSlices and DynamoWorkerMetadata CRs."""
 
 from __future__ import annotations
 
@@ -150,14 +150,14 @@ def test_conditions_follow_kubernetes_defaults(all_conditions: list[dict[str, An
         assert (entry.ready, entry.serving, entry.terminating) == (ready, serving, terminating)
 
 
-# -- DynamoMetadataRecord --------------------------------------------------------------------------------
+# -- DynamoWorkerMetadata --------------------------------------------------------------------------------
 
 
 def _cr(data: Any = None, *, spec: Any = "default", owners: Any = None, **meta: Any) -> dict[str, Any]:
     metadata = {"name": "pod-1", "namespace": "ns", "uid": "cr-uid", "resourceVersion": "7", **meta}
     if owners is not None:
         metadata["ownerReferences"] = owners
-    obj: dict[str, Any] = {"apiVersion": "nvidia.com/v1alpha1", "kind": "DynamoMetadataRecord", "metadata": metadata}
+    obj: dict[str, Any] = {"apiVersion": "nvidia.com/v1alpha1", "kind": "DynamoWorkerMetadata", "metadata": metadata}
     if spec == "default":
         obj["spec"] = {"data": data}
     elif spec is not None:
@@ -201,7 +201,8 @@ def test_owner_pod_uids_only_from_pod_owners() -> None:
         ({"data": 3}, "got int"),
         ({"data": {"endpoints": []}}, "spec.data.endpoints"),
         ({"data": {"model_cards": "x"}}, "spec.data.model_cards"),
-        ({"data": {"event_channels": None}}, "spec.data.event_channels"),
+        ({"data": {"event_channels": 7}}, "spec.data.event_channels"),
+        ({"data": {"event_sources": ["x"]}}, "spec.data.event_sources"),
         ({"spec": None}, "spec is missing"),
         ({"spec": "junk"}, "spec is missing"),
         ({"spec": {}}, "spec.data must be a JSON object"),
@@ -259,3 +260,48 @@ def test_validate_worker_data_agrees_with_the_rule(data: Any) -> None:
     record = parse_worker_metadata(_cr(data))
     assert (record.problem is None) == ok
     assert record.problem == problem
+
+
+def test_null_or_missing_dynamo_maps_are_empty_maps() -> None:
+    """Dynamo reads each of its four maps as "null or missing = empty" (server-side apply stores a map whose
+    last key was removed as null): such a CR is valid, and its null maps read as empty maps."""
+    data = {"endpoints": None, "model_cards": {"m": {"type": "Model"}}, "event_channels": None, "other": None}
+    record = parse_worker_metadata(_cr(data))
+    assert record.problem is None
+    assert record.data == {"endpoints": {}, "model_cards": {"m": {"type": "Model"}}, "event_channels": {}, "other": None}
+    assert validate_worker_data({}) is None
+    assert validate_worker_data({"event_sources": None}) is None
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ("deep", "spec.data is nested deeper than 32 levels"),
+        ({"big": "x" * (300 * 1024)}, "spec.data is larger than 256 KiB of JSON"),
+        ({"n": [1.0, float("nan")]}, "spec.data contains nan, which is not a JSON number"),
+        ({"n": {"x": float("inf")}}, "spec.data contains inf, which is not a JSON number"),
+    ],
+)
+def test_metadata_beyond_the_bounds_is_a_problem(data: Any, fragment: str) -> None:
+    """Depth, size and non-numbers are checked on every CR, so one pod's data cannot break the others'."""
+    if data == "deep":
+        data = {}
+        inner = data
+        for _ in range(40):
+            inner["a"] = {}
+            inner = inner["a"]
+    record = parse_worker_metadata(_cr(data))
+    assert record.problem == fragment or (record.problem or "").startswith(fragment)
+    assert record.document is None
+
+
+def test_metadata_at_the_depth_bound_is_valid_and_measured() -> None:
+    """Exactly 32 levels pass; the record carries the estimated size for byte-bounded history."""
+    data: dict[str, Any] = {}
+    inner = data
+    for _ in range(31):
+        inner["a"] = {}
+        inner = inner["a"]
+    record = parse_worker_metadata(_cr(data))
+    assert record.problem is None and record.document is not None
+    assert record.document.size >= len(canonical_json(data))
