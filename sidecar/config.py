@@ -111,6 +111,20 @@ def parse_grpc_listen(text: str) -> ListenAddress:
     return _parse_host_port(text, loopback_only=True)
 
 
+_BYTE_UNITS = {"": 1, "k": 1000, "ki": 1024, "m": 1000**2, "mi": 1024**2, "g": 1000**3, "gi": 1024**3}
+
+
+def parse_byte_size(text: str) -> int:
+    """Bytes from ``"33554432"``, ``"32Mi"``, ``"500k"``, ``"1Gi"`` (Kubernetes quantity suffixes); at least 1 KiB."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]i?)?\s*", text)
+    if not match:
+        raise ValueError(f"expected a size such as 32Mi, 500Ki or 1Gi, got {text!r}")
+    value = int(match.group(1)) * _BYTE_UNITS[(match.group(2) or "").lower()]
+    if value < 1024:
+        raise ValueError(f"expected at least 1Ki, got {text!r}")
+    return value
+
+
 def parse_http_listen(text: str) -> ListenAddress | None:
     """The HTTP endpoint serves probes from the kubelet, so any interface is allowed; ``off`` disables it."""
     if text.strip().lower() in ("off", "none", "disabled"):
@@ -244,6 +258,18 @@ OPTIONS: tuple[Option, ...] = (
         default="10000",
     ),
     Option(
+        "DISCOVERY_HISTORY_BYTES",
+        "--history-bytes",
+        "the most peer data that history may hold (e.g. 32Mi); the oldest changes go first",
+        default="32Mi",
+    ),
+    Option(
+        "DISCOVERY_DEBUG_PEERS",
+        "--debug-peers",
+        "who may read /debug/peers: loopback (this pod only), all, or off",
+        default="loopback",
+    ),
+    Option(
         "DISCOVERY_SHUTDOWN_TIMEOUT",
         "--shutdown-timeout",
         "on SIGTERM, the most time spent deregistering and closing streams",
@@ -300,6 +326,8 @@ class Settings:
     request_timeout: float
     backoff_max: float
     history_size: int
+    history_bytes: int
+    debug_peers: str
     shutdown_timeout: float
     field_manager: str
     log_format: str
@@ -429,6 +457,8 @@ def load_settings(args: argparse.Namespace | None = None, environ: Mapping[str, 
     request_timeout = reader.get("DISCOVERY_REQUEST_TIMEOUT", parse_duration)
     backoff_max = reader.get("DISCOVERY_BACKOFF_MAX", parse_duration)
     history_size = reader.get("DISCOVERY_HISTORY_SIZE", parse_positive_int)
+    history_bytes = reader.get("DISCOVERY_HISTORY_BYTES", parse_byte_size)
+    debug_peers = reader.get("DISCOVERY_DEBUG_PEERS", _choice("loopback", "all", "off"))
     shutdown_timeout = reader.get("DISCOVERY_SHUTDOWN_TIMEOUT", parse_duration)
     field_manager = reader.get("DISCOVERY_FIELD_MANAGER")
     log_format = reader.get("DISCOVERY_LOG_FORMAT", _choice("auto", "json", "console"))
@@ -449,6 +479,8 @@ def load_settings(args: argparse.Namespace | None = None, environ: Mapping[str, 
         request_timeout=_known(request_timeout),
         backoff_max=_known(backoff_max),
         history_size=_known(history_size),
+        history_bytes=_known(history_bytes),
+        debug_peers=_known(debug_peers),
         shutdown_timeout=_known(shutdown_timeout),
         field_manager=_known(field_manager),
         log_format=_known(log_format),

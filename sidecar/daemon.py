@@ -44,6 +44,7 @@ class Sidecar:
         directory = PeerDirectory(
             history_id=uuid.uuid4().hex,
             history_capacity=settings.history_size,
+            history_bytes=settings.history_bytes,
             sources=[target.name for target in targets],
         )
         self.hub = PeerHub(directory, self_uid=settings.identity.uid)
@@ -73,7 +74,14 @@ class Sidecar:
             DiscoveryService(self.hub, self.registrar, settings.identity, self.metrics), settings.grpc_listen
         )
         self.http = (
-            HttpServer(settings.http_listen, self.hub, self.metrics, self.liveness_problems, self.readiness_problems)
+            HttpServer(
+                settings.http_listen,
+                self.hub,
+                self.metrics,
+                self.liveness_problems,
+                self.readiness_problems,
+                settings.debug_peers,
+            )
             if settings.http_listen is not None
             else None
         )

@@ -4,10 +4,14 @@
 ``/readyz``   registered and both watches synced (readiness); the body says what is missing.
 ``/metrics``  Prometheus text format.
 ``/debug/peers`` the current peer set as JSON (including this pod), like SGLang's ``/workers``.
+
+The listener faces the cluster network (the kubelet probes it), but the peer list is every peer's
+addresses and metadata: by default only this pod (a loopback client) may read it (``debug_peers``).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import threading
 from collections.abc import Callable
@@ -23,14 +27,36 @@ from sidecar.ports import PeerReader
 Check = Callable[[], list[str]]
 """Returns the reasons something is not OK (empty: OK)."""
 
+DEBUG_PEERS_ACCESS = ("loopback", "all", "off")
+
+
+def may_read_peers(access: str, client_host: str) -> bool:
+    """Whether a client at ``client_host`` may read the peer list under ``access``."""
+    if access == "all":
+        return True
+    if access == "off":
+        return False
+    try:
+        return ipaddress.ip_address(client_host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
 
 class HttpServer:
     """Owns the HTTP listener and its thread; the daemon gives it the peer reader and the two checks."""
 
     def __init__(
-        self, listen: ListenAddress, peers: PeerReader, metrics: Metrics, liveness: Check, readiness: Check
+        self,
+        listen: ListenAddress,
+        peers: PeerReader,
+        metrics: Metrics,
+        liveness: Check,
+        readiness: Check,
+        debug_peers: str = "loopback",
     ) -> None:
-        handler = self._handler_class(peers, metrics, liveness, readiness)
+        if debug_peers not in DEBUG_PEERS_ACCESS:
+            raise ValueError(f"debug_peers must be one of {', '.join(DEBUG_PEERS_ACCESS)}, got {debug_peers!r}")
+        handler = self._handler_class(peers, metrics, liveness, readiness, debug_peers)
         self.server = ThreadingHTTPServer((listen.host, listen.port), handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
@@ -38,7 +64,7 @@ class HttpServer:
 
     @staticmethod
     def _handler_class(
-        peers: PeerReader, metrics: Metrics, liveness: Check, readiness: Check
+        peers: PeerReader, metrics: Metrics, liveness: Check, readiness: Check, debug_peers: str
     ) -> type[BaseHTTPRequestHandler]:
         class Handler(BaseHTTPRequestHandler):
             """One request; the closure gives it the reader, the metrics and the checks (no shared state)."""
@@ -66,6 +92,13 @@ class HttpServer:
                     self._check(readiness)
                 elif path == "/metrics":
                     self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
+                elif path == "/debug/peers" and not may_read_peers(debug_peers, self.client_address[0]):
+                    self._send(
+                        403,
+                        b"/debug/peers is served to this pod only (DISCOVERY_DEBUG_PEERS=loopback); "
+                        b"use kubectl port-forward, or set DISCOVERY_DEBUG_PEERS=all\n",
+                        "text/plain",
+                    )
                 elif path == "/debug/peers":
                     revision, current, status = peers.state()
                     body = {

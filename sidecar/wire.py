@@ -7,6 +7,7 @@ Kept apart from the servicer so the client module and the CLI share them, and so
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -119,17 +120,39 @@ def filter_from_pb(message: pb.PeerFilter) -> PeerFilter:
     )
 
 
+PUBLISH_MODES = (pb.PUBLISH_MODE_UNSPECIFIED, pb.PUBLISH_MODE_REPLACE, pb.PUBLISH_MODE_MERGE_PATCH)
+
+
+def _not_a_json_number(name: str) -> Any:
+    raise ValueError(f"data_json contains {name}, which is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"data_json contains {text}, which is out of the range of a JSON number (a double)")
+    return value
+
+
 def document_from_publish(request: pb.PublishMetadataRequest) -> dict[str, Any]:
-    """The document of a PublishMetadata request; ValueError for INVALID_ARGUMENT."""
+    """The document of a PublishMetadata request; ValueError for INVALID_ARGUMENT.
+
+    Strict JSON: NaN and Infinity are refused (Python's decoder accepts them), and so is a mode this
+    sidecar does not know (a newer client's mode must not be taken for REPLACE).
+    """
+    if request.mode not in PUBLISH_MODES:
+        raise ValueError(f"mode {request.mode} is not a PublishMode this sidecar knows (REPLACE or MERGE_PATCH)")
     has_json = bool(request.data_json)
     has_struct = request.HasField("data")
     if has_json == has_struct:
         raise ValueError("set exactly one of data_json and data")
     if has_json:
         try:
-            document = json.loads(request.data_json)
+            document = json.loads(request.data_json, parse_constant=_not_a_json_number, parse_float=_finite_float)
         except json.JSONDecodeError as exc:
             raise ValueError(f"data_json is not valid JSON: {exc.msg} at column {exc.colno}") from None
+        except RecursionError:
+            raise ValueError("data_json is nested too deeply") from None
     else:
         document = json_format.MessageToDict(request.data)
     if not isinstance(document, dict):

@@ -25,12 +25,17 @@ class PeerDirectory:
     """
 
     def __init__(
-        self, history_id: str, history_capacity: int, sources: Collection[str], join: Join | None = None
+        self,
+        history_id: str,
+        history_capacity: int,
+        sources: Collection[str],
+        join: Join | None = None,
+        history_bytes: int | None = None,
     ) -> None:
         if not sources:
             raise ValueError("a peer directory needs at least one source")
         self.join: Join = join if join is not None else PeerJoin()
-        self.log = EventLog(history_id, history_capacity)
+        self.log = EventLog(history_id, history_capacity, history_bytes)
         self.sources = tuple(sources)
         self._keys: dict[str, set[str]] = {source: set() for source in self.sources}
         self._peers: dict[str, Peer] = {}

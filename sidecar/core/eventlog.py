@@ -56,19 +56,42 @@ class LogEntry:
     received: float | None = None
 
 
-class EventLog:
-    """Owns the ring of the last ``capacity`` entries and the head revision; the directory appends."""
+ENTRY_BYTES = 512
+"""What an entry costs besides its peer's data (the entry, the Peer, its tuples), for the byte bound."""
 
-    def __init__(self, history_id: str, capacity: int) -> None:
+
+def entry_cost(change: PeerChange | StatusChange) -> int:
+    """Bytes an entry keeps alive, estimated: its own overhead plus the data of the peer it leads to."""
+    after = change.after if isinstance(change, PeerChange) else None
+    return ENTRY_BYTES + (after.document.size if after is not None else 0)
+
+
+class EventLog:
+    """Owns the ring of the last entries and the head revision; the directory appends.
+
+    History is bounded twice: at most ``capacity`` entries, and at most ``max_bytes`` of estimated
+    memory (``entry_cost``), whichever binds first; the oldest entries go first, and the newest is
+    always kept. Counting alone would let a few peers with large metadata fill the memory limit.
+    """
+
+    def __init__(self, history_id: str, capacity: int, max_bytes: int | None = None) -> None:
         if capacity < 1:
             raise ValueError("event log capacity must be at least 1")
         self.history_id = history_id
         self.capacity = capacity
+        self.max_bytes = max_bytes
         # A ring buffer: the entry of revision r sits at (r - 1) % capacity, so a reader near the head
         # (the common case) is served in O(entries read), not O(history).
         self._ring: list[LogEntry | None] = [None] * capacity
+        self._costs: list[int] = [0] * capacity
+        self._bytes = 0
         self._size = 0
         self._head = 0
+
+    @property
+    def bytes(self) -> int:
+        """The estimated memory the held entries keep alive."""
+        return self._bytes
 
     @property
     def head_revision(self) -> int:
@@ -81,11 +104,26 @@ class EventLog:
         return self._head - self._size
 
     def append(self, change: PeerChange | StatusChange, received: float | None = None) -> LogEntry:
+        if self._size == self.capacity:
+            self._evict_oldest()
         self._head += 1
         entry = LogEntry(self._head, change, received)
-        self._ring[(self._head - 1) % self.capacity] = entry
-        self._size = min(self._size + 1, self.capacity)
+        slot = (self._head - 1) % self.capacity
+        self._ring[slot] = entry
+        self._costs[slot] = cost = entry_cost(change)
+        self._bytes += cost
+        self._size += 1
+        if self.max_bytes is not None:
+            while self._bytes > self.max_bytes and self._size > 1:
+                self._evict_oldest()
         return entry
+
+    def _evict_oldest(self) -> None:
+        slot = (self._head - self._size) % self.capacity
+        self._ring[slot] = None
+        self._bytes -= self._costs[slot]
+        self._costs[slot] = 0
+        self._size -= 1
 
     def covers(self, revision: int) -> bool:
         """True when every entry after ``revision`` is still held (and ``revision`` is not in the future)."""

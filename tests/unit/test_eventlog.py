@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.core.eventlog import ApiStatus, EventLog, PeerChange, StatusChange
+from sidecar.core.eventlog import ENTRY_BYTES, ApiStatus, EventLog, PeerChange, StatusChange
+from sidecar.core.peer import Document, Peer, PeerState
 
 
 def change(i: int) -> PeerChange:
@@ -102,3 +103,50 @@ def test_against_a_list_model(capacity: int, appends: int, revision: int, limit:
             expected = expected[:limit]
         assert got == expected
         assert all(e.revision == revision + 1 + i for i, e in enumerate(got or []))
+
+
+class TestByteBound:
+    """History is bounded in bytes as well as in count, so large metadata cannot fill the memory limit."""
+
+    @staticmethod
+    def change(uid: str, size: int) -> PeerChange:
+        peer = Peer(
+            uid=uid,
+            name=uid,
+            namespace="ns",
+            instance_id=1,
+            addresses=(),
+            ports=(),
+            labels={},
+            state=PeerState.READY,
+            document=Document({"x": "y"}, size),
+        )
+        return PeerChange(uid, None, peer)
+
+    def test_oldest_entries_go_when_the_bytes_are_exceeded(self) -> None:
+        """With room for about three 16 KB changes, the fourth evicts the first: resume from it is refused."""
+        log = EventLog("h", capacity=100, max_bytes=3 * (16_000 + ENTRY_BYTES))
+        for n in range(4):
+            log.append(self.change(f"p{n}", 16_000))
+        assert len(log) == 3
+        assert log.bytes == 3 * (16_000 + ENTRY_BYTES)
+        assert log.entries_after(0) is None
+        assert [e.revision for e in log.entries_after(1) or []] == [2, 3, 4]
+
+    def test_the_newest_entry_is_always_kept(self) -> None:
+        """One change larger than the whole bound still stays, alone, so a client can follow it."""
+        log = EventLog("h", capacity=100, max_bytes=1024)
+        log.append(self.change("a", 10))
+        log.append(self.change("b", 10_000))
+        assert len(log) == 1 and log.head_revision == 2
+        assert log.covers(1) and not log.covers(0)
+
+    def test_count_eviction_releases_bytes(self) -> None:
+        """When the ring wraps, the overwritten entry's bytes are released too."""
+        log = EventLog("h", capacity=2, max_bytes=None)
+        for n in range(5):
+            log.append(self.change(f"p{n}", 1000))
+        assert len(log) == 2
+        assert log.bytes == 2 * (1000 + ENTRY_BYTES)
+        log.append(StatusChange(ApiStatus.DEGRADED, "x"))
+        assert log.bytes == (1000 + ENTRY_BYTES) + ENTRY_BYTES

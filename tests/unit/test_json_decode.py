@@ -39,7 +39,7 @@ class TestTooDeep:
         inner = decoded["items"][1]["spec"]["data"]
         depth = 3  # items list, the item, spec: data is one level deeper than spec
         while isinstance(inner, dict):
-            inner = inner["a"] if "a" in inner else inner
+            inner = inner.get("a", inner)
             depth += 1
             if inner == TRUNCATED:
                 break

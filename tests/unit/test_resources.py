@@ -268,7 +268,12 @@ def test_null_or_missing_dynamo_maps_are_empty_maps() -> None:
     data = {"endpoints": None, "model_cards": {"m": {"type": "Model"}}, "event_channels": None, "other": None}
     record = parse_worker_metadata(_cr(data))
     assert record.problem is None
-    assert record.data == {"endpoints": {}, "model_cards": {"m": {"type": "Model"}}, "event_channels": {}, "other": None}
+    assert record.data == {
+        "endpoints": {},
+        "model_cards": {"m": {"type": "Model"}},
+        "event_channels": {},
+        "other": None,
+    }
     assert validate_worker_data({}) is None
     assert validate_worker_data({"event_sources": None}) is None
 

@@ -1,0 +1,42 @@
+"""Tests for sidecar.wire's request validation: strict JSON and known publish modes."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.api.discovery.v1 import discovery_pb2 as pb
+from sidecar.wire import document_from_publish
+
+
+class TestPublishDocument:
+    @pytest.mark.parametrize(
+        ("data_json", "fragment"),
+        [
+            ('{"a": NaN}', "contains NaN, which is not a JSON number"),
+            ('{"a": [-Infinity]}', "contains -Infinity, which is not a JSON number"),
+            ('{"a": 1e400}', "contains 1e400, which is out of the range"),
+            ("[" * 5000 + "]" * 5000, "nested too deeply"),
+            ('{"a": 1', "not valid JSON"),
+            ("[1]", "must be a JSON object, got list"),
+        ],
+    )
+    def test_not_strict_json_is_invalid(self, data_json: str, fragment: str) -> None:
+        """JSON has no NaN or Infinity, and a double has a range: such documents are refused, not stored as
+        strings or infinities; nesting past the stack is an error, not a crash."""
+        with pytest.raises(ValueError, match=fragment):
+            document_from_publish(pb.PublishMetadataRequest(data_json=data_json))
+
+    def test_unknown_mode_is_refused(self) -> None:
+        """A mode from a newer client is not silently taken for REPLACE."""
+        with pytest.raises(ValueError, match="mode 7 is not a PublishMode"):
+            document_from_publish(pb.PublishMetadataRequest(data_json="{}", mode=7))  # type: ignore[arg-type]
+
+    @pytest.mark.parametrize(
+        "mode", [pb.PUBLISH_MODE_UNSPECIFIED, pb.PUBLISH_MODE_REPLACE, pb.PUBLISH_MODE_MERGE_PATCH]
+    )
+    def test_known_modes_and_ordinary_numbers_pass(self, mode: pb.PublishMode) -> None:
+        """Finite floats, big integers and all three modes go through unchanged."""
+        document = document_from_publish(
+            pb.PublishMetadataRequest(data_json='{"x": 1.5, "n": 12345678901234567890}', mode=mode)
+        )
+        assert document == {"x": 1.5, "n": 12345678901234567890}
