@@ -125,6 +125,21 @@ def parse_byte_size(text: str) -> int:
     return value
 
 
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def parse_namespaces(text: str) -> tuple[str, ...]:
+    """``*`` (all namespaces, as ``("",)``), or a comma-separated list of namespace names; empty: own."""
+    value = text.strip()
+    if value == "*":
+        return ("",)
+    names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    for name in names:
+        if not _DNS_LABEL.fullmatch(name):
+            raise ValueError(f"{name!r} is not a namespace name (lowercase letters, digits and '-', at most 63)")
+    return names
+
+
 def parse_http_listen(text: str) -> ListenAddress | None:
     """The HTTP endpoint serves probes from the kubelet, so any interface is allowed; ``off`` disables it."""
     if text.strip().lower() in ("off", "none", "disabled"):
@@ -208,6 +223,16 @@ OPTIONS: tuple[Option, ...] = (
         "DISCOVERY_ENDPOINTSLICE_SELECTOR",
         "--endpointslice-selector",
         "label selector for the EndpointSlices to watch; combined (AND) with --service-name when both are set",
+    ),
+    Option(
+        "DISCOVERY_POD_SELECTOR",
+        "--pod-selector",
+        "label selector over Pods: Pods become the readiness source (Ready, Running, with an IP), no Service needed",
+    ),
+    Option(
+        "DISCOVERY_NAMESPACES",
+        "--namespaces",
+        "where peers are watched: empty for the pod's own namespace, a comma-separated list, or * for all",
     ),
     Option(
         "DISCOVERY_GRPC_LISTEN",
@@ -317,7 +342,9 @@ class Settings:
 
     identity: PodIdentity
     pod_labels: Mapping[str, str]
-    endpointslice_selector: LabelSelector
+    endpointslice_selector: LabelSelector | None  # None when Pods define readiness
+    pod_selector: LabelSelector | None
+    namespaces: tuple[str, ...]  # where peers are watched; ("",) is every namespace
     grpc_listen: ListenAddress
     http_listen: ListenAddress | None
     initial_metadata: Mapping[str, Any]
@@ -432,16 +459,31 @@ def load_settings(args: argparse.Namespace | None = None, environ: Mapping[str, 
             reader.problems.append(f"{reader.where('DISCOVERY_SERVICE_NAME')}: not a valid Service name: {exc}")
     if isinstance(slice_selector, LabelSelector):
         selector = selector.and_(slice_selector)
-    if not service and slice_selector is None and "DISCOVERY_ENDPOINTSLICE_SELECTOR" not in reader.raw:
+    pod_selector = reader.get("DISCOVERY_POD_SELECTOR", _parse_selector_value)
+    wants_slices = bool(service) or "DISCOVERY_ENDPOINTSLICE_SELECTOR" in reader.raw
+    if "DISCOVERY_POD_SELECTOR" in reader.raw:
+        if wants_slices:
+            reader.problems.append(
+                f"set either {reader.where('DISCOVERY_POD_SELECTOR')} (Pods define readiness) or "
+                f"{reader.where('DISCOVERY_SERVICE_NAME')}/{reader.where('DISCOVERY_ENDPOINTSLICE_SELECTOR')} "
+                "(EndpointSlices do), not both"
+            )
+        elif isinstance(pod_selector, LabelSelector) and pod_selector.is_empty():
+            reader.problems.append(
+                f"{reader.where('DISCOVERY_POD_SELECTOR')} selects every Pod; give a non-empty selector"
+            )
+    elif not wants_slices:
         reader.problems.append(
-            f"set {reader.where('DISCOVERY_SERVICE_NAME')} or {reader.where('DISCOVERY_ENDPOINTSLICE_SELECTOR')}: "
-            "they say which EndpointSlices define peer readiness"
+            f"set {reader.where('DISCOVERY_SERVICE_NAME')}, {reader.where('DISCOVERY_ENDPOINTSLICE_SELECTOR')} "
+            f"or {reader.where('DISCOVERY_POD_SELECTOR')}: they say what defines peer readiness"
         )
     elif selector.is_empty() and not reader.problems:
         reader.problems.append(
             f"{reader.where('DISCOVERY_ENDPOINTSLICE_SELECTOR')} selects every EndpointSlice in the namespace; "
             "give a non-empty selector"
         )
+
+    namespaces = reader.get("DISCOVERY_NAMESPACES", parse_namespaces)
 
     inline = reader.get("DISCOVERY_METADATA", parse_json_object)
     from_file = reader.get("DISCOVERY_METADATA_FILE", _read_metadata_file)
@@ -469,7 +511,9 @@ def load_settings(args: argparse.Namespace | None = None, environ: Mapping[str, 
     return Settings(
         identity=PodIdentity(name=_known(name), namespace=_known(namespace), uid=_known(uid)),
         pod_labels=labels,
-        endpointslice_selector=selector,
+        endpointslice_selector=None if isinstance(pod_selector, LabelSelector) else selector,
+        pod_selector=pod_selector if isinstance(pod_selector, LabelSelector) else None,
+        namespaces=namespaces or (_known(namespace),),
         initial_metadata=inline if inline is not None else (from_file if from_file is not None else {}),
         raw=reader.raw,
         grpc_listen=_known(grpc_listen),

@@ -120,7 +120,10 @@ class Sidecar:
             "started",
             grpc=self.grpc.target,
             http=f":{self.http.port}" if self.http else "off",
-            endpointslice_selector=str(self.settings.endpointslice_selector),
+            watches=[
+                f"{r.target.name} in {r.target.namespace or 'all namespaces'} ({r.target.label_selector or 'all'})"
+                for r in self.reflectors
+            ],
             history_id=self.hub.history_id,
         )
 

@@ -85,6 +85,69 @@ def parse_endpoint_slice(obj: Mapping[str, Any]) -> ReadinessRecord:
     )
 
 
+def _dict(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _pod_condition(status: Mapping[str, Any], name: str) -> bool:
+    for condition in status.get("conditions") or ():
+        if isinstance(condition, dict) and condition.get("type") == name:
+            return condition.get("status") == "True"
+    return False
+
+
+ZONE_LABEL = "topology.kubernetes.io/zone"
+
+
+def parse_pod(obj: Mapping[str, Any]) -> ReadinessRecord:
+    """A Pod as readiness (pod-label discovery, as SGLang Model Gateway does it).
+
+    The pod serves when its ``Ready`` condition is true, its phase is ``Running`` and it has an IP;
+    with a ``deletionTimestamp`` it is terminating, so a serving pod then drains (``DRAINING``) instead
+    of vanishing mid-request. Ports are the containers' declared ports.
+    """
+    meta = _meta(obj)
+    spec = _dict(obj.get("spec"))
+    status = _dict(obj.get("status"))
+    addresses = tuple(
+        ip["ip"] for ip in status.get("podIPs") or () if isinstance(ip, dict) and isinstance(ip.get("ip"), str)
+    ) or ((status["podIP"],) if isinstance(status.get("podIP"), str) and status["podIP"] else ())
+    serving = _pod_condition(status, "Ready") and status.get("phase") == "Running" and bool(addresses)
+    terminating = bool(meta.get("deletionTimestamp"))
+    ports = []
+    for container in spec.get("containers") or ():
+        for raw in (container.get("ports") or ()) if isinstance(container, dict) else ():
+            if isinstance(raw, dict) and isinstance(raw.get("containerPort"), int):
+                ports.append(
+                    PortInfo(
+                        port=raw["containerPort"], name=raw.get("name") or "", protocol=raw.get("protocol") or "TCP"
+                    )
+                )
+    labels = _dict(meta.get("labels"))
+    zone = labels.get(ZONE_LABEL, "")
+    endpoints: tuple[EndpointEntry, ...] = ()
+    if meta.get("uid"):
+        entry = EndpointEntry(
+            pod_uid=meta["uid"],
+            pod_name=meta.get("name", ""),
+            addresses=addresses,
+            ready=serving and not terminating,
+            serving=serving,
+            terminating=terminating,
+            node_name=spec.get("nodeName") or "",
+            zone=zone if isinstance(zone, str) else "",
+            hostname=spec.get("hostname") or "",
+        )
+        endpoints = (entry,)
+    return ReadinessRecord(
+        name=meta.get("name", ""),
+        namespace=meta.get("namespace", ""),
+        resource_version=meta.get("resourceVersion", ""),
+        ports=tuple(sorted(set(ports))),
+        endpoints=endpoints,
+    )
+
+
 def validate_worker_data(data: Any) -> str | None:
     """Why ``spec.data`` is unusable, or None. Unknown content is opaque, and accepted within the bounds."""
     return _check_worker_data(data)[0]

@@ -64,7 +64,10 @@ class ResourcePath:
     plural: str
 
     def collection(self, namespace: str) -> str:
+        """The objects of one namespace, or of all namespaces when ``namespace`` is empty."""
         prefix = f"/api/{self.version}" if not self.group else f"/apis/{self.group}/{self.version}"
+        if not namespace:
+            return f"{prefix}/{self.plural}"
         return f"{prefix}/namespaces/{quote(namespace, safe='')}/{self.plural}"
 
     def item(self, namespace: str, name: str) -> str:

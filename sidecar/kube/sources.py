@@ -17,7 +17,7 @@ from typing import Any
 
 from sidecar.config import Settings
 from sidecar.core.records import Record
-from sidecar.core.resources import object_key, parse_endpoint_slice, parse_worker_metadata
+from sidecar.core.resources import object_key, parse_endpoint_slice, parse_pod, parse_worker_metadata
 from sidecar.kube.api import ResourcePath
 
 RawObject = Mapping[str, Any]
@@ -39,6 +39,9 @@ ENDPOINT_SLICES = KubeSource(
 )
 """Readiness: which pod incarnations are ready at which addresses and ports."""
 
+PODS = KubeSource("pods", "Pod", ResourcePath("", "v1", "pods"), parse_pod)
+"""Readiness from the Pods themselves (selected by label; no Service needed), as SGLang Model Gateway does."""
+
 WORKER_METADATA = KubeSource(
     "dynamoworkermetadatas",
     "worker metadata",
@@ -47,7 +50,7 @@ WORKER_METADATA = KubeSource(
 )
 """Metadata: each pod's ``DynamoWorkerMetadata`` CR (also where this pod registers itself)."""
 
-SOURCES = (ENDPOINT_SLICES, WORKER_METADATA)
+SOURCES = (ENDPOINT_SLICES, PODS, WORKER_METADATA)
 
 
 @dataclass(frozen=True)
@@ -55,12 +58,14 @@ class WatchTarget:
     """One source as this sidecar watches it: in which namespace, with which label selector."""
 
     source: KubeSource
-    namespace: str
+    namespace: str  # "" for every namespace
     label_selector: str = ""
+    scoped_name: bool = False  # the name carries the namespace (several namespaces are watched)
 
     @property
     def name(self) -> str:
-        return self.source.name
+        """The directory's source name: the row's name, with the namespace when several are watched."""
+        return f"{self.source.name}@{self.namespace}" if self.scoped_name else self.source.name
 
     @property
     def collection(self) -> str:
@@ -68,9 +73,16 @@ class WatchTarget:
 
 
 def watch_targets(settings: Settings) -> list[WatchTarget]:
-    """The sources this sidecar watches, as its settings say."""
-    namespace = settings.identity.namespace
-    return [
-        WatchTarget(ENDPOINT_SLICES, namespace, str(settings.endpointslice_selector)),
-        WatchTarget(WORKER_METADATA, namespace),
-    ]
+    """The sources this sidecar watches, as its settings say: readiness from EndpointSlices or from Pods
+    (``DISCOVERY_POD_SELECTOR``), and metadata from the CRs, in each namespace of ``DISCOVERY_NAMESPACES``
+    (one watch per namespace, or one cluster-wide watch for ``*``)."""
+    if settings.pod_selector is not None:
+        readiness = (PODS, str(settings.pod_selector))
+    else:
+        readiness = (ENDPOINT_SLICES, str(settings.endpointslice_selector))
+    scoped = len(settings.namespaces) > 1
+    targets = []
+    for namespace in settings.namespaces:
+        targets.append(WatchTarget(readiness[0], namespace, readiness[1], scoped))
+        targets.append(WatchTarget(WORKER_METADATA, namespace, scoped_name=scoped))
+    return targets

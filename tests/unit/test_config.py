@@ -21,6 +21,7 @@ from sidecar.config import (
     parse_duration,
 )
 from sidecar.core.selectors import parse_selector, selector_from_labels
+from sidecar.kube.sources import watch_targets
 
 
 @pytest.fixture
@@ -347,3 +348,67 @@ def test_option_table_is_consistent() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     assert "Env: POD_NAME" in parser.format_help()
+
+
+class TestPodLabelDiscovery:
+    def test_pod_selector_replaces_the_service(self, env: dict[str, str]) -> None:
+        """With DISCOVERY_POD_SELECTOR, Pods define readiness: no Service, no EndpointSlice selector."""
+        del env["DISCOVERY_SERVICE_NAME"]
+        s = load({**env, "DISCOVERY_POD_SELECTOR": "app=sglang-worker,role in (prefill,decode)"})
+        assert s.pod_selector == parse_selector("app=sglang-worker,role in (prefill,decode)")
+        assert s.endpointslice_selector is None
+        assert [(t.source.name, t.namespace, t.label_selector) for t in watch_targets(s)] == [
+            ("pods", "ns", "app=sglang-worker,role in (decode,prefill)"),  # canonical form
+            ("dynamoworkermetadatas", "ns", ""),
+        ]
+
+    def test_pod_selector_with_a_service_is_refused(self, env: dict[str, str]) -> None:
+        """Two readiness sources at once would be ambiguous: say which settings clash."""
+        out = problems({**env, "DISCOVERY_POD_SELECTOR": "app=w"})
+        assert "set either DISCOVERY_POD_SELECTOR" in out and "not both" in out
+
+    @pytest.mark.parametrize(("text", "fragment"), [("", "selects every Pod"), ("app in (", "invalid label selector")])
+    def test_bad_pod_selector(self, env: dict[str, str], text: str, fragment: str) -> None:
+        """An empty or malformed selector is a start-up error naming the variable."""
+        del env["DISCOVERY_SERVICE_NAME"]
+        out = problems({**env, "DISCOVERY_POD_SELECTOR": text}, ["--pod-selector", text] if not text else None)
+        assert fragment in out and "DISCOVERY_POD_SELECTOR" in out
+
+    def test_nothing_defines_readiness(self, env: dict[str, str]) -> None:
+        """Without a Service, an EndpointSlice selector or a Pod selector there are no peers to find."""
+        del env["DISCOVERY_SERVICE_NAME"]
+        assert "DISCOVERY_POD_SELECTOR (--pod-selector): they say what defines peer readiness" in problems(env)
+
+
+class TestNamespaces:
+    def test_default_is_the_pods_own(self, env: dict[str, str]) -> None:
+        """Unset: the pod's namespace, one watch per source, named as before."""
+        s = load(env)
+        assert s.namespaces == ("ns",)
+        assert [t.name for t in watch_targets(s)] == ["endpointslices", "dynamoworkermetadatas"]
+
+    def test_a_list_gives_one_watch_per_namespace_and_source(self, env: dict[str, str]) -> None:
+        """Each namespace's watch is its own source (its relist must not touch another namespace)."""
+        s = load({**env, "DISCOVERY_NAMESPACES": " a, b,a "})
+        assert s.namespaces == ("a", "b")
+        assert [t.name for t in watch_targets(s)] == [
+            "endpointslices@a",
+            "dynamoworkermetadatas@a",
+            "endpointslices@b",
+            "dynamoworkermetadatas@b",
+        ]
+
+    def test_star_is_one_cluster_wide_watch(self, env: dict[str, str]) -> None:
+        """``*`` lists and watches every namespace in one request per source."""
+        s = load({**env, "DISCOVERY_NAMESPACES": "*"})
+        targets = watch_targets(s)
+        assert s.namespaces == ("",)
+        assert [t.collection for t in targets] == [
+            "/apis/discovery.k8s.io/v1/endpointslices",
+            "/apis/nvidia.com/v1alpha1/dynamoworkermetadatas",
+        ]
+
+    def test_bad_namespace_name(self, env: dict[str, str]) -> None:
+        """A name Kubernetes would refuse is a start-up error, not a watch that 404s forever."""
+        out = problems({**env, "DISCOVERY_NAMESPACES": "ok,Not_OK"})
+        assert "'Not_OK' is not a namespace name" in out

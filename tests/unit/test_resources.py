@@ -12,6 +12,7 @@ from sidecar.core.peer import PortInfo, canonical_json
 from sidecar.core.resources import (
     object_key,
     parse_endpoint_slice,
+    parse_pod,
     parse_worker_metadata,
     validate_worker_data,
 )
@@ -310,3 +311,67 @@ def test_metadata_at_the_depth_bound_is_valid_and_measured() -> None:
     record = parse_worker_metadata(_cr(data))
     assert record.problem is None and record.document is not None
     assert record.document.size >= len(canonical_json(data))
+
+
+def _pod(
+    phase: str = "Running",
+    ready: str = "True",
+    ip: str | None = "10.0.0.5",
+    deleting: bool = False,
+    uid: str = "pod-uid",
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": "w-0",
+        "namespace": "ns",
+        "uid": uid,
+        "resourceVersion": "9",
+        "labels": {"app": "w", "topology.kubernetes.io/zone": "z1"},
+    }
+    if deleting:
+        meta["deletionTimestamp"] = "2026-12-01T00:00:00Z"
+    status: dict[str, Any] = {"phase": phase, "conditions": [{"type": "Ready", "status": ready}]}
+    if ip is not None:
+        status["podIP"] = ip
+        status["podIPs"] = [{"ip": ip}, {"ip": "fd00::5"}]
+    return {
+        "metadata": meta,
+        "spec": {
+            "nodeName": "node-a",
+            "containers": [
+                {"name": "main", "ports": [{"name": "http", "containerPort": 8000}, {"containerPort": "x"}]}
+            ],
+        },
+        "status": status,
+    }
+
+
+class TestParsePod:
+    def test_ready_running_pod_with_an_ip_is_ready(self) -> None:
+        """SMG's health rule: Ready true, phase Running, an IP; addresses, ports, node and zone carried."""
+        record = parse_pod(_pod())
+        (entry,) = record.endpoints
+        assert (entry.pod_uid, entry.pod_name, entry.ready, entry.live) == ("pod-uid", "w-0", True, True)
+        assert entry.addresses == ("10.0.0.5", "fd00::5")
+        assert (entry.node_name, entry.zone) == ("node-a", "z1")
+        assert record.ports == (PortInfo(8000, "http", "TCP", ""),)
+        assert record.problem is None
+
+    @pytest.mark.parametrize(
+        "pod",
+        [_pod(ready="False"), _pod(phase="Pending"), _pod(phase="Succeeded"), _pod(ip=None)],
+        ids=["not-ready", "pending", "succeeded", "no-ip"],
+    )
+    def test_otherwise_not_live(self, pod: dict[str, Any]) -> None:
+        """Any part of the rule missing: the pod is not a peer (yet, or any more)."""
+        (entry,) = parse_pod(pod).endpoints
+        assert not entry.ready and not entry.live
+
+    def test_deleting_pod_that_still_serves_drains(self) -> None:
+        """A deletionTimestamp on a serving pod: terminating and serving, so DRAINING, not gone mid-request."""
+        (entry,) = parse_pod(_pod(deleting=True)).endpoints
+        assert (entry.ready, entry.serving, entry.terminating, entry.live) == (False, True, True, True)
+
+    def test_garbage_is_tolerated(self) -> None:
+        """A pod without a UID is no endpoint; odd types never raise."""
+        assert parse_pod(_pod(uid="")).endpoints == ()
+        assert parse_pod({"metadata": "x", "spec": [], "status": 3}).endpoints == ()
