@@ -1,0 +1,99 @@
+"""Tests for sidecar.core.dynamo_schema: what Dynamo 1.6.1 would refuse is refused at publish, by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sidecar.core.dynamo_schema import dynamo_metadata_problem, entry_problem
+
+ENDPOINT: dict[str, Any] = {
+    "type": "Endpoint",
+    "namespace": "demo",
+    "component": "backend",
+    "endpoint": "generate",
+    "instance_id": 7758136932383685,
+    "transport": {"tcp": "host:port/1b8ffc03f93bc5/demo/backend/generate"},
+    "device_type": "cuda",
+    "request_plane_codec": "msgpack",
+}
+ENDPOINT_KEY = "demo/backend/generate/1b8ffc03f93bc5"
+MODEL: dict[str, Any] = {
+    "type": "Model",
+    "namespace": "demo",
+    "component": "backend",
+    "endpoint": "generate",
+    "instance_id": 42,
+    "card_json": {"display_name": "Qwen/Qwen3-0.6B"},
+    "model_suffix": None,
+}
+CHANNEL: dict[str, Any] = {
+    "type": "EventChannel",
+    "namespace": "dynamo",
+    "component": "",
+    "topic": "kv_metrics",
+    "instance_id": 42,
+    "transport": {"kind": "Nats", "config": {"subject_prefix": "namespace.dynamo"}},
+}
+
+
+class TestWhatDynamoWrites:
+    def test_the_runtimes_own_entries_pass(self) -> None:
+        """The 1.6.1 runtime's entries (DESIGN.md's example and Dynamo's fixture shapes), extras and all."""
+        data = {
+            "endpoints": {ENDPOINT_KEY: ENDPOINT},
+            "model_cards": {
+                "demo/backend/generate/2a": MODEL,
+                "demo/backend/generate/2a/lora-1": {**MODEL, "model_suffix": "lora-1"},
+            },
+            "event_channels": {"dynamo//kv_metrics/2a": CHANNEL},
+            "event_sources": {"anything": {"type": "EventSource", "future": True}},
+            "other": {"opaque": [1, 2]},
+        }
+        assert dynamo_metadata_problem(data) is None
+
+    def test_null_or_missing_maps_are_empty(self) -> None:
+        """Dynamo reads null or missing maps as empty; so does the check."""
+        assert dynamo_metadata_problem({"endpoints": None}) is None
+        assert dynamo_metadata_problem({}) is None
+
+
+class TestWhatDynamoRefuses:
+    @pytest.mark.parametrize(
+        ("change", "fragment"),
+        [
+            ({"component": None}, "spec.data.endpoints['demo/backend/generate/1b8ffc03f93bc5'].component is missing"),
+            ({"type": "Model"}, ".type must be 'Endpoint'"),
+            ({"instance_id": "1b8f"}, ".instance_id must be an unsigned 64-bit integer, got str"),
+            ({"instance_id": -1}, ".instance_id must be an unsigned 64-bit integer"),
+            ({"instance_id": True}, ".instance_id must be an unsigned 64-bit integer"),
+            ({"transport": "tcp://x"}, ".transport must be a JSON object, got str"),
+            ({"endpoint": "other"}, "the key must be 'demo/backend/other/1b8ffc03f93bc5'"),
+        ],
+    )
+    def test_endpoint_entries(self, change: dict[str, Any], fragment: str) -> None:
+        """Each required field and its type, and a key that agrees with the entry; the entry is named."""
+        entry = {k: v for k, v in {**ENDPOINT, **change}.items() if v is not None}
+        problem = dynamo_metadata_problem({"endpoints": {ENDPOINT_KEY: entry}})
+        assert problem is not None and fragment in problem
+
+    def test_model_without_a_card_and_a_bad_suffix(self) -> None:
+        """card_json must be present (any JSON); model_suffix a string or null, and part of the key."""
+        no_card = {k: v for k, v in MODEL.items() if k != "card_json"}
+        assert "card_json is missing" in (entry_problem("model_cards", "demo/backend/generate/2a", no_card) or "")
+        bad_suffix = {**MODEL, "model_suffix": 3}
+        assert "model_suffix must be a string or null" in (
+            entry_problem("model_cards", "demo/backend/generate/2a", bad_suffix) or ""
+        )
+        with_suffix = {**MODEL, "model_suffix": "lora"}
+        assert "must be 'demo/backend/generate/2a/lora'" in (
+            entry_problem("model_cards", "demo/backend/generate/2a", with_suffix) or ""
+        )
+
+    def test_event_channel_key_uses_the_topic_and_event_sources_need_their_tag(self) -> None:
+        """Event channels are keyed by topic; event sources are only checked for their tag."""
+        assert entry_problem("event_channels", "dynamo//kv_metrics/2a", CHANNEL) is None
+        assert "the key must be" in (entry_problem("event_channels", "dynamo/x/kv_metrics/2a", CHANNEL) or "")
+        assert ".type must be 'EventSource'" in (entry_problem("event_sources", "k", {"type": "Endpoint"}) or "")
+        assert "must be a JSON object, got list" in (entry_problem("endpoints", "k", [1]) or "")
