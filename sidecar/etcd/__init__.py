@@ -1,0 +1,1 @@
+"""etcd backend (see sidecar/etcd/__init__ docs)."""

@@ -1,0 +1,1 @@
+"""Generated from sidecar/etcd/protos by `python -m sidecar.etcd.generate`; do not edit."""

@@ -1,0 +1,418 @@
+"""This process's registration in etcd, as Dynamo's runtime makes it: a lease, keys on it, keep-alives.
+
+The etcd twin of ``sidecar.kube.registration``, and a ``MetadataPublisher`` to the pod-facing API.
+
+* Register: grant a lease of ``ETCD_LEASE_TTL`` seconds; its ID **is** the instance ID (Dynamo's
+  ``connection_id``). Write every entry of the metadata (``spec.data``-shaped: ``endpoints``,
+  ``model_cards``, ``event_channels``, ``event_sources``) under Dynamo's keys (``sidecar.etcd.keys``),
+  all attached to the lease, each new key created by a transaction "if ``version == 0``" as Dynamo's
+  ``kv_create`` does. Endpoint and model entries get the lease ID as ``instance_id`` (in the key and in
+  the value); event channels and sources keep their own publisher IDs.
+* Keep alive: renew the lease every TTL/2. The lease is *lost* when etcd answers a renewal with a TTL
+  of 0 or less (it expired or was revoked) or when no renewal succeeded for a whole TTL (etcd
+  unreachable: it has expired the lease by then, or is about to). Then ``problems()`` says so (readiness
+  fails), and the loop registers again with backoff: a **new lease, hence a new instance ID**, the
+  old lease revoked first if etcd still has it. That is what Dynamo clients expect: to them an
+  instance is its lease; the old instance's keys went with its lease (a removal) and the new one's
+  keys appear (an addition), exactly as if the worker had restarted.
+* Publish: replace or merge-patch the metadata, then write only the difference: changed and new keys
+  are put (new ones created "if ``version == 0``"), keys no longer in the metadata are deleted, in
+  transactions of at most ``MAX_TXN_KEYS`` keys (etcd refuses more than 128 operations per
+  transaction). On any failure the previous metadata stays in force.
+* Deregister (SIGTERM): revoke the lease; etcd deletes every key in one revision, so watchers see the
+  instance leave at once.
+
+``_apply_lock`` serialises everything that writes (registration, publish, loss handling);
+``_state_lock`` guards the fields readers look at and is never held during a call to etcd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import structlog
+
+from sidecar.core.backoff import Backoff
+from sidecar.core.merge_patch import apply_merge_patch
+from sidecar.core.resources import validate_worker_data
+from sidecar.etcd._pb import etcd_v3_pb2 as pb
+from sidecar.etcd.client import (
+    EtcdAuthFailed,
+    EtcdClient,
+    EtcdError,
+    EtcdInvalid,
+    EtcdLeaseNotFound,
+    EtcdPermissionDenied,
+    EtcdTooLarge,
+    EtcdUnavailable,
+)
+from sidecar.etcd.keys import DocumentError, registration_keys
+from sidecar.metrics import Metrics
+from sidecar.ports import Forbidden, Invalid, Registration, RegistrationError, TooLarge, Unavailable
+
+MAX_TXN_KEYS = 64
+RENEWAL_RETRY = 0.5  # seconds between renewals while they fail (within the TTL)
+
+
+class KeyConflict(EtcdError):
+    """A key this instance must create is held by another lease."""
+
+
+def _absent(key: str) -> pb.Compare:
+    """The comparison "the key does not exist" (its version is 0), Dynamo's create-if-absent guard."""
+    return pb.Compare(key=key.encode(), target=pb.Compare.VERSION, result=pb.Compare.EQUAL, version=0)
+
+
+def registration_error(exc: EtcdError, action: str) -> RegistrationError:
+    """The meaning of a failed etcd call, as the pod-facing API reports it."""
+    if isinstance(exc, EtcdPermissionDenied):
+        return Forbidden(
+            f"etcd refused to {action}: {exc}; grant the etcd user (ETCD_AUTH_USERNAME) a role with readwrite on "
+            "v1/instances/, v1/mdc/, v1/event_channels/ and v1/event_sources/"
+        )
+    if isinstance(exc, EtcdAuthFailed):
+        return Forbidden(f"etcd rejected the credentials trying to {action}: {exc}")
+    if isinstance(exc, EtcdTooLarge):
+        return TooLarge(f"etcd refused to {action}: {exc} (etcd's --max-request-bytes and --max-txn-ops bound it)")
+    if isinstance(exc, (EtcdInvalid, KeyConflict)):
+        return Invalid(f"cannot {action}: {exc}")
+    if isinstance(exc, EtcdLeaseNotFound):
+        return Unavailable(f"cannot {action}: this instance's lease expired; it is registering again with a new one")
+    return Unavailable(f"cannot reach etcd to {action}: {exc}")
+
+
+class EtcdPublisher:
+    """Owns this instance's lease, the desired metadata, what is written under the lease, and the thread
+    that keeps it alive. The daemon starts and deregisters it; the gRPC layer calls ``registration``,
+    ``publish`` and ``problems`` from its threads."""
+
+    def __init__(
+        self,
+        client: EtcdClient,
+        initial_data: Mapping[str, Any],
+        *,
+        lease_ttl: int,
+        metrics: Metrics | None = None,
+        backoff_max: float = 30.0,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        self.client = client
+        self.lease_ttl = lease_ttl
+        self.metrics = metrics
+        self.labels = dict(labels or {})
+        self.log = structlog.get_logger("sidecar.etcd.publisher")
+        self.backoff = Backoff(maximum=backoff_max)
+        self._apply_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._data: dict[str, Any] = copy.deepcopy(dict(initial_data))
+        self._lease = 0  # the current lease (0: none)
+        self._granted_ttl = lease_ttl
+        self._last_renewed = 0.0  # monotonic time a renewal (or the grant) last succeeded
+        self._written: dict[str, bytes | None] = {}  # key -> value under the current lease (None: unknown)
+        self._revision = 0  # etcd revision of the last write
+        self._last_error = ""
+        self._lost_lease = 0  # a lease given up on, to revoke before registering again
+        self._loss = ""  # why the last lease was lost, until registered again
+        self._deregistering = False
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self.registered = threading.Event()
+        self.leases_granted = 0
+        self._thread: threading.Thread | None = None
+
+    # -- what the API reads ---------------------------------------------------------------------------
+    @property
+    def instance_id(self) -> int | None:
+        """The current lease ID (Dynamo's instance ID on this backend); None while there is no lease."""
+        with self._state_lock:
+            return self._lease or None
+
+    def registration(self) -> Registration:
+        with self._state_lock:
+            return Registration(
+                registered=self.registered.is_set(),
+                resource_version=str(self._revision) if self._revision else "",
+                data=copy.deepcopy(self._data),
+                labels=dict(self.labels),
+            )
+
+    def problems(self) -> list[str]:
+        if self.registered.is_set():
+            return []
+        with self._state_lock:
+            error = self._last_error
+        return ["not registered in etcd" + (f": {error}" if error else "")]
+
+    def written_keys(self) -> dict[str, bytes | None]:
+        with self._state_lock:
+            return dict(self._written)
+
+    # -- publish --------------------------------------------------------------------------------------
+    def publish(self, document: Mapping[str, Any], merge: bool) -> Registration:
+        """Replace (or RFC 7386 merge-patch) the metadata and write it now (``MetadataPublisher``)."""
+        with self._apply_lock:
+            with self._state_lock:
+                previous = self._data
+                deregistering = self._deregistering
+                lease = self._lease
+            if deregistering:
+                raise Unavailable("this instance is deregistering (the sidecar is shutting down): nothing is written")
+            new = apply_merge_patch(previous, dict(document)) if merge else copy.deepcopy(dict(document))
+            problem = validate_worker_data(new)
+            if problem:
+                raise Invalid(problem)
+            try:
+                registration_keys(new, lease or 1)
+            except DocumentError as exc:
+                raise Invalid(f"the metadata cannot be registered in etcd: {exc}") from exc
+            if not lease:
+                with self._state_lock:
+                    why = self._last_error
+                raise Unavailable(
+                    "not registered in etcd yet" + (f" ({why})" if why else "") + "; publish again once registered"
+                )
+            try:
+                self._write(new, lease)
+            except EtcdError as exc:
+                self._count_error("publish", exc)
+                if isinstance(exc, EtcdLeaseNotFound):
+                    self._wake.set()
+                raise registration_error(exc, "publish metadata") from exc
+            with self._state_lock:
+                self._data = new
+        return self.registration()
+
+    # -- writing --------------------------------------------------------------------------------------
+    def _write(self, document: Mapping[str, Any], lease: int) -> None:
+        """Make the keys under ``lease`` exactly ``document``'s. Raises ``EtcdError``, ``KeyConflict``."""
+        try:
+            desired = registration_keys(document, lease)
+        except DocumentError as exc:
+            raise EtcdInvalid(str(exc), "invalid") from exc
+        with self._state_lock:
+            written = dict(self._written)
+        puts = [(k, v) for k, v in desired.items() if written.get(k, b"\0absent") != v]
+        deletes = [k for k in written if k not in desired]
+        ops: list[tuple[str, bytes | None]] = [*puts, *((k, None) for k in deletes)]
+        for start in range(0, len(ops), MAX_TXN_KEYS):
+            self._write_batch(ops[start : start + MAX_TXN_KEYS], lease, written)
+
+    def _write_batch(
+        self, batch: Sequence[tuple[str, bytes | None]], lease: int, written: dict[str, bytes | None]
+    ) -> None:
+        for attempt in range(2):
+            new = [k for k, v in batch if v is not None and k not in written]
+            request = pb.TxnRequest(
+                compare=[_absent(k) for k in new],
+                success=[
+                    pb.RequestOp(request_put=pb.PutRequest(key=k.encode(), value=v, lease=lease))
+                    if v is not None
+                    else pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=k.encode()))
+                    for k, v in batch
+                ],
+                failure=[pb.RequestOp(request_range=pb.RangeRequest(key=k.encode())) for k in new],
+            )
+            reply = self.client.txn(request)
+            if reply.succeeded:
+                for k, v in batch:
+                    if v is None:
+                        written.pop(k, None)
+                    else:
+                        written[k] = v
+                with self._state_lock:
+                    if self._lease == lease:
+                        self._written = dict(written)
+                    self._revision = reply.header.revision
+                return
+            held = {}
+            for op in reply.responses:
+                for kv in op.response_range.kvs:
+                    held[kv.key.decode()] = kv.lease
+            ours = [k for k, holder in held.items() if holder == lease]
+            theirs = {k: holder for k, holder in held.items() if holder != lease}
+            if theirs:
+                key, holder = next(iter(theirs.items()))
+                owner = f"instance {holder:x}" if holder else "a key without a lease"
+                raise KeyConflict(f"{key} is already registered by {owner}", "conflict")
+            if attempt == 0 and ours:
+                for k in ours:  # an earlier write of ours landed although its answer was lost
+                    written[k] = None
+                continue
+        raise EtcdUnavailable("the registration transaction kept failing its create-if-absent check", "conflict")
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def start(self) -> threading.Thread:
+        """Run in a background thread; return it (the daemon's liveness probe watches it)."""
+        self._thread = threading.Thread(target=self.run, name="etcd-publisher", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._register()
+                self.backoff.reset()
+                self._keep_alive()
+                continue
+            except EtcdError as exc:
+                self._count_error("register", exc)
+                message = str(registration_error(exc, "register this instance"))
+            except RegistrationError as exc:
+                message = str(exc)
+            except Exception as exc:  # a bug must cost a retry, never the registration
+                self.log.exception("unexpected error registering in etcd; retrying")
+                message = f"unexpected error: {type(exc).__name__}: {exc}"
+            if self._stop.is_set():
+                break
+            with self._state_lock:
+                loss = self._loss
+            self._set_unregistered(f"{loss}; {message}" if loss else message)
+            delay = self.backoff.next_delay()
+            self.log.error("etcd registration failed, retrying", reason=message, retry_in=round(delay, 2))
+            self._stop.wait(delay)
+
+    def _register(self) -> None:
+        with self._apply_lock:
+            with self._state_lock:
+                if self._deregistering:
+                    raise Unavailable("deregistering: nothing is written any more")
+                lease, lost = self._lease, self._lost_lease
+                data = copy.deepcopy(self._data)
+            if lease:
+                return
+            if lost:
+                try:
+                    self.client.lease_revoke(lost)
+                    self.log.info("revoked the lease given up on", lease=f"{lost:x}")
+                except EtcdLeaseNotFound:
+                    pass
+                with self._state_lock:
+                    self._lost_lease = 0
+            grant = self.client.lease_grant(self.lease_ttl)
+            lease = int(grant.ID)
+            with self._state_lock:
+                self._lease = lease
+                self._granted_ttl = int(grant.TTL) or self.lease_ttl
+                self._last_renewed = time.monotonic()
+                self._written = {}
+            self.leases_granted += 1
+            try:
+                self._write(data, lease)
+            except BaseException:
+                with self._state_lock:
+                    self._lease = 0
+                    self._written = {}
+                with contextlib.suppress(EtcdError):  # else it expires by itself
+                    self.client.lease_revoke(lease)
+                raise
+            with self._state_lock:
+                self._last_error = ""
+                self._loss = ""
+            self.registered.set()
+            if self.metrics is not None:
+                self.metrics.registered.set(1)
+            self.log.info(
+                "registered in etcd", instance_id=lease, instance_id_hex=f"{lease:x}", ttl=self._granted_ttl
+            )
+
+    def _keep_alive(self) -> None:
+        """Renew the lease every TTL/2 until it is lost (then return) or the publisher stops."""
+        with self._state_lock:
+            lease, ttl = self._lease, self._granted_ttl
+        interval = max(ttl / 2, 0.1)
+        wait = interval
+        failing = False
+        while not self._stop.is_set():
+            if self._wake.wait(wait):
+                self._wake.clear()
+            if self._stop.is_set():
+                return
+            with self._state_lock:
+                if self._lease != lease:
+                    return  # lost while publishing
+                remaining = self._last_renewed + ttl - time.monotonic()
+            if remaining <= 0:
+                self._lose(lease, f"no renewal succeeded for {ttl}s (the lease's TTL): etcd unreachable")
+                return
+            started = time.monotonic()
+            try:
+                granted = self.client.lease_keep_alive_once(lease, timeout=min(self.client.request_timeout, remaining))
+            except EtcdLeaseNotFound:
+                granted = 0
+            except EtcdError as exc:
+                self._count_error("keepalive", exc)
+                if not failing:
+                    self.log.warning("lease renewal failed; retrying within the TTL", lease=f"{lease:x}", error=exc)
+                failing = True
+                wait = min(RENEWAL_RETRY, interval)
+                continue
+            if granted <= 0:
+                self._lose(lease, "etcd says the lease expired or was revoked")
+                return
+            if failing:
+                self.log.info("lease renewal works again", lease=f"{lease:x}")
+            failing = False
+            wait = interval
+            with self._state_lock:
+                self._last_renewed = started
+
+    def _lose(self, lease: int, why: str) -> None:
+        with self._apply_lock:
+            with self._state_lock:
+                if self._lease != lease:
+                    return
+                self._lease = 0
+                self._written = {}
+                self._lost_lease = lease
+            message = f"lease {lease:x} lost: {why}; registering again with a new lease (a new instance ID)"
+            with self._state_lock:
+                self._loss = message
+            self._set_unregistered(message)
+            self.log.error("etcd lease lost", lease=f"{lease:x}", reason=why)
+
+    def _set_unregistered(self, message: str) -> None:
+        self.registered.clear()
+        if self.metrics is not None:
+            self.metrics.registered.set(0)
+        with self._state_lock:
+            self._last_error = message
+
+    def _count_error(self, operation: str, exc: EtcdError) -> None:
+        if self.metrics is not None:
+            self.metrics.api_errors.labels(f"etcd-{operation}", exc.code or "error").inc()
+
+    # -- shutdown -------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def deregister(self, timeout: float = 5.0) -> bool:
+        """Revoke the lease: etcd deletes every key of this instance at once. True when it is gone."""
+        with self._state_lock:
+            self._deregistering = True
+        self.stop()
+        with self._apply_lock:
+            with self._state_lock:
+                lease, self._lease = self._lease, 0
+                self._written = {}
+            self.registered.clear()
+            if self.metrics is not None:
+                self.metrics.registered.set(0)
+            if not lease:
+                return True
+            try:
+                self.client.lease_revoke(lease)
+            except EtcdLeaseNotFound:
+                pass
+            except EtcdError as exc:
+                self.log.error("deregistration failed: cannot revoke the lease", lease=f"{lease:x}", error=str(exc))
+                return False
+        self.log.info("deregistered from etcd: lease revoked", lease=f"{lease:x}")
+        return True
