@@ -139,7 +139,16 @@ class Demo:
 
         say("decode-0's main container publishes a model card through its sidecar (PublishMetadata)")
         with DiscoveryClient(self.sidecars["decode-0"].target) as client:
-            client.publish_metadata({"model_cards": {"llama-3-8b": {"context_length": 8192}}}, merge=True)
+            own_id = client.get_self().instance_id
+            card = {  # the entry shape Dynamo 1.6.1 writes, so Dynamo's own readers accept it too
+                "type": "Model",
+                "namespace": "demo",
+                "component": "backend",
+                "endpoint": "generate",
+                "instance_id": own_id,
+                "card_json": {"display_name": "llama-3-8b", "context_length": 8192},
+            }
+            client.publish_metadata({"model_cards": {f"demo/backend/generate/{own_id:x}": card}}, merge=True)
         self.wait_line("updated\tdecode-0")
         self.pause()
 

@@ -18,6 +18,7 @@ from devcluster.objects import WORKER_METADATA, Cluster, wait_for
 from sidecar.api.discovery.v1 import discovery_pb2 as pb
 from sidecar.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
 from sidecar.client import DiscoveryClient
+from sidecar.core.instance_id import instance_id
 from tests.conftest import Sidecars
 from tests.integration.streams import StreamRecorder
 from tests.integration.test_peer_stream import READY, SERVICE, World
@@ -125,11 +126,20 @@ def test_removing_the_last_endpoint_removes_it_everywhere(world: World, stream: 
     read that as an empty map (Dynamo does), not reject the CR and keep advertising the old endpoint."""
     pod = world.cluster.start_pod(world.namespace, "w-pub", {"app": "w", "role": "decode"})
     worker = world.sidecars.start(pod, SERVICE, labels={"app": "w"}).wait_ready()
-    endpoint = {"type": "Endpoint", "namespace": "demo", "component": "backend", "endpoint": "generate"}
+    own_id = instance_id("w-pub")
+    e1 = f"demo/backend/generate/{own_id:x}"
+    endpoint = {
+        "type": "Endpoint",
+        "namespace": "demo",
+        "component": "backend",
+        "endpoint": "generate",
+        "instance_id": own_id,
+        "transport": {"tcp": f"{pod['status']['podIP']}:8000/{own_id:x}/demo/backend/generate"},
+    }
     with DiscoveryClient(worker.target) as client:
-        client.publish_metadata({"endpoints": {"e1": endpoint}, "model_cards": {}})
-        stream.wait_until(lambda r: "e1" in endpoints_of(r, "w-pub"), 45, "e1 published")
-        client.publish_metadata({"endpoints": {"e1": None}}, merge=True)
+        client.publish_metadata({"endpoints": {e1: endpoint}, "model_cards": {}})
+        stream.wait_until(lambda r: e1 in (endpoints_of(r, "w-pub") or {}), 45, "e1 published")
+        client.publish_metadata({"endpoints": {e1: None}}, merge=True)
         stream.wait_until(lambda r: endpoints_of(r, "w-pub") == {}, 45, "e1 withdrawn everywhere")
         assert json.loads(client.get_self().data_json)["endpoints"] == {}
         with pytest.raises(grpc.RpcError) as refused:
