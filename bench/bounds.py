@@ -33,7 +33,7 @@ from sidecar.core.directory import PeerDirectory
 from sidecar.core.json_decode import loads
 from sidecar.core.peer import canonical_json
 from sidecar.hub import PeerHub
-from sidecar.kube.sources import ENDPOINT_SLICES, SOURCES, WORKER_METADATA
+from sidecar.kube.sources import ENDPOINT_SLICES, WORKER_METADATA
 
 BENCH_DIR = pathlib.Path(__file__).parent
 MiB = 1024 * 1024
@@ -70,7 +70,8 @@ def _cr(i: int, seq: int, data_bytes: int) -> dict[str, Any]:
 
 def _history_case(history_bytes: int | None, peers: int, data_bytes: int, changes: int, out: Any) -> None:
     process = psutil.Process()
-    hub = PeerHub(PeerDirectory(uuid.uuid4().hex, 10_000, [s.name for s in SOURCES], None, history_bytes), "self")
+    sources = [ENDPOINT_SLICES.name, WORKER_METADATA.name]
+    hub = PeerHub(PeerDirectory(uuid.uuid4().hex, 10_000, sources, None, history_bytes), "self")
     hub.store(ENDPOINT_SLICES.name).replace({"bench/s1": ENDPOINT_SLICES.parse(_slice(peers))})
     store = hub.store(WORKER_METADATA.name)
     store.replace({f"bench/p-{i}": WORKER_METADATA.parse(_cr(i, 0, data_bytes)) for i in range(peers)})

@@ -25,7 +25,7 @@ from sidecar.config import ListenAddress, PodIdentity
 from sidecar.core.directory import PeerDirectory
 from sidecar.grpc_service import DiscoveryService, GrpcServer
 from sidecar.hub import PeerHub
-from sidecar.kube.sources import ENDPOINT_SLICES, SOURCES, WORKER_METADATA
+from sidecar.kube.sources import ENDPOINT_SLICES, WORKER_METADATA
 from sidecar.metrics import Metrics
 
 
@@ -81,7 +81,7 @@ def _consume(target: str, last_seq: int, connection: Any) -> None:
 
 
 def run(peers: int = 1000, events: int = 30000) -> dict[str, Any]:
-    hub = PeerHub(PeerDirectory(uuid.uuid4().hex, 10000, [s.name for s in SOURCES]), "self")
+    hub = PeerHub(PeerDirectory(uuid.uuid4().hex, 10000, [ENDPOINT_SLICES.name, WORKER_METADATA.name]), "self")
     for source, objects in ((ENDPOINT_SLICES, _slices(peers)), (WORKER_METADATA, [_cr(i, 0) for i in range(peers)])):
         hub.store(source.name).replace({source.key(o): source.parse(o) for o in objects})
     metadata = hub.store(WORKER_METADATA.name)

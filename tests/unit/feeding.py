@@ -13,9 +13,10 @@ from typing import Any
 
 from sidecar.core.directory import PeerDirectory
 from sidecar.hub import PeerHub
-from sidecar.kube.sources import SOURCES, KubeSource
+from sidecar.kube.sources import ENDPOINT_SLICES, SOURCES, WORKER_METADATA, KubeSource
 
-SOURCE_NAMES = tuple(source.name for source in SOURCES)
+SOURCE_NAMES = (ENDPOINT_SLICES.name, WORKER_METADATA.name)
+"""What a sidecar with a Service (the default) watches: a hub over these is synced once both are listed."""
 
 
 def new_hub(history: int, self_uid: str) -> PeerHub:
@@ -27,7 +28,7 @@ class SourceFeed:
     """Writes raw objects of any Kubernetes source into ``hub``."""
 
     def __init__(self, hub: PeerHub) -> None:
-        self.stores = {source.name: hub.store(source.name) for source in SOURCES}
+        self.stores = {source.name: hub.store(source.name) for source in SOURCES if source.name in SOURCE_NAMES}
 
     def replace(self, source: KubeSource, objects: Iterable[Mapping[str, Any]]) -> int:
         return self.stores[source.name].replace({source.key(o): source.parse(o) for o in objects}, time.monotonic())

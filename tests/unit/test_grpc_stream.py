@@ -22,9 +22,10 @@ from sidecar.api.discovery.v1 import discovery_pb2 as pb
 from sidecar.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
 from sidecar.client import PeerSetView, make_filter
 from sidecar.config import ListenAddress, PodIdentity
-from sidecar.grpc_service import DiscoveryService, GrpcServer
+from sidecar.grpc_service import MAX_STREAMS, DiscoveryService, GrpcServer
 from sidecar.kube.sources import ENDPOINT_SLICES, WORKER_METADATA
 from sidecar.metrics import Metrics
+from sidecar.ports import MetadataPublisher
 from tests.unit.feeding import SourceFeed, new_hub
 
 NS = "ns"
@@ -62,13 +63,14 @@ def worker_cr(pod: str, uid: str, labels: dict | None = None, data: dict | None 
 
 
 class Harness:
-    def __init__(self, history: int = 1000) -> None:
+    def __init__(
+        self, history: int = 1000, publisher: MetadataPublisher | None = None, max_streams: int = MAX_STREAMS
+    ) -> None:
         self.hub = new_hub(history, SELF.uid)
         self.feed = SourceFeed(self.hub)
         self.metrics = Metrics()
-        self.server = GrpcServer(
-            DiscoveryService(self.hub, None, SELF, self.metrics), ListenAddress(host="127.0.0.1", port=0)
-        )
+        self.service = DiscoveryService(self.hub, publisher, SELF, self.metrics, max_streams=max_streams)
+        self.server = GrpcServer(self.service, ListenAddress(host="127.0.0.1", port=0))
         self.server.start()
         self.channel = grpc.insecure_channel(self.server.target)
         self.stub = pb_grpc.DiscoveryStub(self.channel)
