@@ -4,13 +4,19 @@ This is where "who is a peer" is decided. A pod is a peer when
 
 * some readiness record (an EndpointSlice today) lists it, by pod UID, as live (``EndpointEntry.live``:
   ready, or serving and terminating, which makes it *draining*), and
-* a metadata record (a ``DynamoWorkerMetadata``) names that same pod UID as its owner and has had valid
-  data.
+* the metadata record (a ``DynamoWorkerMetadata``) *named after that pod*, in its namespace, names that
+  same pod UID as its owner and has had valid data (Dynamo's rule: the CR named after the pod, whose
+  Pod owner has the pod's UID).
 
-Matching on the UID, not the name, is what keeps a stale CR of an earlier pod with the same name from
-joining the new pod. A pod listed by several readiness records (several Services, address families, or
-a pod in transit between slices during resharding) is one peer: its entries are reference-counted per
-record and it stays until the last record drops it.
+Matching on the UID, not only the name, is what keeps a stale CR of an earlier pod with the same name
+from joining the new pod. Requiring the name is what keeps a CR that claims other pods as owners (an
+extra ownerReference added to it) from lending its data to them: only the CR named after a pod ever
+speaks for it, and only the pod's own service account may write that CR (manifests/admission-policy.yaml).
+A readiness entry that does not name its pod therefore never joins.
+
+A pod listed by several readiness records (several Services, address families, or a pod in transit
+between slices during resharding) is one peer: its entries are reference-counted per record and it
+stays until the last record drops it.
 
 The join knows records, not sources: keys are opaque strings chosen by the caller (the directory
 prefixes them with the source's name), and a record's type says which side of the join it feeds.
@@ -117,15 +123,21 @@ class PeerJoin:
     def known_pod_uids(self) -> set[str]:
         return set(self._entries) | set(self._metadata_by_pod)
 
-    def _metadata_for(self, pod_uid: str, pod_name: str) -> MetadataRecord | None:
+    def _metadata_for(self, pod_uid: str, pod_name: str, namespaces: set[str]) -> MetadataRecord | None:
         """The metadata of this incarnation: its CR's current record when valid, else the last valid one.
 
-        Should two CRs claim one pod, the one named after the pod (Dynamo's convention) wins.
+        Its CR is the one named after the pod, in the pod's namespace (that of the readiness records
+        listing it), that lists the pod's UID among its owners; no other CR ever lends a pod data,
+        whatever owners it claims. (Two such records can only come from two sources; the smallest key
+        wins, so the choice is stable.)
         """
         keys = self._metadata_by_pod.get(pod_uid)
-        if not keys:
+        if not keys or not pod_name:
             return None
-        key = min(keys, key=lambda k: (self._metadata[k].name != pod_name, self._metadata[k].name, k))
+        named = [k for k in keys if self._metadata[k].name == pod_name and self._metadata[k].namespace in namespaces]
+        if not named:
+            return None
+        key = min(named)
         current = self._metadata[key]
         if current.problem is None:
             return current
@@ -142,8 +154,8 @@ class PeerJoin:
         live = [e for e in entries if e.live]
         if not live:
             return None
-        pod_name = entries[0].pod_name
-        metadata = self._metadata_for(pod_uid, pod_name)
+        pod_name = next((e.pod_name for e in entries if e.pod_name), "")
+        metadata = self._metadata_for(pod_uid, pod_name, {self._readiness[k].namespace for k in per_record})
         if metadata is None or metadata.document is None:
             return None
         state = PeerState.READY if any(e.ready for e in live) else PeerState.DRAINING
@@ -153,7 +165,7 @@ class PeerJoin:
         first = live[0]
         return Peer(
             uid=pod_uid,
-            name=pod_name or metadata.name,
+            name=pod_name,
             namespace=metadata.namespace,
             instance_id=instance_id(metadata.name),
             addresses=tuple(sorted({a for e in live for a in e.addresses})),

@@ -6,8 +6,18 @@
 * Fencing at start-up: a CR left by an earlier incarnation of this pod name (another UID) is deleted
   and re-created, never adopted; the delete carries preconditions (that object's UID and
   resourceVersion) so that, racing another writer, it can only ever remove the stale object it saw.
+* Before fencing, and whenever the watch shows the CR of this pod's name owned by another UID (or its
+  own CR deleted from under it, which is what the new incarnation's fencing does), the registrar reads
+  its own Pod: when the Pod of its name is gone or has another UID, *this* incarnation
+  is the stale one (force-deleted while its sidecar still runs, and replaced). It is then
+  ``superseded``: it stops writing for good (no apply, no fencing delete, no deregistering delete; the
+  CR belongs to the new pod) and says so in ``problems()``, which fails readiness. Without ``get`` on
+  pods the check cannot be made: a hint is logged once and fencing goes on as before.
 * The registrar follows its own CR through the metadata watch: deleted from under it (or taken over
-  by another owner), it is re-applied.
+  by another owner), it is re-applied; listing owners besides this pod (an ownerReference merged in by
+  someone else), the extra owners are removed with a merge patch guarded by the resourceVersion read.
+  Server-side apply cannot do it: entries another field manager added stay theirs, and with them in
+  place the admission policy refuses the apply.
 * Deregistration (SIGTERM) deletes the CR, again only this incarnation's (UID precondition), and waits
   until the deletion has come back through the watch: then peers watching the API server see it too.
 
@@ -20,7 +30,7 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
@@ -28,7 +38,7 @@ from sidecar.config import PodIdentity
 from sidecar.core.backoff import Backoff
 from sidecar.core.merge_patch import apply_merge_patch
 from sidecar.core.resources import validate_worker_data
-from sidecar.kube.api import CONNECTION_ERRORS, ApiError, KubeApi
+from sidecar.kube.api import CONNECTION_ERRORS, ApiError, KubeApi, ResourcePath
 from sidecar.kube.sources import WORKER_METADATA
 from sidecar.metrics import Metrics
 from sidecar.ports import Forbidden, Invalid, NotFound, Registration, RegistrationError, TooLarge, Unavailable
@@ -36,6 +46,12 @@ from sidecar.ports import Forbidden, Invalid, NotFound, Registration, Registrati
 API_VERSION = "nvidia.com/v1alpha1"
 KIND = "DynamoWorkerMetadata"
 RESYNC_SECONDS = 60.0
+PODS = ResourcePath("", "v1", "pods")
+
+
+class Superseded(Forbidden):
+    """This pod incarnation no longer exists (its Pod was deleted, or replaced under the same name by one
+    with another UID): the sidecar stopped writing, and nothing it could retry will change that."""
 
 
 def registration_error(exc: Exception, action: str) -> RegistrationError:
@@ -61,6 +77,11 @@ def explain(exc: ApiError, action: str) -> str:
             f"forbidden to {action} ({exc.message}); grant the pod's service account the Role in "
             "manifests/rbac.yaml and, with the admission policy, run the sidecar under a pod-bound token"
         )
+    if exc.status == 401:
+        return (
+            f"the API server rejected the credentials trying to {action} ({exc.message}); a pod-bound token "
+            "stops working once its pod is deleted or replaced by a pod of the same name with another UID"
+        )
     if exc.status == 404 and "could not find the requested resource" in exc.message:
         return f"cannot {action}: the DynamoWorkerMetadata CRD is not installed (kubectl apply -f manifests/crd.yaml)"
     if exc.status == 422:
@@ -68,9 +89,19 @@ def explain(exc: ApiError, action: str) -> str:
     return f"cannot {action}: {exc}"
 
 
+def _is_pod(ref: Mapping[str, Any], identity: PodIdentity) -> bool:
+    return ref.get("kind") == "Pod" and ref.get("uid") == identity.uid and ref.get("name") == identity.name
+
+
 def owned_by(obj: Mapping[str, Any], identity: PodIdentity) -> bool:
     refs = (obj.get("metadata") or {}).get("ownerReferences") or ()
-    return any(r.get("kind") == "Pod" and r.get("uid") == identity.uid and r.get("name") == identity.name for r in refs)
+    return any(_is_pod(r, identity) for r in refs)
+
+
+def other_owners(obj: Mapping[str, Any], identity: PodIdentity) -> list[tuple[str, str, str]]:
+    """(kind, name, uid) of every owner reference that is not this pod incarnation."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or ()
+    return [(r.get("kind", ""), r.get("name", ""), r.get("uid", "")) for r in refs if not _is_pod(r, identity)]
 
 
 class Registrar:
@@ -79,8 +110,8 @@ class Registrar:
     The daemon starts and deregisters it; the metadata reflector calls ``observe``; the gRPC layer
     calls ``registration`` and ``publish`` (as a ``MetadataPublisher``) from its threads.
     ``_apply_lock`` serialises applies (network IO: the loop and ``publish`` never interleave);
-    ``_state_lock`` guards ``_data``, ``_applied``, ``_last_error`` and ``_deregistering`` and is never
-    held during IO, so readers do not wait for the API server.
+    ``_state_lock`` guards ``_data``, ``_applied``, ``_last_error``, ``_deregistering``, ``_superseded``
+    and ``_conflict`` and is never held during IO, so readers do not wait for the API server.
     """
 
     def __init__(
@@ -100,12 +131,18 @@ class Registrar:
         self.metrics = metrics
         self.log = structlog.get_logger("sidecar.registration").bind(pod=identity.name)
         self.path = WORKER_METADATA.resource.item(identity.namespace, identity.name)
+        self.pod_path = PODS.item(identity.namespace, identity.name)
         self._apply_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._data: dict[str, Any] = copy.deepcopy(dict(initial_data))
         self._applied: dict[str, Any] | None = None
         self._last_error = ""
         self._deregistering = False
+        self._superseded = ""  # why this incarnation stopped writing for good; "" while it has not
+        # The watch showed the CR of our name owned by another UID, or ours deleted by someone else: read the
+        # Pod before writing again (``check_incarnation``).
+        self._conflict = False
+        self._pods_hint_logged = False
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._gone = threading.Event()  # our CR's deletion came back through the watch
@@ -114,6 +151,19 @@ class Registrar:
         self._thread: threading.Thread | None = None
 
     # -- the desired object ---------------------------------------------------------------------------
+    def owner_references(self) -> list[dict[str, Any]]:
+        """This pod incarnation as the one owner, as Dynamo writes it (and as the admission policy demands)."""
+        return [
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "name": self.identity.name,
+                "uid": self.identity.uid,
+                "controller": False,
+                "blockOwnerDeletion": False,
+            }
+        ]
+
     def desired(self) -> dict[str, Any]:
         with self._state_lock:
             data = copy.deepcopy(self._data)
@@ -124,16 +174,7 @@ class Registrar:
                 "name": self.identity.name,
                 "namespace": self.identity.namespace,
                 "labels": dict(self.labels),
-                "ownerReferences": [
-                    {
-                        "apiVersion": "v1",
-                        "kind": "Pod",
-                        "name": self.identity.name,
-                        "uid": self.identity.uid,
-                        "controller": False,
-                        "blockOwnerDeletion": False,
-                    }
-                ],
+                "ownerReferences": self.owner_references(),
             },
             "spec": {"data": data},
         }
@@ -149,16 +190,97 @@ class Registrar:
             labels=dict(self.labels),
         )
 
+    @property
+    def superseded(self) -> bool:
+        """This pod incarnation no longer exists (its Pod is gone or has another UID): nothing is written any
+        more, ever. Readiness fails through ``problems()``; the process has nothing left to do but exit."""
+        with self._state_lock:
+            return bool(self._superseded)
+
     def problems(self) -> list[str]:
+        with self._state_lock:
+            superseded = self._superseded
+            error = self._last_error
+        if superseded:
+            return [superseded]
         if self.registered.is_set():
             return []
-        with self._state_lock:
-            error = self._last_error
         return ["not registered" + (f": {error}" if error else "")]
+
+    # -- is this incarnation still the pod? -------------------------------------------------------------
+    def check_incarnation(self) -> None:
+        """Raise ``Superseded`` when the Pod of this name is gone or is another incarnation (another UID).
+
+        One GET of the Pod, made only on an ownership conflict (before a fencing delete, and after the watch
+        showed the CR of this name owned by another UID or deleted by someone else), so it costs nothing in
+        the steady state.
+        Forbidden (the Role lacks ``get`` on pods) is logged once and the caller carries on as if the Pod
+        were ours, as before the check existed; any other failure is raised, so that nothing is deleted
+        while it is not known whose the name is.
+        """
+        try:
+            pod = self.api.get(self.pod_path)
+        except ApiError as exc:
+            if exc.status == 404:
+                self._supersede(f"pod {self.identity.name} was deleted")
+            if exc.status == 403:
+                if not self._pods_hint_logged:
+                    self._pods_hint_logged = True
+                    self.log.warning(
+                        "cannot tell whether this pod incarnation still exists",
+                        reason=explain(exc, "get this pod"),
+                        hint="grant get on pods (manifests/rbac.yaml): without it, the sidecar of a pod that was "
+                        "force-deleted and replaced under the same name keeps writing and fights the new one",
+                    )
+                return
+            raise
+        uid = (pod.get("metadata") or {}).get("uid", "")
+        if uid != self.identity.uid:
+            self._supersede(f"pod {self.identity.name} is now uid {uid}")
+
+    def _supersede(self, what: str) -> NoReturn:
+        message = (
+            f"this pod incarnation (uid {self.identity.uid}) no longer exists: {what} — the sidecar stopped writing"
+        )
+        with self._state_lock:
+            first = not self._superseded
+            if first:
+                self._superseded = message
+            message = self._superseded
+        self.registered.clear()
+        self.metrics.registered.set(0)
+        if first:
+            self.log.error("pod incarnation superseded: the sidecar stopped writing", reason=message)
+        raise Superseded(message)
+
+    def _take_conflict(self) -> bool:
+        with self._state_lock:
+            conflict, self._conflict = self._conflict, False
+        return conflict
+
+    def _check_conflict(self) -> bool:
+        """Check the Pod if the watch reported an ownership conflict since the last check; True if checked."""
+        if not self._take_conflict():
+            return False
+        try:
+            self.check_incarnation()
+        except Superseded:
+            raise
+        except BaseException:
+            with self._state_lock:
+                self._conflict = True  # still unanswered: the next pass asks again
+            raise
+        return True
 
     # -- one pass ---------------------------------------------------------------------------------------
     def fence(self) -> None:
-        """Delete a leftover CR that belongs to another pod incarnation (never adopt it)."""
+        """Leave the CR of this pod's name absent, or ours with no other owner; never adopt another's.
+
+        A CR owned by another incarnation is deleted (preconditioned on the UID and resourceVersion read),
+        once ``check_incarnation`` has confirmed that this incarnation is still the pod; a CR of ours that
+        lists other owners too loses them (a merge patch preconditioned on the resourceVersion read).
+        """
+        checked = self._check_conflict()
         while True:
             try:
                 current = self.api.get(self.path)
@@ -166,9 +288,32 @@ class Registrar:
                 if exc.status == 404 and "could not find the requested resource" not in exc.message:
                     return
                 raise
-            if owned_by(current, self.identity):
-                return
             meta = current["metadata"]
+            if owned_by(current, self.identity):
+                extra = other_owners(current, self.identity)
+                if not extra:
+                    return
+                self.log.warning("removing owners this pod did not put on its CR", owners=extra)
+                try:
+                    self.api.merge_patch(
+                        self.path,
+                        {
+                            "metadata": {
+                                "resourceVersion": meta["resourceVersion"],
+                                "ownerReferences": self.owner_references(),
+                            }
+                        },
+                    )
+                    return
+                except ApiError as exc:
+                    if exc.status == 404:
+                        return
+                    if exc.status != 409:  # 409: it changed since we read it; look again
+                        raise
+                    continue
+            if not checked:
+                self.check_incarnation()
+                checked = True
             owners = [(r.get("name"), r.get("uid")) for r in meta.get("ownerReferences") or ()]
             self.log.info("replacing a CR left by another pod incarnation", stale_uid=meta.get("uid"), owners=owners)
             try:
@@ -188,13 +333,17 @@ class Registrar:
                     raise
 
     def apply(self) -> dict[str, Any]:
-        """Fence, then server-side apply the desired CR. Raises ``ApiError`` or a connection error."""
+        """Fence, then server-side apply the desired CR. Raises ``ApiError``, a connection error,
+        ``Superseded`` (this incarnation no longer exists) or ``Unavailable`` (deregistering)."""
         with self._apply_lock:
             return self._apply_locked()
 
     def _apply_locked(self) -> dict[str, Any]:
         with self._state_lock:
             deregistering = self._deregistering
+            superseded = self._superseded
+        if superseded:  # nothing is ever written again: the CR of this name is the new incarnation's
+            raise Superseded(superseded)
         if deregistering:  # nothing may re-create the CR once deregistration began
             raise Unavailable("this pod is deregistering (the sidecar is shutting down): nothing is written any more")
         self.fence()
@@ -254,6 +403,10 @@ class Registrar:
                 self._wake.wait(RESYNC_SECONDS)
                 self._wake.clear()
                 continue
+            except Superseded:
+                # Nothing to do, ever again. The thread stays (it is not dead: liveness) until the daemon stops it.
+                self._stop.wait()
+                return
             except ApiError as exc:
                 self.metrics.api_errors.labels("register", str(exc.status)).inc()
                 message = explain(exc, "register this pod's DynamoWorkerMetadata")
@@ -279,6 +432,9 @@ class Registrar:
             return
         with self._state_lock:
             deregistering = self._deregistering
+            superseded = self._superseded
+        if superseded:
+            return  # the CR of this name is the new incarnation's: nothing here is ours to react to
         if kind == "DELETED":
             if not owned_by(obj, self.identity):
                 return  # another incarnation's CR (fencing removed it): not ours to re-create or confirm
@@ -287,12 +443,25 @@ class Registrar:
                 return  # an older object of ours, not the one this sidecar holds
             self._gone.set()
             if not deregistering and not self._stop.is_set():
+                # Deleted by someone else: an admin, or a newer incarnation of this pod fencing. The loop reads
+                # the Pod before re-creating the CR, so a replaced incarnation never writes it again.
+                with self._state_lock:
+                    self._conflict = True
                 self.registered.clear()
                 self.metrics.registered.set(0)
                 self.log.warning("own CR was deleted from under the sidecar; re-creating it")
                 self._wake.set()
-        elif not owned_by(obj, self.identity) and not deregistering:
-            self.log.warning("own CR now belongs to another owner; re-applying it")
+        elif not owned_by(obj, self.identity):
+            # Taken over by another owner: a newer incarnation of this pod, if this one was replaced. The loop
+            # checks the Pod (``check_incarnation``) before it writes anything again.
+            with self._state_lock:
+                self._conflict = True
+            if not deregistering:
+                owners = [(r.get("name"), r.get("uid")) for r in meta.get("ownerReferences") or ()]
+                self.log.warning("own CR now belongs to another owner; re-applying it", owners=owners)
+                self._wake.set()
+        elif not deregistering and (extra := other_owners(obj, self.identity)):
+            self.log.warning("own CR lists other owners too; removing them", owners=extra)
             self._wake.set()
 
     def stop(self) -> None:
@@ -302,14 +471,26 @@ class Registrar:
             self._thread.join(5)
 
     def deregister(self, timeout: float) -> bool:
-        """Delete this incarnation's CR and wait until the watch saw it go. True when confirmed."""
+        """Delete this incarnation's CR and wait until the watch saw it go. True when confirmed.
+
+        A superseded incarnation deletes nothing (the CR of its name is the new pod's) and returns True.
+        """
         with self._state_lock:
             self._deregistering = True
         self.stop()
         with self._apply_lock:  # an apply under way finishes first; none starts after (they check _deregistering)
             applied_uid = self._applied_uid()
+            try:
+                self._check_conflict()  # the watch saw the CR of this name owned by another UID: whose is it?
+            except Superseded:
+                pass
+            except (ApiError, *CONNECTION_ERRORS) as exc:
+                self.log.warning("cannot check this pod incarnation before deregistering", error=str(exc))
         self.registered.clear()
         self.metrics.registered.set(0)
+        if self.superseded:
+            self.log.info("not deregistering: this pod incarnation was superseded, the CR is the new pod's")
+            return True
         try:
             self.api.delete(
                 self.path,

@@ -19,7 +19,17 @@ from tests.integration.streams import StreamRecorder
 pytestmark = pytest.mark.integration
 
 METADATA = {
-    "endpoints": {"dynamo/backend/generate/10dbf5fbb4b0ff": {"transport": {"nats_tcp": "dynamo.backend.generate"}}},
+    # An Endpoint entry as Dynamo's runtime writes it (and as the sidecar requires of its own metadata).
+    "endpoints": {
+        "dynamo/backend/generate/10dbf5fbb4b0ff": {
+            "type": "Endpoint",
+            "namespace": "dynamo",
+            "component": "backend",
+            "endpoint": "generate",
+            "instance_id": 0x10DBF5FBB4B0FF,
+            "transport": {"nats_tcp": "dynamo.backend.generate"},
+        }
+    },
     "model_cards": {},
     "event_channels": {},
     # 2**53 + 1: not representable as a double, so any float conversion on the way would show.
@@ -231,6 +241,7 @@ def test_sigterm_deregisters_before_exit(namespace: str, cluster: Cluster, sidec
 FULL_RULES = {
     ("nvidia.com", "dynamoworkermetadatas"): ["get", "list", "watch", "create", "patch", "delete"],
     ("discovery.k8s.io", "endpointslices"): ["list", "watch"],
+    ("", "pods"): ["get"],
 }
 DROPS = [(res, verb) for (_, res), verbs in FULL_RULES.items() for verb in verbs]
 
@@ -240,6 +251,7 @@ def make_limited_role(cluster: Cluster, namespace: str, drop: tuple[str, str] | 
         {"apiGroups": [group], "resources": [res], "verbs": [v for v in verbs if (res, v) != drop]}
         for (group, res), verbs in FULL_RULES.items()
     ]
+    rules = [rule for rule in rules if rule["verbs"]]  # a rule left with no verb is not a valid rule
     rbac = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}"
     cluster.api.create(
         f"{rbac}/roles",
@@ -265,11 +277,46 @@ def test_each_role_verb_is_needed(
 ) -> None:
     cluster.create_service(namespace, "w", {"app": "w"})
     make_limited_role(cluster, namespace, drop)
+    if drop == ("pods", "get"):
+        # The Pod is read only on an ownership conflict, so make one: a CR of this pod's name owned by
+        # someone else (an owner that exists, so that the garbage collector leaves it alone).
+        holder = cluster.api.create(
+            f"/api/v1/namespaces/{namespace}/configmaps",
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "old-owner"}},
+        )
+        stale = cluster.api.create(
+            WORKER_METADATA.collection(namespace),
+            {
+                "apiVersion": "nvidia.com/v1alpha1",
+                "kind": "DynamoWorkerMetadata",
+                "metadata": {
+                    "name": "worker-r",
+                    "ownerReferences": [
+                        {"apiVersion": "v1", "kind": "ConfigMap", "name": "old-owner", "uid": holder["metadata"]["uid"]}
+                    ],
+                },
+                "spec": {"data": {"stale": True}},
+            },
+        )
     pod = cluster.start_pod(namespace, "worker-r", {"app": "w"}, service_account="limited")
     process = sidecars.start(pod, "w", service_account="limited")
 
     def readyz() -> str:
         return process.http_get("/readyz")[1]
+
+    if drop == ("pods", "get"):
+        # What breaks: the sidecar cannot tell whether its pod incarnation still exists, so a sidecar whose
+        # pod was force-deleted and replaced could not stop writing (tests/integration/test_hostile_owners.py).
+        # It says so once and fences as before: registration itself still works.
+        process.wait_ready()
+        fresh = cr(cluster, namespace, "worker-r")
+        assert fresh is not None and fresh["metadata"]["uid"] != stale["metadata"]["uid"]
+        hints = [
+            e for e in process.log_events() if e.get("event") == "cannot tell whether this pod incarnation still exists"
+        ]
+        assert len(hints) == 1
+        assert "grant get on pods (manifests/rbac.yaml)" in hints[0]["hint"]
+        return
 
     if drop is None or drop == ("dynamoworkermetadatas", "delete"):
         process.wait_ready()
@@ -301,15 +348,24 @@ def test_admission_policy_limits_a_pod_to_its_own_cr(
     token = cluster.pod_bound_token(namespace, "discovery-sidecar", mine)
     api = KubeApi.from_kubeconfig(str(write_token_kubeconfig(control_plane, token, tmp_path / "own.kubeconfig")))
 
-    def body(name: str) -> dict:
+    def body(name: str, owner: dict | None = None) -> dict:
+        metadata: dict = {"name": name}
+        if owner is not None:  # the policy admits a pod's CR only when owned by that pod incarnation alone
+            ref = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "name": owner["metadata"]["name"],
+                "uid": owner["metadata"]["uid"],
+            }
+            metadata["ownerReferences"] = [ref]
         return {
             "apiVersion": "nvidia.com/v1alpha1",
             "kind": "DynamoWorkerMetadata",
-            "metadata": {"name": name},
+            "metadata": metadata,
             "spec": {"data": {}},
         }
 
-    created = api.apply(WORKER_METADATA.item(namespace, "own-pod"), body("own-pod"), "discovery-sidecar")
+    created = api.apply(WORKER_METADATA.item(namespace, "own-pod"), body("own-pod", mine), "discovery-sidecar")
     assert created["metadata"]["name"] == "own-pod"
 
     with pytest.raises(ApiError) as create_other:
@@ -337,7 +393,7 @@ def test_admission_policy_limits_a_pod_to_its_own_cr(
     )["status"]["token"]
     plain = KubeApi.from_kubeconfig(str(write_token_kubeconfig(control_plane, unbound, tmp_path / "plain.kubeconfig")))
     with pytest.raises(ApiError) as no_pod:
-        plain.apply(WORKER_METADATA.item(namespace, "own-pod"), body("own-pod"), "discovery-sidecar")
+        plain.apply(WORKER_METADATA.item(namespace, "own-pod"), body("own-pod", mine), "discovery-sidecar")
     assert no_pod.value.status == 403 and "without a pod-bound token" in no_pod.value.message
     api.delete(WORKER_METADATA.item(namespace, "own-pod"))  # its own: allowed
     assert cr(cluster, namespace, "own-pod") is None

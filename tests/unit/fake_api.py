@@ -1,7 +1,7 @@
 """A scripted stand-in for ``sidecar.kube.api.KubeApi``, and a ``SourceStore`` that records what it is told.
 
 ``ScriptedApi`` answers the calls the reflector and the registrar make (``get``, ``stream``, ``apply``,
-``delete``) from a script per method, and records every call, so a test says what the API server
+``merge_patch``, ``delete``) from a script per method, and records every call, so a test says what the API server
 answers and then asserts exactly what was sent (the resourceVersion a watch resumed from, continue
 tokens, label selectors, DeleteOptions preconditions).
 
@@ -39,9 +39,15 @@ from sidecar.kube.api import ApiError, BytesObserver, KubeApi, Query, RequestObs
 DEADLINE = 5.0
 """How long a test waits for something that should happen at once (generous: only failures wait it out)."""
 
-Method = Literal["get", "stream", "apply", "delete"]
-METHODS: tuple[Method, ...] = ("get", "stream", "apply", "delete")
-_HTTP_METHOD: dict[Method, str] = {"get": "GET", "stream": "GET", "apply": "PATCH", "delete": "DELETE"}
+Method = Literal["get", "stream", "apply", "merge_patch", "delete"]
+METHODS: tuple[Method, ...] = ("get", "stream", "apply", "merge_patch", "delete")
+_HTTP_METHOD: dict[Method, str] = {
+    "get": "GET",
+    "stream": "GET",
+    "apply": "PATCH",
+    "merge_patch": "PATCH",
+    "delete": "DELETE",
+}
 
 
 class ScriptExhausted(AssertionError):
@@ -168,6 +174,9 @@ class ScriptedApi:
     def on_apply(self, *steps: Any) -> ScriptedApi:
         return self.script("apply", *steps)
 
+    def on_merge_patch(self, *steps: Any) -> ScriptedApi:
+        return self.script("merge_patch", *steps)
+
     def on_delete(self, *steps: Any) -> ScriptedApi:
         return self.script("delete", *steps)
 
@@ -207,6 +216,10 @@ class ScriptedApi:
 
     def apply(self, path: str, body: Mapping[str, Any], field_manager: str, force: bool = True) -> dict[str, Any]:
         call = Call("apply", path, body=copy.deepcopy(dict(body)), field_manager=field_manager, force=force)
+        return cast(dict[str, Any], self._serve(call))
+
+    def merge_patch(self, path: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        call = Call("merge_patch", path, body=copy.deepcopy(dict(patch)))
         return cast(dict[str, Any], self._serve(call))
 
     def delete(self, path: str, body: Mapping[str, Any] | None = None, query: Query = ()) -> dict[str, Any]:

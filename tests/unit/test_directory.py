@@ -70,7 +70,11 @@ def make_slice(name: str, endpoints: list[dict[str, Any]], ports: tuple[int, ...
     )
 
 
-def make_cr(name: str, owner: str | None, data: Any, labels: Mapping[str, str] | None = None) -> MetadataRecord:
+Owners = str | tuple[str, ...] | None
+"""A CR's owner pod UIDs: one, several (extra owners merged into its ownerReferences), or none."""
+
+
+def make_cr(name: str, owner: Owners, data: Any, labels: Mapping[str, str] | None = None) -> MetadataRecord:
     meta: dict[str, Any] = {
         "name": name,
         "namespace": NS,
@@ -78,8 +82,9 @@ def make_cr(name: str, owner: str | None, data: Any, labels: Mapping[str, str] |
         "resourceVersion": str(next(_rv)),
         "labels": dict(labels or {}),
     }
-    if owner is not None:
-        meta["ownerReferences"] = [{"apiVersion": "v1", "kind": "Pod", "name": name, "uid": owner}]
+    owners = (owner,) if isinstance(owner, str) else owner or ()
+    if owners:
+        meta["ownerReferences"] = [{"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid} for uid in owners]
     return parse_worker_metadata({"metadata": meta, "spec": {"data": data}})
 
 
@@ -293,7 +298,9 @@ def test_invalid_metadata_update_keeps_the_peer() -> None:
 PODS = ("pod-a", "pod-b", "pod-c")
 UIDS = tuple(f"{pod}-{n}" for pod in PODS for n in (1, 2))
 SLICES = ("s1", "s2", "s3")
-CRS = (*PODS, "extra")  # "extra" is a CR not named after any pod (two CRs may claim one pod)
+# "extra" is a CR not named after any pod: it may claim any pod as its owner, and must never lend one data
+# (only the CR named after a pod does). CRs may also list several owners (extra ownerReferences).
+CRS = (*PODS, "extra")
 ADDRESSES = ("10.0.0.1", "10.0.0.2", "fd00::1")
 VALID_DATA = (
     {},
@@ -338,11 +345,15 @@ labels_st = st.fixed_dictionaries({}, optional={"role": st.sampled_from(["prefil
 data_st = st.one_of(st.sampled_from(VALID_DATA), st.sampled_from(VALID_DATA), st.sampled_from(INVALID_DATA))
 
 
-def cr_content_st(name: str) -> st.SearchStrategy[tuple[str | None, Any, dict[str, str]]]:
-    # Mostly owned by one of the incarnations of the pod it is named after, sometimes by anyone or no one.
+def cr_content_st(name: str) -> st.SearchStrategy[tuple[Owners, Any, dict[str, str]]]:
+    # Mostly owned by one of the incarnations of the pod it is named after, sometimes by anyone or no one,
+    # sometimes by its pod plus others (extra owners merged in behind the registrar's back).
     own = st.sampled_from([uid for uid in UIDS if pod_name(uid) == name] or list(UIDS))
+    several = st.tuples(own, st.lists(st.sampled_from(UIDS), min_size=1, max_size=3, unique=True)).map(
+        lambda first_rest: (first_rest[0], *(u for u in first_rest[1] if u != first_rest[0]))
+    )
     return st.tuples(
-        st.one_of(own, own, own, st.sampled_from((*UIDS, None))),
+        st.one_of(own, own, own, st.sampled_from((*UIDS, None)), several),
         data_st,
         labels_st,
     )
@@ -390,7 +401,7 @@ class Truth:
             self.slices[key(name)] = view
         return view
 
-    def set_cr(self, name: str, content: tuple[str | None, Any, dict[str, str]] | None) -> MetadataRecord | None:
+    def set_cr(self, name: str, content: tuple[Owners, Any, dict[str, str]] | None) -> MetadataRecord | None:
         record = None if content is None else make_cr(name, *content)
         if record is None:
             self.crs.pop(key(name), None)
@@ -418,11 +429,13 @@ class Truth:
             live = [e for _, e in listed if e.ready or (e.serving and e.terminating)]
             if not live:
                 continue
-            claims = [k for k, r in self.crs.items() if uid in r.owner_pod_uids]
+            name = pod_name(uid)
+            # Only the CR named after the pod, and owning it, speaks for it: an "extra" CR, or a CR naming
+            # this pod among other owners, never lends it data.
+            claims = [k for k, r in self.crs.items() if r.name == name and uid in r.owner_pod_uids]
             if not claims:
                 continue
-            name = pod_name(uid)
-            chosen = min(claims, key=lambda k: (self.crs[k].name != name, self.crs[k].name, k))
+            (chosen,) = claims
             record: MetadataRecord | None = self.crs[chosen]
             if record is not None and record.problem is not None:
                 fallback = self.last_valid.get(chosen)
@@ -514,8 +527,7 @@ class ModelRun:
             current = truth.crs.get(key(name))
             content = None
             if current is not None:
-                owner = current.owner_pod_uids[0] if current.owner_pod_uids else None
-                content = (owner, new_data, dict(current.labels))
+                content = (current.owner_pod_uids or None, new_data, dict(current.labels))
             got = directory.apply(CR_SOURCE, key(name), truth.set_cr(name, content))
             truth.observe_cr(key(name))
         elif op == "endpoint":
@@ -674,7 +686,9 @@ def random_cr_change(rng: random.Random) -> tuple[str, Any]:
     if rng.random() < 0.15:
         return name, None
     own = [uid for uid in UIDS if pod_name(uid) == name] or list(UIDS)
-    owner = rng.choice(own) if rng.random() < 0.8 else rng.choice([*UIDS, None])
+    owner: Owners = rng.choice(own) if rng.random() < 0.8 else rng.choice([*UIDS, None])
+    if owner is not None and rng.random() < 0.15:  # extra owners on top
+        owner = (owner, *(u for u in rng.sample(UIDS, rng.randint(1, 3)) if u != owner))
     labels = {
         k: v
         for k, v in (("role", rng.choice(["prefill", "decode", None])), ("zone", rng.choice(["a", None])))

@@ -203,12 +203,19 @@ def test_last_valid_data_does_not_cross_incarnations() -> None:
     assert join.peer("u-old") is None
 
 
-def test_cr_named_after_the_pod_wins_when_two_claim_it() -> None:
+def owned_by_several(name: str, owner_uids: tuple[str, ...], data: Any) -> MetadataRecord:
+    """A CR named ``name`` listing several pods as owners (what a merge patch of ownerReferences can make)."""
+    refs = [{"kind": "Pod", "name": f"pod-of-{uid}", "uid": uid, "apiVersion": "v1"} for uid in owner_uids]
+    meta = {"name": name, "namespace": NS, "uid": f"cr-{name}", "ownerReferences": refs}
+    return parse_worker_metadata({"metadata": meta, "spec": {"data": data}})
+
+
+def test_only_the_cr_named_after_the_pod_lends_it_data() -> None:
+    """Dynamo's rule: a CR owned by the pod but named otherwise never joins it, not even as a fallback."""
     join = PeerJoin()
     join.upsert(key("s1"), slice_view("s1", [ep("u1", "pod-1")]))
     join.upsert(key("aaa-other"), cr("aaa-other", "u1", {"endpoints": {"other": 1}}))
-    peer = join.peer("u1")
-    assert peer is not None and peer.instance_id == instance_id("aaa-other")
+    assert join.peer("u1") is None, "a CR not named after the pod must not lend it data"
     join.upsert(key("pod-1"), cr("pod-1", "u1", {"endpoints": {"own": 1}}))
     peer = join.peer("u1")
     assert peer is not None
@@ -222,16 +229,96 @@ def test_cr_named_after_the_pod_wins_when_two_claim_it() -> None:
     join.delete(key("aaa-other"))
     peer = join.peer("u1")
     assert peer is not None and peer.data == {"endpoints": {"own": 1}}
+    # the own CR gone: the other CR does not step in
+    join.upsert(key("aaa-other"), cr("aaa-other", "u1", {"endpoints": {"other": 2}}))
+    join.delete(key("pod-1"))
+    assert join.peer("u1") is None
+
+
+def test_extra_owners_on_a_cr_never_lend_its_data_to_other_pods() -> None:
+    """Pod A's CR listing pods B and C as owners too: A joins with it, B and C (ready, no CR) do not."""
+    join = PeerJoin()
+    join.upsert(key("s1"), slice_view("s1", [ep("ua", "pod-a"), ep("ub", "pod-b"), ep("uc", "pod-c")]))
+    affected = join.upsert(key("pod-a"), owned_by_several("pod-a", ("ua", "ub", "uc"), {"endpoints": {"a": 1}}))
+    assert affected == {"ua", "ub", "uc"}, "every claimed owner is re-evaluated"
+    peer_a = join.peer("ua")
+    assert peer_a is not None and peer_a.data == {"endpoints": {"a": 1}}
+    assert join.peer("ub") is None
+    assert join.peer("uc") is None
+    # C registers its own CR: it joins with its own data, never A's
+    join.upsert(key("pod-c"), cr("pod-c", "uc", {"endpoints": {"c": 1}}))
+    peer_c = join.peer("uc")
+    assert peer_c is not None and peer_c.data == {"endpoints": {"c": 1}}
+    assert peer_c.instance_id == instance_id("pod-c")
+    # A's CR turning invalid: A keeps its last valid data only while its owners stay the same
+    join.upsert(key("pod-a"), owned_by_several("pod-a", ("ua", "ub", "uc"), "broken"))
+    peer_a = join.peer("ua")
+    assert peer_a is not None and peer_a.data == {"endpoints": {"a": 1}}
+    assert join.peer("ub") is None
+    # the extra owners removed again (the registrar's repair): nothing changes for B and C
+    join.upsert(key("pod-a"), cr("pod-a", "ua", {"endpoints": {"a": 2}}))
+    peer_a = join.peer("ua")
+    assert peer_a is not None and peer_a.data == {"endpoints": {"a": 2}}
+    assert join.peer("ub") is None
+    peer_c = join.peer("uc")
+    assert peer_c is not None and peer_c.data == {"endpoints": {"c": 1}}
+
+
+def test_a_cr_named_after_a_pod_but_owned_by_another_never_joins_either() -> None:
+    """The name alone is not enough: the CR named after pod C but owned only by A lends C nothing, nor A."""
+    join = PeerJoin()
+    join.upsert(key("s1"), slice_view("s1", [ep("ua", "pod-a"), ep("uc", "pod-c")]))
+    join.upsert(key("pod-c"), cr("pod-c", "ua", {"endpoints": {}}))
+    assert join.peer("ua") is None
+    assert join.peer("uc") is None
+
+
+def test_a_cr_of_the_pods_name_in_another_namespace_never_joins() -> None:
+    """Named after the pod and claiming its UID, but in another namespace: not the pod's CR."""
+    join = PeerJoin()
+    join.upsert(key("s1"), slice_view("s1", [ep("u1", "pod-1")]))
+    elsewhere = parse_worker_metadata(
+        {
+            "metadata": {
+                "name": "pod-1",
+                "namespace": "elsewhere",
+                "uid": "cr-x",
+                "ownerReferences": [{"kind": "Pod", "name": "pod-1", "uid": "u1", "apiVersion": "v1"}],
+            },
+            "spec": {"data": {"endpoints": {"x": 1}}},
+        }
+    )
+    join.upsert("elsewhere/pod-1", elsewhere)
+    assert join.peer("u1") is None
+    join.upsert(key("pod-1"), cr("pod-1", "u1", {"endpoints": {"own": 1}}))
+    peer = join.peer("u1")
+    assert peer is not None and peer.data == {"endpoints": {"own": 1}} and peer.namespace == NS
 
 
 def test_instance_id_from_cr_name_and_name_from_slice() -> None:
     join = PeerJoin()
-    join.upsert(key("s1"), slice_view("s1", [ep("u1", "")]))  # targetRef without a name
+    join.upsert(key("s1"), slice_view("s1", [ep("u1", "worker-0")]))
     join.upsert(key("worker-0"), cr("worker-0", "u1", {}))
     peer = join.peer("u1")
     assert peer is not None
-    assert peer.name == "worker-0"  # falls back to the CR name
+    assert peer.name == "worker-0"
     assert peer.instance_id == 1186445869714687
+
+
+def test_an_endpoint_that_does_not_name_its_pod_never_joins() -> None:
+    """Without the pod's name there is no CR named after it: a targetRef without a name cannot be joined
+    (it used to fall back to any CR owning the UID, which is how a CR claiming other pods lent them data)."""
+    join = PeerJoin()
+    join.upsert(key("s1"), slice_view("s1", [ep("u1", "")]))  # targetRef without a name
+    join.upsert(key("worker-0"), cr("worker-0", "u1", {}))
+    assert join.peer("u1") is None
+    # another slice naming the pod: now the CR named after it is found
+    join.upsert(key("s2"), slice_view("s2", [ep("u1", "worker-0", addresses=("10.0.0.2",))]))
+    peer = join.peer("u1")
+    assert peer is not None
+    assert peer.name == "worker-0"
+    assert peer.instance_id == 1186445869714687
+    assert peer.addresses == ("10.0.0.1", "10.0.0.2")
 
 
 def test_mutators_return_affected_uids_and_noops_return_nothing() -> None:

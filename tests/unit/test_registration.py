@@ -1,5 +1,6 @@
 """The registrar on a scripted API server (``tests.unit.fake_api``): fencing, apply, publish, the loop,
-following its own CR, and deregistration. The same against a real control plane, with real tokens, is
+following its own CR, a replaced pod incarnation stopping (superseded), owners added behind its back,
+and deregistration. The same against a real control plane, with real tokens, is
 covered in tests/integration/test_registration.py.
 """
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -17,7 +19,7 @@ import urllib3
 
 from sidecar.config import PodIdentity
 from sidecar.kube.api import ApiError
-from sidecar.kube.registration import Registrar
+from sidecar.kube.registration import Registrar, Superseded, registration_error
 from sidecar.kube.sources import WORKER_METADATA
 from sidecar.metrics import Metrics
 from sidecar.ports import Forbidden, Invalid, NotFound, Registration, RegistrationError, Unavailable
@@ -26,6 +28,7 @@ from tests.unit.fake_api import DEADLINE, Call, ScriptedApi, gated
 NS = "ns"
 POD = PodIdentity("worker-0", NS, "uid-pod-new")
 PATH = "/apis/nvidia.com/v1alpha1/namespaces/ns/dynamoworkermetadatas/worker-0"
+POD_PATH = "/api/v1/namespaces/ns/pods/worker-0"
 LABELS = {"app": "w", "role": "decode"}
 FIELD_MANAGER = "discovery-sidecar"
 INITIAL: dict[str, Any] = {
@@ -38,6 +41,16 @@ NOT_FOUND = ApiError(404, "NotFound", 'dynamoworkermetadatas.nvidia.com "worker-
 CRD_MISSING = ApiError(404, "NotFound", "the server could not find the requested resource")
 CONFLICT = ApiError(409, "Conflict", "Precondition failed: UID in precondition: cr-old, UID in object meta: cr-x")
 FORBIDDEN = ApiError(403, "Forbidden", 'dynamoworkermetadatas.nvidia.com "worker-0" is forbidden')
+PODS_FORBIDDEN = ApiError(403, "Forbidden", 'pods "worker-0" is forbidden: cannot get resource "pods"')
+POD_NOT_FOUND = ApiError(404, "NotFound", 'pods "worker-0" not found')
+OWN_REF = {
+    "apiVersion": "v1",
+    "kind": "Pod",
+    "name": "worker-0",
+    "uid": "uid-pod-new",
+    "controller": False,
+    "blockOwnerDeletion": False,
+}
 
 
 def cr(
@@ -56,6 +69,18 @@ def cr(
         },
         "spec": {"data": dict(data if data is not None else INITIAL)},
     }
+
+
+def pod(uid: str) -> dict[str, Any]:
+    """The Pod named worker-0 as the API server returns it, incarnation ``uid``."""
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "worker-0", "namespace": NS, "uid": uid}}
+
+
+def with_owners(obj: dict[str, Any], *uids: str) -> dict[str, Any]:
+    """``obj`` with more Pod owner references appended (what a merge patch of ownerReferences makes)."""
+    for uid in uids:
+        obj["metadata"]["ownerReferences"].append({"apiVersion": "v1", "kind": "Pod", "name": f"p-{uid}", "uid": uid})
+    return obj
 
 
 def in_namespace(obj: dict[str, Any], namespace: str) -> dict[str, Any]:
@@ -106,11 +131,15 @@ def rig() -> Iterator[Rig]:
 # -- fencing -----------------------------------------------------------------------------------------------
 class TestFencing:
     def test_cr_of_another_incarnation_is_deleted_with_preconditions_then_applied(self, rig: Rig) -> None:
-        """A leftover CR owned by another pod UID is deleted, preconditioned on the uid and RV that were read."""
-        rig.api.on_get(cr("uid-pod-old", "cr-old", "7")).on_delete({"kind": "Status"}).on_apply(accepted())
+        """A leftover CR owned by another pod UID is deleted, preconditioned on the uid and RV that were read,
+        once the Pod of this name has been read and is this incarnation."""
+        rig.api.on_get(cr("uid-pod-old", "cr-old", "7"), pod(POD.uid)).on_delete({"kind": "Status"})
+        rig.api.on_apply(accepted())
         rig.registrar.apply()
 
-        assert rig.api.methods() == ["get", "delete", "apply"]
+        assert rig.api.methods() == ["get", "get", "delete", "apply"]
+        assert [c.path for c in rig.api.calls_of("get")] == [PATH, POD_PATH]
+        assert not rig.registrar.superseded
         (delete,) = rig.api.calls_of("delete")
         assert delete.path == PATH
         assert delete.body == {
@@ -118,24 +147,24 @@ class TestFencing:
             "kind": "DeleteOptions",
             "preconditions": {"uid": "cr-old", "resourceVersion": "7"},
         }
-        assert rig.api.calls_of("get")[0].path == PATH
 
     def test_conflict_on_delete_reads_again(self, rig: Rig) -> None:
         """409 on the fencing delete (the stale CR changed since it was read): read it again and retry."""
-        rig.api.on_get(cr("uid-pod-old", "cr-old", "7"), cr("uid-pod-old", "cr-old", "8"))
+        rig.api.on_get(cr("uid-pod-old", "cr-old", "7"), pod(POD.uid), cr("uid-pod-old", "cr-old", "8"))
         rig.api.on_delete(CONFLICT, {"kind": "Status"}).on_apply(accepted())
         rig.registrar.apply()
 
-        assert rig.api.methods() == ["get", "delete", "get", "delete", "apply"]
+        assert rig.api.methods() == ["get", "get", "delete", "get", "delete", "apply"]
+        assert [c.path for c in rig.api.calls_of("get")] == [PATH, POD_PATH, PATH], "the Pod is read once a pass"
         preconditions = [c.body["preconditions"] for c in rig.api.calls_of("delete")]
         assert preconditions == [{"uid": "cr-old", "resourceVersion": "7"}, {"uid": "cr-old", "resourceVersion": "8"}]
 
     def test_not_found_on_delete_proceeds(self, rig: Rig) -> None:
         """404 on the fencing delete: someone else removed it already; apply."""
-        rig.api.on_get(cr("uid-pod-old", "cr-old", "7")).on_delete(NOT_FOUND).on_apply(accepted())
+        rig.api.on_get(cr("uid-pod-old", "cr-old", "7"), pod(POD.uid)).on_delete(NOT_FOUND).on_apply(accepted())
         rig.registrar.apply()
 
-        assert rig.api.methods() == ["get", "delete", "apply"]
+        assert rig.api.methods() == ["get", "get", "delete", "apply"]
         assert rig.registrar.registered.is_set()
 
     def test_own_cr_is_left_alone(self, rig: Rig) -> None:
@@ -144,15 +173,16 @@ class TestFencing:
         rig.registrar.apply()
 
         assert rig.api.methods() == ["get", "apply"]
+        assert [c.path for c in rig.api.calls_of("get")] == [PATH], "no conflict: the Pod is not read"
 
     def test_same_uid_under_another_pod_name_is_not_ours(self, rig: Rig) -> None:
         """Ownership is the Pod's name and UID together: a reference naming another pod is fenced."""
         stale = cr(POD.uid, "cr-odd", "7")
         stale["metadata"]["ownerReferences"][0]["name"] = "worker-9"
-        rig.api.on_get(stale).on_delete({"kind": "Status"}).on_apply(accepted())
+        rig.api.on_get(stale, pod(POD.uid)).on_delete({"kind": "Status"}).on_apply(accepted())
         rig.registrar.apply()
 
-        assert rig.api.methods() == ["get", "delete", "apply"]
+        assert rig.api.methods() == ["get", "get", "delete", "apply"]
 
     def test_missing_crd_on_get_is_raised(self, rig: Rig) -> None:
         """404 "could not find the requested resource" means the CRD is not served: raise, apply nothing."""
@@ -342,9 +372,11 @@ class TestRunLoop:
 # -- following its own CR ----------------------------------------------------------------------------------
 class TestObserve:
     def test_deletion_of_own_cr_reapplies_it(self, rig: Rig) -> None:
-        """DELETED of our CR (not while deregistering) marks us unregistered and wakes the loop to re-apply."""
+        """DELETED of our CR (not while deregistering) marks us unregistered and wakes the loop to re-apply,
+        once the Pod read first shows this incarnation is still the pod."""
         reapply = threading.Event()
-        rig.api.on_get(NOT_FOUND, gated(reapply, NOT_FOUND)).on_apply(accepted("cr-1", "11"), accepted("cr-2", "20"))
+        rig.api.on_get(NOT_FOUND, gated(reapply, pod(POD.uid)), NOT_FOUND)
+        rig.api.on_apply(accepted("cr-1", "11"), accepted("cr-2", "20"))
         rig.registrar.start()
         assert rig.registrar.registered.wait(DEADLINE)
 
@@ -358,6 +390,7 @@ class TestObserve:
         assert rig.registrar.registered.wait(DEADLINE)
         assert rig.registrar.registration().resource_version == "20"
         assert rig.applied_bodies()[1]["spec"]["data"] == INITIAL
+        assert [c.path for c in rig.api.calls_of("get")] == [PATH, POD_PATH, PATH]
 
     def test_cr_taken_over_by_another_owner_is_fenced_and_reapplied(self, rig: Rig) -> None:
         """A MODIFIED CR of our name owned by someone else wakes the loop, which fences it and applies ours."""
@@ -365,13 +398,15 @@ class TestObserve:
         rig.registrar.start()
         assert rig.registrar.registered.wait(DEADLINE)
         foreign = cr("uid-pod-other", "cr-foreign", "30")
-        rig.api.on_get(foreign).on_delete({"kind": "Status"}).on_apply(accepted("cr-2", "31"))
+        rig.api.on_get(pod(POD.uid), foreign).on_delete({"kind": "Status"}).on_apply(accepted("cr-2", "31"))
 
         rig.registrar.observe("MODIFIED", foreign)
         rig.api.wait_for_calls("apply", 2)
 
-        assert rig.api.methods() == ["get", "apply", "get", "delete", "apply"]
+        assert rig.api.methods() == ["get", "apply", "get", "get", "delete", "apply"]
+        assert [c.path for c in rig.api.calls_of("get")] == [PATH, POD_PATH, PATH], "the Pod first, once"
         assert rig.api.calls_of("delete")[0].body["preconditions"] == {"uid": "cr-foreign", "resourceVersion": "30"}
+        assert not rig.registrar.superseded
 
     @pytest.mark.parametrize(
         "obj",
@@ -392,7 +427,6 @@ class TestObserve:
         assert registered_gauge(rig.registrar) == 1
         rig.api.on_delete({"kind": "Status"})
         assert rig.registrar.deregister(timeout=0.05) is False, "another CR's deletion does not confirm ours"
-
 
     @pytest.mark.parametrize(
         "obj",
@@ -505,3 +539,217 @@ class TestDeregister:
         assert rig.api.methods() == ["get", "apply", "delete"], "nothing may be sent after the deregistering delete"
         assert error is not None, "publish must fail once deregistration started"
         assert not rig.registrar.registered.is_set()
+
+
+# -- a replaced pod incarnation stops writing (superseded) -------------------------------------------------
+SUPERSEDED_BY_NEWER = (
+    "this pod incarnation (uid uid-pod-new) no longer exists: pod worker-0 is now uid uid-pod-newer"
+    " — the sidecar stopped writing"
+)
+SUPERSEDED_BY_DELETION = (
+    "this pod incarnation (uid uid-pod-new) no longer exists: pod worker-0 was deleted — the sidecar stopped writing"
+)
+
+
+class TestSuperseded:
+    @pytest.mark.parametrize(
+        ("pod_answer", "message"),
+        [(pod("uid-pod-newer"), SUPERSEDED_BY_NEWER), (POD_NOT_FOUND, SUPERSEDED_BY_DELETION)],
+        ids=["pod-has-another-uid", "pod-is-gone"],
+    )
+    def test_a_cr_of_another_owner_with_our_pod_gone_supersedes_without_writing(
+        self, rig: Rig, pod_answer: Any, message: str
+    ) -> None:
+        """Fencing would delete the newer incarnation's CR: the Pod read first shows this incarnation is the
+        stale one, so nothing is deleted or applied, now or ever, and problems() says why."""
+        rig.api.on_get(cr("uid-pod-newer", "cr-newer", "40"), pod_answer)
+        with structlog.testing.capture_logs() as logs, pytest.raises(Superseded) as raised:
+            rig.registrar.apply()
+
+        assert str(raised.value) == message
+        assert isinstance(raised.value, Forbidden), "retrying will not help: the gRPC layer says PERMISSION_DENIED"
+        assert rig.api.methods() == ["get", "get"], "no delete, no apply"
+        assert rig.registrar.superseded
+        assert rig.registrar.problems() == [message]
+        assert not rig.registrar.registered.is_set()
+        assert rig.registrar.registration().registered is False
+        assert registered_gauge(rig.registrar) == 0
+        (line,) = [e for e in logs if e["event"] == "pod incarnation superseded: the sidecar stopped writing"]
+        assert line["log_level"] == "error" and line["reason"] == message
+
+        # for good: nothing more is sent, whatever asks
+        with structlog.testing.capture_logs() as later:
+            with pytest.raises(Superseded):
+                rig.registrar.apply()
+            with pytest.raises(Superseded):
+                rig.registrar.publish({"endpoints": {}}, merge=False)
+        assert rig.api.methods() == ["get", "get"]
+        assert rig.registrar.registration().data == INITIAL, "a refused publish keeps the previous data"
+        assert not [e for e in later if e["event"].startswith("pod incarnation superseded")], "logged once"
+
+    def test_forbidden_pod_read_logs_a_hint_once_and_fences_as_before(self, rig: Rig) -> None:
+        """Without get on pods the check cannot be made: fencing goes on as it always did, with one hint."""
+        rig.api.on_get(cr("uid-pod-old", "cr-old", "7"), PODS_FORBIDDEN, cr("uid-pod-old", "cr-old2", "9"))
+        rig.api.on_get(PODS_FORBIDDEN)
+        rig.api.on_delete({"kind": "Status"}, {"kind": "Status"}).on_apply(accepted(), accepted())
+        with structlog.testing.capture_logs() as logs:
+            rig.registrar.apply()
+            rig.registrar.apply()
+
+        assert rig.api.methods() == ["get", "get", "delete", "apply"] * 2
+        assert not rig.registrar.superseded
+        assert rig.registrar.registered.is_set()
+        hints = [e for e in logs if e["event"] == "cannot tell whether this pod incarnation still exists"]
+        assert len(hints) == 1
+        assert "get on pods (manifests/rbac.yaml)" in hints[0]["hint"]
+        assert "forbidden to get this pod" in hints[0]["reason"]
+
+    @pytest.mark.parametrize(
+        "error",
+        [ApiError(500, "InternalError", "etcdserver: leader changed"), ConnectionRefusedError(111, "refused")],
+        ids=["500", "refused"],
+    )
+    def test_unanswered_pod_read_deletes_nothing(self, rig: Rig, error: Exception) -> None:
+        """Whose the name is cannot be told: nothing is deleted this pass; the next pass asks again."""
+        rig.api.on_get(cr("uid-pod-other", "cr-other", "7"), error)
+        with pytest.raises(type(error)):
+            rig.registrar.apply()
+        assert rig.api.methods() == ["get", "get"]
+        assert not rig.registrar.superseded
+
+        rig.api.on_get(cr("uid-pod-other", "cr-other", "7"), pod(POD.uid)).on_delete({"kind": "Status"})
+        rig.api.on_apply(accepted())
+        rig.registrar.apply()
+        assert rig.api.methods()[2:] == ["get", "get", "delete", "apply"]
+
+    @pytest.mark.parametrize(
+        ("kind", "obj"),
+        [("MODIFIED", cr("uid-pod-newer", "cr-newer", "40")), ("DELETED", cr(POD.uid, "cr-1", "12"))],
+        ids=["taken-over", "deleted-by-the-new-incarnations-fencing"],
+    )
+    def test_the_watch_showing_another_owner_makes_the_loop_read_the_pod_first(
+        self, rig: Rig, kind: str, obj: dict[str, Any]
+    ) -> None:
+        """The fight of the reliability run: the old incarnation's sidecar sees the new one's CR (or its own
+        deleted by the new one's fencing) and would re-apply. Its next pass reads the Pod before anything else
+        (even if the CR looked like its own again by then), finds another UID and stops: no GET of the CR, no
+        delete, no apply. The thread stays alive (liveness) until stopped."""
+        rig.api.on_get(NOT_FOUND).on_apply(accepted("cr-1", "11"))
+        thread = rig.registrar.start()
+        assert rig.registrar.registered.wait(DEADLINE)
+        rig.api.on_get(pod("uid-pod-newer"))
+
+        rig.registrar.observe(kind, obj)
+        rig.api.wait_for_calls("get", 2)
+
+        assert rig.api.methods() == ["get", "apply", "get"]
+        assert rig.api.calls_of("get")[1].path == POD_PATH
+        wait_until(lambda: rig.registrar.superseded)
+        assert rig.registrar.problems() == [SUPERSEDED_BY_NEWER]
+        assert thread.is_alive(), "superseded is not dead: the loop idles until the daemon stops it"
+        # what the watch says next (the new incarnation's CR changing, or deleted) wakes nothing
+        for kind in ("ADDED", "MODIFIED", "DELETED"):
+            rig.registrar.observe(kind, cr("uid-pod-newer", "cr-newer", "41"))
+            rig.registrar.observe(kind, cr(POD.uid, "cr-1", "42"))
+        assert rig.api.methods() == ["get", "apply", "get"]
+        assert rig.registrar.deregister(timeout=DEADLINE) is True
+        assert not thread.is_alive()
+        assert rig.api.methods() == ["get", "apply", "get"], "deregistering deletes nothing: the CR is the new pod's"
+
+    def test_a_superseded_registrar_deregisters_nothing(self, rig: Rig) -> None:
+        """SIGTERM after being superseded: no delete at all (even UID-preconditioned: the new incarnation may
+        have taken over the very object this one applied)."""
+        rig.register(uid="cr-mine")
+        rig.api.on_get(cr("uid-pod-newer", "cr-mine", "50"), pod("uid-pod-newer"))
+        with pytest.raises(Superseded):
+            rig.registrar.apply()
+        with structlog.testing.capture_logs() as logs:
+            assert rig.registrar.deregister(timeout=DEADLINE) is True
+        assert "delete" not in rig.api.methods()
+        assert any(e["event"].startswith("not deregistering: this pod incarnation was superseded") for e in logs)
+
+    @pytest.mark.parametrize(
+        ("pod_answer", "deleted"),
+        [(pod("uid-pod-newer"), False), (pod(POD.uid), True)],
+        ids=["replaced-no-delete", "still-ours-deletes"],
+    )
+    def test_deregister_with_an_unchecked_conflict_reads_the_pod_first(
+        self, rig: Rig, pod_answer: dict[str, Any], deleted: bool
+    ) -> None:
+        """The watch showed the CR of this name owned by another UID and no pass has checked it yet: the Pod is
+        read before the deregistering delete, which is skipped when this incarnation was replaced."""
+        rig.register(uid="cr-mine")
+        rig.registrar.observe("MODIFIED", cr("uid-pod-newer", "cr-mine", "50"))
+        rig.api.on_get(pod_answer)
+        if deleted:
+            rig.api.on_delete(CONFLICT)  # (the new incarnation's object: the UID precondition protects it)
+        assert rig.registrar.deregister(timeout=DEADLINE) is True
+        assert rig.api.methods() == ["get", "apply", "get", *(["delete"] if deleted else [])]
+        assert rig.api.calls_of("get")[1].path == POD_PATH
+        assert rig.registrar.superseded is not deleted
+
+
+# -- owners added behind the registrar's back --------------------------------------------------------------
+class TestExtraOwners:
+    def test_extra_owners_are_removed_with_a_merge_patch_guarded_by_the_resource_version(self, rig: Rig) -> None:
+        """Our CR listing other pods too: a merge patch sets exactly our owner reference (server-side apply
+        would leave entries another field manager added, and the admission policy refuses such an apply)."""
+        rig.api.on_get(with_owners(cr(POD.uid, "cr-mine", "7"), "uid-pod-b", "uid-pod-c"))
+        rig.api.on_merge_patch(cr(POD.uid, "cr-mine", "8")).on_apply(accepted("cr-mine", "9"))
+        with structlog.testing.capture_logs() as logs:
+            rig.registrar.apply()
+
+        assert rig.api.methods() == ["get", "merge_patch", "apply"], "not a conflict: the Pod is not read"
+        (patch,) = rig.api.calls_of("merge_patch")
+        assert patch.path == PATH
+        assert patch.body == {"metadata": {"resourceVersion": "7", "ownerReferences": [OWN_REF]}}
+        assert rig.applied_bodies()[0]["metadata"]["ownerReferences"] == [OWN_REF]
+        (line,) = [e for e in logs if e["event"] == "removing owners this pod did not put on its CR"]
+        assert line["owners"] == [("Pod", "p-uid-pod-b", "uid-pod-b"), ("Pod", "p-uid-pod-c", "uid-pod-c")]
+
+    def test_conflict_on_the_owner_patch_reads_again(self, rig: Rig) -> None:
+        """409: the CR changed since it was read; read it again (now clean: nothing to patch) and apply."""
+        rig.api.on_get(with_owners(cr(POD.uid, "cr-mine", "7"), "uid-pod-c"), cr(POD.uid, "cr-mine", "8"))
+        rig.api.on_merge_patch(ApiError(409, "Conflict", "the object has been modified")).on_apply(accepted())
+        rig.registrar.apply()
+
+        assert rig.api.methods() == ["get", "merge_patch", "get", "apply"]
+
+    def test_another_uid_under_our_name_in_the_owners_is_an_extra_owner(self, rig: Rig) -> None:
+        """An owner reference with our name but another UID (or our UID under another kind) is not ours."""
+        obj = cr(POD.uid, "cr-mine", "7")
+        obj["metadata"]["ownerReferences"] += [
+            {"apiVersion": "v1", "kind": "Pod", "name": "worker-0", "uid": "uid-pod-old"},
+            {"apiVersion": "v1", "kind": "ConfigMap", "name": "worker-0", "uid": POD.uid},
+        ]
+        rig.api.on_get(obj).on_merge_patch(cr(POD.uid, "cr-mine", "8")).on_apply(accepted())
+        rig.registrar.apply()
+
+        assert rig.api.calls_of("merge_patch")[0].body["metadata"]["ownerReferences"] == [OWN_REF]
+
+    def test_the_watch_showing_extra_owners_wakes_the_loop_to_remove_them(self, rig: Rig) -> None:
+        rig.api.on_get(NOT_FOUND).on_apply(accepted("cr-1", "11"))
+        rig.registrar.start()
+        assert rig.registrar.registered.wait(DEADLINE)
+        tampered = with_owners(cr(POD.uid, "cr-1", "12"), "uid-pod-c")
+        rig.api.on_get(tampered).on_merge_patch(cr(POD.uid, "cr-1", "13")).on_apply(accepted("cr-1", "14"))
+
+        rig.registrar.observe("MODIFIED", tampered)
+        rig.api.wait_for_calls("apply", 2)
+
+        assert rig.api.methods() == ["get", "apply", "get", "merge_patch", "apply"]
+        assert not rig.registrar.superseded
+
+
+def test_unauthorized_says_a_pod_bound_token_dies_with_its_pod() -> None:
+    """401: the credentials were rejected; the sentence names the usual cause (the pod was replaced)."""
+    error = registration_error(ApiError(401, "Unauthorized", "Unauthorized"), "register")
+    assert isinstance(error, Forbidden)
+    assert "pod-bound token stops working once its pod is deleted or replaced" in str(error)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = DEADLINE) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"condition not met within {timeout}s"
+        time.sleep(0.01)
