@@ -230,7 +230,7 @@ class Cluster:
     def register_like_dynamo(
         self, pod: Mapping[str, Any], data: Mapping[str, Any] | None = None, field_manager: str = "dynamo"
     ) -> dict[str, Any]:
-        """Server-side apply of the pod's CR, owned by the pod (controller false), as Dynamo does."""
+        """Server-side apply of the pod's CR, owned by the pod (controller true), as Dynamo 1.6.1 does."""
         meta = pod["metadata"]
         body = {
             "apiVersion": "nvidia.com/v1alpha1",
@@ -244,7 +244,7 @@ class Cluster:
                         "kind": "Pod",
                         "name": meta["name"],
                         "uid": meta["uid"],
-                        "controller": False,
+                        "controller": True,
                         "blockOwnerDeletion": False,
                     }
                 ],

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
+from sidecar.core.dynamo_schema import dynamo_metadata_problem
 from sidecar.core.resources import validate_worker_data
 from sidecar.core.selectors import (
     EVERYTHING,
@@ -153,6 +154,8 @@ def parse_json_object(text: str) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise ValueError(f"invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     problem = validate_worker_data(value)
+    if problem is None and isinstance(value, dict):
+        problem = dynamo_metadata_problem(value)  # what this pod publishes must be readable by Dynamo
     if problem:
         raise ValueError(problem.replace("spec.data", "the metadata"))
     assert isinstance(value, dict), "validate_worker_data accepts JSON objects only"

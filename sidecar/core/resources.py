@@ -62,7 +62,9 @@ def parse_endpoint_slice(obj: Mapping[str, Any]) -> ReadinessRecord:
         if target.get("kind") != "Pod" or not target.get("uid"):
             continue  # only pod-backed endpoints can be joined with a pod's metadata
         conditions = raw.get("conditions") or {}
-        ready = _condition(conditions, "ready", True)
+        # Kubernetes leaves an unset ``ready`` to the consumer; Dynamo reads it as not ready, and so must we,
+        # or the two would disagree about a peer (the EndpointSlice controller always sets it).
+        ready = _condition(conditions, "ready", False)
         entries.append(
             EndpointEntry(
                 pod_uid=target["uid"],

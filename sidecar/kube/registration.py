@@ -1,6 +1,6 @@
 """This pod's own ``DynamoWorkerMetadata``: apply it, keep it, fence stale ones, and withdraw it.
 
-* The CR is named after the pod, owned by the Pod (name + UID, ``controller: false``,
+* The CR is named after the pod, owned by the Pod (name + UID, ``controller: true``,
   ``blockOwnerDeletion: false``, as Dynamo writes it) so garbage collection removes it with the pod,
   and written with server-side apply under one field manager.
 * Fencing at start-up: a CR left by an earlier incarnation of this pod name (another UID) is deleted
@@ -36,6 +36,7 @@ import structlog
 
 from sidecar.config import PodIdentity
 from sidecar.core.backoff import Backoff
+from sidecar.core.dynamo_schema import dynamo_metadata_problem
 from sidecar.core.merge_patch import apply_merge_patch
 from sidecar.core.resources import validate_worker_data
 from sidecar.kube.api import CONNECTION_ERRORS, ApiError, KubeApi, ResourcePath
@@ -159,7 +160,7 @@ class Registrar:
                 "kind": "Pod",
                 "name": self.identity.name,
                 "uid": self.identity.uid,
-                "controller": False,
+                "controller": True,  # as Dynamo 1.6.1 writes it for a pod-named CR
                 "blockOwnerDeletion": False,
             }
         ]
@@ -365,7 +366,7 @@ class Registrar:
             with self._state_lock:
                 previous = self._data
             new = apply_merge_patch(previous, dict(document)) if merge else copy.deepcopy(dict(document))
-            problem = validate_worker_data(new)
+            problem = validate_worker_data(new) or dynamo_metadata_problem(new)
             if problem:
                 raise Invalid(problem)
             with self._state_lock:

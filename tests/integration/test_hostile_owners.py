@@ -40,7 +40,7 @@ def owner_ref(pod: dict[str, Any]) -> dict[str, Any]:
         "kind": "Pod",
         "name": pod["metadata"]["name"],
         "uid": pod["metadata"]["uid"],
-        "controller": False,
+        "controller": True,
         "blockOwnerDeletion": False,
     }
 

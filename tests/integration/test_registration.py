@@ -54,7 +54,7 @@ def test_registers_cr_owned_by_the_pod(namespace: str, cluster: Cluster, sidecar
             "kind": "Pod",
             "name": "worker-0",
             "uid": pod["metadata"]["uid"],
-            "controller": False,
+            "controller": True,
             "blockOwnerDeletion": False,
         }
     ]

@@ -201,8 +201,11 @@ def test_bad_history_size(env: dict[str, str], text: str) -> None:
     assert "DISCOVERY_HISTORY_SIZE (--history-size)" in problems({**env, "DISCOVERY_HISTORY_SIZE": text})
 
 
+MODEL_CARD = {"type": "Model", "namespace": "ns", "component": "c", "endpoint": "e", "instance_id": 1, "card_json": {}}
+
+
 def test_metadata_inline(env: dict[str, str]) -> None:
-    data = {"endpoints": {"ns/c/e/1": {}}, "custom": 1}
+    data = {"model_cards": {"ns/c/e/1": MODEL_CARD}, "endpoints": {}, "custom": 1}
     assert load({**env, "DISCOVERY_METADATA": json.dumps(data)}).initial_metadata == data
 
 
@@ -213,6 +216,8 @@ def test_metadata_inline(env: dict[str, str]) -> None:
         ("[1, 2]", "must be a JSON object"),
         ('"text"', "must be a JSON object"),
         ('{"endpoints": []}', "endpoints must be a JSON object"),
+        ('{"model_cards": {"m": {}}}', "the metadata.model_cards['m'].type must be 'Model'"),
+        ('{"x": NaN}', "contains nan, which is not a JSON number"),
     ],
 )
 def test_bad_metadata(env: dict[str, str], text: str, fragment: str) -> None:
@@ -223,8 +228,10 @@ def test_bad_metadata(env: dict[str, str], text: str, fragment: str) -> None:
 
 def test_metadata_file(env: dict[str, str], tmp_path: pathlib.Path) -> None:
     path = tmp_path / "meta.json"
-    path.write_text('{"model_cards": {"m": {}}}')
-    assert load({**env, "DISCOVERY_METADATA_FILE": str(path)}).initial_metadata == {"model_cards": {"m": {}}}
+    path.write_text(json.dumps({"model_cards": {"ns/c/e/1": MODEL_CARD}}))
+    assert load({**env, "DISCOVERY_METADATA_FILE": str(path)}).initial_metadata == {
+        "model_cards": {"ns/c/e/1": MODEL_CARD}
+    }
     out = problems({**env, "DISCOVERY_METADATA_FILE": str(tmp_path / "missing.json")})
     assert "DISCOVERY_METADATA_FILE (--metadata-file)" in out and "cannot read" in out
     path.write_text("[]")

@@ -48,7 +48,8 @@ def raw_endpoint(
 ) -> dict[str, Any]:
     return {
         "addresses": list(addresses),
-        "conditions": {k: v for k, v in (conditions or {}).items() if v is not None},
+        # the EndpointSlice controller always sets ``ready``; unset reads as not ready (as Dynamo reads it)
+        "conditions": {k: v for k, v in (conditions or {"ready": True}).items() if v is not None},
         "nodeName": node,
         "targetRef": {"kind": "Pod", "uid": uid, "name": name, "namespace": NS},
     }
@@ -317,7 +318,7 @@ def pod_name(uid: str) -> str:
 
 
 COMMON_CONDITIONS = (
-    {},  # all unset: ready
+    {},  # all unset: not ready (Dynamo's reading of an unset ready)
     {"ready": True},
     {"ready": False, "serving": True, "terminating": True},  # draining
     {"ready": False, "serving": False, "terminating": True},  # gone

@@ -31,8 +31,20 @@ PATH = "/apis/nvidia.com/v1alpha1/namespaces/ns/dynamoworkermetadatas/worker-0"
 POD_PATH = "/api/v1/namespaces/ns/pods/worker-0"
 LABELS = {"app": "w", "role": "decode"}
 FIELD_MANAGER = "discovery-sidecar"
+def dynamo_endpoint(instance: int, transport: dict[str, Any]) -> dict[str, Any]:
+    """An Endpoint entry in the shape Dynamo 1.6.1 decodes (publish refuses any other)."""
+    return {
+        "type": "Endpoint",
+        "namespace": "dynamo",
+        "component": "backend",
+        "endpoint": "generate",
+        "instance_id": instance,
+        "transport": transport,
+    }
+
+
 INITIAL: dict[str, Any] = {
-    "endpoints": {"dynamo/backend/generate/1": {"transport": {"nats_tcp": "dynamo.backend.generate"}}},
+    "endpoints": {"dynamo/backend/generate/1": dynamo_endpoint(1, {"nats_tcp": "dynamo.backend.generate"})},
     "model_cards": {},
     "event_channels": {},
 }
@@ -48,7 +60,7 @@ OWN_REF = {
     "kind": "Pod",
     "name": "worker-0",
     "uid": "uid-pod-new",
-    "controller": False,
+    "controller": True,
     "blockOwnerDeletion": False,
 }
 
@@ -218,7 +230,7 @@ class TestApplyBody:
                         "kind": "Pod",
                         "name": "worker-0",
                         "uid": "uid-pod-new",
-                        "controller": False,
+                        "controller": True,
                         "blockOwnerDeletion": False,
                     }
                 ],
@@ -246,7 +258,7 @@ class TestPublish:
     def test_merge_patch_changes_only_what_it_names(self, rig: Rig) -> None:
         """merge=True: RFC 7386 merge patch onto the current data (null deletes, objects merge, the rest stays)."""
         patch: dict[str, Any] = {
-            "endpoints": {"dynamo/backend/generate/2": {"transport": {}}},
+            "endpoints": {"dynamo/backend/generate/2": dynamo_endpoint(2, {})},
             "model_cards": None,
             "extra": 1,
         }
@@ -255,8 +267,8 @@ class TestPublish:
 
         assert rig.applied_bodies()[0]["spec"]["data"] == {
             "endpoints": {
-                "dynamo/backend/generate/1": {"transport": {"nats_tcp": "dynamo.backend.generate"}},
-                "dynamo/backend/generate/2": {"transport": {}},
+                "dynamo/backend/generate/1": dynamo_endpoint(1, {"nats_tcp": "dynamo.backend.generate"}),
+                "dynamo/backend/generate/2": dynamo_endpoint(2, {}),
             },
             "event_channels": {},
             "extra": 1,
@@ -277,8 +289,18 @@ class TestPublish:
 
     @pytest.mark.parametrize(
         ("document", "merge"),
-        [({"endpoints": []}, False), ({"model_cards": "none"}, True), ({"event_channels": 3}, False)],
-        ids=["endpoints-not-a-map", "merge-makes-model-cards-a-string", "event-channels-not-a-map"],
+        [
+            ({"endpoints": []}, False),
+            ({"model_cards": "none"}, True),
+            ({"event_channels": 3}, False),
+            ({"endpoints": {"dynamo/backend/generate/1": {"component": None}}}, True),  # merge drops a field
+        ],
+        ids=[
+            "endpoints-not-a-map",
+            "merge-makes-model-cards-a-string",
+            "event-channels-not-a-map",
+            "an-entry-dynamo-would-refuse",
+        ],
     )
     def test_invalid_data_raises_invalid_and_sends_nothing(
         self, rig: Rig, document: dict[str, Any], merge: bool

@@ -37,16 +37,16 @@ def _endpoint(uid: str = "u1", name: str = "pod-1", conditions: Any = None, **ex
 # -- EndpointSlice -------------------------------------------------------------------------------------
 
 CONDITION_CASES = [
-    # conditions -> (ready, serving, terminating)
-    (None, (True, True, False)),
-    ({}, (True, True, False)),
+    # conditions -> (ready, serving, terminating); an unset ready is not ready, as Dynamo reads it
+    (None, (False, False, False)),
+    ({}, (False, False, False)),
     ({"ready": True}, (True, True, False)),
     ({"ready": False}, (False, False, False)),
     ({"ready": False, "serving": True}, (False, True, False)),
     ({"ready": False, "serving": True, "terminating": True}, (False, True, True)),
     ({"ready": False, "terminating": True}, (False, False, True)),
-    ({"serving": False}, (True, False, False)),
-    ({"ready": None, "serving": None, "terminating": None}, (True, True, False)),
+    ({"serving": False}, (False, False, False)),
+    ({"ready": None, "serving": None, "terminating": None}, (False, False, False)),
     ({"ready": True, "serving": True, "terminating": False}, (True, True, False)),
 ]
 
@@ -145,7 +145,7 @@ def test_conditions_follow_kubernetes_defaults(all_conditions: list[dict[str, An
     view = parse_endpoint_slice(_slice(endpoints))
     assert len(view.endpoints) == len(all_conditions)
     for entry, conditions in zip(view.endpoints, all_conditions, strict=True):
-        ready = True if conditions.get("ready") is None else conditions["ready"]
+        ready = False if conditions.get("ready") is None else conditions["ready"]  # Dynamo's reading
         serving = ready if conditions.get("serving") is None else conditions["serving"]
         terminating = False if conditions.get("terminating") is None else conditions["terminating"]
         assert (entry.ready, entry.serving, entry.terminating) == (ready, serving, terminating)
