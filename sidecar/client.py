@@ -27,9 +27,11 @@ from sidecar.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
 from sidecar.core.backoff import Backoff
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+MAX_RECEIVE_BYTES = 256 * 2**20
+"""This client's receive limit; ListPeers tells the sidecar so (``max_reply_bytes``)."""
 CHANNEL_OPTIONS = [
     # ListPeers answers in one message; 10,000 peers with metadata are well over gRPC's 4 MiB default.
-    ("grpc.max_receive_message_length", 256 * 2**20),
+    ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
     # The sidecar is on loopback or a Unix socket and often starts moments before its client: retry the
     # connection quickly instead of gRPC's default 1 s (growing to 120 s) backoff.
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -206,7 +208,9 @@ class DiscoveryClient:
 
     def list_peers(self, peer_filter: pb.PeerFilter | None = None, timeout: float = 30.0) -> pb.ListPeersResponse:
         reply: pb.ListPeersResponse = self.stub.ListPeers(
-            pb.ListPeersRequest(filter=peer_filter or pb.PeerFilter()), timeout=timeout, wait_for_ready=True
+            pb.ListPeersRequest(filter=peer_filter or pb.PeerFilter(), max_reply_bytes=MAX_RECEIVE_BYTES),
+            timeout=timeout,
+            wait_for_ready=True,
         )
         return reply
 
@@ -262,7 +266,9 @@ class AsyncDiscoveryClient:
 
     async def list_peers(self, peer_filter: pb.PeerFilter | None = None, timeout: float = 30.0) -> pb.ListPeersResponse:
         reply: pb.ListPeersResponse = await self.stub.ListPeers(
-            pb.ListPeersRequest(filter=peer_filter or pb.PeerFilter()), timeout=timeout, wait_for_ready=True
+            pb.ListPeersRequest(filter=peer_filter or pb.PeerFilter(), max_reply_bytes=MAX_RECEIVE_BYTES),
+            timeout=timeout,
+            wait_for_ready=True,
         )
         return reply
 

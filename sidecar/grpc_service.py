@@ -78,6 +78,8 @@ ENCODING_WORKERS = 2
 """Threads that build snapshots (CPU under the GIL: more would not encode faster)."""
 PENDING_MARGIN = 1024
 """Calls gRPC core may queue for the loop beyond ``max_streams`` before it cancels any (a burst)."""
+DEFAULT_CLIENT_RECEIVE_BYTES = 4 * 2**20 - 64 * 1024
+"""gRPC's default receive limit, less room for framing: the largest ListPeers reply sent unless asked."""
 PART_BYTES = 1 << 20
 """Largest payload of one stream message: gRPC clients refuse messages over 4 MiB by default, so bigger
 snapshots and deltas go out in parts (``partial``) that clients apply together."""
@@ -409,12 +411,29 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         remaining: float | None = context.time_remaining()
         if not await self._wait_synced(min(remaining, 3600) if remaining is not None else 3600):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the sidecar has not synced with the API server yet")
-        return await self._in_thread(self._encoding, functools.partial(self._list_peers, peer_filter))
+        reply = await self._in_thread(self._encoding, functools.partial(self._list_peers, peer_filter))
+        too_large = self._reply_too_large(reply, request.max_reply_bytes)
+        if too_large:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, too_large)
+        return reply
 
     def _list_peers(self, peer_filter: PeerFilter) -> pb.ListPeersResponse:
         revision, peers, status = self._filtered_peers(peer_filter)
         return pb.ListPeersResponse(
             revision=revision, history_id=self.peers.history_id, peers=peers, status=API_STATUS[status]
+        )
+
+    @staticmethod
+    def _reply_too_large(reply: pb.ListPeersResponse, max_reply_bytes: int) -> str | None:
+        """Why the reply cannot be sent to this client (it would fail to decode it), or None."""
+        limit = max_reply_bytes or DEFAULT_CLIENT_RECEIVE_BYTES
+        size = reply.ByteSize()
+        if size <= limit:
+            return None
+        return (
+            f"the {len(reply.peers)} peers matching this filter make a {size / 2**20:.1f} MiB reply, more than "
+            f"this client accepts ({limit / 2**20:.1f} MiB; set max_reply_bytes after raising the client's "
+            "receive limit), or use WatchPeers, which sends large sets in parts"
         )
 
     async def GetSelf(

@@ -385,9 +385,7 @@ def test_large_snapshots_and_deltas_arrive_in_parts_under_the_message_limit() ->
         assert {m.revision for m in parts} == {parts[-1].revision}
         assert update.kind == "snapshot" and len(update.peers) == 10000
         # One slice change that removes every peer: big deltas arrive in parts too, each applied as a unit.
-        h.feed.replace(
-            ENDPOINT_SLICES, [endpoint_slice("s1", {p: (uid, False) for p, (uid, _) in h.pods.items()})]
-        )
+        h.feed.replace(ENDPOINT_SLICES, [endpoint_slice("s1", {p: (uid, False) for p, (uid, _) in h.pods.items()})])
         removed, partial_messages = 0, 0
         while view.peers:
             message = next(iterator)
@@ -403,3 +401,21 @@ def test_large_snapshots_and_deltas_arrive_in_parts_under_the_message_limit() ->
         call.cancel()
     finally:
         h.close()
+
+
+def test_list_peers_never_sends_a_reply_the_client_cannot_decode(harness: Harness) -> None:
+    """A peer set over gRPC's default 4 MiB is refused with its size (RESOURCE_EXHAUSTED), unless the client
+    says it accepts more (max_reply_bytes, as the Python client does); WatchPeers sends it in parts."""
+    for i in range(24):  # 24 peers x ~200 KiB of metadata: about 9.5 MiB as Struct + JSON
+        harness.add(f"big-{i}", data={"blob": f"{i:03d}" * 70_000})
+    harness.sync()
+    with pytest.raises(grpc.RpcError) as refused:
+        harness.stub.ListPeers(pb.ListPeersRequest(), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "the 24 peers matching this filter make a" in (refused.value.details() or "")
+    assert "use WatchPeers" in (refused.value.details() or "")
+    with grpc.insecure_channel(harness.server.target, options=[("grpc.max_receive_message_length", 64 * 2**20)]) as big:
+        reply = pb_grpc.DiscoveryStub(big).ListPeers(pb.ListPeersRequest(max_reply_bytes=64 * 2**20), timeout=30)
+    assert len(reply.peers) == 24
+    small = harness.stub.ListPeers(pb.ListPeersRequest(filter=pb.PeerFilter(selector="nothing=here")), timeout=30)
+    assert list(small.peers) == []

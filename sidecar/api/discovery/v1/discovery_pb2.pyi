@@ -197,10 +197,12 @@ class WatchPeersResponse(_message.Message):
     def __init__(self, revision: _Optional[int] = ..., history_id: _Optional[str] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., delta: _Optional[_Union[Delta, _Mapping]] = ..., resumed: _Optional[_Union[Resumed, _Mapping]] = ..., status: _Optional[_Union[StatusChange, _Mapping]] = ..., partial: _Optional[bool] = ...) -> None: ...
 
 class ListPeersRequest(_message.Message):
-    __slots__ = ("filter",)
+    __slots__ = ("filter", "max_reply_bytes")
     FILTER_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLY_BYTES_FIELD_NUMBER: _ClassVar[int]
     filter: PeerFilter
-    def __init__(self, filter: _Optional[_Union[PeerFilter, _Mapping]] = ...) -> None: ...
+    max_reply_bytes: int
+    def __init__(self, filter: _Optional[_Union[PeerFilter, _Mapping]] = ..., max_reply_bytes: _Optional[int] = ...) -> None: ...
 
 class ListPeersResponse(_message.Message):
     __slots__ = ("revision", "history_id", "peers", "status")
