@@ -33,14 +33,15 @@ pytestmark = pytest.mark.integration
 SERVICE_ACCOUNT = "discovery-sidecar"
 
 
-def owner_ref(pod: dict[str, Any]) -> dict[str, Any]:
-    """A pod as the one owner of its CR, exactly as the sidecar writes it."""
+def owner_ref(pod: dict[str, Any], controller: bool = False) -> dict[str, Any]:
+    """A pod as an owner of a CR; ``controller=True`` is exactly how the sidecar writes its own (at most one
+    reference may be the controller, so the extra owners these tests add are not)."""
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "name": pod["metadata"]["name"],
         "uid": pod["metadata"]["uid"],
-        "controller": True,
+        "controller": controller,
         "blockOwnerDeletion": False,
     }
 
@@ -423,7 +424,7 @@ def test_the_registrar_removes_owners_added_behind_its_back(
         30,
         what="A's sidecar to remove C from its CR's owners",
     )
-    assert repaired["metadata"]["ownerReferences"] == [owner_ref(a)]
+    assert repaired["metadata"]["ownerReferences"] == [owner_ref(a, controller=True)]
     assert repaired["metadata"]["uid"] == before["metadata"]["uid"], "patched in place, not deleted and re-created"
     assert repaired["spec"]["data"] == {"who": "a"}
     events = [e.get("event") for e in process.log_events()]
