@@ -203,17 +203,27 @@ def test_published_metadata_reaches_a_peer(namespace: str, cluster: Cluster, sid
         from sidecar.client import DiscoveryClient
 
         with DiscoveryClient(a.target) as client:
-            reply = client.publish_metadata({"model_cards": {"llama": {"ctx": 8192}}}, merge=True)
-            assert json.loads(reply.data_json) == {"endpoints": {}, "model_cards": {"llama": {"ctx": 8192}}}
+            own = client.get_self().instance_id
+            card = {  # Dynamo's entry shape (PublishMetadata refuses others in Dynamo's four maps)
+                "type": "Model",
+                "namespace": "dyn",
+                "component": "backend",
+                "endpoint": "generate",
+                "instance_id": own,
+                "card_json": {"display_name": "llama", "ctx": 8192},
+            }
+            cards = {f"dyn/backend/generate/{own:x}": card}
+            reply = client.publish_metadata({"model_cards": cards}, merge=True)
+            assert json.loads(reply.data_json) == {"endpoints": {}, "model_cards": cards}
             me = client.get_self()
             assert me.registered and me.uid == pod_a["metadata"]["uid"]
-            assert json.loads(me.data_json)["model_cards"] == {"llama": {"ctx": 8192}}
+            assert json.loads(me.data_json)["model_cards"] == cards
         watcher.wait_until(
-            lambda r: json.loads(r.peers()["worker-a"].data_json).get("model_cards") == {"llama": {"ctx": 8192}},
+            lambda r: json.loads(r.peers()["worker-a"].data_json).get("model_cards") == cards,
             what="the peer to see the published model card",
         )
         stored = cr(cluster, namespace, "worker-a")
-        assert stored is not None and stored["spec"]["data"]["model_cards"] == {"llama": {"ctx": 8192}}
+        assert stored is not None and stored["spec"]["data"]["model_cards"] == cards
     finally:
         watcher.close()
 
