@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import pathlib
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -95,6 +94,7 @@ class CrEvents:
         start = self.api.get(collection, [selector])["metadata"]["resourceVersion"]
         self.events: list[tuple[str, str, str, list[str]]] = []
         self._lock = threading.Lock()
+        self._grew = threading.Condition(self._lock)
         self._stream: WatchStream = self.api.stream(
             collection, [selector, ("watch", "1"), ("resourceVersion", start), ("timeoutSeconds", "600")], 120
         )
@@ -106,12 +106,18 @@ class CrEvents:
             for event in self._stream:
                 obj = event.get("object") or {}
                 meta = obj.get("metadata") or {}
-                with self._lock:
+                with self._grew:
                     self.events.append(
                         (event["type"], meta.get("uid", ""), meta.get("resourceVersion", ""), owner_uids(obj))
                     )
+                    self._grew.notify_all()
         except Exception:  # noqa: BLE001 - the stream is closed under the reader at the end of the test
             return
+
+    def more_within(self, seen: int, seconds: float) -> bool:
+        """Whether an event beyond the first ``seen`` arrives within ``seconds`` (returns as soon as one does)."""
+        with self._grew:
+            return self._grew.wait_for(lambda: len(self.events) > seen, seconds)
 
     def snapshot(self) -> list[tuple[str, str, str, list[str]]]:
         with self._lock:
@@ -223,7 +229,7 @@ def test_a_replaced_incarnation_stops_writing_and_leaves_the_new_one_alone(
         settled = len(events.snapshot())
 
         # A quiet period: nothing writes the CR any more (the bug re-applied it every few milliseconds).
-        time.sleep(5)
+        assert not events.more_within(settled, 5.0), f"the CR changed after settling: {events.snapshot()[settled:]}"
         later = cluster.get_or_none(path)
         assert later is not None
         assert (later["metadata"]["uid"], later["metadata"]["resourceVersion"]) == (

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -17,6 +16,7 @@ import pytest
 import structlog
 import urllib3
 
+from devcluster.objects import wait_for
 from sidecar.config import PodIdentity
 from sidecar.kube.api import ApiError
 from sidecar.kube.registration import Registrar, Superseded, registration_error
@@ -31,6 +31,8 @@ PATH = "/apis/nvidia.com/v1alpha1/namespaces/ns/dynamoworkermetadatas/worker-0"
 POD_PATH = "/api/v1/namespaces/ns/pods/worker-0"
 LABELS = {"app": "w", "role": "decode"}
 FIELD_MANAGER = "discovery-sidecar"
+
+
 def dynamo_endpoint(instance: int, transport: dict[str, Any]) -> dict[str, Any]:
     """An Endpoint entry in the shape Dynamo 1.6.1 decodes (publish refuses any other)."""
     return {
@@ -666,7 +668,7 @@ class TestSuperseded:
 
         assert rig.api.methods() == ["get", "apply", "get"]
         assert rig.api.calls_of("get")[1].path == POD_PATH
-        wait_until(lambda: rig.registrar.superseded)
+        wait_for(lambda: rig.registrar.superseded, DEADLINE, interval=0.01, what="superseded")
         assert rig.registrar.problems() == [SUPERSEDED_BY_NEWER]
         assert thread.is_alive(), "superseded is not dead: the loop idles until the daemon stops it"
         # what the watch says next (the new incarnation's CR changing, or deleted) wakes nothing
@@ -768,10 +770,3 @@ def test_unauthorized_says_a_pod_bound_token_dies_with_its_pod() -> None:
     error = registration_error(ApiError(401, "Unauthorized", "Unauthorized"), "register")
     assert isinstance(error, Forbidden)
     assert "pod-bound token stops working once its pod is deleted or replaced" in str(error)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"condition not met within {timeout}s"
-        time.sleep(0.01)
