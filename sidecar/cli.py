@@ -121,7 +121,9 @@ def _peers(args: argparse.Namespace) -> int:
             print(f"discovery-sidecar peers: --group expects NAME=SELECTOR, got {spec!r}", file=sys.stderr)
             return 2
         groups.append((name, selector))
-    peer_filter = make_filter(args.selector, groups, args.include_self, args.ready_only)
+    peer_filter = make_filter(
+        args.selector, groups, args.include_self, args.ready_only, endpoint=args.endpoint, model=args.model
+    )
     client = DiscoveryClient(target)
     try:
         if not args.watch:
@@ -182,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=SELECTOR",
         help="named group (repeatable), e.g. --group prefill=role=prefill",
     )
+    peers.add_argument(
+        "--endpoint", default="", help="only peers serving this Dynamo endpoint, e.g. dyn://ns.backend.generate"
+    )
+    peers.add_argument("--model", default="", help="only peers serving this model (a model card's display_name)")
     peers.add_argument("--include-self", action="store_true", help="include this pod's own entry")
     peers.add_argument("--ready-only", action="store_true", help="leave out draining peers")
     peers.add_argument("-o", "--output", choices=["table", "json"], default="table")

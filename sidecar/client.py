@@ -130,13 +130,19 @@ def make_filter(
     groups: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
     include_self: bool = False,
     ready_only: bool = False,
+    endpoint: str = "",
+    model: str = "",
 ) -> pb.PeerFilter:
+    """A request filter. ``endpoint`` ("ns.component.endpoint" or "dyn://...") and ``model`` ask Dynamo's
+    questions: peers serving that endpoint / that model, whatever their labels."""
     items = list(groups.items()) if isinstance(groups, Mapping) else list(groups or [])
     return pb.PeerFilter(
         selector=selector,
         groups=[pb.PeerGroup(name=n, selector=s) for n, s in items],
         include_self=include_self,
         ready_only=ready_only,
+        endpoint=endpoint,
+        model=model,
     )
 
 

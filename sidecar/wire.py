@@ -15,6 +15,7 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2
 
 from sidecar.api.discovery.v1 import discovery_pb2 as pb
+from sidecar.core.dynamo_entries import EndpointPathError, parse_endpoint_path
 from sidecar.core.eventlog import ApiStatus
 from sidecar.core.peer import Peer, PeerState
 from sidecar.core.projection import EventType, GroupedPeer, PeerFilter
@@ -92,6 +93,23 @@ def encode_peer(peer: Peer) -> pb.Peer:
         node_name=peer.node_name,
         zone=peer.zone,
         hostname=peer.hostname,
+        endpoints=[
+            pb.DynamoEndpoint(
+                path=str(e.path),
+                namespace=e.path.namespace,
+                component=e.path.component,
+                endpoint=e.path.endpoint,
+                instance_id=e.instance_id,
+                instance_id_hex=format(e.instance_id, "x"),
+                transport_kind=e.transport_kind,
+                transport_address=e.transport_address,
+            )
+            for e in peer.dynamo.endpoints
+        ],
+        models=[
+            pb.DynamoModel(name=m.name, path=str(m.path), instance_id=m.instance_id, model_suffix=m.model_suffix)
+            for m in peer.dynamo.models
+        ],
     )
     message.data.update(peer.data)
     return message
@@ -115,8 +133,17 @@ def filter_from_pb(message: pb.PeerFilter) -> PeerFilter:
             groups.append((group.name, parse_selector(group.selector)))
         except SelectorError as exc:
             raise ValueError(f"filter.groups[{index}] ({group.name}).selector: {exc}") from None
+    try:
+        endpoint = parse_endpoint_path(message.endpoint) if message.endpoint else None
+    except EndpointPathError as exc:
+        raise ValueError(f"filter.endpoint: {exc}") from None
     return PeerFilter(
-        selector=selector, groups=tuple(groups), include_self=message.include_self, ready_only=message.ready_only
+        selector=selector,
+        groups=tuple(groups),
+        include_self=message.include_self,
+        ready_only=message.ready_only,
+        endpoint=endpoint,
+        model=message.model,
     )
 
 

@@ -11,7 +11,10 @@ import enum
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
+
+from sidecar.core.dynamo_entries import DynamoEntries, dynamo_entries
 
 
 class PeerState(enum.Enum):
@@ -104,6 +107,11 @@ class Peer:
     def instance_id_hex(self) -> str:
         return format(self.instance_id, "x")
 
+    @cached_property
+    def dynamo(self) -> DynamoEntries:
+        """The endpoints and models the data declares, read once per peer value (filters ask per client)."""
+        return dynamo_entries(self.data)
+
     def to_json_dict(self) -> dict[str, Any]:
         """The peer as plain JSON (the HTTP debug endpoint and ``peers -o json`` print this)."""
         return {
@@ -122,5 +130,18 @@ class Peer:
             "node_name": self.node_name,
             "zone": self.zone,
             "hostname": self.hostname,
+            "endpoints": [
+                {
+                    "path": str(e.path),
+                    "instance_id": e.instance_id,
+                    "transport_kind": e.transport_kind,
+                    "transport_address": e.transport_address,
+                }
+                for e in self.dynamo.endpoints
+            ],
+            "models": [
+                {"name": m.name, "path": str(m.path), "instance_id": m.instance_id, "model_suffix": m.model_suffix}
+                for m in self.dynamo.models
+            ],
             "data": self.data,
         }

@@ -17,6 +17,7 @@ import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from sidecar.core.dynamo_entries import EndpointPath
 from sidecar.core.eventlog import ApiStatus, LogEntry, PeerChange, StatusChange
 from sidecar.core.peer import Peer, PeerState
 from sidecar.core.selectors import EVERYTHING, LabelSelector
@@ -24,12 +25,15 @@ from sidecar.core.selectors import EVERYTHING, LabelSelector
 
 @dataclass(frozen=True)
 class PeerFilter:
-    """What one client asked to see: a selector, named groups, and whether to include itself or draining peers."""
+    """What one client asked to see: a selector, named groups, whether to include itself or draining peers,
+    and Dynamo's questions (serving this endpoint, serving this model). Every condition must hold."""
 
     selector: LabelSelector = EVERYTHING
     groups: tuple[tuple[str, LabelSelector], ...] = ()
     include_self: bool = False
     ready_only: bool = False
+    endpoint: EndpointPath | None = None
+    model: str = ""
 
     def groups_of(self, peer: Peer, self_uid: str) -> tuple[str, ...] | None:
         """The group names ``peer`` is in, or None when the filter excludes it."""
@@ -38,6 +42,10 @@ class PeerFilter:
         if self.ready_only and peer.state is not PeerState.READY:
             return None
         if not self.selector.matches(peer.labels):
+            return None
+        if self.endpoint is not None and not peer.dynamo.serves(self.endpoint):
+            return None
+        if self.model and not peer.dynamo.has_model(self.model):
             return None
         if not self.groups:
             return ()

@@ -40,7 +40,7 @@ from devcluster.dynamo import TESTED_VERSION, DynamoProcess, DynamoProcesses, ru
 from devcluster.objects import ENDPOINT_SLICES, SERVICES, WORKER_METADATA, Cluster, wait_for
 from devcluster.sidecars import SidecarProcess
 from sidecar.api.discovery.v1 import discovery_pb2 as pb
-from sidecar.client import DiscoveryClient
+from sidecar.client import DiscoveryClient, make_filter
 from tests.conftest import Sidecars
 from tests.integration.streams import StreamRecorder
 
@@ -236,6 +236,19 @@ def test_dynamo_worker_is_a_sidecar_peer_with_its_endpoint_and_model_card(world:
     assert card["type"] == "Model" and card["instance_id"] == instance_id
     assert card["card_json"]["display_name"] == MODEL
 
+    # The typed fields, read from those entries, and Dynamo's own questions asked of the sidecar: a
+    # Dynamo-native worker's CR has no labels, so only the endpoint / model filters can select it.
+    assert dict(peer.labels) == {}, "Dynamo-native workers label nothing"
+    assert [(e.path, e.instance_id, e.transport_kind, e.transport_address) for e in peer.endpoints] == [
+        (ENDPOINT, instance_id, "tcp", entry["transport"]["tcp"])
+    ]
+    assert [(m.name, m.path, m.instance_id) for m in peer.models] == [(MODEL, ENDPOINT, instance_id)]
+    with DiscoveryClient(world.observer.target) as client:
+        for peer_filter in (make_filter(endpoint=f"dyn://{ENDPOINT}"), make_filter(model=MODEL)):
+            assert [p.name for p in client.list_peers(peer_filter).peers] == ["worker-0"], peer_filter
+        assert list(client.list_peers(make_filter(endpoint="demo.backend.other")).peers) == []
+        assert list(client.list_peers(make_filter(endpoint=ENDPOINT, model="another-model")).peers) == []
+
     # Dynamo's own client agrees: the same pod, the same instance ID.
     world.wait_dynamo(lambda ids: instance_id in ids, f"contains worker-0's {instance_id}")
     instance = world.dynamo_instance(instance_id)
@@ -270,6 +283,9 @@ def test_sidecar_pod_is_an_instance_for_a_dynamo_client(world: World) -> None:
     world.wait_stream(lambda r: "sc-worker-0" in r.names(), "sc-worker-0 a peer")
     peer = world.peer("sc-worker-0")
     assert peer is not None and peer.instance_id == instance_id
+    with DiscoveryClient(world.observer.target) as client:
+        serving = client.list_peers(make_filter(endpoint=f"dyn://{ENDPOINT}")).peers
+    assert [(p.name, [e.instance_id for e in p.endpoints]) for p in serving] == [("sc-worker-0", [instance_id])]
 
 
 def test_sidecar_cr_carries_the_owner_reference_dynamo_writes(world: World) -> None:

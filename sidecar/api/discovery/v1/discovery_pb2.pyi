@@ -58,16 +58,20 @@ PUBLISH_MODE_REPLACE: PublishMode
 PUBLISH_MODE_MERGE_PATCH: PublishMode
 
 class PeerFilter(_message.Message):
-    __slots__ = ("selector", "groups", "include_self", "ready_only")
+    __slots__ = ("selector", "groups", "include_self", "ready_only", "endpoint", "model")
     SELECTOR_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_SELF_FIELD_NUMBER: _ClassVar[int]
     READY_ONLY_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     selector: str
     groups: _containers.RepeatedCompositeFieldContainer[PeerGroup]
     include_self: bool
     ready_only: bool
-    def __init__(self, selector: _Optional[str] = ..., groups: _Optional[_Iterable[_Union[PeerGroup, _Mapping]]] = ..., include_self: _Optional[bool] = ..., ready_only: _Optional[bool] = ...) -> None: ...
+    endpoint: str
+    model: str
+    def __init__(self, selector: _Optional[str] = ..., groups: _Optional[_Iterable[_Union[PeerGroup, _Mapping]]] = ..., include_self: _Optional[bool] = ..., ready_only: _Optional[bool] = ..., endpoint: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class PeerGroup(_message.Message):
     __slots__ = ("name", "selector")
@@ -89,8 +93,40 @@ class Port(_message.Message):
     app_protocol: str
     def __init__(self, name: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[str] = ..., app_protocol: _Optional[str] = ...) -> None: ...
 
+class DynamoEndpoint(_message.Message):
+    __slots__ = ("path", "namespace", "component", "endpoint", "instance_id", "instance_id_hex", "transport_kind", "transport_address")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    COMPONENT_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_HEX_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_KIND_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    namespace: str
+    component: str
+    endpoint: str
+    instance_id: int
+    instance_id_hex: str
+    transport_kind: str
+    transport_address: str
+    def __init__(self, path: _Optional[str] = ..., namespace: _Optional[str] = ..., component: _Optional[str] = ..., endpoint: _Optional[str] = ..., instance_id: _Optional[int] = ..., instance_id_hex: _Optional[str] = ..., transport_kind: _Optional[str] = ..., transport_address: _Optional[str] = ...) -> None: ...
+
+class DynamoModel(_message.Message):
+    __slots__ = ("name", "path", "instance_id", "model_suffix")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SUFFIX_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    instance_id: int
+    model_suffix: str
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., instance_id: _Optional[int] = ..., model_suffix: _Optional[str] = ...) -> None: ...
+
 class Peer(_message.Message):
-    __slots__ = ("name", "namespace", "uid", "instance_id", "instance_id_hex", "addresses", "ports", "labels", "state", "data", "data_json", "node_name", "zone", "hostname", "groups")
+    __slots__ = ("name", "namespace", "uid", "instance_id", "instance_id_hex", "addresses", "ports", "labels", "state", "data", "data_json", "node_name", "zone", "hostname", "groups", "endpoints", "models")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +149,8 @@ class Peer(_message.Message):
     ZONE_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
     name: str
     namespace: str
     uid: str
@@ -128,7 +166,9 @@ class Peer(_message.Message):
     zone: str
     hostname: str
     groups: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., uid: _Optional[str] = ..., instance_id: _Optional[int] = ..., instance_id_hex: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., ports: _Optional[_Iterable[_Union[Port, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[PeerState, str]] = ..., data: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., data_json: _Optional[str] = ..., node_name: _Optional[str] = ..., zone: _Optional[str] = ..., hostname: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ...) -> None: ...
+    endpoints: _containers.RepeatedCompositeFieldContainer[DynamoEndpoint]
+    models: _containers.RepeatedCompositeFieldContainer[DynamoModel]
+    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., uid: _Optional[str] = ..., instance_id: _Optional[int] = ..., instance_id_hex: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., ports: _Optional[_Iterable[_Union[Port, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[PeerState, str]] = ..., data: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., data_json: _Optional[str] = ..., node_name: _Optional[str] = ..., zone: _Optional[str] = ..., hostname: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ..., endpoints: _Optional[_Iterable[_Union[DynamoEndpoint, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[DynamoModel, _Mapping]]] = ...) -> None: ...
 
 class WatchPeersRequest(_message.Message):
     __slots__ = ("filter", "resume_history_id", "resume_revision")
