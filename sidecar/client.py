@@ -8,12 +8,19 @@ snapshot flagged ``reset=True`` when it no longer holds that history. Callers ne
 
 The reconnect logic (what to ask for, what a message means, whether and how long to wait after an
 error) is ``_ResumableWatch``, written once; each client's ``watch`` only does its kind of IO.
+
+Metadata the main container published is kept in force across a restart of the sidecar: the client
+remembers the document as last applied and, whenever its channel comes back after losing the sidecar,
+compares it with what the sidecar holds (``GetSelf``) and publishes it again if they differ. A sidecar
+stopped gracefully deletes the pod's CR and its successor starts from ``DISCOVERY_METADATA``; without
+this, runtime metadata would be silently rolled back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +28,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
+import structlog
 
 from sidecar.api.discovery.v1 import discovery_pb2 as pb
 from sidecar.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
@@ -198,13 +206,44 @@ class DiscoveryClient:
     Called by application code and the ``peers`` CLI command; each ``watch`` call reconnects on its own.
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET) -> None:
+    def __init__(self, target: str = DEFAULT_TARGET, republish: bool = True) -> None:
         self.target = target
         self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub: Any = pb_grpc.DiscoveryStub(self.channel)  # generated without type hints
+        self.republish = republish
+        self.log = structlog.get_logger("sidecar.client").bind(target=target)
+        # _publish_lock serialises publishing (the caller's and the re-publisher's) and guards _published:
+        # the document as the sidecar last applied it, None before the first publish.
+        self._publish_lock = threading.Lock()
+        self._published: dict[str, Any] | None = None
+        self._watching_connectivity = False
+        # _recovery_lock guards _recheck (the channel left READY since the last check began) and _recovering
+        # (a thread is checking): at most one such thread, and no loss of READY goes unchecked.
+        self._recovery_lock = threading.Lock()
+        self._recheck = False
+        self._recovering = False
+        self._closed = threading.Event()
 
     def close(self) -> None:
+        self._closed.set()
+        if self._watching_connectivity:
+            self.channel.unsubscribe(self._on_connectivity)
+            self._wait_connectivity_poller()
         self.channel.close()
+
+    def _wait_connectivity_poller(self, timeout: float = 1.0) -> None:
+        """Let gRPC's connectivity-polling thread notice the unsubscription before the channel closes.
+
+        It wakes every 0.2 s; closing the channel under it makes it die with "Cannot monitor channel state:
+        Channel closed!". Its flag is private to grpcio: without it, wait one polling period.
+        """
+        state = getattr(self.channel, "_connectivity_state", None)
+        if state is None or not hasattr(state, "polling"):
+            time.sleep(0.25)
+            return
+        deadline = time.monotonic() + timeout
+        while state.polling and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def __enter__(self) -> DiscoveryClient:
         return self
@@ -227,10 +266,81 @@ class DiscoveryClient:
     def publish_metadata(
         self, data: Mapping[str, Any], merge: bool = False, timeout: float = 30.0
     ) -> pb.PublishMetadataResponse:
+        """Replace (or merge-patch) this pod's metadata; once applied, it is also re-published after a
+        restart of the sidecar (unless the client was made with ``republish=False``)."""
         mode = pb.PUBLISH_MODE_MERGE_PATCH if merge else pb.PUBLISH_MODE_REPLACE
         request = pb.PublishMetadataRequest(data_json=json.dumps(dict(data)), mode=mode)
-        reply: pb.PublishMetadataResponse = self.stub.PublishMetadata(request, timeout=timeout, wait_for_ready=True)
+        with self._publish_lock:
+            reply: pb.PublishMetadataResponse = self.stub.PublishMetadata(
+                request, timeout=timeout, wait_for_ready=True
+            )
+            self._published = json.loads(reply.data_json) if reply.data_json else {}
+        if self.republish and not self._watching_connectivity:
+            self._watching_connectivity = True
+            self.channel.subscribe(self._on_connectivity)
         return reply
+
+    def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
+        """gRPC's connectivity callback (its own thread; must not block).
+
+        Leaving READY means the sidecar may have gone away (IDLE when it said goodbye, TRANSIENT_FAILURE when
+        it did not; an idle timeout looks the same and costs one GetSelf). gRPC does not reconnect an idle
+        channel by itself, so a thread does: ``ensure_published`` connects, waiting for the sidecar, and
+        checks that it holds the metadata.
+        """
+        if state is grpc.ChannelConnectivity.READY:
+            return
+        with self._recovery_lock:
+            self._recheck = True
+            if self._recovering:
+                return  # the running thread sees _recheck and checks once more
+            self._recovering = True
+        threading.Thread(target=self._recover, name="discovery-republish", daemon=True).start()
+
+    def _recover(self) -> None:
+        while True:
+            with self._recovery_lock:
+                if not self._recheck or self._closed.is_set():
+                    self._recovering = False
+                    return
+                self._recheck = False
+            self.ensure_published(attempts=None)
+
+    def ensure_published(self, attempts: int | None = 20) -> bool:
+        """Publish the last applied metadata again if the sidecar holds other data (it restarted).
+
+        True when the sidecar holds it (already, or after publishing); False when it refused for good
+        (e.g. watch-only) or could not be reached in ``attempts`` tries (None: until the client is
+        closed). Called after the channel lost the sidecar; safe to call any time.
+        """
+        backoff = Backoff(initial=0.1, maximum=2.0)
+        tries = 0
+        while attempts is None or tries < attempts:
+            tries += 1
+            if self._closed.is_set():
+                return False
+            try:
+                with self._publish_lock:
+                    if self._published is None:
+                        return True
+                    held = self.get_self(timeout=10.0).data_json
+                    if held and json.loads(held) == self._published:
+                        return True
+                    request = pb.PublishMetadataRequest(
+                        data_json=json.dumps(self._published), mode=pb.PUBLISH_MODE_REPLACE
+                    )
+                    self.stub.PublishMetadata(request, timeout=30.0, wait_for_ready=True)
+                self.log.info("re-published metadata after the sidecar restarted")
+                return True
+            except grpc.RpcError as exc:
+                if exc.code() in (*PERMANENT_CODES, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.CANCELLED):
+                    self.log.warning("cannot re-publish metadata", code=exc.code().name, details=exc.details())
+                    return False
+            except ValueError:  # closed channel
+                return False
+            self._closed.wait(backoff.next_delay())
+        self.log.warning("gave up re-publishing metadata: the sidecar did not accept it", attempts=attempts)
+        return False
 
     def watch(
         self,

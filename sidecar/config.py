@@ -306,6 +306,13 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "DISCOVERY_FIELD_MANAGER", "--field-manager", "server-side apply field manager", default="discovery-sidecar"
     ),
+    Option(
+        "DISCOVERY_REGISTER",
+        "--register",
+        "auto: register the pod, unless Dynamo's runtime (field manager dynamo-worker) manages its CR, then "
+        "watch-only; never: watch-only (serve peers, write nothing)",
+        default="auto",
+    ),
     Option("DISCOVERY_LOG_FORMAT", "--log-format", "auto (JSON unless on a terminal), json or console", default="auto"),
     Option("DISCOVERY_LOG_LEVEL", "--log-level", "debug, info, warning or error", default="info"),
 )
@@ -360,6 +367,7 @@ class Settings:
     debug_peers: str
     shutdown_timeout: float
     field_manager: str
+    register: str
     log_format: str
     log_level: str
     raw: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -506,6 +514,7 @@ def load_settings(args: argparse.Namespace | None = None, environ: Mapping[str, 
     debug_peers = reader.get("DISCOVERY_DEBUG_PEERS", _choice("loopback", "all", "off"))
     shutdown_timeout = reader.get("DISCOVERY_SHUTDOWN_TIMEOUT", parse_duration)
     field_manager = reader.get("DISCOVERY_FIELD_MANAGER")
+    register = reader.get("DISCOVERY_REGISTER", _choice("auto", "never"))
     log_format = reader.get("DISCOVERY_LOG_FORMAT", _choice("auto", "json", "console"))
     log_level = reader.get("DISCOVERY_LOG_LEVEL", _choice("debug", "info", "warning", "error"))
     if reader.problems:
@@ -530,6 +539,7 @@ def load_settings(args: argparse.Namespace | None = None, environ: Mapping[str, 
         debug_peers=_known(debug_peers),
         shutdown_timeout=_known(shutdown_timeout),
         field_manager=_known(field_manager),
+        register=_known(register),
         log_format=_known(log_format),
         log_level=_known(log_level),
     )

@@ -57,6 +57,7 @@ class Sidecar:
             settings.field_manager,
             self.metrics,
             settings.backoff_max,
+            register=settings.register,
         )
         self.reflectors = [
             Reflector(
@@ -81,6 +82,7 @@ class Sidecar:
                 self.liveness_problems,
                 self.readiness_problems,
                 settings.debug_peers,
+                readiness_notes=self.registrar.notes,
             )
             if settings.http_listen is not None
             else None

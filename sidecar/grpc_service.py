@@ -53,6 +53,7 @@ from sidecar.ports import (
     Invalid,
     MetadataPublisher,
     NotFound,
+    NotRegistering,
     PeerReader,
     RegistrationError,
     TooLarge,
@@ -107,6 +108,7 @@ PUBLISH_ERROR_CODES: dict[type[RegistrationError], grpc.StatusCode] = {
     # The target may appear (the CRD gets installed) and the store come back: worth retrying.
     NotFound: grpc.StatusCode.UNAVAILABLE,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    NotRegistering: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 

@@ -1,7 +1,7 @@
 """HTTP endpoints for the kubelet and for people: probes, Prometheus metrics, the peer list.
 
 ``/healthz``  the process is alive and its threads are running (liveness).
-``/readyz``   registered and both watches synced (readiness); the body says what is missing.
+``/readyz``   registered (or watch-only, which the body notes) and every watch synced; the body says what is missing.
 ``/metrics``  Prometheus text format.
 ``/debug/peers`` the current peer set as JSON (including this pod), like SGLang's ``/workers``.
 
@@ -53,10 +53,11 @@ class HttpServer:
         liveness: Check,
         readiness: Check,
         debug_peers: str = "loopback",
+        readiness_notes: Check | None = None,
     ) -> None:
         if debug_peers not in DEBUG_PEERS_ACCESS:
             raise ValueError(f"debug_peers must be one of {', '.join(DEBUG_PEERS_ACCESS)}, got {debug_peers!r}")
-        handler = self._handler_class(peers, metrics, liveness, readiness, debug_peers)
+        handler = self._handler_class(peers, metrics, liveness, readiness, debug_peers, readiness_notes or list)
         self.server = ThreadingHTTPServer((listen.host, listen.port), handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
@@ -64,7 +65,7 @@ class HttpServer:
 
     @staticmethod
     def _handler_class(
-        peers: PeerReader, metrics: Metrics, liveness: Check, readiness: Check, debug_peers: str
+        peers: PeerReader, metrics: Metrics, liveness: Check, readiness: Check, debug_peers: str, notes: Check
     ) -> type[BaseHTTPRequestHandler]:
         class Handler(BaseHTTPRequestHandler):
             """One request; the closure gives it the reader, the metrics and the checks (no shared state)."""
@@ -79,9 +80,9 @@ class HttpServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def _check(self, check: Check) -> None:
+            def _check(self, check: Check, notes: Check = list) -> None:
                 problems = check()
-                text = "ok\n" if not problems else "".join(f"{p}\n" for p in problems)
+                text = "".join(f"{p}\n" for p in problems or ["ok", *notes()])
                 self._send(200 if not problems else 503, text.encode(), "text/plain; charset=utf-8")
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
@@ -89,7 +90,7 @@ class HttpServer:
                 if path == "/healthz":
                     self._check(liveness)
                 elif path == "/readyz":
-                    self._check(readiness)
+                    self._check(readiness, notes)
                 elif path == "/metrics":
                     self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
                 elif path == "/debug/peers" and not may_read_peers(debug_peers, self.client_address[0]):

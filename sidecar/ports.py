@@ -134,3 +134,8 @@ class NotFound(RegistrationError):
 
 class Unavailable(RegistrationError):
     """The backing store cannot be reached or answered with a transient error: retry later."""
+
+
+class NotRegistering(RegistrationError):
+    """This sidecar does not write the pod's registration (watch-only): another writer owns it, or the
+    configuration says so. Publishing through it would fight that writer, so it is refused."""

@@ -20,6 +20,16 @@
   place the admission policy refuses the apply.
 * Deregistration (SIGTERM) deletes the CR, again only this incarnation's (UID precondition), and waits
   until the deletion has come back through the watch: then peers watching the API server see it too.
+* It never fights another writer of the same CR. When Dynamo's own runtime in the main container
+  (field manager ``dynamo-worker``) manages this pod's CR, found before the first write or at any time
+  through the watch, the registrar goes *watch-only*: it writes nothing more (no apply, no delete at
+  SIGTERM: Dynamo keeps its CR and garbage collection removes it with the pod), refuses
+  ``PublishMetadata`` with the reason, and says so in the log and ``/readyz``'s body. The peers are
+  still served. ``DISCOVERY_REGISTER=never`` selects watch-only from the start.
+* A sidecar restarted while its pod lives on (a crash, an OOM kill) finds the CR of this incarnation
+  with what the main container published since start-up, and keeps that data rather than rolling it
+  back to ``DISCOVERY_METADATA`` (the Python client also re-publishes after a reconnect, which covers
+  a graceful restart, whose deregistration deleted the CR).
 
 To the pod-facing API this is a ``MetadataPublisher``: ``publish`` raises the ``sidecar.ports`` errors
 with a meaning (forbidden, invalid, not found, unavailable), never a Kubernetes client exception.
@@ -42,12 +52,24 @@ from sidecar.core.resources import validate_worker_data
 from sidecar.kube.api import CONNECTION_ERRORS, ApiError, KubeApi, ResourcePath
 from sidecar.kube.sources import WORKER_METADATA
 from sidecar.metrics import Metrics
-from sidecar.ports import Forbidden, Invalid, NotFound, Registration, RegistrationError, TooLarge, Unavailable
+from sidecar.ports import (
+    Forbidden,
+    Invalid,
+    NotFound,
+    NotRegistering,
+    Registration,
+    RegistrationError,
+    TooLarge,
+    Unavailable,
+)
 
 API_VERSION = "nvidia.com/v1alpha1"
 KIND = "DynamoWorkerMetadata"
 RESYNC_SECONDS = 60.0
 PODS = ResourcePath("", "v1", "pods")
+DYNAMO_FIELD_MANAGER = "dynamo-worker"
+"""The field manager Dynamo's runtime (1.6.1) applies its ``DynamoWorkerMetadata`` under."""
+REGISTER_MODES = ("auto", "never")
 
 
 class Superseded(Forbidden):
@@ -99,6 +121,16 @@ def owned_by(obj: Mapping[str, Any], identity: PodIdentity) -> bool:
     return any(_is_pod(r, identity) for r in refs)
 
 
+def spec_managers(obj: Mapping[str, Any]) -> set[str]:
+    """The field managers that own some of the object's ``spec`` (from ``metadata.managedFields``)."""
+    entries = (obj.get("metadata") or {}).get("managedFields") or ()
+    return {
+        str(e.get("manager", ""))
+        for e in entries
+        if isinstance(e, Mapping) and isinstance(e.get("fieldsV1"), Mapping) and "f:spec" in e["fieldsV1"]
+    }
+
+
 def other_owners(obj: Mapping[str, Any], identity: PodIdentity) -> list[tuple[str, str, str]]:
     """(kind, name, uid) of every owner reference that is not this pod incarnation."""
     refs = (obj.get("metadata") or {}).get("ownerReferences") or ()
@@ -111,8 +143,9 @@ class Registrar:
     The daemon starts and deregisters it; the metadata reflector calls ``observe``; the gRPC layer
     calls ``registration`` and ``publish`` (as a ``MetadataPublisher``) from its threads.
     ``_apply_lock`` serialises applies (network IO: the loop and ``publish`` never interleave);
-    ``_state_lock`` guards ``_data``, ``_applied``, ``_last_error``, ``_deregistering``, ``_superseded``
-    and ``_conflict`` and is never held during IO, so readers do not wait for the API server.
+    ``_state_lock`` guards ``_data``, ``_applied``, ``_observed``, ``_last_error``, ``_deregistering``,
+    ``_superseded``, ``_watch_only``, ``_adopt`` and ``_conflict`` and is never held during IO, so readers
+    do not wait for the API server.
     """
 
     def __init__(
@@ -124,6 +157,7 @@ class Registrar:
         field_manager: str,
         metrics: Metrics,
         backoff_max: float = 30.0,
+        register: str = "auto",
     ) -> None:
         self.api = api
         self.identity = identity
@@ -140,6 +174,18 @@ class Registrar:
         self._last_error = ""
         self._deregistering = False
         self._superseded = ""  # why this incarnation stopped writing for good; "" while it has not
+        if register not in REGISTER_MODES:
+            raise ValueError(f"register must be one of {REGISTER_MODES}, got {register!r}")
+        # Why this sidecar writes nothing (another writer manages the CR, or DISCOVERY_REGISTER=never); ""
+        # while it does.
+        self._watch_only = (
+            "watch-only (DISCOVERY_REGISTER=never): this sidecar does not write the pod's DynamoWorkerMetadata"
+            if register == "never"
+            else ""
+        )
+        self._observed: Mapping[str, Any] | None = None  # our CR as the watch last showed it (watch-only reads it)
+        # Until the first apply (or a publish): keep the data of a CR of this incarnation found at start-up.
+        self._adopt = True
         # The watch showed the CR of our name owned by another UID, or ours deleted by someone else: read the
         # Pod before writing again (``check_incarnation``).
         self._conflict = False
@@ -182,8 +228,20 @@ class Registrar:
 
     def registration(self) -> Registration:
         with self._state_lock:
-            applied = self._applied or {}
-            data = copy.deepcopy(self._data)
+            watch_only = bool(self._watch_only)
+            applied = (self._observed if watch_only else self._applied) or {}
+            data = (
+                copy.deepcopy((applied.get("spec") or {}).get("data") or {})
+                if watch_only
+                else copy.deepcopy(self._data)
+            )
+        if watch_only:  # the CR as its writer left it, when it is this incarnation's
+            return Registration(
+                registered=bool(applied),
+                resource_version=(applied.get("metadata") or {}).get("resourceVersion", ""),
+                data=data,
+                labels=dict((applied.get("metadata") or {}).get("labels") or {}),
+            )
         return Registration(
             registered=self.registered.is_set(),
             resource_version=(applied.get("metadata") or {}).get("resourceVersion", ""),
@@ -198,15 +256,51 @@ class Registrar:
         with self._state_lock:
             return bool(self._superseded)
 
+    @property
+    def watch_only(self) -> str:
+        """Why this sidecar writes nothing ("" while it registers the pod)."""
+        with self._state_lock:
+            return self._watch_only
+
     def problems(self) -> list[str]:
         with self._state_lock:
             superseded = self._superseded
             error = self._last_error
+            watch_only = self._watch_only
         if superseded:
             return [superseded]
-        if self.registered.is_set():
-            return []
+        if watch_only or self.registered.is_set():
+            return []  # watch-only: the peers are served; whether the pod is registered is its writer's business
         return ["not registered" + (f": {error}" if error else "")]
+
+    def notes(self) -> list[str]:
+        """A healthy but unusual state, for ``/readyz``'s body: watch-only, and why."""
+        reason = self.watch_only
+        return [reason] if reason else []
+
+    def _go_watch_only(self, manager: str) -> NotRegistering:
+        """Stop writing for good: ``manager`` manages this pod's CR. Returns the error publishing raises."""
+        message = (
+            f"watch-only: this pod's DynamoWorkerMetadata is managed by {manager!r} (Dynamo's runtime in the main "
+            "container), so this sidecar writes nothing and serves peers only; publish through Dynamo's runtime"
+        )
+        with self._state_lock:
+            first = not self._watch_only
+            if first:
+                self._watch_only = message
+            message = self._watch_only
+        if first:
+            self.log.warning("another writer manages this pod's CR: watch-only from now on", manager=manager)
+            self._wake.set()
+        return NotRegistering(message)
+
+    def _yield_to(self, obj: Mapping[str, Any]) -> str | None:
+        """The writer this sidecar must leave the CR to, if one manages it (Dynamo's runtime), else None."""
+        return (
+            DYNAMO_FIELD_MANAGER
+            if DYNAMO_FIELD_MANAGER in spec_managers(obj) and owned_by(obj, self.identity)
+            else None
+        )
 
     # -- is this incarnation still the pod? -------------------------------------------------------------
     def check_incarnation(self) -> None:
@@ -274,12 +368,13 @@ class Registrar:
         return True
 
     # -- one pass ---------------------------------------------------------------------------------------
-    def fence(self) -> None:
+    def fence(self) -> dict[str, Any] | None:
         """Leave the CR of this pod's name absent, or ours with no other owner; never adopt another's.
 
         A CR owned by another incarnation is deleted (preconditioned on the UID and resourceVersion read),
         once ``check_incarnation`` has confirmed that this incarnation is still the pod; a CR of ours that
         lists other owners too loses them (a merge patch preconditioned on the resourceVersion read).
+        Returns this incarnation's CR as read (None when there is none now).
         """
         checked = self._check_conflict()
         while True:
@@ -287,16 +382,16 @@ class Registrar:
                 current = self.api.get(self.path)
             except ApiError as exc:
                 if exc.status == 404 and "could not find the requested resource" not in exc.message:
-                    return
+                    return None
                 raise
             meta = current["metadata"]
             if owned_by(current, self.identity):
                 extra = other_owners(current, self.identity)
-                if not extra:
-                    return
+                if not extra or self._yield_to(current):
+                    return current  # (another writer's extra owners are that writer's business)
                 self.log.warning("removing owners this pod did not put on its CR", owners=extra)
                 try:
-                    self.api.merge_patch(
+                    return self.api.merge_patch(
                         self.path,
                         {
                             "metadata": {
@@ -305,10 +400,9 @@ class Registrar:
                             }
                         },
                     )
-                    return
                 except ApiError as exc:
                     if exc.status == 404:
-                        return
+                        return None
                     if exc.status != 409:  # 409: it changed since we read it; look again
                         raise
                     continue
@@ -326,10 +420,10 @@ class Registrar:
                         "preconditions": {"uid": meta["uid"], "resourceVersion": meta["resourceVersion"]},
                     },
                 )
-                return
+                return None
             except ApiError as exc:
                 if exc.status == 404:
-                    return
+                    return None
                 if exc.status != 409:  # 409: it changed since we read it; look again
                     raise
 
@@ -347,15 +441,54 @@ class Registrar:
             raise Superseded(superseded)
         if deregistering:  # nothing may re-create the CR once deregistration began
             raise Unavailable("this pod is deregistering (the sidecar is shutting down): nothing is written any more")
-        self.fence()
+        watch_only = self.watch_only
+        if watch_only:
+            raise NotRegistering(watch_only)
+        current = self.fence()
+        if current is not None:
+            manager = self._yield_to(current)
+            if manager:
+                with self._state_lock:
+                    self._observed = current
+                self.registered.set()
+                raise self._go_watch_only(manager)
+            self._adopt_published(current)
         applied = self.api.apply(self.path, self.desired(), self.field_manager)
         with self._state_lock:
             self._applied = applied
+            self._adopt = False
             self._last_error = ""
         self._gone.clear()
         self.registered.set()
         self.metrics.registered.set(1)
         return applied
+
+    def _adopt_published(self, current: Mapping[str, Any]) -> None:
+        """Before this process's first write: keep what this incarnation's CR already says.
+
+        The CR is this pod incarnation's, so its data is what the main container published through an
+        earlier sidecar process (one that crashed: a graceful stop deletes the CR). Re-applying
+        ``DISCOVERY_METADATA`` over it would silently roll that back. Data that is no longer valid is not
+        kept (the initial data is applied instead, and the reason logged).
+        """
+        with self._state_lock:
+            if not self._adopt:
+                return
+            self._adopt = False
+            desired = self._data
+        existing = (current.get("spec") or {}).get("data")
+        if not isinstance(existing, Mapping) or existing == desired:
+            return
+        problem = validate_worker_data(existing) or dynamo_metadata_problem(existing)
+        if problem:
+            self.log.warning("not keeping the CR's data from before the restart: it is invalid", reason=problem)
+            return
+        with self._state_lock:
+            self._data = copy.deepcopy(dict(existing))
+        self.log.info(
+            "kept the metadata this pod published before the sidecar restarted",
+            resource_version=(current.get("metadata") or {}).get("resourceVersion", ""),
+        )
 
     def publish(self, document: Mapping[str, Any], merge: bool) -> Registration:
         """Replace (or RFC 7386 merge-patch) spec.data and apply it now (``MetadataPublisher``).
@@ -364,10 +497,17 @@ class Registrar:
         """
         with self._apply_lock:
             with self._state_lock:
+                watch_only = self._watch_only
                 previous = self._data
+                adopt = self._adopt
+                self._adopt = False  # what the main container publishes now wins over what the CR held
+            if watch_only:
+                raise NotRegistering(watch_only)
             new = apply_merge_patch(previous, dict(document)) if merge else copy.deepcopy(dict(document))
             problem = validate_worker_data(new) or dynamo_metadata_problem(new)
             if problem:
+                with self._state_lock:
+                    self._adopt = adopt
                 raise Invalid(problem)
             with self._state_lock:
                 self._data = new
@@ -404,8 +544,8 @@ class Registrar:
                 self._wake.wait(RESYNC_SECONDS)
                 self._wake.clear()
                 continue
-            except Superseded:
-                # Nothing to do, ever again. The thread stays (it is not dead: liveness) until the daemon stops it.
+            except (Superseded, NotRegistering):
+                # Nothing to write, ever again. The thread stays (it is not dead: liveness) until the daemon stops it.
                 self._stop.wait()
                 return
             except ApiError as exc:
@@ -436,6 +576,19 @@ class Registrar:
             superseded = self._superseded
         if superseded:
             return  # the CR of this name is the new incarnation's: nothing here is ours to react to
+        ours = owned_by(obj, self.identity)
+        with self._state_lock:
+            self._observed = obj if ours and kind != "DELETED" else None
+            watch_only = self._watch_only
+        manager = self._yield_to(obj) if kind != "DELETED" else None
+        if manager and not deregistering:
+            self._go_watch_only(manager)
+            watch_only = self.watch_only
+        if watch_only:
+            # Another writer's CR: follow it for GetSelf and readiness, never write it.
+            (self.registered.set if ours and kind != "DELETED" else self.registered.clear)()
+            self.metrics.registered.set(1 if self.registered.is_set() else 0)
+            return
         if kind == "DELETED":
             if not owned_by(obj, self.identity):
                 return  # another incarnation's CR (fencing removed it): not ours to re-create or confirm
@@ -478,7 +631,11 @@ class Registrar:
         """
         with self._state_lock:
             self._deregistering = True
+            watch_only = self._watch_only
         self.stop()
+        if watch_only:
+            self.log.info("not deregistering: watch-only, the CR is its writer's", reason=watch_only)
+            return True
         with self._apply_lock:  # an apply under way finishes first; none starts after (they check _deregistering)
             applied_uid = self._applied_uid()
             try:

@@ -463,3 +463,79 @@ def test_endpoint_with_unset_ready_condition_is_not_a_peer_on_either_side(world:
     assert "worker-unset" not in world.stream.names(), (
         "an endpoint without conditions.ready is a peer for the sidecar but not an instance for Dynamo"
     )
+
+
+# -- the product's shape: the sidecar next to a Dynamo main container -------------------------------------------------
+def managers(cr: dict[str, Any] | None) -> set[str]:
+    """The field managers that own some of the CR's spec."""
+    entries = ((cr or {}).get("metadata") or {}).get("managedFields") or []
+    return {e["manager"] for e in entries if "f:spec" in (e.get("fieldsV1") or {})}
+
+
+def never_removed(world: World, name: str) -> bool:
+    return not any(p.name == name for u in world.stream.updates for p in u.removed)
+
+
+def assert_watch_only(sidecar: SidecarProcess) -> None:
+    status, body = sidecar.http_get("/readyz")
+    assert status == 200 and "watch-only" in body and "dynamo-worker" in body, (status, body)
+    with DiscoveryClient(sidecar.target, republish=False) as client:
+        with pytest.raises(grpc.RpcError) as refused:
+            client.publish_metadata({"custom": 1})
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "managed by 'dynamo-worker'" in (refused.value.details() or "")
+        peers = client.list_peers(make_filter(endpoint=ENDPOINT)).peers
+        assert FRONTEND not in [p.name for p in peers], "it still serves peers (the frontend is the observer's own)"
+
+
+def test_sidecar_next_to_dynamo_goes_watch_only_and_both_survive_a_sidecar_restart(world: World) -> None:
+    """Dynamo's runtime is the main container and registers the pod itself: its sidecar writes nothing (no
+    apply over Dynamo's data, no delete at SIGTERM), says so, serves peers, and a restart of it changes nothing
+    for Dynamo's readers or the sidecar's."""
+    pod, worker = start_dynamo_worker(world, "worker-0")
+    instance_id = worker.instance_id
+    world.wait_dynamo(lambda ids: instance_id in ids, "contains worker-0")
+    before = world.cr("worker-0")
+    assert before is not None and managers(before) == {"dynamo-worker"}
+
+    sidecar = world.sidecar(pod)
+    assert_watch_only(sidecar)
+    with DiscoveryClient(sidecar.target) as client:
+        me = client.get_self()
+        assert me.registered and json.loads(me.data_json) == before["spec"]["data"], "GetSelf shows Dynamo's CR"
+    assert any(e.get("event", "").startswith("another writer manages this pod's CR") for e in sidecar.log_events())
+
+    world.wait_stream(lambda r: "worker-0" in r.names(), "worker-0 a peer")
+    assert sidecar.terminate() == 0
+    after_stop = world.cr("worker-0")
+    assert after_stop is not None, "the sidecar's SIGTERM left Dynamo's CR in place"
+    sidecar.start().wait_ready()
+    assert_watch_only(sidecar)
+
+    current = world.cr("worker-0")
+    assert current is not None
+    assert current["metadata"]["uid"] == before["metadata"]["uid"], "never deleted and re-created"
+    assert current["spec"]["data"] == before["spec"]["data"] and managers(current) == {"dynamo-worker"}
+    world.wait_dynamo(lambda ids: instance_id in ids, "still contains worker-0 after the sidecar restart")
+    assert world.peer("worker-0") is not None and never_removed(world, "worker-0")
+
+
+def test_dynamo_starting_after_its_sidecar_makes_the_sidecar_yield(world: World) -> None:
+    """The other order: the sidecar registered the pod first, then Dynamo's runtime applied its CR (1.6.1
+    applies with force, whoever wrote before). The sidecar sees the new writer in the watch and stops writing."""
+    pod = world.pod("worker-0")
+    sidecar = world.sidecar(pod)
+    wait_for(lambda: world.cr("worker-0"), TIMEOUT, what="the sidecar's CR")
+    worker = world.dynamo.worker(pod, endpoint=ENDPOINT, model=None)
+    worker.wait_event("serving")
+    instance_id = worker.instance_id
+    world.wait_dynamo(lambda ids: instance_id in ids, "contains worker-0")
+    wait_for(lambda: "watch-only" in sidecar.http_get("/readyz")[1], TIMEOUT, what="the sidecar to go watch-only")
+    assert_watch_only(sidecar)
+
+    assert sidecar.terminate() == 0
+    cr = world.cr("worker-0")
+    assert cr is not None and endpoint_key(ENDPOINT, instance_id) in cr["spec"]["data"]["endpoints"], (
+        "the yielded sidecar deletes nothing at SIGTERM"
+    )
+    world.wait_dynamo(lambda ids: instance_id in ids, "still contains worker-0")

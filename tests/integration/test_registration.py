@@ -247,6 +247,56 @@ def test_sigterm_deregisters_before_exit(namespace: str, cluster: Cluster, sidec
         watcher.close()
 
 
+# -- runtime metadata survives a restart of the sidecar --------------------------------------------------------
+PUBLISHED = {**METADATA, "custom": {"warm": True, "generation": 2}}
+
+
+def test_a_graceful_sidecar_restart_gets_the_published_metadata_back_from_the_client(
+    namespace: str, cluster: Cluster, sidecars: Sidecars
+) -> None:
+    """SIGTERM deletes the CR; the next sidecar process starts from DISCOVERY_METADATA. The main container's
+    client notices its sidecar came back and publishes its last metadata again: not rolled back."""
+    from sidecar.client import DiscoveryClient
+
+    pod = cluster.start_pod(namespace, "worker-0", {"app": "w"})
+    sidecar = sidecars.start(pod, "w", metadata=METADATA).wait_ready()
+    with DiscoveryClient(sidecar.target) as client:  # the main container's client, left open throughout
+        client.publish_metadata(PUBLISHED)
+        assert sidecar.terminate() == 0
+        assert cr(cluster, namespace, "worker-0") is None, "deregistered at SIGTERM"
+        sidecar.start()
+        stored = wait_for(
+            lambda: (obj := cr(cluster, namespace, "worker-0")) and obj["spec"]["data"] == PUBLISHED and obj,
+            30,
+            what="the restarted sidecar's CR to hold the published metadata again",
+        )
+        assert stored["metadata"]["ownerReferences"][0]["uid"] == pod["metadata"]["uid"]
+        assert json.loads(client.get_self().data_json) == PUBLISHED
+
+
+def test_a_crashed_sidecar_restarts_with_the_published_metadata_kept(
+    namespace: str, cluster: Cluster, sidecars: Sidecars
+) -> None:
+    """SIGKILL (a crash, an OOM kill) leaves the CR of this incarnation with what was published since start-up;
+    the next process keeps that rather than re-applying DISCOVERY_METADATA, even without a client's help."""
+    from sidecar.client import DiscoveryClient
+
+    pod = cluster.start_pod(namespace, "worker-0", {"app": "w"})
+    sidecar = sidecars.start(pod, "w", metadata=METADATA).wait_ready()
+    with DiscoveryClient(sidecar.target, republish=False) as client:
+        client.publish_metadata(PUBLISHED)
+    before = cr(cluster, namespace, "worker-0")
+    assert before is not None
+    sidecar.kill()
+    sidecar.start().wait_ready()
+    after = cr(cluster, namespace, "worker-0")
+    assert after is not None and after["spec"]["data"] == PUBLISHED
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]
+    assert any(e.get("event", "").startswith("kept the metadata this pod published") for e in sidecar.log_events())
+    with DiscoveryClient(sidecar.target, republish=False) as client:
+        assert json.loads(client.get_self().data_json) == PUBLISHED
+
+
 # -- RBAC: the Role suffices, and nothing less does -------------------------------------------------------
 FULL_RULES = {
     ("nvidia.com", "dynamoworkermetadatas"): ["get", "list", "watch", "create", "patch", "delete"],

@@ -8,6 +8,7 @@ asyncio ``watch`` wire it to a real stream: a snapshot, a broken stream, a resum
 from __future__ import annotations
 
 import asyncio
+import json
 import queue
 import threading
 from collections.abc import AsyncGenerator, Iterable, Iterator
@@ -337,3 +338,94 @@ class TestAsyncClientResumesAfterBrokenStream:
 
         updates = asyncio.run(asyncio.wait_for(follow(), DEADLINE))
         check_resumed_stream(servicer, updates)
+
+
+# --- metadata survives a restart of the sidecar ------------------------------------------------------
+class SidecarProcessStandIn(pb_grpc.DiscoveryServicer):
+    """One sidecar process's registration: starts from ``initial`` (DISCOVERY_METADATA) and records publishes."""
+
+    def __init__(self, initial: dict[str, object], refuse: grpc.StatusCode | None = None) -> None:
+        self.data = dict(initial)
+        self.refuse = refuse
+        self.publishes: queue.Queue[dict[str, object]] = queue.Queue()
+
+    def GetSelf(self, request: pb.GetSelfRequest, context: grpc.ServicerContext) -> pb.GetSelfResponse:  # noqa: N802
+        return pb.GetSelfResponse(name="worker-0", data_json=json.dumps(self.data), registered=True)
+
+    def PublishMetadata(  # noqa: N802
+        self, request: pb.PublishMetadataRequest, context: grpc.ServicerContext
+    ) -> pb.PublishMetadataResponse:
+        if self.refuse is not None:
+            context.abort(self.refuse, "watch-only: managed by 'dynamo-worker'")
+        document = json.loads(request.data_json)
+        self.data = document if request.mode != pb.PUBLISH_MODE_MERGE_PATCH else {**self.data, **document}
+        self.publishes.put(dict(self.data))
+        return pb.PublishMetadataResponse(data_json=json.dumps(self.data), metadata_resource_version="1")
+
+
+def serve(servicer: pb_grpc.DiscoveryServicer, port: int = 0) -> tuple[grpc.Server, int]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_DiscoveryServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    return server, bound
+
+
+class TestRepublishAfterSidecarRestart:
+    INITIAL: dict[str, object] = {"endpoints": {}}
+
+    def test_a_restarted_sidecar_gets_the_last_applied_metadata_again(self) -> None:
+        first = SidecarProcessStandIn(self.INITIAL)
+        server, port = serve(first)
+        client = DiscoveryClient(f"127.0.0.1:{port}")
+        second_server = None
+        try:
+            client.publish_metadata({"custom": {"warm": True}}, merge=True)
+            expected = {"endpoints": {}, "custom": {"warm": True}}
+            assert first.publishes.get(timeout=DEADLINE) == expected
+
+            assert server.stop(grace=0).wait(DEADLINE)
+            second = SidecarProcessStandIn(self.INITIAL)  # a new process: back to DISCOVERY_METADATA
+            second_server, _ = serve(second, port)
+            assert second.publishes.get(timeout=DEADLINE) == expected, "the whole document as last applied"
+            assert second.data == expected
+        finally:
+            client.close()
+            server.stop(grace=0)
+            if second_server is not None:
+                second_server.stop(grace=0)
+
+    def test_nothing_is_sent_when_the_sidecar_holds_it_already(self) -> None:
+        stand_in = SidecarProcessStandIn(self.INITIAL)
+        server, port = serve(stand_in)
+        try:
+            with DiscoveryClient(f"127.0.0.1:{port}") as client:
+                client.publish_metadata({"a": 1})
+                stand_in.publishes.get(timeout=DEADLINE)
+                assert client.ensure_published() is True
+                assert stand_in.publishes.empty()
+        finally:
+            server.stop(grace=0)
+
+    def test_a_refusal_for_good_stops_trying(self) -> None:
+        stand_in = SidecarProcessStandIn(self.INITIAL)
+        server, port = serve(stand_in)
+        try:
+            with DiscoveryClient(f"127.0.0.1:{port}") as client:
+                client.publish_metadata({"a": 1})
+                stand_in.publishes.get(timeout=DEADLINE)
+                stand_in.data = {}  # a restarted sidecar that went watch-only
+                stand_in.refuse = grpc.StatusCode.FAILED_PRECONDITION
+                assert client.ensure_published() is False
+        finally:
+            server.stop(grace=0)
+
+    def test_a_client_that_never_published_sends_nothing(self) -> None:
+        stand_in = SidecarProcessStandIn(self.INITIAL)
+        server, port = serve(stand_in)
+        try:
+            with DiscoveryClient(f"127.0.0.1:{port}") as client:
+                assert client.ensure_published() is True
+                assert stand_in.publishes.empty()
+        finally:
+            server.stop(grace=0)

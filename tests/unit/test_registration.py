@@ -19,10 +19,18 @@ import urllib3
 from devcluster.objects import wait_for
 from sidecar.config import PodIdentity
 from sidecar.kube.api import ApiError
-from sidecar.kube.registration import Registrar, Superseded, registration_error
+from sidecar.kube.registration import DYNAMO_FIELD_MANAGER, Registrar, Superseded, registration_error, spec_managers
 from sidecar.kube.sources import WORKER_METADATA
 from sidecar.metrics import Metrics
-from sidecar.ports import Forbidden, Invalid, NotFound, Registration, RegistrationError, Unavailable
+from sidecar.ports import (
+    Forbidden,
+    Invalid,
+    NotFound,
+    NotRegistering,
+    Registration,
+    RegistrationError,
+    Unavailable,
+)
 from tests.unit.fake_api import DEADLINE, Call, ScriptedApi, gated
 
 NS = "ns"
@@ -770,3 +778,128 @@ def test_unauthorized_says_a_pod_bound_token_dies_with_its_pod() -> None:
     error = registration_error(ApiError(401, "Unauthorized", "Unauthorized"), "register")
     assert isinstance(error, Forbidden)
     assert "pod-bound token stops working once its pod is deleted or replaced" in str(error)
+
+
+# -- living with Dynamo's runtime in the same pod, and restarts -------------------------------------------------
+def managed_by(obj: dict[str, Any], *managers: str) -> dict[str, Any]:
+    """``obj`` with managedFields entries in which each of ``managers`` owns spec.data (as apply records it)."""
+    obj["metadata"]["managedFields"] = [
+        {
+            "manager": m,
+            "operation": "Apply",
+            "apiVersion": "nvidia.com/v1alpha1",
+            "fieldsType": "FieldsV1",
+            "fieldsV1": {"f:spec": {"f:data": {}}, "f:metadata": {"f:ownerReferences": {}}},
+        }
+        for m in managers
+    ]
+    return obj
+
+
+DYNAMO_DATA: dict[str, Any] = {
+    "endpoints": {"dynamo/backend/generate/2": dynamo_endpoint(2, {"tcp": "10.0.0.2:9000/2/dynamo/backend/generate"})},
+    "model_cards": {},
+    "event_channels": {},
+    "event_sources": {},
+}
+
+
+class TestWatchOnly:
+    def test_spec_managers_reads_managed_fields(self) -> None:
+        obj = managed_by(cr(POD.uid, "cr-1", "1"), DYNAMO_FIELD_MANAGER, FIELD_MANAGER)
+        obj["metadata"]["managedFields"].append({"manager": "kubectl", "fieldsV1": {"f:metadata": {}}})
+        assert spec_managers(obj) == {DYNAMO_FIELD_MANAGER, FIELD_MANAGER}
+        assert spec_managers(cr(POD.uid, "cr-1", "1")) == set()
+
+    def test_a_cr_dynamo_manages_at_start_up_is_left_alone(self, rig: Rig) -> None:
+        """Found before the first write: nothing is written, ever; the peers are still served (not a problem)."""
+        dynamo_cr = managed_by(cr(POD.uid, "cr-d", "5", DYNAMO_DATA), DYNAMO_FIELD_MANAGER)
+        rig.api.on_get(dynamo_cr)
+        rig.registrar.start()
+        assert rig.registrar.registered.wait(DEADLINE)
+        wait_for(lambda: rig.registrar.watch_only, DEADLINE, what="watch-only")
+
+        assert rig.api.methods() == ["get"], "no apply, no delete"
+        assert rig.registrar.problems() == []
+        (note,) = rig.registrar.notes()
+        assert "watch-only" in note and "'dynamo-worker'" in note
+        me = rig.registrar.registration()
+        assert (me.registered, me.resource_version, me.data) == (True, "5", DYNAMO_DATA), "GetSelf shows Dynamo's CR"
+        with pytest.raises(NotRegistering, match="managed by 'dynamo-worker'"):
+            rig.registrar.publish({"x": 1}, merge=False)
+        assert rig.registrar.deregister(timeout=0.1) is True
+        assert rig.api.methods() == ["get"], "SIGTERM deletes nothing: Dynamo keeps its CR until garbage collection"
+
+    def test_dynamo_taking_over_later_is_seen_through_the_watch(self, rig: Rig) -> None:
+        """Registered first, then Dynamo applies over the CR: from that event on the sidecar writes nothing."""
+        rig.api.on_get(NOT_FOUND).on_apply(accepted("cr-1", "11"))
+        rig.registrar.start()
+        assert rig.registrar.registered.wait(DEADLINE)
+
+        rig.registrar.observe(
+            "MODIFIED", managed_by(cr(POD.uid, "cr-1", "12", DYNAMO_DATA), FIELD_MANAGER, DYNAMO_FIELD_MANAGER)
+        )
+        assert rig.registrar.watch_only
+        assert rig.registrar.registration().data == DYNAMO_DATA
+        with pytest.raises(NotRegistering):
+            rig.registrar.publish({"x": 1}, merge=False)
+        rig.registrar.observe("DELETED", cr(POD.uid, "cr-1", "13"))
+        assert not rig.registrar.registered.is_set(), "gone is gone: not re-created"
+        assert rig.registrar.problems() == []
+        assert rig.api.methods() == ["get", "apply"]
+
+    def test_a_stale_dynamo_cr_of_another_incarnation_is_still_fenced(self, rig: Rig) -> None:
+        """Only this incarnation's CR is yielded to: Dynamo's CR left by an earlier pod of the name is replaced."""
+        stale = managed_by(cr("uid-pod-old", "cr-old", "7", DYNAMO_DATA), DYNAMO_FIELD_MANAGER)
+        rig.api.on_get(stale, pod(POD.uid)).on_delete({"kind": "Status"}).on_apply(accepted())
+        rig.registrar.apply()
+        assert rig.api.methods() == ["get", "get", "delete", "apply"]
+        assert not rig.registrar.watch_only
+
+    def test_never_registers_nothing_and_is_ready(self) -> None:
+        api = ScriptedApi()
+        registrar = Registrar(api.as_kube_api(), POD, LABELS, INITIAL, FIELD_MANAGER, Metrics(), register="never")
+        try:
+            registrar.start()
+            with pytest.raises(NotRegistering, match="DISCOVERY_REGISTER=never"):
+                registrar.publish({"x": 1}, merge=False)
+            assert registrar.problems() == [] and "DISCOVERY_REGISTER=never" in registrar.notes()[0]
+            assert registrar.deregister(timeout=0.1) is True
+            assert api.methods() == []
+        finally:
+            registrar.stop()
+            api.close()
+
+    def test_an_unknown_mode_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="register must be one of"):
+            Registrar(ScriptedApi().as_kube_api(), POD, LABELS, INITIAL, FIELD_MANAGER, Metrics(), register="maybe")
+
+
+class TestRestart:
+    def test_the_data_this_incarnation_published_before_a_restart_is_kept(self, rig: Rig) -> None:
+        """A sidecar process that crashed left the CR of this incarnation with what the main container published
+        since: the new process applies that, not DISCOVERY_METADATA."""
+        published = {**INITIAL, "custom": {"warm": True}}
+        rig.api.on_get(cr(POD.uid, "cr-mine", "30", published)).on_apply(accepted("cr-mine", "31"))
+        rig.registrar.apply()
+        assert rig.applied_bodies()[0]["spec"]["data"] == published
+        assert rig.registrar.registration().data == published
+
+    def test_only_before_the_first_write(self, rig: Rig) -> None:
+        """Once this process wrote, a later pass applies the desired data again (the CR is not read back)."""
+        rig.api.on_get(NOT_FOUND, cr(POD.uid, "cr-new", "12", {"tampered": True}))
+        rig.api.on_apply(accepted("cr-new", "11"), accepted("cr-new", "13"))
+        rig.registrar.apply()
+        rig.registrar.apply()
+        assert [b["spec"]["data"] for b in rig.applied_bodies()] == [INITIAL, INITIAL]
+
+    def test_a_publish_before_the_first_write_wins_over_the_cr(self, rig: Rig) -> None:
+        rig.api.on_get(cr(POD.uid, "cr-mine", "30", {**INITIAL, "old": 1})).on_apply(accepted("cr-mine", "31"))
+        rig.registrar.publish({**INITIAL, "new": 2}, merge=False)
+        assert rig.applied_bodies()[0]["spec"]["data"] == {**INITIAL, "new": 2}
+
+    def test_invalid_leftover_data_is_not_kept(self, rig: Rig) -> None:
+        bad = {"endpoints": {"k": {"type": "Endpoint"}}}
+        rig.api.on_get(cr(POD.uid, "cr-mine", "30", bad)).on_apply(accepted("cr-mine", "31"))
+        rig.registrar.apply()
+        assert rig.applied_bodies()[0]["spec"]["data"] == INITIAL
