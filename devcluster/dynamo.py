@@ -146,12 +146,18 @@ class DynamoProcess:
         return str(self.pod["metadata"]["name"])
 
     @property
+    def file_stem(self) -> str:
+        """The pod name, and the container in Dynamo's container mode (several processes per pod)."""
+        container = self.extra_env.get("CONTAINER_NAME", "")
+        return f"{self.name}-{container}" if container else self.name
+
+    @property
     def events_path(self) -> pathlib.Path:
-        return self.work_dir / f"{self.name}.dynamo-{self.mode}.jsonl"
+        return self.work_dir / f"{self.file_stem}.dynamo-{self.mode}.jsonl"
 
     @property
     def log_path(self) -> pathlib.Path:
-        return self.work_dir / f"{self.name}.dynamo-{self.mode}.log"
+        return self.work_dir / f"{self.file_stem}.dynamo-{self.mode}.log"
 
     def env(self) -> dict[str, str]:
         meta = self.pod["metadata"]
@@ -307,7 +313,9 @@ def launch_dynamo(
     name = pod["metadata"]["name"]
     token = cluster.pod_bound_token(pod["metadata"]["namespace"], service_account, pod)
     work_dir.mkdir(parents=True, exist_ok=True)
-    kubeconfig = write_token_kubeconfig(plane, token, work_dir / f"{name}.dynamo-{mode}.kubeconfig")
+    container = (extra_env or {}).get("CONTAINER_NAME", "")
+    stem = f"{name}-{container}" if container else name
+    kubeconfig = write_token_kubeconfig(plane, token, work_dir / f"{stem}.dynamo-{mode}.kubeconfig")
     process = DynamoProcess(
         pod=pod,
         kubeconfig=kubeconfig,

@@ -11,7 +11,7 @@ import datetime
 import ipaddress
 import itertools
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from sidecar.kube import sources
@@ -117,30 +117,46 @@ class Cluster:
         node: str = "node-a",
         port: int = 8000,
         service_account: str = "discovery-sidecar",
+        containers: Sequence[str] = ("main",),
+        annotations: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        """A pod bound to ``node``; by default under the sidecar's service account (manifests/rbac.yaml)."""
+        """A pod bound to ``node``; by default under the sidecar's service account (manifests/rbac.yaml).
+
+        ``containers`` names its containers (the first serves ``port``), for Dynamo's container mode."""
         body = {
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": {"name": name, "labels": dict(labels)},
+            "metadata": {"name": name, "labels": dict(labels), "annotations": dict(annotations or {})},
             "spec": {
                 "nodeName": node,
                 "serviceAccountName": service_account,
                 "automountServiceAccountToken": False,
                 "containers": [
-                    {
-                        "name": "main",
-                        "image": "example.invalid/worker:1",
-                        "ports": [{"containerPort": port, "name": "http"}],
-                    }
+                    {"name": c, "image": "example.invalid/worker:1"}
+                    | ({"ports": [{"containerPort": port, "name": "http"}]} if i == 0 else {})
+                    for i, c in enumerate(containers)
                 ],
             },
         }
         return self.api.create(PODS.collection(namespace), body)
 
-    def set_pod_status(self, namespace: str, name: str, ready: bool, ip: str | None = None) -> dict[str, Any]:
-        """Patch the status a kubelet would report: Running, an IP, and the Ready condition."""
-        pod = self.api.get(PODS.item(namespace, name))
+    def set_pod_status(
+        self,
+        namespace: str,
+        name: str,
+        ready: bool,
+        ip: str | None = None,
+        containers_ready: Mapping[str, bool] | None = None,
+    ) -> dict[str, Any]:
+        """Patch the status a kubelet would report: Running, an IP, and the Ready condition.
+
+        Every container is as ready as the pod unless ``containers_ready`` says otherwise for it (the pod is
+        then Ready only when all its containers are, as the kubelet reports it)."""
+        pod_for_containers = self.api.get(PODS.item(namespace, name))
+        per_container = {c["name"]: ready for c in pod_for_containers["spec"]["containers"]}
+        per_container.update(containers_ready or {})
+        ready = ready and all(per_container.values())
+        pod = pod_for_containers
         ip = ip or (pod.get("status") or {}).get("podIP") or next_pod_ip()
         state = "True" if ready else "False"
         now = _now()
@@ -159,7 +175,7 @@ class Cluster:
             "containerStatuses": [
                 {
                     "name": c["name"],
-                    "ready": ready,
+                    "ready": per_container[c["name"]],
                     "started": True,
                     "restartCount": 0,
                     "image": c["image"],
@@ -184,9 +200,13 @@ class Cluster:
         ready: bool = True,
         ip: str | None = None,
         service_account: str = "discovery-sidecar",
+        containers: Sequence[str] = ("main",),
+        annotations: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """Create a pod and report it Running (and Ready unless told otherwise)."""
-        self.create_pod(namespace, name, labels, service_account=service_account)
+        self.create_pod(
+            namespace, name, labels, service_account=service_account, containers=containers, annotations=annotations
+        )
         return self.set_pod_status(namespace, name, ready=ready, ip=ip)
 
     def relabel_pod(self, namespace: str, name: str, labels: Mapping[str, str | None]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
+from sidecar.core.containers import DEFAULT_MAIN_CONTAINER, metadata_name
 from sidecar.core.dynamo_schema import dynamo_metadata_problem
 from sidecar.core.resources import validate_worker_data
 from sidecar.core.selectors import (
@@ -33,6 +34,8 @@ from sidecar.core.selectors import (
 )
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+CONTAINER_MODE_POD_SELECTOR = "nvidia.com/dynamo-discovery-enabled=true"
+"""The Pods Dynamo's container mode watches (the label its operator puts on discoverable workloads)."""
 
 _T = TypeVar("_T")
 
@@ -198,7 +201,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "POD_NAME",
         "--pod-name",
-        "this pod's name (downward API metadata.name); also the CR's name",
+        "this pod's name (downward API metadata.name); also the CR's name (container mode: {pod}-{container})",
         podinfo_file="pod_name",
     ),
     Option(
@@ -231,6 +234,24 @@ OPTIONS: tuple[Option, ...] = (
         "DISCOVERY_POD_SELECTOR",
         "--pod-selector",
         "label selector over Pods: Pods become the readiness source (Ready, Running, with an IP), no Service needed",
+    ),
+    Option(
+        "DYN_KUBE_DISCOVERY_MODE",
+        "--kube-discovery-mode",
+        "Dynamo's pod (one instance per pod) or container mode (each registering container is an instance: "
+        "CR {pod}-{container} except the main container, readiness from containerStatuses)",
+        default="pod",
+    ),
+    Option(
+        "CONTAINER_NAME",
+        "--container-name",
+        "container mode: the container this sidecar registers (required in container mode)",
+    ),
+    Option(
+        "DYN_MAIN_CONTAINER_NAME",
+        "--main-container-name",
+        "container mode: this pod's main container, which keeps the pod's identity (Dynamo 1.6.1 knows only 'main')",
+        default="main",
     ),
     Option(
         "DISCOVERY_NAMESPACES",
@@ -368,6 +389,9 @@ class Settings:
     shutdown_timeout: float
     field_manager: str
     register: str
+    container_mode: bool  # Dynamo's container mode: Pods' containerStatuses are the readiness source
+    container_name: str  # container mode: the container registered ("" in pod mode)
+    metadata_name: str  # this pod's (or container's) DynamoWorkerMetadata name: the pod's, or {pod}-{container}
     log_format: str
     log_level: str
     raw: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -472,7 +496,29 @@ def load_settings(args: argparse.Namespace | None = None, environ: Mapping[str, 
         selector = selector.and_(slice_selector)
     pod_selector = reader.get("DISCOVERY_POD_SELECTOR", _parse_selector_value)
     wants_slices = bool(service) or "DISCOVERY_ENDPOINTSLICE_SELECTOR" in reader.raw
-    if "DISCOVERY_POD_SELECTOR" in reader.raw:
+    mode = reader.get("DYN_KUBE_DISCOVERY_MODE", _choice("pod", "container"))
+    container = (reader.get("CONTAINER_NAME") or "").strip()
+    main_container = (reader.get("DYN_MAIN_CONTAINER_NAME") or "").strip() or DEFAULT_MAIN_CONTAINER
+    if mode == "container":
+        if not container:
+            reader.problems.append(
+                f"{reader.where('CONTAINER_NAME')} is not set: required when "
+                f"{reader.where('DYN_KUBE_DISCOVERY_MODE')} is 'container' (the container this sidecar registers)"
+            )
+        if wants_slices:
+            reader.problems.append(
+                f"{reader.where('DYN_KUBE_DISCOVERY_MODE')} is 'container': readiness comes from the Pods' "
+                f"containerStatuses, so {reader.where('DISCOVERY_SERVICE_NAME')}/"
+                f"{reader.where('DISCOVERY_ENDPOINTSLICE_SELECTOR')} do not apply; select the Pods with "
+                f"{reader.where('DISCOVERY_POD_SELECTOR')} (default: {CONTAINER_MODE_POD_SELECTOR}, as Dynamo does)"
+            )
+        if "DISCOVERY_POD_SELECTOR" not in reader.raw:
+            pod_selector = parse_selector(CONTAINER_MODE_POD_SELECTOR)
+        elif isinstance(pod_selector, LabelSelector) and pod_selector.is_empty():
+            reader.problems.append(
+                f"{reader.where('DISCOVERY_POD_SELECTOR')} selects every Pod; give a non-empty selector"
+            )
+    elif "DISCOVERY_POD_SELECTOR" in reader.raw:
         if wants_slices:
             reader.problems.append(
                 f"set either {reader.where('DISCOVERY_POD_SELECTOR')} (Pods define readiness) or "
@@ -540,6 +586,9 @@ def load_settings(args: argparse.Namespace | None = None, environ: Mapping[str, 
         shutdown_timeout=_known(shutdown_timeout),
         field_manager=_known(field_manager),
         register=_known(register),
+        container_mode=mode == "container",
+        container_name=container,
+        metadata_name=metadata_name(_known(name), container, main_container) if mode == "container" else _known(name),
         log_format=_known(log_format),
         log_level=_known(log_level),
     )

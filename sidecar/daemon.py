@@ -17,6 +17,7 @@ from types import FrameType
 import structlog
 
 from sidecar.config import Settings
+from sidecar.core.containers import peer_key
 from sidecar.core.directory import PeerDirectory
 from sidecar.grpc_service import DiscoveryService, GrpcServer
 from sidecar.http_server import HttpServer
@@ -47,7 +48,8 @@ class Sidecar:
             history_bytes=settings.history_bytes,
             sources=[target.name for target in targets],
         )
-        self.hub = PeerHub(directory, self_uid=settings.identity.uid)
+        identity = settings.identity
+        self.hub = PeerHub(directory, self_uid=peer_key(identity.uid, identity.name, settings.metadata_name))
         self.hub.add_listener(PeerChangeReporter(self.log, self.metrics))
         self.registrar = Registrar(
             self.api,
@@ -58,6 +60,7 @@ class Sidecar:
             self.metrics,
             settings.backoff_max,
             register=settings.register,
+            metadata_name=settings.metadata_name,
         )
         self.reflectors = [
             Reflector(
@@ -72,7 +75,10 @@ class Sidecar:
             for target in targets
         ]
         self.grpc = GrpcServer(
-            DiscoveryService(self.hub, self.registrar, settings.identity, self.metrics), settings.grpc_listen
+            DiscoveryService(
+                self.hub, self.registrar, settings.identity, self.metrics, metadata_name=settings.metadata_name
+            ),
+            settings.grpc_listen,
         )
         self.http = (
             HttpServer(

@@ -43,6 +43,7 @@ from grpc_reflection.v1alpha import reflection
 from sidecar.api.discovery.v1 import discovery_pb2 as pb
 from sidecar.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
 from sidecar.config import ListenAddress, PodIdentity
+from sidecar.core.containers import peer_key
 from sidecar.core.eventlog import ApiStatus, LogEntry
 from sidecar.core.instance_id import instance_id
 from sidecar.core.peer import canonical_json
@@ -192,12 +193,15 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         metrics: Metrics,
         encoder: PeerEncoder | None = None,
         max_streams: int = MAX_STREAMS,
+        metadata_name: str = "",
     ) -> None:
         if max_streams < 1:
             raise ValueError("max_streams must be at least 1")
         self.peers = peers
         self.publisher = publisher
         self.identity = identity
+        # This instance's name: the pod's, or {pod}-{container} in Dynamo's container mode (its instance ID's input).
+        self.metadata_name = metadata_name or identity.name
         self.metrics = metrics
         self.encoder = encoder or PeerEncoder()
         self.max_streams = max_streams
@@ -442,12 +446,13 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         self, request: pb.GetSelfRequest, context: grpc.aio.ServicerContext[pb.GetSelfRequest, pb.GetSelfResponse]
     ) -> pb.GetSelfResponse:
         identity = self.identity
+        own_id = instance_id(self.metadata_name)
         response = pb.GetSelfResponse(
-            name=identity.name,
+            name=self.metadata_name,
             namespace=identity.namespace,
-            uid=identity.uid,
-            instance_id=instance_id(identity.name),
-            instance_id_hex=format(instance_id(identity.name), "x"),
+            uid=peer_key(identity.uid, identity.name, self.metadata_name),
+            instance_id=own_id,
+            instance_id_hex=format(own_id, "x"),
         )
         if self.publisher is not None:
             state = self.publisher.registration()  # a copy taken under a lock never held during IO

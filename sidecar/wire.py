@@ -93,6 +93,7 @@ def encode_peer(peer: Peer) -> pb.Peer:
         node_name=peer.node_name,
         zone=peer.zone,
         hostname=peer.hostname,
+        container=peer.container,
         endpoints=[
             pb.DynamoEndpoint(
                 path=str(e.path),

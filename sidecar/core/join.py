@@ -18,6 +18,11 @@ A pod listed by several readiness records (several Services, address families, o
 between slices during resharding) is one peer: its entries are reference-counted per record and it
 stays until the last record drops it.
 
+In Dynamo's container mode (``sidecar.core.containers``) a readiness entry is about one container and
+names the metadata that speaks for it (``{pod}-{container}``, or the pod's own name for its main
+container): each such container is a peer of its own, keyed ``{pod UID}/{container}`` (the main
+container keeps the pod's key), joined by the same rule with the CR of that name owned by the pod UID.
+
 The join knows records, not sources: keys are opaque strings chosen by the caller (the directory
 prefixes them with the source's name), and a record's type says which side of the join it feeds.
 It only records state and answers "what is peer X now"; turning changes into events is
@@ -48,8 +53,10 @@ class PeerJoin:
 
     def __init__(self) -> None:
         self._readiness: dict[str, ReadinessRecord] = {}
-        # pod UID -> readiness key -> the pod's entry in that record (the reference count is len()).
+        # peer key (the pod UID, or {uid}/{container}) -> readiness key -> its entry in that record (the
+        # reference count is len()).
         self._entries: dict[str, dict[str, EndpointEntry]] = {}
+        self._peer_keys_by_pod: dict[str, set[str]] = {}  # pod UID -> peer keys with entries (container mode: several)
         self._metadata: dict[str, MetadataRecord] = {}
         self._metadata_by_pod: dict[str, set[str]] = {}  # pod UID -> metadata keys owned by it
         # metadata key -> the last record under that key with valid data, kept while the record keeps
@@ -75,8 +82,10 @@ class PeerJoin:
         affected = self._drop_entries(key, old)
         self._readiness[key] = record
         for entry in record.endpoints:
-            self._entries.setdefault(entry.pod_uid, {})[key] = entry
-            affected.add(entry.pod_uid)
+            peer = entry.peer_key
+            self._entries.setdefault(peer, {})[key] = entry
+            self._peer_keys_by_pod.setdefault(entry.pod_uid, set()).add(peer)
+            affected.add(peer)
         return affected
 
     def _drop_entries(self, key: str, record: ReadinessRecord | None) -> set[str]:
@@ -84,11 +93,17 @@ class PeerJoin:
             return set()
         affected = set()
         for entry in record.endpoints:
-            per_record = self._entries.get(entry.pod_uid)
+            peer = entry.peer_key
+            per_record = self._entries.get(peer)
             if per_record is not None and per_record.pop(key, None) is not None:
-                affected.add(entry.pod_uid)
+                affected.add(peer)
                 if not per_record:
-                    del self._entries[entry.pod_uid]
+                    del self._entries[peer]
+                    keys = self._peer_keys_by_pod.get(entry.pod_uid)
+                    if keys is not None:
+                        keys.discard(peer)
+                        if not keys:
+                            del self._peer_keys_by_pod[entry.pod_uid]
         return affected
 
     def _upsert_metadata(self, key: str, record: MetadataRecord) -> set[str]:
@@ -99,7 +114,7 @@ class PeerJoin:
         self._metadata[key] = record
         for pod_uid in record.owner_pod_uids:
             self._metadata_by_pod.setdefault(pod_uid, set()).add(key)
-            affected.add(pod_uid)
+            affected |= self._peer_keys_of(pod_uid)
         if record.problem is None:
             self._last_valid[key] = record
         else:
@@ -108,33 +123,39 @@ class PeerJoin:
                 del self._last_valid[key]  # another incarnation's data never carries over
         return affected
 
+    def _peer_keys_of(self, pod_uid: str) -> set[str]:
+        """The peers a pod's metadata may feed: its own key, and its containers' in container mode."""
+        return {pod_uid} | self._peer_keys_by_pod.get(pod_uid, set())
+
     def _unlink_metadata(self, key: str, record: MetadataRecord | None) -> set[str]:
         if record is None:
             return set()
+        affected: set[str] = set()
         for pod_uid in record.owner_pod_uids:
             keys = self._metadata_by_pod.get(pod_uid)
             if keys is not None:
                 keys.discard(key)
                 if not keys:
                     del self._metadata_by_pod[pod_uid]
-        return set(record.owner_pod_uids)
+            affected |= self._peer_keys_of(pod_uid)
+        return affected
 
     # -- the join ------------------------------------------------------------------------------------
     def known_pod_uids(self) -> set[str]:
-        return set(self._entries) | set(self._metadata_by_pod)
+        return set(self._peer_keys_by_pod) | set(self._metadata_by_pod)
 
-    def _metadata_for(self, pod_uid: str, pod_name: str, namespaces: set[str]) -> MetadataRecord | None:
+    def _metadata_for(self, pod_uid: str, name: str, namespaces: set[str]) -> MetadataRecord | None:
         """The metadata of this incarnation: its CR's current record when valid, else the last valid one.
 
-        Its CR is the one named after the pod, in the pod's namespace (that of the readiness records
-        listing it), that lists the pod's UID among its owners; no other CR ever lends a pod data,
-        whatever owners it claims. (Two such records can only come from two sources; the smallest key
-        wins, so the choice is stable.)
+        Its CR is the one named ``name`` (after the pod, or ``{pod}-{container}`` in container mode), in
+        the pod's namespace (that of the readiness records listing it), that lists the pod's UID among its
+        owners; no other CR ever lends a pod data, whatever owners it claims. (Two such records can only
+        come from two sources; the smallest key wins, so the choice is stable.)
         """
         keys = self._metadata_by_pod.get(pod_uid)
-        if not keys or not pod_name:
+        if not keys or not name:
             return None
-        named = [k for k in keys if self._metadata[k].name == pod_name and self._metadata[k].namespace in namespaces]
+        named = [k for k in keys if self._metadata[k].name == name and self._metadata[k].namespace in namespaces]
         if not named:
             return None
         key = min(named)
@@ -145,17 +166,17 @@ class PeerJoin:
         return fallback if fallback is not None and pod_uid in fallback.owner_pod_uids else None
 
     def peer(self, peer_key: str) -> Peer | None:
-        """The peer of pod incarnation ``peer_key`` (a pod UID), or None when it is not one."""
-        pod_uid = peer_key
-        per_record = self._entries.get(pod_uid)
+        """The peer ``peer_key`` (a pod UID, or ``{uid}/{container}``), or None when it is not one."""
+        per_record = self._entries.get(peer_key)
         if not per_record:
             return None
         entries = [per_record[k] for k in sorted(per_record)]
         live = [e for e in entries if e.live]
         if not live:
             return None
-        pod_name = next((e.pod_name for e in entries if e.pod_name), "")
-        metadata = self._metadata_for(pod_uid, pod_name, {self._readiness[k].namespace for k in per_record})
+        pod_uid = entries[0].pod_uid
+        name = next((e.speaks_for_it for e in entries if e.speaks_for_it), "")
+        metadata = self._metadata_for(pod_uid, name, {self._readiness[k].namespace for k in per_record})
         if metadata is None or metadata.document is None:
             return None
         state = PeerState.READY if any(e.ready for e in live) else PeerState.DRAINING
@@ -164,8 +185,8 @@ class PeerJoin:
             ports.update(self._readiness[key].ports)
         first = live[0]
         return Peer(
-            uid=pod_uid,
-            name=pod_name,
+            uid=peer_key,
+            name=metadata.name,
             namespace=metadata.namespace,
             instance_id=instance_id(metadata.name),
             addresses=tuple(sorted({a for e in live for a in e.addresses})),
@@ -176,4 +197,5 @@ class PeerJoin:
             node_name=first.node_name,
             zone=first.zone,
             hostname=first.hostname,
+            container=first.container,
         )

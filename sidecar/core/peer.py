@@ -89,6 +89,7 @@ class Peer:
     node_name: str = ""
     zone: str = ""
     hostname: str = ""
+    container: str = ""  # Dynamo's container mode: the container this peer is ("" in pod mode)
     # Comparable stand-in for ``labels`` (a dict is neither hashable nor ordered).
     labels_key: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
@@ -130,6 +131,7 @@ class Peer:
             "node_name": self.node_name,
             "zone": self.zone,
             "hostname": self.hostname,
+            "container": self.container,
             "endpoints": [
                 {
                     "path": str(e.path),

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.core.containers import peer_key
 from sidecar.core.peer import Document, PortInfo
 
 
@@ -31,6 +32,19 @@ class EndpointEntry:
     node_name: str = ""
     zone: str = ""
     hostname: str = ""
+    # Dynamo's container mode: the container this entry is about, and the name of the metadata (CR) that
+    # speaks for it (``sidecar.core.containers``). Empty in pod mode: the pod's own, named after the pod.
+    container: str = ""
+    metadata_name: str = ""
+
+    @property
+    def speaks_for_it(self) -> str:
+        """The name of the metadata record this entry joins with."""
+        return self.metadata_name or self.pod_name
+
+    @property
+    def peer_key(self) -> str:
+        return peer_key(self.pod_uid, self.pod_name, self.speaks_for_it)
 
     @property
     def live(self) -> bool:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sidecar.core.bounds import measure_metadata
+from sidecar.core.containers import main_container_of, metadata_name
 from sidecar.core.peer import Document, PortInfo
 from sidecar.core.records import EndpointEntry, MetadataRecord, ReadinessRecord
 
@@ -147,6 +148,51 @@ def parse_pod(obj: Mapping[str, Any]) -> ReadinessRecord:
         resource_version=meta.get("resourceVersion", ""),
         ports=tuple(sorted(set(ports))),
         endpoints=endpoints,
+    )
+
+
+def parse_pod_containers(obj: Mapping[str, Any]) -> ReadinessRecord:
+    """A Pod as readiness in Dynamo's container mode: one entry per container, ready as its status says.
+
+    Each entry names the metadata that speaks for it (``{pod}-{container}``, or the pod's own name for
+    the pod's main container, from its annotation) and the container. Dynamo's rule is the container's
+    ``ready`` alone (no phase, no draining); the pod needs a UID, as every join does.
+    """
+    meta = _meta(obj)
+    spec = _dict(obj.get("spec"))
+    status = _dict(obj.get("status"))
+    addresses = tuple(
+        ip["ip"] for ip in status.get("podIPs") or () if isinstance(ip, dict) and isinstance(ip.get("ip"), str)
+    ) or ((status["podIP"],) if isinstance(status.get("podIP"), str) and status["podIP"] else ())
+    pod_name = meta.get("name", "")
+    main = main_container_of(_dict(meta.get("annotations")))
+    labels = _dict(meta.get("labels"))
+    zone = labels.get(ZONE_LABEL, "")
+    entries = []
+    for raw in status.get("containerStatuses") or () if meta.get("uid") and pod_name else ():
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or not raw["name"]:
+            continue
+        entries.append(
+            EndpointEntry(
+                pod_uid=meta["uid"],
+                pod_name=pod_name,
+                addresses=addresses,
+                ready=raw.get("ready") is True,
+                serving=False,
+                terminating=False,
+                node_name=spec.get("nodeName") or "",
+                zone=zone if isinstance(zone, str) else "",
+                hostname=spec.get("hostname") or "",
+                container=raw["name"],
+                metadata_name=metadata_name(pod_name, raw["name"], main),
+            )
+        )
+    return ReadinessRecord(
+        name=pod_name,
+        namespace=meta.get("namespace", ""),
+        resource_version=meta.get("resourceVersion", ""),
+        ports=(),
+        endpoints=tuple(sorted(entries, key=lambda e: e.container)),
     )
 
 

@@ -158,6 +158,7 @@ class Registrar:
         metrics: Metrics,
         backoff_max: float = 30.0,
         register: str = "auto",
+        metadata_name: str = "",
     ) -> None:
         self.api = api
         self.identity = identity
@@ -165,7 +166,10 @@ class Registrar:
         self.field_manager = field_manager
         self.metrics = metrics
         self.log = structlog.get_logger("sidecar.registration").bind(pod=identity.name)
-        self.path = WORKER_METADATA.resource.item(identity.namespace, identity.name)
+        # The CR's name: the pod's, or {pod}-{container} in Dynamo's container mode. Owner references, the
+        # incarnation check and the admission policy are still about the pod.
+        self.metadata_name = metadata_name or identity.name
+        self.path = WORKER_METADATA.resource.item(identity.namespace, self.metadata_name)
         self.pod_path = PODS.item(identity.namespace, identity.name)
         self._apply_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -218,7 +222,7 @@ class Registrar:
             "apiVersion": API_VERSION,
             "kind": KIND,
             "metadata": {
-                "name": self.identity.name,
+                "name": self.metadata_name,
                 "namespace": self.identity.namespace,
                 "labels": dict(self.labels),
                 "ownerReferences": self.owner_references(),
@@ -569,7 +573,7 @@ class Registrar:
     def observe(self, kind: str, obj: Mapping[str, Any]) -> None:
         """Watch observer for the metadata watch: react to changes of our own CR."""
         meta = obj.get("metadata") or {}
-        if meta.get("name") != self.identity.name or meta.get("namespace") != self.identity.namespace:
+        if meta.get("name") != self.metadata_name or meta.get("namespace") != self.identity.namespace:
             return
         with self._state_lock:
             deregistering = self._deregistering

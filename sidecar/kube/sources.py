@@ -17,7 +17,13 @@ from typing import Any
 
 from sidecar.config import Settings
 from sidecar.core.records import Record
-from sidecar.core.resources import object_key, parse_endpoint_slice, parse_pod, parse_worker_metadata
+from sidecar.core.resources import (
+    object_key,
+    parse_endpoint_slice,
+    parse_pod,
+    parse_pod_containers,
+    parse_worker_metadata,
+)
 from sidecar.kube.api import ResourcePath
 
 RawObject = Mapping[str, Any]
@@ -42,6 +48,9 @@ ENDPOINT_SLICES = KubeSource(
 PODS = KubeSource("pods", "Pod", ResourcePath("", "v1", "pods"), parse_pod)
 """Readiness from the Pods themselves (selected by label; no Service needed), as SGLang Model Gateway does."""
 
+POD_CONTAINERS = KubeSource("pods", "Pod", ResourcePath("", "v1", "pods"), parse_pod_containers)
+"""Readiness per container, in Dynamo's container mode (each registering container is its own peer)."""
+
 WORKER_METADATA = KubeSource(
     "dynamoworkermetadatas",
     "worker metadata",
@@ -50,7 +59,7 @@ WORKER_METADATA = KubeSource(
 )
 """Metadata: each pod's ``DynamoWorkerMetadata`` CR (also where this pod registers itself)."""
 
-SOURCES = (ENDPOINT_SLICES, PODS, WORKER_METADATA)
+SOURCES = (ENDPOINT_SLICES, PODS, POD_CONTAINERS, WORKER_METADATA)
 
 
 @dataclass(frozen=True)
@@ -76,7 +85,9 @@ def watch_targets(settings: Settings) -> list[WatchTarget]:
     """The sources this sidecar watches, as its settings say: readiness from EndpointSlices or from Pods
     (``DISCOVERY_POD_SELECTOR``), and metadata from the CRs, in each namespace of ``DISCOVERY_NAMESPACES``
     (one watch per namespace, or one cluster-wide watch for ``*``)."""
-    if settings.pod_selector is not None:
+    if settings.container_mode:
+        readiness = (POD_CONTAINERS, str(settings.pod_selector))
+    elif settings.pod_selector is not None:
         readiness = (PODS, str(settings.pod_selector))
     else:
         readiness = (ENDPOINT_SLICES, str(settings.endpointslice_selector))

@@ -126,7 +126,7 @@ class DynamoModel(_message.Message):
     def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., instance_id: _Optional[int] = ..., model_suffix: _Optional[str] = ...) -> None: ...
 
 class Peer(_message.Message):
-    __slots__ = ("name", "namespace", "uid", "instance_id", "instance_id_hex", "addresses", "ports", "labels", "state", "data", "data_json", "node_name", "zone", "hostname", "groups", "endpoints", "models")
+    __slots__ = ("name", "namespace", "uid", "instance_id", "instance_id_hex", "addresses", "ports", "labels", "state", "data", "data_json", "node_name", "zone", "hostname", "groups", "endpoints", "models", "container")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,7 @@ class Peer(_message.Message):
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
     name: str
     namespace: str
     uid: str
@@ -168,7 +169,8 @@ class Peer(_message.Message):
     groups: _containers.RepeatedScalarFieldContainer[str]
     endpoints: _containers.RepeatedCompositeFieldContainer[DynamoEndpoint]
     models: _containers.RepeatedCompositeFieldContainer[DynamoModel]
-    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., uid: _Optional[str] = ..., instance_id: _Optional[int] = ..., instance_id_hex: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., ports: _Optional[_Iterable[_Union[Port, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[PeerState, str]] = ..., data: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., data_json: _Optional[str] = ..., node_name: _Optional[str] = ..., zone: _Optional[str] = ..., hostname: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ..., endpoints: _Optional[_Iterable[_Union[DynamoEndpoint, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[DynamoModel, _Mapping]]] = ...) -> None: ...
+    container: str
+    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., uid: _Optional[str] = ..., instance_id: _Optional[int] = ..., instance_id_hex: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., ports: _Optional[_Iterable[_Union[Port, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[PeerState, str]] = ..., data: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., data_json: _Optional[str] = ..., node_name: _Optional[str] = ..., zone: _Optional[str] = ..., hostname: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ..., endpoints: _Optional[_Iterable[_Union[DynamoEndpoint, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[DynamoModel, _Mapping]]] = ..., container: _Optional[str] = ...) -> None: ...
 
 class WatchPeersRequest(_message.Message):
     __slots__ = ("filter", "resume_history_id", "resume_revision")
