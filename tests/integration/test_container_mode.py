@@ -117,10 +117,12 @@ def test_dynamo_containers_are_peers_of_a_container_mode_sidecar(
         process.wait_event("serving")
     assert main.instance_id == instance_id("w0"), "1.6.1: the container named main keeps the pod's identity"
     assert engine.instance_id == instance_id("w0-engine")
-    assert {cr["metadata"]["name"] for cr in cluster.api.get(WORKER_METADATA.collection(ns))["items"]} == {
-        "w0",
-        "w0-engine",
-    }
+    wait_for(
+        lambda: {cr["metadata"]["name"] for cr in cluster.api.get(WORKER_METADATA.collection(ns))["items"]}
+        == {"w0", "w0-engine"},
+        TIMEOUT,
+        what="Dynamo's CRs w0 (main) and w0-engine",
+    )
 
     frontend = cluster.start_pod(ns, "fe", DISCOVERABLE, containers=("main", "discovery"))
     client = dynamo_in(dynamo, frontend, "main", mode="client")
