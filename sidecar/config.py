@@ -254,6 +254,26 @@ OPTIONS: tuple[Option, ...] = (
         default="main",
     ),
     Option(
+        "DISCOVERY_WATCH",
+        "--watch",
+        "auto: register at once, start watching peers on the first request for them; always: watch from "
+        "start-up (routers, frontends); never: register only (peer requests are refused)",
+        default="auto",
+    ),
+    Option(
+        "DISCOVERY_INITIAL_LIST",
+        "--initial-list",
+        "how a watch gets its initial state: stream (a watch with sendInitialEvents, served from the API "
+        "server's cache; paginated LIST where the server refuses it) or pages (paginated LIST)",
+        default="stream",
+    ),
+    Option(
+        "DISCOVERY_PEER_SELECTOR",
+        "--peer-selector",
+        "a label selector over peers' labels that this pod can ever want; sent to the API server, so other "
+        "peers' objects are never transmitted (clients' own filters still apply on top)",
+    ),
+    Option(
         "DISCOVERY_NAMESPACES",
         "--namespaces",
         "where peers are watched: empty for the pod's own namespace, a comma-separated list, or * for all",
@@ -389,6 +409,9 @@ class Settings:
     shutdown_timeout: float
     field_manager: str
     register: str
+    watch: str  # auto (on the first peer request), always, never
+    streaming_list: bool  # initial state by a sendInitialEvents watch (else paginated LIST)
+    peer_selector: LabelSelector | None  # peers' labels this pod can ever want: sent to the API server
     container_mode: bool  # Dynamo's container mode: Pods' containerStatuses are the readiness source
     container_name: str  # container mode: the container registered ("" in pod mode)
     metadata_name: str  # this pod's (or container's) DynamoWorkerMetadata name: the pod's, or {pod}-{container}
@@ -541,6 +564,9 @@ def load_settings(args: argparse.Namespace | None = None, environ: Mapping[str, 
         )
 
     namespaces = reader.get("DISCOVERY_NAMESPACES", parse_namespaces)
+    watch = reader.get("DISCOVERY_WATCH", _choice("auto", "always", "never"))
+    initial_list = reader.get("DISCOVERY_INITIAL_LIST", _choice("stream", "pages"))
+    peer_selector = reader.get("DISCOVERY_PEER_SELECTOR", _parse_selector_value)
 
     inline = reader.get("DISCOVERY_METADATA", parse_json_object)
     from_file = reader.get("DISCOVERY_METADATA_FILE", _read_metadata_file)
@@ -586,6 +612,11 @@ def load_settings(args: argparse.Namespace | None = None, environ: Mapping[str, 
         shutdown_timeout=_known(shutdown_timeout),
         field_manager=_known(field_manager),
         register=_known(register),
+        watch=_known(watch),
+        streaming_list=initial_list == "stream",
+        peer_selector=peer_selector
+        if isinstance(peer_selector, LabelSelector) and not peer_selector.is_empty()
+        else None,
         container_mode=mode == "container",
         container_name=container,
         metadata_name=metadata_name(_known(name), container, main_container) if mode == "container" else _known(name),

@@ -39,7 +39,7 @@ class Sidecar:
         self.log = structlog.get_logger("sidecar").bind(pod=settings.identity.name)
         self.api = api or KubeApi.from_kubeconfig(settings.kubeconfig, settings.request_timeout)
         self.metrics = Metrics()
-        self.api.on_request = lambda method, code: self.metrics.api_requests.labels(method, str(code)).inc()
+        self.api.on_request = lambda verb, code: self.metrics.api_requests.labels(verb, str(code)).inc()
         self.api.on_bytes = self.metrics.api_bytes.inc
         targets = watch_targets(settings)
         directory = PeerDirectory(
@@ -70,6 +70,7 @@ class Sidecar:
                 self.metrics,
                 silence_timeout=settings.watch_silence_timeout,
                 backoff_max=settings.backoff_max,
+                streaming_list=settings.streaming_list,
                 observers=[self.registrar.observe] if target.source is WORKER_METADATA else [],
             )
             for target in targets
@@ -95,6 +96,8 @@ class Sidecar:
         )
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._watch_lock = threading.Lock()  # guards _watching and the reflector threads' start
+        self._watching = False
 
     # -- probes -----------------------------------------------------------------------------------------
     def readiness_problems(self) -> list[str]:
@@ -102,7 +105,7 @@ class Sidecar:
         if self._stopping.is_set():
             problems.append("shutting down")
         problems.extend(self.registrar.problems())
-        if not self.hub.synced:
+        if self.watching and not self.hub.synced:  # not watching (yet): readiness is the registration alone
             problems.append("watches not synced yet")
         problems.extend(f"{source}: {reason}" for source, reason in self.hub.source_health().items())
         # A dead thread is a readiness failure too: peers it fed would silently go stale while the pod
@@ -113,7 +116,19 @@ class Sidecar:
     def liveness_problems(self) -> list[str]:
         if self._stopping.is_set():
             return []
-        return [f"thread {t.name} has died" for t in self._threads if not t.is_alive()]
+        with self._watch_lock:
+            threads = list(self._threads)
+        return [f"thread {t.name} has died" for t in threads if not t.is_alive()]
+
+    @property
+    def watching(self) -> bool:
+        with self._watch_lock:
+            return self._watching
+
+    def _covers_own_cr(self) -> bool:
+        """Whether this sidecar's CR watch shows its own CR (so the watch can confirm its deregistration)."""
+        peers = self.settings.peer_selector
+        return peers is None or peers.matches(self.settings.pod_labels)
 
     # -- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -121,19 +136,45 @@ class Sidecar:
         self.grpc.start()
         if self.http is not None:
             self.http.start()
-        self._threads = [reflector.start() for reflector in self.reflectors]
-        self._threads.append(self.registrar.start())
-        threading.Thread(target=self._mark_serving_when_synced, name="health", daemon=True).start()
+        self.registrar.confirm_by_watch = False  # until a watch that shows its own CR runs
+        with self._watch_lock:
+            self._threads = [self.registrar.start()]
+        mode = self.settings.watch
+        if mode == "always":
+            self._start_watches("DISCOVERY_WATCH=always")
+            threading.Thread(target=self._mark_serving_when_synced, name="health", daemon=True).start()
+        else:
+            # Nothing is watched until asked (auto) or ever (never): the API answers at once, peer requests
+            # start the watches and wait for the sync within their deadline, or are refused.
+            if mode == "auto":
+                self.hub.watch_on_demand(lambda: self._start_watches("the first request for peers"))
+            else:
+                self.hub.refuse_peers(
+                    "this sidecar does not watch peers (DISCOVERY_WATCH=never): it only registers this pod; "
+                    "set DISCOVERY_WATCH=auto or always on pods that read peers"
+                )
+            self.grpc.set_serving(True)
         self.log.info(
             "started",
             grpc=self.grpc.target,
             http=f":{self.http.port}" if self.http else "off",
+            watch_mode=mode,
             watches=[
                 f"{r.target.name} in {r.target.namespace or 'all namespaces'} ({r.target.label_selector or 'all'})"
                 for r in self.reflectors
             ],
             history_id=self.hub.history_id,
         )
+
+    def _start_watches(self, why: str) -> None:
+        """Start every reflector, once; called at start-up (always) or by the first peer request (auto)."""
+        with self._watch_lock:
+            if self._watching or self._stopping.is_set():
+                return
+            self._watching = True
+            self.registrar.confirm_by_watch = self._covers_own_cr()
+            self._threads.extend(reflector.start() for reflector in self.reflectors)
+        self.log.info("watching peers", reason=why, watches=len(self.reflectors))
 
     def _mark_serving_when_synced(self) -> None:
         if self.hub.wait_synced(None):

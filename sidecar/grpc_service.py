@@ -55,6 +55,7 @@ from sidecar.ports import (
     MetadataPublisher,
     NotFound,
     NotRegistering,
+    NotWatching,
     PeerReader,
     RegistrationError,
     TooLarge,
@@ -275,6 +276,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             peer_filter = filter_from_pb(request.filter)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        await self._demand(context)
         if self.streams >= self.max_streams:
             self.log.warning("refused a WatchPeers stream: at the limit", limit=self.max_streams)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, too_many_streams(self.max_streams))
@@ -289,6 +291,14 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             self.metrics.subscribers.dec()
         if self._ending():
             await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+
+    async def _demand(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Tell the reader a client wants peers (DISCOVERY_WATCH=auto starts the watches now); a sidecar that
+        never watches refuses with FAILED_PRECONDITION naming the setting."""
+        try:
+            self.peers.demand()
+        except NotWatching as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
 
     async def _wait_synced(self, timeout: float | None) -> bool:
         """``PeerReader.wait_synced`` without a thread: re-checked on every wake-up. False on shutdown."""
@@ -414,6 +424,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             peer_filter = filter_from_pb(request.filter)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        await self._demand(context)
         remaining: float | None = context.time_remaining()
         if not await self._wait_synced(min(remaining, 3600) if remaining is not None else 3600):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the sidecar has not synced with the API server yet")

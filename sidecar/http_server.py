@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar.config import ListenAddress
 from sidecar.metrics import Metrics
-from sidecar.ports import PeerReader
+from sidecar.ports import NotWatching, PeerReader
 
 Check = Callable[[], list[str]]
 """Returns the reasons something is not OK (empty: OK)."""
@@ -101,6 +101,11 @@ class HttpServer:
                         "text/plain",
                     )
                 elif path == "/debug/peers":
+                    try:
+                        peers.demand()
+                    except NotWatching as exc:
+                        self._send(412, f"{exc}\n".encode(), "text/plain")
+                        return
                     revision, current, status = peers.state()
                     body = {
                         "history_id": peers.history_id,

@@ -14,7 +14,7 @@ from sidecar.core.directory import PeerDirectory
 from sidecar.core.eventlog import ApiStatus, LogEntry, StatusChange
 from sidecar.core.projection import status_before
 from sidecar.core.records import Record
-from sidecar.ports import PeerSetState
+from sidecar.ports import NotWatching, PeerSetState
 
 EntryListener = Callable[[list[LogEntry]], None]
 """Called (outside the lock, in the writer's thread) with every batch of new entries: logs and metrics."""
@@ -37,9 +37,29 @@ class PeerHub:
         self._closed = False
         self._listeners: list[EntryListener] = []
         self._source_health: dict[str, str] = {}  # source -> why it is unhealthy
+        # What a peer request does first (``demand``): nothing (watching from start-up), start the watches
+        # once (on demand), or refuse (never). Set by the daemon before it serves anything.
+        self._on_demand: Callable[[], None] | None = None
+        self._refusal = ""
 
     def add_listener(self, listener: EntryListener) -> None:
         self._listeners.append(listener)
+
+    def watch_on_demand(self, start: Callable[[], None]) -> None:
+        """Call ``start`` (once, in the first caller's thread) when a client first asks for peers."""
+        self._on_demand = start
+
+    def refuse_peers(self, reason: str) -> None:
+        """Peers are never watched here: every peer request raises ``NotWatching(reason)``."""
+        self._refusal = reason
+
+    def demand(self) -> None:
+        if self._refusal:
+            raise NotWatching(self._refusal)
+        with self._lock:
+            start, self._on_demand = self._on_demand, None
+        if start is not None:
+            start()
 
     def store(self, source: str) -> _HubStore:
         """The writer for one source (one of the directory's sources)."""

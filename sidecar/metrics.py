@@ -37,8 +37,9 @@ class Metrics:
         )
         self.api_requests = Counter(
             "discovery_api_requests_total",
-            "Requests sent to the API server, by method and status code",
-            ["method", "code"],
+            "Requests sent to the API server, by Kubernetes verb (get, list, watch, create, patch, delete) and "
+            "status code (0: no answer)",
+            ["verb", "code"],
             registry=r,
         )
         self.api_bytes = Counter(

@@ -47,8 +47,20 @@ class PeerSetState(NamedTuple):
     status: StatusChange
 
 
+class NotWatching(Exception):
+    """Peers are not watched by this sidecar (``DISCOVERY_WATCH=never``); ``str()`` names the setting."""
+
+
 class PeerReader(Protocol):
     """The read side of the peer directory, as the gRPC and HTTP layers see it."""
+
+    def demand(self) -> None:
+        """A client asked for peers: start the watches if they start on demand (``DISCOVERY_WATCH=auto``).
+
+        Returns at once (the caller then waits for the sync within its deadline); raises ``NotWatching``
+        when this sidecar never watches.
+        """
+        ...
 
     @property
     def history_id(self) -> str: ...

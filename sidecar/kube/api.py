@@ -85,6 +85,8 @@ def load_api_client(kubeconfig: str | None = None) -> k8s_client.ApiClient:
 
 
 RequestObserver = Callable[[str, int], None]
+"""Called with the Kubernetes verb and the status code (0: no answer) of every request."""
+HTTP_VERBS = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
 """Called with (HTTP method, status code) for every request sent (status 0: no answer)."""
 BytesObserver = Callable[[int], None]
 """Called with the number of response-body bytes received (watch streams included)."""
@@ -97,7 +99,9 @@ def _ignore(*_: object) -> None:
 class KubeApi:
     """Raw JSON requests to the API server through an official ``ApiClient``.
 
-    ``on_request`` and ``on_bytes`` let the owner count what the sidecar costs the API server.
+    ``on_request`` and ``on_bytes`` let the owner count what the sidecar costs the API server; requests
+    are counted by Kubernetes verb (get, list, watch, create, patch, delete), so "this pod never listed
+    or watched anything" is visible in its metrics.
     """
 
     def __init__(self, api_client: k8s_client.ApiClient, request_timeout: float = 15.0) -> None:
@@ -121,7 +125,9 @@ class KubeApi:
         body: Any = None,
         content_type: str = "application/json",
         timeout: float | tuple[float, float] | None = None,
+        verb: str = "",
     ) -> urllib3.BaseHTTPResponse:
+        verb = verb or HTTP_VERBS.get(method, method.lower())
         headers = {"Accept": "application/json"}
         if body is not None:
             # The REST layer serialises dict bodies itself for */json, */*+json and */*+yaml
@@ -135,12 +141,12 @@ class KubeApi:
                 method_, url, header_params, body_, post, _request_timeout=timeout or self.request_timeout
             )
         except ApiException as exc:  # the REST layer raises these for TLS failures (status 0)
-            self.on_request(method, exc.status or 0)
+            self.on_request(verb, exc.status or 0)
             raise ApiError(exc.status or 0, exc.reason or "", str(exc)) from exc
         except CONNECTION_ERRORS:
-            self.on_request(method, 0)
+            self.on_request(verb, 0)
             raise
-        self.on_request(method, response.status)
+        self.on_request(verb, response.status)
         # RESTResponse wraps the urllib3 response (preload_content=False) without annotating it
         raw_response: urllib3.BaseHTTPResponse = response.response
         return raw_response
@@ -152,8 +158,9 @@ class KubeApi:
         query: Query = (),
         body: Any = None,
         content_type: str = "application/json",
+        verb: str = "",
     ) -> dict[str, Any]:
-        response = self._send(method, path, query, body, content_type)
+        response = self._send(method, path, query, body, content_type, verb=verb)
         try:
             raw = response.data
         finally:
@@ -163,8 +170,9 @@ class KubeApi:
             raise ApiError.from_response(response.status, raw)
         return json_decode.loads(raw) if raw else {}
 
-    def get(self, path: str, query: Query = ()) -> dict[str, Any]:
-        return self.request("GET", path, query)
+    def get(self, path: str, query: Query = (), verb: str = "get") -> dict[str, Any]:
+        """GET one object, or (``verb="list"``) a page of a collection."""
+        return self.request("GET", path, query, verb=verb)
 
     def create(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         return self.request("POST", path, body=body)
@@ -182,7 +190,9 @@ class KubeApi:
 
     def stream(self, path: str, query: Query, read_timeout: float) -> WatchStream:
         """Open a watch; the caller iterates lines. ``read_timeout`` bounds silence between bytes."""
-        response = self._send("GET", path, query, timeout=(min(10.0, self.request_timeout), read_timeout))
+        response = self._send(
+            "GET", path, query, timeout=(min(10.0, self.request_timeout), read_timeout), verb="watch"
+        )
         if not 200 <= response.status < 300:
             try:
                 raw = response.data

@@ -6,6 +6,12 @@ reads them.
 
 * List (paginated, consistent), hand the full set to the store, which diffs it against what it knew;
   then watch from the list's resourceVersion with bookmarks, so a reconnect resumes where it left off.
+* Or, with ``streaming_list`` (the daemon's default, ``DISCOVERY_INITIAL_LIST=stream``), the initial
+  state comes as a *streaming list*: one watch with ``sendInitialEvents=true``, whose ADDED events up
+  to the bookmark annotated ``k8s.io/initial-events-end`` are the full set; the same stream then goes
+  on as the watch. The API server serves it from its watch cache, without building a LIST response
+  (cheaper when many sidecars start together). A server that refuses it (an older one: 400/422) gets
+  the paginated LIST from then on.
 * ``410 Gone`` (on the watch request or as an ERROR event): the history is compacted; relist. Because
   the directory diffs a relist, peers that did not change are not removed and re-added.
 * A watch that delivers nothing, not even a bookmark, for ``silence_timeout`` is abandoned and
@@ -34,6 +40,9 @@ from sidecar.kube.api import CONNECTION_ERRORS, ApiError, KubeApi, WatchStream
 from sidecar.kube.sources import WatchTarget
 from sidecar.metrics import Metrics
 from sidecar.ports import SourceStore
+
+INITIAL_EVENTS_END = "k8s.io/initial-events-end"
+"""The annotation on the bookmark that closes a streaming list's initial events."""
 
 WatchObserver = Callable[[str, Mapping[str, Any]], None]
 """Called with (event type, object) for every ADDED/MODIFIED/DELETED event, after the store applied it."""
@@ -84,6 +93,7 @@ class Reflector:
         backoff_max: float,
         page_size: int = 500,
         observers: list[WatchObserver] | None = None,
+        streaming_list: bool = False,
     ) -> None:
         self.api = api
         self.target = target
@@ -96,6 +106,8 @@ class Reflector:
         self.log = structlog.get_logger("sidecar.reflector").bind(source=target.name)
         self.resource_version = ""
         self.relists = 0
+        self.streaming_list = streaming_list  # turned off for good when the server refuses it
+        self._need_list = True  # no full set applied since start-up or the last 410 (only the loop's thread)
         self._stop = threading.Event()
         self._stream: WatchStream | None = None
         self._healthy = True
@@ -117,18 +129,29 @@ class Reflector:
             self._thread.join(timeout)
 
     def run(self) -> None:
-        need_list = True
+        self._need_list = True
         while not self._stop.is_set():
             try:
-                if need_list:
+                if self._need_list and self.streaming_list:
+                    try:
+                        # Lists, then watches on; clears _need_list once the initial set is applied, so a
+                        # break after that resumes from the last resourceVersion like any watch.
+                        self._watch(initial_events=True)
+                        self.backoff.reset()
+                        continue
+                    except ApiError as exc:
+                        if exc.status not in (400, 422):
+                            raise
+                        self.streaming_list = False
+                        self.log.info("the API server refuses streaming lists; listing with pages", reason=exc.message)
+                if self._need_list:
                     self._list()
-                    need_list = False
                 self._watch()
                 self.backoff.reset()
             except _Gone:
                 self.log.info("resource version expired, relisting", resource_version=self.resource_version)
                 self.metrics.watch_restarts.labels(self.target.name, "expired").inc()
-                need_list = True
+                self._need_list = True
             except _Silent:
                 if self._stop.is_set():
                     break
@@ -181,7 +204,7 @@ class Reflector:
             if token:
                 query.append(("continue", token))
             try:
-                page = self.api.get(path, query)
+                page = self.api.get(path, query, verb="list")
             except ApiError as exc:
                 if exc.status == 410 and token:  # the continue token expired mid-list: start over
                     records, token = {}, ""
@@ -197,23 +220,33 @@ class Reflector:
             if not token:
                 break
         self.resource_version = metadata.get("resourceVersion", "")
+        self._apply_list(records, "paged")
+
+    def _apply_list(self, records: dict[str, Record], how: str) -> None:
+        """Hand a full set to the store (it diffs); healthy from then on."""
         self.relists += 1
+        self._need_list = False
         changes = self.store.replace(records, time.monotonic())
         self._became_healthy()  # after the relist is applied: CONNECTED then means current
-        self.metrics.relists.labels(source.name).inc()
-        self.log.info("listed", objects=len(records), resource_version=self.resource_version, changes=changes)
+        self.metrics.relists.labels(self.target.source.name).inc()
+        self.log.info("listed", how=how, objects=len(records), resource_version=self.resource_version, changes=changes)
         release_free_memory()
 
     # -- watch ------------------------------------------------------------------------------------
-    def _watch(self) -> None:
+    def _watch(self, initial_events: bool = False) -> None:
+        """Watch from ``resource_version``; or, with ``initial_events``, from a streaming list (see above),
+        returning only after the initial set was applied (else it raises and the caller lists again)."""
         query = self._query() + [
             ("watch", "1"),
             ("allowWatchBookmarks", "true"),
-            ("resourceVersion", self.resource_version),
             # Like client-go: end the watch server-side every 5-10 minutes, spread so that sidecars
             # started together do not reconnect together.
             ("timeoutSeconds", str(int(300 * (1 + random.random())))),
         ]
+        if initial_events:
+            query += [("sendInitialEvents", "true"), ("resourceVersionMatch", "NotOlderThan"), ("resourceVersion", "")]
+        else:
+            query += [("resourceVersion", self.resource_version)]
         try:
             stream = self.api.stream(self.target.collection, query, self.silence_timeout)
         except ApiError as exc:
@@ -226,10 +259,17 @@ class Reflector:
         try:
             if self._stop.is_set():
                 return
-            self._became_healthy()
+            if not initial_events:
+                self._became_healthy()
+            initial: dict[str, Record] | None = {} if initial_events else None
             try:
                 for event in stream:
-                    self._handle(event, time.monotonic())
+                    if initial is not None:
+                        if self._initial_event(event, initial):
+                            self._apply_list(initial, "streamed")
+                            initial = None
+                    else:
+                        self._handle(event, time.monotonic())
                     if self._stop.is_set():
                         return
             except urllib3.exceptions.ReadTimeoutError as exc:  # only the watch may be silent; a list may not
@@ -237,6 +277,26 @@ class Reflector:
         finally:
             self._stream = None
             stream.close()
+        if initial is not None:
+            raise _Silent  # the stream ended before the initial set did: start over
+
+    def _initial_event(self, event: Mapping[str, Any], records: dict[str, Record]) -> bool:
+        """Collect one event of a streaming list's initial set; True at the bookmark that ends it."""
+        kind = event.get("type")
+        obj = event.get("object") or {}
+        meta = obj.get("metadata") or {}
+        if kind == "BOOKMARK":
+            if (meta.get("annotations") or {}).get(INITIAL_EVENTS_END) == "true":
+                self.resource_version = meta.get("resourceVersion", "") or self.resource_version
+                return True
+            return False
+        if kind == "ADDED":
+            record = self._parse(obj)
+            if record is not None:
+                records[self.target.source.key(obj)] = record
+            return False
+        self._handle(event, time.monotonic())  # an ERROR raises; nothing else belongs in the initial set
+        return False
 
     def _handle(self, event: Mapping[str, Any], received: float) -> None:
         kind = event.get("type")

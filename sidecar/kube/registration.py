@@ -198,6 +198,10 @@ class Registrar:
         self._stop = threading.Event()
         self._gone = threading.Event()  # our CR's deletion came back through the watch
         self.registered = threading.Event()
+        # Whether a running watch shows this CR (``observe`` is called for it): then deregistration waits for
+        # its deletion to come back through that watch; otherwise one GET confirms it (DISCOVERY_WATCH=auto
+        # before any peer request, never, or a peer selector that leaves out this pod's own labels).
+        self.confirm_by_watch = True
         self.backoff = Backoff(maximum=backoff_max)
         self._thread: threading.Thread | None = None
 
@@ -671,9 +675,23 @@ class Registrar:
         except CONNECTION_ERRORS as exc:
             self.log.error("deregistration failed: API server unreachable", error=type(exc).__name__)
             return False
-        confirmed = self._gone.wait(timeout)
-        self.log.info("deregistered", confirmed_by_watch=confirmed)
+        if self.confirm_by_watch:
+            confirmed = self._gone.wait(timeout)
+            self.log.info("deregistered", confirmed_by_watch=confirmed)
+            return confirmed
+        confirmed = self._confirm_gone()
+        self.log.info("deregistered", confirmed_by_get=confirmed)
         return confirmed
+
+    def _confirm_gone(self) -> bool:
+        """Without a watch of this CR: one GET says whether this incarnation's CR is gone."""
+        try:
+            current = self.api.get(self.path)
+        except ApiError as exc:
+            return exc.status == 404
+        except CONNECTION_ERRORS:
+            return False
+        return not owned_by(current, self.identity)
 
     def _applied_uid(self) -> str:
         with self._state_lock:

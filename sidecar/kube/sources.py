@@ -83,17 +83,23 @@ class WatchTarget:
 
 def watch_targets(settings: Settings) -> list[WatchTarget]:
     """The sources this sidecar watches, as its settings say: readiness from EndpointSlices or from Pods
-    (``DISCOVERY_POD_SELECTOR``), and metadata from the CRs, in each namespace of ``DISCOVERY_NAMESPACES``
-    (one watch per namespace, or one cluster-wide watch for ``*``)."""
+    (``DISCOVERY_POD_SELECTOR``, or Dynamo's container mode), and metadata from the CRs, in each namespace
+    of ``DISCOVERY_NAMESPACES`` (one watch per namespace, or one cluster-wide watch for ``*``).
+    ``DISCOVERY_PEER_SELECTOR`` goes to the API server on the CR watch and the Pod watch: peers this pod
+    can never want are never transmitted (EndpointSlices carry no peer labels to select on)."""
+    peers = settings.peer_selector  # sent to the API server: other peers' objects are never transmitted
+    pods = (
+        settings.pod_selector if peers is None or settings.pod_selector is None else settings.pod_selector.and_(peers)
+    )
     if settings.container_mode:
-        readiness = (POD_CONTAINERS, str(settings.pod_selector))
+        readiness = (POD_CONTAINERS, str(pods))
     elif settings.pod_selector is not None:
-        readiness = (PODS, str(settings.pod_selector))
+        readiness = (PODS, str(pods))
     else:
         readiness = (ENDPOINT_SLICES, str(settings.endpointslice_selector))
     scoped = len(settings.namespaces) > 1
     targets = []
     for namespace in settings.namespaces:
         targets.append(WatchTarget(readiness[0], namespace, readiness[1], scoped))
-        targets.append(WatchTarget(WORKER_METADATA, namespace, scoped_name=scoped))
+        targets.append(WatchTarget(WORKER_METADATA, namespace, str(peers) if peers is not None else "", scoped))
     return targets

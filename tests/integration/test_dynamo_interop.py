@@ -137,9 +137,9 @@ class World:
         """A pod behind the Dynamo-labelled Service, Running with a non-loopback IP (10.244/16)."""
         return self.cluster.start_pod(self.namespace, name, APP, ready=ready)
 
-    def sidecar(self, pod: dict[str, Any]) -> SidecarProcess:
+    def sidecar(self, pod: dict[str, Any], env: dict[str, str] | None = None) -> SidecarProcess:
         """A sidecar watching what a Dynamo pod watches: the label selector, no Service name."""
-        return self.sidecars.start(pod, "", extra_env=SIDECAR_ENV).wait_ready()
+        return self.sidecars.start(pod, "", extra_env={**SIDECAR_ENV, **(env or {})}).wait_ready()
 
     def set_ready(self, name: str, ready: bool) -> None:
         self.cluster.set_pod_status(self.namespace, name, ready=ready)
@@ -524,7 +524,8 @@ def test_dynamo_starting_after_its_sidecar_makes_the_sidecar_yield(world: World)
     """The other order: the sidecar registered the pod first, then Dynamo's runtime applied its CR (1.6.1
     applies with force, whoever wrote before). The sidecar sees the new writer in the watch and stops writing."""
     pod = world.pod("worker-0")
-    sidecar = world.sidecar(pod)
+    # Seen at once through the CR watch; with DISCOVERY_WATCH=auto and no peer request, at the next resync.
+    sidecar = world.sidecar(pod, {"DISCOVERY_WATCH": "always"})
     wait_for(lambda: world.cr("worker-0"), TIMEOUT, what="the sidecar's CR")
     worker = world.dynamo.worker(pod, endpoint=ENDPOINT, model=None)
     worker.wait_event("serving")

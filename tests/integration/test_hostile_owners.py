@@ -29,6 +29,9 @@ from tests.integration.streams import StreamRecorder
 
 pytestmark = pytest.mark.integration
 
+WATCH_ALWAYS = {"DISCOVERY_WATCH": "always"}
+"""The registrar follows its own CR through the CR watch: started at once, not on the first peer request."""
+
 SERVICE_ACCOUNT = "discovery-sidecar"
 
 
@@ -144,6 +147,9 @@ def in_process_sidecar(
             "DISCOVERY_HTTP_LISTEN": f"127.0.0.1:{free_port()}",
             "DISCOVERY_PODINFO_DIR": str(tmp_path / "none"),
             "DISCOVERY_BACKOFF_MAX": "1s",
+            # Its registrar reacts to its CR through the CR watch, which DISCOVERY_WATCH=auto starts only on a
+            # peer request (without it, the 60 s resync notices the same things).
+            "DISCOVERY_WATCH": "always",
         }
     )
     return Sidecar(settings, api=api)
@@ -194,7 +200,7 @@ def test_a_replaced_incarnation_stops_writing_and_leaves_the_new_one_alone(
         new_pod = cluster.start_pod(namespace, "t-0", {"app": "w"})
         u2 = new_pod["metadata"]["uid"]
         assert u2 != u1
-        new = sidecars.start(new_pod, "w", metadata={"incarnation": 2})
+        new = sidecars.start(new_pod, "w", metadata={"incarnation": 2}, extra_env=WATCH_ALWAYS)
 
         # Which one depends on when the old sidecar first sees a conflict: the garbage collector deleting its CR
         # (U1 is gone) may come before U2 exists; the new sidecar's CR comes after.
@@ -417,7 +423,7 @@ def test_the_registrar_removes_owners_added_behind_its_back(
     """A's sidecar (with A's bound token) sees its CR list C too and sets the owners back to exactly A:
     the same object (not re-created), the same data, through the admission policy."""
     a, c = three_pods["a"], three_pods["c"]
-    process = sidecars.start(a, "w", metadata={"who": "a"}).wait_ready()
+    process = sidecars.start(a, "w", metadata={"who": "a"}, extra_env=WATCH_ALWAYS).wait_ready()
     path = WORKER_METADATA.item(namespace, "a")
     before = cluster.get_or_none(path)
     assert before is not None and owner_uids(before) == [a["metadata"]["uid"]]

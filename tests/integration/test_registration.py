@@ -176,7 +176,8 @@ def test_fencing_precondition_never_deletes_a_fresh_cr(namespace: str, cluster: 
 
 def test_recreated_after_external_delete(namespace: str, cluster: Cluster, sidecars: Sidecars) -> None:
     pod = cluster.start_pod(namespace, "worker-4", {"app": "w"})
-    sidecars.start(pod, "w", metadata={"k": "v"}).wait_ready()
+    # The CR watch (started at once here, not on the first peer request) shows the delete at once.
+    sidecars.start(pod, "w", metadata={"k": "v"}, extra_env={"DISCOVERY_WATCH": "always"}).wait_ready()
     first = cr(cluster, namespace, "worker-4")
     assert first is not None
     cluster.api.delete(WORKER_METADATA.item(namespace, "worker-4"))
@@ -359,7 +360,13 @@ def test_each_role_verb_is_needed(
             },
         )
     pod = cluster.start_pod(namespace, "worker-r", {"app": "w"}, service_account="limited")
-    process = sidecars.start(pod, "w", service_account="limited")
+    # Watches from start-up, so that their verbs are exercised without a client. ``list`` is needed by the
+    # paginated LIST only: a streaming list (the default) is a watch, so it is tested with pages, the
+    # fallback for API servers that refuse streaming lists.
+    env = {"DISCOVERY_WATCH": "always"}
+    if drop is not None and drop[1] == "list":
+        env["DISCOVERY_INITIAL_LIST"] = "pages"
+    process = sidecars.start(pod, "w", service_account="limited", extra_env=env)
 
     def readyz() -> str:
         return process.http_get("/readyz")[1]

@@ -123,8 +123,10 @@ def test_sigterm_while_streaming_deregisters_then_ends_streams(
 def test_http_endpoints(namespace: str, cluster: Cluster, sidecars: Sidecars) -> None:
     cluster.create_service(namespace, "w", {"app": "w"})
     process = sidecars.start(cluster.start_pod(namespace, "h", {"app": "w"}), "w").wait_ready()
+    # The first /debug/peers request starts the watches (DISCOVERY_WATCH=auto): the peer then comes as events.
+    assert process.http_get("/debug/peers")[0] == 200
     register_like_dynamo(cluster, cluster.start_pod(namespace, "peer", {"app": "w", "role": "decode"}))
-    wait_for(lambda: "peer" in process.http_get("/debug/peers")[1], 30, what="the peer in /debug/peers")
+    wait_for(lambda: '"name": "peer"' in process.http_get("/debug/peers")[1], 30, what="the peer in /debug/peers")
     status, body = process.http_get("/debug/peers")
     listing = json.loads(body)
     assert status == 200 and listing["synced"] and listing["api_status"] == "connected"

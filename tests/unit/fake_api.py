@@ -208,7 +208,7 @@ class ScriptedApi:
             return calls
 
     # -- the KubeApi surface ----------------------------------------------------------------------
-    def get(self, path: str, query: Query = ()) -> dict[str, Any]:
+    def get(self, path: str, query: Query = (), verb: str = "get") -> dict[str, Any]:
         return cast(dict[str, Any], self._serve(Call("get", path, tuple(query))))
 
     def stream(self, path: str, query: Query, read_timeout: float) -> ScriptedStream:

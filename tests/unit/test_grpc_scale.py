@@ -406,6 +406,9 @@ class ListenerlessReader:
     def __init__(self, hub: PeerHub) -> None:
         self._hub = hub
 
+    def demand(self) -> None:
+        self._hub.demand()
+
     @property
     def history_id(self) -> str:
         return self._hub.history_id

@@ -15,6 +15,7 @@ import pytest
 import structlog
 import urllib3
 
+from devcluster.objects import wait_for
 from sidecar.kube.api import ApiError
 from sidecar.kube.reflector import Reflector, WatchObserver
 from sidecar.kube.sources import ENDPOINT_SLICES, WORKER_METADATA, WatchTarget
@@ -106,6 +107,7 @@ class Rig:
         observers: list[WatchObserver] | None = None,
         page_size: int = 500,
         backoff_max: float = 0.05,
+        streaming_list: bool = False,
     ) -> Reflector:
         self.reflector = Reflector(
             self.api.as_kube_api(),
@@ -116,6 +118,7 @@ class Rig:
             backoff_max=backoff_max,
             page_size=page_size,
             observers=observers,
+            streaming_list=streaming_list,
         )
         self.thread = self.reflector.start()
         return self.reflector
@@ -173,6 +176,87 @@ class TestPaginatedList:
         assert watch.params["allowWatchBookmarks"] == "true"
         assert 300 <= int(watch.params["timeoutSeconds"]) <= 600
         assert watch.read_timeout == 0.5, "the watch's read timeout is the silence timeout"
+
+
+def initial_events_end(rv: str) -> dict[str, Any]:
+    return event(
+        "BOOKMARK",
+        {
+            "kind": "EndpointSlice",
+            "metadata": {"resourceVersion": rv, "annotations": {"k8s.io/initial-events-end": "true"}},
+        },
+    )
+
+
+class TestStreamingList:
+    def test_initial_events_are_one_replace_and_the_same_stream_goes_on_as_the_watch(self, rig: Rig) -> None:
+        """ADDED events up to the initial-events-end bookmark reach the store as one replace, nothing before it;
+        later events on the same stream are ordinary watch events; the next watch resumes at the last RV."""
+        s1, s2 = endpoint_slice("s1", "11"), endpoint_slice("s2", "12")
+        s1_later = endpoint_slice("s1", "21", {"p": False})
+        rig.api.on_stream(
+            ScriptedStream(
+                event("ADDED", s1),
+                event("ADDED", s2),
+                initial_events_end("20"),
+                event("MODIFIED", s1_later),
+                then="end",
+            ),
+            ScriptedStream(),
+        )
+        rig.start(WatchTarget(ENDPOINT_SLICES, NS, "app=w"), streaming_list=True)
+        first, second = rig.watches(2)
+
+        assert first.params["sendInitialEvents"] == "true"
+        assert first.params["resourceVersionMatch"] == "NotOlderThan"
+        assert first.params["resourceVersion"] == ""
+        assert first.params["labelSelector"] == "app=w" and first.params["allowWatchBookmarks"] == "true"
+        assert rig.api.calls_of("get") == [], "no LIST"
+        assert store_ops_except_health(rig.store)[:2] == ["replace", "upsert"]
+        (replace,) = rig.store.of("replace")
+        assert replace.records == {key(s1): ENDPOINT_SLICES.parse(s1), key(s2): ENDPOINT_SLICES.parse(s2)}
+        assert "sendInitialEvents" not in second.params
+        assert second.params["resourceVersion"] == "21"
+
+    def test_a_break_after_the_initial_set_resumes_from_the_last_resource_version(self, rig: Rig) -> None:
+        """Once the initial set is applied the stream is an ordinary watch: losing it is no reason to list again."""
+        rig.api.on_stream(
+            ScriptedStream(
+                event("ADDED", endpoint_slice("s1", "11")),
+                initial_events_end("20"),
+                urllib3.exceptions.ProtocolError("reset"),
+            ),
+            ScriptedStream(),
+        )
+        rig.start(streaming_list=True)
+        _, second = rig.watches(2)
+        assert "sendInitialEvents" not in second.params and second.params["resourceVersion"] == "20"
+        assert len(rig.store.of("replace")) == 1
+
+    def test_a_server_that_refuses_it_gets_the_paginated_list_from_then_on(self, rig: Rig) -> None:
+        refused = ApiError(
+            422, "Invalid", "sendInitialEvents is forbidden for watch unless the WatchList feature gate is enabled"
+        )
+        rig.api.on_stream(refused, ScriptedStream())
+        rig.api.on_get(page([endpoint_slice("s1", "3")], rv="7"))
+        reflector = rig.start(streaming_list=True)
+        _, watch = rig.watches(2)
+        assert watch.params["resourceVersion"] == "7" and "sendInitialEvents" not in watch.params
+        assert len(rig.api.calls_of("get")) == 1
+        assert reflector.streaming_list is False
+
+    def test_a_stream_that_ends_before_the_initial_set_is_complete_starts_over(self, rig: Rig) -> None:
+        """Nothing partial reaches the store: the next attempt streams the whole set again."""
+        s1 = endpoint_slice("s1", "11")
+        rig.api.on_stream(
+            ScriptedStream(event("ADDED", s1), then="end"),
+            ScriptedStream(event("ADDED", s1), initial_events_end("15")),
+        )
+        rig.start(streaming_list=True)
+        first, second = rig.watches(2)
+        assert first.params["sendInitialEvents"] == second.params["sendInitialEvents"] == "true"
+        wait_for(lambda: rig.store.of("replace"), DEADLINE, what="the replace of the second attempt")
+        assert store_ops_except_health(rig.store) == ["replace"]
 
 
 class TestLabelSelector:

@@ -1,0 +1,132 @@
+"""DISCOVERY_WATCH and DISCOVERY_PEER_SELECTOR on the real API server: a pod that never asks for peers
+costs the API server its registration and nothing else, and a static peer selector keeps other peers'
+objects from ever being transmitted. Proven by the sidecar's own request and event metrics."""
+
+from __future__ import annotations
+
+import re
+
+import grpc
+import pytest
+
+from devcluster.objects import WORKER_METADATA, Cluster, wait_for
+from devcluster.sidecars import SidecarProcess
+from sidecar.client import DiscoveryClient, make_filter
+from tests.conftest import Sidecars
+
+pytestmark = pytest.mark.integration
+
+TIMEOUT = 30.0
+
+
+def metric(sidecar: SidecarProcess, name: str, **labels: str) -> float:
+    """The sum of a counter's samples whose labels include ``labels``."""
+    status, text = sidecar.http_get("/metrics")
+    assert status == 200, text
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(rf"^{name}\{{(.*)\}} (\S+)$", line)
+        if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+def requests(sidecar: SidecarProcess, verb: str) -> float:
+    return metric(sidecar, "discovery_api_requests_total", verb=verb)
+
+
+def world(cluster: Cluster, namespace: str) -> None:
+    cluster.create_service(namespace, "w", {"app": "w"})
+    cluster.register_like_dynamo(cluster.start_pod(namespace, "peer-1", {"app": "w", "role": "decode"}))
+    wait_for(lambda: cluster.ready_pods_in_slices(namespace, "w").get("peer-1"), TIMEOUT, what="peer-1 in the slice")
+
+
+def test_auto_registers_at_once_and_watches_only_from_the_first_request(
+    namespace: str, cluster: Cluster, sidecars: Sidecars
+) -> None:
+    world(cluster, namespace)
+    pod = cluster.start_pod(namespace, "worker-0", {"app": "w"})
+    sidecar = sidecars.start(pod, "w").wait_ready()  # DISCOVERY_WATCH defaults to auto
+    assert cluster.get_or_none(WORKER_METADATA.item(namespace, "worker-0")) is not None, "registered at once"
+    assert requests(sidecar, "list") == 0 and requests(sidecar, "watch") == 0, "a pod that never asks costs nothing"
+    assert requests(sidecar, "patch") >= 1
+
+    with DiscoveryClient(sidecar.target) as client:
+        names = [p.name for p in client.list_peers(make_filter("role=decode"), timeout=TIMEOUT).peers]
+    assert names == ["peer-1"], "the first request starts the watches and waits for their sync"
+    assert requests(sidecar, "watch") >= 2
+    assert requests(sidecar, "list") == 0, "the initial state came as a streaming list (a watch), not a LIST"
+    listed = [e for e in sidecar.log_events() if e.get("event") == "listed"]
+    assert {e["how"] for e in listed} == {"streamed"} and len(listed) == 2
+    assert any(e.get("event") == "watching peers" for e in sidecar.log_events())
+
+    assert sidecar.terminate() == 0
+    assert cluster.get_or_none(WORKER_METADATA.item(namespace, "worker-0")) is None
+
+
+def test_auto_without_a_request_deregisters_confirmed_by_a_get(
+    namespace: str, cluster: Cluster, sidecars: Sidecars
+) -> None:
+    pod = cluster.start_pod(namespace, "worker-0", {"app": "w"})
+    sidecar = sidecars.start(pod, "w").wait_ready()
+    assert sidecar.terminate() == 0
+    assert cluster.get_or_none(WORKER_METADATA.item(namespace, "worker-0")) is None
+    (done,) = [e for e in sidecar.log_events() if e.get("event") == "deregistered"]
+    assert done.get("confirmed_by_get") is True
+    assert watch_starts(sidecar) == 0
+
+
+def watch_starts(sidecar: SidecarProcess) -> int:
+    """How often the log says the watches started (never without a peer request)."""
+    return sum(1 for e in sidecar.log_events() if e.get("event") == "watching peers")
+
+
+def test_never_registers_only_and_refuses_peer_requests_naming_the_setting(
+    namespace: str, cluster: Cluster, sidecars: Sidecars
+) -> None:
+    world(cluster, namespace)
+    pod = cluster.start_pod(namespace, "worker-0", {"app": "w"})
+    sidecar = sidecars.start(pod, "w", extra_env={"DISCOVERY_WATCH": "never"}).wait_ready()
+    with DiscoveryClient(sidecar.target) as client:
+        assert client.get_self().registered
+        with pytest.raises(grpc.RpcError) as listed:
+            client.list_peers(timeout=TIMEOUT)
+        assert listed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "DISCOVERY_WATCH=never" in (listed.value.details() or "")
+        with pytest.raises(grpc.RpcError) as watched:
+            next(iter(client.watch(reconnect=False)))
+        assert watched.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    status, body = sidecar.http_get("/debug/peers")
+    assert status == 412 and "DISCOVERY_WATCH=never" in body
+    assert requests(sidecar, "list") == 0 and requests(sidecar, "watch") == 0
+    assert sidecar.terminate() == 0
+    assert cluster.get_or_none(WORKER_METADATA.item(namespace, "worker-0")) is None, "deregistered all the same"
+
+
+def test_a_peer_selector_is_sent_to_the_api_server(namespace: str, cluster: Cluster, sidecars: Sidecars) -> None:
+    """Prefill peers' CRs never reach a sidecar that can only ever want decode peers."""
+    cluster.create_service(namespace, "w", {"app": "w"})
+    pod = cluster.start_pod(namespace, "router", {"app": "w", "role": "router"})
+    sidecar = sidecars.start(
+        pod, "w", extra_env={"DISCOVERY_WATCH": "always", "DISCOVERY_PEER_SELECTOR": "role=decode"}
+    ).wait_ready()
+    started = [e for e in sidecar.log_events() if e.get("event") == "started"]
+    assert any("dynamoworkermetadatas" in w and "(role=decode)" in w for w in started[0]["watches"])
+    before = metric(sidecar, "discovery_watch_events_total", source="dynamoworkermetadatas")
+    for name in ("prefill-0", "prefill-1", "prefill-2"):
+        cluster.register_like_dynamo(cluster.start_pod(namespace, name, {"app": "w", "role": "prefill"}))
+    cluster.register_like_dynamo(cluster.start_pod(namespace, "decode-0", {"app": "w", "role": "decode"}))
+    with DiscoveryClient(sidecar.target) as client:
+        wait_for(
+            lambda: [p.name for p in client.list_peers().peers] == ["decode-0"],
+            TIMEOUT,
+            what="decode-0 the only peer",
+        )
+        assert [p.name for p in client.list_peers(make_filter("role=prefill")).peers] == []
+    received = metric(sidecar, "discovery_watch_events_total", source="dynamoworkermetadatas") - before
+    assert received == 1, f"only decode-0's CR was transmitted, got {received} CR events"
+    # The router's own CR is outside the selector: its deregistration is confirmed by a GET.
+    assert sidecar.terminate() == 0
+    assert cluster.get_or_none(WORKER_METADATA.item(namespace, "router")) is None
+    (done,) = [e for e in sidecar.log_events() if e.get("event") == "deregistered"]
+    assert done.get("confirmed_by_get") is True
