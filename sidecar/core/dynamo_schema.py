@@ -61,23 +61,37 @@ def _key_problem(key: str, entry: Mapping[str, Any], middle: str) -> str | None:
     return None
 
 
-def entry_problem(map_name: str, key: str, entry: Any) -> str | None:
-    """Why Dynamo would refuse this entry of ``map_name``, or None."""
-    tag, fields, middle = ENTRY_SCHEMAS[map_name]
-    where = f"spec.data.{map_name}[{key!r}]"
+def fields_problem(map_name: str, entry: Any) -> str | None:
+    """Why Dynamo would not decode ``entry`` as an entry of ``map_name`` (tag, required fields, their types).
+
+    Shared by both backends: an entry of a CR's map and the value of an etcd key are the same JSON
+    (``sidecar.core.dynamo_keys`` calls this for endpoints and model cards). The answer names the field
+    relative to the entry (``.namespace must be a string, got int``); ``entry_problem`` adds where.
+    """
+    tag, fields, _ = ENTRY_SCHEMAS[map_name]
     if not isinstance(entry, Mapping):
-        return f"{where} must be a JSON object, got {type(entry).__name__}"
+        return f" must be a JSON object, got {type(entry).__name__}"
     if entry.get("type") != tag:
-        return f"{where}.type must be {tag!r} (Dynamo tags each {map_name} entry so), got {entry.get('type')!r}"
+        return f".type must be {tag!r} (Dynamo tags each {map_name} entry so), got {entry.get('type')!r}"
     for name, expected in fields.items():
         if name not in entry or (expected != _ANY and entry[name] is None):
-            return f"{where}.{name} is missing (Dynamo requires it in an {tag} entry)"
+            return f".{name} is missing (Dynamo requires it in an {tag} entry)"
         problem = _type_problem(entry[name], expected)
         if problem:
-            return f"{where}.{name} {problem}, got {type(entry[name]).__name__}"
+            return f".{name} {problem}, got {type(entry[name]).__name__}"
     suffix = entry.get("model_suffix")
     if map_name == "model_cards" and suffix is not None and not isinstance(suffix, str):
-        return f"{where}.model_suffix must be a string or null, got {type(suffix).__name__}"
+        return f".model_suffix must be a string or null, got {type(suffix).__name__}"
+    return None
+
+
+def entry_problem(map_name: str, key: str, entry: Any) -> str | None:
+    """Why Dynamo would refuse this entry of ``map_name`` in a CR, under ``key``, or None."""
+    _, _, middle = ENTRY_SCHEMAS[map_name]
+    where = f"spec.data.{map_name}[{key!r}]"
+    problem = fields_problem(map_name, entry)
+    if problem:
+        return f"{where}{problem}"
     if middle is not None:
         problem = _key_problem(key, entry, middle)
         if problem:

@@ -38,6 +38,7 @@ from typing import Any
 import structlog
 
 from sidecar.core.backoff import Backoff
+from sidecar.core.dynamo_keys import DocumentError, registration_keys
 from sidecar.core.merge_patch import apply_merge_patch
 from sidecar.core.resources import validate_worker_data
 from sidecar.etcd._pb import etcd_v3_pb2 as pb
@@ -51,7 +52,6 @@ from sidecar.etcd.client import (
     EtcdTooLarge,
     EtcdUnavailable,
 )
-from sidecar.etcd.keys import DocumentError, registration_keys
 from sidecar.metrics import Metrics
 from sidecar.ports import Forbidden, Invalid, Registration, RegistrationError, TooLarge, Unavailable
 

@@ -146,7 +146,7 @@ def test_publish_refuses_what_dynamo_would_not_read() -> None:
     client = ScriptedClient()
     publisher = registered(client, endpoints(1))
     try:
-        with pytest.raises(Invalid, match="lacks transport"):
+        with pytest.raises(Invalid, match="transport is missing"):
             publisher.publish({"endpoints": {"x": {"type": "Endpoint", "namespace": "n", "component": "c",
                                                    "endpoint": "e", "instance_id": 0}}}, merge=False)
         with pytest.raises(Invalid, match="must be a JSON object"):
