@@ -25,6 +25,11 @@ Client events: ``{"event": "client_ready"}``, then ``{"event": "instances", "ins
 "instances": [{"instance_id", "transport": {"kind", "address"}, "device_type"}]}`` each time what
 ``Client.instance_ids()`` / ``Client.instances()`` return changes (polled every 0.1 s).
 
+On the etcd backend (``launch_dynamo_etcd``) the same program runs with ``DYN_DISCOVERY_BACKEND=etcd``
+and ``ETCD_ENDPOINTS`` and no kubeconfig: 1.6.1 then needs nothing but etcd (found by running it), and
+``DistributedRuntime(loop, "etcd", "tcp")`` registers under ``v1/instances`` and ``v1/mdc`` on its
+primary lease, whose ID ``endpoint.connection_id()`` reports.
+
 The processes are tied to the Python process that starts them (``PR_SET_PDEATHSIG``, own process
 group), like the control plane's: an interrupted test run leaves nothing behind.
 """
@@ -140,6 +145,7 @@ class DynamoProcess:
     model: str | None = None
     extra_env: Mapping[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
+    etcd_endpoints: str = ""  # set: the etcd backend (no kubeconfig)
 
     @property
     def name(self) -> str:
@@ -174,6 +180,9 @@ class DynamoProcess:
             DYN_LOG="info",
             PYTHONUNBUFFERED="1",
         )
+        if self.etcd_endpoints:
+            del env["KUBECONFIG"]
+            env.update(DYN_DISCOVERY_BACKEND="etcd", ETCD_ENDPOINTS=self.etcd_endpoints)
         env.update(self.extra_env)
         return env
 
@@ -324,6 +333,36 @@ def launch_dynamo(
         endpoint=endpoint,
         model=model,
         extra_env=dict(extra_env or {}),
+    )
+    return process.start() if start else process
+
+
+def launch_dynamo_etcd(
+    name: str,
+    namespace: str,
+    etcd_endpoints: str,
+    mode: str,
+    work_dir: pathlib.Path,
+    endpoint: str = DEFAULT_ENDPOINT,
+    model: str | None = None,
+    extra_env: Mapping[str, str] | None = None,
+    start: bool = True,
+) -> DynamoProcess:
+    """Start a Dynamo ``mode`` process on the etcd backend: what an etcd-backed pod's main container runs."""
+    if mode not in ("worker", "client"):
+        raise ValueError(f"mode must be 'worker' or 'client', not {mode!r}")
+    runtime_version()
+    _check_machine()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    process = DynamoProcess(
+        pod={"metadata": {"name": name, "namespace": namespace, "uid": f"etcd-pod-{name}"}},
+        kubeconfig=work_dir / "no-kubeconfig",
+        mode=mode,
+        work_dir=work_dir,
+        endpoint=endpoint,
+        model=model,
+        extra_env=dict(extra_env or {}),
+        etcd_endpoints=etcd_endpoints,
     )
     return process.start() if start else process
 

@@ -32,13 +32,14 @@ import contextlib
 import copy
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import structlog
 
 from sidecar.core.backoff import Backoff
 from sidecar.core.dynamo_keys import DocumentError, registration_keys
+from sidecar.core.instance_join import peer_key
 from sidecar.core.merge_patch import apply_merge_patch
 from sidecar.core.resources import validate_worker_data
 from sidecar.etcd._pb import etcd_v3_pb2 as pb
@@ -53,7 +54,15 @@ from sidecar.etcd.client import (
     EtcdUnavailable,
 )
 from sidecar.metrics import Metrics
-from sidecar.ports import Forbidden, Invalid, Registration, RegistrationError, TooLarge, Unavailable
+from sidecar.ports import (
+    Forbidden,
+    Invalid,
+    NotRegistering,
+    Registration,
+    RegistrationError,
+    TooLarge,
+    Unavailable,
+)
 
 MAX_TXN_KEYS = 64
 RENEWAL_RETRY = 0.5  # seconds between renewals while they fail (within the TTL)
@@ -100,8 +109,12 @@ class EtcdPublisher:
         metrics: Metrics | None = None,
         backoff_max: float = 30.0,
         labels: Mapping[str, str] | None = None,
+        on_registered: Callable[[int], None] | None = None,
+        register: str = "auto",
     ) -> None:
         self.client = client
+        self.on_registered = on_registered  # called with each new lease once its keys are written
+        self.watch_only = register == "never"  # DISCOVERY_REGISTER=never: no lease, nothing written
         self.lease_ttl = lease_ttl
         self.metrics = metrics
         self.labels = dict(labels or {})
@@ -139,14 +152,22 @@ class EtcdPublisher:
                 resource_version=str(self._revision) if self._revision else "",
                 data=copy.deepcopy(self._data),
                 labels=dict(self.labels),
+                instance_id=self._lease,
+                peer_uid=peer_key(self._lease) if self._lease else "",
             )
 
     def problems(self) -> list[str]:
-        if self.registered.is_set():
+        if self.registered.is_set() or self.watch_only:
             return []
         with self._state_lock:
             error = self._last_error
         return ["not registered in etcd" + (f": {error}" if error else "")]
+
+    def notes(self) -> list[str]:
+        """A healthy but unusual state, for ``/readyz``'s body."""
+        if self.watch_only:
+            return ["watch-only: DISCOVERY_REGISTER=never, so this sidecar holds no lease and writes nothing in etcd"]
+        return []
 
     def written_keys(self) -> dict[str, bytes | None]:
         with self._state_lock:
@@ -155,6 +176,11 @@ class EtcdPublisher:
     # -- publish --------------------------------------------------------------------------------------
     def publish(self, document: Mapping[str, Any], merge: bool) -> Registration:
         """Replace (or RFC 7386 merge-patch) the metadata and write it now (``MetadataPublisher``)."""
+        if self.watch_only:
+            raise NotRegistering(
+                "this sidecar does not register (DISCOVERY_REGISTER=never): publish through whatever registers "
+                "this instance in etcd"
+            )
         with self._apply_lock:
             with self._state_lock:
                 previous = self._data
@@ -253,6 +279,10 @@ class EtcdPublisher:
         return self._thread
 
     def run(self) -> None:
+        if self.watch_only:
+            self.log.info("watch-only: DISCOVERY_REGISTER=never, no lease is taken")
+            self._stop.wait()  # the thread stays (liveness watches it) and does nothing
+            return
         while not self._stop.is_set():
             try:
                 self._register()
@@ -313,6 +343,8 @@ class EtcdPublisher:
             with self._state_lock:
                 self._last_error = ""
                 self._loss = ""
+            if self.on_registered is not None:
+                self.on_registered(lease)
             self.registered.set()
             if self.metrics is not None:
                 self.metrics.registered.set(1)

@@ -1,0 +1,269 @@
+"""The sidecar *process* on the etcd backend, against a real etcd 3.6: what an etcd-backed pod runs.
+
+``DYN_DISCOVERY_BACKEND=etcd`` and ``ETCD_ENDPOINTS``, no API server anywhere. Registration under
+Dynamo's keys on a lease whose ID is the instance ID (``GetSelf``), peers from the ``v1/`` prefixes on
+``WatchPeers``, ``PublishMetadata`` at run time, the lease revoked on SIGTERM (the keys go at once,
+long before the TTL), a partition through the fault proxy that loses the lease (``/readyz`` and the
+stream say so) healed by registering again under a new instance ID, and bad values under the prefixes
+skipped without losing other peers. Every wait is on a condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from devcluster.build import ensure_built
+from devcluster.etcd import EtcdServer
+from devcluster.faults import FaultProxy
+from devcluster.objects import wait_for
+from devcluster.sidecars import SidecarProcess, launch_etcd_sidecar
+from sidecar.api.discovery.v1 import discovery_pb2 as pb
+from sidecar.client import DiscoveryClient
+from tests.integration.streams import StreamRecorder
+
+pytestmark = pytest.mark.integration
+
+NAMESPACE = "demo"
+
+
+def endpoint_entry(component: str, address: str) -> dict[str, Any]:
+    """An endpoint entry as Dynamo writes it; instance_id 0 and the key's /0 stand for "my lease"."""
+    return {
+        "type": "Endpoint",
+        "namespace": NAMESPACE,
+        "component": component,
+        "endpoint": "generate",
+        "instance_id": 0,
+        "transport": {"tcp": f"{address}/0/{NAMESPACE}/{component}/generate"},
+        "device_type": "cuda",
+        "request_plane_codec": "msgpack",
+    }
+
+
+def metadata(component: str, address: str = "127.0.0.1:9000") -> dict[str, Any]:
+    return {"endpoints": {f"{NAMESPACE}/{component}/generate/0": endpoint_entry(component, address)}}
+
+
+@pytest.fixture(scope="module")
+def etcd_bin() -> pathlib.Path:
+    return ensure_built()
+
+
+@pytest.fixture
+def etcd(etcd_bin: pathlib.Path, tmp_path: pathlib.Path) -> Iterator[EtcdServer]:
+    server = EtcdServer(tmp_path / "etcd", bin_dir=etcd_bin)
+    server.start()
+    yield server
+    server.stop()
+
+
+class World:
+    """The etcd, the sidecars and the streams of one test; always torn down."""
+
+    def __init__(self, etcd: EtcdServer, work_dir: pathlib.Path) -> None:
+        self.etcd = etcd
+        self.work_dir = work_dir
+        self.sidecars: list[SidecarProcess] = []
+        self.closers: list[Callable[[], object]] = []
+
+    def sidecar(self, name: str, data: dict[str, Any], endpoints: str = "", ttl: int = 30) -> SidecarProcess:
+        process = launch_etcd_sidecar(
+            name,
+            NAMESPACE,
+            endpoints or self.etcd.url,
+            self.work_dir / "sidecars",
+            metadata=data,
+            extra_env={"ETCD_LEASE_TTL": str(ttl), "DISCOVERY_WATCH_SILENCE_TIMEOUT": "5s"},
+        )
+        self.sidecars.append(process)
+        return process.wait_ready()
+
+    def stream(self, process: SidecarProcess, peer_filter: pb.PeerFilter | None = None) -> StreamRecorder:
+        recorder = StreamRecorder(process.target, peer_filter)
+        self.closers.append(recorder.close)
+        return recorder
+
+    def client(self, process: SidecarProcess) -> DiscoveryClient:
+        client = DiscoveryClient(process.target)
+        self.closers.append(client.close)
+        return client
+
+    def keys(self, prefix: str = "v1/") -> dict[str, dict[str, Any]]:
+        return self.etcd.get_prefix(prefix)
+
+    def close(self) -> None:
+        for close in reversed(self.closers):
+            with contextlib.suppress(Exception):  # teardown must reach everything
+                close()
+        for process in self.sidecars:
+            try:
+                process.terminate(timeout=15)
+            except Exception:  # noqa: BLE001 - teardown must reach every process
+                process.kill()
+
+
+@pytest.fixture
+def world(etcd: EtcdServer, tmp_path: pathlib.Path) -> Iterator[World]:
+    w = World(etcd, tmp_path)
+    yield w
+    w.close()
+
+
+def data_of(peer: pb.Peer) -> dict[str, Any]:
+    value: dict[str, Any] = json.loads(peer.data_json or "{}")
+    return value
+
+
+class TestRegistration:
+    def test_instance_registers_under_dynamos_keys_on_its_lease_and_get_self_reports_the_lease(
+        self, world: World
+    ) -> None:
+        """The lease ID is the instance ID: in GetSelf, in the key's hex, in the value, and as the key's lease."""
+        sidecar = world.sidecar("worker-0", metadata("backend"))
+        me = world.client(sidecar).get_self()
+        assert me.registered and me.instance_id > 0 and me.instance_id_hex == f"{me.instance_id:x}"
+        assert (me.name, me.namespace, me.uid) == ("worker-0", NAMESPACE, "")
+        key = f"v1/instances/{NAMESPACE}/backend/generate/{me.instance_id:x}"
+        stored = world.keys()
+        assert set(stored) == {key}
+        assert stored[key]["lease"] == me.instance_id
+        value = json.loads(stored[key]["value"])
+        assert value["instance_id"] == me.instance_id and value["type"] == "Endpoint"
+        assert world.etcd.lease_ttl(me.instance_id) > 0
+        status, body = sidecar.http_get("/readyz")
+        assert status == 200, body
+
+    def test_two_sidecars_see_each_other_with_their_endpoints(self, world: World) -> None:
+        """A peer is an instance: named by its lease in hex, carrying the four maps; self is excluded."""
+        a = world.sidecar("worker-a", metadata("prefill", "10.0.0.1:9000"))
+        b = world.sidecar("worker-b", metadata("decode", "10.0.0.2:9000"))
+        b_id = world.client(b).get_self().instance_id
+        stream = world.stream(a)
+        stream.wait_names({f"{b_id:x}"})
+        peer = stream.peers()[f"{b_id:x}"]
+        assert peer.instance_id == b_id and peer.uid == f"etcd/{b_id:x}"
+        assert (peer.namespace, list(peer.addresses), list(peer.ports)) == ("", [], [])
+        data = data_of(peer)
+        assert set(data) == {"endpoints", "model_cards", "event_channels", "event_sources"}
+        entry = data["endpoints"][f"{NAMESPACE}/decode/generate/{b_id:x}"]
+        assert entry["instance_id"] == b_id and entry["component"] == "decode"
+
+    def test_self_is_the_instance_of_the_current_lease(self, world: World) -> None:
+        """``include_self`` shows this instance (``etcd/{lease:x}``); without it the stream leaves it out."""
+        a = world.sidecar("worker-a", metadata("prefill"))
+        a_id = world.client(a).get_self().instance_id
+        with_self = world.stream(a, pb.PeerFilter(include_self=True))
+        with_self.wait_names({f"{a_id:x}"})
+        without = world.stream(a)
+        without.wait_until(lambda r: r.names() == {}, what="an empty snapshot without self")
+
+
+class TestRunTime:
+    def test_publish_metadata_rewrites_the_keys_under_the_same_lease(self, world: World) -> None:
+        """A model card published at run time appears under v1/mdc and on a peer's stream."""
+        a = world.sidecar("router", {})
+        b = world.sidecar("worker-0", metadata("backend"))
+        client = world.client(b)
+        b_id = client.get_self().instance_id
+        stream = world.stream(a)
+        stream.wait_names({f"{b_id:x}"})
+        card = {
+            "type": "Model",
+            "namespace": NAMESPACE,
+            "component": "backend",
+            "endpoint": "generate",
+            "instance_id": 0,
+            "card_json": {"display_name": "llama"},
+        }
+        client.publish_metadata({"model_cards": {f"{NAMESPACE}/backend/generate/0": card}}, merge=True)
+        mdc_key = f"v1/mdc/{NAMESPACE}/backend/generate/{b_id:x}"
+        assert world.keys("v1/mdc/")[mdc_key]["lease"] == b_id
+        stream.wait_until(
+            lambda r: bool(data_of(r.peers().get(f"{b_id:x}", pb.Peer())).get("model_cards")),
+            what="the model card on the peer",
+        )
+        cards = data_of(stream.peers()[f"{b_id:x}"])["model_cards"]
+        assert cards[f"{NAMESPACE}/backend/generate/{b_id:x}"]["card_json"] == {"display_name": "llama"}
+        assert client.get_self().instance_id == b_id  # publishing keeps the lease
+
+    def test_sigterm_revokes_the_lease_and_peers_see_the_instance_leave_at_once(self, world: World) -> None:
+        """TTL 30 s: the keys are gone when the process has exited, so the lease was revoked, not expired."""
+        a = world.sidecar("router", {})
+        b = world.sidecar("worker-0", metadata("backend"), ttl=30)
+        b_id = world.client(b).get_self().instance_id
+        stream = world.stream(a)
+        stream.wait_names({f"{b_id:x}"})
+        assert b.terminate(timeout=15) == 0
+        assert world.keys("v1/instances/") == {}
+        assert world.etcd.lease_ttl(b_id) == -1
+        stream.wait_names(set(), timeout=5)
+
+
+class TestFaults:
+    def test_a_partition_longer_than_the_ttl_is_reported_and_healed_with_a_new_instance_id(
+        self, world: World
+    ) -> None:
+        """Lease lost: /readyz says so and the stream is DEGRADED; back: registered again, a new lease."""
+        proxy = FaultProxy(world.etcd.client_port)
+        world.closers.append(proxy.close)
+        observer = world.sidecar("router", {})
+        worker = world.sidecar("worker-0", metadata("backend"), endpoints=f"http://127.0.0.1:{proxy.port}", ttl=2)
+        client = world.client(worker)
+        old_id = client.get_self().instance_id
+        own = world.stream(worker)
+        others = world.stream(observer)
+        others.wait_names({f"{old_id:x}"})
+        own.wait_until(lambda r: r.updates[-1].connected, what="connected")
+
+        proxy.refuse()
+
+        def lease_lost() -> bool:
+            status, body = worker.http_get("/readyz")
+            return status == 503 and "lost" in body
+
+        wait_for(lease_lost, 20, what="/readyz to report the lost lease")
+        own.wait_until(lambda r: not r.updates[-1].connected, what="the worker's stream DEGRADED")
+        others.wait_names(set(), timeout=20)  # etcd expired the lease: its keys went with it
+        assert world.etcd.lease_ttl(old_id) == -1
+
+        proxy.accept()
+        worker.wait_ready(timeout=30)
+        new_id = client.get_self().instance_id
+        assert new_id not in (0, old_id)
+        assert set(world.keys("v1/instances/")) == {f"v1/instances/{NAMESPACE}/backend/generate/{new_id:x}"}
+        others.wait_names({f"{new_id:x}"})
+        own.wait_until(lambda r: r.updates[-1].connected, what="the worker's stream CONNECTED again")
+        assert any(e.get("event") == "etcd lease lost" for e in worker.log_events())
+
+    def test_bad_values_under_the_prefixes_are_skipped_without_losing_other_peers(self, world: World) -> None:
+        """Not JSON, a wrong type tag, a missing field: logged with the key, skipped; the good peer stays."""
+        a = world.sidecar("router", {})
+        b = world.sidecar("worker-0", metadata("backend"))
+        b_id = world.client(b).get_self().instance_id
+        stream = world.stream(a)
+        stream.wait_names({f"{b_id:x}"})
+        bad = {
+            "v1/instances/demo/bad/generate/1": "not json {",
+            "v1/mdc/demo/bad/generate/2": json.dumps(endpoint_entry("bad", "1.2.3.4:1")),  # Endpoint under mdc
+            "v1/instances/demo/bad/generate/3": json.dumps({"type": "Endpoint", "namespace": "demo"}),
+        }
+        for key, value in bad.items():
+            world.etcd.put(key, value)
+        good_key = f"v1/instances/{NAMESPACE}/late/generate/{b_id + 1:x}"
+        late = endpoint_entry("late", "10.0.0.7:1") | {"instance_id": b_id + 1}
+        world.etcd.put(good_key, json.dumps(late))  # a later good key still arrives
+
+        def skipped() -> set[str]:
+            return {e.get("key", "") for e in a.log_events() if e.get("event", "").startswith("bad value")}
+
+        wait_for(lambda: set(bad) <= skipped(), 20, what="the three bad values logged")
+        stream.wait_names({f"{b_id:x}", f"{b_id + 1:x}"})
+        assert f"{b_id:x}" in stream.names()
+        status, body = a.http_get("/readyz")
+        assert status == 200, body
