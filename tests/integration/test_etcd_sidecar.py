@@ -267,3 +267,42 @@ class TestFaults:
         assert f"{b_id:x}" in stream.names()
         status, body = a.http_get("/readyz")
         assert status == 200, body
+
+
+class TestStartUp:
+    def test_bad_etcd_values_are_a_clear_start_up_error_not_a_traceback(self, world: World) -> None:
+        """Exit status 2 and one message naming each variable and flag, as for every setting."""
+        process = launch_etcd_sidecar(
+            "worker-0",
+            NAMESPACE,
+            "ftp://127.0.0.1:1",
+            world.work_dir / "bad",
+            extra_env={"ETCD_LEASE_TTL": "ten", "ETCD_AUTH_CLIENT_CERT": "/no/such.pem"},
+        )
+        world.sidecars.append(process)
+        assert process.process is not None
+        assert process.process.wait(30) == 2
+        output = process.log_path.read_text()
+        assert "invalid configuration:" in output and "Traceback" not in output
+        assert "ETCD_LEASE_TTL (--etcd-lease-ttl)" in output
+        assert "ETCD_ENDPOINTS (--etcd-endpoints)" in output
+        assert "ETCD_AUTH_CLIENT_CERT (--etcd-auth-client-cert)" in output
+
+    def test_an_unreachable_etcd_ends_start_up_after_the_timeout(self, world: World) -> None:
+        """Dynamo's rule: ETCD_STARTUP_CONNECT_TIMEOUT_SECONDS to reach etcd, then exit 1 saying why."""
+        proxy = FaultProxy(world.etcd.client_port)
+        world.closers.append(proxy.close)
+        proxy.refuse()
+        process = launch_etcd_sidecar(
+            "worker-0",
+            NAMESPACE,
+            f"http://127.0.0.1:{proxy.port}",
+            world.work_dir / "unreachable",
+            extra_env={"ETCD_STARTUP_CONNECT_TIMEOUT_SECONDS": "2"},
+        )
+        world.sidecars.append(process)
+        assert process.process is not None
+        assert process.process.wait(30) == 1
+        failures = [e for e in process.log_events() if e.get("event") == "cannot start"]
+        assert failures and "ETCD_STARTUP_CONNECT_TIMEOUT_SECONDS" in failures[0]["reason"]
+        assert "Traceback" not in process.log_path.read_text()
