@@ -164,6 +164,38 @@ class TestRegistration:
         without.wait_until(lambda r: r.names() == {}, what="an empty snapshot without self")
 
 
+    def test_dynamos_filters_work_as_on_kubernetes(self, world: World) -> None:
+        """filter.endpoint (ns.comp.ep or dyn://) and filter.model select etcd peers by their data."""
+        router = world.sidecar("router", {})
+        prefill = world.sidecar("prefill-0", metadata("prefill"))
+        decode_data = metadata("decode")
+        decode_data["model_cards"] = {
+            f"{NAMESPACE}/decode/generate/0": {
+                "type": "Model",
+                "namespace": NAMESPACE,
+                "component": "decode",
+                "endpoint": "generate",
+                "instance_id": 0,
+                "card_json": {"display_name": "llama"},
+            }
+        }
+        decode = world.sidecar("decode-0", decode_data)
+        p_id = world.client(prefill).get_self().instance_id
+        d_id = world.client(decode).get_self().instance_id
+        by_endpoint = world.stream(router, pb.PeerFilter(endpoint=f"dyn://{NAMESPACE}.prefill.generate"))
+        by_model = world.stream(router, pb.PeerFilter(model="llama"))
+        by_endpoint.wait_names({f"{p_id:x}"})
+        by_model.wait_names({f"{d_id:x}"})
+        (endpoint,) = by_endpoint.peers()[f"{p_id:x}"].endpoints
+        assert (endpoint.path, endpoint.instance_id, endpoint.transport_kind) == (
+            f"{NAMESPACE}.prefill.generate",
+            p_id,
+            "tcp",
+        )
+        (model,) = by_model.peers()[f"{d_id:x}"].models
+        assert (model.name, model.path, model.instance_id) == ("llama", f"{NAMESPACE}.decode.generate", d_id)
+
+
 class TestRunTime:
     def test_publish_metadata_rewrites_the_keys_under_the_same_lease(self, world: World) -> None:
         """A model card published at run time appears under v1/mdc and on a peer's stream."""
