@@ -273,6 +273,37 @@ class TestFaults:
         own.wait_until(lambda r: r.updates[-1].connected, what="the worker's stream CONNECTED again")
         assert any(e.get("event") == "etcd lease lost" for e in worker.log_events())
 
+    def test_an_etcd_crash_longer_than_the_ttl_keeps_the_instance_and_its_id(self, world: World) -> None:
+        """etcd gives every lease a fresh TTL when it comes back from a crash: the sidecar keeps its lease.
+
+        Down longer than the TTL: /readyz says the lease is presumed lost, but once etcd answers the
+        lease is still there, renewed, and the instance keeps its ID; observers never see it leave.
+        (Giving up at the TTL instead, as the client alone would guess, churned every sidecar's
+        instance ID on an etcd restart, while Dynamo's own workers kept theirs.)
+        """
+        observer = world.sidecar("router", {})
+        worker = world.sidecar("worker-0", metadata("backend"), ttl=5)
+        client = world.client(worker)
+        ident = client.get_self().instance_id
+        others = world.stream(observer)
+        others.wait_names({f"{ident:x}"})
+
+        world.etcd.kill()
+
+        def presumed_lost() -> bool:
+            status, body = worker.http_get("/readyz")
+            return status == 503 and "presumed lost" in body
+
+        wait_for(presumed_lost, 20, what="/readyz to report the unrenewed lease")
+        world.etcd.start()
+        worker.wait_ready(timeout=30)
+        assert client.get_self().instance_id == ident
+        assert world.keys("v1/instances/")[f"v1/instances/{NAMESPACE}/backend/generate/{ident:x}"]["lease"] == ident
+        others.wait_until(lambda r: r.updates[-1].connected, what="the observer CONNECTED again")
+        assert f"{ident:x}" in others.names()
+        assert not [p.name for u in others.updates for p in u.removed], "the instance must never leave"
+        assert not [e for e in worker.log_events() if e.get("event") == "etcd lease lost"]
+
     def test_bad_values_under_the_prefixes_are_skipped_without_losing_other_peers(self, world: World) -> None:
         """Not JSON, a wrong type tag, a missing field: logged with the key, skipped; the good peer stays."""
         a = world.sidecar("router", {})
