@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import Callable
 from types import FrameType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
@@ -38,13 +38,12 @@ from sidecar.etcd.source import EtcdSource
 from sidecar.grpc_service import DiscoveryService, GrpcServer
 from sidecar.http_server import HttpServer
 from sidecar.hub import PeerHub
-from sidecar.kube.api import KubeApi
-from sidecar.kube.reflector import Reflector
-from sidecar.kube.registration import Registrar
-from sidecar.kube.sources import WORKER_METADATA, watch_targets
 from sidecar.metrics import Metrics
 from sidecar.ports import MetadataPublisher
 from sidecar.reporting import PeerChangeReporter
+
+if TYPE_CHECKING:
+    from sidecar.kube.api import KubeApi
 
 
 class StartupError(Exception):
@@ -121,6 +120,13 @@ class Sidecar:
         )
 
     def _wire_kubernetes(self, api: KubeApi | None) -> tuple[PeerHub, Registering]:
+        # Imported here: the official Kubernetes client costs ~33 MiB and ~0.5 s of start-up, which a
+        # sidecar on the etcd backend never needs (bench/RESULTS.md, etcd section).
+        from sidecar.kube.api import KubeApi
+        from sidecar.kube.reflector import Reflector
+        from sidecar.kube.registration import Registrar
+        from sidecar.kube.sources import WORKER_METADATA, watch_targets
+
         settings = self.settings
         self.api = api = api or KubeApi.from_kubeconfig(settings.kubeconfig, settings.request_timeout)
         api.on_request = lambda method, code: self.metrics.api_requests.labels(method, str(code)).inc()
