@@ -83,6 +83,10 @@ async def worker(runtime, options):
         await register_model(ModelInput.Text, ModelType.Chat, endpoint, model, model,
                              worker_type=WorkerType.Aggregated, skip_model_assets=True)
         emit("model_registered", model=model)
+    if options.get("kv_events"):  # a KV event publisher: registers an event channel and an event source
+        from dynamo.llm import KvEventPublisher
+        kv_events = KvEventPublisher(endpoint, kv_block_size=16)  # kept alive by this frame
+        emit("kv_events", publisher=repr(kv_events))
     emit("serving", endpoint=options["endpoint"])
     await serving
 
@@ -146,6 +150,7 @@ class DynamoProcess:
     extra_env: Mapping[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
     etcd_endpoints: str = ""  # set: the etcd backend (no kubeconfig)
+    kv_events: bool = False  # the worker also publishes KV events (an event channel and an event source)
 
     @property
     def name(self) -> str:
@@ -191,6 +196,8 @@ class DynamoProcess:
         options: dict[str, Any] = {"endpoint": self.endpoint}
         if self.model:
             options["model"] = self.model
+        if self.kv_events:
+            options["kv_events"] = True
         with self.events_path.open("ab") as out, self.log_path.open("ab") as err:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", PROGRAM, self.mode, json.dumps(options)],
@@ -347,8 +354,13 @@ def launch_dynamo_etcd(
     model: str | None = None,
     extra_env: Mapping[str, str] | None = None,
     start: bool = True,
+    kv_events: bool = False,
 ) -> DynamoProcess:
-    """Start a Dynamo ``mode`` process on the etcd backend: what an etcd-backed pod's main container runs."""
+    """Start a Dynamo ``mode`` process on the etcd backend: what an etcd-backed pod's main container runs.
+
+    ``kv_events``: the worker also creates a ``KvEventPublisher`` (ZMQ event plane), which registers an
+    ``EventChannel`` and an ``EventSource`` under their own publisher ID, on the same lease.
+    """
     if mode not in ("worker", "client"):
         raise ValueError(f"mode must be 'worker' or 'client', not {mode!r}")
     runtime_version()
@@ -361,8 +373,9 @@ def launch_dynamo_etcd(
         work_dir=work_dir,
         endpoint=endpoint,
         model=model,
-        extra_env=dict(extra_env or {}),
+        extra_env={**({"DYN_EVENT_PLANE": "zmq"} if kv_events else {}), **(extra_env or {})},
         etcd_endpoints=etcd_endpoints,
+        kv_events=kv_events,
     )
     return process.start() if start else process
 

@@ -54,8 +54,13 @@ class World:
         self.streams: list[StreamRecorder] = []
         self.clients: list[DiscoveryClient] = []
 
-    def dynamo_process(self, name: str, mode: str, model: str | None = None) -> DynamoProcess:
-        process = launch_dynamo_etcd(name, NAMESPACE, self.etcd.url, mode, self.work_dir / "dynamo", ENDPOINT, model)
+    def dynamo_process(
+        self, name: str, mode: str, model: str | None = None, kv_events: bool = False, lease_ttl: int | None = None
+    ) -> DynamoProcess:
+        env = {"ETCD_LEASE_TTL": str(lease_ttl)} if lease_ttl else {}
+        process = launch_dynamo_etcd(
+            name, NAMESPACE, self.etcd.url, mode, self.work_dir / "dynamo", ENDPOINT, model, env, kv_events=kv_events
+        )
         self.dynamo.append(process)
         return process
 
@@ -102,7 +107,9 @@ def test_dynamo_worker_on_etcd_is_a_sidecar_peer_with_its_endpoint_and_model_car
     """The worker's lease is its instance ID on both sides; its keys are the peer's four maps."""
     router = world.sidecar("router", {})
     stream = world.stream(router)
-    worker = world.dynamo_process("worker-0", "worker", model="llama-demo")
+    # This worker program dies on SIGTERM without revoking (it installs no handler), so its keys go when
+    # its lease expires: a short TTL keeps the test short (1.6.1's default is 30 s).
+    worker = world.dynamo_process("worker-0", "worker", model="llama-demo", lease_ttl=5)
     instance_id = worker.instance_id  # endpoint.connection_id(): the primary lease
     worker.wait_event("model_registered")
     name = f"{instance_id:x}"
@@ -122,8 +129,42 @@ def test_dynamo_worker_on_etcd_is_a_sidecar_peer_with_its_endpoint_and_model_car
     assert data["model_cards"][key]["card_json"]["display_name"] == "llama-demo"
     assert world.etcd.get_prefix("v1/instances/")[f"v1/instances/{key}"]["lease"] == instance_id
 
+    assert world.etcd.post("/v3/lease/timetolive", {"ID": str(instance_id)})["grantedTTL"] == "5"
     worker.terminate(timeout=10)
-    stream.wait_names(set(), timeout=30)  # the worker's lease went with it (revoked or expired)
+    stream.wait_names(set(), timeout=30)  # the worker's keys went with its lease
+
+
+def test_a_dynamo_workers_event_channel_and_source_belong_to_its_peer(world: World) -> None:
+    """Keys are grouped by lease, not by the hex in the key: a KV event publisher registers under its own
+    publisher ID (not the instance ID), on the worker's lease, and the sidecar keeps all of it in one peer.
+    This is also the shape 1.6.1 writes event entries in: a ``scope`` object, not namespace/component."""
+    router = world.sidecar("router", {})
+    stream = world.stream(router)
+    worker = world.dynamo_process("worker-0", "worker", kv_events=True)
+    instance_id = worker.instance_id
+    worker.wait_event("kv_events")
+    name = f"{instance_id:x}"
+
+    def has_events(recorder: StreamRecorder) -> bool:
+        peer = recorder.peers().get(name)
+        data = json.loads(peer.data_json) if peer is not None else {}
+        return bool(data.get("event_channels")) and bool(data.get("event_sources"))
+
+    stream.wait_until(has_events, timeout=60, what="the worker's event channel and source on its peer")
+    assert set(stream.names()) == {name}  # one peer: the publisher ID made no second one
+    data = json.loads(stream.peers()[name].data_json)
+    (channel_key, channel), = data["event_channels"].items()
+    (source_key, source), = data["event_sources"].items()
+    assert channel["type"] == "EventChannel" and channel["topic"] == "kv-events"
+    assert channel["scope"] == {"kind": "endpoint", "endpoint": {"namespace": NAMESPACE, "component": "backend",
+                                                                 "name": "generate"}}
+    publisher_id = channel["instance_id"]
+    assert publisher_id != instance_id and source["publisher_id"] == publisher_id
+    prefix = f"namespace/{NAMESPACE}/component/backend/endpoint/generate/topic/kv-events/"
+    assert channel_key == source_key == f"{prefix}{publisher_id:x}"
+    assert world.etcd.get_prefix("v1/event_channels/")[f"v1/event_channels/{channel_key}"]["lease"] == instance_id
+    # Without ETCD_LEASE_TTL the 1.6.1 runtime grants 30 s (the sidecar's default follows it, not the brief's 10).
+    assert world.etcd.post("/v3/lease/timetolive", {"ID": str(instance_id)})["grantedTTL"] == "30"
 
 
 def test_sidecar_instance_is_in_a_dynamo_clients_instance_ids(world: World) -> None:

@@ -269,7 +269,7 @@ class TestEtcdBackend:
         s = load(etcd_env)
         assert s.uses_etcd and s.etcd is not None
         assert s.etcd.endpoints_text == "http://localhost:2379"
-        assert (s.etcd.lease_ttl, s.etcd.startup_connect_timeout) == (10, 120.0)
+        assert (s.etcd.lease_ttl, s.etcd.startup_connect_timeout) == (30, 120.0)
         assert s.identity.uid == "" and s.endpointslice_selector is None and s.pod_selector is None
 
     def test_flags_win_over_env(self, etcd_env: dict[str, str]) -> None:

@@ -52,7 +52,7 @@ class TestEtcdWiring:
         assert etcd_sidecar.api is None and etcd_sidecar.etcd is not None
         assert [type(w) for w in etcd_sidecar.watchers] == [EtcdSource]
         assert isinstance(etcd_sidecar.registrar, EtcdPublisher)
-        assert etcd_sidecar.registrar.lease_ttl == 10
+        assert etcd_sidecar.registrar.lease_ttl == 30
         assert etcd_sidecar.hub.store("etcd").source == "etcd"
         with pytest.raises(ValueError, match="unknown source"):
             etcd_sidecar.hub.store("endpointslices")
