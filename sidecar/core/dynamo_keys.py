@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.core.bounds import measure_metadata
-from sidecar.core.dynamo_schema import fields_problem
+from sidecar.core.dynamo_schema import encode_segment as encode_segment
+from sidecar.core.dynamo_schema import fields_problem, scope_path, string_field
 from sidecar.core.json_decode import loads
 from sidecar.core.records import InstanceRecord
 
@@ -71,49 +72,6 @@ def bucket_of(key: str) -> Bucket | None:
     return None
 
 
-def encode_segment(value: str) -> str:
-    """Dynamo's ``encode_event_segment``: percent-encode every byte but ``[A-Za-z0-9_-]``."""
-    out = []
-    for byte in value.encode():
-        char = chr(byte)
-        if char.isascii() and (char.isalnum() or char in "-_"):
-            out.append(char)
-        else:
-            out.append(f"%{byte:02X}")
-    return "".join(out)
-
-
-def scope_path(scope: Any) -> str:
-    """``EventScope::path_prefix``; raises ValueError for a scope Dynamo would not deserialize."""
-    if not isinstance(scope, Mapping):
-        raise ValueError(f"scope must be an object, got {type(scope).__name__}")
-    kind = scope.get("kind")
-    if kind == "namespace":
-        return f"namespace/{encode_segment(_str(scope, 'name', 'scope'))}"
-    if kind == "component":
-        return (
-            f"namespace/{encode_segment(_str(scope, 'namespace', 'scope'))}"
-            f"/component/{encode_segment(_str(scope, 'component', 'scope'))}"
-        )
-    if kind == "endpoint":
-        endpoint = scope.get("endpoint")
-        if not isinstance(endpoint, Mapping):
-            raise ValueError("scope.endpoint must be an object")
-        return (
-            f"namespace/{encode_segment(_str(endpoint, 'namespace', 'scope.endpoint'))}"
-            f"/component/{encode_segment(_str(endpoint, 'component', 'scope.endpoint'))}"
-            f"/endpoint/{encode_segment(_str(endpoint, 'name', 'scope.endpoint'))}"
-        )
-    raise ValueError(f"scope.kind must be namespace, component or endpoint, got {kind!r}")
-
-
-def _str(obj: Mapping[str, Any], name: str, where: str) -> str:
-    value = obj.get(name)
-    if not isinstance(value, str):
-        raise ValueError(f"{where}.{name} must be a string, got {type(value).__name__}")
-    return value
-
-
 def _u64(obj: Mapping[str, Any], name: str) -> int:
     value = obj.get(name)
     if type(value) is not int or not 0 <= value <= U64_MAX:
@@ -136,7 +94,7 @@ def entry_problem(bucket: Bucket, entry: Any) -> str | None:
         return f"{bucket.type_tag} lacks {', '.join(missing)}"
     try:
         scope_path(entry.get("scope"))
-        _str(entry, "topic", "entry")
+        string_field(entry, "topic", "entry")
         _u64(entry, "instance_id" if bucket is EVENT_CHANNELS else "publisher_id")
     except ValueError as exc:
         return str(exc)
