@@ -128,7 +128,7 @@ class TestRegistration:
         sidecar = world.sidecar("worker-0", metadata("backend"))
         me = world.client(sidecar).get_self()
         assert me.registered and me.instance_id > 0 and me.instance_id_hex == f"{me.instance_id:x}"
-        assert (me.name, me.namespace, me.uid) == ("worker-0", NAMESPACE, "")
+        assert (me.name, me.namespace, me.uid) == ("worker-0", NAMESPACE, f"etcd/{me.instance_id:x}")  # as Peer.uid
         key = f"v1/instances/{NAMESPACE}/backend/generate/{me.instance_id:x}"
         stored = world.keys()
         assert set(stored) == {key}

@@ -24,23 +24,25 @@ from sidecar.etcd.source import EtcdSource
 from sidecar.grpc_service import DiscoveryService
 from sidecar.hub import PeerHub
 from sidecar.metrics import Metrics
-from sidecar.ports import Registration
+from sidecar.ports import NotRegistering, Registration
+
+
+def etcd_env(tmp_path: pathlib.Path, **extra: str) -> dict[str, str]:
+    return {
+        "POD_NAME": "worker-0",
+        "POD_NAMESPACE": "demo",
+        "DYN_DISCOVERY_BACKEND": "etcd",
+        "ETCD_ENDPOINTS": "http://127.0.0.1:1",
+        "DISCOVERY_GRPC_LISTEN": "127.0.0.1:0",
+        "DISCOVERY_HTTP_LISTEN": "off",
+        "DISCOVERY_PODINFO_DIR": str(tmp_path),
+        **extra,
+    }
 
 
 @pytest.fixture
 def etcd_sidecar(tmp_path: pathlib.Path) -> Iterator[Sidecar]:
-    settings = load_settings(
-        environ={
-            "POD_NAME": "worker-0",
-            "POD_NAMESPACE": "demo",
-            "DYN_DISCOVERY_BACKEND": "etcd",
-            "ETCD_ENDPOINTS": "http://127.0.0.1:1",
-            "DISCOVERY_GRPC_LISTEN": "127.0.0.1:0",
-            "DISCOVERY_HTTP_LISTEN": "off",
-            "DISCOVERY_PODINFO_DIR": str(tmp_path),
-        }
-    )
-    sidecar = Sidecar(settings)  # constructing dials nothing
+    sidecar = Sidecar(load_settings(environ=etcd_env(tmp_path)))  # constructing dials nothing
     yield sidecar
     sidecar.grpc.stop(grace=0.1)
     sidecar.close_transport()
@@ -73,6 +75,21 @@ class TestEtcdWiring:
         assert "watches not synced yet" in problems
 
 
+def test_register_never_is_watch_only_on_etcd(tmp_path: pathlib.Path) -> None:
+    """DISCOVERY_REGISTER=never: no lease, ready without one (noted), publishing refused with a meaning."""
+    sidecar = Sidecar(load_settings(environ=etcd_env(tmp_path, DISCOVERY_REGISTER="never")))
+    try:
+        publisher = sidecar.registrar
+        assert isinstance(publisher, EtcdPublisher) and publisher.watch_only
+        assert publisher.problems() == [] and "watch-only" in publisher.notes()[0]
+        with pytest.raises(NotRegistering, match="DISCOVERY_REGISTER=never"):
+            publisher.publish({}, merge=True)
+        assert publisher.deregister(timeout=1) is True
+    finally:
+        sidecar.grpc.stop(grace=0.1)
+        sidecar.close_transport()
+
+
 class StaticPublisher:
     """A ``MetadataPublisher`` that reports a fixed registration."""
 
@@ -100,8 +117,9 @@ class TestGetSelf:
     def test_the_publisher_decides_the_instance_id_on_etcd(self) -> None:
         """On etcd the instance ID is the lease (64 bits, not the name's hash)."""
         lease = 2687419807939130247
-        me = get_self(Registration(True, "7", {}, instance_id=lease))
+        me = get_self(Registration(True, "7", {}, instance_id=lease, peer_uid=f"etcd/{lease:x}"))
         assert (me.instance_id, me.instance_id_hex, me.registered) == (lease, f"{lease:x}", True)
+        assert me.uid == f"etcd/{lease:x}"  # as Peer.uid of this instance
 
     def test_no_lease_yet_is_instance_id_zero(self) -> None:
         me = get_self(Registration(False, "", {}, instance_id=0))
