@@ -332,6 +332,19 @@ class TestFaults:
         assert status == 200, body
 
 
+class TestEndpoints:
+    def test_a_dead_first_endpoint_is_passed_over(self, world: World) -> None:
+        """ETCD_ENDPOINTS is a list: the sidecar moves on from one that refuses connections."""
+        dead = FaultProxy(world.etcd.client_port)
+        world.closers.append(dead.close)
+        dead.refuse()
+        a = world.sidecar("router", {}, endpoints=f"http://127.0.0.1:{dead.port},{world.etcd.url}")
+        b = world.sidecar("worker-0", metadata("backend"))
+        b_id = world.client(b).get_self().instance_id
+        world.stream(a).wait_names({f"{b_id:x}"})
+        assert world.client(a).get_self().registered
+
+
 class TestStartUp:
     def test_bad_etcd_values_are_a_clear_start_up_error_not_a_traceback(self, world: World) -> None:
         """Exit status 2 and one message naming each variable and flag, as for every setting."""
