@@ -195,3 +195,37 @@ def test_sidecar_instance_is_in_a_dynamo_clients_instance_ids(world: World) -> N
 
     assert sidecar.terminate(timeout=15) == 0
     client.wait_instance_ids(lambda ids: me.instance_id not in ids, timeout=30, what="the sidecar gone")
+
+
+def test_over_tls_the_same_pem_text_configures_dynamo_and_the_sidecar(
+    etcd_bin: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """ETCD_AUTH_CA/_CLIENT_CERT/_CLIENT_KEY as PEM text (what the 1.6.1 runtime passes to from_pem) and an
+    https:// endpoint: one pod spec's variables work for Dynamo's runtime and for the sidecar alike."""
+    server = EtcdServer(tmp_path / "etcd-tls", bin_dir=etcd_bin, tls=True)
+    server.start()
+    world = World(server, tmp_path)
+    try:
+        assert server.pki is not None
+        tls_env = {
+            "ETCD_AUTH_CA": server.pki.ca.read_text(),
+            "ETCD_AUTH_CLIENT_CERT": server.pki.client_cert.read_text(),
+            "ETCD_AUTH_CLIENT_KEY": server.pki.client_key.read_text(),
+        }
+        router = launch_etcd_sidecar(
+            "router", NAMESPACE, server.url, tmp_path / "sidecars", extra_env=tls_env
+        )
+        world.sidecars.append(router)
+        router.wait_ready()
+        stream = world.stream(router)
+        worker = launch_dynamo_etcd(
+            "worker-0", NAMESPACE, server.url, "worker", tmp_path / "dynamo", ENDPOINT, extra_env=tls_env
+        )
+        world.dynamo.append(worker)
+        instance_id = worker.instance_id
+        worker.wait_event("serving")
+        stream.wait_names({f"{instance_id:x}"}, timeout=60)
+        assert server.get_prefix("v1/instances/")[f"v1/instances/{NAMESPACE}/backend/generate/{instance_id:x}"]
+    finally:
+        world.close()
+        server.stop()
