@@ -345,6 +345,37 @@ class TestEndpoints:
         assert world.client(a).get_self().registered
 
 
+class TestAuthentication:
+    def test_user_and_password_from_the_environment(self, world: World) -> None:
+        """ETCD_AUTH_USERNAME/PASSWORD: registered and watching with a user limited to Dynamo's v1/ keys."""
+        world.etcd.enable_auth("root", "root-pw")
+        world.etcd.add_user("worker", "worker-pw", prefix="v1/")
+        auth = {"ETCD_AUTH_USERNAME": "worker", "ETCD_AUTH_PASSWORD": "worker-pw"}
+        a = launch_etcd_sidecar("router", NAMESPACE, world.etcd.url, world.work_dir / "auth", extra_env=auth)
+        b = launch_etcd_sidecar(
+            "worker-0", NAMESPACE, world.etcd.url, world.work_dir / "auth", metadata=metadata("backend"), extra_env=auth
+        )
+        world.sidecars += [a, b]
+        a.wait_ready()
+        b.wait_ready()
+        b_id = world.client(b).get_self().instance_id
+        world.stream(a).wait_names({f"{b_id:x}"})
+
+    def test_a_wrong_password_ends_start_up_saying_so(self, world: World) -> None:
+        world.etcd.enable_auth("root", "root-pw")
+        process = launch_etcd_sidecar(
+            "worker-0",
+            NAMESPACE,
+            world.etcd.url,
+            world.work_dir / "refused",
+            extra_env={"ETCD_AUTH_USERNAME": "root", "ETCD_AUTH_PASSWORD": "nope"},
+        )
+        world.sidecars.append(process)
+        assert process.process is not None and process.process.wait(30) == 1
+        failures = [e for e in process.log_events() if e.get("event") == "cannot start"]
+        assert failures and "ETCD_AUTH_USERNAME/ETCD_AUTH_PASSWORD" in failures[0]["reason"], failures
+
+
 class TestStartUp:
     def test_bad_etcd_values_are_a_clear_start_up_error_not_a_traceback(self, world: World) -> None:
         """Exit status 2 and one message naming each variable and flag, as for every setting."""
