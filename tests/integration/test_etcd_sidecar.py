@@ -138,6 +138,11 @@ class TestRegistration:
         assert world.etcd.lease_ttl(me.instance_id) > 0
         status, body = sidecar.http_get("/readyz")
         assert status == 200, body
+        status, body = sidecar.http_get("/debug/peers")  # this instance, flagged as self
+        (listed,) = json.loads(body)["peers"]
+        assert status == 200 and listed["uid"] == f"etcd/{me.instance_id:x}" and listed["self"] is True
+        status, body = sidecar.http_get("/metrics")
+        assert status == 200 and "discovery_registered 1.0" in body
 
     def test_two_sidecars_see_each_other_with_their_endpoints(self, world: World) -> None:
         """A peer is an instance: named by its lease in hex, carrying the four maps; self is excluded."""
