@@ -129,6 +129,7 @@ def run_size(size: int, rounds: int, removals: int, work: pathlib.Path, bin_dir:
         synced = {o.name: (o.synced_ns - o.started_ns) / 1e9 for o in observers if o.synced_ns is not None}
         time.sleep(1.0)  # settle: let start-up garbage go before the first RSS reading (the subject is memory)
         rss_synced = {o.name: o.rss_bytes() / 2**20 for o in observers}
+        cpu_before = {o.name: o.cpu_seconds() for o in observers}
 
         updates: dict[str, list[float]] = {o.name: [] for o in observers}
         missed = {o.name: 0 for o in observers}
@@ -163,7 +164,9 @@ def run_size(size: int, rounds: int, removals: int, work: pathlib.Path, bin_dir:
                     missed[observer.name] += 1
             time.sleep(0.02)
         rss_after = {o.name: o.rss_bytes() / 2**20 for o in observers}
+        events = rounds + min(removals, len(leases))
         cpu = {o.name: o.cpu_seconds() for o in observers}
+        cpu_ms_per_event = {o.name: (cpu[o.name] - cpu_before[o.name]) * 1000 / events for o in observers}
         return {
             "size": size,
             "update_ms": {name: percentiles(values) for name, values in updates.items()},
@@ -176,6 +179,7 @@ def run_size(size: int, rounds: int, removals: int, work: pathlib.Path, bin_dir:
             "rss_mib_after": rss_after,
             "first_sync_s": synced,
             "cpu_s": cpu,
+            "cpu_ms_per_event": cpu_ms_per_event,
         }
     finally:
         for observer in observers:
@@ -211,11 +215,14 @@ def markdown(results: dict[str, Any]) -> str:
         "`DYN_DISCOVERY_BACKEND=etcd`, read through its `WatchPeers` stream, so the local gRPC hop is "
         "included). Each instance is a lease with one Endpoint key, as a Dynamo worker registers. "
         f"{results['rounds']} update rounds (a new value under a random instance's lease) and "
-        f"{results['removals']} removal rounds (a lease revoked) per size, one write in flight at a time.",
+        f"{results['removals']} removal rounds (a lease revoked) per size, one write in flight at a time. CPU "
+        "per event is each process's CPU time over the rounds divided by the writes (the sidecar's includes "
+        "encoding and sending to its one client).",
         "",
         "| instances | update p50 raw / sidecar (ms) | ratio | update p99 raw / sidecar (ms) | overhead p50 / p99 (ms) "
-        "| removal p50 raw / sidecar (ms) | RSS raw / sidecar (MiB) | first sync raw / sidecar (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| removal p50 raw / sidecar (ms) | RSS raw / sidecar (MiB) | first sync raw / sidecar (s) "
+        "| CPU per event raw / sidecar (ms) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results["sizes"]:
         up, rm, ov = r["update_ms"], r["removal_ms"], r["update_overhead_ms"]
@@ -227,7 +234,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {_f(ov.get('p50'), 2)} / {_f(ov.get('p99'), 2)} "
             f"| {_f(rm['raw-watch'].get('p50'), 2)} / {_f(rm['sidecar'].get('p50'), 2)} "
             f"| {_f(r['rss_mib_after']['raw-watch'])} / {_f(r['rss_mib_after']['sidecar'])} "
-            f"| {_f(r['first_sync_s'].get('raw-watch'), 2)} / {_f(r['first_sync_s'].get('sidecar'), 2)} |"
+            f"| {_f(r['first_sync_s'].get('raw-watch'), 2)} / {_f(r['first_sync_s'].get('sidecar'), 2)} "
+            f"| {_f(r['cpu_ms_per_event']['raw-watch'], 2)} / {_f(r['cpu_ms_per_event']['sidecar'], 2)} |"
         )
     sizes = results["sizes"]
     if len(sizes) >= 2:
