@@ -24,7 +24,7 @@ from devcluster.faults import FaultProxy
 from devcluster.objects import wait_for
 from devcluster.sidecars import SidecarProcess, launch_etcd_sidecar
 from sidecar.api.discovery.v1 import discovery_pb2 as pb
-from sidecar.client import DiscoveryClient
+from sidecar.client import DiscoveryClient, PeerSetView
 from tests.integration.streams import StreamRecorder
 
 pytestmark = pytest.mark.integration
@@ -240,6 +240,37 @@ class TestRunTime:
         assert world.keys("v1/instances/") == {}
         assert world.etcd.lease_ttl(b_id) == -1
         stream.wait_names(set(), timeout=5)
+
+
+class TestResume:
+    def test_reconnect_with_the_last_revision_gets_exactly_what_was_missed(self, world: World) -> None:
+        """The same resume as on Kubernetes: a Resumed marker and the missed deltas, no snapshot."""
+        router = world.sidecar("router", {})
+        keep = world.sidecar("keep", metadata("keep"))
+        gone = world.sidecar("gone", metadata("gone"))
+        keep_id, gone_id = (world.client(x).get_self().instance_id for x in (keep, gone))
+        first = StreamRecorder(router.target, reconnect=False)
+        first.wait_names({f"{keep_id:x}", f"{gone_id:x}"})
+        view: PeerSetView = first.view
+        first.close()
+        resume_at = view.revision
+        gone.terminate(15)  # lease revoked
+        new = world.sidecar("new", metadata("new"))
+        new_id = world.client(new).get_self().instance_id
+        wanted = {f"{keep_id:x}", f"{new_id:x}"}
+        resumed_view = PeerSetView()
+        resumed_view.peers = dict(view.peers)
+        resumed_view.revision, resumed_view.history_id = resume_at, view.history_id
+        updates = []
+        client = world.client(router)
+        for update in client.watch(pb.PeerFilter(), reconnect=False, view=resumed_view):
+            updates.append(update)
+            if {p.name for p in resumed_view.peers.values()} == wanted:
+                break
+        assert updates[0].kind == "resumed", "the sidecar still holds that history: no snapshot"
+        assert not any(u.reset for u in updates)
+        assert [p.name for u in updates for p in u.added] == [f"{new_id:x}"]
+        assert [p.name for u in updates for p in u.removed] == [f"{gone_id:x}"]
 
 
 class TestFaults:
