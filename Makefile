@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test unit integration lint protos controlplane cluster-up cluster-down bench clean
+.PHONY: venv demo demo-etcd test unit integration lint protos controlplane cluster-up cluster-down bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,9 @@ venv: $(VENV)/.installed
 
 demo: venv            ## build/start a local control plane and show live discovery
 	$(PY) -m demo
+
+demo-etcd: venv       ## the same on Dynamo's etcd backend: a real etcd, sidecars and a Dynamo worker
+	$(PY) -m demo.etcd
 
 test: venv            ## the whole suite, unit and integration (builds the control plane once)
 	$(PY) -m devcluster build

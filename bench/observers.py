@@ -187,9 +187,7 @@ class SidecarObserver(Observer):
                     self.status_records.append((now, update.connected))
                 for kind, peers in (("ADDED", update.added), ("UPDATED", update.updated), ("REMOVED", update.removed)):
                     for peer in peers:
-                        seq = None
-                        if kind != "REMOVED" and peer.data_json:
-                            seq = json.loads(peer.data_json).get("seq")
+                        seq = self.seq_of(peer) if kind != "REMOVED" and peer.data_json else None
                         self.add(
                             Record(
                                 t=now,
@@ -202,6 +200,11 @@ class SidecarObserver(Observer):
                         )
         except Exception:  # noqa: BLE001 - the stream ends when the sidecar is stopped
             return
+
+    def seq_of(self, peer: pb.Peer) -> int | None:
+        """The write sequence number the workload put into the peer's data (``seq`` at its top)."""
+        seq = json.loads(peer.data_json).get("seq")
+        return seq if isinstance(seq, int) else None
 
     def stop(self) -> None:
         if self.client is not None:

@@ -276,7 +276,12 @@ def write(results: dict[str, Any], bench_dir: pathlib.Path) -> None:
     lines += _targets(results)
     lines += _analysis(results)
     lines += ["", "Plots: " + ", ".join(f"`plots/{p}`" for p in plots), ""]
-    (bench_dir / "RESULTS.md").write_text("\n".join(lines))
+    path = bench_dir / "RESULTS.md"
+    # The etcd backend's section (python -m bench.etcd) is another run's: keep it after this report.
+    marker = "<!-- etcd backend: python -m bench.etcd -->"
+    previous = path.read_text() if path.exists() else ""
+    etcd_section = previous[previous.index(marker) :] if marker in previous else ""
+    path.write_text("\n".join(lines) + ("\n\n" + etcd_section if etcd_section else ""))
 
 
 def _analysis(results: dict[str, Any]) -> list[str]:

@@ -25,6 +25,11 @@ Client events: ``{"event": "client_ready"}``, then ``{"event": "instances", "ins
 "instances": [{"instance_id", "transport": {"kind", "address"}, "device_type"}]}`` each time what
 ``Client.instance_ids()`` / ``Client.instances()`` return changes (polled every 0.1 s).
 
+On the etcd backend (``launch_dynamo_etcd``) the same program runs with ``DYN_DISCOVERY_BACKEND=etcd``
+and ``ETCD_ENDPOINTS`` and no kubeconfig: 1.6.1 then needs nothing but etcd (found by running it), and
+``DistributedRuntime(loop, "etcd", "tcp")`` registers under ``v1/instances`` and ``v1/mdc`` on its
+primary lease, whose ID ``endpoint.connection_id()`` reports.
+
 The processes are tied to the Python process that starts them (``PR_SET_PDEATHSIG``, own process
 group), like the control plane's: an interrupted test run leaves nothing behind.
 """
@@ -78,6 +83,10 @@ async def worker(runtime, options):
         await register_model(ModelInput.Text, ModelType.Chat, endpoint, model, model,
                              worker_type=WorkerType.Aggregated, skip_model_assets=True)
         emit("model_registered", model=model)
+    if options.get("kv_events"):  # a KV event publisher: registers an event channel and an event source
+        from dynamo.llm import KvEventPublisher
+        kv_events = KvEventPublisher(endpoint, kv_block_size=16)  # kept alive by this frame
+        emit("kv_events", publisher=repr(kv_events))
     emit("serving", endpoint=options["endpoint"])
     await serving
 
@@ -140,6 +149,8 @@ class DynamoProcess:
     model: str | None = None
     extra_env: Mapping[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
+    etcd_endpoints: str = ""  # set: the etcd backend (no kubeconfig)
+    kv_events: bool = False  # the worker also publishes KV events (an event channel and an event source)
 
     @property
     def name(self) -> str:
@@ -174,6 +185,9 @@ class DynamoProcess:
             DYN_LOG="info",
             PYTHONUNBUFFERED="1",
         )
+        if self.etcd_endpoints:
+            del env["KUBECONFIG"]
+            env.update(DYN_DISCOVERY_BACKEND="etcd", ETCD_ENDPOINTS=self.etcd_endpoints)
         env.update(self.extra_env)
         return env
 
@@ -182,6 +196,8 @@ class DynamoProcess:
         options: dict[str, Any] = {"endpoint": self.endpoint}
         if self.model:
             options["model"] = self.model
+        if self.kv_events:
+            options["kv_events"] = True
         with self.events_path.open("ab") as out, self.log_path.open("ab") as err:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", PROGRAM, self.mode, json.dumps(options)],
@@ -324,6 +340,42 @@ def launch_dynamo(
         endpoint=endpoint,
         model=model,
         extra_env=dict(extra_env or {}),
+    )
+    return process.start() if start else process
+
+
+def launch_dynamo_etcd(
+    name: str,
+    namespace: str,
+    etcd_endpoints: str,
+    mode: str,
+    work_dir: pathlib.Path,
+    endpoint: str = DEFAULT_ENDPOINT,
+    model: str | None = None,
+    extra_env: Mapping[str, str] | None = None,
+    start: bool = True,
+    kv_events: bool = False,
+) -> DynamoProcess:
+    """Start a Dynamo ``mode`` process on the etcd backend: what an etcd-backed pod's main container runs.
+
+    ``kv_events``: the worker also creates a ``KvEventPublisher`` (ZMQ event plane), which registers an
+    ``EventChannel`` and an ``EventSource`` under their own publisher ID, on the same lease.
+    """
+    if mode not in ("worker", "client"):
+        raise ValueError(f"mode must be 'worker' or 'client', not {mode!r}")
+    runtime_version()
+    _check_machine()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    process = DynamoProcess(
+        pod={"metadata": {"name": name, "namespace": namespace, "uid": f"etcd-pod-{name}"}},
+        kubeconfig=work_dir / "no-kubeconfig",
+        mode=mode,
+        work_dir=work_dir,
+        endpoint=endpoint,
+        model=model,
+        extra_env={**({"DYN_EVENT_PLANE": "zmq"} if kv_events else {}), **(extra_env or {})},
+        etcd_endpoints=etcd_endpoints,
+        kv_events=kv_events,
     )
     return process.start() if start else process
 

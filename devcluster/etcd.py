@@ -18,10 +18,13 @@ in its own process group and, with ``tie_to_parent`` (tests), dies with the Pyth
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import ipaddress
 import json
+import os
 import pathlib
+import signal
 import ssl
 import sys
 import time
@@ -179,6 +182,15 @@ class EtcdServer:
     def stop(self) -> None:
         if self.component is not None:
             self.component.stop()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crashed node: no graceful stop, during which etcd would still expire leases."""
+        component = self.component
+        if component is not None and component.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(component.process.pid, signal.SIGKILL)
+            component.process.wait(10)
+            component.process = None
 
     def restart(self, timeout: float = 60.0) -> None:
         """Stop and start the same member: same ports, same data, same certificates."""

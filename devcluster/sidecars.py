@@ -58,6 +58,7 @@ class SidecarProcess:
     grpc_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    etcd_endpoints: str = ""  # set: the etcd backend (no kubeconfig, Service or UID; ETCD_ENDPOINTS instead)
 
     @property
     def name(self) -> str:
@@ -69,13 +70,20 @@ class SidecarProcess:
 
     def env(self) -> dict[str, str]:
         meta = self.pod["metadata"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("DISCOVERY_", "POD_"))}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DISCOVERY_", "POD_", "ETCD_", "DYN_"))}
+        if self.etcd_endpoints:
+            env.pop("KUBECONFIG", None)
+            env.update(POD_NAME=meta["name"], POD_NAMESPACE=meta["namespace"], DYN_DISCOVERY_BACKEND="etcd")
+            env.update(ETCD_ENDPOINTS=self.etcd_endpoints)
+        else:
+            env.update(
+                POD_NAME=meta["name"],
+                POD_NAMESPACE=meta["namespace"],
+                POD_UID=meta["uid"],
+                KUBECONFIG=str(self.kubeconfig),
+                DISCOVERY_SERVICE_NAME=self.service,
+            )
         env.update(
-            POD_NAME=meta["name"],
-            POD_NAMESPACE=meta["namespace"],
-            POD_UID=meta["uid"],
-            KUBECONFIG=str(self.kubeconfig),
-            DISCOVERY_SERVICE_NAME=self.service,
             DISCOVERY_POD_LABELS=",".join(f"{k}={v}" for k, v in self.labels.items()),
             DISCOVERY_METADATA=json.dumps(dict(self.metadata)),
             DISCOVERY_GRPC_LISTEN=self.target,
@@ -176,5 +184,31 @@ def launch_sidecar(
         labels=dict(labels if labels is not None else pod["metadata"].get("labels") or {}),
         metadata=dict(metadata or {}),
         extra_env=dict(extra_env or {}),
+    )
+    return process.start() if start else process
+
+
+def launch_etcd_sidecar(
+    name: str,
+    namespace: str,
+    etcd_endpoints: str,
+    work_dir: pathlib.Path,
+    metadata: Mapping[str, Any] | None = None,
+    labels: Mapping[str, str] | None = None,
+    extra_env: Mapping[str, str] | None = None,
+    start: bool = True,
+) -> SidecarProcess:
+    """Start a sidecar on the etcd backend, as an etcd-backed Dynamo pod runs it: a pod name and
+    namespace, ``DYN_DISCOVERY_BACKEND=etcd`` and ``ETCD_ENDPOINTS``; no API server at all."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    process = SidecarProcess(
+        pod={"metadata": {"name": name, "namespace": namespace, "uid": ""}},
+        kubeconfig=work_dir / "no-kubeconfig",
+        service="",
+        log_path=work_dir / f"{name}.log",
+        labels=dict(labels or {}),
+        metadata=dict(metadata or {}),
+        extra_env=dict(extra_env or {}),
+        etcd_endpoints=etcd_endpoints,
     )
     return process.start() if start else process

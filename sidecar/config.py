@@ -32,6 +32,21 @@ from sidecar.core.selectors import (
     parse_selector,
     selector_from_labels,
 )
+from sidecar.etcd.settings import (
+    CA_ENV,
+    CLIENT_CERT_ENV,
+    CLIENT_KEY_ENV,
+    DEFAULT_ENDPOINTS,
+    DEFAULT_LEASE_TTL,
+    DEFAULT_STARTUP_CONNECT_TIMEOUT,
+    ENDPOINTS_ENV,
+    LEASE_TTL_ENV,
+    PASSWORD_ENV,
+    STARTUP_TIMEOUT_ENV,
+    USERNAME_ENV,
+    EtcdSettings,
+    EtcdSettingsError,
+)
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 CONTAINER_MODE_POD_SELECTOR = "nvidia.com/dynamo-discovery-enabled=true"
@@ -297,9 +312,37 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "DYN_DISCOVERY_BACKEND",
         "--backend",
-        "discovery backend: kubernetes (this sidecar) or etcd (not served here)",
+        "discovery backend, as Dynamo names it: kubernetes (CRs and EndpointSlices) or etcd (Dynamo's v1/ keys "
+        "on a lease)",
         default="kubernetes",
     ),
+    Option(
+        ENDPOINTS_ENV,
+        "--etcd-endpoints",
+        "etcd backend: comma-separated client URLs (https:// for TLS)",
+        default=DEFAULT_ENDPOINTS,
+    ),
+    Option(
+        LEASE_TTL_ENV,
+        "--etcd-lease-ttl",
+        "etcd backend: TTL of this instance's lease in whole seconds (renewed every TTL/2)",
+        default=str(DEFAULT_LEASE_TTL),
+    ),
+    Option(
+        STARTUP_TIMEOUT_ENV,
+        "--etcd-startup-connect-timeout",
+        "etcd backend: whole seconds to wait for etcd at start-up before giving up (exit 1)",
+        default=str(int(DEFAULT_STARTUP_CONNECT_TIMEOUT)),
+    ),
+    Option(USERNAME_ENV, "--etcd-auth-username", "etcd backend: user name (with the password)"),
+    Option(PASSWORD_ENV, "--etcd-auth-password", "etcd backend: password (with the user name)"),
+    Option(CA_ENV, "--etcd-auth-ca", "etcd backend: CA certificate, PEM text (as Dynamo reads it) or a PEM file"),
+    Option(
+        CLIENT_CERT_ENV,
+        "--etcd-auth-client-cert",
+        "etcd backend: client certificate, PEM text or a PEM file (with the key)",
+    ),
+    Option(CLIENT_KEY_ENV, "--etcd-auth-client-key", "etcd backend: client key, PEM text or a PEM file"),
     Option("KUBECONFIG", "--kubeconfig", "kubeconfig to use outside a cluster (in a pod: the service account)"),
     Option(
         "DISCOVERY_PODINFO_DIR",
@@ -410,14 +453,22 @@ class Settings:
     field_manager: str
     register: str
     watch: str  # auto (on the first peer request), always, never
-    streaming_list: bool  # initial state by a sendInitialEvents watch (else paginated LIST)
-    peer_selector: LabelSelector | None  # peers' labels this pod can ever want: sent to the API server
     container_mode: bool  # Dynamo's container mode: Pods' containerStatuses are the readiness source
     container_name: str  # container mode: the container registered ("" in pod mode)
     metadata_name: str  # this pod's (or container's) DynamoWorkerMetadata name: the pod's, or {pod}-{container}
     log_format: str
     log_level: str
     raw: Mapping[str, str] = field(default_factory=dict, repr=False)
+    backend: str = "kubernetes"  # or "etcd"
+    etcd: EtcdSettings | None = None  # set on the etcd backend only
+    streaming_list: bool = True  # Kubernetes: initial state by a sendInitialEvents watch (else paginated LIST)
+    peer_selector: LabelSelector | None = (
+        None  # Kubernetes: peers' labels this pod can ever want, sent to the API server
+    )
+
+    @property
+    def uses_etcd(self) -> bool:
+        return self.backend == "etcd"
 
 
 class _Reader:
@@ -493,19 +544,15 @@ def load_settings(args: argparse.Namespace | None = None, environ: Mapping[str, 
     """Resolve and validate every setting; raise ``ConfigError`` listing all problems."""
     reader = _Reader(args, os.environ if environ is None else environ)
     need_downward = "expose it with the downward API (fieldRef) or a podinfo volume"
+    backend = reader.get("DYN_DISCOVERY_BACKEND", _choice("kubernetes", "etcd"))
+    on_etcd = backend == "etcd"
     name = reader.get("POD_NAME", required=f"the pod's name; {need_downward}")
     namespace = reader.get("POD_NAMESPACE", required=f"the pod's namespace; {need_downward}")
-    uid = reader.get("POD_UID", required=f"the pod's UID; {need_downward}")
+    # On etcd nothing is owned by the Pod and peers are not joined on UIDs: the UID is only reported.
+    uid = reader.get("POD_UID", required=None if on_etcd else f"the pod's UID; {need_downward}")
     labels = reader.get("DISCOVERY_POD_LABELS", parse_labels) or {}
-
-    backend = reader.get("DYN_DISCOVERY_BACKEND")
-    if backend is not None and backend not in ("kubernetes", "etcd"):
-        reader.problems.append(f"{reader.where('DYN_DISCOVERY_BACKEND')}: expected kubernetes or etcd, got {backend!r}")
-    elif backend == "etcd":
-        reader.problems.append(
-            f"{reader.where('DYN_DISCOVERY_BACKEND')} is 'etcd': this sidecar serves the kubernetes backend only; "
-            "remove the sidecar from etcd-backed pods or set kubernetes"
-        )
+    if on_etcd:
+        return _load_etcd_settings(reader, name, namespace, uid, labels)
 
     service = reader.get("DISCOVERY_SERVICE_NAME")
     slice_selector = reader.get("DISCOVERY_ENDPOINTSLICE_SELECTOR", _parse_selector_value)
@@ -564,17 +611,115 @@ def load_settings(args: argparse.Namespace | None = None, environ: Mapping[str, 
         )
 
     namespaces = reader.get("DISCOVERY_NAMESPACES", parse_namespaces)
-    watch = reader.get("DISCOVERY_WATCH", _choice("auto", "always", "never"))
     initial_list = reader.get("DISCOVERY_INITIAL_LIST", _choice("stream", "pages"))
     peer_selector = reader.get("DISCOVERY_PEER_SELECTOR", _parse_selector_value)
+    initial_metadata = _initial_metadata(reader)
+    common = _common_settings(reader)
+    if reader.problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(reader.problems))
+    # No problems, so every required setting was given and every one with a default parsed.
+    return Settings(
+        identity=PodIdentity(name=_known(name), namespace=_known(namespace), uid=_known(uid)),
+        pod_labels=labels,
+        endpointslice_selector=None if isinstance(pod_selector, LabelSelector) else selector,
+        pod_selector=pod_selector if isinstance(pod_selector, LabelSelector) else None,
+        namespaces=namespaces or (_known(namespace),),
+        initial_metadata=initial_metadata,
+        raw=reader.raw,
+        container_mode=mode == "container",
+        container_name=container,
+        metadata_name=metadata_name(_known(name), container, main_container) if mode == "container" else _known(name),
+        streaming_list=initial_list == "stream",
+        peer_selector=peer_selector
+        if isinstance(peer_selector, LabelSelector) and not peer_selector.is_empty()
+        else None,
+        **common,
+    )
 
+
+_ETCD_ONLY = (
+    ENDPOINTS_ENV,
+    LEASE_TTL_ENV,
+    STARTUP_TIMEOUT_ENV,
+    USERNAME_ENV,
+    PASSWORD_ENV,
+    CA_ENV,
+    CLIENT_CERT_ENV,
+    CLIENT_KEY_ENV,
+)
+_KUBERNETES_ONLY = (
+    "DISCOVERY_SERVICE_NAME",
+    "DISCOVERY_ENDPOINTSLICE_SELECTOR",
+    "DISCOVERY_POD_SELECTOR",
+    "DISCOVERY_NAMESPACES",
+    "DISCOVERY_PEER_SELECTOR",
+)
+"""Settings that choose Kubernetes objects: on etcd they would silently mean nothing, so they are refused."""
+
+
+def _load_etcd_settings(
+    reader: _Reader, name: str | None, namespace: str | None, uid: str | None, labels: Mapping[str, str]
+) -> Settings:
+    """The etcd backend: peers are Dynamo's ``v1/`` keys, registration is a lease; no Service, no UID."""
+    for env in _KUBERNETES_ONLY:
+        if reader.get(env) is not None:
+            reader.problems.append(
+                f"{reader.where(env)} chooses Kubernetes objects, but {reader.where('DYN_DISCOVERY_BACKEND')} is "
+                "etcd, where every instance under etcd's v1/ keys is a peer: unset it"
+            )
+    ttl = reader.get(LEASE_TTL_ENV, parse_positive_int)
+    startup = reader.get(STARTUP_TIMEOUT_ENV, parse_positive_int)
+    values = {env: reader.get(env) for env in _ETCD_ONLY if env not in (LEASE_TTL_ENV, STARTUP_TIMEOUT_ENV)}
+    values[LEASE_TTL_ENV] = None if ttl is None else str(ttl)  # already reported when unusable
+    values[STARTUP_TIMEOUT_ENV] = None if startup is None else str(startup)
+    etcd: EtcdSettings | None = None
+    try:
+        etcd, warnings = EtcdSettings.from_env({k: v for k, v in values.items() if v is not None})
+    except EtcdSettingsError as exc:
+        warnings = exc.problems
+    # Dynamo logs these and goes on without the setting; the sidecar refuses to start on them instead,
+    # so a half-configured TLS or login is never silently dropped.
+    reader.problems.extend(_name_flags(reader, warning) for warning in warnings)
+    initial_metadata = _initial_metadata(reader)
+    common = _common_settings(reader)
+    if reader.problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(reader.problems))
+    return Settings(
+        identity=PodIdentity(name=_known(name), namespace=_known(namespace), uid=uid or ""),
+        pod_labels=labels,
+        endpointslice_selector=None,
+        pod_selector=None,
+        namespaces=(),
+        initial_metadata=initial_metadata,
+        raw=reader.raw,
+        backend="etcd",
+        etcd=etcd,
+        container_mode=False,  # on etcd a process is its lease: no pod, no container to name
+        container_name="",
+        metadata_name=_known(name),
+        **common,
+    )
+
+
+def _name_flags(reader: _Reader, sentence: str) -> str:
+    """``sentence`` with each etcd variable it names followed by its flag, once."""
+    for env in _ETCD_ONLY:
+        sentence = re.sub(rf"\b{env}\b(?! \()", reader.where(env), sentence, count=1)
+    return sentence
+
+
+def _initial_metadata(reader: _Reader) -> Mapping[str, Any]:
     inline = reader.get("DISCOVERY_METADATA", parse_json_object)
     from_file = reader.get("DISCOVERY_METADATA_FILE", _read_metadata_file)
     if "DISCOVERY_METADATA" in reader.raw and "DISCOVERY_METADATA_FILE" in reader.raw:
         reader.problems.append(
             f"set only one of {reader.where('DISCOVERY_METADATA')} and {reader.where('DISCOVERY_METADATA_FILE')}"
         )
+    return inline if inline is not None else (from_file if from_file is not None else {})
 
+
+def _common_settings(reader: _Reader) -> dict[str, Any]:
+    """The settings both backends share, as ``Settings`` keyword arguments (None where a problem was recorded)."""
     grpc_listen = reader.get("DISCOVERY_GRPC_LISTEN", parse_grpc_listen)
     http_listen = reader.get("DISCOVERY_HTTP_LISTEN", parse_http_listen)
     kubeconfig = reader.get("KUBECONFIG")
@@ -587,42 +732,26 @@ def load_settings(args: argparse.Namespace | None = None, environ: Mapping[str, 
     shutdown_timeout = reader.get("DISCOVERY_SHUTDOWN_TIMEOUT", parse_duration)
     field_manager = reader.get("DISCOVERY_FIELD_MANAGER")
     register = reader.get("DISCOVERY_REGISTER", _choice("auto", "never"))
+    watch = reader.get("DISCOVERY_WATCH", _choice("auto", "always", "never"))
     log_format = reader.get("DISCOVERY_LOG_FORMAT", _choice("auto", "json", "console"))
     log_level = reader.get("DISCOVERY_LOG_LEVEL", _choice("debug", "info", "warning", "error"))
-    if reader.problems:
-        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(reader.problems))
-    # No problems, so every required setting was given and every one with a default parsed.
-    return Settings(
-        identity=PodIdentity(name=_known(name), namespace=_known(namespace), uid=_known(uid)),
-        pod_labels=labels,
-        endpointslice_selector=None if isinstance(pod_selector, LabelSelector) else selector,
-        pod_selector=pod_selector if isinstance(pod_selector, LabelSelector) else None,
-        namespaces=namespaces or (_known(namespace),),
-        initial_metadata=inline if inline is not None else (from_file if from_file is not None else {}),
-        raw=reader.raw,
-        grpc_listen=_known(grpc_listen),
-        http_listen=http_listen,
-        kubeconfig=kubeconfig,
-        watch_silence_timeout=_known(watch_silence_timeout),
-        request_timeout=_known(request_timeout),
-        backoff_max=_known(backoff_max),
-        history_size=_known(history_size),
-        history_bytes=_known(history_bytes),
-        debug_peers=_known(debug_peers),
-        shutdown_timeout=_known(shutdown_timeout),
-        field_manager=_known(field_manager),
-        register=_known(register),
-        watch=_known(watch),
-        streaming_list=initial_list == "stream",
-        peer_selector=peer_selector
-        if isinstance(peer_selector, LabelSelector) and not peer_selector.is_empty()
-        else None,
-        container_mode=mode == "container",
-        container_name=container,
-        metadata_name=metadata_name(_known(name), container, main_container) if mode == "container" else _known(name),
-        log_format=_known(log_format),
-        log_level=_known(log_level),
-    )
+    return {
+        "grpc_listen": grpc_listen,
+        "http_listen": http_listen,
+        "kubeconfig": kubeconfig,
+        "watch_silence_timeout": watch_silence_timeout,
+        "request_timeout": request_timeout,
+        "backoff_max": backoff_max,
+        "history_size": history_size,
+        "history_bytes": history_bytes,
+        "debug_peers": debug_peers,
+        "shutdown_timeout": shutdown_timeout,
+        "field_manager": field_manager,
+        "register": register,
+        "watch": watch,
+        "log_format": log_format,
+        "log_level": log_level,
+    }
 
 
 def _known(value: _T | None) -> _T:

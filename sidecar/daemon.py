@@ -1,9 +1,17 @@
 """``discovery-sidecar run``: wire the pieces together and run them until SIGTERM.
 
+Two backends, one serving layer. On Kubernetes the sources are reflectors (EndpointSlices or Pods,
+and the DynamoWorkerMetadata CRs) and the publisher is this pod's CR; on etcd the source is the watch
+of Dynamo's ``v1/`` prefixes and the publisher is this instance's lease. Both meet the hub, the gRPC
+service and the HTTP server through ``sidecar.ports`` only, so the main container is served the same
+way whichever backend is configured.
+
 Start-up never crashes on an unreachable API server: the watches and the registrar retry with
-backoff while ``/readyz`` says what is missing. Shutdown runs in the order peers and the main
-container need: deregister first (peers see this pod leave), then end the streams (clients are told
-UNAVAILABLE and can resume against the next sidecar), then stop the watches.
+backoff while ``/readyz`` says what is missing. (On etcd, as in Dynamo's runtime, the first
+connection must succeed within ``ETCD_STARTUP_CONNECT_TIMEOUT_SECONDS``, else the process exits 1.)
+Shutdown runs in the order peers and the main container need: deregister first (peers see this pod
+leave: the CR deleted, or the lease revoked), then end the streams (clients are told UNAVAILABLE and
+can resume against the next sidecar), then stop the watches.
 """
 
 from __future__ import annotations
@@ -12,69 +20,77 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
 from sidecar.config import Settings
-from sidecar.core.containers import peer_key
+from sidecar.core.backoff import Backoff
+from sidecar.core.containers import peer_key as pod_peer_key
 from sidecar.core.directory import PeerDirectory
+from sidecar.core.instance_join import InstanceJoin, peer_key
+from sidecar.etcd.client import EtcdClient, EtcdError, EtcdUnavailable
+from sidecar.etcd.publisher import EtcdPublisher
+from sidecar.etcd.source import SOURCE_NAME as ETCD_SOURCE
+from sidecar.etcd.source import EtcdSource
 from sidecar.grpc_service import DiscoveryService, GrpcServer
 from sidecar.http_server import HttpServer
 from sidecar.hub import PeerHub
-from sidecar.kube.api import KubeApi
-from sidecar.kube.reflector import Reflector
-from sidecar.kube.registration import Registrar
-from sidecar.kube.sources import WORKER_METADATA, watch_targets
 from sidecar.metrics import Metrics
+from sidecar.ports import MetadataPublisher
 from sidecar.reporting import PeerChangeReporter
+
+if TYPE_CHECKING:
+    from sidecar.kube.api import KubeApi
+
+
+class StartupError(Exception):
+    """The sidecar cannot start (e.g. etcd unreachable for the whole start-up timeout); ``str()`` says why."""
+
+
+class Watcher(Protocol):
+    """A source's shell: a Kubernetes reflector or the etcd watch."""
+
+    def start(self) -> threading.Thread: ...
+
+    def stop(self, timeout: float = 5.0) -> None: ...
+
+
+class Registering(MetadataPublisher, Protocol):
+    """This pod's registration as the daemon drives it: the CR registrar or the etcd lease."""
+
+    def start(self) -> threading.Thread: ...
+
+    def deregister(self, timeout: float) -> bool: ...
+
+    def notes(self) -> list[str]:
+        """A healthy but unusual state for ``/readyz``'s body (watch-only, and why)."""
+        ...
 
 
 class Sidecar:
     """Owns every part of one running sidecar and their order of start and stop; the CLI's ``run``
-    (and in-process tests) construct it."""
+    (and in-process tests) construct it. Which parts depends on ``settings.backend``."""
 
-    def __init__(self, settings: Settings, api: KubeApi | None = None) -> None:
+    def __init__(self, settings: Settings, api: KubeApi | None = None, etcd: EtcdClient | None = None) -> None:
         self.settings = settings
         self.log = structlog.get_logger("sidecar").bind(pod=settings.identity.name)
-        self.api = api or KubeApi.from_kubeconfig(settings.kubeconfig, settings.request_timeout)
         self.metrics = Metrics()
-        self.api.on_request = lambda verb, code: self.metrics.api_requests.labels(verb, str(code)).inc()
-        self.api.on_bytes = self.metrics.api_bytes.inc
-        targets = watch_targets(settings)
-        directory = PeerDirectory(
-            history_id=uuid.uuid4().hex,
-            history_capacity=settings.history_size,
-            history_bytes=settings.history_bytes,
-            sources=[target.name for target in targets],
-        )
-        identity = settings.identity
-        self.hub = PeerHub(directory, self_uid=peer_key(identity.uid, identity.name, settings.metadata_name))
+        self.api: KubeApi | None = None
+        self.etcd: EtcdClient | None = None
+        self.watchers: list[Watcher] = []
+        self.watch_descriptions: list[str] = []
+        self.close_transport: Callable[[], None] = lambda: None
+        # Told whether the watches run (Kubernetes: the registrar then confirms its deregistration through
+        # the CR watch, when that watch shows its own CR).
+        self._watching_changed: Callable[[bool], None] = lambda watching: None
+        if settings.uses_etcd:
+            self.hub, self.registrar = self._wire_etcd(etcd)
+        else:
+            self.hub, self.registrar = self._wire_kubernetes(api)
         self.hub.add_listener(PeerChangeReporter(self.log, self.metrics))
-        self.registrar = Registrar(
-            self.api,
-            settings.identity,
-            settings.pod_labels,
-            settings.initial_metadata,
-            settings.field_manager,
-            self.metrics,
-            settings.backoff_max,
-            register=settings.register,
-            metadata_name=settings.metadata_name,
-        )
-        self.reflectors = [
-            Reflector(
-                self.api,
-                target,
-                self.hub.store(target.name),
-                self.metrics,
-                silence_timeout=settings.watch_silence_timeout,
-                backoff_max=settings.backoff_max,
-                streaming_list=settings.streaming_list,
-                observers=[self.registrar.observe] if target.source is WORKER_METADATA else [],
-            )
-            for target in targets
-        ]
         self.grpc = GrpcServer(
             DiscoveryService(
                 self.hub, self.registrar, settings.identity, self.metrics, metadata_name=settings.metadata_name
@@ -96,8 +112,110 @@ class Sidecar:
         )
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._watch_lock = threading.Lock()  # guards _watching and the reflector threads' start
+        self._watch_lock = threading.Lock()  # guards _watching and _threads
         self._watching = False
+
+    def _directory(self, sources: list[str], join: InstanceJoin | None = None) -> PeerDirectory:
+        return PeerDirectory(
+            history_id=uuid.uuid4().hex,
+            history_capacity=self.settings.history_size,
+            history_bytes=self.settings.history_bytes,
+            sources=sources,
+            join=join,
+        )
+
+    def _wire_kubernetes(self, api: KubeApi | None) -> tuple[PeerHub, Registering]:
+        # Imported here: the official Kubernetes client costs ~33 MiB and ~0.5 s of start-up, which a
+        # sidecar on the etcd backend never needs (bench/RESULTS.md, etcd section).
+        from sidecar.kube.api import KubeApi
+        from sidecar.kube.reflector import Reflector
+        from sidecar.kube.registration import Registrar
+        from sidecar.kube.sources import WORKER_METADATA, watch_targets
+
+        settings = self.settings
+        self.api = api = api or KubeApi.from_kubeconfig(settings.kubeconfig, settings.request_timeout)
+        api.on_request = lambda verb, code: self.metrics.api_requests.labels(verb, str(code)).inc()
+        api.on_bytes = self.metrics.api_bytes.inc
+        self.close_transport = api.close
+        targets = watch_targets(settings)
+        identity = settings.identity
+        hub = PeerHub(
+            self._directory([target.name for target in targets]),
+            self_uid=pod_peer_key(identity.uid, identity.name, settings.metadata_name),
+        )
+        registrar = Registrar(
+            api,
+            settings.identity,
+            settings.pod_labels,
+            settings.initial_metadata,
+            settings.field_manager,
+            self.metrics,
+            settings.backoff_max,
+            register=settings.register,
+            metadata_name=settings.metadata_name,
+        )
+        reflectors = [
+            Reflector(
+                api,
+                target,
+                hub.store(target.name),
+                self.metrics,
+                silence_timeout=settings.watch_silence_timeout,
+                backoff_max=settings.backoff_max,
+                streaming_list=settings.streaming_list,
+                observers=[registrar.observe] if target.source is WORKER_METADATA else [],
+            )
+            for target in targets
+        ]
+        # A peer selector that leaves out this pod's own labels keeps its own CR out of the watch too.
+        shows_own_cr = settings.peer_selector is None or settings.peer_selector.matches(settings.pod_labels)
+
+        def watching_changed(watching: bool) -> None:
+            registrar.confirm_by_watch = watching and shows_own_cr
+
+        self._watching_changed = watching_changed
+        self.watchers = list(reflectors)
+        self.watch_descriptions = [
+            f"{r.target.name} in {r.target.namespace or 'all namespaces'} ({r.target.label_selector or 'all'})"
+            for r in reflectors
+        ]
+        return hub, registrar
+
+    def _wire_etcd(self, client: EtcdClient | None) -> tuple[PeerHub, Registering]:
+        """etcd: one source (the ``v1/`` prefixes, joined by lease) and the lease as the publisher.
+
+        This instance is the peer ``etcd/{lease:x}``; a lost lease is replaced by a new one (a new
+        instance ID), so the hub's notion of "self" follows the publisher.
+        """
+        settings = self.settings
+        etcd_settings = settings.etcd
+        if etcd_settings is None:
+            raise ValueError("the etcd backend needs etcd settings (load_settings makes them)")
+        self.etcd = client = client or EtcdClient(etcd_settings, settings.request_timeout)
+        self.close_transport = client.close
+        hub = PeerHub(self._directory([ETCD_SOURCE], join=InstanceJoin()), self_uid="")
+        publisher = EtcdPublisher(
+            client,
+            settings.initial_metadata,
+            lease_ttl=etcd_settings.lease_ttl,
+            metrics=self.metrics,
+            backoff_max=settings.backoff_max,
+            labels=settings.pod_labels,
+            on_registered=lambda lease: hub.set_self_uid(peer_key(lease)),
+            register=settings.register,
+        )
+        source = EtcdSource(
+            client,
+            hub.store(ETCD_SOURCE),
+            self.metrics,
+            backoff_max=settings.backoff_max,
+            silence_timeout=settings.watch_silence_timeout,
+        )
+        self.watchers = [source]
+        self.watch_descriptions = [
+            f"etcd {etcd_settings.endpoints_text} (v1/instances, v1/mdc, v1/event_channels, v1/event_sources)"
+        ]
+        return hub, publisher
 
     # -- probes -----------------------------------------------------------------------------------------
     def readiness_problems(self) -> list[str]:
@@ -125,18 +243,42 @@ class Sidecar:
         with self._watch_lock:
             return self._watching
 
-    def _covers_own_cr(self) -> bool:
-        """Whether this sidecar's CR watch shows its own CR (so the watch can confirm its deregistration)."""
-        peers = self.settings.peer_selector
-        return peers is None or peers.matches(self.settings.pod_labels)
-
     # -- lifecycle --------------------------------------------------------------------------------------
+    def wait_for_etcd(self, stop: threading.Event | None = None) -> bool:
+        """Dynamo's start-up rule on etcd: reach it within ``ETCD_STARTUP_CONNECT_TIMEOUT_SECONDS`` or exit.
+
+        True once reached (or not on etcd), False when ``stop`` was set while waiting. Only
+        unavailability is retried; a refusal (credentials, permissions) raises ``StartupError`` at once.
+        """
+        if self.etcd is None or self.settings.etcd is None:
+            return True
+        stop = stop or threading.Event()
+        timeout = self.settings.etcd.startup_connect_timeout
+        deadline = time.monotonic() + timeout
+        backoff = Backoff(maximum=min(2.0, self.settings.backoff_max))
+        while not stop.is_set():
+            try:
+                self.etcd.range(b"v1/instances/", limit=1)
+                return True
+            except EtcdUnavailable as exc:
+                delay = backoff.next_delay()
+                if time.monotonic() + delay > deadline:
+                    raise StartupError(
+                        f"cannot reach etcd at {self.settings.etcd.endpoints_text} within {timeout:g}s "
+                        f"(ETCD_STARTUP_CONNECT_TIMEOUT_SECONDS): {exc}"
+                    ) from exc
+                self.log.warning("etcd not reachable yet", error=str(exc), retry_in=round(delay, 2))
+                stop.wait(delay)
+            except EtcdError as exc:
+                raise StartupError(f"etcd at {self.settings.etcd.endpoints_text} refused the sidecar: {exc}") from exc
+        return False
+
     def start(self) -> None:
         self.metrics.api_connected.set(1)
         self.grpc.start()
         if self.http is not None:
             self.http.start()
-        self.registrar.confirm_by_watch = False  # until a watch that shows its own CR runs
+        self._watching_changed(False)
         with self._watch_lock:
             self._threads = [self.registrar.start()]
         mode = self.settings.watch
@@ -144,7 +286,7 @@ class Sidecar:
             self._start_watches("DISCOVERY_WATCH=always")
             threading.Thread(target=self._mark_serving_when_synced, name="health", daemon=True).start()
         else:
-            # Nothing is watched until asked (auto) or ever (never): the API answers at once, peer requests
+            # Nothing is watched until asked (auto) or ever (never): the API answers at once; peer requests
             # start the watches and wait for the sync within their deadline, or are refused.
             if mode == "auto":
                 self.hub.watch_on_demand(lambda: self._start_watches("the first request for peers"))
@@ -156,25 +298,23 @@ class Sidecar:
             self.grpc.set_serving(True)
         self.log.info(
             "started",
+            backend=self.settings.backend,
             grpc=self.grpc.target,
             http=f":{self.http.port}" if self.http else "off",
             watch_mode=mode,
-            watches=[
-                f"{r.target.name} in {r.target.namespace or 'all namespaces'} ({r.target.label_selector or 'all'})"
-                for r in self.reflectors
-            ],
+            watches=self.watch_descriptions,
             history_id=self.hub.history_id,
         )
 
     def _start_watches(self, why: str) -> None:
-        """Start every reflector, once; called at start-up (always) or by the first peer request (auto)."""
+        """Start every watch, once: at start-up (always) or on the first peer request (auto)."""
         with self._watch_lock:
             if self._watching or self._stopping.is_set():
                 return
             self._watching = True
-            self.registrar.confirm_by_watch = self._covers_own_cr()
-            self._threads.extend(reflector.start() for reflector in self.reflectors)
-        self.log.info("watching peers", reason=why, watches=len(self.reflectors))
+            self._watching_changed(True)
+            self._threads.extend(watcher.start() for watcher in self.watchers)
+        self.log.info("watching peers", reason=why, watches=len(self.watchers))
 
     def _mark_serving_when_synced(self) -> None:
         if self.hub.wait_synced(None):
@@ -191,11 +331,11 @@ class Sidecar:
         confirmed = self.registrar.deregister(timeout=budget * 0.6)
         self.hub.close()
         self.grpc.stop(grace=min(2.0, max(0.1, budget - (time.monotonic() - started))))
-        for reflector in self.reflectors:
-            reflector.stop(timeout=2)
+        for watcher in self.watchers:
+            watcher.stop(timeout=2)
         if self.http is not None:
             self.http.stop()
-        self.api.close()
+        self.close_transport()
         self.log.info("stopped", deregistration_confirmed=confirmed, seconds=round(time.monotonic() - started, 2))
 
     def run_until_signalled(self) -> int:
@@ -207,6 +347,15 @@ class Sidecar:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        try:
+            reached = self.wait_for_etcd(stop)
+        except StartupError as exc:
+            self.log.error("cannot start", reason=str(exc))
+            self.close_transport()
+            return 1
+        if not reached:
+            self.close_transport()
+            return 0
         self.start()
         stop.wait()
         self.shutdown()

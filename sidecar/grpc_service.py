@@ -457,16 +457,21 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         self, request: pb.GetSelfRequest, context: grpc.aio.ServicerContext[pb.GetSelfRequest, pb.GetSelfResponse]
     ) -> pb.GetSelfResponse:
         identity = self.identity
-        own_id = instance_id(self.metadata_name)
+        state = self.publisher.registration() if self.publisher is not None else None  # a copy, no IO
+        if state is None or state.instance_id is None:  # the Kubernetes backend: the name decides
+            own_id = instance_id(self.metadata_name)
+            own_uid = peer_key(identity.uid, identity.name, self.metadata_name)
+        else:  # the publisher decides (etcd: the lease, and the peer it makes)
+            own_id = state.instance_id
+            own_uid = state.peer_uid or ""
         response = pb.GetSelfResponse(
             name=self.metadata_name,
             namespace=identity.namespace,
-            uid=peer_key(identity.uid, identity.name, self.metadata_name),
+            uid=own_uid,
             instance_id=own_id,
             instance_id_hex=format(own_id, "x"),
         )
-        if self.publisher is not None:
-            state = self.publisher.registration()  # a copy taken under a lock never held during IO
+        if state is not None:
             response.registered = state.registered
             response.metadata_resource_version = state.resource_version
             response.data.CopyFrom(to_struct(state.data))

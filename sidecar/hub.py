@@ -23,7 +23,7 @@ EntryListener = Callable[[list[LogEntry]], None]
 class PeerHub:
     """Owns the ``PeerDirectory`` and the one lock that guards it, plus the source-health table.
 
-    ``_lock`` guards ``_directory``, ``_source_health`` and ``_closed``; ``_changed`` (on the same lock)
+    ``_lock`` guards ``_directory``, ``_source_health``, ``_closed`` and ``_self_uid``; ``_changed`` (on the same lock)
     wakes readers when the log grows or the sync, health or stop state changes. Readers never hold the
     lock while doing IO: they copy what they need (a slice of log entries, the peer set) and release it.
     Listeners are registered before the writers start and never change after.
@@ -103,7 +103,16 @@ class PeerHub:
 
     @property
     def self_uid(self) -> str:
-        return self._self_uid
+        with self._lock:
+            return self._self_uid
+
+    def set_self_uid(self, uid: str) -> None:
+        """Which peer is this sidecar's own (on etcd it follows the lease: a new lease is a new instance).
+
+        Streams read it when they project, so a change applies to what they send from then on.
+        """
+        with self._changed:
+            self._self_uid = uid
 
     @property
     def closed(self) -> bool:

@@ -1,9 +1,9 @@
 """Where the halves of the shell meet: the protocols between sources, the hub, registration and the API.
 
-* ``SourceStore``: what one source of peers (a Kubernetes reflector; an etcd watch later) writes into.
+* ``SourceStore``: what one source of peers (a Kubernetes reflector, or the etcd watch) writes into.
   ``PeerHub.store(name)`` hands one out per source. A source never knows who reads.
 * ``PeerReader``: what the pod-facing layers (gRPC, HTTP) read; ``PeerHub`` implements it.
-* ``MetadataPublisher``: this pod's own registration (a Kubernetes CR today; an etcd lease later).
+* ``MetadataPublisher``: this pod's own registration (a Kubernetes CR, or an etcd lease).
   It raises ``RegistrationError`` subclasses with a meaning (forbidden, invalid, too large,
   not found, unavailable); the gRPC layer maps meanings to status codes and imports no client library.
 
@@ -105,6 +105,10 @@ class Registration:
     resource_version: str
     data: Mapping[str, Any]
     labels: Mapping[str, str] = field(default_factory=dict)
+    # The instance ID peers know this pod by, when the publisher decides it: on etcd the lease ID (0
+    # while there is none). None: derived from the pod name (the Kubernetes backend's hash).
+    instance_id: int | None = None
+    peer_uid: str | None = None  # with instance_id: this pod's Peer.uid (etcd: "etcd/{lease:x}", "" without one)
 
 
 class MetadataPublisher(Protocol):

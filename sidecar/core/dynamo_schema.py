@@ -6,8 +6,12 @@ valid entries. So what this pod publishes is checked here first, and refused wit
 field named. Reading stays tolerant (``sidecar.core.resources``): peers' data is carried as it is.
 
 Checked: the map's type tag, the fields Dynamo requires and their JSON types, and the key shape
-``{namespace}/{component}/{endpoint}/{instance_id:x}`` (``/{model_suffix}`` after it for a LoRA model,
-``{topic}`` in place of the endpoint for event channels) agreeing with the entry. Extra fields are
+``{namespace}/{component}/{endpoint}/{instance_id:x}`` (``/{model_suffix}`` after it for a LoRA model)
+agreeing with the entry. Event channels come in two shapes: the 1.6.1 runtime writes a ``scope``
+object (and, in CRs, ``namespace``/``component`` beside it) keyed by the scope's path,
+``namespace/{ns}[/component/{c}[/endpoint/{e}]]/topic/{topic}/{instance_id:x}`` (seen in the CRs and etcd
+keys it writes; the same path as under etcd's ``v1/event_channels/``); older runtimes wrote
+``namespace``/``component``/``topic`` keyed ``{namespace}/{component}/{topic}/{instance_id:x}``. Extra fields are
 carried through untouched (newer runtimes add some). ``event_sources`` entries must carry the
 ``EventSource`` tag; their fields are not checked, since 1.6.1 does not define them.
 """
@@ -41,6 +45,49 @@ ENTRY_SCHEMAS: dict[str, tuple[str, dict[str, str], str | None]] = {
 }
 
 
+def encode_segment(value: str) -> str:
+    """Dynamo's ``encode_event_segment``: percent-encode every byte but ``[A-Za-z0-9_-]``."""
+    out = []
+    for byte in value.encode():
+        char = chr(byte)
+        if char.isascii() and (char.isalnum() or char in "-_"):
+            out.append(char)
+        else:
+            out.append(f"%{byte:02X}")
+    return "".join(out)
+
+
+def scope_path(scope: Any) -> str:
+    """``EventScope::path_prefix``; raises ValueError for a scope Dynamo would not deserialize."""
+    if not isinstance(scope, Mapping):
+        raise ValueError(f"scope must be an object, got {type(scope).__name__}")
+    kind = scope.get("kind")
+    if kind == "namespace":
+        return f"namespace/{encode_segment(string_field(scope, 'name', 'scope'))}"
+    if kind == "component":
+        return (
+            f"namespace/{encode_segment(string_field(scope, 'namespace', 'scope'))}"
+            f"/component/{encode_segment(string_field(scope, 'component', 'scope'))}"
+        )
+    if kind == "endpoint":
+        endpoint = scope.get("endpoint")
+        if not isinstance(endpoint, Mapping):
+            raise ValueError("scope.endpoint must be an object")
+        return (
+            f"namespace/{encode_segment(string_field(endpoint, 'namespace', 'scope.endpoint'))}"
+            f"/component/{encode_segment(string_field(endpoint, 'component', 'scope.endpoint'))}"
+            f"/endpoint/{encode_segment(string_field(endpoint, 'name', 'scope.endpoint'))}"
+        )
+    raise ValueError(f"scope.kind must be namespace, component or endpoint, got {kind!r}")
+
+
+def string_field(obj: Mapping[str, Any], name: str, where: str) -> str:
+    value = obj.get(name)
+    if not isinstance(value, str):
+        raise ValueError(f"{where}.{name} must be a string, got {type(value).__name__}")
+    return value
+
+
 def _type_problem(value: Any, expected: str) -> str | None:
     if expected == _STR and not isinstance(value, str):
         return f"must be {expected}"
@@ -61,23 +108,70 @@ def _key_problem(key: str, entry: Mapping[str, Any], middle: str) -> str | None:
     return None
 
 
-def entry_problem(map_name: str, key: str, entry: Any) -> str | None:
-    """Why Dynamo would refuse this entry of ``map_name``, or None."""
-    tag, fields, middle = ENTRY_SCHEMAS[map_name]
-    where = f"spec.data.{map_name}[{key!r}]"
+def fields_problem(map_name: str, entry: Any) -> str | None:
+    """Why Dynamo would not decode ``entry`` as an entry of ``map_name`` (tag, required fields, their types).
+
+    Shared by both backends: an entry of a CR's map and the value of an etcd key are the same JSON
+    (``sidecar.core.dynamo_keys`` calls this for endpoints and model cards). The answer names the field
+    relative to the entry (``.namespace must be a string, got int``); ``entry_problem`` adds where.
+    """
+    tag, fields, _ = ENTRY_SCHEMAS[map_name]
     if not isinstance(entry, Mapping):
-        return f"{where} must be a JSON object, got {type(entry).__name__}"
+        return f" must be a JSON object, got {type(entry).__name__}"
     if entry.get("type") != tag:
-        return f"{where}.type must be {tag!r} (Dynamo tags each {map_name} entry so), got {entry.get('type')!r}"
+        return f".type must be {tag!r} (Dynamo tags each {map_name} entry so), got {entry.get('type')!r}"
     for name, expected in fields.items():
         if name not in entry or (expected != _ANY and entry[name] is None):
-            return f"{where}.{name} is missing (Dynamo requires it in an {tag} entry)"
+            return f".{name} is missing (Dynamo requires it in an {tag} entry)"
         problem = _type_problem(entry[name], expected)
         if problem:
-            return f"{where}.{name} {problem}, got {type(entry[name]).__name__}"
+            return f".{name} {problem}, got {type(entry[name]).__name__}"
     suffix = entry.get("model_suffix")
     if map_name == "model_cards" and suffix is not None and not isinstance(suffix, str):
-        return f"{where}.model_suffix must be a string or null, got {type(suffix).__name__}"
+        return f".model_suffix must be a string or null, got {type(suffix).__name__}"
+    return None
+
+
+def scoped_channel_problem(entry: Mapping[str, Any]) -> str | None:
+    """Why a 1.6.1-shaped event channel (with ``scope``) would not decode, relative to the entry; or None."""
+    try:
+        scope_path(entry.get("scope"))
+        string_field(entry, "topic", "entry")
+    except ValueError as exc:
+        return f".{str(exc).removeprefix('entry.')}"
+    for name, expected in (("instance_id", _INT), ("transport", _OBJECT)):
+        if entry.get(name) is None:
+            return f".{name} is missing (Dynamo requires it in an EventChannel entry)"
+        problem = _type_problem(entry[name], expected)
+        if problem:
+            return f".{name} {problem}, got {type(entry[name]).__name__}"
+    return None
+
+
+def scoped_channel_key(entry: Mapping[str, Any]) -> str:
+    """The key of a valid scoped event channel: its scope's path, topic and ID, as Dynamo builds it."""
+    return f"{scope_path(entry['scope'])}/topic/{encode_segment(entry['topic'])}/{entry['instance_id']:x}"
+
+
+def entry_problem(map_name: str, key: str, entry: Any) -> str | None:
+    """Why Dynamo would refuse this entry of ``map_name`` in a CR, under ``key``, or None."""
+    _, _, middle = ENTRY_SCHEMAS[map_name]
+    where = f"spec.data.{map_name}[{key!r}]"
+    if map_name == "event_channels" and isinstance(entry, Mapping) and "scope" in entry:
+        if entry.get("type") != "EventChannel":
+            tag = entry.get("type")
+            return f"{where}.type must be 'EventChannel' (Dynamo tags each event_channels entry so), got {tag!r}"
+        problem = scoped_channel_problem(entry)
+        if problem:
+            return f"{where}{problem}"
+        expected = scoped_channel_key(entry)
+        if key != expected:
+            why = "the scope's path, /topic/{topic}/, the instance_id in hex"
+            return f"{where}: the key must be {expected!r} ({why}), got {key!r}"
+        return None
+    problem = fields_problem(map_name, entry)
+    if problem:
+        return f"{where}{problem}"
     if middle is not None:
         problem = _key_problem(key, entry, middle)
         if problem:

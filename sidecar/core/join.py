@@ -67,7 +67,9 @@ class PeerJoin:
     def upsert(self, key: str, record: Record) -> set[str]:
         if isinstance(record, ReadinessRecord):
             return self._upsert_readiness(key, record)
-        return self._upsert_metadata(key, record)
+        if isinstance(record, MetadataRecord):
+            return self._upsert_metadata(key, record)
+        return set()  # an etcd instance's key: the instance join's business (core.instance_join)
 
     def delete(self, key: str) -> set[str]:
         if key in self._readiness:

@@ -7,12 +7,14 @@ has this metadata) is a new parser and nothing else.
 
 * ``ReadinessRecord``: which pod incarnations are ready (or draining) at which addresses and ports.
 * ``MetadataRecord``: the metadata one pod incarnation published (a ``DynamoWorkerMetadata`` CR).
+* ``InstanceRecord``: one key of one Dynamo instance in etcd (``sidecar.core.dynamo_keys.parse_kv``);
+  the instance join (``sidecar.core.instance_join``) makes a peer of each instance's keys.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.core.containers import peer_key
@@ -94,5 +96,30 @@ class MetadataRecord:
         return "" if self.document is None else self.document.json
 
 
-Record = ReadinessRecord | MetadataRecord
+@dataclass(frozen=True)
+class InstanceRecord:
+    """One key of one Dynamo instance (one process, one lease) in etcd.
+
+    ``instance_id`` is the key's lease ID: Dynamo attaches every key of a process to its primary lease
+    and uses the lease ID as the process's instance ID. (A key without a lease, which Dynamo never
+    writes, is attributed to the instance ID its value names.) ``name`` is the key relative to its
+    bucket, which is also the key of the entry in the ``spec.data`` map ``kind``.
+    """
+
+    instance_id: int
+    kind: str  # "endpoints", "model_cards", "event_channels" or "event_sources"
+    key: str  # the full etcd key
+    name: str  # the key under its bucket, e.g. "demo/backend/generate/1b8ffc03f93bc5"
+    entry: Mapping[str, Any] = field(compare=False)  # the decoded value (compared through entry_json)
+    entry_json: bytes = b""  # the value as stored (exact comparison)
+    size: int = 0  # estimated JSON bytes (sidecar.core.bounds)
+    lease: int = 0
+
+    @property
+    def problem(self) -> str | None:
+        """Unusable values never become records (the source logs and skips them)."""
+        return None
+
+
+Record = ReadinessRecord | MetadataRecord | InstanceRecord
 """Anything a source writes into the store."""

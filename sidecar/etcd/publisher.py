@@ -8,13 +8,14 @@ The etcd twin of ``sidecar.kube.registration``, and a ``MetadataPublisher`` to t
   all attached to the lease, each new key created by a transaction "if ``version == 0``" as Dynamo's
   ``kv_create`` does. Endpoint and model entries get the lease ID as ``instance_id`` (in the key and in
   the value); event channels and sources keep their own publisher IDs.
-* Keep alive: renew the lease every TTL/2. The lease is *lost* when etcd answers a renewal with a TTL
-  of 0 or less (it expired or was revoked) or when no renewal succeeded for a whole TTL (etcd
-  unreachable: it has expired the lease by then, or is about to). Then ``problems()`` says so (readiness
-  fails), and the loop registers again with backoff: a **new lease, hence a new instance ID**, the
-  old lease revoked first if etcd still has it. That is what Dynamo clients expect: to them an
-  instance is its lease; the old instance's keys went with its lease (a removal) and the new one's
-  keys appear (an addition), exactly as if the worker had restarted.
+* Keep alive: renew the lease every TTL/2. After a whole TTL without a successful renewal (etcd
+  unreachable) the lease is *presumed* lost: ``problems()`` says so (readiness fails), renewals go on.
+  The lease is *lost* when etcd answers a renewal with a TTL of 0 or less (it expired or was revoked):
+  then the loop registers again with backoff: a **new lease, hence a new instance ID**. That is what
+  Dynamo clients expect: to them an instance is its lease; the old instance's keys went with its
+  lease (a removal) and the new one's keys appear (an addition), exactly as if the worker had
+  restarted. If etcd still has the lease (it extends leases across its own restart), the instance
+  simply stays registered under its ID.
 * Publish: replace or merge-patch the metadata, then write only the difference: changed and new keys
   are put (new ones created "if ``version == 0``"), keys no longer in the metadata are deleted, in
   transactions of at most ``MAX_TXN_KEYS`` keys (etcd refuses more than 128 operations per
@@ -32,12 +33,14 @@ import contextlib
 import copy
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import structlog
 
 from sidecar.core.backoff import Backoff
+from sidecar.core.dynamo_keys import DocumentError, registration_keys
+from sidecar.core.instance_join import peer_key
 from sidecar.core.merge_patch import apply_merge_patch
 from sidecar.core.resources import validate_worker_data
 from sidecar.etcd._pb import etcd_v3_pb2 as pb
@@ -51,9 +54,16 @@ from sidecar.etcd.client import (
     EtcdTooLarge,
     EtcdUnavailable,
 )
-from sidecar.etcd.keys import DocumentError, registration_keys
 from sidecar.metrics import Metrics
-from sidecar.ports import Forbidden, Invalid, Registration, RegistrationError, TooLarge, Unavailable
+from sidecar.ports import (
+    Forbidden,
+    Invalid,
+    NotRegistering,
+    Registration,
+    RegistrationError,
+    TooLarge,
+    Unavailable,
+)
 
 MAX_TXN_KEYS = 64
 RENEWAL_RETRY = 0.5  # seconds between renewals while they fail (within the TTL)
@@ -100,8 +110,12 @@ class EtcdPublisher:
         metrics: Metrics | None = None,
         backoff_max: float = 30.0,
         labels: Mapping[str, str] | None = None,
+        on_registered: Callable[[int], None] | None = None,
+        register: str = "auto",
     ) -> None:
         self.client = client
+        self.on_registered = on_registered  # called with each new lease once its keys are written
+        self.watch_only = register == "never"  # DISCOVERY_REGISTER=never: no lease, nothing written
         self.lease_ttl = lease_ttl
         self.metrics = metrics
         self.labels = dict(labels or {})
@@ -139,14 +153,22 @@ class EtcdPublisher:
                 resource_version=str(self._revision) if self._revision else "",
                 data=copy.deepcopy(self._data),
                 labels=dict(self.labels),
+                instance_id=self._lease,
+                peer_uid=peer_key(self._lease) if self._lease else "",
             )
 
     def problems(self) -> list[str]:
-        if self.registered.is_set():
+        if self.registered.is_set() or self.watch_only:
             return []
         with self._state_lock:
             error = self._last_error
         return ["not registered in etcd" + (f": {error}" if error else "")]
+
+    def notes(self) -> list[str]:
+        """A healthy but unusual state, for ``/readyz``'s body."""
+        if self.watch_only:
+            return ["watch-only: DISCOVERY_REGISTER=never, so this sidecar holds no lease and writes nothing in etcd"]
+        return []
 
     def written_keys(self) -> dict[str, bytes | None]:
         with self._state_lock:
@@ -155,6 +177,11 @@ class EtcdPublisher:
     # -- publish --------------------------------------------------------------------------------------
     def publish(self, document: Mapping[str, Any], merge: bool) -> Registration:
         """Replace (or RFC 7386 merge-patch) the metadata and write it now (``MetadataPublisher``)."""
+        if self.watch_only:
+            raise NotRegistering(
+                "this sidecar does not register (DISCOVERY_REGISTER=never): publish through whatever registers "
+                "this instance in etcd"
+            )
         with self._apply_lock:
             with self._state_lock:
                 previous = self._data
@@ -253,6 +280,10 @@ class EtcdPublisher:
         return self._thread
 
     def run(self) -> None:
+        if self.watch_only:
+            self.log.info("watch-only: DISCOVERY_REGISTER=never, no lease is taken")
+            self._stop.wait()  # the thread stays (liveness watches it) and does nothing
+            return
         while not self._stop.is_set():
             try:
                 self._register()
@@ -313,6 +344,8 @@ class EtcdPublisher:
             with self._state_lock:
                 self._last_error = ""
                 self._loss = ""
+            if self.on_registered is not None:
+                self.on_registered(lease)
             self.registered.set()
             if self.metrics is not None:
                 self.metrics.registered.set(1)
@@ -321,12 +354,21 @@ class EtcdPublisher:
             )
 
     def _keep_alive(self) -> None:
-        """Renew the lease every TTL/2 until it is lost (then return) or the publisher stops."""
+        """Renew the lease every TTL/2 until it is lost (then return) or the publisher stops.
+
+        A whole TTL without a successful renewal makes the lease *presumed* lost: readiness fails and
+        says so, but the lease is not given up. Only etcd can tell: if it still has the lease (etcd
+        extends every lease when it restarts or elects a new leader, which is why Dynamo's workers
+        keep theirs across an etcd restart), the next renewal succeeds and the instance keeps its ID;
+        if the lease expired (a partition longer than the TTL), etcd answers with TTL 0 and a new lease
+        is registered.
+        """
         with self._state_lock:
             lease, ttl = self._lease, self._granted_ttl
         interval = max(ttl / 2, 0.1)
         wait = interval
         failing = False
+        overdue = False
         while not self._stop.is_set():
             if self._wake.wait(wait):
                 self._wake.clear()
@@ -336,18 +378,23 @@ class EtcdPublisher:
                 if self._lease != lease:
                     return  # lost while publishing
                 remaining = self._last_renewed + ttl - time.monotonic()
-            if remaining <= 0:
-                self._lose(lease, f"no renewal succeeded for {ttl}s (the lease's TTL): etcd unreachable")
-                return
+            if remaining <= 0 and not overdue:
+                overdue = True
+                self._set_unregistered(
+                    f"lease {lease:x} presumed lost: no renewal succeeded for {ttl}s (its TTL), etcd unreachable; "
+                    "it is kept if etcd still has it, else replaced by a new lease (a new instance ID)"
+                )
+                self.log.error("etcd lease presumed lost: no renewal within its TTL", lease=f"{lease:x}", ttl=ttl)
             started = time.monotonic()
+            timeout = self.client.request_timeout if overdue else min(self.client.request_timeout, remaining)
             try:
-                granted = self.client.lease_keep_alive_once(lease, timeout=min(self.client.request_timeout, remaining))
+                granted = self.client.lease_keep_alive_once(lease, timeout=timeout)
             except EtcdLeaseNotFound:
                 granted = 0
             except EtcdError as exc:
                 self._count_error("keepalive", exc)
                 if not failing:
-                    self.log.warning("lease renewal failed; retrying within the TTL", lease=f"{lease:x}", error=exc)
+                    self.log.warning("lease renewal failed; retrying", lease=f"{lease:x}", error=exc)
                 failing = True
                 wait = min(RENEWAL_RETRY, interval)
                 continue
@@ -355,7 +402,15 @@ class EtcdPublisher:
                 self._lose(lease, "etcd says the lease expired or was revoked")
                 return
             if failing:
-                self.log.info("lease renewal works again", lease=f"{lease:x}")
+                self.log.info("lease renewal works again", lease=f"{lease:x}", kept=True)
+            if overdue:
+                overdue = False
+                with self._state_lock:
+                    self._last_error = ""
+                self.registered.set()
+                if self.metrics is not None:
+                    self.metrics.registered.set(1)
+                self.log.info("etcd still had the lease: registered under the same instance ID", lease=f"{lease:x}")
             failing = False
             wait = interval
             with self._state_lock:

@@ -29,6 +29,8 @@ import time
 import structlog
 
 from sidecar.core.backoff import Backoff
+from sidecar.core.dynamo_keys import BUCKETS, BadValue, Bucket, parse_kv
+from sidecar.core.records import InstanceRecord
 from sidecar.etcd._pb import etcd_v3_pb2 as pb
 from sidecar.etcd.client import (
     EtcdAuthFailed,
@@ -40,9 +42,8 @@ from sidecar.etcd.client import (
     WatchStream,
     prefix_end,
 )
-from sidecar.etcd.keys import BUCKETS, Bucket
-from sidecar.etcd.records import BadValue, InstanceRecord, InstanceStore, parse_kv
 from sidecar.metrics import Metrics
+from sidecar.ports import SourceStore
 
 SOURCE_NAME = "etcd"
 
@@ -61,7 +62,7 @@ class EtcdSource:
     def __init__(
         self,
         client: EtcdClient,
-        store: InstanceStore,
+        store: SourceStore,
         metrics: Metrics | None = None,
         *,
         name: str = SOURCE_NAME,

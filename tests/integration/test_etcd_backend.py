@@ -24,8 +24,8 @@ from devcluster.etcd import EtcdServer, wait_for
 from devcluster.faults import FaultProxy
 from sidecar.core.directory import PeerDirectory
 from sidecar.core.eventlog import ApiStatus
+from sidecar.core.instance_join import InstanceJoin, peer_key
 from sidecar.etcd.client import EtcdClient
-from sidecar.etcd.join import InstanceJoin, peer_key
 from sidecar.etcd.publisher import EtcdPublisher
 from sidecar.etcd.settings import Endpoint, EtcdSettings
 from sidecar.etcd.source import EtcdSource

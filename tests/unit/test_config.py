@@ -246,12 +246,92 @@ def test_metadata_and_metadata_file_together(env: dict[str, str], tmp_path: path
 
 
 def test_backend(env: dict[str, str]) -> None:
-    assert load({**env, "DYN_DISCOVERY_BACKEND": "kubernetes"}).identity.name == "worker-0"
-    out = problems({**env, "DYN_DISCOVERY_BACKEND": "etcd"})
-    assert "DYN_DISCOVERY_BACKEND (--backend) is 'etcd'" in out
-    assert "kubernetes backend only" in out
+    s = load({**env, "DYN_DISCOVERY_BACKEND": "kubernetes"})
+    assert (s.identity.name, s.backend, s.etcd, s.uses_etcd) == ("worker-0", "kubernetes", None, False)
     out = problems({**env, "DYN_DISCOVERY_BACKEND": "consul"})
-    assert "expected kubernetes or etcd" in out and "'consul'" in out
+    assert "DYN_DISCOVERY_BACKEND (--backend): expected one of kubernetes, etcd" in out and "'consul'" in out
+
+
+@pytest.fixture
+def etcd_env(podinfo: pathlib.Path) -> dict[str, str]:
+    """What Dynamo's operator gives an etcd-backed pod: no UID needed, no Service."""
+    return {
+        "POD_NAME": "worker-0",
+        "POD_NAMESPACE": "ns",
+        "DYN_DISCOVERY_BACKEND": "etcd",
+        "DISCOVERY_PODINFO_DIR": str(podinfo),
+    }
+
+
+class TestEtcdBackend:
+    def test_defaults_are_dynamos(self, etcd_env: dict[str, str]) -> None:
+        """ETCD_* defaults as Dynamo's runtime reads them; POD_UID and the readiness source are not needed."""
+        s = load(etcd_env)
+        assert s.uses_etcd and s.etcd is not None
+        assert s.etcd.endpoints_text == "http://localhost:2379"
+        assert (s.etcd.lease_ttl, s.etcd.startup_connect_timeout) == (30, 120.0)
+        assert s.identity.uid == "" and s.endpointslice_selector is None and s.pod_selector is None
+
+    def test_flags_win_over_env(self, etcd_env: dict[str, str]) -> None:
+        """Every ETCD_* variable has a flag, and flags win as everywhere else."""
+        s = load(
+            {**etcd_env, "ETCD_ENDPOINTS": "http://a:1", "ETCD_LEASE_TTL": "4"},
+            ["--etcd-endpoints", "http://b:2,http://c:3", "--etcd-lease-ttl", "6", "--etcd-auth-username", "u",
+             "--etcd-auth-password", "p"],
+        )
+        assert s.etcd is not None
+        assert s.etcd.endpoints_text == "http://b:2,http://c:3"
+        assert (s.etcd.lease_ttl, s.etcd.username, s.etcd.password) == (6, "u", "p")
+
+    def test_backend_from_flag(self, env: dict[str, str]) -> None:
+        """``--backend etcd`` switches, and then a Service name is refused as meaningless."""
+        out = problems(env, ["--backend", "etcd"])
+        assert "DISCOVERY_SERVICE_NAME (--service-name) chooses Kubernetes objects" in out
+
+    def test_every_bad_etcd_value_at_once(self, etcd_env: dict[str, str]) -> None:
+        """Bad values are a clear start-up error naming variable and flag (Dynamo would fall back silently)."""
+        out = problems(
+            {
+                **etcd_env,
+                "ETCD_LEASE_TTL": "ten",
+                "ETCD_STARTUP_CONNECT_TIMEOUT_SECONDS": "0",
+                "ETCD_ENDPOINTS": "ftp://etcd:2379",
+                "ETCD_AUTH_CA": "/no/such/ca.pem",
+                "DISCOVERY_POD_SELECTOR": "app=x",
+            }
+        )
+        assert out.startswith("invalid configuration:")
+        assert "ETCD_LEASE_TTL (--etcd-lease-ttl): expected a whole number, got 'ten'" in out
+        assert "ETCD_STARTUP_CONNECT_TIMEOUT_SECONDS (--etcd-startup-connect-timeout)" in out
+        assert "ETCD_ENDPOINTS (--etcd-endpoints): 'ftp://etcd:2379' is not an http:// or https:// URL" in out
+        assert "ETCD_AUTH_CA (--etcd-auth-ca): expected PEM text" in out
+        assert "DISCOVERY_POD_SELECTOR (--pod-selector) chooses Kubernetes objects" in out
+        assert out.count("\n  - ") == 5
+
+    def test_half_configured_login_is_refused(self, etcd_env: dict[str, str]) -> None:
+        """A user without a password: Dynamo ignores both; the sidecar says so and does not start."""
+        out = problems({**etcd_env, "ETCD_AUTH_USERNAME": "root"})
+        assert "ETCD_AUTH_USERNAME (--etcd-auth-username) is set without ETCD_AUTH_PASSWORD" in out
+
+    def test_pem_text_or_file(self, etcd_env: dict[str, str], tmp_path: pathlib.Path) -> None:
+        """TLS material is PEM text (as Dynamo passes it to from_pem) or a file holding PEM."""
+        pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+        path = tmp_path / "ca.pem"
+        path.write_text(pem)
+        s = load(
+            {
+                **etcd_env,
+                "ETCD_ENDPOINTS": "https://etcd:2379",
+                "ETCD_AUTH_CA": str(path),
+                "ETCD_AUTH_CLIENT_CERT": pem,
+                "ETCD_AUTH_CLIENT_KEY": pem,
+            }
+        )
+        assert s.etcd is not None and s.etcd.tls and s.etcd.ca_pem == pem.encode()
+
+    def test_etcd_settings_ignored_on_kubernetes(self, env: dict[str, str]) -> None:
+        """On the Kubernetes backend ETCD_* are not read (as Dynamo's Kubernetes backend ignores them)."""
+        assert load({**env, "ETCD_LEASE_TTL": "nonsense"}).etcd is None
 
 
 def test_service_name_and_selector_combine(env: dict[str, str]) -> None:
@@ -309,7 +389,7 @@ def test_every_problem_in_one_error(env: dict[str, str]) -> None:
         "DISCOVERY_GRPC_LISTEN": "0.0.0.0:1",
         "DISCOVERY_REQUEST_TIMEOUT": "soon",
         "DISCOVERY_METADATA": "{",
-        "DYN_DISCOVERY_BACKEND": "etcd",
+        "DYN_DISCOVERY_BACKEND": "consul",
         "DISCOVERY_HISTORY_SIZE": "0",
     }
     out = problems(bad)

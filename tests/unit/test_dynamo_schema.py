@@ -37,6 +37,31 @@ CHANNEL: dict[str, Any] = {
     "transport": {"kind": "Nats", "config": {"subject_prefix": "namespace.dynamo"}},
 }
 
+# An event channel and its source exactly as ai-dynamo-runtime 1.6.1 wrote them into a worker's CR (a
+# KvEventPublisher on the ZMQ event plane, captured from the real runtime on the real control plane):
+# a scope object beside the legacy namespace/component, keyed by the scope's path.
+SCOPED_KEY = "namespace/demo/component/backend/endpoint/generate/topic/kv-events/1b14f4374f2d30"
+SCOPED_CHANNEL: dict[str, Any] = {
+    "component": "backend",
+    "instance_id": 7622863503699248,
+    "namespace": "demo",
+    "scope": {"endpoint": {"component": "backend", "name": "generate", "namespace": "demo"}, "kind": "endpoint"},
+    "topic": "kv-events",
+    "transport": {"config": {"endpoint": "tcp://192.0.2.2:46393"}, "kind": "Zmq"},
+    "type": "EventChannel",
+}
+SCOPED_SOURCE: dict[str, Any] = {
+    "metadata": {
+        "kv_state_endpoint": {"component": "backend", "name": "generate", "namespace": "demo"},
+        "publisher_id": 7622863503699248,
+        "worker": {"dp_rank": 0, "worker_id": 6209814259985326},
+    },
+    "publisher_id": 7622863503699248,
+    "scope": {"endpoint": {"component": "backend", "name": "generate", "namespace": "demo"}, "kind": "endpoint"},
+    "topic": "kv-events",
+    "type": "EventSource",
+}
+
 
 class TestWhatDynamoWrites:
     def test_the_runtimes_own_entries_pass(self) -> None:
@@ -97,3 +122,30 @@ class TestWhatDynamoRefuses:
         assert "the key must be" in (entry_problem("event_channels", "dynamo/x/kv_metrics/2a", CHANNEL) or "")
         assert ".type must be 'EventSource'" in (entry_problem("event_sources", "k", {"type": "Endpoint"}) or "")
         assert "must be a JSON object, got list" in (entry_problem("endpoints", "k", [1]) or "")
+
+
+class TestScopedEventChannels:
+    def test_what_the_1_6_1_runtime_writes_passes(self) -> None:
+        """Refused before: the old check wanted the key namespace/component/topic/id."""
+        data = {"event_channels": {SCOPED_KEY: SCOPED_CHANNEL}, "event_sources": {SCOPED_KEY: SCOPED_SOURCE}}
+        assert dynamo_metadata_problem(data) is None
+
+    def test_etcds_shape_without_the_legacy_fields_passes(self) -> None:
+        """On etcd the runtime writes the scope alone (no namespace/component)."""
+        bare = {k: v for k, v in SCOPED_CHANNEL.items() if k not in ("namespace", "component")}
+        assert entry_problem("event_channels", SCOPED_KEY, bare) is None
+
+    @pytest.mark.parametrize(
+        ("key", "change", "fragment"),
+        [
+            ("namespace/demo/topic/kv-events/1b14f4374f2d30", {}, "the key must be " + repr(SCOPED_KEY)),
+            (SCOPED_KEY, {"scope": {"kind": "galaxy"}}, "scope.kind must be namespace, component or endpoint"),
+            (SCOPED_KEY, {"topic": 3}, ".topic must be a string"),
+            (SCOPED_KEY, {"instance_id": -1}, ".instance_id must be an unsigned 64-bit integer"),
+            (SCOPED_KEY, {"transport": None}, ".transport is missing"),
+            (SCOPED_KEY, {"type": "EventSource"}, ".type must be 'EventChannel'"),
+        ],
+    )
+    def test_what_dynamo_would_refuse(self, key: str, change: dict[str, Any], fragment: str) -> None:
+        problem = entry_problem("event_channels", key, {**SCOPED_CHANNEL, **change})
+        assert problem is not None and fragment in problem, problem

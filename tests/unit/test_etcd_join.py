@@ -6,9 +6,10 @@ import json
 from typing import Any
 
 from sidecar.core.directory import PeerDirectory
+from sidecar.core.dynamo_keys import parse_kv
+from sidecar.core.instance_join import InstanceJoin, peer_key
 from sidecar.core.peer import PeerState
-from sidecar.etcd.join import InstanceJoin, peer_key
-from sidecar.etcd.records import InstanceRecord, parse_kv
+from sidecar.core.records import InstanceRecord
 
 A, B = 0x1111, 0x2222
 

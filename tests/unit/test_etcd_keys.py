@@ -7,17 +7,18 @@ from typing import Any
 
 import pytest
 
-from sidecar.etcd.keys import (
+from sidecar.core.dynamo_keys import (
     ENDPOINTS,
     EVENT_CHANNELS,
     MODEL_CARDS,
+    BadValue,
     DocumentError,
     encode_segment,
     entry_problem,
+    parse_kv,
     registration_keys,
     scope_path,
 )
-from sidecar.etcd.records import BadValue, parse_kv
 
 LEASE = 2687419807939130247  # a lease ID as Dynamo's etcd backend shows them (64-bit, not masked)
 
@@ -93,7 +94,7 @@ def test_event_channels_and_sources_keep_their_publisher_ids() -> None:
     ("document", "message"),
     [
         ({"endpoints": {"e": {**endpoint(), "type": "Model"}}}, "type must be 'Endpoint'"),
-        ({"endpoints": {"e": {k: v for k, v in endpoint().items() if k != "transport"}}}, "lacks transport"),
+        ({"endpoints": {"e": {k: v for k, v in endpoint().items() if k != "transport"}}}, "transport is missing"),
         ({"endpoints": {"e": endpoint(namespace=3)}}, "namespace must be a string"),
         ({"endpoints": ["not", "a", "map"]}, "endpoints must be a JSON object"),
         ({"endpoints": {"a": endpoint(), "b": endpoint()}}, "both register"),

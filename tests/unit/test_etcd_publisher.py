@@ -46,7 +46,11 @@ class ScriptedClient:
             self.kv = {k: v for k, v in self.kv.items() if v[1] != lease}
         return pb.LeaseRevokeResponse()
 
+    unreachable = False  # keep-alives fail as if etcd could not be reached
+
     def lease_keep_alive_once(self, lease: int, timeout: float | None = None) -> int:
+        if self.unreachable:
+            raise EtcdUnavailable("etcd unreachable (scripted)", "unavailable")
         return 1 if lease in self.leases else 0
 
     def txn(self, request: pb.TxnRequest) -> pb.TxnResponse:
@@ -146,7 +150,7 @@ def test_publish_refuses_what_dynamo_would_not_read() -> None:
     client = ScriptedClient()
     publisher = registered(client, endpoints(1))
     try:
-        with pytest.raises(Invalid, match="lacks transport"):
+        with pytest.raises(Invalid, match="transport is missing"):
             publisher.publish({"endpoints": {"x": {"type": "Endpoint", "namespace": "n", "component": "c",
                                                    "endpoint": "e", "instance_id": 0}}}, merge=False)
         with pytest.raises(Invalid, match="must be a JSON object"):
@@ -166,6 +170,38 @@ def test_a_lease_etcd_no_longer_knows_is_replaced_by_a_new_one() -> None:
                  "registration with a new lease")
         second = publisher.instance_id
         assert second is not None and f"v1/instances/ns/c/e0/{second:x}" in client.kv
+        assert publisher.leases_granted == 2
+    finally:
+        publisher.stop()
+
+
+def test_a_ttl_without_renewal_is_presumed_lost_and_kept_if_etcd_still_has_the_lease() -> None:
+    """After etcd restarts it renews every lease: the first answer, not the local clock, decides."""
+    client = ScriptedClient()
+    publisher = registered(client, endpoints(1), ttl=1)
+    try:
+        lease = publisher.instance_id
+        client.unreachable = True
+        wait_for(lambda: not publisher.registered.is_set(), DEADLINE, "the unrenewed lease presumed lost")
+        assert "presumed lost" in publisher.problems()[0] and publisher.instance_id == lease
+        client.unreachable = False
+        wait_for(publisher.registered.is_set, DEADLINE, "registered again once etcd answers")
+        assert publisher.instance_id == lease and publisher.leases_granted == 1 and publisher.problems() == []
+    finally:
+        publisher.stop()
+
+
+def test_a_presumed_lost_lease_etcd_no_longer_has_is_replaced() -> None:
+    client = ScriptedClient()
+    publisher = registered(client, endpoints(1), ttl=1)
+    try:
+        lease = publisher.instance_id
+        assert lease is not None
+        client.unreachable = True
+        wait_for(lambda: not publisher.registered.is_set(), DEADLINE, "the unrenewed lease presumed lost")
+        client.lease_revoke(lease)  # etcd expired it meanwhile
+        client.unreachable = False
+        wait_for(lambda: publisher.registered.is_set() and publisher.instance_id != lease, DEADLINE, "a new lease")
         assert publisher.leases_granted == 2
     finally:
         publisher.stop()

@@ -15,7 +15,7 @@ TLS = {"ETCD_AUTH_CA": PEM, "ETCD_AUTH_CLIENT_CERT": PEM, "ETCD_AUTH_CLIENT_KEY"
 def test_defaults_are_dynamos() -> None:
     settings, warnings = EtcdSettings.from_env({})
     assert settings.endpoints == (Endpoint("localhost", 2379, False),)
-    assert (settings.lease_ttl, settings.startup_connect_timeout, settings.username) == (10, 120.0, None)
+    assert (settings.lease_ttl, settings.startup_connect_timeout, settings.username) == (30, 120.0, None)
     assert warnings == []
 
 
@@ -65,11 +65,12 @@ def test_schemes_follow_dynamos_etcd_client() -> None:
         EtcdSettings.from_env({"ETCD_AUTH_CLIENT_CERT": PEM, "ETCD_ENDPOINTS": "https://e:1"})
 
 
-@pytest.mark.parametrize(("raw", "expected"), [("5", 5), ("0", 10), ("-3", 10), ("ten", 10), (" 7 ", 7)])
-def test_lease_ttl_falls_back_to_ten_like_dynamo(raw: str, expected: int) -> None:
+@pytest.mark.parametrize(("raw", "expected"), [("5", 5), ("0", 30), ("-3", 30), ("ten", 30), (" 7 ", 7)])
+def test_lease_ttl_falls_back_to_dynamos_default(raw: str, expected: int) -> None:
+    """30 s: what ai-dynamo-runtime 1.6.1 grants when ETCD_LEASE_TTL is unset (measured on a real etcd)."""
     settings, warnings = EtcdSettings.from_env({"ETCD_LEASE_TTL": raw})
     assert settings.lease_ttl == expected
-    assert bool(warnings) == (expected == 10)
+    assert bool(warnings) == (expected == 30)
 
 
 def test_startup_connect_timeout() -> None:

@@ -13,10 +13,10 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from devcluster.etcd import wait_for
+from sidecar.core.dynamo_keys import ENDPOINTS, MODEL_CARDS
+from sidecar.core.records import InstanceRecord
 from sidecar.etcd._pb import etcd_v3_pb2 as pb
 from sidecar.etcd.client import EtcdUnavailable
-from sidecar.etcd.keys import ENDPOINTS, MODEL_CARDS
-from sidecar.etcd.records import InstanceRecord
 from sidecar.etcd.settings import Endpoint
 from sidecar.etcd.source import EtcdSource
 

@@ -1,9 +1,8 @@
 """The etcd join rule: a peer is one Dynamo instance, i.e. one lease, with all the entries its keys hold.
 
-A proposal for ``sidecar.core.join`` (it is pure: records in, peers out, no etcd type), kept here
-until the core takes it. It implements the core's ``Join`` protocol, so
-``PeerDirectory(..., sources=("etcd",), join=InstanceJoin())`` serves etcd peers through the same hub,
-log, streams and resume as Kubernetes peers.
+The twin of ``sidecar.core.join.PeerJoin`` for ``InstanceRecord``s. It implements the core's ``Join``
+protocol, so ``PeerDirectory(..., sources=("etcd",), join=InstanceJoin())`` serves etcd peers through the
+same hub, log, streams and resume as Kubernetes peers.
 
 * Keys are grouped by instance ID (the lease ID). An instance is a peer while it has at least one key;
   its last key going away (lease expired or revoked: etcd deletes them all in one revision) removes it.
@@ -22,9 +21,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from sidecar.core.dynamo_keys import BUCKETS
 from sidecar.core.peer import Document, Peer, PeerState
-from sidecar.etcd.keys import BUCKETS
-from sidecar.etcd.records import InstanceRecord
+from sidecar.core.records import InstanceRecord, Record
 
 PEER_KEY_PREFIX = "etcd/"
 
@@ -40,7 +39,7 @@ class InstanceJoin:
         self._records: dict[str, InstanceRecord] = {}
         self._by_instance: dict[str, set[str]] = {}  # peer key -> directory keys of its records
 
-    def upsert(self, key: str, record: object) -> set[str]:
+    def upsert(self, key: str, record: Record) -> set[str]:
         if not isinstance(record, InstanceRecord):
             return set()  # not an etcd record: another join's business
         old = self._records.get(key)

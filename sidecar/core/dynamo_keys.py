@@ -1,4 +1,6 @@
-"""Dynamo's key layout in etcd, both ways: entries to keys (publishing) and keys to instances (watching).
+"""Dynamo's key layout in etcd, both ways: entries to keys (publishing) and keys to records (watching).
+
+Pure (no etcd client): the etcd package's source and publisher call it with keys and values as bytes.
 
 From ``lib/runtime/src/discovery/kv_store.rs`` and ``discovery/mod.rs``:
 
@@ -32,6 +34,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.core.bounds import measure_metadata
+from sidecar.core.dynamo_schema import encode_segment as encode_segment
+from sidecar.core.dynamo_schema import fields_problem, scope_path, string_field
+from sidecar.core.json_decode import loads
+from sidecar.core.records import InstanceRecord
 
 
 @dataclass(frozen=True)
@@ -48,10 +54,11 @@ EVENT_SOURCES = Bucket("event_sources", "v1/event_sources/", "EventSource")
 BUCKETS = (ENDPOINTS, MODEL_CARDS, EVENT_CHANNELS, EVENT_SOURCES)
 BY_MAP = {b.data_map: b for b in BUCKETS}
 
-# Fields Dynamo's deserializer requires per type (``Option`` fields and ``#[serde(default)]`` ones left out).
+# Fields Dynamo's deserializer requires in event entries (``Option`` fields and ``#[serde(default)]`` ones
+# left out). Endpoint and Model entries are checked by ``sidecar.core.dynamo_schema``, shared with the CRs.
+# Event entries are keyed by a scope object here (as the 1.6.1 runtime's etcd backend writes them:
+# ``EventScope``), so their checks stay local.
 REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
-    "Endpoint": ("namespace", "component", "endpoint", "instance_id", "transport"),
-    "Model": ("namespace", "component", "endpoint", "instance_id", "card_json"),
     "EventChannel": ("scope", "topic", "instance_id", "transport"),
     "EventSource": ("scope", "topic", "publisher_id", "metadata"),
 }
@@ -65,49 +72,6 @@ def bucket_of(key: str) -> Bucket | None:
     return None
 
 
-def encode_segment(value: str) -> str:
-    """Dynamo's ``encode_event_segment``: percent-encode every byte but ``[A-Za-z0-9_-]``."""
-    out = []
-    for byte in value.encode():
-        char = chr(byte)
-        if char.isascii() and (char.isalnum() or char in "-_"):
-            out.append(char)
-        else:
-            out.append(f"%{byte:02X}")
-    return "".join(out)
-
-
-def scope_path(scope: Any) -> str:
-    """``EventScope::path_prefix``; raises ValueError for a scope Dynamo would not deserialize."""
-    if not isinstance(scope, Mapping):
-        raise ValueError(f"scope must be an object, got {type(scope).__name__}")
-    kind = scope.get("kind")
-    if kind == "namespace":
-        return f"namespace/{encode_segment(_str(scope, 'name', 'scope'))}"
-    if kind == "component":
-        return (
-            f"namespace/{encode_segment(_str(scope, 'namespace', 'scope'))}"
-            f"/component/{encode_segment(_str(scope, 'component', 'scope'))}"
-        )
-    if kind == "endpoint":
-        endpoint = scope.get("endpoint")
-        if not isinstance(endpoint, Mapping):
-            raise ValueError("scope.endpoint must be an object")
-        return (
-            f"namespace/{encode_segment(_str(endpoint, 'namespace', 'scope.endpoint'))}"
-            f"/component/{encode_segment(_str(endpoint, 'component', 'scope.endpoint'))}"
-            f"/endpoint/{encode_segment(_str(endpoint, 'name', 'scope.endpoint'))}"
-        )
-    raise ValueError(f"scope.kind must be namespace, component or endpoint, got {kind!r}")
-
-
-def _str(obj: Mapping[str, Any], name: str, where: str) -> str:
-    value = obj.get(name)
-    if not isinstance(value, str):
-        raise ValueError(f"{where}.{name} must be a string, got {type(value).__name__}")
-    return value
-
-
 def _u64(obj: Mapping[str, Any], name: str) -> int:
     value = obj.get(name)
     if type(value) is not int or not 0 <= value <= U64_MAX:
@@ -117,6 +81,9 @@ def _u64(obj: Mapping[str, Any], name: str) -> int:
 
 def entry_problem(bucket: Bucket, entry: Any) -> str | None:
     """Why Dynamo would refuse ``entry`` as a value of ``bucket``, or None."""
+    if bucket in (ENDPOINTS, MODEL_CARDS):
+        problem = fields_problem(bucket.data_map, entry)
+        return None if problem is None else f"the entry{problem}"
     if not isinstance(entry, Mapping):
         return f"must be a JSON object, got {type(entry).__name__}"
     tag = entry.get("type")
@@ -126,17 +93,9 @@ def entry_problem(bucket: Bucket, entry: Any) -> str | None:
     if missing:
         return f"{bucket.type_tag} lacks {', '.join(missing)}"
     try:
-        if bucket in (ENDPOINTS, MODEL_CARDS):
-            for name in ("namespace", "component", "endpoint"):
-                _str(entry, name, "entry")
-            _u64(entry, "instance_id")
-            suffix = entry.get("model_suffix")
-            if suffix is not None and not isinstance(suffix, str):
-                raise ValueError("model_suffix must be a string")
-        else:
-            scope_path(entry.get("scope"))
-            _str(entry, "topic", "entry")
-            _u64(entry, "instance_id" if bucket is EVENT_CHANNELS else "publisher_id")
+        scope_path(entry.get("scope"))
+        string_field(entry, "topic", "entry")
+        _u64(entry, "instance_id" if bucket is EVENT_CHANNELS else "publisher_id")
     except ValueError as exc:
         return str(exc)
     return None
@@ -202,8 +161,6 @@ def registration_keys(document: Mapping[str, Any], instance_id: int) -> dict[str
 
 def decode_entry(bucket: Bucket, value: bytes) -> tuple[Mapping[str, Any] | None, int, str | None]:
     """(the entry, its estimated JSON size, None) or (None, 0, why it is unusable) for one etcd value."""
-    from sidecar.core.json_decode import loads
-
     try:
         entry = loads(value)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -215,3 +172,40 @@ def decode_entry(bucket: Bucket, value: bytes) -> tuple[Mapping[str, Any] | None
     if bound:
         return None, 0, f"the entry {bound}"
     return entry, size, None
+
+
+class BadValue(ValueError):
+    """A value under a ``v1/`` bucket that Dynamo would not read: ``str()`` says why."""
+
+
+def parse_kv(key: bytes, value: bytes, lease: int) -> InstanceRecord | None:
+    """The record of one etcd key; None for keys outside the four buckets. Raises ``BadValue``.
+
+    The etcd twin of ``sidecar.core.resources``' parsers: what the source hands the store.
+    """
+    try:
+        text = key.decode()
+    except UnicodeDecodeError as exc:
+        raise BadValue(f"the key is not UTF-8 ({exc.reason})") from exc
+    bucket = bucket_of(text)
+    if bucket is None:
+        return None
+    entry, size, problem = decode_entry(bucket, value)
+    if problem or entry is None:
+        raise BadValue(problem or "unusable value")
+    instance_id = lease
+    if not instance_id:
+        ident = entry.get("publisher_id" if bucket.type_tag == "EventSource" else "instance_id")
+        instance_id = ident if isinstance(ident, int) else 0
+    if not instance_id:
+        raise BadValue("the key has no lease and its value names no instance")
+    return InstanceRecord(
+        instance_id=instance_id,
+        kind=bucket.data_map,
+        key=text,
+        name=text[len(bucket.prefix) :],
+        entry=entry,
+        entry_json=bytes(value),
+        size=size,
+        lease=lease,
+    )

@@ -1,0 +1,138 @@
+"""The daemon on the etcd backend, without an etcd: what is wired to what, and what GetSelf reports.
+
+The behaviour on a real etcd (registration, peers, faults) is in tests/integration/test_etcd_sidecar.py;
+these check the wiring that makes it so, and the two small port changes it needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pytest
+
+from sidecar.api.discovery.v1 import discovery_pb2 as pb
+from sidecar.config import PodIdentity, load_settings
+from sidecar.core.directory import PeerDirectory
+from sidecar.core.instance_id import instance_id
+from sidecar.core.instance_join import InstanceJoin
+from sidecar.daemon import Sidecar
+from sidecar.etcd.publisher import EtcdPublisher
+from sidecar.etcd.source import EtcdSource
+from sidecar.grpc_service import DiscoveryService
+from sidecar.hub import PeerHub
+from sidecar.metrics import Metrics
+from sidecar.ports import NotRegistering, Registration
+
+
+def etcd_env(tmp_path: pathlib.Path, **extra: str) -> dict[str, str]:
+    return {
+        "POD_NAME": "worker-0",
+        "POD_NAMESPACE": "demo",
+        "DYN_DISCOVERY_BACKEND": "etcd",
+        "ETCD_ENDPOINTS": "http://127.0.0.1:1",
+        "DISCOVERY_GRPC_LISTEN": "127.0.0.1:0",
+        "DISCOVERY_HTTP_LISTEN": "off",
+        "DISCOVERY_PODINFO_DIR": str(tmp_path),
+        **extra,
+    }
+
+
+@pytest.fixture
+def etcd_sidecar(tmp_path: pathlib.Path) -> Iterator[Sidecar]:
+    sidecar = Sidecar(load_settings(environ=etcd_env(tmp_path)))  # constructing dials nothing
+    yield sidecar
+    sidecar.grpc.stop(grace=0.1)
+    sidecar.close_transport()
+
+
+class TestEtcdWiring:
+    def test_one_etcd_source_and_the_lease_as_publisher(self, etcd_sidecar: Sidecar) -> None:
+        """No Kubernetes part: the etcd watch feeds the hub, the lease registers, no API client exists."""
+        assert etcd_sidecar.api is None and etcd_sidecar.etcd is not None
+        assert [type(w) for w in etcd_sidecar.watchers] == [EtcdSource]
+        assert isinstance(etcd_sidecar.registrar, EtcdPublisher)
+        assert etcd_sidecar.registrar.lease_ttl == 30
+        assert etcd_sidecar.hub.store("etcd").source == "etcd"
+        with pytest.raises(ValueError, match="unknown source"):
+            etcd_sidecar.hub.store("endpointslices")
+
+    def test_self_follows_the_lease(self, etcd_sidecar: Sidecar) -> None:
+        """A new lease is a new instance: the hub's "self" (left out of streams) moves with it."""
+        publisher = etcd_sidecar.registrar
+        assert isinstance(publisher, EtcdPublisher) and publisher.on_registered is not None
+        assert etcd_sidecar.hub.self_uid == ""
+        publisher.on_registered(0x2A)
+        assert etcd_sidecar.hub.self_uid == "etcd/2a"
+        publisher.on_registered(0x2B)
+        assert etcd_sidecar.hub.self_uid == "etcd/2b"
+
+    def test_readiness_says_what_is_missing_before_etcd_answers(self, etcd_sidecar: Sidecar) -> None:
+        problems = etcd_sidecar.readiness_problems()
+        assert any(p.startswith("not registered in etcd") for p in problems)
+        # DISCOVERY_WATCH=auto: nothing is watched before a peer request, so there is no sync to wait for.
+        assert not etcd_sidecar.watching and "watches not synced yet" not in problems
+        etcd_sidecar._start_watches("a test")
+        try:
+            assert "watches not synced yet" in etcd_sidecar.readiness_problems()
+        finally:
+            for watcher in etcd_sidecar.watchers:
+                watcher.stop(timeout=2)
+
+
+def test_register_never_is_watch_only_on_etcd(tmp_path: pathlib.Path) -> None:
+    """DISCOVERY_REGISTER=never: no lease, ready without one (noted), publishing refused with a meaning."""
+    sidecar = Sidecar(load_settings(environ=etcd_env(tmp_path, DISCOVERY_REGISTER="never")))
+    try:
+        publisher = sidecar.registrar
+        assert isinstance(publisher, EtcdPublisher) and publisher.watch_only
+        assert publisher.problems() == [] and "watch-only" in publisher.notes()[0]
+        with pytest.raises(NotRegistering, match="DISCOVERY_REGISTER=never"):
+            publisher.publish({}, merge=True)
+        assert publisher.deregister(timeout=1) is True
+    finally:
+        sidecar.grpc.stop(grace=0.1)
+        sidecar.close_transport()
+
+
+class StaticPublisher:
+    """A ``MetadataPublisher`` that reports a fixed registration."""
+
+    def __init__(self, registration: Registration) -> None:
+        self.state = registration
+
+    def registration(self) -> Registration:
+        return self.state
+
+    def publish(self, document: Mapping[str, Any], merge: bool) -> Registration:
+        raise NotImplementedError
+
+    def problems(self) -> list[str]:
+        return []
+
+
+def get_self(registration: Registration | None) -> pb.GetSelfResponse:
+    hub = PeerHub(PeerDirectory("h", 10, ["etcd"], join=InstanceJoin()), self_uid="")
+    publisher = StaticPublisher(registration) if registration is not None else None
+    service = DiscoveryService(hub, publisher, PodIdentity("worker-0", "demo", ""), Metrics())
+    return asyncio.run(service.GetSelf(pb.GetSelfRequest(), None))  # type: ignore[arg-type]
+
+
+class TestGetSelf:
+    def test_the_publisher_decides_the_instance_id_on_etcd(self) -> None:
+        """On etcd the instance ID is the lease (64 bits, not the name's hash)."""
+        lease = 2687419807939130247
+        me = get_self(Registration(True, "7", {}, instance_id=lease, peer_uid=f"etcd/{lease:x}"))
+        assert (me.instance_id, me.instance_id_hex, me.registered) == (lease, f"{lease:x}", True)
+        assert me.uid == f"etcd/{lease:x}"  # as Peer.uid of this instance
+
+    def test_no_lease_yet_is_instance_id_zero(self) -> None:
+        me = get_self(Registration(False, "", {}, instance_id=0))
+        assert (me.instance_id, me.registered) == (0, False)
+
+    def test_without_a_say_from_the_publisher_it_is_the_names_hash(self) -> None:
+        """The Kubernetes backend's publisher leaves it to the name (Dynamo's SipHash of the CR name)."""
+        assert get_self(Registration(True, "1", {})).instance_id == instance_id("worker-0")
+        assert get_self(None).instance_id == instance_id("worker-0")
