@@ -19,6 +19,7 @@ import structlog
 from sidecar.config import Settings
 from sidecar.core.containers import peer_key
 from sidecar.core.directory import PeerDirectory
+from sidecar.core.join import PeerJoin
 from sidecar.grpc_service import DiscoveryService, GrpcServer
 from sidecar.http_server import HttpServer
 from sidecar.hub import PeerHub
@@ -47,6 +48,7 @@ class Sidecar:
             history_capacity=settings.history_size,
             history_bytes=settings.history_bytes,
             sources=[target.name for target in targets],
+            join=PeerJoin(require_metadata=settings.require_metadata, workers=settings.workers),
         )
         identity = settings.identity
         self.hub = PeerHub(directory, self_uid=peer_key(identity.uid, identity.name, settings.metadata_name))

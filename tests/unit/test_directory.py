@@ -9,6 +9,7 @@ projection of it (in any chunking, and resuming from any revision) reaches that 
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import json
 import random
@@ -28,6 +29,7 @@ from sidecar.core.projection import GroupedPeer, PeerFilter, project, snapshot_p
 from sidecar.core.records import EndpointEntry, MetadataRecord, ReadinessRecord
 from sidecar.core.resources import parse_endpoint_slice, parse_worker_metadata
 from sidecar.core.selectors import parse_selector
+from sidecar.core.workers import Worker
 from tests.unit.strict_client import apply_messages
 
 NS = "ns"
@@ -447,6 +449,13 @@ class Truth:
             for skey, _ in listed:
                 ports.update(self.slices[skey].ports)
             assert record.data is not None
+            # Slices announce no worker ports: a peer's one worker is at its one declared port, if any.
+            address = next((a for e in live for a in e.addresses), "")
+            declared = sorted({p.port for p in ports})
+            one = address and len(declared) == 1
+            host = str(ipaddress.ip_address(address)) if address else ""
+            host = f"[{host}]" if ipaddress.ip_address(host or "0.0.0.0").version == 6 else host
+            workers = (Worker(f"http://{host}:{declared[0]}", declared[0], "http"),) if one else ()
             result[uid] = Peer(
                 uid=uid,
                 name=name,
@@ -458,6 +467,7 @@ class Truth:
                 state=PeerState.READY if any(e.ready for e in live) else PeerState.DRAINING,
                 document=Document(dict(record.data)),
                 node_name=live[0].node_name,
+                workers=workers,
             )
         return result
 
