@@ -29,6 +29,7 @@ from sidecar.kube.registration import Registrar
 from sidecar.kube.sources import WORKER_METADATA, watch_targets
 from sidecar.metrics import Metrics
 from sidecar.reporting import PeerChangeReporter
+from sidecar.smg_writer import SmgManifestWriter
 
 
 class Sidecar:
@@ -76,6 +77,11 @@ class Sidecar:
             )
             for target in targets
         ]
+        self.smg_writer = (
+            SmgManifestWriter(self.hub, settings.smg_manifest, self.log)
+            if settings.smg_manifest is not None
+            else None
+        )
         self.grpc = GrpcServer(
             DiscoveryService(
                 self.hub, self.registrar, settings.identity, self.metrics, metadata_name=settings.metadata_name
@@ -104,6 +110,8 @@ class Sidecar:
         if self._stopping.is_set():
             problems.append("shutting down")
         problems.extend(self.registrar.problems())
+        if self.smg_writer is not None:
+            problems.extend(self.smg_writer.problems())
         if not self.hub.synced:
             problems.append("watches not synced yet")
         problems.extend(f"{source}: {reason}" for source, reason in self.hub.source_health().items())
@@ -125,6 +133,8 @@ class Sidecar:
             self.http.start()
         self._threads = [reflector.start() for reflector in self.reflectors]
         self._threads.append(self.registrar.start())
+        if self.smg_writer is not None:
+            self._threads.append(self.smg_writer.start())
         threading.Thread(target=self._mark_serving_when_synced, name="health", daemon=True).start()
         self.log.info(
             "started",
@@ -150,6 +160,8 @@ class Sidecar:
         started = time.monotonic()
         self.log.info("shutting down: deregistering first", budget_seconds=budget)
         confirmed = self.registrar.deregister(timeout=budget * 0.6)
+        if self.smg_writer is not None:
+            self.smg_writer.stop()  # the file stays: SMG keeps its workers while this pod shuts down
         self.hub.close()
         self.grpc.stop(grace=min(2.0, max(0.1, budget - (time.monotonic() - started))))
         for reflector in self.reflectors:
