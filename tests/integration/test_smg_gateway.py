@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from devcluster.cluster import ControlPlane, free_port
+from devcluster.faults import FaultProxy
 from devcluster.objects import Cluster, wait_for
 from devcluster.smg import SmgGateway, StandInWorker
 from tests.conftest import MANIFESTS, Sidecars, kubectl
@@ -43,6 +44,7 @@ class GatewayWorld:
         work_dir: pathlib.Path,
         roles: Mapping[str, str],
         pd: bool,
+        server: str | None = None,
     ) -> None:
         self.cluster = cluster
         self.namespace = namespace
@@ -61,7 +63,7 @@ class GatewayWorld:
             "DISCOVERY_SMG_MANIFEST": str(self.manifest),
             **roles,
         }
-        self.sidecar = sidecars.start(gateway, "", extra_env=env).wait_ready()
+        self.sidecar = sidecars.start(gateway, "", extra_env=env, server=server).wait_ready()
         self.smg = SmgGateway.with_file(self.manifest, work_dir / "smg.log", pd=pd)
 
     def close(self) -> None:
@@ -213,3 +215,49 @@ def test_pd_roles_with_bootstrap_ports(pd: GatewayWorld) -> None:
     w.cluster.relabel_pod(w.namespace, "decode-0", {"role": "prefill"})
     w.converge({**expected, w.url(d): "prefill"}, "decode-0 relabelled to prefill")
     assert w.smg_workers()[w.url(d)].get("bootstrap_port") == 7777
+
+
+@pytest.fixture
+def proxy(control_plane: ControlPlane) -> Iterator[FaultProxy]:
+    p = FaultProxy(control_plane.apiserver_port)
+    yield p
+    p.close()
+
+
+def test_the_last_good_manifest_stays_while_the_api_server_is_lost(
+    control_plane: ControlPlane,
+    cluster: Cluster,
+    namespace: str,
+    sidecars: Sidecars,
+    tmp_path: pathlib.Path,
+    proxy: FaultProxy,
+) -> None:
+    """The gateway's sidecar loses the API server: SMG keeps routing to the last known workers (the file
+    is neither emptied nor rewritten); once the server is back, the changes made meanwhile arrive."""
+    w = GatewayWorld(
+        control_plane,
+        cluster,
+        namespace,
+        sidecars,
+        tmp_path,
+        {"DISCOVERY_SMG_SELECTOR": SELECTOR},
+        pd=False,
+        server=proxy.server,
+    )
+    try:
+        a, b = w.worker("w-a"), w.worker("w-b")
+        both = {w.url(a): "regular", w.url(b): "regular"}
+        w.converge(both, "two workers")
+        before = w.manifest.stat().st_mtime_ns, w.manifest.read_text()
+
+        proxy.refuse()
+        # /readyz fails while a watch is unhealthy: from then on the stream is DEGRADED and the file held.
+        wait_for(lambda: w.sidecar.http_get("/readyz")[0] == 503, 60, what="the sidecar to notice the outage")
+        w.cluster.delete_pod(w.namespace, "w-b", grace_seconds=0)  # unseen by the sidecar for now
+        assert (w.manifest.stat().st_mtime_ns, w.manifest.read_text()) == before
+        assert set(w.smg_workers()) == set(both)
+
+        proxy.accept()
+        w.converge({w.url(a): "regular"}, "the deletion made during the outage")
+    finally:
+        w.close()
