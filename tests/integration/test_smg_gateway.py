@@ -19,11 +19,13 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
+import yaml
 
 from devcluster.cluster import ControlPlane, free_port
 from devcluster.faults import FaultProxy
 from devcluster.objects import Cluster, wait_for
 from devcluster.smg import SmgGateway, StandInWorker
+from sidecar.config import load_settings
 from tests.conftest import MANIFESTS, Sidecars, kubectl
 
 pytestmark = pytest.mark.integration
@@ -261,3 +263,42 @@ def test_the_last_good_manifest_stays_while_the_api_server_is_lost(
         w.converge({w.url(a): "regular"}, "the deletion made during the outage")
     finally:
         w.close()
+
+
+EXAMPLE = MANIFESTS / "examples" / "smg-gateway.yaml"
+
+
+def test_example_manifest_is_accepted_and_consistent(
+    control_plane: ControlPlane, namespace: str, tmp_path: pathlib.Path
+) -> None:
+    """The example runs: the API server admits it (server-side dry run), the sidecar's loader accepts its
+    environment, SMG reads the very file the sidecar writes, on a volume both mount, and the real smg
+    binary starts with the example's arguments."""
+    kubectl(control_plane, "apply", "--dry-run=server", "-f", str(EXAMPLE), namespace=namespace)
+    (deployment,) = [d for d in yaml.safe_load_all(EXAMPLE.read_text()) if d]
+    spec = deployment["spec"]["template"]["spec"]
+    (sidecar,) = spec["initContainers"]
+    (smg,) = spec["containers"]
+    env = {e["name"]: e.get("value", "") for e in sidecar["env"]}
+    manifest = pathlib.PurePosixPath(env["DISCOVERY_SMG_MANIFEST"])
+    args = smg["args"]
+    assert args[args.index("--discovery-file") + 1] == str(manifest)
+    assert "--pd-disaggregation" in args  # prefill/decode roles need SMG's PD mode
+    mounts = {c["name"]: {m["name"]: m["mountPath"] for m in c["volumeMounts"]} for c in (sidecar, smg)}
+    shared = [v for v, path in mounts["discovery-sidecar"].items() if path == str(manifest.parent)]
+    assert len(shared) == 1 and mounts["smg"].get(shared[0]) == str(manifest.parent)
+
+    local = tmp_path / "shared" / manifest.name  # the emptyDir, here
+    local.parent.mkdir()
+    env.update(POD_NAME="smg-gateway-0", POD_NAMESPACE=namespace, POD_UID="u", DISCOVERY_SMG_MANIFEST=str(local))
+    settings = load_settings(environ={**env, "DISCOVERY_PODINFO_DIR": str(tmp_path / "none")})
+    assert settings.smg_manifest is not None and settings.require_metadata is False
+    assert settings.smg_manifest.roles.role({"app": "sglang-worker", "role": "prefill"}) == "prefill"
+
+    flags = [a for a in args[1:] if a not in ("--host", "0.0.0.0", "--port", "30000")]
+    flags[flags.index("--discovery-file") + 1] = str(local)
+    gateway = SmgGateway(flags, tmp_path / "smg.log")  # waits until it serves /workers
+    try:
+        assert gateway.workers() == []
+    finally:
+        gateway.stop()
