@@ -61,6 +61,7 @@ class GatewayWorld:
             "DISCOVERY_SERVICE_NAME": "",
             "DISCOVERY_POD_SELECTOR": SELECTOR,
             "DISCOVERY_REQUIRE_METADATA": "false",
+            "DISCOVERY_REGISTER": "never",  # as in manifests/examples/smg-gateway.yaml: the gateway only reads
             "DISCOVERY_WORKER_PORT": str(self.port),
             "DISCOVERY_SMG_MANIFEST": str(self.manifest),
             **roles,
@@ -293,6 +294,7 @@ def test_example_manifest_is_accepted_and_consistent(
     env.update(POD_NAME="smg-gateway-0", POD_NAMESPACE=namespace, POD_UID="u", DISCOVERY_SMG_MANIFEST=str(local))
     settings = load_settings(environ={**env, "DISCOVERY_PODINFO_DIR": str(tmp_path / "none")})
     assert settings.smg_manifest is not None and settings.require_metadata is False
+    assert settings.register == "never"
     assert settings.smg_manifest.roles.role({"app": "sglang-worker", "role": "prefill"}) == "prefill"
 
     flags = [a for a in args[1:] if a not in ("--host", "0.0.0.0", "--port", "30000")]
