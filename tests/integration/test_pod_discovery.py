@@ -143,6 +143,21 @@ def test_pods_without_a_sidecar_are_peers_with_their_own_labels(bare_world: PodW
             lambda r: [w.url for w in r.peers()["w-a"].workers] == ["http://127.0.0.31:8082"], 45, "new ports"
         )
 
+        # A bad annotation costs that worker, logged; the sidecar and the peer carry on.
+        world.cluster.annotate_pod(world.namespace, "w-a", {"smg.ai/worker-ports": "8083,eighty"})
+        stream.wait_until(
+            lambda r: [w.url for w in r.peers()["w-a"].workers] == ["http://127.0.0.31:8083"], 45, "bad port skipped"
+        )
+        wait_for(
+            lambda: any(
+                e.get("event", "").startswith("workers skipped") and e.get("peer") == "w-a"
+                for e in world.router.log_events()
+            ),
+            15,
+            what="the skipped worker logged",
+        )
+        assert world.router.ready()
+
         # A pod that runs the sidecar: its CR (labels, data) speaks for it.
         world.worker("w-c", "127.0.0.33")
         stream.wait_until(lambda r: "w-c" in r.names() and r.peers()["w-c"].data_json != "{}", 45, "w-c with its CR")
