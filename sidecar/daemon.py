@@ -78,7 +78,7 @@ class Sidecar:
             for target in targets
         ]
         self.smg_writer = (
-            SmgManifestWriter(self.hub, settings.smg_manifest, self.log)
+            SmgManifestWriter(self.hub, settings.smg_manifest, self.log, self.metrics)
             if settings.smg_manifest is not None
             else None
         )

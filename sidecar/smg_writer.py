@@ -24,6 +24,7 @@ from typing import Any
 from sidecar.config import SmgManifestSettings
 from sidecar.core.eventlog import ApiStatus
 from sidecar.core.smg_manifest import manifest_text, smg_manifest
+from sidecar.metrics import Metrics
 from sidecar.ports import PeerReader
 
 RETRY_SECONDS = 2.0
@@ -53,8 +54,11 @@ class SmgManifestWriter:
     thread; a single reference assignment, so it needs no lock.
     """
 
-    def __init__(self, reader: PeerReader, settings: SmgManifestSettings, log: Any) -> None:
+    def __init__(
+        self, reader: PeerReader, settings: SmgManifestSettings, log: Any, metrics: Metrics | None = None
+    ) -> None:
         self.reader = reader
+        self.metrics = metrics if metrics is not None else Metrics()
         self.settings = settings
         self.log = log.bind(manifest=str(settings.path))
         self._stop = threading.Event()
@@ -101,10 +105,13 @@ class SmgManifestWriter:
         try:
             write_atomically(self.settings.path, text)
         except OSError as exc:
+            self.metrics.smg_manifest_writes.labels("error").inc()
             self._problem = f"cannot write {self.settings.path}: {exc.strerror or exc}"
             self.log.error("SMG manifest not written; the last good file stays", error=self._problem)
             return
         self._written = text
         self._problem = None
         self.writes += 1
+        self.metrics.smg_manifest_writes.labels("ok").inc()
+        self.metrics.smg_manifest_workers.set(len(manifest["workers"]))
         self.log.info("SMG manifest written", workers=len(manifest["workers"]), revision=revision)

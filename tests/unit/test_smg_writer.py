@@ -90,6 +90,9 @@ def test_follows_changes_and_rewrites_only_on_change(world: World) -> None:
     world.put(pod("d-0", "10.0.0.2", "decode"))
     wait_for(lambda: len(world.urls()) == 2, 5, what="the decode worker")
     assert world.writer.writes == writes + 1
+    registry = world.writer.metrics.registry
+    assert registry.get_sample_value("discovery_smg_manifest_workers") == 2
+    assert registry.get_sample_value("discovery_smg_manifest_writes_total", {"result": "ok"}) == world.writer.writes
     assert [p.name for p in world.path.parent.iterdir()] == ["workers.json"]  # no temporary file left
 
 
