@@ -177,8 +177,9 @@ def parse_pod_containers(obj: Mapping[str, Any]) -> ReadinessRecord:
     ) or ((status["podIP"],) if isinstance(status.get("podIP"), str) and status["podIP"] else ())
     pod_name = meta.get("name", "")
     main = main_container_of(_dict(meta.get("annotations")))
-    labels = _dict(meta.get("labels"))
+    labels = _strings(meta.get("labels"))
     zone = labels.get(ZONE_LABEL, "")
+    pod = PodMeta(labels=labels, annotations=_strings(meta.get("annotations")))  # every container's pod
     entries = []
     for raw in status.get("containerStatuses") or () if meta.get("uid") and pod_name else ():
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or not raw["name"]:
@@ -196,6 +197,7 @@ def parse_pod_containers(obj: Mapping[str, Any]) -> ReadinessRecord:
                 hostname=spec.get("hostname") or "",
                 container=raw["name"],
                 metadata_name=metadata_name(pod_name, raw["name"], main),
+                pod=pod,
             )
         )
     return ReadinessRecord(

@@ -447,3 +447,25 @@ class TestWithoutMetadata:
         assert peer is not None and peer.state is PeerState.DRAINING
         join.delete(key("w-0"))
         assert join.peer("u1") is None
+
+
+def test_container_mode_without_metadata_each_container_is_a_peer_of_the_pods_labels() -> None:
+    """Containers that run no sidecar (DISCOVERY_REQUIRE_METADATA=false): one peer per ready container,
+    named as its CR would be, with the pod's own labels and no data."""
+    from sidecar.core.resources import parse_pod_containers
+
+    raw = {
+        "metadata": {"name": "w0", "namespace": NS, "uid": "u0", "labels": {"app": "w"}},
+        "spec": {"containers": [{"name": "main"}, {"name": "engine"}]},
+        "status": {
+            "phase": "Running",
+            "podIP": "10.0.0.9",
+            "containerStatuses": [{"name": "main", "ready": True}, {"name": "engine", "ready": True}],
+        },
+    }
+    join = PeerJoin(require_metadata=False)
+    affected = join.upsert(key("w0"), parse_pod_containers(raw))
+    peers = {p.name: p for p in (join.peer(k) for k in affected) if p is not None}
+    assert set(peers) == {"w0", "w0-engine"}
+    assert all(dict(p.labels) == {"app": "w"} and p.data == {} for p in peers.values())
+    assert peers["w0-engine"].container == "engine" and peers["w0-engine"].instance_id == instance_id("w0-engine")
