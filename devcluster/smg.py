@@ -149,8 +149,11 @@ class SmgGateway:
         wait_for(self.up, 30, what="smg listening")
 
     @classmethod
-    def with_file(cls, manifest: pathlib.Path, log_path: pathlib.Path, pd: bool = False) -> SmgGateway:
-        """SMG fed by the sidecar: ``--discovery-provider file`` on the manifest it writes."""
+    def with_file(
+        cls, manifest: pathlib.Path, log_path: pathlib.Path, pd: bool = False, epd: bool = False
+    ) -> SmgGateway:
+        """SMG fed by the sidecar: ``--discovery-provider file`` on the manifest it writes; ``pd``/``epd``
+        turn on SMG's prefill-decode (or encode-prefill-decode) mode."""
         args = [
             "--discovery-provider",
             "file",
@@ -159,7 +162,11 @@ class SmgGateway:
             "--discovery-check-interval-secs",
             "1",
         ]
-        return cls([*args, "--pd-disaggregation"] if pd else args, log_path)
+        if pd:
+            args.append("--pd-disaggregation")
+        if epd:
+            args.append("--epd-disaggregation")
+        return cls(args, log_path)
 
     def _get(self, path: str) -> tuple[int, str]:
         if self.process.poll() is not None:

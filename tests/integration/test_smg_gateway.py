@@ -47,6 +47,7 @@ class GatewayWorld:
         roles: Mapping[str, str],
         pd: bool,
         server: str | None = None,
+        epd: bool = False,
     ) -> None:
         self.cluster = cluster
         self.namespace = namespace
@@ -67,7 +68,7 @@ class GatewayWorld:
             **roles,
         }
         self.sidecar = sidecars.start(gateway, "", extra_env=env, server=server).wait_ready()
-        self.smg = SmgGateway.with_file(self.manifest, work_dir / "smg.log", pd=pd)
+        self.smg = SmgGateway.with_file(self.manifest, work_dir / "smg.log", pd=pd, epd=epd)
 
     def close(self) -> None:
         self.smg.stop()
@@ -192,6 +193,31 @@ def test_ip_change_and_same_name_restart(regular: GatewayWorld) -> None:
     new = w.cluster.get_or_none(f"/api/v1/namespaces/{w.namespace}/pods/w-r")
     assert new is not None and new["metadata"]["uid"] != old_uid
     w.converge({w.url(again): "regular"}, "the new incarnation only")
+
+
+@pytest.fixture
+def epd(
+    control_plane: ControlPlane, cluster: Cluster, namespace: str, sidecars: Sidecars, tmp_path: pathlib.Path
+) -> Iterator[GatewayWorld]:
+    roles = {
+        "DISCOVERY_SMG_ENCODE_SELECTOR": "role=encode",
+        "DISCOVERY_SMG_PREFILL_SELECTOR": "role in (prefill,encode)",  # encode pods match this one too
+        "DISCOVERY_SMG_DECODE_SELECTOR": "role=decode",
+    }
+    world = GatewayWorld(control_plane, cluster, namespace, sidecars, tmp_path, roles, pd=False, epd=True)
+    yield world
+    world.close()
+
+
+def test_epd_roles_in_smgs_order(epd: GatewayWorld) -> None:
+    """SMG's --epd-disaggregation: a pod matching the encode and the prefill selectors is an encode
+    worker (SMG's order: encode, prefill, decode), with its bootstrap port."""
+    w = epd
+    e = w.worker("encode-0", {"role": "encode"}, **{"sglang.ai/bootstrap-port": "9000"})
+    p = w.worker("prefill-0", {"role": "prefill"}, **{"sglang.ai/bootstrap-port": "9001"})
+    d = w.worker("decode-0", {"role": "decode"})
+    w.converge({w.url(e): "encode", w.url(p): "prefill", w.url(d): "decode"}, "encode, prefill, decode")
+    assert w.smg_workers()[w.url(e)].get("bootstrap_port") == 9000
 
 
 def test_pd_roles_with_bootstrap_ports(pd: GatewayWorld) -> None:
