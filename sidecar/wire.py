@@ -113,7 +113,13 @@ def encode_peer(peer: Peer) -> pb.Peer:
         ],
         workers=[
             pb.Worker(
-                url=w.url, port=w.port, protocol=w.protocol, bootstrap_port=w.bootstrap_port, model_id=w.model_id
+                url=w.url,
+                port=w.port,
+                protocol=w.protocol,
+                bootstrap_port=w.bootstrap_port,
+                model_id=w.model_id,
+                kv_connector=w.kv_connector,
+                kv_engine_id=w.kv_engine_id,
             )
             for w in peer.workers
         ],

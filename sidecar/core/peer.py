@@ -47,6 +47,10 @@ def worker_json(worker: Worker) -> dict[str, Any]:
         out["bootstrap_port"] = worker.bootstrap_port
     if worker.model_id:
         out["model_id"] = worker.model_id
+    if worker.kv_connector:
+        out["kv_connector"] = worker.kv_connector
+    if worker.kv_engine_id:
+        out["kv_engine_id"] = worker.kv_engine_id
     return out
 
 

@@ -12,7 +12,10 @@ Roles mirror SMG's flags: a peer takes the role of the first selector it matches
 encode, prefill, decode; otherwise it is ``regular`` when it matches the regular selector, else it is
 not a worker of this gateway. Only READY peers are listed: SMG drops a pod from the moment it has a
 ``deletionTimestamp`` and drains its worker itself, and so a DRAINING peer leaves the manifest.
-A bootstrap port is written for prefill and encode workers only, as SMG reads it.
+A bootstrap port is written for prefill and encode workers only, as SMG reads it. Each worker's ``id``
+is ``{pod UID}:{port}``, as SMG's own Kubernetes discovery names the workers it registers: a pod
+recreated under the same name at the same address is a new worker to SMG (re-probed, its old
+registration removed), never the old one carried over.
 """
 
 from __future__ import annotations
@@ -75,11 +78,15 @@ def smg_manifest(peers: Iterable[Peer], roles: SmgRoles) -> dict[str, Any]:
         for worker in peer.workers:
             if worker.url in entries:
                 continue
-            entry: dict[str, Any] = {"url": worker.url, "worker_type": role}
+            entry: dict[str, Any] = {"id": f"{peer.uid}:{worker.port}", "url": worker.url, "worker_type": role}
             if role in BOOTSTRAP_ROLES and worker.bootstrap_port is not None:
                 entry["bootstrap_port"] = worker.bootstrap_port
             if worker.model_id:
                 entry["model_id"] = worker.model_id
+            if worker.kv_connector:
+                entry["kv_connector"] = worker.kv_connector
+            if worker.kv_engine_id:
+                entry["kv_engine_id"] = worker.kv_engine_id
             entries[worker.url] = entry
     return {"version": MANIFEST_VERSION, "workers": [entries[url] for url in sorted(entries)]}
 

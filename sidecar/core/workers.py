@@ -10,7 +10,9 @@ bootstrap port. SMG reads that from the pod, and so does this module, with SMG's
 * the bootstrap ports: ``sglang.ai/bootstrap-port``, one value for every worker or a list aligned with
   the ports;
 * the model id: ``DISCOVERY_MODEL_ID_FROM`` (``namespace``, ``label:<key>``, ``annotation:<key>``);
-* the protocol: ``DISCOVERY_WORKER_PROTOCOL`` (``http`` or ``grpc``).
+* the protocol: ``DISCOVERY_WORKER_PROTOCOL`` (``http`` or ``grpc``);
+* vLLM's KV transfer: the annotations ``smg.ai/kv-connector`` and ``smg.ai/kv-engine-id`` (SMG's default
+  ``--kv-connector-annotation`` and ``--kv-engine-id-annotation``), passed through as they are.
 
 Where this differs from SMG, on purpose: an annotation that does not parse is never guessed around.
 SMG falls back to its configured port (a URL the pod never announced) or drops the bootstrap port (a
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 
 WORKER_PORTS_ANNOTATION = "smg.ai/worker-ports"
 BOOTSTRAP_PORT_ANNOTATION = "sglang.ai/bootstrap-port"
+KV_CONNECTOR_ANNOTATION = "smg.ai/kv-connector"
+KV_ENGINE_ID_ANNOTATION = "smg.ai/kv-engine-id"
 PROTOCOLS = ("http", "grpc")
 
 
@@ -72,6 +76,8 @@ class Worker:
     protocol: str
     bootstrap_port: int | None = None
     model_id: str = ""
+    kv_connector: str = ""
+    kv_engine_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -162,6 +168,8 @@ def pod_workers(view: PodView, policy: WorkerPolicy) -> tuple[tuple[Worker, ...]
     ports = _ports(view, policy, problems)
     bootstrap = _bootstrap_ports(view, len(ports), problems)
     model = model_id(view, policy.model_id_from)
+    kv_connector = view.annotations.get(KV_CONNECTOR_ANNOTATION, "")
+    kv_engine_id = view.annotations.get(KV_ENGINE_ID_ANNOTATION, "")
     workers = []
     for index, port in enumerate(ports):
         if port is None:
@@ -170,5 +178,6 @@ def pod_workers(view: PodView, policy: WorkerPolicy) -> tuple[tuple[Worker, ...]
         if bootstrap is not None and boot is None:
             problems.append(f"worker port {port} skipped: its bootstrap port is not usable")
             continue
-        workers.append(Worker(url(policy.protocol, view.address, port), port, policy.protocol, boot, model))
+        address = url(policy.protocol, view.address, port)
+        workers.append(Worker(address, port, policy.protocol, boot, model, kv_connector, kv_engine_id))
     return tuple(workers), tuple(problems)

@@ -80,11 +80,18 @@ class GatewayWorld:
             self.stand_ins.append(StandInWorker(address, port))
 
     def worker(
-        self, name: str, labels: Mapping[str, str] | None = None, ports: tuple[int, ...] = (), **annotations: str
+        self,
+        name: str,
+        labels: Mapping[str, str] | None = None,
+        ports: tuple[int, ...] = (),
+        address: str = "",
+        **annotations: str,
     ) -> str:
-        """A ready worker pod at a fresh loopback address, with stand-ins on its ports; returns the address."""
-        address = next(_addresses)
-        self.serve(address, ports)
+        """A ready worker pod at a fresh loopback address (or ``address``, already served), with stand-ins
+        on its ports; returns the address."""
+        if not address:
+            address = next(_addresses)
+            self.serve(address, ports)
         extra = dict(annotations)
         if ports:
             extra["smg.ai/worker-ports"] = ",".join(map(str, ports))
@@ -193,6 +200,21 @@ def test_ip_change_and_same_name_restart(regular: GatewayWorld) -> None:
     new = w.cluster.get_or_none(f"/api/v1/namespaces/{w.namespace}/pods/w-r")
     assert new is not None and new["metadata"]["uid"] != old_uid
     w.converge({w.url(again): "regular"}, "the new incarnation only")
+
+    # Restarted again at the very same address: the URL is unchanged, but SMG must know the worker is a
+    # new incarnation (re-probed, as its own discovery does by pod UID): its discovery id follows the UID.
+    w.cluster.delete_pod(w.namespace, "w-r", grace_seconds=0)
+    wait_for(lambda: w.cluster.get_or_none(f"/api/v1/namespaces/{w.namespace}/pods/w-r") is None, 30)
+    w.worker("w-r", address=again)
+    third = w.cluster.get_or_none(f"/api/v1/namespaces/{w.namespace}/pods/w-r")
+    assert third is not None
+    discovery_id = f"{third['metadata']['uid']}:{w.port}"
+    wait_for(
+        lambda: w.smg_workers().get(w.url(again), {}).get("labels", {}).get("smg.ai/discovery-id") == discovery_id,
+        CONVERGE,
+        what="SMG's worker to be the third incarnation",
+    )
+    assert set(w.smg_workers()) == {w.url(again)}
 
 
 @pytest.fixture

@@ -61,7 +61,8 @@ class TestRoles:
 
 class TestManifest:
     def test_schema_and_order(self) -> None:
-        """version 1, workers sorted by URL; bootstrap ports for prefill/encode only; model id when known."""
+        """version 1, workers sorted by URL, each with SMG's own id ({pod UID}:{port}); bootstrap ports for
+        prefill/encode only; model id when known."""
         doc = smg_manifest(
             [
                 peer("b", {"role": "decode"}, w("10.0.0.2", bootstrap=9000)),
@@ -73,10 +74,16 @@ class TestManifest:
         assert doc == {
             "version": 1,
             "workers": [
-                {"url": "http://10.0.0.1:8000", "worker_type": "prefill", "bootstrap_port": 8998, "model_id": "m"},
-                {"url": "http://10.0.0.2:8000", "worker_type": "decode"},
-                {"url": "http://10.0.0.3:8080", "worker_type": "regular"},
-                {"url": "http://10.0.0.3:8081", "worker_type": "regular"},
+                {
+                    "id": "a:8000",
+                    "url": "http://10.0.0.1:8000",
+                    "worker_type": "prefill",
+                    "bootstrap_port": 8998,
+                    "model_id": "m",
+                },
+                {"id": "b:8000", "url": "http://10.0.0.2:8000", "worker_type": "decode"},
+                {"id": "c:8080", "url": "http://10.0.0.3:8080", "worker_type": "regular"},
+                {"id": "c:8081", "url": "http://10.0.0.3:8081", "worker_type": "regular"},
             ],
         }
 
@@ -91,7 +98,7 @@ class TestManifest:
     def test_one_entry_per_url(self) -> None:
         """An address handed to a new pod before the old pod's status changed: one entry, stable choice."""
         doc = smg_manifest([peer("z", {"app": "w"}, w("10.0.0.1")), peer("a", {"role": "decode"}, w("10.0.0.1"))], PD)
-        assert doc["workers"] == [{"url": "http://10.0.0.1:8000", "worker_type": "decode"}]
+        assert doc["workers"] == [{"id": "a:8000", "url": "http://10.0.0.1:8000", "worker_type": "decode"}]
 
     def test_text_is_stable(self) -> None:
         peers = [peer("a", {"app": "w"}, w("10.0.0.1")), peer("b", {"app": "w"}, w("10.0.0.2"))]
@@ -110,3 +117,15 @@ class TestSelectorSpelling:
     def test_bad(self) -> None:
         with pytest.raises(SelectorError):
             parse_smg_selector("role=a b")
+
+    def test_a_new_incarnation_at_the_same_url_is_a_new_worker(self) -> None:
+        """Same pod name, same address, new UID: the id changes, so SMG re-registers instead of keeping the
+        old incarnation's worker."""
+        before = smg_manifest([peer("uid-1", {"app": "w"}, w("10.0.0.1"))], PD)["workers"][0]
+        after = smg_manifest([peer("uid-2", {"app": "w"}, w("10.0.0.1"))], PD)["workers"][0]
+        assert before["url"] == after["url"] and before["id"] != after["id"]
+
+    def test_kv_annotations_pass_through(self) -> None:
+        worker = Worker("http://10.0.0.1:8000", 8000, "http", kv_connector="NixlConnector", kv_engine_id="e-7")
+        (entry,) = smg_manifest([peer("a", {"app": "w"}, worker)], PD)["workers"]
+        assert (entry["kv_connector"], entry["kv_engine_id"]) == ("NixlConnector", "e-7")

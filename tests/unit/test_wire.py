@@ -60,7 +60,7 @@ class TestWorkers:
             state=PeerState.READY,
             document=Document({}),
             workers=(
-                Worker("http://10.0.0.1:8080", 8080, "http", 8998, "m"),
+                Worker("http://10.0.0.1:8080", 8080, "http", 8998, "m", "Nixl", "e-1"),
                 Worker("http://10.0.0.1:8081", 8081, "http"),
             ),
         )
@@ -68,10 +68,13 @@ class TestWorkers:
         first, second = message.workers
         assert (first.url, first.port, first.protocol, first.model_id) == ("http://10.0.0.1:8080", 8080, "http", "m")
         assert first.HasField("bootstrap_port") and first.bootstrap_port == 8998
+        assert (first.kv_connector, first.kv_engine_id) == ("Nixl", "e-1")
         assert not second.HasField("bootstrap_port")
         assert peer_from_pb_json(message)["workers"][1] == {
             "url": "http://10.0.0.1:8081",
             "port": 8081,
             "protocol": "http",
             "model_id": "",
+            "kv_connector": "",
+            "kv_engine_id": "",
         }

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from sidecar.core.workers import (
     BOOTSTRAP_PORT_ANNOTATION,
+    KV_CONNECTOR_ANNOTATION,
+    KV_ENGINE_ID_ANNOTATION,
     WORKER_PORTS_ANNOTATION,
     ModelIdFrom,
     PodView,
@@ -107,6 +109,13 @@ class TestModelId:
 
     def test_round_trip(self) -> None:
         assert str(ModelIdFrom.parse("annotation:a/b")) == "annotation:a/b"
+
+
+def test_kv_annotations_apply_to_every_worker() -> None:
+    """SMG's default --kv-connector-annotation and --kv-engine-id-annotation, as the pod gives them."""
+    annotations = {WORKER_PORTS_ANNOTATION: "8080,8081", KV_CONNECTOR_ANNOTATION: "Nixl", KV_ENGINE_ID_ANNOTATION: "e"}
+    workers, _ = pod_workers(view(annotations), WorkerPolicy())
+    assert [(w.kv_connector, w.kv_engine_id) for w in workers] == [("Nixl", "e"), ("Nixl", "e")]
 
 
 @given(st.dictionaries(st.sampled_from([WORKER_PORTS_ANNOTATION, BOOTSTRAP_PORT_ANNOTATION, "x"]), st.text()))

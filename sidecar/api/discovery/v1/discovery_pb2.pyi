@@ -175,18 +175,22 @@ class Peer(_message.Message):
     def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., uid: _Optional[str] = ..., instance_id: _Optional[int] = ..., instance_id_hex: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., ports: _Optional[_Iterable[_Union[Port, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[PeerState, str]] = ..., data: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., data_json: _Optional[str] = ..., node_name: _Optional[str] = ..., zone: _Optional[str] = ..., hostname: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ..., endpoints: _Optional[_Iterable[_Union[DynamoEndpoint, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[DynamoModel, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[Worker, _Mapping]]] = ..., container: _Optional[str] = ...) -> None: ...
 
 class Worker(_message.Message):
-    __slots__ = ("url", "port", "protocol", "bootstrap_port", "model_id")
+    __slots__ = ("url", "port", "protocol", "bootstrap_port", "model_id", "kv_connector", "kv_engine_id")
     URL_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     BOOTSTRAP_PORT_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    KV_CONNECTOR_FIELD_NUMBER: _ClassVar[int]
+    KV_ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
     url: str
     port: int
     protocol: str
     bootstrap_port: int
     model_id: str
-    def __init__(self, url: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[str] = ..., bootstrap_port: _Optional[int] = ..., model_id: _Optional[str] = ...) -> None: ...
+    kv_connector: str
+    kv_engine_id: str
+    def __init__(self, url: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[str] = ..., bootstrap_port: _Optional[int] = ..., model_id: _Optional[str] = ..., kv_connector: _Optional[str] = ..., kv_engine_id: _Optional[str] = ...) -> None: ...
 
 class WatchPeersRequest(_message.Message):
     __slots__ = ("filter", "resume_history_id", "resume_revision")
