@@ -106,8 +106,10 @@ class SmgManifestWriter:
             write_atomically(self.settings.path, text)
         except OSError as exc:
             self.metrics.smg_manifest_writes.labels("error").inc()
-            self._problem = f"cannot write {self.settings.path}: {exc.strerror or exc}"
-            self.log.error("SMG manifest not written; the last good file stays", error=self._problem)
+            problem = f"cannot write {self.settings.path}: {exc.strerror or exc}"
+            if problem != self._problem:  # retried every few seconds: say it once, and again if it changes
+                self.log.error("SMG manifest not written; the last good file stays", error=problem)
+            self._problem = problem
             return
         self._written = text
         self._problem = None
