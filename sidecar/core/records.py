@@ -50,6 +50,7 @@ class EndpointEntry:
     # speaks for it (``sidecar.core.containers``). Empty in pod mode: the pod's own, named after the pod.
     container: str = ""
     metadata_name: str = ""
+    pod: PodMeta | None = None  # None when the source does not read the Pod (EndpointSlices)
 
     @property
     def speaks_for_it(self) -> str:
@@ -59,7 +60,6 @@ class EndpointEntry:
     @property
     def peer_key(self) -> str:
         return peer_key(self.pod_uid, self.pod_name, self.speaks_for_it)
-    pod: PodMeta | None = None  # None when the source does not read the Pod (EndpointSlices)
 
     @property
     def live(self) -> bool:
