@@ -202,15 +202,25 @@ class Cluster:
         service_account: str = "discovery-sidecar",
         containers: Sequence[str] = ("main",),
         annotations: Mapping[str, str] | None = None,
+        port: int = 8000,
     ) -> dict[str, Any]:
         """Create a pod and report it Running (and Ready unless told otherwise)."""
         self.create_pod(
-            namespace, name, labels, service_account=service_account, containers=containers, annotations=annotations
+            namespace,
+            name,
+            labels,
+            port=port,
+            service_account=service_account,
+            containers=containers,
+            annotations=annotations,
         )
         return self.set_pod_status(namespace, name, ready=ready, ip=ip)
 
     def relabel_pod(self, namespace: str, name: str, labels: Mapping[str, str | None]) -> dict[str, Any]:
         return self.api.merge_patch(PODS.item(namespace, name), {"metadata": {"labels": dict(labels)}})
+
+    def annotate_pod(self, namespace: str, name: str, annotations: Mapping[str, str | None]) -> dict[str, Any]:
+        return self.api.merge_patch(PODS.item(namespace, name), {"metadata": {"annotations": dict(annotations)}})
 
     def delete_pod(self, namespace: str, name: str, grace_seconds: int = 0) -> None:
         """Delete a pod; grace 0 removes it at once (there is no kubelet to confirm termination)."""

@@ -32,6 +32,8 @@ from sidecar.core.selectors import (
     parse_selector,
     selector_from_labels,
 )
+from sidecar.core.smg_manifest import SmgRoles, parse_smg_selector
+from sidecar.core.workers import PROTOCOLS, ModelIdFrom, WorkerPolicy
 from sidecar.etcd.settings import (
     CA_ENV,
     CLIENT_CERT_ENV,
@@ -128,6 +130,38 @@ def parse_grpc_listen(text: str) -> ListenAddress:
             raise ValueError(f"a Unix socket needs an absolute path (unix:///run/discovery.sock), got {text!r}")
         return ListenAddress(unix_path=path)
     return _parse_host_port(text, loopback_only=True)
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def parse_port(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError(f"expected a port number, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise ValueError(f"expected a port in 1-65535, got {value}")
+    return value
+
+
+def parse_manifest_path(text: str) -> pathlib.Path:
+    """Where SMG's manifest is written: an absolute path in an existing directory (the shared volume),
+    since the file is replaced by renaming a temporary file in that same directory."""
+    path = pathlib.Path(text.strip())
+    if not path.is_absolute() or not path.name:
+        raise ValueError(f"expected an absolute file path (e.g. /shared/workers.json), got {text!r}")
+    if not path.parent.is_dir():
+        raise ValueError(f"directory {path.parent} does not exist: mount the volume SMG reads (an emptyDir) there")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give the manifest's file name")
+    return path
 
 
 _BYTE_UNITS = {"": 1, "k": 1000, "ki": 1024, "m": 1000**2, "mi": 1024**2, "g": 1000**3, "gi": 1024**3}
@@ -294,6 +328,56 @@ OPTIONS: tuple[Option, ...] = (
         "where peers are watched: empty for the pod's own namespace, a comma-separated list, or * for all",
     ),
     Option(
+        "DISCOVERY_REQUIRE_METADATA",
+        "--require-metadata",
+        "true: a peer must have published its metadata (a CR owned by the pod); false: any ready pod is a "
+        "peer, with its own labels and no data when it has no CR (pods that run no sidecar)",
+        default="true",
+    ),
+    Option(
+        "DISCOVERY_WORKER_PORT",
+        "--worker-port",
+        "a peer's serving port, unless its pod's smg.ai/worker-ports annotation lists its ports "
+        "(unset: the one port the pod or its EndpointSlice declares)",
+    ),
+    Option(
+        "DISCOVERY_WORKER_PROTOCOL",
+        "--worker-protocol",
+        "the scheme of the peers' worker URLs: http or grpc",
+        default="http",
+    ),
+    Option(
+        "DISCOVERY_MODEL_ID_FROM",
+        "--model-id-from",
+        "a worker's model id: namespace, label:<key> or annotation:<key> of its pod (as smg --model-id-from)",
+    ),
+    Option(
+        "DISCOVERY_SMG_MANIFEST",
+        "--smg-manifest",
+        "write SGLang Model Gateway's worker manifest (smg --discovery-provider file) to this path",
+    ),
+    Option(
+        "DISCOVERY_SMG_SELECTOR",
+        "--smg-selector",
+        "peers listed in the SMG manifest as regular workers (as smg --selector; k=v k2=v2 also accepted)",
+    ),
+    Option(
+        "DISCOVERY_SMG_PREFILL_SELECTOR",
+        "--smg-prefill-selector",
+        "peers listed as prefill workers, with their bootstrap port (as smg --prefill-selector)",
+    ),
+    Option(
+        "DISCOVERY_SMG_DECODE_SELECTOR",
+        "--smg-decode-selector",
+        "peers listed as decode workers (as smg --decode-selector)",
+    ),
+    Option(
+        "DISCOVERY_SMG_ENCODE_SELECTOR",
+        "--smg-encode-selector",
+        "peers listed as encode workers, with their bootstrap port (as smg --encode-selector); roles are "
+        "tried in SMG's order encode, prefill, decode, then regular",
+    ),
+    Option(
         "DISCOVERY_GRPC_LISTEN",
         "--grpc-listen",
         "local API address: host:port on loopback, or unix:///path",
@@ -431,6 +515,14 @@ class PodIdentity:
 
 
 @dataclass(frozen=True)
+class SmgManifestSettings:
+    """Where SMG's worker manifest goes and which peers it lists in which role."""
+
+    path: pathlib.Path
+    roles: SmgRoles
+
+
+@dataclass(frozen=True)
 class Settings:
     """Every validated setting of ``run``; built once by ``load_settings`` and only read after."""
 
@@ -439,6 +531,9 @@ class Settings:
     endpointslice_selector: LabelSelector | None  # None when Pods define readiness
     pod_selector: LabelSelector | None
     namespaces: tuple[str, ...]  # where peers are watched; ("",) is every namespace
+    require_metadata: bool
+    workers: WorkerPolicy
+    smg_manifest: SmgManifestSettings | None
     grpc_listen: ListenAddress
     http_listen: ListenAddress | None
     initial_metadata: Mapping[str, Any]
@@ -611,6 +706,16 @@ def load_settings(args: argparse.Namespace | None = None, environ: Mapping[str, 
         )
 
     namespaces = reader.get("DISCOVERY_NAMESPACES", parse_namespaces)
+    require_metadata = reader.get("DISCOVERY_REQUIRE_METADATA", parse_bool)
+    worker_port = reader.get("DISCOVERY_WORKER_PORT", parse_port)
+    worker_protocol = reader.get("DISCOVERY_WORKER_PROTOCOL", _choice(*PROTOCOLS))
+    model_id_from = reader.get("DISCOVERY_MODEL_ID_FROM", ModelIdFrom.parse)
+    smg_manifest = _smg_manifest_settings(reader)
+    if smg_manifest is not None and reader.raw.get("DISCOVERY_WATCH", "").strip().lower() == "never":
+        reader.problems.append(
+            f"{reader.where('DISCOVERY_SMG_MANIFEST')} lists peers, but {reader.where('DISCOVERY_WATCH')} is "
+            "'never' (no peers are watched): use auto or always"
+        )
     initial_list = reader.get("DISCOVERY_INITIAL_LIST", _choice("stream", "pages"))
     peer_selector = reader.get("DISCOVERY_PEER_SELECTOR", _parse_selector_value)
     initial_metadata = _initial_metadata(reader)
@@ -624,6 +729,9 @@ def load_settings(args: argparse.Namespace | None = None, environ: Mapping[str, 
         endpointslice_selector=None if isinstance(pod_selector, LabelSelector) else selector,
         pod_selector=pod_selector if isinstance(pod_selector, LabelSelector) else None,
         namespaces=namespaces or (_known(namespace),),
+        require_metadata=_known(require_metadata),
+        workers=WorkerPolicy(port=worker_port, protocol=_known(worker_protocol), model_id_from=model_id_from),
+        smg_manifest=smg_manifest,
         initial_metadata=initial_metadata,
         raw=reader.raw,
         container_mode=mode == "container",
@@ -697,6 +805,9 @@ def _load_etcd_settings(
         container_mode=False,  # on etcd a process is its lease: no pod, no container to name
         container_name="",
         metadata_name=_known(name),
+        require_metadata=True,  # on etcd a peer is its keys: there is no pod without metadata
+        workers=WorkerPolicy(),
+        smg_manifest=None,
         **common,
     )
 
@@ -752,6 +863,46 @@ def _common_settings(reader: _Reader) -> dict[str, Any]:
         "log_format": log_format,
         "log_level": log_level,
     }
+
+
+SMG_ROLE_OPTIONS = {
+    "regular": "DISCOVERY_SMG_SELECTOR",
+    "prefill": "DISCOVERY_SMG_PREFILL_SELECTOR",
+    "decode": "DISCOVERY_SMG_DECODE_SELECTOR",
+    "encode": "DISCOVERY_SMG_ENCODE_SELECTOR",
+}
+
+
+def _smg_selector_value(text: str) -> LabelSelector:
+    try:
+        selector = parse_smg_selector(text)
+    except SelectorError as exc:
+        raise ValueError(f"invalid label selector: {exc}") from None
+    if selector.is_empty():
+        raise ValueError("an empty selector would list every peer; give a non-empty one")
+    return selector
+
+
+def _smg_manifest_settings(reader: _Reader) -> SmgManifestSettings | None:
+    """The manifest path and its role selectors: all or nothing, so a half-configured gateway is an error."""
+    path = reader.get("DISCOVERY_SMG_MANIFEST", parse_manifest_path)
+    selectors = {role: reader.get(env, _smg_selector_value) for role, env in SMG_ROLE_OPTIONS.items()}
+    given = [env for env in SMG_ROLE_OPTIONS.values() if env in reader.raw]
+    if "DISCOVERY_SMG_MANIFEST" not in reader.raw:
+        if given:
+            reader.problems.append(
+                f"{', '.join(reader.where(env) for env in given)} select peers for SMG's manifest, but "
+                f"{reader.where('DISCOVERY_SMG_MANIFEST')} (where to write it) is not set"
+            )
+        return None
+    if not given:
+        reader.problems.append(
+            f"{reader.where('DISCOVERY_SMG_MANIFEST')} is set but no peers are selected for it: set "
+            f"{reader.where('DISCOVERY_SMG_SELECTOR')} (regular workers) or the prefill/decode/encode selectors"
+        )
+    if path is None:
+        return None
+    return SmgManifestSettings(path, SmgRoles(**selectors))
 
 
 def _known(value: _T | None) -> _T:

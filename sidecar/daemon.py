@@ -31,6 +31,7 @@ from sidecar.core.backoff import Backoff
 from sidecar.core.containers import peer_key as pod_peer_key
 from sidecar.core.directory import PeerDirectory
 from sidecar.core.instance_join import InstanceJoin, peer_key
+from sidecar.core.join import PeerJoin
 from sidecar.etcd.client import EtcdClient, EtcdError, EtcdUnavailable
 from sidecar.etcd.publisher import EtcdPublisher
 from sidecar.etcd.source import SOURCE_NAME as ETCD_SOURCE
@@ -41,6 +42,7 @@ from sidecar.hub import PeerHub
 from sidecar.metrics import Metrics
 from sidecar.ports import MetadataPublisher
 from sidecar.reporting import PeerChangeReporter
+from sidecar.smg_writer import SmgManifestWriter
 
 if TYPE_CHECKING:
     from sidecar.kube.api import KubeApi
@@ -91,6 +93,11 @@ class Sidecar:
         else:
             self.hub, self.registrar = self._wire_kubernetes(api)
         self.hub.add_listener(PeerChangeReporter(self.log, self.metrics))
+        self.smg_writer = (
+            SmgManifestWriter(self.hub, settings.smg_manifest, self.log, self.metrics)
+            if settings.smg_manifest is not None
+            else None
+        )
         self.grpc = GrpcServer(
             DiscoveryService(
                 self.hub, self.registrar, settings.identity, self.metrics, metadata_name=settings.metadata_name
@@ -115,7 +122,7 @@ class Sidecar:
         self._watch_lock = threading.Lock()  # guards _watching and _threads
         self._watching = False
 
-    def _directory(self, sources: list[str], join: InstanceJoin | None = None) -> PeerDirectory:
+    def _directory(self, sources: list[str], join: InstanceJoin | PeerJoin | None = None) -> PeerDirectory:
         return PeerDirectory(
             history_id=uuid.uuid4().hex,
             history_capacity=self.settings.history_size,
@@ -140,7 +147,10 @@ class Sidecar:
         targets = watch_targets(settings)
         identity = settings.identity
         hub = PeerHub(
-            self._directory([target.name for target in targets]),
+            self._directory(
+                [target.name for target in targets],
+                join=PeerJoin(require_metadata=settings.require_metadata, workers=settings.workers),
+            ),
             self_uid=pod_peer_key(identity.uid, identity.name, settings.metadata_name),
         )
         registrar = Registrar(
@@ -223,6 +233,8 @@ class Sidecar:
         if self._stopping.is_set():
             problems.append("shutting down")
         problems.extend(self.registrar.problems())
+        if self.smg_writer is not None:
+            problems.extend(self.smg_writer.problems())
         if self.watching and not self.hub.synced:  # not watching (yet): readiness is the registration alone
             problems.append("watches not synced yet")
         problems.extend(f"{source}: {reason}" for source, reason in self.hub.source_health().items())
@@ -282,6 +294,12 @@ class Sidecar:
         with self._watch_lock:
             self._threads = [self.registrar.start()]
         mode = self.settings.watch
+        if self.smg_writer is not None:
+            # The manifest is a standing request for peers: it starts the watches at once (never is refused
+            # with a manifest at start-up).
+            with self._watch_lock:
+                self._threads.append(self.smg_writer.start())
+            self._start_watches("the SMG manifest writer")
         if mode == "always":
             self._start_watches("DISCOVERY_WATCH=always")
             threading.Thread(target=self._mark_serving_when_synced, name="health", daemon=True).start()
@@ -329,6 +347,8 @@ class Sidecar:
         started = time.monotonic()
         self.log.info("shutting down: deregistering first", budget_seconds=budget)
         confirmed = self.registrar.deregister(timeout=budget * 0.6)
+        if self.smg_writer is not None:
+            self.smg_writer.stop()  # the file stays: SMG keeps its workers while this pod shuts down
         self.hub.close()
         self.grpc.stop(grace=min(2.0, max(0.1, budget - (time.monotonic() - started))))
         for watcher in self.watchers:

@@ -55,3 +55,12 @@ class Metrics:
         )
         self.registered = Gauge("discovery_registered", "1 while this pod's CR is applied and owned by it", registry=r)
         self.api_connected = Gauge("discovery_api_connected", "1 while both watches reach the API server", registry=r)
+        self.smg_manifest_writes = Counter(
+            "discovery_smg_manifest_writes_total",
+            "SMG worker manifests written, by result (ok, error)",
+            ["result"],
+            registry=r,
+        )
+        self.smg_manifest_workers = Gauge(
+            "discovery_smg_manifest_workers", "Workers in the SMG manifest last written", registry=r
+        )

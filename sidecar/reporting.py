@@ -43,6 +43,18 @@ class PeerChangeReporter:
         peer = change.after or change.before
         if peer is None:  # a change always has one side; nothing to report otherwise
             return
+        after = change.after
+        if after is not None and after.worker_problems:
+            before = change.before.worker_problems if change.before is not None else ()
+            if after.worker_problems != before:
+                # A pod's bad annotation costs that pod's worker, never the sidecar: say so, once per change.
+                self.log.warning(
+                    "workers skipped: the pod's annotations do not parse",
+                    peer=after.name,
+                    uid=after.uid,
+                    problems=list(after.worker_problems),
+                    workers=[w.url for w in after.workers],
+                )
         event = "peer added" if change.before is None else "peer removed" if change.after is None else "peer updated"
         # Additions and removals are what operators look for; updates (metadata churn) can be many.
         emit = self.log.debug if event == "peer updated" else self.log.info

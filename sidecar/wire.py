@@ -111,6 +111,18 @@ def encode_peer(peer: Peer) -> pb.Peer:
             pb.DynamoModel(name=m.name, path=str(m.path), instance_id=m.instance_id, model_suffix=m.model_suffix)
             for m in peer.dynamo.models
         ],
+        workers=[
+            pb.Worker(
+                url=w.url,
+                port=w.port,
+                protocol=w.protocol,
+                bootstrap_port=w.bootstrap_port,
+                model_id=w.model_id,
+                kv_connector=w.kv_connector,
+                kv_engine_id=w.kv_engine_id,
+            )
+            for w in peer.workers
+        ],
     )
     message.data.update(peer.data)
     return message

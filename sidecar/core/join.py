@@ -14,6 +14,14 @@ extra ownerReference added to it) from lending its data to them: only the CR nam
 speaks for it, and only the pod's own service account may write that CR (manifests/admission-policy.yaml).
 A readiness entry that does not name its pod therefore never joins.
 
+With ``require_metadata=False`` (``DISCOVERY_REQUIRE_METADATA=false``, for pods that run no sidecar,
+as SGLang workers do) the second condition is dropped: a live pod without a usable CR is a peer whose
+labels are what its readiness source says of the pod (a Pods source: the pod's own labels, so a
+relabelling is followed live), with empty data. A pod that has its CR still joins with it, as above.
+
+Every peer carries its workers (``sidecar.core.workers``), computed from its primary address, its
+pod's annotations when the source reads Pods, and the sidecar's ``WorkerPolicy``.
+
 A pod listed by several readiness records (several Services, address families, or a pod in transit
 between slices during resharding) is one peer: its entries are reference-counted per record and it
 stays until the last record drops it.
@@ -34,8 +42,12 @@ from __future__ import annotations
 from typing import Protocol
 
 from sidecar.core.instance_id import instance_id
-from sidecar.core.peer import Peer, PeerState, PortInfo
+from sidecar.core.peer import Document, Peer, PeerState, PortInfo
 from sidecar.core.records import EndpointEntry, MetadataRecord, ReadinessRecord, Record
+from sidecar.core.workers import PodView, WorkerPolicy, pod_workers
+
+NO_DATA = Document({}, 2)
+"""The data of a peer that published none (``require_metadata=False``)."""
 
 
 class Join(Protocol):
@@ -51,7 +63,9 @@ class Join(Protocol):
 class PeerJoin:
     """The Kubernetes join rule. Owns every record it was given; the directory is its only caller."""
 
-    def __init__(self) -> None:
+    def __init__(self, require_metadata: bool = True, workers: WorkerPolicy | None = None) -> None:
+        self.require_metadata = require_metadata
+        self.worker_policy = workers if workers is not None else WorkerPolicy()
         self._readiness: dict[str, ReadinessRecord] = {}
         # peer key (the pod UID, or {uid}/{container}) -> readiness key -> its entry in that record (the
         # reference count is len()).
@@ -179,25 +193,44 @@ class PeerJoin:
         pod_uid = entries[0].pod_uid
         name = next((e.speaks_for_it for e in entries if e.speaks_for_it), "")
         metadata = self._metadata_for(pod_uid, name, {self._readiness[k].namespace for k in per_record})
-        if metadata is None or metadata.document is None:
+        pod = next((e.pod for e in live if e.pod is not None), None)
+        if metadata is not None and metadata.document is not None:
+            namespace, labels, document = metadata.namespace, metadata.labels, metadata.document
+        elif self.require_metadata or not name:
             return None
+        else:  # a pod that speaks for itself: its own labels, no data
+            namespace, labels, document = self._readiness[min(per_record)].namespace, {}, NO_DATA
+            if pod is not None:
+                labels = pod.labels
         state = PeerState.READY if any(e.ready for e in live) else PeerState.DRAINING
         ports: set[PortInfo] = set()
         for key in per_record:
             ports.update(self._readiness[key].ports)
         first = live[0]
+        workers, problems = pod_workers(
+            PodView(
+                address=next((a for e in live for a in e.addresses), ""),
+                namespace=namespace,
+                labels=pod.labels if pod is not None else labels,
+                annotations=pod.annotations if pod is not None else {},
+                declared_ports=[p.port for p in ports],
+            ),
+            self.worker_policy,
+        )
         return Peer(
             uid=peer_key,
-            name=metadata.name,
-            namespace=metadata.namespace,
-            instance_id=instance_id(metadata.name),
+            name=name,  # the name of the CR that speaks (or would speak) for it
+            namespace=namespace,
+            instance_id=instance_id(name),
             addresses=tuple(sorted({a for e in live for a in e.addresses})),
             ports=tuple(sorted(ports)),
-            labels=metadata.labels,
+            labels=labels,
             state=state,
-            document=metadata.document,
+            document=document,
             node_name=first.node_name,
             zone=first.zone,
             hostname=first.hostname,
             container=first.container,
+            workers=workers,
+            worker_problems=problems,
         )

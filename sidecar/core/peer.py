@@ -15,6 +15,7 @@ from functools import cached_property
 from typing import Any
 
 from sidecar.core.dynamo_entries import DynamoEntries, dynamo_entries
+from sidecar.core.workers import Worker
 
 
 class PeerState(enum.Enum):
@@ -37,6 +38,20 @@ class PortInfo:
 def canonical_json(value: Any) -> str:
     """Stable JSON text: sorted keys, no spaces. Two documents are equal iff their texts are."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def worker_json(worker: Worker) -> dict[str, Any]:
+    """A worker as plain JSON; the bootstrap port only when it has one."""
+    out: dict[str, Any] = {"url": worker.url, "port": worker.port, "protocol": worker.protocol}
+    if worker.bootstrap_port is not None:
+        out["bootstrap_port"] = worker.bootstrap_port
+    if worker.model_id:
+        out["model_id"] = worker.model_id
+    if worker.kv_connector:
+        out["kv_connector"] = worker.kv_connector
+    if worker.kv_engine_id:
+        out["kv_engine_id"] = worker.kv_engine_id
+    return out
 
 
 class Document:
@@ -90,6 +105,9 @@ class Peer:
     zone: str = ""
     hostname: str = ""
     container: str = ""  # Dynamo's container mode: the container this peer is ("" in pod mode)
+    workers: tuple[Worker, ...] = ()  # its serving processes, as a gateway registers them
+    # Why workers the pod announced were skipped (bad annotations); logged by the shell, not served.
+    worker_problems: tuple[str, ...] = field(default=(), compare=False)
     # Comparable stand-in for ``labels`` (a dict is neither hashable nor ordered).
     labels_key: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
@@ -145,5 +163,6 @@ class Peer:
                 {"name": m.name, "path": str(m.path), "instance_id": m.instance_id, "model_suffix": m.model_suffix}
                 for m in self.dynamo.models
             ],
+            "workers": [worker_json(w) for w in self.workers],
             "data": self.data,
         }

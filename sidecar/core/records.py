@@ -5,7 +5,8 @@ these records as soon as it arrives, and the raw object is dropped. The join rea
 a new source that says the same things (this pod is ready at these addresses; this pod incarnation
 has this metadata) is a new parser and nothing else.
 
-* ``ReadinessRecord``: which pod incarnations are ready (or draining) at which addresses and ports.
+* ``ReadinessRecord``: which pod incarnations are ready (or draining) at which addresses and ports, and,
+  when the source reads Pods, what each pod says of itself (``PodMeta``: labels, annotations).
 * ``MetadataRecord``: the metadata one pod incarnation published (a ``DynamoWorkerMetadata`` CR).
 * ``InstanceRecord``: one key of one Dynamo instance in etcd (``sidecar.core.dynamo_keys.parse_kv``);
   the instance join (``sidecar.core.instance_join``) makes a peer of each instance's keys.
@@ -19,6 +20,19 @@ from typing import Any
 
 from sidecar.core.containers import peer_key
 from sidecar.core.peer import Document, PortInfo
+
+
+@dataclass(frozen=True)
+class PodMeta:
+    """What a pod says of itself, kept only by sources that read Pods.
+
+    A pod that runs no sidecar publishes no metadata record, so with ``DISCOVERY_REQUIRE_METADATA=false``
+    this is all there is to know about it: its labels (which the peer then carries, and which follow a
+    relabelling live) and its annotations (worker ports, bootstrap ports, model id).
+    """
+
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
 
 
 @dataclass(frozen=True)
@@ -38,6 +52,7 @@ class EndpointEntry:
     # speaks for it (``sidecar.core.containers``). Empty in pod mode: the pod's own, named after the pod.
     container: str = ""
     metadata_name: str = ""
+    pod: PodMeta | None = None  # None when the source does not read the Pod (EndpointSlices)
 
     @property
     def speaks_for_it(self) -> str:

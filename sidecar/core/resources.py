@@ -15,7 +15,7 @@ from typing import Any
 from sidecar.core.bounds import measure_metadata
 from sidecar.core.containers import main_container_of, metadata_name
 from sidecar.core.peer import Document, PortInfo
-from sidecar.core.records import EndpointEntry, MetadataRecord, ReadinessRecord
+from sidecar.core.records import EndpointEntry, MetadataRecord, PodMeta, ReadinessRecord
 
 DYNAMO_DATA_MAPS = ("endpoints", "model_cards", "event_channels", "event_sources")
 """The maps Dynamo puts in ``spec.data``: each a JSON object, or null/missing, which Dynamo reads as empty
@@ -92,6 +92,14 @@ def _dict(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _strings(value: Any) -> dict[str, str]:
+    """A labels or annotations map with its non-string entries dropped (the API server never sends
+    any, but a parser of untrusted input does not rely on that)."""
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+
+
 def _pod_condition(status: Mapping[str, Any], name: str) -> bool:
     for condition in status.get("conditions") or ():
         if isinstance(condition, dict) and condition.get("type") == name:
@@ -107,7 +115,9 @@ def parse_pod(obj: Mapping[str, Any]) -> ReadinessRecord:
 
     The pod serves when its ``Ready`` condition is true, its phase is ``Running`` and it has an IP;
     with a ``deletionTimestamp`` it is terminating, so a serving pod then drains (``DRAINING``) instead
-    of vanishing mid-request. Ports are the containers' declared ports.
+    of vanishing mid-request. Ports are the containers' declared ports. The pod's labels and
+    annotations (string values only) go into the entry: they are the peer's own metadata when it has
+    no CR, and where its workers' ports and model id come from.
     """
     meta = _meta(obj)
     spec = _dict(obj.get("spec"))
@@ -126,7 +136,7 @@ def parse_pod(obj: Mapping[str, Any]) -> ReadinessRecord:
                         port=raw["containerPort"], name=raw.get("name") or "", protocol=raw.get("protocol") or "TCP"
                     )
                 )
-    labels = _dict(meta.get("labels"))
+    labels = _strings(meta.get("labels"))
     zone = labels.get(ZONE_LABEL, "")
     endpoints: tuple[EndpointEntry, ...] = ()
     if meta.get("uid"):
@@ -140,6 +150,7 @@ def parse_pod(obj: Mapping[str, Any]) -> ReadinessRecord:
             node_name=spec.get("nodeName") or "",
             zone=zone if isinstance(zone, str) else "",
             hostname=spec.get("hostname") or "",
+            pod=PodMeta(labels=labels, annotations=_strings(meta.get("annotations"))),
         )
         endpoints = (entry,)
     return ReadinessRecord(
@@ -166,8 +177,9 @@ def parse_pod_containers(obj: Mapping[str, Any]) -> ReadinessRecord:
     ) or ((status["podIP"],) if isinstance(status.get("podIP"), str) and status["podIP"] else ())
     pod_name = meta.get("name", "")
     main = main_container_of(_dict(meta.get("annotations")))
-    labels = _dict(meta.get("labels"))
+    labels = _strings(meta.get("labels"))
     zone = labels.get(ZONE_LABEL, "")
+    pod = PodMeta(labels=labels, annotations=_strings(meta.get("annotations")))  # every container's pod
     entries = []
     for raw in status.get("containerStatuses") or () if meta.get("uid") and pod_name else ():
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or not raw["name"]:
@@ -185,6 +197,7 @@ def parse_pod_containers(obj: Mapping[str, Any]) -> ReadinessRecord:
                 hostname=spec.get("hostname") or "",
                 container=raw["name"],
                 metadata_name=metadata_name(pod_name, raw["name"], main),
+                pod=pod,
             )
         )
     return ReadinessRecord(

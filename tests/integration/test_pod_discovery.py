@@ -24,13 +24,13 @@ READY, DRAINING = "PEER_STATE_READY", "PEER_STATE_DRAINING"
 class PodWorld:
     """A namespace without any Service; a router pod whose sidecar selects workers by label."""
 
-    def __init__(self, plane: ControlPlane, cluster: Cluster, namespace: str, sidecars: Sidecars) -> None:
+    def __init__(self, plane: ControlPlane, cluster: Cluster, namespace: str, sidecars: Sidecars, **env: str) -> None:
         self.cluster = cluster
         self.namespace = namespace
         kubectl(plane, "apply", "-f", str(MANIFESTS / "optional" / "rbac-pod-discovery.yaml"), namespace=namespace)
         router = cluster.start_pod(namespace, "router", {"app": "router"})
         self.router = sidecars.start(
-            router, "", extra_env={"DISCOVERY_SERVICE_NAME": "", "DISCOVERY_POD_SELECTOR": SELECTOR}
+            router, "", extra_env={"DISCOVERY_SERVICE_NAME": "", "DISCOVERY_POD_SELECTOR": SELECTOR, **env}
         ).wait_ready()
 
     def worker(self, name: str, ip: str, ready: bool = True) -> dict:
@@ -42,6 +42,20 @@ class PodWorld:
 @pytest.fixture
 def world(control_plane: ControlPlane, cluster: Cluster, namespace: str, sidecars: Sidecars) -> PodWorld:
     return PodWorld(control_plane, cluster, namespace, sidecars)
+
+
+@pytest.fixture
+def bare_world(control_plane: ControlPlane, cluster: Cluster, namespace: str, sidecars: Sidecars) -> PodWorld:
+    """Workers that run no sidecar: DISCOVERY_REQUIRE_METADATA=false, ports from the pods."""
+    return PodWorld(
+        control_plane,
+        cluster,
+        namespace,
+        sidecars,
+        DISCOVERY_REQUIRE_METADATA="false",
+        DISCOVERY_WORKER_PORT="8000",
+        DISCOVERY_MODEL_ID_FROM="label:model",
+    )
 
 
 @pytest.fixture
@@ -92,3 +106,60 @@ def test_ip_change_and_same_name_restart(world: PodWorld, stream: StreamRecorder
         lambda r: "w-r" in r.peers() and r.peers()["w-r"].uid == second["metadata"]["uid"], 45, "the new incarnation"
     )
     assert list(stream.peers()["w-r"].addresses) == ["127.0.0.23"]
+
+
+def test_pods_without_a_sidecar_are_peers_with_their_own_labels(bare_world: PodWorld, sidecars: Sidecars) -> None:
+    """DISCOVERY_REQUIRE_METADATA=false: ready pods with no CR are peers; their labels are the pod's and
+    follow a relabelling live (within the selector); their workers follow the annotations; a pod that
+    has its CR (it runs the sidecar) still joins with it, by UID."""
+    world = bare_world
+    stream = StreamRecorder(world.router.target)
+    try:
+        world.cluster.start_pod(
+            world.namespace,
+            "w-a",
+            {"app": "sglang-worker", "model": "llama"},
+            ip="127.0.0.31",
+            annotations={"smg.ai/worker-ports": "8080,8081", "sglang.ai/bootstrap-port": "9080,9081"},
+        )
+        world.cluster.start_pod(world.namespace, "w-b", {"app": "sglang-worker", "role": "decode"}, ip="127.0.0.32")
+        stream.wait_until(lambda r: r.names() == {"w-a": READY, "w-b": READY}, 45, "two bare pods")
+        a = stream.peers()["w-a"]
+        # the pod's own labels (Kubernetes 1.36 adds the node's zone to every pod)
+        assert dict(a.labels) == {"app": "sglang-worker", "model": "llama", "topology.kubernetes.io/zone": "zone-a"}
+        assert a.data_json == "{}"
+        assert [(w.url, w.bootstrap_port, w.model_id) for w in a.workers] == [
+            ("http://127.0.0.31:8080", 9080, "llama"),
+            ("http://127.0.0.31:8081", 9081, "llama"),
+        ]
+        assert [w.url for w in stream.peers()["w-b"].workers] == ["http://127.0.0.32:8000"]
+
+        world.cluster.relabel_pod(world.namespace, "w-b", {"role": "prefill"})
+        stream.wait_until(lambda r: r.peers()["w-b"].labels.get("role") == "prefill", 45, "relabel followed")
+        world.cluster.annotate_pod(
+            world.namespace, "w-a", {"smg.ai/worker-ports": "8082", "sglang.ai/bootstrap-port": None}
+        )
+        stream.wait_until(
+            lambda r: [w.url for w in r.peers()["w-a"].workers] == ["http://127.0.0.31:8082"], 45, "new ports"
+        )
+
+        # A bad annotation costs that worker, logged; the sidecar and the peer carry on.
+        world.cluster.annotate_pod(world.namespace, "w-a", {"smg.ai/worker-ports": "8083,eighty"})
+        stream.wait_until(
+            lambda r: [w.url for w in r.peers()["w-a"].workers] == ["http://127.0.0.31:8083"], 45, "bad port skipped"
+        )
+        wait_for(
+            lambda: any(
+                e.get("event", "").startswith("workers skipped") and e.get("peer") == "w-a"
+                for e in world.router.log_events()
+            ),
+            15,
+            what="the skipped worker logged",
+        )
+        assert world.router.ready()
+
+        # A pod that runs the sidecar: its CR (labels, data) speaks for it.
+        world.worker("w-c", "127.0.0.33")
+        stream.wait_until(lambda r: "w-c" in r.names() and r.peers()["w-c"].data_json != "{}", 45, "w-c with its CR")
+    finally:
+        stream.close()

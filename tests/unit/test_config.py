@@ -21,6 +21,8 @@ from sidecar.config import (
     parse_duration,
 )
 from sidecar.core.selectors import parse_selector, selector_from_labels
+from sidecar.core.smg_manifest import SmgRoles
+from sidecar.core.workers import ModelIdFrom, WorkerPolicy
 from sidecar.kube.sources import watch_targets
 
 
@@ -499,3 +501,77 @@ class TestNamespaces:
         """A name Kubernetes would refuse is a start-up error, not a watch that 404s forever."""
         out = problems({**env, "DISCOVERY_NAMESPACES": "ok,Not_OK"})
         assert "'Not_OK' is not a namespace name" in out
+
+
+class TestWorkersAndMetadata:
+    def test_defaults(self, env: dict[str, str]) -> None:
+        """Metadata required, no worker port, http, no model id, no SMG manifest."""
+        s = load(env)
+        assert s.require_metadata is True
+        assert s.workers == WorkerPolicy(port=None, protocol="http", model_id_from=None)
+        assert s.smg_manifest is None
+
+    def test_given(self, env: dict[str, str]) -> None:
+        s = load(
+            {
+                **env,
+                "DISCOVERY_REQUIRE_METADATA": "False",
+                "DISCOVERY_WORKER_PORT": "8000",
+                "DISCOVERY_WORKER_PROTOCOL": "GRPC",
+                "DISCOVERY_MODEL_ID_FROM": "label:model",
+            }
+        )
+        assert s.require_metadata is False
+        assert s.workers == WorkerPolicy(port=8000, protocol="grpc", model_id_from=ModelIdFrom("label", "model"))
+
+    def test_bad_values_are_reported_together(self, env: dict[str, str]) -> None:
+        out = problems(
+            {
+                **env,
+                "DISCOVERY_REQUIRE_METADATA": "maybe",
+                "DISCOVERY_WORKER_PORT": "0",
+                "DISCOVERY_WORKER_PROTOCOL": "tcp",
+                "DISCOVERY_MODEL_ID_FROM": "label:",
+            }
+        )
+        assert "DISCOVERY_REQUIRE_METADATA (--require-metadata): expected true or false" in out
+        assert "DISCOVERY_WORKER_PORT (--worker-port): expected a port in 1-65535" in out
+        assert "DISCOVERY_WORKER_PROTOCOL (--worker-protocol): expected one of http, grpc" in out
+        assert "DISCOVERY_MODEL_ID_FROM (--model-id-from): label: needs a key" in out
+
+
+class TestSmgManifest:
+    def test_roles_and_path(self, env: dict[str, str], tmp_path: pathlib.Path) -> None:
+        """Selectors in Kubernetes syntax or SMG's space-separated one."""
+        s = load(
+            {
+                **env,
+                "DISCOVERY_SMG_MANIFEST": str(tmp_path / "workers.json"),
+                "DISCOVERY_SMG_PREFILL_SELECTOR": "app=sglang role=prefill",
+                "DISCOVERY_SMG_DECODE_SELECTOR": "app=sglang,role=decode",
+            }
+        )
+        assert s.smg_manifest is not None
+        assert s.smg_manifest.path == tmp_path / "workers.json"
+        assert s.smg_manifest.roles == SmgRoles(
+            prefill=parse_selector("app=sglang,role=prefill"), decode=parse_selector("app=sglang,role=decode")
+        )
+
+    def test_a_path_without_selectors_and_selectors_without_a_path(self, env: dict[str, str]) -> None:
+        assert "no peers are selected for it" in problems({**env, "DISCOVERY_SMG_MANIFEST": "/tmp/w.json"})
+        out = problems({**env, "DISCOVERY_SMG_SELECTOR": "app=w"})
+        assert "DISCOVERY_SMG_MANIFEST (--smg-manifest) (where to write it) is not set" in out
+
+    @pytest.mark.parametrize(
+        ("path", "fragment"),
+        [("relative.json", "absolute file path"), ("/no/such/dir/w.json", "mount the volume"), ("/tmp", "directory")],
+    )
+    def test_bad_paths(self, env: dict[str, str], path: str, fragment: str) -> None:
+        out = problems({**env, "DISCOVERY_SMG_MANIFEST": path, "DISCOVERY_SMG_SELECTOR": "app=w"})
+        assert fragment in out and "DISCOVERY_SMG_MANIFEST" in out
+
+    @pytest.mark.parametrize("text", ["app in (", "role=a b"])
+    def test_bad_selectors(self, env: dict[str, str], text: str) -> None:
+        """A selector SMG's flag would not take either is a start-up error naming the variable."""
+        out = problems({**env, "DISCOVERY_SMG_MANIFEST": "/tmp/w.json", "DISCOVERY_SMG_DECODE_SELECTOR": text})
+        assert "DISCOVERY_SMG_DECODE_SELECTOR (--smg-decode-selector): invalid label selector" in out

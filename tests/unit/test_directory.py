@@ -9,6 +9,7 @@ projection of it (in any chunking, and resuming from any revision) reaches that 
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import json
 import random
@@ -23,11 +24,13 @@ from hypothesis import strategies as st
 from sidecar.core.directory import PeerDirectory
 from sidecar.core.eventlog import ApiStatus, LogEntry, PeerChange, StatusChange
 from sidecar.core.instance_id import instance_id
+from sidecar.core.join import PeerJoin
 from sidecar.core.peer import Document, Peer, PeerState, PortInfo
 from sidecar.core.projection import GroupedPeer, PeerFilter, project, snapshot_peers
 from sidecar.core.records import EndpointEntry, MetadataRecord, ReadinessRecord
 from sidecar.core.resources import parse_endpoint_slice, parse_worker_metadata
 from sidecar.core.selectors import parse_selector
+from sidecar.core.workers import Worker
 from tests.unit.strict_client import apply_messages
 
 NS = "ns"
@@ -386,7 +389,8 @@ op_st = st.one_of(
 class Truth:
     """The cluster as it is, plus what the spec says must be remembered: a CR's last valid data."""
 
-    def __init__(self) -> None:
+    def __init__(self, require_metadata: bool = True) -> None:
+        self.require_metadata = require_metadata  # False: a live pod without usable metadata is a peer too
         self.slices: dict[str, ReadinessRecord] = {}
         self.crs: dict[str, MetadataRecord] = {}
         # CR key -> its last valid record, kept across invalid updates while the owner stays the same.
@@ -434,30 +438,40 @@ class Truth:
             # Only the CR named after the pod, and owning it, speaks for it: an "extra" CR, or a CR naming
             # this pod among other owners, never lends it data.
             claims = [k for k, r in self.crs.items() if r.name == name and uid in r.owner_pod_uids]
-            if not claims:
-                continue
-            (chosen,) = claims
-            record: MetadataRecord | None = self.crs[chosen]
-            if record is not None and record.problem is not None:
-                fallback = self.last_valid.get(chosen)
-                record = fallback if fallback is not None and uid in fallback.owner_pod_uids else None
-            if record is None:
+            record: MetadataRecord | None = None
+            if claims:
+                (chosen,) = claims
+                record = self.crs[chosen]
+                if record.problem is not None:
+                    fallback = self.last_valid.get(chosen)
+                    record = fallback if fallback is not None and uid in fallback.owner_pod_uids else None
+            if record is None and self.require_metadata:
                 continue
             ports: set[PortInfo] = set()
             for skey, _ in listed:
                 ports.update(self.slices[skey].ports)
-            assert record.data is not None
+            # Without metadata (require_metadata False): slices say nothing of the pod, so no labels, no data.
+            labels, data = ({}, {}) if record is None else (dict(record.labels), record.data)
+            assert data is not None
+            # Slices announce no worker ports: a peer's one worker is at its one declared port, if any.
+            address = next((a for e in live for a in e.addresses), "")
+            declared = sorted({p.port for p in ports})
+            one = address and len(declared) == 1
+            host = str(ipaddress.ip_address(address)) if address else ""
+            host = f"[{host}]" if ipaddress.ip_address(host or "0.0.0.0").version == 6 else host
+            workers = (Worker(f"http://{host}:{declared[0]}", declared[0], "http"),) if one else ()
             result[uid] = Peer(
                 uid=uid,
                 name=name,
                 namespace=NS,
-                instance_id=instance_id(record.name),
+                instance_id=instance_id(name),
                 addresses=tuple(sorted({a for e in live for a in e.addresses})),
                 ports=tuple(sorted(ports)),
-                labels=dict(record.labels),
+                labels=labels,
                 state=PeerState.READY if any(e.ready for e in live) else PeerState.DRAINING,
-                document=Document(dict(record.data)),
+                document=Document(dict(data)),
                 node_name=live[0].node_name,
+                workers=workers,
             )
         return result
 
@@ -488,9 +502,9 @@ filter_st = st.builds(
 class ModelRun:
     """One PeerDirectory driven alongside the truth; every step is checked against it."""
 
-    def __init__(self) -> None:
-        self.directory = PeerDirectory("history", 100_000, SOURCES)
-        self.truth = Truth()
+    def __init__(self, require_metadata: bool = True) -> None:
+        self.directory = PeerDirectory("history", 100_000, SOURCES, PeerJoin(require_metadata=require_metadata))
+        self.truth = Truth(require_metadata)
         self.status = ApiStatus.CONNECTED
         self.listed: set[str] = set()
         self.replica: dict[str, Peer] = {}
@@ -638,10 +652,11 @@ class ModelRun:
 
 
 @settings(max_examples=80, deadline=None)
-@given(st.lists(op_st, min_size=8, max_size=40), st.data())
-def test_model_based_directory(ops: list[tuple[str, Any]], data: st.DataObject) -> None:
-    """Shrinkable: a failure is reported as a short sequence of operations."""
-    run = ModelRun()
+@given(st.lists(op_st, min_size=8, max_size=40), st.data(), st.booleans())
+def test_model_based_directory(ops: list[tuple[str, Any]], data: st.DataObject, require_metadata: bool) -> None:
+    """Shrinkable: a failure is reported as a short sequence of operations. Both join rules: metadata
+    required (the default), or a live pod is a peer without it (DISCOVERY_REQUIRE_METADATA=false)."""
+    run = ModelRun(require_metadata)
     for op, arg in ops:
         run.step(op, arg)
     for _ in range(3):
@@ -722,7 +737,7 @@ def random_op(rng: random.Random) -> tuple[str, Any]:
 @given(st.integers(0, 2**64 - 1))
 def test_model_based_directory_long_random_runs(seed: int) -> None:
     rng = random.Random(seed)
-    run = ModelRun()
+    run = ModelRun(require_metadata=rng.random() < 0.7)
     for _ in range(150):
         run.step(*random_op(rng))
     head = run.directory.log.head_revision

@@ -8,7 +8,8 @@ from sidecar.core.instance_id import instance_id
 from sidecar.core.join import PeerJoin
 from sidecar.core.peer import PeerState, PortInfo, canonical_json
 from sidecar.core.records import MetadataRecord, ReadinessRecord
-from sidecar.core.resources import parse_endpoint_slice, parse_worker_metadata
+from sidecar.core.resources import parse_endpoint_slice, parse_pod, parse_worker_metadata
+from sidecar.core.workers import WorkerPolicy
 
 NS = "ns"
 
@@ -358,3 +359,113 @@ def test_cr_update_without_data_change_but_label_change_changes_peer() -> None:
     assert before is not None and after is not None
     assert before != after
     assert dict(after.labels) == {"role": "prefill"}
+
+
+def pod_view(
+    uid: str, name: str, labels: dict[str, str], annotations: dict[str, str] | None = None, **kwargs: Any
+) -> ReadinessRecord:
+    status: dict[str, Any] = {
+        "phase": "Running",
+        "podIP": kwargs.get("ip", "10.0.0.9"),
+        "conditions": [{"type": "Ready", "status": "True" if kwargs.get("ready", True) else "False"}],
+    }
+    meta: dict[str, Any] = {"name": name, "namespace": NS, "uid": uid, "labels": labels}
+    meta["annotations"] = annotations or {}
+    if kwargs.get("deleting"):
+        meta["deletionTimestamp"] = "2026-12-01T00:00:00Z"
+    return parse_pod({"metadata": meta, "spec": {}, "status": status})
+
+
+class TestWithoutMetadata:
+    """``require_metadata=False``: a ready pod is a peer without a CR (pods that run no sidecar)."""
+
+    def test_a_ready_pod_without_a_cr_is_a_peer_with_its_own_labels(self) -> None:
+        join = PeerJoin(require_metadata=False, workers=WorkerPolicy(port=8000))
+        assert join.upsert(key("w-0"), pod_view("u1", "w-0", {"app": "w", "role": "prefill"})) == {"u1"}
+        peer = join.peer("u1")
+        assert peer is not None
+        assert (peer.name, peer.namespace, peer.state) == ("w-0", NS, PeerState.READY)
+        assert dict(peer.labels) == {"app": "w", "role": "prefill"}
+        assert peer.data == {} and peer.data_json == "{}"
+        assert peer.instance_id == instance_id("w-0")
+        assert [w.url for w in peer.workers] == ["http://10.0.0.9:8000"]
+
+    def test_the_default_still_requires_the_cr(self) -> None:
+        join = PeerJoin()
+        join.upsert(key("w-0"), pod_view("u1", "w-0", {"app": "w"}))
+        assert join.peer("u1") is None
+
+    def test_relabelling_is_followed_live(self) -> None:
+        """A new pod object with other labels: the peer's labels (and so every filter) follow at once."""
+        join = PeerJoin(require_metadata=False)
+        join.upsert(key("w-0"), pod_view("u1", "w-0", {"role": "prefill"}))
+        assert join.upsert(key("w-0"), pod_view("u1", "w-0", {"role": "decode"})) == {"u1"}
+        peer = join.peer("u1")
+        assert peer is not None and dict(peer.labels) == {"role": "decode"}
+
+    def test_annotations_make_the_workers(self) -> None:
+        join = PeerJoin(require_metadata=False, workers=WorkerPolicy(port=8000))
+        annotations = {"smg.ai/worker-ports": "8080,8081", "sglang.ai/bootstrap-port": "9080,9081"}
+        join.upsert(key("w-0"), pod_view("u1", "w-0", {}, annotations))
+        peer = join.peer("u1")
+        assert peer is not None
+        assert [(w.url, w.bootstrap_port) for w in peer.workers] == [
+            ("http://10.0.0.9:8080", 9080),
+            ("http://10.0.0.9:8081", 9081),
+        ]
+
+    def test_a_bad_annotation_costs_workers_not_the_peer(self) -> None:
+        """The pod stays a peer; the skipped worker is reported for the shell to log."""
+        join = PeerJoin(require_metadata=False, workers=WorkerPolicy(port=8000))
+        join.upsert(key("w-0"), pod_view("u1", "w-0", {}, {"smg.ai/worker-ports": "8080,oops"}))
+        peer = join.peer("u1")
+        assert peer is not None and [w.port for w in peer.workers] == [8080]
+        assert peer.worker_problems and "oops" in peer.worker_problems[0]
+
+    def test_a_cr_of_the_pod_still_joins_with_its_data_and_labels(self) -> None:
+        """A pod that runs the sidecar is described by its CR, as with require_metadata."""
+        join = PeerJoin(require_metadata=False)
+        join.upsert(key("w-0"), pod_view("u1", "w-0", {"from": "pod"}))
+        join.upsert("cr/" + key("w-0"), cr("w-0", "u1", {"endpoints": {}}, {"from": "cr"}))
+        peer = join.peer("u1")
+        assert peer is not None and dict(peer.labels) == {"from": "cr"} and peer.data == {"endpoints": {}}
+
+    def test_a_stale_cr_of_an_earlier_incarnation_lends_nothing(self) -> None:
+        """The new incarnation is a peer on its own (pod labels, no data), never with the old pod's data."""
+        join = PeerJoin(require_metadata=False)
+        join.upsert("cr/" + key("w-0"), cr("w-0", "u-old", {"endpoints": {"x": 1}}, {"from": "cr"}))
+        join.upsert(key("w-0"), pod_view("u-new", "w-0", {"from": "pod"}))
+        peer = join.peer("u-new")
+        assert peer is not None and peer.data == {} and dict(peer.labels) == {"from": "pod"}
+
+    def test_unready_and_deleting_pods(self) -> None:
+        join = PeerJoin(require_metadata=False)
+        join.upsert(key("w-0"), pod_view("u1", "w-0", {}, ready=False))
+        assert join.peer("u1") is None
+        join.upsert(key("w-0"), pod_view("u1", "w-0", {}, deleting=True))
+        peer = join.peer("u1")
+        assert peer is not None and peer.state is PeerState.DRAINING
+        join.delete(key("w-0"))
+        assert join.peer("u1") is None
+
+
+def test_container_mode_without_metadata_each_container_is_a_peer_of_the_pods_labels() -> None:
+    """Containers that run no sidecar (DISCOVERY_REQUIRE_METADATA=false): one peer per ready container,
+    named as its CR would be, with the pod's own labels and no data."""
+    from sidecar.core.resources import parse_pod_containers
+
+    raw = {
+        "metadata": {"name": "w0", "namespace": NS, "uid": "u0", "labels": {"app": "w"}},
+        "spec": {"containers": [{"name": "main"}, {"name": "engine"}]},
+        "status": {
+            "phase": "Running",
+            "podIP": "10.0.0.9",
+            "containerStatuses": [{"name": "main", "ready": True}, {"name": "engine", "ready": True}],
+        },
+    }
+    join = PeerJoin(require_metadata=False)
+    affected = join.upsert(key("w0"), parse_pod_containers(raw))
+    peers = {p.name: p for p in (join.peer(k) for k in affected) if p is not None}
+    assert set(peers) == {"w0", "w0-engine"}
+    assert all(dict(p.labels) == {"app": "w"} and p.data == {} for p in peers.values())
+    assert peers["w0-engine"].container == "engine" and peers["w0-engine"].instance_id == instance_id("w0-engine")

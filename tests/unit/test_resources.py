@@ -375,3 +375,19 @@ class TestParsePod:
         """A pod without a UID is no endpoint; odd types never raise."""
         assert parse_pod(_pod(uid="")).endpoints == ()
         assert parse_pod({"metadata": "x", "spec": [], "status": 3}).endpoints == ()
+
+    def test_pod_labels_and_annotations_are_kept(self) -> None:
+        """The pod's own metadata rides in the entry (a peer without a CR is described by it); values that
+        are not strings are dropped, not fatal."""
+        pod = _pod()
+        pod["metadata"]["annotations"] = {"smg.ai/worker-ports": "8080,8081", "odd": 3}
+        pod["metadata"]["labels"]["bad"] = None
+        (entry,) = parse_pod(pod).endpoints
+        assert entry.pod is not None
+        assert entry.pod.labels == {"app": "w", "topology.kubernetes.io/zone": "z1"}
+        assert entry.pod.annotations == {"smg.ai/worker-ports": "8080,8081"}
+
+    def test_endpoint_slices_know_no_pod_metadata(self) -> None:
+        """An EndpointSlice does not carry the pod's labels: its entries say so (None), not 'no labels'."""
+        (entry,) = parse_endpoint_slice(_slice([_endpoint()])).endpoints
+        assert entry.pod is None

@@ -40,3 +40,41 @@ class TestPublishDocument:
             pb.PublishMetadataRequest(data_json='{"x": 1.5, "n": 12345678901234567890}', mode=mode)
         )
         assert document == {"x": 1.5, "n": 12345678901234567890}
+
+
+class TestWorkers:
+    def test_workers_are_typed_fields_with_bootstrap_presence(self) -> None:
+        """Peer.workers (field 18): a bootstrap port is present only when the pod gave one."""
+        from sidecar.core.peer import Document, Peer, PeerState
+        from sidecar.core.workers import Worker
+        from sidecar.wire import encode_peer, peer_from_pb_json
+
+        peer = Peer(
+            uid="u",
+            name="w-0",
+            namespace="ns",
+            instance_id=1,
+            addresses=("10.0.0.1",),
+            ports=(),
+            labels={},
+            state=PeerState.READY,
+            document=Document({}),
+            workers=(
+                Worker("http://10.0.0.1:8080", 8080, "http", 8998, "m", "Nixl", "e-1"),
+                Worker("http://10.0.0.1:8081", 8081, "http"),
+            ),
+        )
+        message = pb.Peer.FromString(encode_peer(peer).SerializeToString())
+        first, second = message.workers
+        assert (first.url, first.port, first.protocol, first.model_id) == ("http://10.0.0.1:8080", 8080, "http", "m")
+        assert first.HasField("bootstrap_port") and first.bootstrap_port == 8998
+        assert (first.kv_connector, first.kv_engine_id) == ("Nixl", "e-1")
+        assert not second.HasField("bootstrap_port")
+        assert peer_from_pb_json(message)["workers"][1] == {
+            "url": "http://10.0.0.1:8081",
+            "port": 8081,
+            "protocol": "http",
+            "model_id": "",
+            "kv_connector": "",
+            "kv_engine_id": "",
+        }

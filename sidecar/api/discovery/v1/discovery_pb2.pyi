@@ -126,7 +126,7 @@ class DynamoModel(_message.Message):
     def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., instance_id: _Optional[int] = ..., model_suffix: _Optional[str] = ...) -> None: ...
 
 class Peer(_message.Message):
-    __slots__ = ("name", "namespace", "uid", "instance_id", "instance_id_hex", "addresses", "ports", "labels", "state", "data", "data_json", "node_name", "zone", "hostname", "groups", "endpoints", "models", "container")
+    __slots__ = ("name", "namespace", "uid", "instance_id", "instance_id_hex", "addresses", "ports", "labels", "state", "data", "data_json", "node_name", "zone", "hostname", "groups", "endpoints", "models", "workers", "container")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,7 @@ class Peer(_message.Message):
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
     name: str
     namespace: str
@@ -169,8 +170,27 @@ class Peer(_message.Message):
     groups: _containers.RepeatedScalarFieldContainer[str]
     endpoints: _containers.RepeatedCompositeFieldContainer[DynamoEndpoint]
     models: _containers.RepeatedCompositeFieldContainer[DynamoModel]
+    workers: _containers.RepeatedCompositeFieldContainer[Worker]
     container: str
-    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., uid: _Optional[str] = ..., instance_id: _Optional[int] = ..., instance_id_hex: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., ports: _Optional[_Iterable[_Union[Port, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[PeerState, str]] = ..., data: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., data_json: _Optional[str] = ..., node_name: _Optional[str] = ..., zone: _Optional[str] = ..., hostname: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ..., endpoints: _Optional[_Iterable[_Union[DynamoEndpoint, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[DynamoModel, _Mapping]]] = ..., container: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., uid: _Optional[str] = ..., instance_id: _Optional[int] = ..., instance_id_hex: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., ports: _Optional[_Iterable[_Union[Port, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., state: _Optional[_Union[PeerState, str]] = ..., data: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., data_json: _Optional[str] = ..., node_name: _Optional[str] = ..., zone: _Optional[str] = ..., hostname: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ..., endpoints: _Optional[_Iterable[_Union[DynamoEndpoint, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[DynamoModel, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[Worker, _Mapping]]] = ..., container: _Optional[str] = ...) -> None: ...
+
+class Worker(_message.Message):
+    __slots__ = ("url", "port", "protocol", "bootstrap_port", "model_id", "kv_connector", "kv_engine_id")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    BOOTSTRAP_PORT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    KV_CONNECTOR_FIELD_NUMBER: _ClassVar[int]
+    KV_ENGINE_ID_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    port: int
+    protocol: str
+    bootstrap_port: int
+    model_id: str
+    kv_connector: str
+    kv_engine_id: str
+    def __init__(self, url: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[str] = ..., bootstrap_port: _Optional[int] = ..., model_id: _Optional[str] = ..., kv_connector: _Optional[str] = ..., kv_engine_id: _Optional[str] = ...) -> None: ...
 
 class WatchPeersRequest(_message.Message):
     __slots__ = ("filter", "resume_history_id", "resume_revision")

@@ -1,0 +1,119 @@
+"""Keeps SGLang Model Gateway's worker manifest file equal to the peer set (``DISCOVERY_SMG_MANIFEST``).
+
+A hub reader like the gRPC streams: it waits for the log to grow, recomputes the document with the pure
+``sidecar.core.smg_manifest`` and replaces the file when, and only when, its text changed. SMG re-reads
+the file as soon as it changes, so every rule here is about never showing SMG a wrong or partial set:
+
+* nothing is written before the sidecar has synced (an empty manifest then would deregister every
+  worker SMG may already know from an earlier file);
+* the file is replaced atomically: written to a temporary file in the same directory (the shared
+  volume), flushed, then renamed over the manifest, so SMG never reads half a file;
+* while the API server is lost (status DEGRADED) the last good file stays as it is; once the watches
+  are back and relisted, the current set is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import tempfile
+import threading
+from typing import Any
+
+from sidecar.config import SmgManifestSettings
+from sidecar.core.eventlog import ApiStatus
+from sidecar.core.smg_manifest import manifest_text, smg_manifest
+from sidecar.metrics import Metrics
+from sidecar.ports import PeerReader
+
+RETRY_SECONDS = 2.0
+"""How soon a failed write (a full or read-only volume) is tried again, besides on the next change."""
+
+
+def write_atomically(path: pathlib.Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one rename; readers see the old file or the new, never a mix."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, 0o644)  # SMG may run as another user sharing the volume
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+class SmgManifestWriter:
+    """Owns the manifest file and the thread that writes it; the daemon starts and stops it.
+
+    ``_problem`` (why the last write failed, or None) is read by the readiness probe from another
+    thread; a single reference assignment, so it needs no lock.
+    """
+
+    def __init__(
+        self, reader: PeerReader, settings: SmgManifestSettings, log: Any, metrics: Metrics | None = None
+    ) -> None:
+        self.reader = reader
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.settings = settings
+        self.log = log.bind(manifest=str(settings.path))
+        self._stop = threading.Event()
+        self._problem: str | None = None
+        self._written: str | None = self._current_text()
+        self.writes = 0  # files written by this process (tests and the debug log read it)
+        self.seen_revision = -1  # the last revision considered (written, unchanged, or held while degraded)
+
+    def _current_text(self) -> str | None:
+        try:
+            return self.settings.path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    def problems(self) -> list[str]:
+        return [] if self._problem is None else [f"SMG manifest: {self._problem}"]
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._run, name="smg-manifest", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and not self.reader.wait_synced(1.0):
+            if self.reader.closed:
+                return
+        revision = -1
+        while not self._stop.is_set() and not self.reader.closed:
+            state = self.reader.state()
+            if state.status.status is ApiStatus.CONNECTED and (state.revision != revision or self._problem):
+                revision = state.revision
+                self._sync(smg_manifest(state.peers, self.settings.roles), revision)
+            self.seen_revision = state.revision
+            timeout = RETRY_SECONDS if self._problem else 1.0
+            self.reader.wait_entries(state.revision, timeout, 1)
+
+    def _sync(self, manifest: dict[str, Any], revision: int) -> None:
+        text = manifest_text(manifest)
+        if text == self._written:
+            return
+        try:
+            write_atomically(self.settings.path, text)
+        except OSError as exc:
+            self.metrics.smg_manifest_writes.labels("error").inc()
+            problem = f"cannot write {self.settings.path}: {exc.strerror or exc}"
+            if problem != self._problem:  # retried every few seconds: say it once, and again if it changes
+                self.log.error("SMG manifest not written; the last good file stays", error=problem)
+            self._problem = problem
+            return
+        self._written = text
+        self._problem = None
+        self.writes += 1
+        self.metrics.smg_manifest_writes.labels("ok").inc()
+        self.metrics.smg_manifest_workers.set(len(manifest["workers"]))
+        self.log.info("SMG manifest written", workers=len(manifest["workers"]), revision=revision)
