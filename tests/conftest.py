@@ -17,6 +17,7 @@ import pytest
 
 from devcluster.build import ROOT, ensure_built
 from devcluster.cluster import ControlPlane
+from devcluster.etcd import EtcdServer
 from devcluster.objects import Cluster
 from devcluster.sidecars import SidecarProcess, launch_sidecar
 from sidecar.kube.api import KubeApi
@@ -102,3 +103,18 @@ def sidecars(control_plane: ControlPlane, cluster: Cluster, tmp_path: pathlib.Pa
     manager = Sidecars(control_plane, cluster, tmp_path / "sidecars")
     yield manager
     manager.stop_all()
+
+
+@pytest.fixture(scope="session")
+def etcd_bin() -> pathlib.Path:
+    """The directory of the etcd binary the project builds (the control plane's)."""
+    return ensure_built()
+
+
+@pytest.fixture
+def etcd(etcd_bin: pathlib.Path, tmp_path: pathlib.Path) -> Iterator[EtcdServer]:
+    """A real etcd of its own for one test (the etcd backend's tests), always stopped."""
+    server = EtcdServer(tmp_path / "etcd", bin_dir=etcd_bin)
+    server.start()
+    yield server
+    server.stop()

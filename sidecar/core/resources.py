@@ -110,6 +110,13 @@ def _pod_condition(status: Mapping[str, Any], name: str) -> bool:
 ZONE_LABEL = "topology.kubernetes.io/zone"
 
 
+def _pod_addresses(status: Mapping[str, Any]) -> tuple[str, ...]:
+    """The pod's IPs (``podIPs``, or the older single ``podIP``)."""
+    return tuple(
+        ip["ip"] for ip in status.get("podIPs") or () if isinstance(ip, dict) and isinstance(ip.get("ip"), str)
+    ) or ((status["podIP"],) if isinstance(status.get("podIP"), str) and status["podIP"] else ())
+
+
 def parse_pod(obj: Mapping[str, Any]) -> ReadinessRecord:
     """A Pod as readiness (pod-label discovery, as SGLang Model Gateway does it).
 
@@ -122,9 +129,7 @@ def parse_pod(obj: Mapping[str, Any]) -> ReadinessRecord:
     meta = _meta(obj)
     spec = _dict(obj.get("spec"))
     status = _dict(obj.get("status"))
-    addresses = tuple(
-        ip["ip"] for ip in status.get("podIPs") or () if isinstance(ip, dict) and isinstance(ip.get("ip"), str)
-    ) or ((status["podIP"],) if isinstance(status.get("podIP"), str) and status["podIP"] else ())
+    addresses = _pod_addresses(status)
     serving = _pod_condition(status, "Ready") and status.get("phase") == "Running" and bool(addresses)
     terminating = bool(meta.get("deletionTimestamp"))
     ports = []
@@ -172,9 +177,7 @@ def parse_pod_containers(obj: Mapping[str, Any]) -> ReadinessRecord:
     meta = _meta(obj)
     spec = _dict(obj.get("spec"))
     status = _dict(obj.get("status"))
-    addresses = tuple(
-        ip["ip"] for ip in status.get("podIPs") or () if isinstance(ip, dict) and isinstance(ip.get("ip"), str)
-    ) or ((status["podIP"],) if isinstance(status.get("podIP"), str) and status["podIP"] else ())
+    addresses = _pod_addresses(status)
     pod_name = meta.get("name", "")
     main = main_container_of(_dict(meta.get("annotations")))
     labels = _strings(meta.get("labels"))

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 import structlog
 
-from devcluster.build import ensure_built
 from devcluster.etcd import EtcdServer, wait_for
 from devcluster.faults import FaultProxy
 from sidecar.core.directory import PeerDirectory
@@ -39,17 +38,6 @@ DEADLINE = 20.0
 
 
 # -- fixtures ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def etcd_bin() -> pathlib.Path:
-    return ensure_built()
-
-
-@pytest.fixture
-def etcd(etcd_bin: pathlib.Path, tmp_path: pathlib.Path) -> Iterator[EtcdServer]:
-    server = EtcdServer(tmp_path / "etcd", bin_dir=etcd_bin)
-    server.start()
-    yield server
-    server.stop()
 
 
 class Closer:

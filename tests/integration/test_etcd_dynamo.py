@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from devcluster.build import ensure_built
 from devcluster.dynamo import TESTED_VERSION, DynamoProcess, launch_dynamo_etcd, runtime_version
 from devcluster.etcd import EtcdServer
 from devcluster.sidecars import SidecarProcess, launch_etcd_sidecar
@@ -30,17 +29,6 @@ NAMESPACE = "demo"
 ENDPOINT = f"{NAMESPACE}.backend.generate"
 
 
-@pytest.fixture(scope="module")
-def etcd_bin() -> pathlib.Path:
-    return ensure_built()
-
-
-@pytest.fixture
-def etcd(etcd_bin: pathlib.Path, tmp_path: pathlib.Path) -> Iterator[EtcdServer]:
-    server = EtcdServer(tmp_path / "etcd", bin_dir=etcd_bin)
-    server.start()
-    yield server
-    server.stop()
 
 
 class World:

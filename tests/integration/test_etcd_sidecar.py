@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 
-from devcluster.build import ensure_built
 from devcluster.etcd import EtcdServer
 from devcluster.faults import FaultProxy
 from devcluster.objects import wait_for
@@ -50,17 +49,6 @@ def metadata(component: str, address: str = "127.0.0.1:9000") -> dict[str, Any]:
     return {"endpoints": {f"{NAMESPACE}/{component}/generate/0": endpoint_entry(component, address)}}
 
 
-@pytest.fixture(scope="module")
-def etcd_bin() -> pathlib.Path:
-    return ensure_built()
-
-
-@pytest.fixture
-def etcd(etcd_bin: pathlib.Path, tmp_path: pathlib.Path) -> Iterator[EtcdServer]:
-    server = EtcdServer(tmp_path / "etcd", bin_dir=etcd_bin)
-    server.start()
-    yield server
-    server.stop()
 
 
 class World:

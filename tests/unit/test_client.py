@@ -14,7 +14,7 @@ import threading
 from collections.abc import AsyncGenerator, Iterable, Iterator
 from concurrent import futures
 from contextlib import aclosing
-from typing import cast
+from typing import NamedTuple, cast
 
 import grpc
 import pytest
@@ -395,37 +395,35 @@ class TestRepublishAfterSidecarRestart:
             if second_server is not None:
                 second_server.stop(grace=0)
 
-    def test_nothing_is_sent_when_the_sidecar_holds_it_already(self) -> None:
-        stand_in = SidecarProcessStandIn(self.INITIAL)
-        server, port = serve(stand_in)
-        try:
-            with DiscoveryClient(f"127.0.0.1:{port}") as client:
-                client.publish_metadata({"a": 1})
-                stand_in.publishes.get(timeout=DEADLINE)
-                assert client.ensure_published() is True
-                assert stand_in.publishes.empty()
-        finally:
-            server.stop(grace=0)
+    def test_nothing_is_sent_when_the_sidecar_holds_it_already(self, stand_in: StandInServer) -> None:
+        with DiscoveryClient(stand_in.target) as client:
+            client.publish_metadata({"a": 1})
+            stand_in.servicer.publishes.get(timeout=DEADLINE)
+            assert client.ensure_published() is True
+            assert stand_in.servicer.publishes.empty()
 
-    def test_a_refusal_for_good_stops_trying(self) -> None:
-        stand_in = SidecarProcessStandIn(self.INITIAL)
-        server, port = serve(stand_in)
-        try:
-            with DiscoveryClient(f"127.0.0.1:{port}") as client:
-                client.publish_metadata({"a": 1})
-                stand_in.publishes.get(timeout=DEADLINE)
-                stand_in.data = {}  # a restarted sidecar that went watch-only
-                stand_in.refuse = grpc.StatusCode.FAILED_PRECONDITION
-                assert client.ensure_published() is False
-        finally:
-            server.stop(grace=0)
+    def test_a_refusal_for_good_stops_trying(self, stand_in: StandInServer) -> None:
+        with DiscoveryClient(stand_in.target) as client:
+            client.publish_metadata({"a": 1})
+            stand_in.servicer.publishes.get(timeout=DEADLINE)
+            stand_in.servicer.data = {}  # a restarted sidecar that went watch-only
+            stand_in.servicer.refuse = grpc.StatusCode.FAILED_PRECONDITION
+            assert client.ensure_published() is False
 
-    def test_a_client_that_never_published_sends_nothing(self) -> None:
-        stand_in = SidecarProcessStandIn(self.INITIAL)
-        server, port = serve(stand_in)
-        try:
-            with DiscoveryClient(f"127.0.0.1:{port}") as client:
-                assert client.ensure_published() is True
-                assert stand_in.publishes.empty()
-        finally:
-            server.stop(grace=0)
+    def test_a_client_that_never_published_sends_nothing(self, stand_in: StandInServer) -> None:
+        with DiscoveryClient(stand_in.target) as client:
+            assert client.ensure_published() is True
+            assert stand_in.servicer.publishes.empty()
+
+
+class StandInServer(NamedTuple):
+    servicer: SidecarProcessStandIn
+    target: str
+
+
+@pytest.fixture
+def stand_in() -> Iterator[StandInServer]:
+    servicer = SidecarProcessStandIn(TestRepublishAfterSidecarRestart.INITIAL)
+    server, port = serve(servicer)
+    yield StandInServer(servicer, f"127.0.0.1:{port}")
+    server.stop(grace=0)
