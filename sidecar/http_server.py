@@ -28,6 +28,8 @@ Check = Callable[[], list[str]]
 """Returns the reasons something is not OK (empty: OK)."""
 
 DEBUG_PEERS_ACCESS = ("loopback", "all", "off")
+DEBUG_SYNC_WAIT = 10.0
+"""Seconds ``/debug/peers`` waits for the first sync before answering with what it has."""
 
 
 def may_read_peers(access: str, client_host: str) -> bool:
@@ -106,6 +108,9 @@ class HttpServer:
                     except NotWatching as exc:
                         self._send(412, f"{exc}\n".encode(), "text/plain")
                         return
+                    # The first request may have just started the watches (DISCOVERY_WATCH=auto): give them a
+                    # moment to sync, as a gRPC caller's deadline would; "synced" in the body says if they did.
+                    peers.wait_synced(DEBUG_SYNC_WAIT)
                     revision, current, status = peers.state()
                     body = {
                         "history_id": peers.history_id,

@@ -74,7 +74,7 @@ def test_cluster_role_makes_all_namespaces_work_and_grants_no_more(
     observer = sidecars.start(
         cluster.start_pod(namespace, "observer", {"app": "observer"}),
         "w",
-        extra_env={**env, "DISCOVERY_NAMESPACES": "*"},
+        extra_env={**env, "DISCOVERY_NAMESPACES": "*", "DISCOVERY_WATCH": "always"},  # watching without a client
     )
     wait_for(lambda: "403" in observer.http_get("/readyz")[1], 60, what="the cluster-wide watch refused (403)")
 

@@ -327,11 +327,23 @@ def test_admission_policy_admits_only_the_pod_itself_as_owner(
         assert repaired["spec"]["data"] == {"v": 2}
 
         # Fencing: a CR of its name owned by an earlier incarnation is A's to delete (DELETE checks no owners).
+        # That owner UID exists nowhere, so the garbage collector may delete the CR first (a 404 is then
+        # answered before admission): create it again until A's own delete is the one that removes it.
         api.delete(path)
-        cluster.api.create(
-            WORKER_METADATA.collection(namespace), cr_body("a", [dict(owner_ref(a), uid="0e1d-earlier-incarnation")])
-        )
-        api.delete(path)
+
+        def deleted_by_a() -> bool | None:
+            if cluster.get_or_none(path) is None:
+                earlier = cr_body("a", [dict(owner_ref(a), uid="0e1d-earlier-incarnation")])
+                cluster.api.create(WORKER_METADATA.collection(namespace), earlier)
+            try:
+                api.delete(path)
+            except ApiError as exc:
+                if exc.status == 404:
+                    return None
+                raise
+            return True
+
+        wait_for(deleted_by_a, 30, what="A's delete of a CR owned by an earlier incarnation to be admitted")
         assert cluster.get_or_none(path) is None
     finally:
         api.close()
