@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo demo-etcd test unit integration lint protos controlplane cluster-up cluster-down bench clean
+.PHONY: venv demo demo-etcd test unit integration lint protos controlplane cluster-up cluster-down bench bench-cost clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ cluster-down: venv
 
 bench: venv
 	$(PY) -m bench
+
+COST_SIZES ?= 100 300 1000
+bench-cost: venv      ## API server cost at P pods, every pod watching vs 10 routers (bench/results/COST.md)
+	$(PY) -m devcluster build
+	$(PY) -m bench.cost --sizes $(COST_SIZES) --max-restarts 100
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis .ruff_cache .mypy_cache

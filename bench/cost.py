@@ -1,0 +1,765 @@
+"""``python -m bench.cost`` (``make bench-cost``): what discovery costs the API server at scale (issue #13).
+
+One real control plane, ``P`` pods behind a Service, each with its DynamoWorkerMetadata CR written as
+Dynamo writes it; ``W`` watchers simulated by ``bench.watchers`` (one process holding every watch, with
+a sidecar's requests, shown equal to a real sidecar's through the API server's audit log). For each
+``P`` and each case (``W = P``, every pod watches; ``W = R`` routers), side by side on the same plane:
+
+* connect: the watchers start (the initial lists and watches of a start-up storm);
+* rollout: a rolling restart at a fixed rate: each pod deleted and replaced by a new pod (new name and
+  UID, as a Deployment does), ready, with a new CR; the old CR goes with the old pod (garbage
+  collection). In the ``W = P`` case the replaced pod's watcher restarts too (its sidecar's relist).
+  When a whole rollout would not fit the time budget, ``--max-restarts`` replaces a prefix of the pods
+  and the report scales the per-restart cost to the whole rollout (the cost per restart does not depend
+  on how many came before: every restart is two EndpointSlice updates and two CR events, fanned out).
+
+Per phase: bytes the watchers received, the API server's own accounting (``apiserver_watch_events_sizes``,
+which also counts the control plane's own few watches, and ``apiserver_response_sizes`` of lists), its
+CPU seconds (``/proc/<pid>/stat``) and peak RSS (sampled), and the time until every watcher holds the
+final state (each watcher's name -> resourceVersion map equals a LIST of the truth).
+
+Results: ``bench/results/cost-p<P>.json``, ``bench/results/COST.md`` (table over every result file) and
+``bench/plots/cost.png``. Benchmarks measure; nothing here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pathlib
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.workload import LABELS, NAMESPACE, SERVICE, metadata
+from devcluster.build import ROOT, ensure_built
+from devcluster.cluster import ControlPlane
+from devcluster.objects import ENDPOINT_SLICES, SERVICE_ACCOUNTS, WORKER_METADATA, Cluster, wait_for
+from devcluster.sidecars import SIDECAR_SERVICE_ACCOUNT, launch_sidecar
+from sidecar.kube.api import KubeApi
+
+RESULTS_DIR = ROOT / "bench" / "results"
+PLOTS_DIR = ROOT / "bench" / "plots"
+SLICE_SELECTOR = f"kubernetes.io/service-name={SERVICE}"
+SIM_AGENT = "bench-watchers/1"
+KINDS = {"endpointslices": "EndpointSlice", "dynamoworkermetadatas": "DynamoWorkerMetadata"}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def say(message: str) -> None:
+    print(f"[bench.cost] {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+# -- the control plane, with an audit log of the sidecar's service account ---------------------------------
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [
+        {"level": "Metadata", "users": [f"system:serviceaccount:{NAMESPACE}:{SIDECAR_SERVICE_ACCOUNT}"]},
+        {"level": "None"},
+    ],
+}
+
+
+@dataclass
+class AuditedControlPlane(ControlPlane):
+    """The devcluster plane plus an audit log of the requests the sidecar's service account makes."""
+
+    @property
+    def audit_log(self) -> pathlib.Path:
+        return self.work_dir / "audit.log"
+
+    def _apiserver_argv(self, paths: dict[str, pathlib.Path]) -> list[str]:
+        policy = self.work_dir / "audit-policy.json"
+        policy.write_text(json.dumps(AUDIT_POLICY))
+        return super()._apiserver_argv(paths) + [
+            f"--audit-policy-file={policy}",
+            f"--audit-log-path={self.audit_log}",
+            "--audit-log-maxsize=0",
+        ]
+
+
+# -- process accounting -------------------------------------------------------------------------------------
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` from /proc/<pid>/stat (fields 14 and 15)."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_bytes(pid: int) -> int:
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class RssSampler:
+    """The peak resident size of some processes over a phase, sampled every ``interval`` seconds."""
+
+    def __init__(self, pids: dict[str, int], interval: float = 0.25) -> None:
+        self.pids = pids
+        self.interval = interval
+        self.peak = {name: rss_bytes(pid) for name, pid in pids.items()}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for name, pid in self.pids.items():
+                with contextlib.suppress(OSError):
+                    self.peak[name] = max(self.peak[name], rss_bytes(pid))
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def scrape(plane: ControlPlane) -> dict[str, float]:
+    """The API server's counters this benchmark reads, summed per (metric, verb or kind, resource)."""
+    context = ssl.create_default_context(cafile=str(plane.ca_file))
+    request = urllib.request.Request(
+        plane.server + "/metrics", headers={"Authorization": f"Bearer {plane.admin_token}"}
+    )
+    with urllib.request.urlopen(request, timeout=30, context=context) as response:
+        raw = response.read()
+    totals: dict[str, float] = {}
+    wanted_resources = set(KINDS) | set(KINDS.values())
+    for family in text_string_to_metric_families(raw.decode()):
+        if family.name not in ("apiserver_request", "apiserver_watch_events_sizes", "apiserver_response_sizes"):
+            continue
+        for sample in family.samples:
+            labels = sample.labels
+            resource = labels.get("resource") or labels.get("kind") or ""
+            if resource not in wanted_resources:
+                continue
+            resource = {v: k for k, v in KINDS.items()}.get(resource, resource)
+            if family.name == "apiserver_request" and sample.name == "apiserver_request_total":
+                key = f"requests {labels.get('verb')} {resource}"
+            elif family.name == "apiserver_watch_events_sizes" and sample.name.endswith(("_sum", "_count")):
+                key = f"watch_event_{sample.name.rsplit('_', 1)[1]} {resource}"
+            elif family.name == "apiserver_response_sizes" and sample.name.endswith("_sum"):
+                key = f"response_bytes {labels.get('verb')} {resource}"
+            else:
+                continue
+            totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
+
+
+def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
+
+
+# -- the simulator, as a child process -------------------------------------------------------------------
+class Simulator:
+    """``bench.watchers`` in a subprocess, driven by JSON lines."""
+
+    def __init__(
+        self, plane: ControlPlane, token_file: pathlib.Path, watchers: int, log: pathlib.Path, initial: str = "list"
+    ) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.watchers",
+            "--server",
+            plane.server,
+            "--token-file",
+            str(token_file),
+            "--ca",
+            str(plane.ca_file),
+            "--namespace",
+            NAMESPACE,
+            "--watchers",
+            str(watchers),
+            "--slice-selector",
+            SLICE_SELECTOR,
+            "--initial",
+            initial,
+        ]
+        with log.open("ab") as stderr:
+            self.process = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT
+            )
+        self.ps = psutil.Process(self.process.pid)
+
+    def call(self, **command: Any) -> dict[str, Any]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the watcher simulator exited with {self.process.wait()}")
+        return json.loads(line)
+
+    def cpu(self) -> float:
+        times = self.ps.cpu_times()
+        return times.user + times.system
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            assert self.process.stdin is not None
+            self.process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+            self.process.stdin.close()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+
+# -- the fleet ----------------------------------------------------------------------------------------------
+@dataclass
+class Fleet:
+    """``P`` slots; slot ``i`` holds one pod at a time, named ``peer-<i>-g<generation>`` (a Deployment's
+    replacement pod has a new name and UID)."""
+
+    cluster: Cluster
+    size: int
+    threads: int = 8
+    generation: dict[int, int] = field(default_factory=dict)
+    pods: dict[int, dict[str, Any]] = field(default_factory=dict)
+    last_write: float = 0.0
+
+    def name(self, slot: int) -> str:
+        return f"peer-{slot:05d}-g{self.generation.get(slot, 0)}"
+
+    def _start(self, slot: int) -> None:
+        name = self.name(slot)
+        role = "prefill" if slot % 2 == 0 else "decode"
+        pod = self.cluster.start_pod(NAMESPACE, name, {**LABELS, "role": role})
+        self.cluster.register_like_dynamo(pod, metadata(name, self.generation.get(slot, 0)))
+        self.pods[slot] = pod
+        self.last_write = max(self.last_write, time.monotonic())
+
+    def create(self) -> None:
+        with ThreadPoolExecutor(self.threads) as pool:
+            list(pool.map(self._start, range(self.size)))
+
+    def replace(self, slot: int) -> None:
+        """Delete the slot's pod (its CR goes by garbage collection) and start its successor."""
+        self.cluster.delete_pod(NAMESPACE, self.name(slot), grace_seconds=0)
+        self.generation[slot] = self.generation.get(slot, 0) + 1
+        self._start(slot)
+
+    def names(self) -> set[str]:
+        return {self.name(slot) for slot in range(self.size)}
+
+    def settled(self) -> bool:
+        """The controllers have caught up: the slices list exactly the current pods, all ready, and the
+        CRs are exactly the current pods' (the old ones garbage-collected)."""
+        names = self.names()
+        ready: set[str] = set()
+        for item in list_all(self.cluster.api, ENDPOINT_SLICES.collection(NAMESPACE), SLICE_SELECTOR):
+            for endpoint in item.get("endpoints") or ():
+                ref = (endpoint.get("targetRef") or {}).get("name")
+                if not (endpoint.get("conditions") or {}).get("ready") or ref not in names:
+                    return False
+                ready.add(ref)
+        if ready != names:
+            return False
+        crs = {i["metadata"]["name"] for i in list_all(self.cluster.api, WORKER_METADATA.collection(NAMESPACE))}
+        return crs == names
+
+    def truth(self) -> dict[str, dict[str, str]]:
+        return {
+            "endpointslices": rv_map(list_all(self.cluster.api, ENDPOINT_SLICES.collection(NAMESPACE), SLICE_SELECTOR)),
+            "dynamoworkermetadatas": rv_map(list_all(self.cluster.api, WORKER_METADATA.collection(NAMESPACE))),
+        }
+
+
+def list_all(api: KubeApi, path: str, selector: str = "") -> Iterator[dict[str, Any]]:
+    token = ""
+    while True:
+        query = [("limit", "500")] + ([("labelSelector", selector)] if selector else [])
+        if token:
+            query.append(("continue", token))
+        page = api.get(path, query)
+        yield from page.get("items") or ()
+        token = page["metadata"].get("continue") or ""
+        if not token:
+            return
+
+
+def rv_map(items: Iterator[dict[str, Any]]) -> dict[str, str]:
+    return {i["metadata"]["name"]: i["metadata"]["resourceVersion"] for i in items}
+
+
+def paced(count: int, rate: float, action: Callable[[int], None], threads: int = 4) -> None:
+    """Start ``action(i)`` for i in range(count) at ``rate`` per second (on a few threads, so that one slow
+    request does not shift the schedule)."""
+    started = time.monotonic()
+    with ThreadPoolExecutor(threads) as pool:
+        futures = []
+        for i in range(count):
+            delay = started + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)  # the schedule: a fixed rate, not a wait for a condition
+            futures.append(pool.submit(action, i))
+        for future in futures:
+            future.result()
+
+
+# -- the benchmark --------------------------------------------------------------------------------------------
+class CostBench:
+    def __init__(self, work: pathlib.Path, args: argparse.Namespace) -> None:
+        self.work = work
+        self.args = args
+        self.plane = AuditedControlPlane(bin_dir=ensure_built(), work_dir=work / "controlplane", log=say)
+        self.api: KubeApi | None = None
+        self.cluster: Cluster | None = None
+        self.token_file = work / "watcher.token"
+
+    def start(self) -> None:
+        self.plane.start()
+        self.api = KubeApi.from_kubeconfig(str(self.plane.kubeconfig))
+        self.cluster = Cluster(self.api)
+        kubectl = [str(self.plane.kubectl), f"--kubeconfig={self.plane.kubeconfig}"]
+        manifests = ROOT / "manifests"
+        subprocess.run(kubectl + ["apply", "-f", str(manifests / "crd.yaml")], check=True, capture_output=True)
+        subprocess.run(
+            kubectl + ["wait", "--for=condition=Established", "crd/dynamoworkermetadatas.nvidia.com"],
+            check=True,
+            capture_output=True,
+        )
+        self.cluster.create_namespace(NAMESPACE)
+        subprocess.run(
+            kubectl + ["apply", "-n", NAMESPACE, "-f", str(manifests / "rbac.yaml")], check=True, capture_output=True
+        )
+        self.cluster.wait_for_service_account(NAMESPACE, SIDECAR_SERVICE_ACCOUNT)
+        self.cluster.ensure_node("node-a", "zone-a")
+        self.cluster.create_service(NAMESPACE, SERVICE, LABELS)
+        # The simulated sidecars authenticate as the sidecar's service account (RBAC and all), with a
+        # token not bound to a pod: the pods they stand for come and go during the rollout.
+        reply = self.api.create(
+            SERVICE_ACCOUNTS.item(NAMESPACE, SIDECAR_SERVICE_ACCOUNT) + "/token",
+            {
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenRequest",
+                "spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 7200},
+            },
+        )
+        self.token_file.write_text(reply["status"]["token"])
+        self.token_file.chmod(0o600)
+
+    def stop(self) -> None:
+        self.plane.stop()
+
+    @property
+    def apiserver_pid(self) -> int:
+        return self.plane.pids()["kube-apiserver"]
+
+    # -- request shape: one real sidecar against one simulated watcher -------------------------------------
+    def request_shape(self) -> dict[str, Any]:
+        assert self.cluster is not None
+        logs = self.work / "logs"
+        logs.mkdir(exist_ok=True)
+        pod = self.cluster.start_pod(NAMESPACE, "observer", {"app": "observer"})
+        sidecar = launch_sidecar(self.plane, self.cluster, pod, SERVICE, logs, labels={"app": "observer"})
+        try:
+            sidecar.wait_ready(60)
+            # In DISCOVERY_WATCH=auto (issue #13) the watches start on the first request for peers.
+            wait_for(lambda: sidecar.http_get("/debug/peers")[0] == 200, 60, what="the sidecar's peer list")
+            wait_for(
+                lambda: (
+                    {"watch endpointslices", "watch dynamoworkermetadatas"}
+                    <= {f"{r['verb']} {r['resource']}" for r in self._audit(sidecar=True)}
+                ),
+                60,
+                what="the sidecar's two watches in the audit log",
+            )
+        finally:
+            sidecar.terminate()
+        simulator = Simulator(self.plane, self.token_file, 1, logs / "simulator-shape.log")
+        try:
+            simulator.call(cmd="wait_ready")
+            wait_for(
+                lambda: (
+                    {"watch endpointslices", "watch dynamoworkermetadatas"}
+                    <= {f"{r['verb']} {r['resource']}" for r in self._audit(sidecar=False)}
+                ),
+                60,
+                what="the simulator's two watches in the audit log",
+            )
+        finally:
+            simulator.close()
+        self.cluster.delete_pod(NAMESPACE, "observer")
+        real = self._audit(sidecar=True)
+        simulated = self._audit(sidecar=False)
+
+        def watch_shape(rows: list[dict[str, str]]) -> list[str]:
+            return sorted({r["shape"] for r in rows if r["resource"] in KINDS and r["verb"] in ("list", "watch")})
+
+        return {
+            "sidecar": sorted({r["shape"] for r in real}),
+            "simulator": sorted({r["shape"] for r in simulated}),
+            "same_list_and_watch_requests": watch_shape(real) == watch_shape(simulated),
+        }
+
+    def _audit(self, sidecar: bool) -> list[dict[str, str]]:
+        """The sidecar's (or the simulator's) requests in the audit log, one row per request, with the
+        query's varying values (resourceVersion, continue token, the random timeout) normalised."""
+        rows: dict[str, dict[str, str]] = {}
+        with contextlib.suppress(OSError), self.plane.audit_log.open() as log:
+            for line in log:
+                with contextlib.suppress(ValueError):
+                    event = json.loads(line)
+                    if (event.get("userAgent") == SIM_AGENT) == sidecar:
+                        continue
+                    ref = event.get("objectRef") or {}
+                    rows[event["auditID"]] = {
+                        "verb": event.get("verb", ""),
+                        "resource": ref.get("resource", ""),
+                        "shape": f"{event.get('verb', '').upper()} {normalise(event.get('requestURI', ''))}",
+                    }
+        return list(rows.values())
+
+    # -- one case -----------------------------------------------------------------------------------------
+    def case(self, fleet: Fleet, watchers: int, restarts: int, every_pod: bool, initial: str) -> dict[str, Any]:
+        assert self.api is not None
+        label = f"W={watchers}" + (" (every pod)" if every_pod else " (routers)")
+        say(f"P={fleet.size} {label}: starting {watchers} watchers ({initial})")
+        pids = {"kube-apiserver": self.apiserver_pid, "etcd": self.plane.pids()["etcd"]}
+        result: dict[str, Any] = {"P": fleet.size, "W": watchers, "every_pod": every_pod, "initial": initial}
+        phase_start = self._snapshot(None)
+        with RssSampler(pids) as rss:
+            simulator = Simulator(
+                self.plane, self.token_file, watchers, self.work / "logs" / f"sim-{fleet.size}-{watchers}.log", initial
+            )
+            rss.pids["simulator"] = simulator.process.pid
+            rss.peak["simulator"] = 0
+            try:
+                simulator.call(cmd="wait_ready")
+                connected = self._snapshot(simulator)
+                result["connect"] = self._phase(phase_start, connected, rss)
+                say(f"  connected in {result['connect']['seconds']:.1f}s; rollout of {restarts} pods")
+                rss.peak = {name: rss_bytes(pid) for name, pid in rss.pids.items()}
+
+                lock = threading.Lock()
+
+                def locked_restart(slot: int) -> None:
+                    fleet.replace(slot)
+                    if every_pod:  # the new pod's sidecar starts: list and watch from scratch
+                        with lock:  # one command at a time on the simulator's pipe
+                            simulator.call(cmd="restart", ids=[slot])
+
+                rollout_start = time.monotonic()
+                paced(restarts, self.args.rate, locked_restart)
+                last_write = fleet.last_write
+                wait_for(fleet.settled, 300, interval=0.25, what="the controllers to settle after the rollout")
+                settled = time.monotonic()
+                converged: dict[str, Any] = {}
+                for _ in range(10):  # the truth can move once more (a late controller write): re-read it
+                    converged = simulator.call(cmd="converge", truth=fleet.truth(), timeout=30)
+                    if converged["converged"]:
+                        break
+                done = self._snapshot(simulator)
+                rollout = self._phase(connected, done, rss)
+                changes = [t for t in converged["last_change"] if t > 0]
+                rollout.update(
+                    restarts=restarts,
+                    rate_per_s=self.args.rate,
+                    write_seconds=last_write - rollout_start,
+                    settle_after_last_write_s=settled - last_write,
+                    converged=converged["converged"],
+                    behind=converged["behind_count"],
+                    converge_after_last_write_s=max(changes) - last_write if changes else None,
+                    fanout_spread_s=max(changes) - min(changes) if changes else None,
+                )
+                rollout["per_restart"] = {
+                    "watcher_bytes": rollout["watcher_bytes"] / restarts,
+                    "apiserver_cpu_s": rollout["apiserver_cpu_s"] / restarts,
+                }
+                rollout["full_rollout_estimate"] = {
+                    "watcher_bytes": rollout["watcher_bytes"] / restarts * fleet.size,
+                    "apiserver_cpu_s": rollout["apiserver_cpu_s"] / restarts * fleet.size,
+                }
+                result["rollout"] = rollout
+                say(
+                    f"  rollout: {rollout['watcher_bytes'] / 1e6:.1f} MB to watchers, apiserver "
+                    f"{rollout['apiserver_cpu_s']:.1f} CPU-s, converged {rollout['converged']} "
+                    f"{rollout['converge_after_last_write_s']}s after the last write"
+                )
+            finally:
+                simulator.close()
+        return result
+
+    def _snapshot(self, simulator: Simulator | None) -> dict[str, Any]:
+        assert self.api is not None
+        pids = self.plane.pids()
+        return {
+            "t": time.monotonic(),
+            "cpu": {n: cpu_seconds(pids[n]) for n in ("kube-apiserver", "etcd", "kube-controller-manager")},
+            "metrics": scrape(self.plane),
+            "sim": simulator.call(cmd="stats")["stats"] if simulator else {"bytes": {}, "events": {}, "requests": {}},
+            "sim_cpu": simulator.cpu() if simulator else 0.0,
+        }
+
+    @staticmethod
+    def _phase(before: dict[str, Any], after: dict[str, Any], rss: RssSampler) -> dict[str, Any]:
+        sim_bytes = {k: v - before["sim"]["bytes"].get(k, 0) for k, v in after["sim"]["bytes"].items()}
+        metrics = delta(after["metrics"], before["metrics"])
+        return {
+            "seconds": after["t"] - before["t"],
+            "watcher_bytes": sum(sim_bytes.values()),
+            "watcher_bytes_by_resource": sim_bytes,
+            "watcher_events": delta(after["sim"]["events"], before["sim"]["events"]),
+            "watcher_requests": delta(after["sim"]["requests"], before["sim"]["requests"]),
+            "watcher_errors": delta(after["sim"].get("errors", {}), before["sim"].get("errors", {})),
+            "apiserver_watch_event_bytes": sum(v for k, v in metrics.items() if k.startswith("watch_event_sum")),
+            "apiserver_list_response_bytes": sum(v for k, v in metrics.items() if k.startswith("response_bytes LIST")),
+            "apiserver_metrics": metrics,
+            "apiserver_cpu_s": after["cpu"]["kube-apiserver"] - before["cpu"]["kube-apiserver"],
+            "etcd_cpu_s": after["cpu"]["etcd"] - before["cpu"]["etcd"],
+            "kcm_cpu_s": after["cpu"]["kube-controller-manager"] - before["cpu"]["kube-controller-manager"],
+            "simulator_cpu_s": after["sim_cpu"] - before["sim_cpu"],
+            "peak_rss_bytes": dict(rss.peak),
+        }
+
+    def run_size(self, size: int) -> dict[str, Any]:
+        assert self.cluster is not None
+        fleet = Fleet(self.cluster, size)
+        say(f"P={size}: creating {size} pods with their CRs")
+        started = time.monotonic()
+        fleet.create()
+        wait_for(fleet.settled, 600, interval=0.5, what=f"{size} ready pods with CRs")
+        say(f"P={size}: created in {time.monotonic() - started:.0f}s")
+        result: dict[str, Any] = {"P": size, "cases": []}
+        cases = [(self.args.routers, False)] + ([(size, True)] if not self.args.routers_only else [])
+        for _ in range(self.args.repeats):
+            for watchers, every_pod in cases:
+                restarts = size if not every_pod else min(size, self.args.max_restarts or size)
+                result["cases"].append(self.case(fleet, watchers, restarts, every_pod, self.args.initial))
+        for slot in range(size):  # leave the namespace empty for the next size
+            self.cluster.delete_pod(NAMESPACE, fleet.name(slot))
+        wait_for(
+            lambda: not any(True for _ in list_all(self.cluster.api, WORKER_METADATA.collection(NAMESPACE))),  # type: ignore[union-attr]
+            300,
+            interval=0.5,
+            what="the CRs garbage-collected",
+        )
+        return result
+
+
+def normalise(uri: str) -> str:
+    """A request URI with the values that differ between two runs of the same request replaced."""
+    split = urlsplit(uri)
+    query = []
+    for key, value in sorted(parse_qsl(split.query, keep_blank_values=True)):
+        if key == "resourceVersion" and value:
+            value = "<rv>"
+        elif key == "continue":
+            value = "<token>"
+        elif key == "timeoutSeconds" and value.isdigit() and 300 <= int(value) < 600:
+            value = "<300-600>"
+        query.append(f"{key}={value}")
+    return split.path + ("?" + "&".join(query) if query else "")
+
+
+# -- report -----------------------------------------------------------------------------------------------------
+def summarise(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Median per (P, W) across repeats of the figures the table shows."""
+    groups: dict[tuple[int, int, str], list[dict[str, Any]]] = {}
+    for case in cases:
+        groups.setdefault((case["P"], case["W"], case["initial"]), []).append(case)
+    rows = []
+    for (size, watchers, initial), group in sorted(groups.items()):
+
+        def med(get: Callable[[dict[str, Any]], float | None], group: list[dict[str, Any]] = group) -> float | None:
+            values = [v for v in (get(c) for c in group) if v is not None]
+            return statistics.median(values) if values else None
+
+        rows.append(
+            {
+                "P": size,
+                "W": watchers,
+                "initial": initial,
+                "repeats": len(group),
+                "restarts": group[0]["rollout"]["restarts"],
+                "connect_bytes": med(lambda c: c["connect"]["watcher_bytes"]),
+                "connect_apiserver_cpu_s": med(lambda c: c["connect"]["apiserver_cpu_s"]),
+                "connect_seconds": med(lambda c: c["connect"]["seconds"]),
+                "connect_peak_rss": med(lambda c: c["connect"]["peak_rss_bytes"]["kube-apiserver"]),
+                "rollout_bytes": med(lambda c: c["rollout"]["watcher_bytes"]),
+                "rollout_apiserver_watch_bytes": med(lambda c: c["rollout"]["apiserver_watch_event_bytes"]),
+                "bytes_per_restart": med(lambda c: c["rollout"]["per_restart"]["watcher_bytes"]),
+                "full_rollout_bytes": med(lambda c: c["rollout"]["full_rollout_estimate"]["watcher_bytes"]),
+                "rollout_apiserver_cpu_s": med(lambda c: c["rollout"]["apiserver_cpu_s"]),
+                "full_rollout_apiserver_cpu_s": med(lambda c: c["rollout"]["full_rollout_estimate"]["apiserver_cpu_s"]),
+                "rollout_peak_rss": med(lambda c: c["rollout"]["peak_rss_bytes"]["kube-apiserver"]),
+                "rollout_seconds": med(lambda c: c["rollout"]["seconds"]),
+                "simulator_cpu_s": med(lambda c: c["rollout"]["simulator_cpu_s"]),
+                "converge_s": med(lambda c: c["rollout"]["converge_after_last_write_s"]),
+                "fanout_spread_s": med(lambda c: c["rollout"]["fanout_spread_s"]),
+                "converged": all(c["rollout"]["converged"] for c in group),
+            }
+        )
+    return rows
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value / 1e6:,.1f}"
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def write_report() -> list[dict[str, Any]]:
+    cases: list[dict[str, Any]] = []
+    shapes: list[dict[str, Any]] = []
+    machine: dict[str, Any] = {}
+    for path in sorted(RESULTS_DIR.glob("cost-p*.json")):
+        data = json.loads(path.read_text())
+        cases += data["cases"]
+        machine = data.get("machine", machine)
+        if data.get("request_shape"):
+            shapes.append(data["request_shape"])
+    rows = summarise(cases)
+    lines = [
+        "# API server cost at scale (issue #13, items 4-5)",
+        "",
+        "Generated by `python -m bench.cost` (`make bench-cost`) from `bench/results/cost-p*.json`; see",
+        "`bench/COST_MODEL.md` for the model these figures are set against. One real kube-apiserver + etcd +",
+        f"kube-controller-manager on {machine.get('cores', '?')} shared cores; watchers simulated by `bench.watchers`",
+        "(one process, every watch a sidecar's requests). Rollout: every pod replaced (new name and UID, ready,",
+        "new CR) at a fixed rate; where `restarts < P` only a prefix was replaced and `full rollout` scales the",
+        "per-restart figures to all `P`. Medians over `n` repeats. MB = 10^6 bytes.",
+        "",
+        "| P | W | initial sync | n | restarts | connect: MB / apiserver CPU-s / s | rollout MB "
+        "(apiserver watch-event MB) | KB per restart | full rollout MB | rollout apiserver CPU-s (full) | "
+        "apiserver peak RSS MB (connect / rollout) | converge s after last write (fan-out spread) | "
+        "simulator CPU-s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        not_converged = "" if r["converged"] else " NOT converged"
+        lines.append(
+            f"| {r['P']} | {r['W']} | {r['initial']} | {r['repeats']} | {r['restarts']} | "
+            f"{_mb(r['connect_bytes'])} / {_num(r['connect_apiserver_cpu_s'])} / {_num(r['connect_seconds'])} | "
+            f"{_mb(r['rollout_bytes'])} ({_mb(r['rollout_apiserver_watch_bytes'])}) | "
+            f"{_num((r['bytes_per_restart'] or 0) / 1e3)} | {_mb(r['full_rollout_bytes'])} | "
+            f"{_num(r['rollout_apiserver_cpu_s'])} ({_num(r['full_rollout_apiserver_cpu_s'])}) | "
+            f"{_mb(r['connect_peak_rss'])} / {_mb(r['rollout_peak_rss'])} | "
+            f"{_num(r['converge_s'], 2)} ({_num(r['fanout_spread_s'], 2)}){not_converged} | "
+            f"{_num(r['simulator_cpu_s'])} |"
+        )
+    if shapes:
+        shape = shapes[-1]
+        lines += [
+            "",
+            "## Request shape: one real sidecar vs one simulated watcher (API server audit log)",
+            "",
+            f"Same LIST and WATCH requests: **{shape['same_list_and_watch_requests']}**.",
+            "",
+            "| real sidecar | simulated watcher |",
+            "| --- | --- |",
+        ]
+        real, sim = shape["sidecar"], shape["simulator"]
+        for i in range(max(len(real), len(sim))):
+            left = f"`{real[i]}`" if i < len(real) else ""
+            right = f"`{sim[i]}`" if i < len(sim) else ""
+            lines.append(f"| {left} | {right} |")
+    (RESULTS_DIR / "COST.md").write_text("\n".join(lines) + "\n")
+    plot(rows)
+    return rows
+
+
+def plot(rows: list[dict[str, Any]]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say("matplotlib not installed: no plot")
+        return
+    listed = [r for r in rows if r["initial"] == "list"]
+    every = sorted((r for r in listed if r["W"] == r["P"]), key=lambda r: r["P"])
+    routers = sorted((r for r in listed if r["W"] != r["P"]), key=lambda r: r["P"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for series, label, marker in ((every, "W = P (every pod watches)", "o"), (routers, "W = R routers", "s")):
+        if not series:
+            continue
+        sizes = [r["P"] for r in series]
+        left.plot(sizes, [r["full_rollout_bytes"] / 1e6 for r in series], marker=marker, label=label)
+        right.plot(sizes, [r["full_rollout_apiserver_cpu_s"] for r in series], marker=marker, label=label)
+    if every:
+        k = every[-1]["full_rollout_bytes"] / every[-1]["P"] ** 2
+        xs = [r["P"] for r in every]
+        left.plot(xs, [k * p * p / 1e6 for p in xs], ":", color="grey", label="~P² (fit at largest P)")
+    titles = ("bytes sent to watchers, one rolling restart (MB)", "kube-apiserver CPU-s, one rolling restart")
+    for axis, title in zip((left, right), titles, strict=True):
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("pods P")
+        axis.set_title(title, fontsize=10)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    PLOTS_DIR.mkdir(exist_ok=True)
+    fig.savefig(PLOTS_DIR / "cost.png", dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="API server cost of discovery at scale (issue #13)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100], help="pod counts P to measure")
+    parser.add_argument("--routers", type=int, default=10, help="R, the watchers of the routers-only case")
+    parser.add_argument("--routers-only", action="store_true", help="skip the W = P case")
+    parser.add_argument("--rate", type=float, default=5.0, help="pod replacements per second in the rollout")
+    parser.add_argument(
+        "--max-restarts", type=int, default=0, help="in the W = P case, replace only this many pods (0: all)"
+    )
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--initial", choices=("list", "stream"), default="list", help="the watchers' initial sync")
+    parser.add_argument("--no-shape", action="store_true", help="skip the real-sidecar request-shape check")
+    parser.add_argument("--work", help="keep the control plane's files and the logs in this directory")
+    parser.add_argument("--report-only", action="store_true", help="rewrite COST.md and the plot from results")
+    args = parser.parse_args(argv)
+    if args.report_only:
+        write_report()
+        return
+    RESULTS_DIR.mkdir(exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        tmp = args.work or stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-cost-"))
+        bench = CostBench(pathlib.Path(tmp), args)
+        try:
+            bench.start()
+            shape = None if args.no_shape else bench.request_shape()
+            if shape is not None:
+                say(f"request shape: same LIST and WATCH as a real sidecar: {shape['same_list_and_watch_requests']}")
+            for size in args.sizes:
+                result = bench.run_size(size)
+                result["request_shape"] = shape
+                memory = round(psutil.virtual_memory().total / 2**30, 1)
+                result["machine"] = {"cores": psutil.cpu_count(), "memory_gib": memory}
+                result["args"] = vars(args)
+                suffix = "" if args.initial == "list" else f"-{args.initial}"
+                (RESULTS_DIR / f"cost-p{size}{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
+                shape = None
+        finally:
+            bench.stop()
+    for row in write_report():
+        say(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

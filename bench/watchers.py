@@ -1,0 +1,430 @@
+"""Many sidecars' watches in one process: the requests a sidecar makes, without the sidecar.
+
+``python -m bench.watchers --server URL --token-file F --ca CA --namespace NS --watchers N`` opens, for
+each simulated sidecar, the two watches ``sidecar/kube/reflector.py`` opens, with the same requests:
+
+* a paginated, consistent LIST (``limit=500``, ``continue``), then a WATCH from the list's
+  resourceVersion with ``allowWatchBookmarks=true`` and ``timeoutSeconds`` in 300-600, the same
+  ``labelSelector`` on both; ``410 Gone`` relists, a watch ended by the server is re-established;
+* or, with ``--initial stream``, the streaming list instead of the LIST: one WATCH with
+  ``sendInitialEvents=true&resourceVersionMatch=NotOlderThan`` (and ``resourceVersion=""``), whose
+  initial events end with a bookmark annotated ``k8s.io/initial-events-end``;
+* one watch of the EndpointSlices of ``--slice-selector``, one of the DynamoWorkerMetadata CRs
+  (``--cr-selector``, empty by default as in today's sidecar), in ``--namespace``.
+
+It speaks HTTP/1.1 over TLS with the standard library's asyncio streams and counts what a sidecar would
+receive: response bytes (headers, chunk framing and bodies, before TLS), events by type, requests by
+verb. It decodes only what it needs: the lists (JSON) and, per watch event, the object's name and
+resourceVersion, found by a byte search in the event line (metadata's ``name`` and ``resourceVersion``
+are the first such keys in every object of both kinds, so the whole 25 KB slice is never parsed).
+Each watcher keeps, per resource, name -> resourceVersion, which the driver compares with a LIST of the
+truth to decide that the watcher has converged.
+
+Commands, one JSON object per line on stdin; one JSON reply per line on stdout:
+
+* ``{"cmd": "wait_ready"}``: reply once every watcher holds both watches (after its initial sync);
+* ``{"cmd": "restart", "ids": [3, 7]}``: those watchers drop their watches and sync again from
+  scratch, as a replaced pod's new sidecar does;
+* ``{"cmd": "stats"}``: the counters;
+* ``{"cmd": "converge", "truth": {"endpointslices": {name: rv}, ...}, "timeout": 120}``: wait until every
+  watcher's state equals the truth; reply with each watcher's time of its last change
+  (``time.monotonic()``, which is system-wide on Linux, so the driver can compare it with its own);
+* ``{"cmd": "quit"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import pathlib
+import random
+import ssl
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+SLICES = "/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices"
+CRS = "/apis/nvidia.com/v1alpha1/namespaces/{ns}/dynamoworkermetadatas"
+RESOURCES = ("endpointslices", "dynamoworkermetadatas")
+
+_NAME = b'"name":"'
+_RV = b'"resourceVersion":"'
+_TYPE = b'{"type":"'
+
+
+class Gone(Exception):
+    """410: the resourceVersion is compacted away; relist."""
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(f"HTTP {status}: {body[:300]!r}")
+        self.status = status
+
+
+def _field(line: bytes, key: bytes, start: int = 0) -> str:
+    at = line.find(key, start)
+    if at < 0:
+        return ""
+    at += len(key)
+    end = line.find(b'"', at)
+    return line[at:end].decode()
+
+
+@dataclass
+class Totals:
+    """What every watcher together received; the driver reads differences across a phase."""
+
+    bytes: Counter[str] = field(default_factory=Counter)  # resource -> response bytes
+    events: Counter[str] = field(default_factory=Counter)  # "resource TYPE" -> events
+    requests: Counter[str] = field(default_factory=Counter)  # "VERB resource" -> requests
+    errors: Counter[str] = field(default_factory=Counter)
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection over TLS, counting the bytes it reads."""
+
+    def __init__(self, sim: Simulator, resource: str) -> None:
+        self.sim = sim
+        self.resource = resource
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def _read(self, n: int) -> bytes:
+        assert self.reader is not None
+        data = await self.reader.readexactly(n)
+        self.sim.totals.bytes[self.resource] += n
+        return data
+
+    async def _readline(self) -> bytes:
+        assert self.reader is not None
+        data = await self.reader.readuntil(b"\r\n")
+        self.sim.totals.bytes[self.resource] += len(data)
+        return data
+
+    async def open(self) -> None:
+        if self.writer is None or self.writer.is_closing():
+            self.reader, self.writer = await asyncio.open_connection(
+                self.sim.host, self.sim.port, ssl=self.sim.ssl, server_hostname=self.sim.host
+            )
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+    async def request(self, path: str, query: list[tuple[str, str]]) -> tuple[int, dict[str, str]]:
+        """Send a GET; return the status and headers (the body is read by ``body`` or ``chunks``)."""
+        await self.open()
+        assert self.writer is not None
+        target = path + ("?" + urlencode(query) if query else "")
+        self.writer.write(
+            f"GET {target} HTTP/1.1\r\nHost: {self.sim.host}:{self.sim.port}\r\n"
+            f"Authorization: Bearer {self.sim.token}\r\nAccept: application/json\r\n"
+            f"User-Agent: bench-watchers/1\r\n\r\n".encode()
+        )
+        await self.writer.drain()
+        status_line = await self._readline()
+        status = int(status_line.split(b" ", 2)[1])
+        headers: dict[str, str] = {}
+        while True:
+            line = await self._readline()
+            if line == b"\r\n":
+                break
+            key, _, value = line.decode("latin-1").partition(":")
+            headers[key.strip().lower()] = value.strip()
+        return status, headers
+
+    async def chunks(self, headers: dict[str, str]) -> AsyncIterator[bytes]:
+        """The body's pieces as they arrive (chunked or Content-Length)."""
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                size = int((await self._readline()).split(b";")[0], 16)
+                if size == 0:
+                    await self._readline()  # the empty trailer
+                    return
+                data = await self._read(size)
+                await self._readline()
+                yield data
+        else:
+            length = int(headers.get("content-length", "0"))
+            if length:
+                yield await self._read(length)
+
+    async def body(self, headers: dict[str, str]) -> bytes:
+        return b"".join([piece async for piece in self.chunks(headers)])
+
+
+class Watch:
+    """One sidecar's watch of one resource: list (or streaming list), then watch, forever."""
+
+    def __init__(self, sim: Simulator, watcher: Watcher, resource: str, path: str, selector: str) -> None:
+        self.sim = sim
+        self.watcher = watcher
+        self.resource = resource
+        self.path = path
+        self.selector = selector
+        self.state: dict[str, str] = {}  # name -> resourceVersion
+        self.rv = ""
+        self.synced = asyncio.Event()
+        self.conn = Connection(sim, resource)
+
+    def _query(self) -> list[tuple[str, str]]:
+        return [("labelSelector", self.selector)] if self.selector else []
+
+    def _changed(self) -> None:
+        self.watcher.last_change = time.monotonic()
+
+    async def run(self) -> None:
+        need_sync = True
+        backoff = 0.2
+        while True:
+            try:
+                if need_sync:
+                    if self.sim.initial == "stream":
+                        await self._watch(stream=True)  # returns only when the server ends the watch
+                    else:
+                        await self._list()
+                    need_sync = False
+                    if self.sim.initial == "stream":
+                        continue
+                await self._watch(stream=False)
+                backoff = 0.2
+            except Gone:
+                self.sim.totals.errors[f"{self.resource} 410"] += 1
+                need_sync = True
+            except asyncio.CancelledError:
+                self.conn.close()
+                raise
+            except (OSError, asyncio.IncompleteReadError, HttpError, ValueError) as exc:
+                self.sim.totals.errors[f"{self.resource} {type(exc).__name__}"] += 1
+                self.conn.close()
+                await asyncio.sleep(backoff * (1 + random.random()))  # jittered backoff, as the sidecar
+                backoff = min(backoff * 2, 2.0)
+
+    async def _list(self) -> None:
+        state: dict[str, str] = {}
+        token = ""
+        while True:
+            query = self._query() + [("limit", str(self.sim.page_size))]
+            if token:
+                query.append(("continue", token))
+            self.sim.totals.requests[f"LIST {self.resource}"] += 1
+            status, headers = await self.conn.request(self.path, query)
+            body = await self.conn.body(headers)
+            if status == 410 and token:
+                state, token = {}, ""
+                continue
+            if status != 200:
+                raise HttpError(status, body)
+            page = json.loads(body)
+            for item in page.get("items") or ():
+                meta = item["metadata"]
+                state[meta["name"]] = meta["resourceVersion"]
+            meta = page.get("metadata") or {}
+            token = meta.get("continue") or ""
+            if not token:
+                break
+        self.rv = meta.get("resourceVersion", "")
+        if state != self.state:
+            self.state = state
+            self._changed()
+        self.synced.set()
+
+    async def _watch(self, stream: bool) -> None:
+        query = self._query() + [("watch", "1"), ("allowWatchBookmarks", "true")]
+        if stream:
+            query += [("sendInitialEvents", "true"), ("resourceVersionMatch", "NotOlderThan"), ("resourceVersion", "")]
+            initial: dict[str, str] = {}
+        else:
+            query.append(("resourceVersion", self.rv))
+        query.append(("timeoutSeconds", str(int(300 * (1 + random.random())))))
+        self.sim.totals.requests[f"WATCH {self.resource}"] += 1
+        status, headers = await self.conn.request(self.path, query)
+        if status != 200:
+            body = await self.conn.body(headers)
+            if status == 410:
+                raise Gone
+            raise HttpError(status, body)
+        if not stream:
+            self.synced.set()
+        buffer = b""
+        async for piece in self.conn.chunks(headers):
+            buffer += piece
+            while True:
+                end = buffer.find(b"\n")
+                if end < 0:
+                    break
+                line, buffer = buffer[:end], buffer[end + 1 :]
+                if not line.strip():
+                    continue
+                kind = _field(line, _TYPE)
+                self.sim.totals.events[f"{self.resource} {kind}"] += 1
+                if kind == "ERROR":
+                    if b'"code":410' in line:
+                        raise Gone
+                    raise HttpError(int(json.loads(line)["object"].get("code") or 500), line)
+                rv = _field(line, _RV)
+                if kind == "BOOKMARK":
+                    if rv:
+                        self.rv = rv
+                    if stream and b"k8s.io/initial-events-end" in line:
+                        stream = False
+                        if initial != self.state:
+                            self.state = initial
+                            self._changed()
+                        self.synced.set()
+                    continue
+                name = _field(line, _NAME)
+                target = initial if stream else self.state
+                if kind in ("ADDED", "MODIFIED"):
+                    target[name] = rv
+                elif kind == "DELETED":
+                    target.pop(name, None)
+                if rv:
+                    self.rv = rv
+                if not stream:
+                    self._changed()
+        # the server ended the watch (timeoutSeconds): the caller re-watches from self.rv
+
+
+class Watcher:
+    """One simulated sidecar: its two watches."""
+
+    def __init__(self, sim: Simulator, index: int) -> None:
+        self.sim = sim
+        self.index = index
+        self.last_change = 0.0
+        self.watches: list[Watch] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        ns = self.sim.namespace
+        self.watches = [
+            Watch(self.sim, self, "endpointslices", SLICES.format(ns=ns), self.sim.slice_selector),
+            Watch(self.sim, self, "dynamoworkermetadatas", CRS.format(ns=ns), self.sim.cr_selector),
+        ]
+        self.tasks = [asyncio.create_task(w.run()) for w in self.watches]
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for watch in self.watches:
+            watch.conn.close()
+
+    async def synced(self) -> None:
+        for watch in self.watches:
+            await watch.synced.wait()
+
+    def matches(self, truth: dict[str, dict[str, str]]) -> bool:
+        return all(w.state == truth.get(w.resource, {}) for w in self.watches)
+
+
+class Simulator:
+    def __init__(self, args: argparse.Namespace) -> None:
+        split = urlsplit(args.server)
+        self.host = split.hostname or "127.0.0.1"
+        self.port = split.port or 443
+        self.token = pathlib.Path(args.token_file).read_text().strip()
+        self.ssl = ssl.create_default_context(cafile=args.ca)
+        self.ssl.set_alpn_protocols(["http/1.1"])
+        self.namespace = args.namespace
+        self.slice_selector = args.slice_selector
+        self.cr_selector = args.cr_selector
+        self.initial = args.initial
+        self.page_size = args.page_size
+        self.concurrency = asyncio.Semaphore(args.start_concurrency)
+        self.totals = Totals()
+        self.watchers = [Watcher(self, i) for i in range(args.watchers)]
+
+    async def _start_one(self, watcher: Watcher) -> None:
+        # Bounded start-up concurrency: the pods of a fleet do not all start in the same millisecond.
+        async with self.concurrency:
+            watcher.start()
+            await watcher.synced()
+
+    async def serve(self) -> None:
+        starting = asyncio.gather(*(self._start_one(w) for w in self.watchers))
+        loop = asyncio.get_running_loop()
+        stdin = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+        while True:
+            line = await stdin.readline()
+            if not line:
+                break
+            command = json.loads(line)
+            cmd = command["cmd"]
+            reply: dict[str, Any] = {"cmd": cmd}
+            if cmd == "wait_ready":
+                await starting
+                reply["t"] = time.monotonic()
+            elif cmd == "restart":
+                for index in command["ids"]:
+                    watcher = self.watchers[index]
+                    await watcher.stop()
+                    fresh = Watcher(self, index)
+                    self.watchers[index] = fresh
+                    fresh.start()
+                reply["t"] = time.monotonic()
+            elif cmd == "stats":
+                reply["stats"] = self.stats()
+            elif cmd == "converge":
+                reply.update(await self.converge(command["truth"], float(command.get("timeout", 120))))
+            elif cmd == "quit":
+                break
+            print(json.dumps(reply), flush=True)
+        for watcher in self.watchers:
+            await watcher.stop()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "bytes": dict(self.totals.bytes),
+            "events": dict(self.totals.events),
+            "requests": dict(self.totals.requests),
+            "errors": dict(self.totals.errors),
+            "t": time.monotonic(),
+        }
+
+    async def converge(self, truth: dict[str, dict[str, str]], timeout: float) -> dict[str, Any]:
+        """Wait (checking after each batch of the event loop's work) until every watcher matches."""
+        deadline = time.monotonic() + timeout
+        while True:
+            behind = [w.index for w in self.watchers if not w.matches(truth)]
+            if not behind or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)  # poll: the watchers' tasks advance between checks
+        return {
+            "converged": not behind,
+            "behind": behind[:20],
+            "behind_count": len(behind),
+            "last_change": [w.last_change for w in self.watchers],
+        }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--server", required=True)
+    parser.add_argument("--token-file", required=True)
+    parser.add_argument("--ca", required=True)
+    parser.add_argument("--namespace", required=True)
+    parser.add_argument("--watchers", type=int, required=True)
+    parser.add_argument("--slice-selector", default="")
+    parser.add_argument("--cr-selector", default="")
+    parser.add_argument("--initial", choices=("list", "stream"), default="list")
+    parser.add_argument("--page-size", type=int, default=500)
+    parser.add_argument("--start-concurrency", type=int, default=50)
+    args = parser.parse_args(argv)
+    asyncio.run(Simulator(args).serve())
+
+
+if __name__ == "__main__":
+    main()
