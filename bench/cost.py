@@ -41,11 +41,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.watchers import normalise
 from bench.workload import LABELS, NAMESPACE, SERVICE, metadata
 from devcluster.build import ROOT, ensure_built
 from devcluster.cluster import ControlPlane
@@ -329,6 +329,7 @@ class CostBench:
         self.token_file = work / "watcher.token"
 
     def start(self) -> None:
+        (self.work / "logs").mkdir(parents=True, exist_ok=True)
         self.plane.start()
         self.api = KubeApi.from_kubeconfig(str(self.plane.kubeconfig))
         self.cluster = Cluster(self.api)
@@ -557,21 +558,6 @@ class CostBench:
             what="the CRs garbage-collected",
         )
         return result
-
-
-def normalise(uri: str) -> str:
-    """A request URI with the values that differ between two runs of the same request replaced."""
-    split = urlsplit(uri)
-    query = []
-    for key, value in sorted(parse_qsl(split.query, keep_blank_values=True)):
-        if key == "resourceVersion" and value:
-            value = "<rv>"
-        elif key == "continue":
-            value = "<token>"
-        elif key == "timeoutSeconds" and value.isdigit() and 300 <= int(value) < 600:
-            value = "<300-600>"
-        query.append(f"{key}={value}")
-    return split.path + ("?" + "&".join(query) if query else "")
 
 
 # -- report -----------------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 SLICES = "/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices"
 CRS = "/apis/nvidia.com/v1alpha1/namespaces/{ns}/dynamoworkermetadatas"
@@ -56,6 +56,21 @@ RESOURCES = ("endpointslices", "dynamoworkermetadatas")
 _NAME = b'"name":"'
 _RV = b'"resourceVersion":"'
 _TYPE = b'{"type":"'
+
+
+def normalise(uri: str) -> str:
+    """A request URI with the values that differ between two runs of the same request replaced."""
+    split = urlsplit(uri)
+    query = []
+    for key, value in sorted(parse_qsl(split.query, keep_blank_values=True)):
+        if key == "resourceVersion" and value:
+            value = "<rv>"
+        elif key == "continue":
+            value = "<token>"
+        elif key == "timeoutSeconds" and value.isdigit() and 300 <= int(value) < 600:
+            value = "<300-600>"
+        query.append(f"{key}={value}")
+    return split.path + ("?" + "&".join(query) if query else "")
 
 
 class Gone(Exception):
@@ -111,7 +126,7 @@ class Connection:
     async def open(self) -> None:
         if self.writer is None or self.writer.is_closing():
             self.reader, self.writer = await asyncio.open_connection(
-                self.sim.host, self.sim.port, ssl=self.sim.ssl, server_hostname=self.sim.host
+                self.sim.host, self.sim.port, ssl=self.sim.ssl, server_hostname=self.sim.host if self.sim.ssl else None
             )
 
     def close(self) -> None:
@@ -335,8 +350,10 @@ class Simulator:
         self.host = split.hostname or "127.0.0.1"
         self.port = split.port or 443
         self.token = pathlib.Path(args.token_file).read_text().strip()
-        self.ssl = ssl.create_default_context(cafile=args.ca)
-        self.ssl.set_alpn_protocols(["http/1.1"])
+        self.ssl: ssl.SSLContext | None = None
+        if split.scheme == "https":
+            self.ssl = ssl.create_default_context(cafile=args.ca)
+            self.ssl.set_alpn_protocols(["http/1.1"])  # as the sidecar's urllib3: no HTTP/2
         self.namespace = args.namespace
         self.slice_selector = args.slice_selector
         self.cr_selector = args.cr_selector
@@ -352,8 +369,16 @@ class Simulator:
             watcher.start()
             await watcher.synced()
 
+    async def start(self) -> None:
+        """Start every watcher; return when each holds both watches (after its initial sync)."""
+        await asyncio.gather(*(self._start_one(w) for w in self.watchers))
+
+    async def stop(self) -> None:
+        for watcher in self.watchers:
+            await watcher.stop()
+
     async def serve(self) -> None:
-        starting = asyncio.gather(*(self._start_one(w) for w in self.watchers))
+        starting = asyncio.ensure_future(self.start())
         loop = asyncio.get_running_loop()
         stdin = asyncio.StreamReader()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
@@ -382,8 +407,8 @@ class Simulator:
             elif cmd == "quit":
                 break
             print(json.dumps(reply), flush=True)
-        for watcher in self.watchers:
-            await watcher.stop()
+        starting.cancel()
+        await self.stop()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -410,11 +435,11 @@ class Simulator:
         }
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--server", required=True)
+    parser.add_argument("--server", required=True, help="https://host:port (http:// for a test's fake server)")
     parser.add_argument("--token-file", required=True)
-    parser.add_argument("--ca", required=True)
+    parser.add_argument("--ca", default=None)
     parser.add_argument("--namespace", required=True)
     parser.add_argument("--watchers", type=int, required=True)
     parser.add_argument("--slice-selector", default="")
@@ -422,8 +447,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--initial", choices=("list", "stream"), default="list")
     parser.add_argument("--page-size", type=int, default=500)
     parser.add_argument("--start-concurrency", type=int, default=50)
-    args = parser.parse_args(argv)
-    asyncio.run(Simulator(args).serve())
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    asyncio.run(Simulator(parse_args(argv)).serve())
 
 
 if __name__ == "__main__":
