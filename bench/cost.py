@@ -543,7 +543,13 @@ class CostBench:
         fleet.create()
         wait_for(fleet.settled, 600, interval=0.5, what=f"{size} ready pods with CRs")
         say(f"P={size}: created in {time.monotonic() - started:.0f}s")
-        result: dict[str, Any] = {"P": size, "cases": []}
+        # The API server's own load with nothing happening (controllers' resyncs, leases), to read the
+        # phases' CPU seconds against.
+        idle_from, idle_start = cpu_seconds(self.apiserver_pid), time.monotonic()
+        time.sleep(10)  # a measuring window, not a wait for a condition
+        idle = (cpu_seconds(self.apiserver_pid) - idle_from) / (time.monotonic() - idle_start)
+        say(f"P={size}: idle API server: {idle:.3f} CPU-s per second")
+        result: dict[str, Any] = {"P": size, "idle_apiserver_cpu_per_s": idle, "cases": []}
         cases = [(self.args.routers, False)] + ([(size, True)] if not self.args.routers_only else [])
         for _ in range(self.args.repeats):
             for watchers, every_pod in cases:
@@ -726,6 +732,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--initial", choices=("list", "stream"), default="list", help="the watchers' initial sync")
     parser.add_argument("--no-shape", action="store_true", help="skip the real-sidecar request-shape check")
+    parser.add_argument("--tag", default="", help="suffix of the result files (repeats in separate runs)")
     parser.add_argument("--work", help="keep the control plane's files and the logs in this directory")
     parser.add_argument("--report-only", action="store_true", help="rewrite COST.md and the plot from results")
     args = parser.parse_args(argv)
@@ -747,7 +754,7 @@ def main(argv: list[str] | None = None) -> None:
                 memory = round(psutil.virtual_memory().total / 2**30, 1)
                 result["machine"] = {"cores": psutil.cpu_count(), "memory_gib": memory}
                 result["args"] = vars(args)
-                suffix = "" if args.initial == "list" else f"-{args.initial}"
+                suffix = ("" if args.initial == "list" else f"-{args.initial}") + (f"-{args.tag}" if args.tag else "")
                 (RESULTS_DIR / f"cost-p{size}{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
                 shape = None
         finally:
