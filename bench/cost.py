@@ -369,42 +369,51 @@ class CostBench:
         return self.plane.pids()["kube-apiserver"]
 
     # -- request shape: one real sidecar against one simulated watcher -------------------------------------
-    def request_shape(self) -> dict[str, Any]:
+    def request_shapes(self) -> dict[str, Any]:
+        """For each initial sync (the sidecar's DISCOVERY_INITIAL_LIST), the requests of a real sidecar and
+        of one simulated watcher, from the audit log."""
+        return {mode: self.request_shape(mode) for mode in ("list", "stream")}
+
+    def request_shape(self, initial: str) -> dict[str, Any]:
         assert self.cluster is not None
         logs = self.work / "logs"
-        logs.mkdir(exist_ok=True)
-        pod = self.cluster.start_pod(NAMESPACE, "observer", {"app": "observer"})
-        sidecar = launch_sidecar(self.plane, self.cluster, pod, SERVICE, logs, labels={"app": "observer"})
+        seen = {row["id"] for row in self._audit(sidecar=True) + self._audit(sidecar=False)}
+        name = f"observer-{initial}"
+        pod = self.cluster.start_pod(NAMESPACE, name, {"app": "observer"})
+        sidecar = launch_sidecar(
+            self.plane,
+            self.cluster,
+            pod,
+            SERVICE,
+            logs,
+            labels={"app": "observer"},
+            extra_env={"DISCOVERY_INITIAL_LIST": "pages" if initial == "list" else "stream"},
+        )
+        watches = {"watch endpointslices", "watch dynamoworkermetadatas"}
         try:
             sidecar.wait_ready(60)
-            # In DISCOVERY_WATCH=auto (issue #13) the watches start on the first request for peers.
+            # Under DISCOVERY_WATCH=auto (the default) the watches start on the first request for peers.
             wait_for(lambda: sidecar.http_get("/debug/peers")[0] == 200, 60, what="the sidecar's peer list")
             wait_for(
-                lambda: (
-                    {"watch endpointslices", "watch dynamoworkermetadatas"}
-                    <= {f"{r['verb']} {r['resource']}" for r in self._audit(sidecar=True)}
-                ),
+                lambda: watches <= {f"{r['verb']} {r['resource']}" for r in self._audit(True, seen)},
                 60,
                 what="the sidecar's two watches in the audit log",
             )
         finally:
             sidecar.terminate()
-        simulator = Simulator(self.plane, self.token_file, 1, logs / "simulator-shape.log")
+        simulator = Simulator(self.plane, self.token_file, 1, logs / f"simulator-shape-{initial}.log", initial)
         try:
             simulator.call(cmd="wait_ready")
             wait_for(
-                lambda: (
-                    {"watch endpointslices", "watch dynamoworkermetadatas"}
-                    <= {f"{r['verb']} {r['resource']}" for r in self._audit(sidecar=False)}
-                ),
+                lambda: watches <= {f"{r['verb']} {r['resource']}" for r in self._audit(False, seen)},
                 60,
                 what="the simulator's two watches in the audit log",
             )
         finally:
             simulator.close()
-        self.cluster.delete_pod(NAMESPACE, "observer")
-        real = self._audit(sidecar=True)
-        simulated = self._audit(sidecar=False)
+        self.cluster.delete_pod(NAMESPACE, name)
+        real = self._audit(True, seen)
+        simulated = self._audit(False, seen)
 
         def watch_shape(rows: list[dict[str, str]]) -> list[str]:
             return sorted({r["shape"] for r in rows if r["resource"] in KINDS and r["verb"] in ("list", "watch")})
@@ -415,18 +424,19 @@ class CostBench:
             "same_list_and_watch_requests": watch_shape(real) == watch_shape(simulated),
         }
 
-    def _audit(self, sidecar: bool) -> list[dict[str, str]]:
-        """The sidecar's (or the simulator's) requests in the audit log, one row per request, with the
-        query's varying values (resourceVersion, continue token, the random timeout) normalised."""
+    def _audit(self, sidecar: bool, seen: set[str] | None = None) -> list[dict[str, str]]:
+        """The sidecar's (or the simulator's) requests in the audit log (but those in ``seen``), one row per
+        request, with the query's varying values (resourceVersion, continue token, the timeout) normalised."""
         rows: dict[str, dict[str, str]] = {}
         with contextlib.suppress(OSError), self.plane.audit_log.open() as log:
             for line in log:
                 with contextlib.suppress(ValueError):
                     event = json.loads(line)
-                    if (event.get("userAgent") == SIM_AGENT) == sidecar:
+                    if (event.get("userAgent") == SIM_AGENT) == sidecar or event["auditID"] in (seen or ()):
                         continue
                     ref = event.get("objectRef") or {}
                     rows[event["auditID"]] = {
+                        "id": event["auditID"],
                         "verb": event.get("verb", ""),
                         "resource": ref.get("resource", ""),
                         "shape": f"{event.get('verb', '').upper()} {normalise(event.get('requestURI', ''))}",
@@ -656,22 +666,31 @@ def write_report() -> list[dict[str, Any]]:
             f"{_num(r['simulator_cpu_s'])} |"
         )
     if shapes:
-        shape = shapes[-1]
+        latest = shapes[-1]
+        if "sidecar" in latest:  # a result file from before the streaming list: one paged-list shape
+            latest = {"list": latest}
         lines += [
             "",
             "## Request shape: one real sidecar vs one simulated watcher (API server audit log)",
             "",
-            f"Same LIST and WATCH requests: **{shape['same_list_and_watch_requests']}**.",
-            "",
             "The sidecar's other requests are its registration (its own CR: read, apply, delete at SIGTERM), which",
             "the benchmark's workload writes as Dynamo does; the simulated watchers make only the watches' requests.",
-            "",
-            "| request (values that vary between runs normalised) | real sidecar | simulated watcher |",
-            "| --- | --- | --- |",
         ]
-        real, sim = set(shape["sidecar"]), set(shape["simulator"])
-        for request in sorted(real | sim, key=lambda r: (r.split("?")[0].split("/")[-1], r)):
-            lines.append(f"| `{request}` | {'yes' if request in real else ''} | {'yes' if request in sim else ''} |")
+        for mode, shape in latest.items():
+            setting = "pages" if mode == "list" else mode
+            lines += [
+                "",
+                f"`DISCOVERY_INITIAL_LIST={setting}` against `--initial {mode}`: same LIST and WATCH requests: "
+                f"**{shape['same_list_and_watch_requests']}**.",
+                "",
+                "| request (values that vary between runs normalised) | real sidecar | simulated watcher |",
+                "| --- | --- | --- |",
+            ]
+            real, sim = set(shape["sidecar"]), set(shape["simulator"])
+            for request in sorted(real | sim, key=lambda r: (r.split("?")[0].split("/")[-1], r)):
+                lines.append(
+                    f"| `{request}` | {'yes' if request in real else ''} | {'yes' if request in sim else ''} |"
+                )
     (RESULTS_DIR / "COST.md").write_text("\n".join(lines) + "\n")
     plot(rows)
     return rows
@@ -686,16 +705,28 @@ def plot(rows: list[dict[str, Any]]) -> None:
     except ImportError:
         say("matplotlib not installed: no plot")
         return
-    listed = [r for r in rows if r["initial"] == "list"]
-    every = sorted((r for r in listed if r["W"] == r["P"]), key=lambda r: r["P"])
-    routers = sorted((r for r in listed if r["W"] != r["P"]), key=lambda r: r["P"])
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for series, label, marker in ((every, "W = P (every pod watches)", "o"), (routers, "W = R routers", "s")):
-        if not series:
-            continue
-        sizes = [r["P"] for r in series]
-        left.plot(sizes, [r["full_rollout_bytes"] / 1e6 for r in series], marker=marker, label=label)
-        right.plot(sizes, [r["full_rollout_apiserver_cpu_s"] for r in series], marker=marker, label=label)
+    every: list[dict[str, Any]] = []
+    routers: list[dict[str, Any]] = []
+    for initial, style in (("list", "-"), ("stream", "--")):
+        mode = [r for r in rows if r["initial"] == initial]
+        series_every = sorted((r for r in mode if r["W"] == r["P"]), key=lambda r: r["P"])
+        series_routers = sorted((r for r in mode if r["W"] != r["P"]), key=lambda r: r["P"])
+        every += series_every
+        routers += series_routers
+        for series, label, marker, color in (
+            (series_every, "W = P (every pod watches)", "o", "C0"),
+            (series_routers, "W = R routers", "s", "C1"),
+        ):
+            if not series:
+                continue
+            label = f"{label}, {initial} sync"
+            sizes = [r["P"] for r in series]
+            bytes_mb = [r["full_rollout_bytes"] / 1e6 for r in series]
+            cpu = [r["full_rollout_apiserver_cpu_s"] for r in series]
+            left.plot(sizes, bytes_mb, style, marker=marker, color=color, label=label)
+            right.plot(sizes, cpu, style, marker=marker, color=color, label=label)
+    listed = every + routers
     # COST_MODEL.md's prediction: per restart, every watcher receives ~4 slice updates of ~25 KB and 2 CR events
     # of ~1 KB; with W = P each replaced pod's sidecar also relists (~1.25 KB per pod).
     xs = sorted({r["P"] for r in listed})
@@ -730,7 +761,12 @@ def main(argv: list[str] | None = None) -> None:
         "--router-restarts", type=int, default=0, help="in the W = R case, replace only this many pods (0: all)"
     )
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--initial", choices=("list", "stream"), default="list", help="the watchers' initial sync")
+    parser.add_argument(
+        "--initial",
+        choices=("list", "stream"),
+        default="stream",
+        help="the watchers' initial sync: stream (DISCOVERY_INITIAL_LIST=stream, the default) or list (=pages)",
+    )
     parser.add_argument("--no-shape", action="store_true", help="skip the real-sidecar request-shape check")
     parser.add_argument("--tag", default="", help="suffix of the result files (repeats in separate runs)")
     parser.add_argument("--work", help="keep the control plane's files and the logs in this directory")
@@ -745,9 +781,9 @@ def main(argv: list[str] | None = None) -> None:
         bench = CostBench(pathlib.Path(tmp), args)
         try:
             bench.start()
-            shape = None if args.no_shape else bench.request_shape()
-            if shape is not None:
-                say(f"request shape: same LIST and WATCH as a real sidecar: {shape['same_list_and_watch_requests']}")
+            shape = None if args.no_shape else bench.request_shapes()
+            for mode, found in (shape or {}).items():
+                say(f"request shape ({mode}): same requests as a real sidecar: {found['same_list_and_watch_requests']}")
             for size in args.sizes:
                 result = bench.run_size(size)
                 result["request_shape"] = shape

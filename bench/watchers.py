@@ -444,7 +444,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--watchers", type=int, required=True)
     parser.add_argument("--slice-selector", default="")
     parser.add_argument("--cr-selector", default="")
-    parser.add_argument("--initial", choices=("list", "stream"), default="list")
+    parser.add_argument(
+        "--initial",
+        choices=("list", "stream"),
+        default="stream",
+        help="stream: DISCOVERY_INITIAL_LIST=stream; list: =pages",
+    )
     parser.add_argument("--page-size", type=int, default=500)
     parser.add_argument("--start-concurrency", type=int, default=50)
     return parser.parse_args(argv)

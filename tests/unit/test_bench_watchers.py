@@ -13,7 +13,10 @@ from __future__ import annotations
 import asyncio
 import json
 import pathlib
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
+
+import pytest
 
 from bench import watchers
 from bench.watchers import normalise
@@ -33,8 +36,9 @@ def shape(path: str, query: list[tuple[str, str]] | tuple[tuple[str, str], ...])
     return f"{verb} {normalise(path + '?' + '&'.join(f'{k}={v}' for k, v in query))}"
 
 
-def sidecar_requests(tmp_path: pathlib.Path) -> set[str]:
-    """The first LIST and WATCH of each of the sidecar's reflectors, for a pod behind ``SERVICE``."""
+def sidecar_requests(tmp_path: pathlib.Path, environ: dict[str, str]) -> set[str]:
+    """The first requests of each of the sidecar's reflectors, for a pod behind ``SERVICE``, with the
+    settings ``environ`` adds (the reflectors are built from the settings as the daemon builds them)."""
     settings = load_settings(
         environ={
             "POD_NAME": "worker-0",
@@ -42,13 +46,22 @@ def sidecar_requests(tmp_path: pathlib.Path) -> set[str]:
             "POD_UID": "uid-1",
             "DISCOVERY_SERVICE_NAME": SERVICE,
             "DISCOVERY_PODINFO_DIR": str(tmp_path),
+            **environ,
         }
     )
     targets = watch_targets(settings)
     api = ScriptedApi()
     api.on_get(*(page([], rv="7") for _ in targets))
     reflectors = [
-        Reflector(api.as_kube_api(), t, RecordingStore(), Metrics(), silence_timeout=30, backoff_max=0.05)
+        Reflector(
+            api.as_kube_api(),
+            t,
+            RecordingStore(),
+            Metrics(),
+            silence_timeout=30,
+            backoff_max=0.05,
+            streaming_list=settings.streaming_list,
+        )
         for t in targets
     ]
     for reflector in reflectors:
@@ -82,11 +95,17 @@ class FakeApiServer:
                     pass
                 target = request_line.split(b" ")[1].decode()
                 self.targets.append(target)
-                if ("watch", "1") in parse_qsl(urlsplit(target).query):
+                query = parse_qsl(urlsplit(target).query, keep_blank_values=True)
+                if ("watch", "1") in query:
                     writer.write(
                         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
                     )
-                    line = json.dumps({"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "8"}}}) + "\n"
+                    metadata: dict[str, Any] = {"resourceVersion": "8"}
+                    if ("sendInitialEvents", "true") in query:  # a streaming list of no objects
+                        metadata["annotations"] = {"k8s.io/initial-events-end": "true"}
+                    # compact, as the API server writes events (the simulator searches the bytes)
+                    line = json.dumps({"type": "BOOKMARK", "object": {"metadata": metadata}}, separators=(",", ":"))
+                    line += "\n"
                     writer.write(f"{len(line):x}\r\n{line}\r\n".encode())
                     await writer.drain()
                     await reader.read()  # held open until the client goes
@@ -105,7 +124,7 @@ class FakeApiServer:
             self.server.close()
 
 
-async def simulator_requests(tmp_path: pathlib.Path) -> set[str]:
+async def simulator_requests(tmp_path: pathlib.Path, options: list[str]) -> set[str]:
     fake = FakeApiServer()
     server = await fake.start()
     token = tmp_path / "token"
@@ -122,6 +141,7 @@ async def simulator_requests(tmp_path: pathlib.Path) -> set[str]:
             "1",
             "--slice-selector",
             f"kubernetes.io/service-name={SERVICE}",
+            *options,
         ]
     )
     simulator = watchers.Simulator(args)
@@ -133,8 +153,21 @@ async def simulator_requests(tmp_path: pathlib.Path) -> set[str]:
     return {shape(urlsplit(t).path, parse_qsl(urlsplit(t).query, keep_blank_values=True)) for t in fake.targets}
 
 
-def test_the_simulator_sends_the_sidecars_list_and_watch_requests(tmp_path: pathlib.Path) -> None:
-    """Per resource, the same paginated LIST and the same WATCH (selector, bookmarks, resume, timeout)."""
-    expected = sidecar_requests(tmp_path)
-    assert len(expected) == 4, expected  # a LIST and a WATCH per resource
-    assert asyncio.run(simulator_requests(tmp_path)) == expected
+@pytest.mark.parametrize(
+    ("environ", "options"),
+    [
+        ({"DISCOVERY_INITIAL_LIST": "pages"}, ["--initial", "list"]),
+        ({"DISCOVERY_INITIAL_LIST": "stream"}, ["--initial", "stream"]),
+        ({}, []),  # the defaults agree
+        ({"DISCOVERY_PEER_SELECTOR": "role=decode"}, ["--cr-selector", "role=decode"]),
+    ],
+    ids=["paged-list", "streaming-list", "defaults", "peer-selector"],
+)
+def test_the_simulator_sends_the_sidecars_requests(
+    tmp_path: pathlib.Path, environ: dict[str, str], options: list[str]
+) -> None:
+    """Per resource, the same initial sync (a paginated LIST then a WATCH from its resourceVersion, or one
+    streaming-list WATCH), with the same selector, bookmarks and timeout."""
+    expected = sidecar_requests(tmp_path, environ)
+    assert len(expected) in (2, 4), expected  # per resource: a LIST and a WATCH, or one streaming WATCH
+    assert asyncio.run(simulator_requests(tmp_path, options)) == expected
