@@ -628,14 +628,14 @@ def _num(value: float | None, digits: int = 1) -> str:
 
 def write_report() -> list[dict[str, Any]]:
     cases: list[dict[str, Any]] = []
-    shapes: list[dict[str, Any]] = []
+    shapes: list[tuple[float, dict[str, Any]]] = []  # (when the run ended, its request shapes)
     machine: dict[str, Any] = {}
     for path in sorted(RESULTS_DIR.glob("cost-p*.json")):
         data = json.loads(path.read_text())
         cases += data["cases"]
         machine = data.get("machine", machine)
         if data.get("request_shape"):
-            shapes.append(data["request_shape"])
+            shapes.append((path.stat().st_mtime, data["request_shape"]))
     rows = summarise(cases)
     lines = [
         "# API server cost at scale (issue #13, items 4-5)",
@@ -666,7 +666,7 @@ def write_report() -> list[dict[str, Any]]:
             f"{_num(r['simulator_cpu_s'])} |"
         )
     if shapes:
-        latest = shapes[-1]
+        latest = max(shapes, key=lambda shape: shape[0])[1]  # the latest run's
         if "sidecar" in latest:  # a result file from before the streaming list: one paged-list shape
             latest = {"list": latest}
         lines += [
