@@ -3,22 +3,28 @@
 ``python -m bench.watchers --server URL --token-file F --ca CA --namespace NS --watchers N`` opens, for
 each simulated sidecar, the two watches ``sidecar/kube/reflector.py`` opens, with the same requests:
 
-* a paginated, consistent LIST (``limit=500``, ``continue``), then a WATCH from the list's
-  resourceVersion with ``allowWatchBookmarks=true`` and ``timeoutSeconds`` in 300-600, the same
-  ``labelSelector`` on both; ``410 Gone`` relists, a watch ended by the server is re-established;
-* or, with ``--initial stream``, the streaming list instead of the LIST: one WATCH with
-  ``sendInitialEvents=true&resourceVersionMatch=NotOlderThan`` (and ``resourceVersion=""``), whose
-  initial events end with a bookmark annotated ``k8s.io/initial-events-end``;
+* ``--initial stream`` (the default, as the sidecar's ``DISCOVERY_INITIAL_LIST=stream``): a streaming
+  list, one WATCH with ``sendInitialEvents=true&resourceVersionMatch=NotOlderThan`` (and
+  ``resourceVersion=""``), whose initial events end with a bookmark annotated
+  ``k8s.io/initial-events-end``, and which goes on as the watch;
+* ``--initial list`` (``DISCOVERY_INITIAL_LIST=pages``): a paginated, consistent LIST (``limit=500``,
+  ``continue``), then a WATCH from the list's resourceVersion;
+* every WATCH with ``allowWatchBookmarks=true`` and ``timeoutSeconds`` in 300-600; ``410 Gone`` syncs
+  again, a watch ended by the server is resumed from the last resourceVersion;
 * one watch of the EndpointSlices of ``--slice-selector``, one of the DynamoWorkerMetadata CRs
-  (``--cr-selector``, empty by default as in today's sidecar), in ``--namespace``.
+  (``--cr-selector``: the sidecar's ``DISCOVERY_PEER_SELECTOR``, empty by default), in ``--namespace``.
 
-It speaks HTTP/1.1 over TLS with the standard library's asyncio streams and counts what a sidecar would
-receive: response bytes (headers, chunk framing and bodies, before TLS), events by type, requests by
-verb. It decodes only what it needs: the lists (JSON) and, per watch event, the object's name and
-resourceVersion, found by a byte search in the event line (metadata's ``name`` and ``resourceVersion``
-are the first such keys in every object of both kinds, so the whole 25 KB slice is never parsed).
-Each watcher keeps, per resource, name -> resourceVersion, which the driver compares with a LIST of the
-truth to decide that the watcher has converged.
+``tests/unit/test_bench_watchers.py`` checks these against the sidecar's reflectors; ``bench.cost``
+checks them against a real sidecar in the API server's audit log.
+
+It speaks HTTP/1.1 over TLS (as the sidecar's urllib3 does) with the standard library's asyncio
+streams and counts what a sidecar would receive: response bytes (headers, chunk framing and bodies,
+before TLS), events by type, requests by verb. It decodes only what it needs: the lists (JSON) and, per
+watch event, the object's name and resourceVersion, found by a byte search in the event line (the API
+server writes compact JSON, and metadata's ``name`` and ``resourceVersion`` are the first such keys in
+every object of both kinds, so the whole 25 KB slice is never parsed). Each watcher keeps, per resource,
+name -> resourceVersion, which the driver compares with a LIST of the truth to decide that the watcher
+has converged.
 
 Commands, one JSON object per line on stdin; one JSON reply per line on stdout:
 
