@@ -11,15 +11,20 @@ a sidecar's requests, shown equal to a real sidecar's through the API server's a
   collection). In the ``W = P`` case the replaced pod's watcher restarts too (its sidecar's relist).
   When a whole rollout would not fit the time budget, ``--max-restarts`` replaces a prefix of the pods
   and the report scales the per-restart cost to the whole rollout (the cost per restart does not depend
-  on how many came before: every restart is two EndpointSlice updates and two CR events, fanned out).
+  on how many came before: every restart is about two EndpointSlice updates and two CR events, fanned
+  out, plus in the ``W = P`` case one watcher's fresh sync).
 
 Per phase: bytes the watchers received, the API server's own accounting (``apiserver_watch_events_sizes``,
 which also counts the control plane's own few watches, and ``apiserver_response_sizes`` of lists), its
 CPU seconds (``/proc/<pid>/stat``) and peak RSS (sampled), and the time until every watcher holds the
 final state (each watcher's name -> resourceVersion map equals a LIST of the truth).
 
-Results: ``bench/results/cost-p<P>.json``, ``bench/results/COST.md`` (table over every result file) and
-``bench/plots/cost.png``. Benchmarks measure; nothing here asserts a timing.
+The watchers' initial sync is ``--initial stream`` (the sidecar's default) or ``list`` (paged LIST); before
+the cases, a real sidecar in each mode and one simulated watcher are compared in the audit log.
+
+Results: ``bench/results/cost-p<P>[-stream][-<tag>].json`` (one per run; ``--tag`` keeps repeats made in
+separate runs), ``bench/results/COST.md`` (medians over every result file) and ``bench/plots/cost.png``.
+Benchmarks measure; nothing here asserts a timing.
 """
 
 from __future__ import annotations
