@@ -10,17 +10,14 @@ removed at the end, also on Ctrl-C.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import os
 import pathlib
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 
+from demo.story import run_story
 from devcluster.build import ROOT, ensure_built
 from devcluster.cluster import ControlPlane
 from devcluster.objects import Cluster, wait_for
@@ -92,8 +89,19 @@ class Demo:
 
     # -- the watcher ---------------------------------------------------------------------------------
     def start_watcher(self, target: str) -> None:
-        argv = [sys.executable, "-m", "sidecar.cli", "peers", "--watch", "--target", target,
-                "--group", "prefill=role=prefill", "--group", "decode=role=decode"]
+        argv = [
+            sys.executable,
+            "-m",
+            "sidecar.cli",
+            "peers",
+            "--watch",
+            "--target",
+            target,
+            "--group",
+            "prefill=role=prefill",
+            "--group",
+            "decode=role=decode",
+        ]
         say(f"following the peer set as router-0 sees it: discovery-sidecar peers --watch --target {target} ...")
         self.watcher = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         threading.Thread(target=self._echo, daemon=True).start()
@@ -167,8 +175,12 @@ class Demo:
         self.pause()
 
         say("final peer set from router-0 (discovery-sidecar peers):")
-        out = subprocess.run([sys.executable, "-m", "sidecar.cli", "peers", "--target", router.target],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-m", "sidecar.cli", "peers", "--target", router.target],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         print(out, flush=True)
         say("the same, as the DynamoWorkerMetadata objects Dynamo's own discovery reads (kubectl get dwm):")
         print(self.kubectl("get", "dwm", "-n", NAMESPACE, "-o", "wide"), flush=True)
@@ -186,34 +198,8 @@ class Demo:
         say("cleaned up: sidecars and control plane stopped")
 
 
-@contextlib.contextmanager
-def work_dir(keep: bool) -> Iterator[pathlib.Path]:
-    if keep:
-        path = pathlib.Path(tempfile.mkdtemp(prefix="discovery-demo-"))
-        say(f"work directory (kept): {path}")
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="discovery-demo-") as path:
-        yield pathlib.Path(path)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--pace", type=float, default=float(os.environ.get("DEMO_PACE", "1.5")),
-                        help="seconds to pause between steps (0 for tests)")
-    parser.add_argument("--keep-logs", action="store_true", help="keep the work directory with all logs")
-    args = parser.parse_args(argv)
-    with work_dir(args.keep_logs) as path:
-        demo = Demo(path, args.pace)
-        try:
-            demo.run()
-        except KeyboardInterrupt:
-            say("interrupted")
-            return 130
-        finally:
-            demo.cleanup()
-    say("done")
-    return 0
+    return run_story("python -m demo", (__doc__ or "").splitlines()[0], Demo, say, argv)
 
 
 if __name__ == "__main__":

@@ -11,19 +11,16 @@ is stopped and removed at the end, also on Ctrl-C.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import os
 import pathlib
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
+from demo.story import run_story
 from devcluster.build import ensure_built
 from devcluster.dynamo import DynamoProcess, launch_dynamo_etcd
 from devcluster.etcd import EtcdServer
@@ -181,38 +178,8 @@ class EtcdDemo:
         say("cleaned up: sidecars, Dynamo worker and etcd stopped")
 
 
-@contextlib.contextmanager
-def work_dir(keep: bool) -> Iterator[pathlib.Path]:
-    if keep:
-        path = pathlib.Path(tempfile.mkdtemp(prefix="discovery-demo-etcd-"))
-        say(f"work directory (kept): {path}")
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="discovery-demo-etcd-") as path:
-        yield pathlib.Path(path)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m demo.etcd", description=(__doc__ or "").splitlines()[0])
-    parser.add_argument(
-        "--pace",
-        type=float,
-        default=float(os.environ.get("DEMO_PACE", "1.5")),
-        help="seconds to pause between steps (0 for tests)",
-    )
-    parser.add_argument("--keep-logs", action="store_true", help="keep the work directory with all logs")
-    args = parser.parse_args(argv)
-    with work_dir(args.keep_logs) as path:
-        demo = EtcdDemo(path, args.pace)
-        try:
-            demo.run()
-        except KeyboardInterrupt:
-            say("interrupted")
-            return 130
-        finally:
-            demo.cleanup()
-    say("done")
-    return 0
+    return run_story("python -m demo.etcd", (__doc__ or "").splitlines()[0], EtcdDemo, say, argv)
 
 
 if __name__ == "__main__":
