@@ -14,20 +14,19 @@ import contextlib
 import pathlib
 import subprocess
 import sys
-import threading
 import time
 
-from demo.story import run_story
+from demo.story import PeerWatch, run_story
 from devcluster.build import ROOT, ensure_built
 from devcluster.cluster import ControlPlane
-from devcluster.objects import Cluster, wait_for
+from devcluster.objects import Cluster
 from devcluster.sidecars import SidecarProcess, launch_sidecar
 from sidecar.client import DiscoveryClient
 from sidecar.kube.api import KubeApi
 
 NAMESPACE = "inference"
 SERVICE = "workers"
-BOLD, DIM, RESET = ("\x1b[1m", "\x1b[2m", "\x1b[0m") if sys.stdout.isatty() else ("", "", "")
+BOLD, RESET = ("\x1b[1m", "\x1b[0m") if sys.stdout.isatty() else ("", "")
 
 
 def say(message: str) -> None:
@@ -41,8 +40,7 @@ class Demo:
         self.plane: ControlPlane | None = None
         self.cluster: Cluster | None = None
         self.sidecars: dict[str, SidecarProcess] = {}
-        self.watcher: subprocess.Popen[str] | None = None
-        self.lines: list[str] = []
+        self.watch: PeerWatch | None = None
 
     def pause(self) -> None:
         if self.pace:
@@ -89,31 +87,12 @@ class Demo:
 
     # -- the watcher ---------------------------------------------------------------------------------
     def start_watcher(self, target: str) -> None:
-        argv = [
-            sys.executable,
-            "-m",
-            "sidecar.cli",
-            "peers",
-            "--watch",
-            "--target",
-            target,
-            "--group",
-            "prefill=role=prefill",
-            "--group",
-            "decode=role=decode",
-        ]
         say(f"following the peer set as router-0 sees it: discovery-sidecar peers --watch --target {target} ...")
-        self.watcher = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        threading.Thread(target=self._echo, daemon=True).start()
-
-    def _echo(self) -> None:
-        assert self.watcher is not None and self.watcher.stdout is not None
-        for line in self.watcher.stdout:
-            self.lines.append(line.rstrip())
-            print(f"   {DIM}peers --watch |{RESET} {line.rstrip()}", flush=True)
+        self.watch = PeerWatch(target, "--group", "prefill=role=prefill", "--group", "decode=role=decode").start()
 
     def wait_line(self, fragment: str, timeout: float = 60.0) -> None:
-        wait_for(lambda: any(fragment in line for line in self.lines), timeout, what=f"watch output {fragment!r}")
+        assert self.watch is not None
+        self.watch.wait_line(fragment, timeout)
 
     # -- the story -----------------------------------------------------------------------------------
     def run(self) -> None:
@@ -186,10 +165,8 @@ class Demo:
         print(self.kubectl("get", "dwm", "-n", NAMESPACE, "-o", "wide"), flush=True)
 
     def cleanup(self) -> None:
-        if self.watcher is not None:
-            self.watcher.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.watcher.wait(5)
+        if self.watch is not None:
+            self.watch.stop()
         for process in self.sidecars.values():
             with contextlib.suppress(Exception):
                 process.terminate(15)

@@ -16,21 +16,19 @@ import json
 import pathlib
 import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
-from demo.story import run_story
+from demo.story import PeerWatch, run_story
 from devcluster.build import ensure_built
 from devcluster.dynamo import DynamoProcess, launch_dynamo_etcd
 from devcluster.etcd import EtcdServer
-from devcluster.objects import wait_for
 from devcluster.sidecars import SidecarProcess, launch_etcd_sidecar
 from sidecar.client import DiscoveryClient
 
 NAMESPACE = "demo"
 ENDPOINT = f"{NAMESPACE}.backend.generate"
-BOLD, DIM, RESET = ("\x1b[1m", "\x1b[2m", "\x1b[0m") if sys.stdout.isatty() else ("", "", "")
+BOLD, RESET = ("\x1b[1m", "\x1b[0m") if sys.stdout.isatty() else ("", "")
 
 
 def say(message: str) -> None:
@@ -59,8 +57,7 @@ class EtcdDemo:
         self.etcd: EtcdServer | None = None
         self.sidecars: dict[str, SidecarProcess] = {}
         self.dynamo: DynamoProcess | None = None
-        self.watcher: subprocess.Popen[str] | None = None
-        self.lines: list[str] = []
+        self.watch: PeerWatch | None = None
 
     def pause(self) -> None:
         if self.pace:
@@ -79,19 +76,12 @@ class EtcdDemo:
 
     # -- the watcher ---------------------------------------------------------------------------------
     def start_watcher(self, target: str) -> None:
-        argv = [sys.executable, "-m", "sidecar.cli", "peers", "--watch", "--target", target]
         say(f"following the peer set as the router sees it: discovery-sidecar peers --watch --target {target}")
-        self.watcher = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        threading.Thread(target=self._echo, daemon=True).start()
-
-    def _echo(self) -> None:
-        assert self.watcher is not None and self.watcher.stdout is not None
-        for line in self.watcher.stdout:
-            self.lines.append(line.rstrip())
-            print(f"   {DIM}peers --watch |{RESET} {line.rstrip()}", flush=True)
+        self.watch = PeerWatch(target).start()
 
     def wait_line(self, fragment: str, timeout: float = 60.0) -> None:
-        wait_for(lambda: any(fragment in line for line in self.lines), timeout, what=f"watch output {fragment!r}")
+        assert self.watch is not None
+        self.watch.wait_line(fragment, timeout)
 
     # -- the story -----------------------------------------------------------------------------------
     def run(self) -> None:
@@ -164,10 +154,8 @@ class EtcdDemo:
             print(f"   {key}  lease {kv['lease']:x}  {entry.get('type')}", flush=True)
 
     def cleanup(self) -> None:
-        if self.watcher is not None:
-            self.watcher.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.watcher.wait(5)
+        if self.watch is not None:
+            self.watch.stop()
         for process in self.sidecars.values():
             with contextlib.suppress(Exception):
                 process.terminate(15)

@@ -10,9 +10,14 @@ import argparse
 import contextlib
 import os
 import pathlib
+import subprocess
+import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from typing import Protocol
+
+from devcluster.objects import wait_for
 
 
 class Story(Protocol):
@@ -61,3 +66,38 @@ def run_story(
             story.cleanup()
     say("done")
     return 0
+
+
+DIM, RESET = ("\x1b[2m", "\x1b[0m") if sys.stdout.isatty() else ("", "")
+
+
+class PeerWatch:
+    """``discovery-sidecar peers --watch`` as a subprocess, its lines echoed (dimmed) and kept to wait on.
+
+    Owns the process and its reader thread; ``stop`` ends both.
+    """
+
+    def __init__(self, target: str, *extra: str) -> None:
+        self.argv = [sys.executable, "-m", "sidecar.cli", "peers", "--watch", "--target", target, *extra]
+        self.lines: list[str] = []
+        self.process: subprocess.Popen[str] | None = None
+
+    def start(self) -> PeerWatch:
+        self.process = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._echo, daemon=True).start()
+        return self
+
+    def _echo(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip())
+            print(f"   {DIM}peers --watch |{RESET} {line.rstrip()}", flush=True)
+
+    def wait_line(self, fragment: str, timeout: float = 60.0) -> None:
+        wait_for(lambda: any(fragment in line for line in self.lines), timeout, what=f"watch output {fragment!r}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(5)
