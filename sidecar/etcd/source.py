@@ -23,12 +23,10 @@ The etcd twin of ``sidecar.kube.reflector``, the way Dynamo's own reader does it
 
 from __future__ import annotations
 
-import threading
 import time
 
 import structlog
 
-from sidecar.core.backoff import Backoff
 from sidecar.core.dynamo_keys import BUCKETS, BadValue, Bucket, parse_kv
 from sidecar.core.records import InstanceRecord
 from sidecar.etcd._pb import etcd_v3_pb2 as pb
@@ -39,11 +37,11 @@ from sidecar.etcd.client import (
     EtcdError,
     EtcdPermissionDenied,
     EtcdUnavailable,
-    WatchStream,
     prefix_end,
 )
 from sidecar.metrics import Metrics
 from sidecar.ports import SourceStore
+from sidecar.source_loop import SourceLoop
 
 SOURCE_NAME = "etcd"
 
@@ -52,8 +50,9 @@ class _Relist(Exception):
     """The history we hold is compacted away: list again."""
 
 
-class EtcdSource:
-    """Owns the etcd watch: its thread, its resume revisions, its backoff and its open stream.
+class EtcdSource(SourceLoop):
+    """Owns the etcd watch: its resume revisions and last valid records; its thread, open stream, health and
+    backoff are the ``SourceLoop``'s.
 
     The daemon constructs and starts it; it writes into ``store``. ``stop`` may be called from any thread.
     ``_known`` (the last valid record per key) is touched by the watch thread only.
@@ -73,41 +72,23 @@ class EtcdSource:
         buckets: tuple[Bucket, ...] = BUCKETS,
     ) -> None:
         self.client = client
-        self.store = store
         self.metrics = metrics
         self.name = name
         self.silence_timeout = silence_timeout
         self.progress_interval = progress_interval
         self.page_size = page_size
         self.buckets = buckets
-        self.backoff = Backoff(maximum=backoff_max)
-        self.log = structlog.get_logger("sidecar.etcd.source").bind(source=name)
+        super().__init__(
+            store,
+            structlog.get_logger("sidecar.etcd.source").bind(source=name),
+            backoff_max,
+            thread_name=f"etcd-source-{name}",
+        )
         self.revision = 0  # of the last list
         self.relists = 0
         self.bad_values = 0
         self._next: dict[str, int] = {}  # bucket prefix -> the revision its watcher resumes from
         self._known: dict[str, InstanceRecord] = {}
-        self._stop = threading.Event()
-        self._stream_lock = threading.Lock()
-        self._stream: WatchStream | None = None
-        self._healthy = True
-        self._thread: threading.Thread | None = None
-
-    # -- lifecycle ----------------------------------------------------------------------------------
-    def start(self) -> threading.Thread:
-        """Run in a background thread; return it (the daemon's liveness probe watches it)."""
-        self._thread = threading.Thread(target=self.run, name=f"etcd-source-{self.name}", daemon=True)
-        self._thread.start()
-        return self._thread
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        with self._stream_lock:
-            stream = self._stream
-        if stream is not None:
-            stream.close()
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     def run(self) -> None:
         need_list = True
@@ -148,19 +129,11 @@ class EtcdSource:
             hint = "grant the etcd user read on v1/instances/, v1/mdc/, v1/event_channels/ and v1/event_sources/"
         elif isinstance(exc, EtcdAuthFailed):
             hint = "check ETCD_AUTH_USERNAME and ETCD_AUTH_PASSWORD"
-        delay = self.backoff.next_delay()
-        self.log.warning("etcd watch failed, retrying", reason=reason, hint=hint, retry_in=round(delay, 2))
-        if self._healthy:
-            self._healthy = False
-            self.store.set_health(False, reason)
-        self._stop.wait(delay)
+        self._retry_later("etcd watch failed, retrying", reason, hint)
 
     def _became_healthy(self) -> None:
         self.backoff.reset()
-        if not self._healthy:
-            self._healthy = True
-            self.log.info("etcd reachable again")
-            self.store.set_health(True)
+        self._report_healthy("etcd reachable again")
 
     # -- list ---------------------------------------------------------------------------------------
     def _list(self) -> None:
@@ -218,8 +191,7 @@ class EtcdSource:
         stream = self.client.watch(
             creates, progress_interval=self.progress_interval, silence_timeout=self.silence_timeout
         )
-        with self._stream_lock:
-            self._stream = stream
+        self._hold_stream(stream)
         if self._stop.is_set():
             stream.close()
         created: set[int] = set()
@@ -247,8 +219,7 @@ class EtcdSource:
                 if self._stop.is_set():
                     return
         finally:
-            with self._stream_lock:
-                self._stream = None
+            self._hold_stream(None)
             stream.close()
 
     def _canceled(self, response: pb.WatchResponse, by_id: dict[int, Bucket]) -> None:

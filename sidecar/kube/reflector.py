@@ -26,7 +26,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import random
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -34,12 +33,12 @@ from typing import Any
 import structlog
 import urllib3
 
-from sidecar.core.backoff import Backoff
 from sidecar.core.records import Record
-from sidecar.kube.api import CONNECTION_ERRORS, ApiError, KubeApi, WatchStream
+from sidecar.kube.api import CONNECTION_ERRORS, ApiError, KubeApi
 from sidecar.kube.sources import WatchTarget
 from sidecar.metrics import Metrics
 from sidecar.ports import SourceStore
+from sidecar.source_loop import SourceLoop
 
 INITIAL_EVENTS_END = "k8s.io/initial-events-end"
 """The annotation on the bookmark that closes a streaming list's initial events."""
@@ -75,8 +74,9 @@ class _Silent(Exception):
     """The watch delivered nothing, not even a bookmark, for the silence timeout: re-establish it."""
 
 
-class Reflector:
-    """Owns one watch: its thread, its resourceVersion, its backoff and its open stream.
+class Reflector(SourceLoop):
+    """Owns one watch: its resourceVersion and whether it must list again; its thread, open stream, health
+    and backoff are the ``SourceLoop``'s.
 
     The daemon constructs and starts it; it writes into ``store`` and tells ``observers`` (the
     registrar follows its own CR this way). ``stop`` may be called from any thread.
@@ -97,36 +97,20 @@ class Reflector:
     ) -> None:
         self.api = api
         self.target = target
-        self.store = store
         self.metrics = metrics
         self.silence_timeout = silence_timeout
         self.page_size = page_size
         self.observers = observers or []
-        self.backoff = Backoff(maximum=backoff_max)
-        self.log = structlog.get_logger("sidecar.reflector").bind(source=target.name)
+        super().__init__(
+            store,
+            structlog.get_logger("sidecar.reflector").bind(source=target.name),
+            backoff_max,
+            thread_name=f"reflector-{target.name}",
+        )
         self.resource_version = ""
         self.relists = 0
         self.streaming_list = streaming_list  # turned off for good when the server refuses it
         self._need_list = True  # no full set applied since start-up or the last 410 (only the loop's thread)
-        self._stop = threading.Event()
-        self._stream: WatchStream | None = None
-        self._healthy = True
-        self._thread: threading.Thread | None = None
-
-    # -- lifecycle ----------------------------------------------------------------------------------
-    def start(self) -> threading.Thread:
-        """Run in a background thread; return it (the daemon's liveness probe watches it)."""
-        self._thread = threading.Thread(target=self.run, name=f"reflector-{self.target.name}", daemon=True)
-        self._thread.start()
-        return self._thread
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        stream = self._stream
-        if stream is not None:
-            stream.close()
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     def run(self) -> None:
         self._need_list = True
@@ -175,18 +159,10 @@ class Reflector:
             hint = "the service account lacks list/watch on this resource: apply manifests/rbac.yaml"
         elif isinstance(exc, ApiError) and exc.status == 404:
             hint = "the resource type is not served: is the CRD (manifests/crd.yaml) installed?"
-        delay = self.backoff.next_delay()
-        self.log.warning("watch failed, retrying", reason=reason, hint=hint or None, retry_in=round(delay, 2))
-        if self._healthy:
-            self._healthy = False
-            self.store.set_health(False, reason)
-        self._stop.wait(delay)
+        self._retry_later("watch failed, retrying", reason, hint)
 
     def _became_healthy(self) -> None:
-        if not self._healthy:
-            self._healthy = True
-            self.log.info("API server reachable again")
-            self.store.set_health(True)
+        self._report_healthy("API server reachable again")
 
     # -- list -------------------------------------------------------------------------------------
     def _query(self) -> list[tuple[str, str]]:
@@ -255,7 +231,7 @@ class Reflector:
             raise
         except urllib3.exceptions.ReadTimeoutError as exc:
             raise _Silent from exc
-        self._stream = stream
+        self._hold_stream(stream)
         try:
             if self._stop.is_set():
                 return
@@ -275,7 +251,7 @@ class Reflector:
             except urllib3.exceptions.ReadTimeoutError as exc:  # only the watch may be silent; a list may not
                 raise _Silent from exc
         finally:
-            self._stream = None
+            self._hold_stream(None)
             stream.close()
         if initial is not None:
             raise _Silent  # the stream ended before the initial set did: start over
