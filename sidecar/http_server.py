@@ -29,7 +29,7 @@ Check = Callable[[], list[str]]
 
 DEBUG_PEERS_ACCESS = ("loopback", "all", "off")
 DEBUG_SYNC_WAIT = 10.0
-"""Seconds ``/debug/peers`` waits for the first sync before answering with what it has."""
+"""Seconds the ``/debug/peers`` request that started the watches waits for their first sync."""
 
 
 def may_read_peers(access: str, client_host: str) -> bool:
@@ -104,13 +104,14 @@ class HttpServer:
                     )
                 elif path == "/debug/peers":
                     try:
-                        peers.demand()
+                        started = peers.demand()
                     except NotWatching as exc:
                         self._send(412, f"{exc}\n".encode(), "text/plain")
                         return
-                    # The first request may have just started the watches (DISCOVERY_WATCH=auto): give them a
-                    # moment to sync, as a gRPC caller's deadline would; "synced" in the body says if they did.
-                    peers.wait_synced(DEBUG_SYNC_WAIT)
+                    if started:
+                        # This request started the watches (DISCOVERY_WATCH=auto): give them a moment to sync, as
+                        # a gRPC caller's deadline would; "synced" in the body says if they did.
+                        peers.wait_synced(DEBUG_SYNC_WAIT)
                     revision, current, status = peers.state()
                     body = {
                         "history_id": peers.history_id,

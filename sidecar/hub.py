@@ -53,13 +53,15 @@ class PeerHub:
         """Peers are never watched here: every peer request raises ``NotWatching(reason)``."""
         self._refusal = reason
 
-    def demand(self) -> None:
+    def demand(self) -> bool:
         if self._refusal:
             raise NotWatching(self._refusal)
         with self._lock:
             start, self._on_demand = self._on_demand, None
-        if start is not None:
-            start()
+        if start is None:
+            return False
+        start()
+        return True
 
     def store(self, source: str) -> _HubStore:
         """The writer for one source (one of the directory's sources)."""

@@ -54,11 +54,11 @@ class NotWatching(Exception):
 class PeerReader(Protocol):
     """The read side of the peer directory, as the gRPC and HTTP layers see it."""
 
-    def demand(self) -> None:
+    def demand(self) -> bool:
         """A client asked for peers: start the watches if they start on demand (``DISCOVERY_WATCH=auto``).
 
-        Returns at once (the caller then waits for the sync within its deadline); raises ``NotWatching``
-        when this sidecar never watches.
+        Returns at once, True when this call started them (the caller then waits for the sync within its
+        deadline); raises ``NotWatching`` when this sidecar never watches.
         """
         ...
 

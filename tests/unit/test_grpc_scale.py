@@ -406,8 +406,8 @@ class ListenerlessReader:
     def __init__(self, hub: PeerHub) -> None:
         self._hub = hub
 
-    def demand(self) -> None:
-        self._hub.demand()
+    def demand(self) -> bool:
+        return self._hub.demand()
 
     @property
     def history_id(self) -> str:
