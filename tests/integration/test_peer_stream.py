@@ -211,7 +211,14 @@ def test_apiserver_restart_degrades_then_recovers_without_losing_peers(
         world.worker(f"w-{i}")
     world.settle(stream, {f"w-{i}": READY for i in range(3)})
     before = len(stream.updates)
-    control_plane.compact_etcd()  # so the restarted server's watch cache cannot serve the old revision
+    # One unrelated write first, so that the compaction passes every watch's resourceVersion: a watch may
+    # hold the newest revision (a streaming list's closing bookmark carries it), and resuming exactly at the
+    # compacted revision is still allowed. Then the restarted server cannot serve either watch's revision.
+    world.cluster.api.create(
+        f"/api/v1/namespaces/{world.namespace}/configmaps",
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "advance-the-revision"}},
+    )
+    control_plane.compact_etcd()
     control_plane.stop_apiserver()
     stream.wait_until(
         lambda r: any(u.kind == "status" and not u.connected for u in r.updates[before:]),
