@@ -98,7 +98,7 @@ class SidecarProcess:
     def start(self) -> SidecarProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "sidecar.cli", "run"],
+            [sys.executable, "-m", "sidecar.app.cli", "run"],
             env=self.env(),
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -6,7 +6,7 @@ wrong file: ``{"version": 1, "workers": [...]}``, nothing else at the top; each 
 ``worker_type`` (``regular``, ``prefill``, ``decode``, ``encode``), optionally ``bootstrap_port``,
 ``model_id``, ``id``, ``kv_connector``, ``kv_role``, ``kv_engine_id``; any other field makes SMG reject
 the whole file. So a sidecar in the gateway's pod can replace SMG's own Kubernetes watcher: this
-module decides the document, ``sidecar.smg_writer`` puts it on disk.
+module decides the document, ``sidecar.serve.smg_writer`` puts it on disk.
 
 Roles mirror SMG's flags: a peer takes the role of the first selector it matches, in SMG's order
 encode, prefill, decode; otherwise it is ``regular`` when it matches the regular selector, else it is

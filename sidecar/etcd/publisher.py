@@ -54,8 +54,8 @@ from sidecar.etcd.client import (
     EtcdTooLarge,
     EtcdUnavailable,
 )
-from sidecar.metrics import Metrics
-from sidecar.ports import (
+from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import (
     Forbidden,
     Invalid,
     NotRegistering,

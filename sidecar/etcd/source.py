@@ -39,9 +39,9 @@ from sidecar.etcd.client import (
     EtcdUnavailable,
     prefix_end,
 )
-from sidecar.metrics import Metrics
-from sidecar.ports import SourceStore
-from sidecar.source_loop import SourceLoop
+from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import SourceStore
+from sidecar.peers.source_loop import SourceLoop
 
 SOURCE_NAME = "etcd"
 

@@ -31,7 +31,7 @@
   back to ``DISCOVERY_METADATA`` (the Python client also re-publishes after a reconnect, which covers
   a graceful restart, whose deregistration deleted the CR).
 
-To the pod-facing API this is a ``MetadataPublisher``: ``publish`` raises the ``sidecar.ports`` errors
+To the pod-facing API this is a ``MetadataPublisher``: ``publish`` raises the ``sidecar.peers.ports`` errors
 with a meaning (forbidden, invalid, not found, unavailable), never a Kubernetes client exception.
 """
 
@@ -44,15 +44,15 @@ from typing import Any, NoReturn
 
 import structlog
 
-from sidecar.config import PodIdentity
+from sidecar.app.config import PodIdentity
 from sidecar.core.backoff import Backoff
 from sidecar.core.dynamo_schema import dynamo_metadata_problem
 from sidecar.core.merge_patch import apply_merge_patch
 from sidecar.core.resources import validate_worker_data
 from sidecar.kube.api import CONNECTION_ERRORS, ApiError, KubeApi, ResourcePath
 from sidecar.kube.sources import WORKER_METADATA
-from sidecar.metrics import Metrics
-from sidecar.ports import (
+from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import (
     Forbidden,
     Invalid,
     NotFound,

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.config import Settings
+from sidecar.app.config import Settings
 from sidecar.core.records import Record
 from sidecar.core.resources import (
     object_key,

@@ -13,8 +13,8 @@ from devcluster.objects import Cluster, wait_for
 from devcluster.sidecars import write_token_kubeconfig
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.client import AsyncDiscoveryClient, make_filter
-from sidecar.config import load_settings
-from sidecar.daemon import Sidecar
+from sidecar.app.config import load_settings
+from sidecar.app.daemon import Sidecar
 from tests.integration.test_peer_stream import register_like_dynamo
 
 pytestmark = pytest.mark.integration

@@ -28,8 +28,8 @@ from sidecar.etcd.client import EtcdClient
 from sidecar.etcd.publisher import EtcdPublisher
 from sidecar.etcd.settings import Endpoint, EtcdSettings
 from sidecar.etcd.source import EtcdSource
-from sidecar.hub import PeerHub
-from sidecar.ports import Invalid
+from sidecar.peers.hub import PeerHub
+from sidecar.peers.ports import Invalid
 
 pytestmark = pytest.mark.integration
 

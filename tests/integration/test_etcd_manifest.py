@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from devcluster.cluster import ControlPlane
-from sidecar.config import load_settings
+from sidecar.app.config import load_settings
 from tests.conftest import MANIFESTS, kubectl
 
 pytestmark = pytest.mark.integration

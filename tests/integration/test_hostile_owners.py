@@ -21,8 +21,8 @@ from devcluster.cluster import ControlPlane, free_port
 from devcluster.objects import WORKER_METADATA, Cluster, wait_for
 from devcluster.sidecars import write_token_kubeconfig
 from discovery_client.client import DiscoveryClient
-from sidecar.config import load_settings
-from sidecar.daemon import Sidecar
+from sidecar.app.config import load_settings
+from sidecar.app.daemon import Sidecar
 from sidecar.kube.api import ApiError, KubeApi, WatchStream
 from tests.conftest import Sidecars
 from tests.integration.streams import StreamRecorder

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from devcluster.cluster import ControlPlane
-from sidecar.config import OPTIONS, OPTIONS_BY_ENV, load_settings
+from sidecar.app.config import OPTIONS, OPTIONS_BY_ENV, load_settings
 from tests.conftest import MANIFESTS, kubectl
 
 pytestmark = pytest.mark.integration

@@ -25,7 +25,7 @@ from devcluster.cluster import ControlPlane, free_port
 from devcluster.faults import FaultProxy
 from devcluster.objects import Cluster, wait_for
 from devcluster.smg import SmgGateway, StandInWorker
-from sidecar.config import load_settings
+from sidecar.app.config import load_settings
 from tests.conftest import MANIFESTS, Sidecars, kubectl
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,7 @@ When a method's script runs out, ``stream`` hands out an idle watch (open, silen
 once and remember it in ``exhausted``, so an under-scripted test fails with the call that was not
 expected instead of spinning or hanging.
 
-``RecordingStore`` implements ``sidecar.ports.SourceStore``; tests wait, with a deadline, for a
+``RecordingStore`` implements ``sidecar.peers.ports.SourceStore``; tests wait, with a deadline, for a
 condition on what it recorded (``wait_for``) instead of sleeping.
 """
 

@@ -20,10 +20,10 @@ import pytest
 
 from bench import watchers
 from bench.watchers import normalise
-from sidecar.config import load_settings
+from sidecar.app.config import load_settings
 from sidecar.kube.reflector import Reflector
 from sidecar.kube.sources import watch_targets
-from sidecar.metrics import Metrics
+from sidecar.peers.metrics import Metrics
 from tests.unit.fake_api import DEADLINE, RecordingStore, ScriptedApi
 from tests.unit.test_reflector import page
 

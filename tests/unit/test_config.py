@@ -1,4 +1,4 @@
-"""Tests for sidecar.config: env/flag/podinfo resolution and validation, all problems reported at once."""
+"""Tests for sidecar.app.config: env/flag/podinfo resolution and validation, all problems reported at once."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.config import (
+from sidecar.app.config import (
     OPTIONS,
     SERVICE_NAME_LABEL,
     ConfigError,

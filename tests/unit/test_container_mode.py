@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.config import ConfigError, load_settings
+from sidecar.app.config import ConfigError, load_settings
 from sidecar.core.containers import MAIN_CONTAINER_ANNOTATION, main_container_of, metadata_name, peer_key
 from sidecar.core.instance_id import instance_id
 from sidecar.core.join import PeerJoin

@@ -17,7 +17,7 @@ import tomllib
 
 import pytest
 
-from sidecar.config import OPTIONS_BY_ENV, parse_http_listen
+from sidecar.app.config import OPTIONS_BY_ENV, parse_http_listen
 from tests.dockerfile import DOCKERFILE, ROOT, Dockerfile, DockerIgnore, Instruction, load, parse, parse_env
 
 

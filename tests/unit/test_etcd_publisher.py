@@ -16,7 +16,7 @@ from devcluster.etcd import wait_for
 from sidecar.etcd._pb import etcd_v3_pb2 as pb
 from sidecar.etcd.client import EtcdPermissionDenied, EtcdTooLarge, EtcdUnavailable
 from sidecar.etcd.publisher import MAX_TXN_KEYS, EtcdPublisher
-from sidecar.ports import Forbidden, Invalid, TooLarge, Unavailable
+from sidecar.peers.ports import Forbidden, Invalid, TooLarge, Unavailable
 
 DEADLINE = 10.0
 

@@ -14,17 +14,17 @@ from typing import Any
 import pytest
 
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
-from sidecar.config import PodIdentity, load_settings
+from sidecar.app.config import PodIdentity, load_settings
+from sidecar.app.daemon import Sidecar
 from sidecar.core.directory import PeerDirectory
 from sidecar.core.instance_id import instance_id
 from sidecar.core.instance_join import InstanceJoin
-from sidecar.daemon import Sidecar
 from sidecar.etcd.publisher import EtcdPublisher
 from sidecar.etcd.source import EtcdSource
-from sidecar.grpc_service import DiscoveryService
-from sidecar.hub import PeerHub
-from sidecar.metrics import Metrics
-from sidecar.ports import NotRegistering, Registration
+from sidecar.peers.hub import PeerHub
+from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import NotRegistering, Registration
+from sidecar.serve.grpc_service import DiscoveryService
 
 
 def etcd_env(tmp_path: pathlib.Path, **extra: str) -> dict[str, str]:

@@ -28,13 +28,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
 from discovery_client.client import PeerSetView
-from sidecar.config import ListenAddress
+from sidecar.app.config import ListenAddress
 from sidecar.core.eventlog import ApiStatus, LogEntry
-from sidecar.grpc_service import BLOCKING_WORKERS, ENCODING_WORKERS, SERVICE_NAME, DiscoveryService, GrpcServer
-from sidecar.hub import PeerHub
 from sidecar.kube.sources import ENDPOINT_SLICES, WORKER_METADATA
-from sidecar.metrics import Metrics
-from sidecar.ports import Forbidden, PeerSetState, Registration, Unavailable
+from sidecar.peers.hub import PeerHub
+from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import Forbidden, PeerSetState, Registration, Unavailable
+from sidecar.serve.grpc_service import BLOCKING_WORKERS, ENCODING_WORKERS, SERVICE_NAME, DiscoveryService, GrpcServer
 from tests.unit.feeding import SourceFeed, new_hub
 from tests.unit.test_grpc_stream import (
     SELF,

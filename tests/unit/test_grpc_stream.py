@@ -21,11 +21,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
 from discovery_client.client import PeerSetView, make_filter
-from sidecar.config import ListenAddress, PodIdentity
-from sidecar.grpc_service import MAX_STREAMS, DiscoveryService, GrpcServer
+from sidecar.app.config import ListenAddress, PodIdentity
 from sidecar.kube.sources import ENDPOINT_SLICES, WORKER_METADATA
-from sidecar.metrics import Metrics
-from sidecar.ports import MetadataPublisher
+from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import MetadataPublisher
+from sidecar.serve.grpc_service import MAX_STREAMS, DiscoveryService, GrpcServer
 from tests.unit.feeding import SourceFeed, new_hub
 
 NS = "ns"
@@ -334,7 +334,7 @@ def test_health_and_reflection(harness: Harness) -> None:
 
 
 def test_grpc_listen_refuses_non_loopback() -> None:
-    from sidecar.config import parse_grpc_listen
+    from sidecar.app.config import parse_grpc_listen
 
     with pytest.raises(ValueError, match="loopback"):
         parse_grpc_listen("0.0.0.0:50051")
@@ -342,7 +342,7 @@ def test_grpc_listen_refuses_non_loopback() -> None:
 
 
 def test_unix_socket_listener_and_cli_client(tmp_path, capsys) -> None:
-    from sidecar.cli import main as cli_main
+    from sidecar.app.cli import main as cli_main
 
     socket_path = tmp_path / "discovery.sock"
     hub = new_hub(100, SELF.uid)

@@ -23,7 +23,7 @@ def test_committed_stubs_match_the_proto(tmp_path: pathlib.Path) -> None:
 
 
 def test_readme_documents_every_setting() -> None:
-    from sidecar.config import OPTIONS
+    from sidecar.app.config import OPTIONS
 
     readme = (ROOT / "README.md").read_text()
     for option in OPTIONS:

@@ -19,7 +19,7 @@ from devcluster.objects import wait_for
 from sidecar.kube.api import ApiError
 from sidecar.kube.reflector import Reflector, WatchObserver
 from sidecar.kube.sources import ENDPOINT_SLICES, WORKER_METADATA, WatchTarget
-from sidecar.metrics import Metrics
+from sidecar.peers.metrics import Metrics
 from tests.unit.fake_api import DEADLINE, Call, RecordingStore, ScriptedApi, ScriptedStream
 
 NS = "ns"

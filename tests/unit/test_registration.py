@@ -17,12 +17,12 @@ import structlog
 import urllib3
 
 from devcluster.objects import wait_for
-from sidecar.config import PodIdentity
+from sidecar.app.config import PodIdentity
 from sidecar.kube.api import ApiError
 from sidecar.kube.registration import DYNAMO_FIELD_MANAGER, Registrar, Superseded, registration_error, spec_managers
 from sidecar.kube.sources import WORKER_METADATA
-from sidecar.metrics import Metrics
-from sidecar.ports import (
+from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import (
     Forbidden,
     Invalid,
     NotFound,

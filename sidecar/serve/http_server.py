@@ -20,9 +20,9 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from sidecar.config import ListenAddress
-from sidecar.metrics import Metrics
-from sidecar.ports import NotWatching, PeerReader
+from sidecar.app.config import ListenAddress
+from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import NotWatching, PeerReader
 
 Check = Callable[[], list[str]]
 """Returns the reasons something is not OK (empty: OK)."""

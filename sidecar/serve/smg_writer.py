@@ -21,11 +21,11 @@ import tempfile
 import threading
 from typing import Any
 
-from sidecar.config import SmgManifestSettings
+from sidecar.app.config import SmgManifestSettings
 from sidecar.core.eventlog import ApiStatus
 from sidecar.core.smg_manifest import manifest_text, smg_manifest
-from sidecar.metrics import Metrics
-from sidecar.ports import PeerReader
+from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import PeerReader
 
 RETRY_SECONDS = 2.0
 """How soon a failed write (a full or read-only volume) is tried again, besides on the next change."""

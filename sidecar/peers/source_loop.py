@@ -12,7 +12,7 @@ import threading
 from typing import Any, Protocol
 
 from sidecar.core.backoff import Backoff
-from sidecar.ports import SourceStore
+from sidecar.peers.ports import SourceStore
 
 
 class Closable(Protocol):

@@ -3,7 +3,7 @@
 Two backends, one serving layer. On Kubernetes the sources are reflectors (EndpointSlices or Pods,
 and the DynamoWorkerMetadata CRs) and the publisher is this pod's CR; on etcd the source is the watch
 of Dynamo's ``v1/`` prefixes and the publisher is this instance's lease. Both meet the hub, the gRPC
-service and the HTTP server through ``sidecar.ports`` only, so the main container is served the same
+service and the HTTP server through ``sidecar.peers.ports`` only, so the main container is served the same
 way whichever backend is configured.
 
 Start-up never crashes on an unreachable API server: the watches and the registrar retry with
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
-from sidecar.config import Settings
+from sidecar.app.config import Settings
 from sidecar.core.backoff import Backoff
 from sidecar.core.containers import peer_key as pod_peer_key
 from sidecar.core.directory import PeerDirectory
@@ -36,13 +36,13 @@ from sidecar.etcd.client import EtcdClient, EtcdError, EtcdUnavailable
 from sidecar.etcd.publisher import EtcdPublisher
 from sidecar.etcd.source import SOURCE_NAME as ETCD_SOURCE
 from sidecar.etcd.source import EtcdSource
-from sidecar.grpc_service import DiscoveryService, GrpcServer
-from sidecar.http_server import HttpServer
-from sidecar.hub import PeerHub
-from sidecar.metrics import Metrics
-from sidecar.ports import MetadataPublisher
-from sidecar.reporting import PeerChangeReporter
-from sidecar.smg_writer import SmgManifestWriter
+from sidecar.peers.hub import PeerHub
+from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import MetadataPublisher
+from sidecar.peers.reporting import PeerChangeReporter
+from sidecar.serve.grpc_service import DiscoveryService, GrpcServer
+from sidecar.serve.http_server import HttpServer
+from sidecar.serve.smg_writer import SmgManifestWriter
 
 if TYPE_CHECKING:
     from sidecar.kube.api import KubeApi

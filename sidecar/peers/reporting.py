@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from sidecar.core.eventlog import ApiStatus, LogEntry, PeerChange, StatusChange
-from sidecar.metrics import Metrics
+from sidecar.peers.metrics import Metrics
 
 
 class PeerChangeReporter:

@@ -17,7 +17,7 @@ and unary calls are answered while thousands of streams are open or being (re)in
 are bounded by ``max_streams``; unary calls and health checks are never refused because of streams.
 
 The service reads the peer set through ``PeerReader`` and publishes through ``MetadataPublisher``
-(``sidecar.ports``); it imports no Kubernetes code, and maps the publisher's errors, which carry a
+(``sidecar.peers.ports``); it imports no Kubernetes code, and maps the publisher's errors, which carry a
 meaning, to status codes.
 """
 
@@ -42,14 +42,14 @@ from grpc_reflection.v1alpha import reflection
 
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
-from sidecar.config import ListenAddress, PodIdentity
+from sidecar.app.config import ListenAddress, PodIdentity
 from sidecar.core.containers import peer_key
 from sidecar.core.eventlog import ApiStatus, LogEntry
 from sidecar.core.instance_id import instance_id
 from sidecar.core.peer import canonical_json
 from sidecar.core.projection import DeltaMessage, PeerFilter, StatusMessage, project, snapshot_peers
-from sidecar.metrics import Metrics
-from sidecar.ports import (
+from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import (
     Forbidden,
     Invalid,
     MetadataPublisher,
@@ -61,7 +61,7 @@ from sidecar.ports import (
     TooLarge,
     Unavailable,
 )
-from sidecar.wire import API_STATUS, EVENT_TYPE, PeerEncoder, document_from_publish, filter_from_pb, to_struct
+from sidecar.serve.wire import API_STATUS, EVENT_TYPE, PeerEncoder, document_from_publish, filter_from_pb, to_struct
 
 T = TypeVar("T")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Discovery"].full_name

@@ -7,7 +7,7 @@
   It raises ``RegistrationError`` subclasses with a meaning (forbidden, invalid, too large,
   not found, unavailable); the gRPC layer maps meanings to status codes and imports no client library.
 
-Nothing here imports a transport, so ``sidecar.grpc_service`` and ``sidecar.http_server`` depend on
+Nothing here imports a transport, so ``sidecar.serve.grpc_service`` and ``sidecar.serve.http_server`` depend on
 these and on the pure core only.
 """
 

@@ -14,7 +14,7 @@ from sidecar.core.directory import PeerDirectory
 from sidecar.core.eventlog import ApiStatus, LogEntry, StatusChange
 from sidecar.core.projection import status_before
 from sidecar.core.records import Record
-from sidecar.ports import NotWatching, PeerSetState
+from sidecar.peers.ports import NotWatching, PeerSetState
 
 EntryListener = Callable[[list[LogEntry]], None]
 """Called (outside the lock, in the writer's thread) with every batch of new entries: logs and metrics."""
