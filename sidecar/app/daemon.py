@@ -1,17 +1,19 @@
-"""``discovery-sidecar run``: wire the pieces together and run them until SIGTERM.
+"""``discovery-sidecar run``: build the chosen backend, wire it to the pod-facing layer, run until SIGTERM.
 
-Two backends, one serving layer. On Kubernetes the sources are reflectors (EndpointSlices or Pods,
-and the DynamoWorkerMetadata CRs) and the publisher is this pod's CR; on etcd the source is the watch
-of Dynamo's ``v1/`` prefixes and the publisher is this instance's lease. Both meet the hub, the gRPC
-service and the HTTP server through ``sidecar.peers.ports`` only, so the main container is served the same
-way whichever backend is configured.
+Two backends, one serving layer. The daemon asks ``sidecar.app.backends`` to build the configured one
+(``sidecar.peers.backend.Backend``: the hub, the sources that feed it, this pod's publisher, the
+transport) and never learns which it is: on Kubernetes the sources are reflectors and the publisher is
+this pod's CR, on etcd the source is the watch of Dynamo's ``v1/`` prefixes and the publisher is this
+instance's lease. The gRPC service, the HTTP server and the SMG writer read the hub through
+``sidecar.peers.ports`` only, so the main container is served the same way whichever backend is
+configured.
 
-Start-up never crashes on an unreachable API server: the watches and the registrar retry with
+Start-up never crashes on an unreachable API server: the watches and the publisher retry with
 backoff while ``/readyz`` says what is missing. (On etcd, as in Dynamo's runtime, the first
-connection must succeed within ``ETCD_STARTUP_CONNECT_TIMEOUT_SECONDS``, else the process exits 1.)
-Shutdown runs in the order peers and the main container need: deregister first (peers see this pod
-leave: the CR deleted, or the lease revoked), then end the streams (clients are told UNAVAILABLE and
-can resume against the next sidecar), then stop the watches.
+connection must succeed within ``ETCD_STARTUP_CONNECT_TIMEOUT_SECONDS``, else the process exits 1:
+``Backend.wait_reachable``.) Shutdown runs in the order peers and the main container need: deregister
+first (peers see this pod leave: the CR deleted, or the lease revoked), then end the streams (clients
+are told UNAVAILABLE and can resume against the next sidecar), then stop the watches.
 """
 
 from __future__ import annotations
@@ -19,90 +21,42 @@ from __future__ import annotations
 import signal
 import threading
 import time
-import uuid
-from collections.abc import Callable
 from types import FrameType
-from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
+from sidecar.app.backends import build
 from sidecar.app.config import Settings
-from sidecar.core.backoff import Backoff
-from sidecar.core.containers import peer_key as pod_peer_key
-from sidecar.core.directory import PeerDirectory
-from sidecar.core.instance_join import InstanceJoin, peer_key
-from sidecar.core.join import PeerJoin
-from sidecar.etcd.client import EtcdClient, EtcdError, EtcdUnavailable
-from sidecar.etcd.publisher import EtcdPublisher
-from sidecar.etcd.source import SOURCE_NAME as ETCD_SOURCE
-from sidecar.etcd.source import EtcdSource
-from sidecar.peers.hub import PeerHub
+from sidecar.peers.backend import StartupError
 from sidecar.peers.metrics import Metrics
-from sidecar.peers.ports import MetadataPublisher
+from sidecar.peers.ports import WatchMode
 from sidecar.peers.reporting import PeerChangeReporter
-from sidecar.serve.grpc_service import DiscoveryService, GrpcServer
+from sidecar.serve.grpc_server import GrpcServer
+from sidecar.serve.grpc_service import DiscoveryService
 from sidecar.serve.http_server import HttpServer
 from sidecar.serve.smg_writer import SmgManifestWriter
-
-if TYPE_CHECKING:
-    from sidecar.kube.api import KubeApi
-
-
-class StartupError(Exception):
-    """The sidecar cannot start (e.g. etcd unreachable for the whole start-up timeout); ``str()`` says why."""
-
-
-class Watcher(Protocol):
-    """A source's shell: a Kubernetes reflector or the etcd watch."""
-
-    def start(self) -> threading.Thread: ...
-
-    def stop(self, timeout: float = 5.0) -> None: ...
-
-
-class Registering(MetadataPublisher, Protocol):
-    """This pod's registration as the daemon drives it: the CR registrar or the etcd lease."""
-
-    def start(self) -> threading.Thread: ...
-
-    def deregister(self, timeout: float) -> bool: ...
-
-    def notes(self) -> list[str]:
-        """A healthy but unusual state for ``/readyz``'s body (watch-only, and why)."""
-        ...
 
 
 class Sidecar:
     """Owns every part of one running sidecar and their order of start and stop; the CLI's ``run``
-    (and in-process tests) construct it. Which parts depends on ``settings.backend``."""
+    (and in-process tests) construct it. The backend's parts come from its ``build``; ``transport``, an
+    already-made client of the configured backend, is for tests."""
 
-    def __init__(self, settings: Settings, api: KubeApi | None = None, etcd: EtcdClient | None = None) -> None:
+    def __init__(self, settings: Settings, transport: object | None = None) -> None:
         self.settings = settings
         self.log = structlog.get_logger("sidecar").bind(pod=settings.identity.name)
         self.metrics = Metrics()
-        self.api: KubeApi | None = None
-        self.etcd: EtcdClient | None = None
-        self.watchers: list[Watcher] = []
-        self.watch_descriptions: list[str] = []
-        self.close_transport: Callable[[], None] = lambda: None
-        # Told whether the watches run (Kubernetes: the registrar then confirms its deregistration through
-        # the CR watch, when that watch shows its own CR).
-        self._watching_changed: Callable[[bool], None] = lambda watching: None
-        if settings.uses_etcd:
-            self.hub, self.registrar = self._wire_etcd(etcd)
-        else:
-            self.hub, self.registrar = self._wire_kubernetes(api)
-        self.hub.add_listener(PeerChangeReporter(self.log, self.metrics))
+        self.backend = build(settings.backend, settings, settings.backend_settings, self.metrics, transport)
+        self.hub = self.backend.hub
+        self.publisher = self.backend.publisher
+        self.hub.subscribe(PeerChangeReporter(self.log, self.metrics))
         self.smg_writer = (
             SmgManifestWriter(self.hub, settings.smg_manifest, self.log, self.metrics)
             if settings.smg_manifest is not None
             else None
         )
         self.grpc = GrpcServer(
-            DiscoveryService(
-                self.hub, self.registrar, settings.identity, self.metrics, metadata_name=settings.metadata_name
-            ),
-            settings.grpc_listen,
+            DiscoveryService(self.hub, self.publisher, settings.identity, self.metrics), settings.grpc_listen
         )
         self.http = (
             HttpServer(
@@ -112,7 +66,7 @@ class Sidecar:
                 self.liveness_problems,
                 self.readiness_problems,
                 settings.debug_peers,
-                readiness_notes=self.registrar.notes,
+                readiness_notes=lambda: list(self.publisher.notes()),
             )
             if settings.http_listen is not None
             else None
@@ -122,117 +76,12 @@ class Sidecar:
         self._watch_lock = threading.Lock()  # guards _watching and _threads
         self._watching = False
 
-    def _directory(self, sources: list[str], join: InstanceJoin | PeerJoin | None = None) -> PeerDirectory:
-        return PeerDirectory(
-            history_id=uuid.uuid4().hex,
-            history_capacity=self.settings.history_size,
-            history_bytes=self.settings.history_bytes,
-            sources=sources,
-            join=join,
-        )
-
-    def _wire_kubernetes(self, api: KubeApi | None) -> tuple[PeerHub, Registering]:
-        # Imported here: the official Kubernetes client costs ~33 MiB and ~0.5 s of start-up, which a
-        # sidecar on the etcd backend never needs (bench/RESULTS.md, etcd section).
-        from sidecar.kube.api import KubeApi
-        from sidecar.kube.reflector import Reflector
-        from sidecar.kube.registration import Registrar
-        from sidecar.kube.sources import WORKER_METADATA, watch_targets
-
-        settings = self.settings
-        self.api = api = api or KubeApi.from_kubeconfig(settings.kubeconfig, settings.request_timeout)
-        api.on_request = lambda verb, code: self.metrics.api_requests.labels(verb, str(code)).inc()
-        api.on_bytes = self.metrics.api_bytes.inc
-        self.close_transport = api.close
-        targets = watch_targets(settings)
-        identity = settings.identity
-        hub = PeerHub(
-            self._directory(
-                [target.name for target in targets],
-                join=PeerJoin(require_metadata=settings.require_metadata, workers=settings.workers),
-            ),
-            self_uid=pod_peer_key(identity.uid, identity.name, settings.metadata_name),
-        )
-        registrar = Registrar(
-            api,
-            settings.identity,
-            settings.pod_labels,
-            settings.initial_metadata,
-            settings.field_manager,
-            self.metrics,
-            settings.backoff_max,
-            register=settings.register,
-            metadata_name=settings.metadata_name,
-        )
-        reflectors = [
-            Reflector(
-                api,
-                target,
-                hub.store(target.name),
-                self.metrics,
-                silence_timeout=settings.watch_silence_timeout,
-                backoff_max=settings.backoff_max,
-                streaming_list=settings.streaming_list,
-                observers=[registrar.observe] if target.source is WORKER_METADATA else [],
-            )
-            for target in targets
-        ]
-        # A peer selector that leaves out this pod's own labels keeps its own CR out of the watch too.
-        shows_own_cr = settings.peer_selector is None or settings.peer_selector.matches(settings.pod_labels)
-
-        def watching_changed(watching: bool) -> None:
-            registrar.confirm_by_watch = watching and shows_own_cr
-
-        self._watching_changed = watching_changed
-        self.watchers = list(reflectors)
-        self.watch_descriptions = [
-            f"{r.target.name} in {r.target.namespace or 'all namespaces'} ({r.target.label_selector or 'all'})"
-            for r in reflectors
-        ]
-        return hub, registrar
-
-    def _wire_etcd(self, client: EtcdClient | None) -> tuple[PeerHub, Registering]:
-        """etcd: one source (the ``v1/`` prefixes, joined by lease) and the lease as the publisher.
-
-        This instance is the peer ``etcd/{lease:x}``; a lost lease is replaced by a new one (a new
-        instance ID), so the hub's notion of "self" follows the publisher.
-        """
-        settings = self.settings
-        etcd_settings = settings.etcd
-        if etcd_settings is None:
-            raise ValueError("the etcd backend needs etcd settings (load_settings makes them)")
-        self.etcd = client = client or EtcdClient(etcd_settings, settings.request_timeout)
-        self.close_transport = client.close
-        hub = PeerHub(self._directory([ETCD_SOURCE], join=InstanceJoin()), self_uid="")
-        publisher = EtcdPublisher(
-            client,
-            settings.initial_metadata,
-            lease_ttl=etcd_settings.lease_ttl,
-            metrics=self.metrics,
-            backoff_max=settings.backoff_max,
-            labels=settings.pod_labels,
-            on_registered=lambda lease: hub.set_self_uid(peer_key(lease)),
-            register=settings.register,
-        )
-        source = EtcdSource(
-            client,
-            hub.store(ETCD_SOURCE),
-            self.metrics,
-            backoff_max=settings.backoff_max,
-            silence_timeout=settings.watch_silence_timeout,
-        )
-        self.watchers = [source]
-        self.watch_descriptions = [
-            f"etcd {etcd_settings.endpoints_text} (v1/instances, v1/mdc, v1/event_channels, v1/event_sources)"
-        ]
-        return hub, publisher
-
     # -- probes -----------------------------------------------------------------------------------------
     def readiness_problems(self) -> list[str]:
         problems = []
         if self._stopping.is_set():
             problems.append("shutting down")
-        problems.extend(self.registrar.problems())
+        problems.extend(self.publisher.problems())
         if self.smg_writer is not None:
             problems.extend(self.smg_writer.problems())
         if self.watching and not self.hub.synced:  # not watching (yet): readiness is the registration alone
@@ -256,43 +105,13 @@ class Sidecar:
             return self._watching
 
     # -- lifecycle --------------------------------------------------------------------------------------
-    def wait_for_etcd(self, stop: threading.Event | None = None) -> bool:
-        """Dynamo's start-up rule on etcd: reach it within ``ETCD_STARTUP_CONNECT_TIMEOUT_SECONDS`` or exit.
-
-        True once reached (or not on etcd), False when ``stop`` was set while waiting. Only
-        unavailability is retried; a refusal (credentials, permissions) raises ``StartupError`` at once.
-        """
-        if self.etcd is None or self.settings.etcd is None:
-            return True
-        stop = stop or threading.Event()
-        timeout = self.settings.etcd.startup_connect_timeout
-        deadline = time.monotonic() + timeout
-        backoff = Backoff(maximum=min(2.0, self.settings.backoff_max))
-        while not stop.is_set():
-            try:
-                self.etcd.range(b"v1/instances/", limit=1)
-                return True
-            except EtcdUnavailable as exc:
-                delay = backoff.next_delay()
-                if time.monotonic() + delay > deadline:
-                    raise StartupError(
-                        f"cannot reach etcd at {self.settings.etcd.endpoints_text} within {timeout:g}s "
-                        f"(ETCD_STARTUP_CONNECT_TIMEOUT_SECONDS): {exc}"
-                    ) from exc
-                self.log.warning("etcd not reachable yet", error=str(exc), retry_in=round(delay, 2))
-                stop.wait(delay)
-            except EtcdError as exc:
-                raise StartupError(f"etcd at {self.settings.etcd.endpoints_text} refused the sidecar: {exc}") from exc
-        return False
-
     def start(self) -> None:
         self.metrics.api_connected.set(1)
         self.grpc.start()
         if self.http is not None:
             self.http.start()
-        self._watching_changed(False)
         with self._watch_lock:
-            self._threads = [self.registrar.start()]
+            self._threads = [self.publisher.start()]
         mode = self.settings.watch
         if self.smg_writer is not None:
             # The manifest is a standing request for peers: it starts the watches at once (never is refused
@@ -300,13 +119,13 @@ class Sidecar:
             with self._watch_lock:
                 self._threads.append(self.smg_writer.start())
             self._start_watches("the SMG manifest writer")
-        if mode == "always":
+        if mode is WatchMode.ALWAYS:
             self._start_watches("DISCOVERY_WATCH=always")
             threading.Thread(target=self._mark_serving_when_synced, name="health", daemon=True).start()
         else:
             # Nothing is watched until asked (auto) or ever (never): the API answers at once; peer requests
             # start the watches and wait for the sync within their deadline, or are refused.
-            if mode == "auto":
+            if mode is WatchMode.AUTO:
                 self.hub.watch_on_demand(lambda: self._start_watches("the first request for peers"))
             else:
                 self.hub.refuse_peers(
@@ -316,11 +135,11 @@ class Sidecar:
             self.grpc.set_serving(True)
         self.log.info(
             "started",
-            backend=self.settings.backend,
+            backend=self.backend.name,
             grpc=self.grpc.target,
             http=f":{self.http.port}" if self.http else "off",
             watch_mode=mode,
-            watches=self.watch_descriptions,
+            watches=list(self.backend.descriptions),
             history_id=self.hub.history_id,
         )
 
@@ -330,9 +149,8 @@ class Sidecar:
             if self._watching or self._stopping.is_set():
                 return
             self._watching = True
-            self._watching_changed(True)
-            self._threads.extend(watcher.start() for watcher in self.watchers)
-        self.log.info("watching peers", reason=why, watches=len(self.watchers))
+            self._threads.extend(source.start() for source in self.backend.sources)
+        self.log.info("watching peers", reason=why, watches=len(self.backend.sources))
 
     def _mark_serving_when_synced(self) -> None:
         if self.hub.wait_synced(None):
@@ -346,16 +164,16 @@ class Sidecar:
         budget = self.settings.shutdown_timeout
         started = time.monotonic()
         self.log.info("shutting down: deregistering first", budget_seconds=budget)
-        confirmed = self.registrar.deregister(timeout=budget * 0.6)
+        confirmed = self.publisher.deregister(timeout=budget * 0.6)
         if self.smg_writer is not None:
             self.smg_writer.stop()  # the file stays: SMG keeps its workers while this pod shuts down
         self.hub.close()
         self.grpc.stop(grace=min(2.0, max(0.1, budget - (time.monotonic() - started))))
-        for watcher in self.watchers:
-            watcher.stop(timeout=2)
+        for source in self.backend.sources:
+            source.stop(timeout=2)
         if self.http is not None:
             self.http.stop()
-        self.close_transport()
+        self.backend.close()
         self.log.info("stopped", deregistration_confirmed=confirmed, seconds=round(time.monotonic() - started, 2))
 
     def run_until_signalled(self) -> int:
@@ -368,13 +186,13 @@ class Sidecar:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         try:
-            reached = self.wait_for_etcd(stop)
+            reached = self.backend.wait_reachable(stop)
         except StartupError as exc:
             self.log.error("cannot start", reason=str(exc))
-            self.close_transport()
+            self.backend.close()
             return 1
         if not reached:
-            self.close_transport()
+            self.backend.close()
             return 0
         self.start()
         stop.wait()

@@ -28,7 +28,8 @@ from sidecar.core.records import InstanceRecord, Record
 PEER_KEY_PREFIX = "etcd/"
 
 
-def peer_key(instance_id: int) -> str:
+def instance_peer_key(instance_id: int) -> str:
+    """The peer key (``Peer.uid``) of the Dynamo instance ``instance_id`` (its lease): ``etcd/{id:x}``."""
     return f"{PEER_KEY_PREFIX}{instance_id:x}"
 
 
@@ -47,7 +48,7 @@ class InstanceJoin:
             return set()
         affected = self._unlink(key, old)
         self._records[key] = record
-        peer = peer_key(record.instance_id)
+        peer = instance_peer_key(record.instance_id)
         self._by_instance.setdefault(peer, set()).add(key)
         affected.add(peer)
         return affected
@@ -58,7 +59,7 @@ class InstanceJoin:
     def _unlink(self, key: str, record: InstanceRecord | None) -> set[str]:
         if record is None:
             return set()
-        peer = peer_key(record.instance_id)
+        peer = instance_peer_key(record.instance_id)
         keys = self._by_instance.get(peer)
         if keys is not None:
             keys.discard(key)

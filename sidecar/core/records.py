@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sidecar.core.containers import peer_key
+from sidecar.core.containers import pod_peer_key
 from sidecar.core.peer import Document, PortInfo
 
 
@@ -61,7 +61,7 @@ class EndpointEntry:
 
     @property
     def peer_key(self) -> str:
-        return peer_key(self.pod_uid, self.pod_name, self.speaks_for_it)
+        return pod_peer_key(self.pod_uid, self.pod_name, self.speaks_for_it)
 
     @property
     def live(self) -> bool:

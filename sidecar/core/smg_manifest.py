@@ -21,6 +21,7 @@ registration removed), never the old one carried over.
 from __future__ import annotations
 
 import json
+import pathlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -62,6 +63,14 @@ class SmgRoles:
         if self.regular is not None and self.regular.matches(labels):
             return "regular"
         return None
+
+
+@dataclass(frozen=True)
+class SmgManifestSettings:
+    """Where SMG's worker manifest goes and which peers it lists in which role."""
+
+    path: pathlib.Path
+    roles: SmgRoles
 
 
 def smg_manifest(peers: Iterable[Peer], roles: SmgRoles) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """This process's registration in etcd, as Dynamo's runtime makes it: a lease, keys on it, keep-alives.
 
-The etcd twin of ``sidecar.kube.registration``, and a ``MetadataPublisher`` to the pod-facing API.
+The etcd twin of ``sidecar.kube.registration``, and a ``Publisher`` to the pod-facing API.
 
 * Register: grant a lease of ``ETCD_LEASE_TTL`` seconds; its ID **is** the instance ID (Dynamo's
   ``connection_id``). Write every entry of the metadata (``spec.data``-shaped: ``endpoints``,
@@ -40,7 +40,7 @@ import structlog
 
 from sidecar.core.backoff import Backoff
 from sidecar.core.dynamo_keys import DocumentError, registration_keys
-from sidecar.core.instance_join import peer_key
+from sidecar.core.instance_join import instance_peer_key
 from sidecar.core.merge_patch import apply_merge_patch
 from sidecar.core.resources import validate_worker_data
 from sidecar.etcd._pb import etcd_v3_pb2 as pb
@@ -59,6 +59,7 @@ from sidecar.peers.ports import (
     Forbidden,
     Invalid,
     NotRegistering,
+    RegisterMode,
     Registration,
     RegistrationError,
     TooLarge,
@@ -111,11 +112,14 @@ class EtcdPublisher:
         backoff_max: float = 30.0,
         labels: Mapping[str, str] | None = None,
         on_registered: Callable[[int], None] | None = None,
-        register: str = "auto",
+        register: str = RegisterMode.AUTO,
+        name: str = "",
     ) -> None:
         self.client = client
         self.on_registered = on_registered  # called with each new lease once its keys are written
-        self.watch_only = register == "never"  # DISCOVERY_REGISTER=never: no lease, nothing written
+        # DISCOVERY_REGISTER=never: no lease, nothing written
+        self.watch_only = RegisterMode(register) is RegisterMode.NEVER
+        self.name = name  # what GetSelf calls this instance (the pod's name)
         self.lease_ttl = lease_ttl
         self.metrics = metrics
         self.labels = dict(labels or {})
@@ -153,8 +157,9 @@ class EtcdPublisher:
                 resource_version=str(self._revision) if self._revision else "",
                 data=copy.deepcopy(self._data),
                 labels=dict(self.labels),
+                name=self.name,
+                peer_uid=instance_peer_key(self._lease) if self._lease else "",
                 instance_id=self._lease,
-                peer_uid=peer_key(self._lease) if self._lease else "",
             )
 
     def problems(self) -> list[str]:
@@ -176,7 +181,7 @@ class EtcdPublisher:
 
     # -- publish --------------------------------------------------------------------------------------
     def publish(self, document: Mapping[str, Any], merge: bool) -> Registration:
-        """Replace (or RFC 7386 merge-patch) the metadata and write it now (``MetadataPublisher``)."""
+        """Replace (or RFC 7386 merge-patch) the metadata and write it now (``Publisher``)."""
         if self.watch_only:
             raise NotRegistering(
                 "this sidecar does not register (DISCOVERY_REGISTER=never): publish through whatever registers "

@@ -31,7 +31,7 @@
   back to ``DISCOVERY_METADATA`` (the Python client also re-publishes after a reconnect, which covers
   a graceful restart, whose deregistration deleted the CR).
 
-To the pod-facing API this is a ``MetadataPublisher``: ``publish`` raises the ``sidecar.peers.ports`` errors
+To the pod-facing API this is a ``Publisher``: ``publish`` raises the ``sidecar.peers.ports`` errors
 with a meaning (forbidden, invalid, not found, unavailable), never a Kubernetes client exception.
 """
 
@@ -39,14 +39,15 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 import structlog
 
-from sidecar.app.config import PodIdentity
 from sidecar.core.backoff import Backoff
+from sidecar.core.containers import pod_peer_key
 from sidecar.core.dynamo_schema import dynamo_metadata_problem
+from sidecar.core.instance_id import instance_id
 from sidecar.core.merge_patch import apply_merge_patch
 from sidecar.core.resources import validate_worker_data
 from sidecar.kube.api import CONNECTION_ERRORS, ApiError, KubeApi, ResourcePath
@@ -57,6 +58,8 @@ from sidecar.peers.ports import (
     Invalid,
     NotFound,
     NotRegistering,
+    PodIdentity,
+    RegisterMode,
     Registration,
     RegistrationError,
     TooLarge,
@@ -69,7 +72,7 @@ RESYNC_SECONDS = 60.0
 PODS = ResourcePath("", "v1", "pods")
 DYNAMO_FIELD_MANAGER = "dynamo-worker"
 """The field manager Dynamo's runtime (1.6.1) applies its ``DynamoWorkerMetadata`` under."""
-REGISTER_MODES = ("auto", "never")
+REGISTER_MODES = tuple(mode.value for mode in RegisterMode)
 
 
 class Superseded(Forbidden):
@@ -141,7 +144,7 @@ class Registrar:
     """Owns this pod's CR: the desired data, the last applied object, and the thread that keeps it applied.
 
     The daemon starts and deregisters it; the metadata reflector calls ``observe``; the gRPC layer
-    calls ``registration`` and ``publish`` (as a ``MetadataPublisher``) from its threads.
+    calls ``registration`` and ``publish`` (as a ``Publisher``) from its threads.
     ``_apply_lock`` serialises applies (network IO: the loop and ``publish`` never interleave);
     ``_state_lock`` guards ``_data``, ``_applied``, ``_observed``, ``_last_error``, ``_deregistering``,
     ``_superseded``, ``_watch_only``, ``_adopt`` and ``_conflict`` and is never held during IO, so readers
@@ -157,7 +160,7 @@ class Registrar:
         field_manager: str,
         metrics: Metrics,
         backoff_max: float = 30.0,
-        register: str = "auto",
+        register: str = RegisterMode.AUTO,
         metadata_name: str = "",
     ) -> None:
         self.api = api
@@ -184,7 +187,7 @@ class Registrar:
         # while it does.
         self._watch_only = (
             "watch-only (DISCOVERY_REGISTER=never): this sidecar does not write the pod's DynamoWorkerMetadata"
-            if register == "never"
+            if register == RegisterMode.NEVER
             else ""
         )
         self._observed: Mapping[str, Any] | None = None  # our CR as the watch last showed it (watch-only reads it)
@@ -200,8 +203,9 @@ class Registrar:
         self.registered = threading.Event()
         # Whether a running watch shows this CR (``observe`` is called for it): then deregistration waits for
         # its deletion to come back through that watch; otherwise one GET confirms it (DISCOVERY_WATCH=auto
-        # before any peer request, never, or a peer selector that leaves out this pod's own labels).
-        self.confirm_by_watch = True
+        # before any peer request, never, or a peer selector that leaves out this pod's own labels). The
+        # backend that runs the watch answers it (``sidecar.kube.backend``).
+        self.confirms_by_watch: Callable[[], bool] = lambda: True
         self.backoff = Backoff(maximum=backoff_max)
         self._thread: threading.Thread | None = None
 
@@ -249,13 +253,24 @@ class Registrar:
                 resource_version=(applied.get("metadata") or {}).get("resourceVersion", ""),
                 data=data,
                 labels=dict((applied.get("metadata") or {}).get("labels") or {}),
+                **self._instance(),
             )
         return Registration(
             registered=self.registered.is_set(),
             resource_version=(applied.get("metadata") or {}).get("resourceVersion", ""),
             data=data,
             labels=dict(self.labels),
+            **self._instance(),
         )
+
+    def _instance(self) -> dict[str, Any]:
+        """Who this pod (or container) is to peers: the CR's name, its peer key, and Dynamo's instance ID
+        (the SipHash of that name), which never change while the pod incarnation lives."""
+        return {
+            "name": self.metadata_name,
+            "peer_uid": pod_peer_key(self.identity.uid, self.identity.name, self.metadata_name),
+            "instance_id": instance_id(self.metadata_name),
+        }
 
     @property
     def superseded(self) -> bool:
@@ -499,7 +514,7 @@ class Registrar:
         )
 
     def publish(self, document: Mapping[str, Any], merge: bool) -> Registration:
-        """Replace (or RFC 7386 merge-patch) spec.data and apply it now (``MetadataPublisher``).
+        """Replace (or RFC 7386 merge-patch) spec.data and apply it now (``Publisher``).
 
         On any failure the previous data stays the desired data, so the loop keeps applying that.
         """
@@ -534,6 +549,7 @@ class Registrar:
             resource_version=applied["metadata"]["resourceVersion"],
             data=copy.deepcopy((applied.get("spec") or {}).get("data") or {}),
             labels=dict(self.labels),
+            **self._instance(),
         )
 
     # -- the loop --------------------------------------------------------------------------------------
@@ -675,7 +691,7 @@ class Registrar:
         except CONNECTION_ERRORS as exc:
             self.log.error("deregistration failed: API server unreachable", error=type(exc).__name__)
             return False
-        if self.confirm_by_watch:
+        if self.confirms_by_watch():
             confirmed = self._gone.wait(timeout)
             self.log.info("deregistered", confirmed_by_watch=confirmed)
             return confirmed

@@ -15,7 +15,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.app.config import Settings
 from sidecar.core.records import Record
 from sidecar.core.resources import (
     object_key,
@@ -25,6 +24,7 @@ from sidecar.core.resources import (
     parse_worker_metadata,
 )
 from sidecar.kube.api import ResourcePath
+from sidecar.kube.settings import KubeSettings
 
 RawObject = Mapping[str, Any]
 
@@ -81,7 +81,7 @@ class WatchTarget:
         return self.source.resource.collection(self.namespace)
 
 
-def watch_targets(settings: Settings) -> list[WatchTarget]:
+def watch_targets(settings: KubeSettings) -> list[WatchTarget]:
     """The sources this sidecar watches, as its settings say: readiness from EndpointSlices or from Pods
     (``DISCOVERY_POD_SELECTOR``, or Dynamo's container mode), and metadata from the CRs, in each namespace
     of ``DISCOVERY_NAMESPACES`` (one watch per namespace, or one cluster-wide watch for ``*``).

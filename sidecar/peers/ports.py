@@ -2,24 +2,73 @@
 
 * ``SourceStore``: what one source of peers (a Kubernetes reflector, or the etcd watch) writes into.
   ``PeerHub.store(name)`` hands one out per source. A source never knows who reads.
-* ``PeerReader``: what the pod-facing layers (gRPC, HTTP) read; ``PeerHub`` implements it.
-* ``MetadataPublisher``: this pod's own registration (a Kubernetes CR, or an etcd lease).
+* ``PeerReader``: what the pod-facing layers (gRPC, HTTP, the SMG writer) read; ``PeerHub`` implements
+  it. ``subscribe`` is its one change signal: every commit that appends entries, the first sync, a
+  source's health changing and the hub closing call each subscriber with a ``HubChange``.
+* ``Publisher``: this pod's own registration (a Kubernetes CR, or an etcd lease).
   It raises ``RegistrationError`` subclasses with a meaning (forbidden, invalid, too large,
   not found, unavailable); the gRPC layer maps meanings to status codes and imports no client library.
+* The values every layer shares: ``PodIdentity`` (which pod this sidecar speaks for), ``ListenAddress``
+  (where a server listens) and the two modes the daemon and the publishers act on, ``WatchMode`` and
+  ``RegisterMode`` (parsed once, from ``DISCOVERY_WATCH`` and ``DISCOVERY_REGISTER``).
 
-Nothing here imports a transport, so ``sidecar.serve.grpc_service`` and ``sidecar.serve.http_server`` depend on
-these and on the pure core only.
+Nothing here imports a transport, so ``sidecar.serve`` depends on these and on the pure core only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, NamedTuple, Protocol
 
 from sidecar.core.eventlog import ApiStatus, LogEntry, StatusChange
 from sidecar.core.peer import Peer
 from sidecar.core.records import Record
+
+
+@dataclass(frozen=True)
+class PodIdentity:
+    """Which pod incarnation this sidecar speaks for (downward API or /etc/podinfo)."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """Where a server listens: ``host:port`` on loopback (or any interface when allowed) or a Unix socket."""
+
+    host: str = ""
+    port: int = 0
+    unix_path: str = ""
+
+    @property
+    def grpc_target(self) -> str:
+        if self.unix_path:
+            return f"unix://{self.unix_path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return self.grpc_target
+
+
+class WatchMode(StrEnum):
+    """When peers are watched (``DISCOVERY_WATCH``)."""
+
+    AUTO = "auto"  # from the first request for peers
+    ALWAYS = "always"  # from start-up (routers, frontends)
+    NEVER = "never"  # never: peer requests are refused
+
+
+class RegisterMode(StrEnum):
+    """Whether this sidecar writes the pod's registration (``DISCOVERY_REGISTER``)."""
+
+    AUTO = "auto"  # register, unless another writer (Dynamo's runtime) manages it: then watch-only
+    NEVER = "never"  # watch-only from the start
 
 
 class SourceStore(Protocol):
@@ -47,12 +96,34 @@ class PeerSetState(NamedTuple):
     status: StatusChange
 
 
+@dataclass(frozen=True)
+class HubChange:
+    """What one commit to the hub changed, as its subscribers are told (the hub's one change signal).
+
+    Every consumer wakes on this: the gRPC streams, the SMG writer, the peer-change reporter. A change
+    with no entries still matters to someone: the first sync (a source listed, nothing appended), a
+    source's health (when the API status does not flip), the hub closing (shutdown).
+    """
+
+    entries: Sequence[LogEntry] = ()  # appended by this commit, in revision order
+    synced: bool = False  # the hub is synced after this commit (every source has listed once)
+    closed: bool = False  # the hub closed: no more changes will come
+
+
+Subscriber = Callable[[HubChange], None]
+"""Called in the writer's thread, outside the hub's lock, after each change; must not block."""
+
+
 class NotWatching(Exception):
     """Peers are not watched by this sidecar (``DISCOVERY_WATCH=never``); ``str()`` names the setting."""
 
 
 class PeerReader(Protocol):
     """The read side of the peer directory, as the gRPC and HTTP layers see it."""
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        """Call ``subscriber`` after every change from now on (the one change signal; see ``HubChange``)."""
+        ...
 
     def demand(self) -> bool:
         """A client asked for peers: start the watches if they start on demand (``DISCOVERY_WATCH=auto``).
@@ -99,20 +170,36 @@ class PeerReader(Protocol):
 
 @dataclass(frozen=True)
 class Registration:
-    """This pod's registration as last applied: what ``GetSelf`` and ``PublishMetadata`` report."""
+    """This pod's registration as last applied: what ``GetSelf`` and ``PublishMetadata`` report.
+
+    The instance this sidecar speaks for is the publisher's to say, on every backend: its name, its
+    peer key (``Peer.uid``, as peers see it) and its instance ID (Kubernetes: the SipHash of the CR's
+    name; etcd: the lease, which changes when the lease is lost; 0 and "" while there is none).
+    """
 
     registered: bool
     resource_version: str
     data: Mapping[str, Any]
     labels: Mapping[str, str] = field(default_factory=dict)
-    # The instance ID peers know this pod by, when the publisher decides it: on etcd the lease ID (0
-    # while there is none). None: derived from the pod name (the Kubernetes backend's hash).
-    instance_id: int | None = None
-    peer_uid: str | None = None  # with instance_id: this pod's Peer.uid (etcd: "etcd/{lease:x}", "" without one)
+    name: str = field(kw_only=True)
+    peer_uid: str = field(kw_only=True)
+    instance_id: int = field(kw_only=True)
 
 
-class MetadataPublisher(Protocol):
-    """This pod's own registration, for the pod-facing API."""
+class Publisher(Protocol):
+    """This pod's own registration (a Kubernetes CR, or an etcd lease and its keys): the publisher role.
+
+    The daemon starts it and deregisters it at shutdown, the probes read ``problems`` and ``notes``, the
+    pod-facing API reads ``registration`` and calls ``publish``.
+    """
+
+    def start(self) -> threading.Thread:
+        """Register, and keep registered, in a background thread; return it (liveness watches it)."""
+        ...
+
+    def deregister(self, timeout: float) -> bool:
+        """Withdraw the registration (peers see this pod leave); True when confirmed within ``timeout``."""
+        ...
 
     def registration(self) -> Registration: ...
 
@@ -125,6 +212,10 @@ class MetadataPublisher(Protocol):
 
     def problems(self) -> Sequence[str]:
         """Why the pod is not registered right now (empty: registered)."""
+        ...
+
+    def notes(self) -> Sequence[str]:
+        """A healthy but unusual state, for ``/readyz``'s body (watch-only, and why)."""
         ...
 
 

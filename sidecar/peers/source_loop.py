@@ -41,6 +41,11 @@ class SourceLoop:
         self._thread.start()
         return self._thread
 
+    @property
+    def running(self) -> bool:
+        """Started and not stopped: the source is (or is trying to be) watching its origin."""
+        return self._thread is not None and not self._stop.is_set()
+
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         with self._stream_lock:

@@ -9,10 +9,10 @@ import pytest
 from devcluster.cluster import ControlPlane
 from devcluster.objects import WORKER_METADATA, Cluster, wait_for
 from devcluster.sidecars import write_token_kubeconfig
-from sidecar.app.config import PodIdentity
 from sidecar.kube.api import ApiError, KubeApi
 from sidecar.kube.registration import Registrar
 from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import PodIdentity
 from tests.conftest import Sidecars
 from tests.integration.streams import StreamRecorder
 

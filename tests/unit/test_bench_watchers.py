@@ -22,6 +22,7 @@ from bench import watchers
 from bench.watchers import normalise
 from sidecar.app.config import load_settings
 from sidecar.kube.reflector import Reflector
+from sidecar.kube.settings import KubeSettings
 from sidecar.kube.sources import watch_targets
 from sidecar.peers.metrics import Metrics
 from tests.unit.fake_api import DEADLINE, RecordingStore, ScriptedApi
@@ -49,7 +50,9 @@ def sidecar_requests(tmp_path: pathlib.Path, environ: dict[str, str]) -> set[str
             **environ,
         }
     )
-    targets = watch_targets(settings)
+    kube = settings.backend_settings
+    assert isinstance(kube, KubeSettings)
+    targets = watch_targets(kube)
     api = ScriptedApi()
     api.on_get(*(page([], rv="7") for _ in targets))
     reflectors = [
@@ -60,7 +63,7 @@ def sidecar_requests(tmp_path: pathlib.Path, environ: dict[str, str]) -> set[str
             Metrics(),
             silence_timeout=30,
             backoff_max=0.05,
-            streaming_list=settings.streaming_list,
+            streaming_list=kube.streaming_list,
         )
         for t in targets
     ]

@@ -7,7 +7,7 @@ from typing import Any
 
 from sidecar.core.directory import PeerDirectory
 from sidecar.core.dynamo_keys import parse_kv
-from sidecar.core.instance_join import InstanceJoin, peer_key
+from sidecar.core.instance_join import InstanceJoin, instance_peer_key
 from sidecar.core.peer import PeerState
 from sidecar.core.records import InstanceRecord
 
@@ -38,8 +38,8 @@ def test_keys_of_one_lease_make_one_peer_shaped_like_spec_data() -> None:
         f"v1/mdc/ns/c/e/{A:x}": record(f"v1/mdc/ns/c/e/{A:x}", A),
         f"v1/instances/ns/c/e/{B:x}": record(f"v1/instances/ns/c/e/{B:x}", B),
     })
-    assert set(d.peers) == {peer_key(A), peer_key(B)}
-    peer = d.peers[peer_key(A)]
+    assert set(d.peers) == {instance_peer_key(A), instance_peer_key(B)}
+    peer = d.peers[instance_peer_key(A)]
     assert (peer.uid, peer.name, peer.namespace, peer.instance_id) == (f"etcd/{A:x}", f"{A:x}", "", A)
     assert peer.state is PeerState.READY and peer.addresses == () and dict(peer.labels) == {}
     assert peer.data == {
@@ -58,7 +58,7 @@ def test_an_instance_leaves_with_its_last_key_and_changes_are_one_entry_each() -
     assert d.apply("etcd", key, record(key, A)) == []  # the same value again: no change
     assert len(d.apply("etcd", card, record(card, A))) == 1  # the peer gained a model card
     assert len(d.apply("etcd", card, record(card, A, card_json={"name": "n"}))) == 1
-    assert len(d.apply("etcd", key, None)) == 1 and peer_key(A) in d.peers  # still has its card
+    assert len(d.apply("etcd", key, None)) == 1 and instance_peer_key(A) in d.peers  # still has its card
     (entry,) = d.apply("etcd", card, None)
     assert entry.change.after is None and d.peers == {}
 

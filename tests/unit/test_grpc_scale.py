@@ -28,13 +28,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
 from discovery_client.client import PeerSetView
-from sidecar.app.config import ListenAddress
 from sidecar.core.eventlog import ApiStatus, LogEntry
 from sidecar.kube.sources import ENDPOINT_SLICES, WORKER_METADATA
 from sidecar.peers.hub import PeerHub
 from sidecar.peers.metrics import Metrics
-from sidecar.peers.ports import Forbidden, PeerSetState, Registration, Unavailable
-from sidecar.serve.grpc_service import BLOCKING_WORKERS, ENCODING_WORKERS, SERVICE_NAME, DiscoveryService, GrpcServer
+from sidecar.peers.ports import Forbidden, ListenAddress, PeerSetState, Registration, Subscriber, Unavailable
+from sidecar.serve.grpc_server import GrpcServer
+from sidecar.serve.grpc_service import BLOCKING_WORKERS, ENCODING_WORKERS, SERVICE_NAME, DiscoveryService
 from tests.unit.feeding import SourceFeed, new_hub
 from tests.unit.test_grpc_stream import (
     SELF,
@@ -80,7 +80,7 @@ def subscribers(h: Harness) -> float | None:
 
 
 class FakePublisher:
-    """A ``MetadataPublisher`` whose publish blocks until the test releases it (like a slow API server)."""
+    """A ``Publisher`` whose publish blocks until the test releases it (like a slow API server)."""
 
     def __init__(self) -> None:
         self.data: dict[str, Any] = {}
@@ -93,7 +93,9 @@ class FakePublisher:
 
     def registration(self) -> Registration:
         with self._lock:
-            return Registration(True, str(self.version), dict(self.data), {"app": "w"})
+            return Registration(
+                True, str(self.version), dict(self.data), {"app": "w"}, name=SELF.name, peer_uid=SELF.uid, instance_id=1
+            )
 
     def publish(self, document: Mapping[str, Any], merge: bool) -> Registration:
         self.entered.set()
@@ -400,11 +402,15 @@ def test_set_serving_from_many_threads_ends_in_the_last_state() -> None:
         h.close()
 
 
-class ListenerlessReader:
-    """The hub as a bare ``PeerReader``, without ``add_listener``: streams rely on the periodic check."""
+class WrappedReader:
+    """The hub behind another ``PeerReader``: the service knows it only through the protocol, and is woken
+    only through its one change signal (``subscribe``)."""
 
     def __init__(self, hub: PeerHub) -> None:
         self._hub = hub
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        self._hub.subscribe(subscriber)
 
     def demand(self) -> bool:
         return self._hub.demand()
@@ -444,10 +450,10 @@ class ListenerlessReader:
         return self._hub.source_health()
 
 
-def test_without_notifications_the_periodic_check_still_delivers_every_change() -> None:
+def test_any_reader_is_served_every_change_through_its_change_signal() -> None:
     hub = new_hub(100, SELF.uid)
     feed = SourceFeed(hub)
-    server = GrpcServer(DiscoveryService(ListenerlessReader(hub), None, SELF, Metrics()), LOOPBACK)
+    server = GrpcServer(DiscoveryService(WrappedReader(hub), None, SELF, Metrics()), LOOPBACK)
     server.start()
     try:
         feed.replace(ENDPOINT_SLICES, [endpoint_slice("s1", {"a": ("uid-a", True)})])
@@ -470,7 +476,7 @@ def test_a_sync_that_appends_nothing_still_releases_the_first_snapshot() -> None
     h = Harness()
     try:
         reader = Reader(h.stub.WatchPeers(pb.WatchPeersRequest()))
-        h.sync()  # no peers at all: the sync marks the hub synced without a log entry for the listener
+        h.sync()  # no peers at all: the sync appends no log entry, yet the change signal says it synced
         first = reader.next()
         assert first.WhichOneof("kind") == "snapshot" and not first.snapshot.peers
         assert first.snapshot.reason == pb.SNAPSHOT_REASON_INITIAL
@@ -486,7 +492,7 @@ def test_closing_the_hub_alone_ends_streams_with_unavailable() -> None:
         readers = [Reader(h.stub.WatchPeers(pb.WatchPeersRequest())) for _ in range(5)]
         for reader in readers:
             assert reader.next().WhichOneof("kind") == "snapshot"
-        h.hub.close()  # no listener call and no server stop: the periodic check must notice
+        h.hub.close()  # no log entry and no server stop: the change signal alone says the hub closed
         for reader in readers:
             with pytest.raises(grpc.RpcError) as ended:
                 reader.next()

@@ -21,11 +21,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
 from discovery_client.client import PeerSetView, make_filter
-from sidecar.app.config import ListenAddress, PodIdentity
 from sidecar.kube.sources import ENDPOINT_SLICES, WORKER_METADATA
 from sidecar.peers.metrics import Metrics
-from sidecar.peers.ports import MetadataPublisher
-from sidecar.serve.grpc_service import MAX_STREAMS, DiscoveryService, GrpcServer
+from sidecar.peers.ports import ListenAddress, PodIdentity, Publisher
+from sidecar.serve.grpc_server import GrpcServer
+from sidecar.serve.grpc_service import MAX_STREAMS, DiscoveryService
 from tests.unit.feeding import SourceFeed, new_hub
 
 NS = "ns"
@@ -64,7 +64,7 @@ def worker_cr(pod: str, uid: str, labels: dict | None = None, data: dict | None 
 
 class Harness:
     def __init__(
-        self, history: int = 1000, publisher: MetadataPublisher | None = None, max_streams: int = MAX_STREAMS
+        self, history: int = 1000, publisher: Publisher | None = None, max_streams: int = MAX_STREAMS
     ) -> None:
         self.hub = new_hub(history, SELF.uid)
         self.feed = SourceFeed(self.hub)

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from sidecar.app.config import ListenAddress
 from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import ListenAddress
 from sidecar.serve.http_server import HttpServer, may_read_peers
 from tests.unit.feeding import new_hub
 

@@ -17,7 +17,7 @@ import structlog
 import urllib3
 
 from devcluster.objects import wait_for
-from sidecar.app.config import PodIdentity
+from sidecar.core.instance_id import instance_id
 from sidecar.kube.api import ApiError
 from sidecar.kube.registration import DYNAMO_FIELD_MANAGER, Registrar, Superseded, registration_error, spec_managers
 from sidecar.kube.sources import WORKER_METADATA
@@ -27,6 +27,7 @@ from sidecar.peers.ports import (
     Invalid,
     NotFound,
     NotRegistering,
+    PodIdentity,
     Registration,
     RegistrationError,
     Unavailable,
@@ -38,6 +39,8 @@ POD = PodIdentity("worker-0", NS, "uid-pod-new")
 PATH = "/apis/nvidia.com/v1alpha1/namespaces/ns/dynamoworkermetadatas/worker-0"
 POD_PATH = "/api/v1/namespaces/ns/pods/worker-0"
 LABELS = {"app": "w", "role": "decode"}
+SELF: dict[str, Any] = {"name": POD.name, "peer_uid": POD.uid, "instance_id": instance_id(POD.name)}
+"""Who the registrar says this pod is (GetSelf): the CR's name, the pod UID, the name's SipHash."""
 FIELD_MANAGER = "discovery-sidecar"
 
 
@@ -248,7 +251,7 @@ class TestApplyBody:
             "spec": {"data": INITIAL},
         }
         assert applied["metadata"]["uid"] == "cr-new"
-        assert rig.registrar.registration() == Registration(True, "11", INITIAL, LABELS)
+        assert rig.registrar.registration() == Registration(True, "11", INITIAL, LABELS, **SELF)
         assert registered_gauge(rig.registrar) == 1
         assert WORKER_METADATA.resource.item(NS, POD.name) == PATH
 
@@ -262,7 +265,7 @@ class TestPublish:
         result = rig.registrar.publish(document, merge=False)
 
         assert rig.applied_bodies()[0]["spec"]["data"] == document
-        assert result == Registration(True, "12", document, LABELS)
+        assert result == Registration(True, "12", document, LABELS, **SELF)
         assert rig.registrar.registration().data == document
 
     def test_merge_patch_changes_only_what_it_names(self, rig: Rig) -> None:

@@ -12,12 +12,11 @@ import pytest
 import structlog
 
 from devcluster.objects import wait_for
-from sidecar.app.config import SmgManifestSettings
 from sidecar.core.directory import PeerDirectory
 from sidecar.core.join import PeerJoin
 from sidecar.core.resources import parse_pod
 from sidecar.core.selectors import parse_selector
-from sidecar.core.smg_manifest import SmgRoles
+from sidecar.core.smg_manifest import SmgManifestSettings, SmgRoles
 from sidecar.core.workers import WorkerPolicy
 from sidecar.peers.hub import PeerHub
 from sidecar.serve.smg_writer import SmgManifestWriter, write_atomically
