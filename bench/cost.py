@@ -54,8 +54,9 @@ from bench.watchers import normalise
 from bench.workload import LABELS, NAMESPACE, SERVICE, metadata
 from devcluster.build import ROOT, ensure_built
 from devcluster.cluster import ControlPlane
-from devcluster.objects import ENDPOINT_SLICES, SERVICE_ACCOUNTS, WORKER_METADATA, Cluster, wait_for
+from devcluster.objects import ENDPOINT_SLICES, SERVICE_ACCOUNTS, WORKER_METADATA, Cluster
 from devcluster.sidecars import SIDECAR_SERVICE_ACCOUNT, launch_sidecar
+from devcluster.waiting import wait_for
 from sidecar.kube.api import KubeApi
 
 RESULTS_DIR = ROOT / "bench" / "results"

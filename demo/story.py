@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from devcluster.objects import wait_for
+from devcluster.waiting import wait_for
 
 
 class Story(Protocol):

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from devcluster.cluster import ControlPlane, free_port
-from devcluster.objects import Cluster, wait_for
+from devcluster.objects import Cluster
+from devcluster.waiting import wait_for
 
 SIDECAR_SERVICE_ACCOUNT = "discovery-sidecar"
 

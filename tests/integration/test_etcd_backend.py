@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 import structlog
 
-from devcluster.etcd import EtcdServer, wait_for
+from devcluster.etcd import EtcdServer
 from devcluster.faults import FaultProxy
+from devcluster.waiting import wait_for
 from sidecar.core.directory import PeerDirectory
 from sidecar.core.eventlog import ApiStatus
 from sidecar.core.instance_join import InstanceJoin, instance_peer_key

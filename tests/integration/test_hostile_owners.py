@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from devcluster.cluster import ControlPlane, free_port
-from devcluster.objects import WORKER_METADATA, Cluster, wait_for
+from devcluster.objects import WORKER_METADATA, Cluster
 from devcluster.sidecars import write_token_kubeconfig
+from devcluster.waiting import wait_for
 from discovery_client.client import DiscoveryClient
 from sidecar.app.config import load_settings
 from sidecar.app.daemon import Sidecar

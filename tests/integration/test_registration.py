@@ -7,8 +7,9 @@ import json
 import pytest
 
 from devcluster.cluster import ControlPlane
-from devcluster.objects import WORKER_METADATA, Cluster, wait_for
+from devcluster.objects import WORKER_METADATA, Cluster
 from devcluster.sidecars import write_token_kubeconfig
+from devcluster.waiting import wait_for
 from sidecar.kube.api import ApiError, KubeApi
 from sidecar.kube.registration import Registrar
 from sidecar.peers.metrics import Metrics

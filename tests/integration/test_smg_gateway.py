@@ -23,8 +23,9 @@ import yaml
 
 from devcluster.cluster import ControlPlane, free_port
 from devcluster.faults import FaultProxy
-from devcluster.objects import Cluster, wait_for
+from devcluster.objects import Cluster
 from devcluster.smg import SmgGateway, StandInWorker
+from devcluster.waiting import wait_for
 from sidecar.app.config import load_settings
 from sidecar.kube.settings import KubeSettings
 from tests.conftest import MANIFESTS, Sidecars, kubectl

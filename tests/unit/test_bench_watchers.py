@@ -25,7 +25,8 @@ from sidecar.kube.reflector import Reflector
 from sidecar.kube.settings import KubeSettings
 from sidecar.kube.sources import watch_targets
 from sidecar.peers.metrics import Metrics
-from tests.unit.fake_api import DEADLINE, RecordingStore, ScriptedApi
+from tests.unit.fake_api import ScriptedApi
+from tests.unit.fake_store import DEADLINE, RecordingStore
 from tests.unit.test_reflector import page
 
 NAMESPACE = "bench"

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from sidecar.core.directory import PeerDirectory
-from sidecar.core.dynamo_keys import parse_kv
+from sidecar.core.dynamo_keys import parse_kv, read_kv
 from sidecar.core.instance_join import InstanceJoin, instance_peer_key
 from sidecar.core.peer import PeerState
 from sidecar.core.records import InstanceRecord
@@ -70,3 +70,28 @@ def test_a_relist_that_changes_nothing_logs_nothing() -> None:
     head = d.log.head_revision
     d.replace("etcd", {k: record(k, A) for k in records})
     assert d.log.head_revision == head
+
+
+def test_a_bad_value_keeps_the_keys_last_valid_value_while_on_the_same_lease() -> None:
+    """Dynamo's reader keeps its last parsed instance; so does the join (a record with a problem)."""
+    d = directory()
+    key = f"v1/instances/ns/c/e/{A:x}"
+    d.replace("etcd", {key: record(key, A, version="1")})
+    before = d.peers[instance_peer_key(A)]
+    bad = read_kv(key.encode(), b"garbage", A)
+    assert bad is not None and bad.problem and "not JSON" in bad.problem
+    assert d.apply("etcd", key, bad) == [] and d.peers[instance_peer_key(A)] == before  # kept
+    assert d.apply("etcd", key, record(key, A, version="2")) != []  # a valid value again: it changes
+    (gone,) = d.apply("etcd", key, read_kv(key.encode(), b"garbage", B))  # another lease: the key is gone
+    assert gone.change.after is None and d.peers == {}
+
+
+def test_a_bad_value_never_valid_adds_nothing_and_a_relist_keeps_the_last_valid_value() -> None:
+    d = directory()
+    key = f"v1/instances/ns/c/e/{A:x}"
+    d.replace("etcd", {key: read_kv(key.encode(), b"[1]", A)})  # type: ignore[dict-item]
+    assert d.peers == {} and d.synced
+    d.replace("etcd", {key: record(key, A)})
+    before = d.peers[instance_peer_key(A)]
+    d.replace("etcd", {key: read_kv(key.encode(), b"{}", A)})  # type: ignore[dict-item]
+    assert d.peers == {instance_peer_key(A): before}

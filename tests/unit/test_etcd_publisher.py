@@ -1,4 +1,5 @@
-"""The etcd publisher on a scripted client: transactions it sends, errors it reports, lease loss.
+"""The etcd publisher on the scripted etcd (``tests.unit.fake_etcd``): transactions it sends, errors it
+reports, lease loss.
 
 The same against a real etcd (keys on the lease, keep-alive past the TTL, revoke, expiry, partition) is
 covered in tests/integration/test_etcd_backend.py.
@@ -6,73 +7,18 @@ covered in tests/integration/test_etcd_backend.py.
 
 from __future__ import annotations
 
-import itertools
-import threading
 from typing import Any
 
 import pytest
 
-from devcluster.etcd import wait_for
+from devcluster.waiting import wait_for
 from sidecar.etcd._pb import etcd_v3_pb2 as pb
 from sidecar.etcd.client import EtcdPermissionDenied, EtcdTooLarge, EtcdUnavailable
 from sidecar.etcd.publisher import MAX_TXN_KEYS, EtcdPublisher
 from sidecar.peers.ports import Forbidden, Invalid, TooLarge, Unavailable
+from tests.unit.fake_etcd import ScriptedEtcd
 
 DEADLINE = 10.0
-
-
-class ScriptedClient:
-    """An in-memory etcd keyed store with leases; ``fail_next`` makes the next txn raise."""
-
-    request_timeout = 1.0
-
-    def __init__(self) -> None:
-        self.kv: dict[str, tuple[bytes, int]] = {}
-        self.leases: set[int] = set()
-        self.ids = itertools.count(0x100)
-        self.txns: list[pb.TxnRequest] = []
-        self.fail_next: Exception | None = None
-        self.revision = 1
-        self.lock = threading.Lock()
-
-    def lease_grant(self, ttl: int) -> pb.LeaseGrantResponse:
-        lease = next(self.ids)
-        self.leases.add(lease)
-        return pb.LeaseGrantResponse(ID=lease, TTL=ttl)
-
-    def lease_revoke(self, lease: int) -> pb.LeaseRevokeResponse:
-        with self.lock:
-            self.leases.discard(lease)
-            self.kv = {k: v for k, v in self.kv.items() if v[1] != lease}
-        return pb.LeaseRevokeResponse()
-
-    unreachable = False  # keep-alives fail as if etcd could not be reached
-
-    def lease_keep_alive_once(self, lease: int, timeout: float | None = None) -> int:
-        if self.unreachable:
-            raise EtcdUnavailable("etcd unreachable (scripted)", "unavailable")
-        return 1 if lease in self.leases else 0
-
-    def txn(self, request: pb.TxnRequest) -> pb.TxnResponse:
-        with self.lock:
-            if self.fail_next is not None:
-                error, self.fail_next = self.fail_next, None
-                raise error
-            self.txns.append(request)
-            ok = all(c.key.decode() not in self.kv for c in request.compare)
-            ops = request.success if ok else request.failure
-            responses = []
-            for op in ops:
-                if op.HasField("request_put"):
-                    self.kv[op.request_put.key.decode()] = (op.request_put.value, op.request_put.lease)
-                elif op.HasField("request_delete_range"):
-                    self.kv.pop(op.request_delete_range.key.decode(), None)
-                else:
-                    key = op.request_range.key.decode()
-                    kvs = [pb.KeyValue(key=key.encode(), lease=self.kv[key][1])] if key in self.kv else []
-                    responses.append(pb.ResponseOp(response_range=pb.RangeResponse(kvs=kvs)))
-            self.revision += 1
-            return pb.TxnResponse(succeeded=ok, responses=responses, header=pb.ResponseHeader(revision=self.revision))
 
 
 def endpoints(n: int) -> dict[str, Any]:
@@ -85,7 +31,7 @@ def endpoints(n: int) -> dict[str, Any]:
     }
 
 
-def registered(client: ScriptedClient, data: dict[str, Any], ttl: int = 10) -> EtcdPublisher:
+def registered(client: ScriptedEtcd, data: dict[str, Any], ttl: int = 10) -> EtcdPublisher:
     publisher = EtcdPublisher(client, data, lease_ttl=ttl, backoff_max=0.05)  # type: ignore[arg-type]
     publisher.start()
     assert publisher.registered.wait(DEADLINE), publisher.problems()
@@ -93,20 +39,20 @@ def registered(client: ScriptedClient, data: dict[str, Any], ttl: int = 10) -> E
 
 
 def test_registration_creates_every_key_if_absent_in_transactions_etcd_accepts() -> None:
-    client = ScriptedClient()
+    client = ScriptedEtcd()
     publisher = registered(client, endpoints(MAX_TXN_KEYS + 6))
     try:
         assert [len(t.success) for t in client.txns] == [MAX_TXN_KEYS, 6]  # etcd allows 128 ops per txn
         assert all(c.target == pb.Compare.VERSION and c.version == 0 for t in client.txns for c in t.compare)
         lease = publisher.instance_id
-        assert lease and {v[1] for v in client.kv.values()} == {lease}
+        assert lease and {v.lease for v in client.kv.values()} == {lease}
         assert f"v1/instances/ns/c/e0/{lease:x}" in client.kv
     finally:
         publisher.stop()
 
 
 def test_publish_writes_only_the_difference() -> None:
-    client = ScriptedClient()
+    client = ScriptedEtcd()
     publisher = registered(client, endpoints(3))
     try:
         client.txns.clear()
@@ -135,7 +81,7 @@ def test_publish_writes_only_the_difference() -> None:
     ],
 )
 def test_publish_failures_have_a_meaning_and_keep_the_previous_metadata(error: Exception, meaning: type) -> None:
-    client = ScriptedClient()
+    client = ScriptedEtcd()
     publisher = registered(client, endpoints(1))
     try:
         client.fail_next = error
@@ -147,7 +93,7 @@ def test_publish_failures_have_a_meaning_and_keep_the_previous_metadata(error: E
 
 
 def test_publish_refuses_what_dynamo_would_not_read() -> None:
-    client = ScriptedClient()
+    client = ScriptedEtcd()
     publisher = registered(client, endpoints(1))
     try:
         with pytest.raises(Invalid, match="transport is missing"):
@@ -160,7 +106,7 @@ def test_publish_refuses_what_dynamo_would_not_read() -> None:
 
 
 def test_a_lease_etcd_no_longer_knows_is_replaced_by_a_new_one() -> None:
-    client = ScriptedClient()
+    client = ScriptedEtcd()
     publisher = registered(client, endpoints(1), ttl=1)
     try:
         first = publisher.instance_id
@@ -177,7 +123,7 @@ def test_a_lease_etcd_no_longer_knows_is_replaced_by_a_new_one() -> None:
 
 def test_a_ttl_without_renewal_is_presumed_lost_and_kept_if_etcd_still_has_the_lease() -> None:
     """After etcd restarts it renews every lease: the first answer, not the local clock, decides."""
-    client = ScriptedClient()
+    client = ScriptedEtcd()
     publisher = registered(client, endpoints(1), ttl=1)
     try:
         lease = publisher.instance_id
@@ -192,7 +138,7 @@ def test_a_ttl_without_renewal_is_presumed_lost_and_kept_if_etcd_still_has_the_l
 
 
 def test_a_presumed_lost_lease_etcd_no_longer_has_is_replaced() -> None:
-    client = ScriptedClient()
+    client = ScriptedEtcd()
     publisher = registered(client, endpoints(1), ttl=1)
     try:
         lease = publisher.instance_id
@@ -208,7 +154,7 @@ def test_a_presumed_lost_lease_etcd_no_longer_has_is_replaced() -> None:
 
 
 def test_deregister_revokes_and_nothing_is_written_afterwards() -> None:
-    client = ScriptedClient()
+    client = ScriptedEtcd()
     publisher = registered(client, endpoints(2))
     assert publisher.deregister()
     assert client.kv == {} and not publisher.registered.is_set()

@@ -25,6 +25,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from devcluster.waiting import wait_for
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
 from discovery_client.client import PeerSetView
@@ -46,15 +47,6 @@ from tests.unit.test_grpc_stream import (
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 LOOPBACK = ListenAddress(host="127.0.0.1", port=0)
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> None:
-    """Poll ``condition`` until it holds; fail with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.01)  # poll interval, not synchronisation: the condition decides
 
 
 def rss_bytes() -> int:
@@ -187,7 +179,7 @@ def test_unary_calls_and_health_answer_with_200_streams_open(publisher: FakePubl
                     call.cancel()
 
         asyncio.run(scenario())
-        wait_until(lambda: h.service.streams == 0, what="cancelled streams to be uncounted")
+        wait_for(lambda: h.service.streams == 0, what="cancelled streams to be uncounted")
         assert subscribers(h) == 0
     finally:
         h.close()
@@ -224,14 +216,14 @@ def test_stream_over_the_limit_is_resource_exhausted_and_says_what_to_do() -> No
                 assert (await health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status == SERVING
                 # A stream that ends frees its place.
                 calls[0].cancel()
-                await asyncio.to_thread(wait_until, lambda: h.service.streams == 2, 10, "the cancelled stream")
+                await asyncio.to_thread(wait_for, lambda: h.service.streams == 2, 10, "the cancelled stream")
                 replacement = await open_streams(stub, 1)
                 assert h.service.streams == 3
                 for call in calls[1:] + replacement:
                     call.cancel()
 
         asyncio.run(scenario())
-        wait_until(lambda: h.service.streams == 0, what="every stream to be uncounted")
+        wait_for(lambda: h.service.streams == 0, what="every stream to be uncounted")
     finally:
         h.close()
 
@@ -283,13 +275,13 @@ def test_1000_streams_from_one_client_process_without_a_thread_each(
         warm = h.stub.WatchPeers(pb.WatchPeersRequest())
         assert next(iter(warm)).WhichOneof("kind") == "snapshot"
         warm.cancel()
-        wait_until(lambda: h.service.streams == 0, what="the warm-up stream to end")
+        wait_for(lambda: h.service.streams == 0, what="the warm-up stream to end")
         threads_before = threading.active_count()
         rss_before = rss_bytes()
         client.start()
         assert ours.poll(180), "the client process reports its snapshots"
         assert ours.recv() == ("snapshots", streams), "every stream received a non-empty snapshot"
-        wait_until(lambda: h.service.streams == streams, what=f"{streams} streams counted")
+        wait_for(lambda: h.service.streams == streams, what=f"{streams} streams counted")
         rss_after = rss_bytes()
         threads_with_streams = threading.active_count()
         health = health_pb2_grpc.HealthStub(h.channel)
@@ -318,7 +310,7 @@ def test_1000_streams_from_one_client_process_without_a_thread_each(
         ours.send("finish")
         client.join(60)
         assert client.exitcode == 0
-        wait_until(lambda: h.service.streams == 0, what="the client's streams to be uncounted")
+        wait_for(lambda: h.service.streams == 0, what="the client's streams to be uncounted")
     finally:
         if client.is_alive():
             client.kill()
@@ -335,7 +327,7 @@ def assert_no_new_threads(before: set[int | None]) -> None:
         return [t for t in threading.enumerate() if t.ident not in before and t.is_alive()]
 
     try:
-        wait_until(lambda: not leftover(), 10, "threads to end")
+        wait_for(lambda: not leftover(), 10, "threads to end")
     except AssertionError:
         raise AssertionError(f"threads left behind: {leftover()}") from None
 

@@ -16,7 +16,7 @@ import pytest
 import structlog
 import urllib3
 
-from devcluster.objects import wait_for
+from devcluster.waiting import wait_for
 from sidecar.core.instance_id import instance_id
 from sidecar.kube.api import ApiError
 from sidecar.kube.registration import DYNAMO_FIELD_MANAGER, Registrar, Superseded, registration_error, spec_managers

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import structlog
 
-from devcluster.objects import wait_for
+from devcluster.waiting import wait_for
 from sidecar.core.directory import PeerDirectory
 from sidecar.core.join import PeerJoin
 from sidecar.core.resources import parse_pod
