@@ -117,8 +117,8 @@ def _say(message: str) -> None:
     print(f"[image] {message}", file=sys.stderr, flush=True)
 
 
-def project_version() -> str:
-    return str(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"])
+def project_version(root: pathlib.Path = ROOT) -> str:
+    return str(tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"])
 
 
 def require_tools() -> None:
@@ -204,19 +204,20 @@ def base_key() -> str:
     return f"{SUITE}-{_sha256(recipe.encode())[:12]}"
 
 
-def context_files() -> list[pathlib.Path]:
+def context_files(root: pathlib.Path = ROOT) -> list[pathlib.Path]:
     """The Dockerfile's build context (``.dockerignore`` decides): what the venv is built from."""
-    return DockerIgnore.load().files(ROOT)
+    return DockerIgnore.load(root / ".dockerignore").files(root)
 
 
-def image_key(config: ImageConfig) -> str:
+def image_key(config: ImageConfig, root: pathlib.Path = ROOT) -> str:
+    """What the image is made of: the base's key, uv's version, the config and every context file."""
     digest = hashlib.sha256()
     digest.update(base_key().encode())
     digest.update(uv_binary().parent.parent.name.encode())  # uv-<version>
     digest.update(json.dumps(config.__dict__, sort_keys=True).encode())
-    for path in context_files():
-        digest.update(path.as_posix().encode() + b"\0" + _sha256((ROOT / path).read_bytes()).encode())
-    return f"{project_version()}-{digest.hexdigest()[:12]}"
+    for path in context_files(root):
+        digest.update(path.as_posix().encode() + b"\0" + _sha256((root / path).read_bytes()).encode())
+    return f"{project_version(root)}-{digest.hexdigest()[:12]}"
 
 
 # -- the built image -------------------------------------------------------------------------------
@@ -237,21 +238,24 @@ class Image:
 
     @property
     def local_name(self) -> str:
-        """Its name in podman's storage: the cache key as the tag (``podman run`` cannot take the layout
-        itself: it derives a name from the path, and ``~/.cache`` is not a valid one)."""
-        return f"{LOCAL_REPOSITORY}:{self.layout.parent.name.removeprefix('oci-')}"
+        """Its name in podman's storage, tagged with the version and the manifest's digest (``podman run``
+        cannot take the layout itself: it derives a name from the path, and ``~/.cache`` is not a valid one)."""
+        return f"{LOCAL_REPOSITORY}:{self.tag}-{self._index_entry()['digest'].partition(':')[2][:16]}"
+
+    def _index_entry(self) -> dict[str, Any]:
+        index = json.loads((self.layout / "index.json").read_text())
+        for entry in index["manifests"]:
+            if entry.get("annotations", {}).get("org.opencontainers.image.ref.name") == self.tag:
+                return dict(entry)
+        raise RuntimeError(f"{self.layout} has no image tagged {self.tag}")
 
     def _blob(self, digest: str) -> bytes:
         algorithm, _, hex_digest = digest.partition(":")
         return (self.layout / "blobs" / algorithm / hex_digest).read_bytes()
 
     def manifest(self) -> dict[str, Any]:
-        index = json.loads((self.layout / "index.json").read_text())
-        for entry in index["manifests"]:
-            if entry.get("annotations", {}).get("org.opencontainers.image.ref.name") == self.tag:
-                manifest: dict[str, Any] = json.loads(self._blob(entry["digest"]))
-                return manifest
-        raise RuntimeError(f"{self.layout} has no image tagged {self.tag}")
+        manifest: dict[str, Any] = json.loads(self._blob(self._index_entry()["digest"]))
+        return manifest
 
     def config(self) -> dict[str, Any]:
         config: dict[str, Any] = json.loads(self._blob(self.manifest()["config"]["digest"]))
@@ -539,15 +543,18 @@ def _architecture() -> str:
 def load_into_podman(image: Image, log: Log = _say) -> str:
     """Copy the image into podman's storage (once) with skopeo; return its local name.
 
-    Images of cache entries that ``_prune`` removed are removed from podman's storage too (best effort:
-    one still in use stays)."""
+    Images no longer in the cache (``_prune`` removed them) are removed from podman's storage too (best
+    effort: one still in use stays)."""
     if subprocess.run(["podman", "image", "exists", image.local_name], capture_output=True).returncode != 0:
         log(f"skopeo copy {image.reference} containers-storage:{image.local_name}")
         _run(["skopeo", "copy", "--quiet", image.reference, f"containers-storage:{image.local_name}"], log, "skopeo")
+        cached = set()
+        for info in IMAGE_CACHE.glob("oci-*/build-info.json"):
+            with contextlib.suppress(OSError, RuntimeError, ValueError):
+                cached.add(Image(info.parent / "layout", json.loads(info.read_text())["version"], {}).local_name)
         listed = _run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}}", LOCAL_REPOSITORY], log, "podman")
-        for name in listed.stdout.split():
-            if not (IMAGE_CACHE / f"oci-{name.rpartition(':')[2]}").is_dir():
-                subprocess.run(["podman", "image", "rm", name], capture_output=True, timeout=60)
+        for name in set(listed.stdout.split()) - cached - {image.local_name}:
+            subprocess.run(["podman", "image", "rm", name], capture_output=True, timeout=60)
     return image.local_name
 
 
