@@ -52,17 +52,22 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from devcluster.build import CACHE_ROOT, ROOT, Log, uv_binary
+from devcluster.build import CACHE_ROOT, ROOT, Log, ensure_built, uv_binary
 from devcluster.cluster import ControlPlane
 from devcluster.dockerfile import DockerIgnore, Instruction, load, parse_env
-from devcluster.objects import Cluster
-from devcluster.sidecars import SIDECAR_SERVICE_ACCOUNT, SidecarProcess
+from devcluster.objects import WORKER_METADATA, Cluster
+from devcluster.sidecars import SIDECAR_SERVICE_ACCOUNT, SidecarProcess, launch_sidecar
+from discovery_client.api.discovery.v1 import discovery_pb2 as pb
+from discovery_client.client import DiscoveryClient, PeerSetView
+from sidecar.kube.api import KubeApi
 
 IMAGE_CACHE = CACHE_ROOT / "image"
 RECIPE = 1  # bump when the build steps below change what they produce (it is part of every cache key)
@@ -732,15 +737,6 @@ def launch_image_sidecar(
 def _run_demo(image: Image) -> int:
     """A fresh control plane, a Service and two pods: one with the image as its sidecar, one with the
     sidecar from this checkout. Shows the image's CR (owned by its pod) and its WatchPeers snapshot."""
-    import tempfile
-
-    from devcluster.build import ensure_built
-    from devcluster.objects import WORKER_METADATA, wait_for
-    from devcluster.sidecars import launch_sidecar
-    from discovery_client.api.discovery.v1 import discovery_pb2 as pb
-    from discovery_client.client import DiscoveryClient, PeerSetView
-    from sidecar.kube.api import KubeApi
-
     namespace = "image-demo"
     with tempfile.TemporaryDirectory(prefix="discovery-image-") as tmp:
         work = pathlib.Path(tmp)
@@ -778,12 +774,16 @@ def _run_demo(image: Image) -> int:
             _say(f"its DynamoWorkerMetadata {namespace}/from-image is owned by {owners}")
             view = PeerSetView()
             with contextlib.closing(DiscoveryClient(sidecar.target)) as client:
-                for update in client.watch(view=view):
-                    peers = {p.name: pb.PeerState.Name(p.state) for p in view.peers.values()}
-                    _say(f"WatchPeers on {sidecar.target}: {update.kind} {peers}")
-                    if "from-checkout" in peers:
-                        break
-            wait_for(lambda: sidecar.ready(), 10, what="the image's sidecar still ready")
+                deadline = threading.Timer(60, client.close)  # a stream that never shows the peer fails here
+                deadline.start()
+                try:
+                    for update in client.watch(view=view):
+                        peers = {p.name: pb.PeerState.Name(p.state) for p in view.peers.values()}
+                        _say(f"WatchPeers on {sidecar.target}: {update.kind} {peers}")
+                        if "from-checkout" in peers:
+                            break
+                finally:
+                    deadline.cancel()
             code = sidecar.terminate()
             _say(f"SIGTERM: the image's sidecar exited {code}")
             return 0 if code == 0 else 1
