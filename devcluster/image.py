@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import json
@@ -50,6 +51,7 @@ import pathlib
 import resource
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -607,6 +609,11 @@ def run_in_image(image: Image, *args: str, entrypoint: str | None = None, timeou
     return result.stdout
 
 
+def _terminate_with_parent() -> None:
+    """preexec_fn: the kernel sends the child SIGTERM when the thread that started it dies."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
 @dataclass
 class ImageSidecar(SidecarProcess):
     """A pod's sidecar run from the image by podman, configured the way a kubelet would configure it.
@@ -689,6 +696,21 @@ class ImageSidecar(SidecarProcess):
         assert self.image is not None
         mounts = self._write_pod_files()
         return podman_run_argv(self.image, self.container, ["run"], env=self.settings(), mounts=mounts)
+
+    def start(self) -> ImageSidecar:
+        """Start ``podman run``, told to end the container if this process dies (SIGTERM, which podman
+        passes on: the sidecar shuts down and ``--rm`` removes it), so a killed test run leaves no container."""
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            self.command(),
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_terminate_with_parent,
+        )
+        log.close()
+        return self
 
     def container_pid(self) -> int:
         """The sidecar's process as this machine sees it (podman inspect)."""
