@@ -244,12 +244,12 @@ class DockerIgnore:
             here = pathlib.Path(directory).relative_to(root)
             kept = []
             for name in sorted(subdirs):
-                relative = (here / name).as_posix()
-                if not self.ignored(relative) or self.may_include_below(relative):
+                directory_path = (here / name).as_posix()
+                if not self.ignored(directory_path) or self.may_include_below(directory_path):
                     kept.append(name)
             subdirs[:] = kept
             for name in sorted(names):
-                relative = here / name
-                if not self.ignored(relative.as_posix()) and (root / relative).is_file():
-                    found.append(relative)
+                file_path = here / name
+                if not self.ignored(file_path.as_posix()) and (root / file_path).is_file():
+                    found.append(file_path)
         return sorted(found)

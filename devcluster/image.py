@@ -24,9 +24,11 @@ uv's version and the Dockerfile's final stage. A warm run does nothing; a source
 layer only. The Debian archive moves (security updates), so a rebuilt base may differ from a cached one:
 ``--rebuild-base`` takes the archive's current packages.
 
-Running: ``podman run oci:<layout>:<tag>`` (rootful) with runc (crun 1.8 refuses this machine's hybrid
-cgroup hierarchy), the host network (the dev API server listens on 127.0.0.1), a read-only root
-filesystem, no capabilities and no privilege escalation (the example workload's securityContext).
+Running: skopeo copies the layout into podman's storage (as ``localhost/discovery-sidecar:<version>-<digest>``;
+``podman run oci:<path>`` would derive a name from the path, and ``~/.cache`` is not a valid one), then
+``podman run`` (rootful) with runc (crun 1.8 refuses this machine's hybrid cgroup hierarchy), the host
+network (the dev API server listens on 127.0.0.1), a read-only root filesystem, no capabilities and no
+privilege escalation (the example workload's securityContext).
 ``ImageSidecar`` runs the image as a pod's sidecar against the dev control plane the way a kubelet
 would: a pod-bound token, CA and namespace mounted at the service-account path (the sidecar's in-cluster
 configuration), the downward-API files in /etc/podinfo, the gRPC socket in a shared directory.
@@ -34,7 +36,7 @@ configuration), the downward-API files in /etc/podinfo, the gRPC socket in a sha
     python -m devcluster.image build [--rebuild] [--rebuild-base]   # prints the image reference
     python -m devcluster.image run                                  # a control plane, two pods, the image
 
-Building needs root (mmdebstrap, chroot, mount) and Debian's mmdebstrap, umoci, podman and runc
+Building needs root (mmdebstrap, chroot, mount) and Debian's mmdebstrap, umoci, skopeo, podman and runc
 (``.ci/run`` installs them).
 """
 
