@@ -13,7 +13,7 @@ UV := $(UV_HOME)/bin/uv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: venv lock lock-upgrade demo demo-etcd test unit integration lint protos version controlplane cluster-up cluster-down bench bench-cost clean
+.PHONY: venv lock lock-upgrade demo demo-etcd test unit integration lint protos version controlplane image cluster-up cluster-down bench bench-cost clean
 
 $(UV): hack/uv.requirements
 	$(PYTHON) -m venv $(UV_HOME)
@@ -50,9 +50,10 @@ integration: venv
 	$(PY) -m devcluster build
 	$(PY) -m pytest tests/integration
 
-lint: venv            ## ruff, then mypy --strict on sidecar/ (settings in pyproject.toml)
+lint: venv            ## ruff, mypy --strict on sidecar/ (settings in pyproject.toml), actionlint on .github/workflows
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(PY) -m devcluster tool actionlint
 
 protos: venv          ## regenerate clients/python/discovery_client/api from protos/ (with the locked grpcio-tools)
 	$(PY) scripts/gen_protos.py
@@ -62,6 +63,9 @@ version: venv         ## set the release version everywhere: make version VERSIO
 
 controlplane: venv    ## build kube-apiserver, kube-controller-manager, kubectl, etcd into ~/.cache
 	$(PY) -m devcluster build
+
+image: venv           ## build the sidecar's image without Docker into ~/.cache (docs/image.md); prints its reference
+	$(PY) -m devcluster.image build
 
 cluster-up: venv      ## leave a control plane running; prints its kubeconfig path
 	@$(PY) -m devcluster up
