@@ -1,6 +1,6 @@
 """This process's registration in etcd, as Dynamo's runtime makes it: a lease, keys on it, keep-alives.
 
-The etcd twin of ``sidecar.kube.registration``, and a ``Publisher`` to the pod-facing API.
+The etcd twin of ``sidecar.kube.publisher``, and a ``Publisher`` to the pod-facing API.
 
 * Register: grant a lease of ``ETCD_LEASE_TTL`` seconds; its ID **is** the instance ID (Dynamo's
   ``connection_id``). Write every entry of the metadata (``spec.data``-shaped: ``endpoints``,
@@ -23,7 +23,9 @@ The etcd twin of ``sidecar.kube.registration``, and a ``Publisher`` to the pod-f
 * Deregister (SIGTERM): revoke the lease; etcd deletes every key in one revision, so watchers see the
   instance leave at once.
 
-``_apply_lock`` serialises everything that writes (registration, publish, loss handling);
+The thread, the state (``sidecar.peers.publisher_loop.PublisherState``), backoff and the one publish
+path are the ``PublisherLoop``'s; the lease, its keys and their writing are this module's. Its
+``_apply_lock`` serialises everything that writes (registration, publish, loss handling); its
 ``_state_lock`` guards the fields readers look at and is never held during a call to etcd.
 """
 
@@ -31,18 +33,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import structlog
 
-from sidecar.core.backoff import Backoff
 from sidecar.core.dynamo_keys import DocumentError, registration_keys
 from sidecar.core.instance_join import instance_peer_key
-from sidecar.core.merge_patch import apply_merge_patch
-from sidecar.core.resources import validate_worker_data
 from sidecar.etcd._pb import etcd_v3_pb2 as pb
 from sidecar.etcd.client import (
     EtcdAuthFailed,
@@ -58,13 +56,13 @@ from sidecar.peers.metrics import Metrics
 from sidecar.peers.ports import (
     Forbidden,
     Invalid,
-    NotRegistering,
     RegisterMode,
     Registration,
     RegistrationError,
     TooLarge,
     Unavailable,
 )
+from sidecar.peers.publisher_loop import PublisherLoop
 
 MAX_TXN_KEYS = 64
 RENEWAL_RETRY = 0.5  # seconds between renewals while they fail (within the TTL)
@@ -97,10 +95,16 @@ def registration_error(exc: EtcdError, action: str) -> RegistrationError:
     return Unavailable(f"cannot reach etcd to {action}: {exc}")
 
 
-class EtcdPublisher:
-    """Owns this instance's lease, the desired metadata, what is written under the lease, and the thread
-    that keeps it alive. The daemon starts and deregisters it; the gRPC layer calls ``registration``,
-    ``publish`` and ``problems`` from its threads."""
+class EtcdPublisher(PublisherLoop):
+    """Owns this instance's lease and what is written under it; the loop that keeps it alive, the state
+    and the desired metadata are the ``PublisherLoop``'s. The etcd backend builds it and the daemon starts
+    and deregisters it; the gRPC layer calls ``registration``, ``publish`` and ``problems`` from its
+    threads. ``_state_lock`` (the loop's) also guards ``_lease``, ``_granted_ttl``, ``_last_renewed``,
+    ``_written``, ``_revision``, ``_lost_lease`` and ``_loss``."""
+
+    thread_name = "etcd-publisher"
+    noun = "this instance"
+    unregistered = "not registered in etcd"
 
     def __init__(
         self,
@@ -115,33 +119,28 @@ class EtcdPublisher:
         register: str = RegisterMode.AUTO,
         name: str = "",
     ) -> None:
+        super().__init__(
+            initial_data,
+            metrics=metrics,
+            backoff_max=backoff_max,
+            register=register,
+            log=structlog.get_logger("sidecar.etcd.publisher"),
+            watch_only_reason="watch-only: DISCOVERY_REGISTER=never, so this sidecar holds no lease and writes "
+            "nothing in etcd; publish through whatever registers this instance in etcd",
+        )
         self.client = client
         self.on_registered = on_registered  # called with each new lease once its keys are written
-        # DISCOVERY_REGISTER=never: no lease, nothing written
-        self.watch_only = RegisterMode(register) is RegisterMode.NEVER
         self.name = name  # what GetSelf calls this instance (the pod's name)
         self.lease_ttl = lease_ttl
-        self.metrics = metrics
         self.labels = dict(labels or {})
-        self.log = structlog.get_logger("sidecar.etcd.publisher")
-        self.backoff = Backoff(maximum=backoff_max)
-        self._apply_lock = threading.Lock()
-        self._state_lock = threading.Lock()
-        self._data: dict[str, Any] = copy.deepcopy(dict(initial_data))
         self._lease = 0  # the current lease (0: none)
         self._granted_ttl = lease_ttl
         self._last_renewed = 0.0  # monotonic time a renewal (or the grant) last succeeded
         self._written: dict[str, bytes | None] = {}  # key -> value under the current lease (None: unknown)
         self._revision = 0  # etcd revision of the last write
-        self._last_error = ""
         self._lost_lease = 0  # a lease given up on, to revoke before registering again
         self._loss = ""  # why the last lease was lost, until registered again
-        self._deregistering = False
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self.registered = threading.Event()
         self.leases_granted = 0
-        self._thread: threading.Thread | None = None
 
     # -- what the API reads ---------------------------------------------------------------------------
     @property
@@ -162,65 +161,39 @@ class EtcdPublisher:
                 instance_id=self._lease,
             )
 
-    def problems(self) -> list[str]:
-        if self.registered.is_set() or self.watch_only:
-            return []
-        with self._state_lock:
-            error = self._last_error
-        return ["not registered in etcd" + (f": {error}" if error else "")]
-
-    def notes(self) -> list[str]:
-        """A healthy but unusual state, for ``/readyz``'s body."""
-        if self.watch_only:
-            return ["watch-only: DISCOVERY_REGISTER=never, so this sidecar holds no lease and writes nothing in etcd"]
-        return []
-
     def written_keys(self) -> dict[str, bytes | None]:
         with self._state_lock:
             return dict(self._written)
 
-    # -- publish --------------------------------------------------------------------------------------
-    def publish(self, document: Mapping[str, Any], merge: bool) -> Registration:
-        """Replace (or RFC 7386 merge-patch) the metadata and write it now (``Publisher``)."""
-        if self.watch_only:
-            raise NotRegistering(
-                "this sidecar does not register (DISCOVERY_REGISTER=never): publish through whatever registers "
-                "this instance in etcd"
+    # -- publish (the PublisherLoop's hooks) ----------------------------------------------------------------
+    def _refusal(self, previous: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
+        with self._state_lock:
+            lease = self._lease
+        try:
+            registration_keys(new, lease or 1)
+        except DocumentError as exc:
+            return f"the metadata cannot be registered in etcd: {exc}"
+        return None
+
+    def _write(self, data: Mapping[str, Any]) -> Registration:
+        with self._state_lock:
+            lease = self._lease
+            why = self._error
+        if not lease:
+            raise Unavailable(
+                "not registered in etcd yet" + (f" ({why})" if why else "") + "; publish again once registered"
             )
-        with self._apply_lock:
-            with self._state_lock:
-                previous = self._data
-                deregistering = self._deregistering
-                lease = self._lease
-            if deregistering:
-                raise Unavailable("this instance is deregistering (the sidecar is shutting down): nothing is written")
-            new = apply_merge_patch(previous, dict(document)) if merge else copy.deepcopy(dict(document))
-            problem = validate_worker_data(new)
-            if problem:
-                raise Invalid(problem)
-            try:
-                registration_keys(new, lease or 1)
-            except DocumentError as exc:
-                raise Invalid(f"the metadata cannot be registered in etcd: {exc}") from exc
-            if not lease:
-                with self._state_lock:
-                    why = self._last_error
-                raise Unavailable(
-                    "not registered in etcd yet" + (f" ({why})" if why else "") + "; publish again once registered"
-                )
-            try:
-                self._write(new, lease)
-            except EtcdError as exc:
-                self._count_error("publish", exc)
-                if isinstance(exc, EtcdLeaseNotFound):
-                    self._wake.set()
-                raise registration_error(exc, "publish metadata") from exc
-            with self._state_lock:
-                self._data = new
+        try:
+            self._write_keys(data, lease)
+        except EtcdError as exc:
+            self._count_error("publish", exc)
+            if isinstance(exc, EtcdLeaseNotFound):
+                self._wake.set()
+            raise registration_error(exc, "publish metadata") from exc
         return self.registration()
 
     # -- writing --------------------------------------------------------------------------------------
-    def _write(self, document: Mapping[str, Any], lease: int) -> None:
+    def _write_keys(self, document: Mapping[str, Any], lease: int) -> None:
         """Make the keys under ``lease`` exactly ``document``'s. Raises ``EtcdError``, ``KeyConflict``."""
         try:
             desired = registration_keys(document, lease)
@@ -277,46 +250,26 @@ class EtcdPublisher:
                 continue
         raise EtcdUnavailable("the registration transaction kept failing its create-if-absent check", "conflict")
 
-    # -- the loop -------------------------------------------------------------------------------------
-    def start(self) -> threading.Thread:
-        """Run in a background thread; return it (the daemon's liveness probe watches it)."""
-        self._thread = threading.Thread(target=self.run, name="etcd-publisher", daemon=True)
-        self._thread.start()
-        return self._thread
+    # -- the loop (the PublisherLoop's hooks) -------------------------------------------------------------------
+    def _establish(self) -> None:
+        try:
+            self._register()
+        except EtcdError as exc:
+            self._count_error("register", exc)
+            raise registration_error(exc, "register this instance") from exc
 
-    def run(self) -> None:
-        if self.watch_only:
-            self.log.info("watch-only: DISCOVERY_REGISTER=never, no lease is taken")
-            self._stop.wait()  # the thread stays (liveness watches it) and does nothing
-            return
-        while not self._stop.is_set():
-            try:
-                self._register()
-                self.backoff.reset()
-                self._keep_alive()
-                continue
-            except EtcdError as exc:
-                self._count_error("register", exc)
-                message = str(registration_error(exc, "register this instance"))
-            except RegistrationError as exc:
-                message = str(exc)
-            except Exception as exc:  # a bug must cost a retry, never the registration
-                self.log.exception("unexpected error registering in etcd; retrying")
-                message = f"unexpected error: {type(exc).__name__}: {exc}"
-            if self._stop.is_set():
-                break
-            with self._state_lock:
-                loss = self._loss
-            self._set_unregistered(f"{loss}; {message}" if loss else message)
-            delay = self.backoff.next_delay()
-            self.log.error("etcd registration failed, retrying", reason=message, retry_in=round(delay, 2))
-            self._stop.wait(delay)
+    def _hold(self) -> None:
+        self._keep_alive()
+
+    def _failed(self, message: str) -> None:
+        with self._state_lock:
+            loss = self._loss
+        self._mark_unregistered(f"{loss}; {message}" if loss else message)
 
     def _register(self) -> None:
         with self._apply_lock:
+            self._check_writes()
             with self._state_lock:
-                if self._deregistering:
-                    raise Unavailable("deregistering: nothing is written any more")
                 lease, lost = self._lease, self._lost_lease
                 data = copy.deepcopy(self._data)
             if lease:
@@ -338,7 +291,7 @@ class EtcdPublisher:
                 self._written = {}
             self.leases_granted += 1
             try:
-                self._write(data, lease)
+                self._write_keys(data, lease)
             except BaseException:
                 with self._state_lock:
                     self._lease = 0
@@ -347,13 +300,10 @@ class EtcdPublisher:
                     self.client.lease_revoke(lease)
                 raise
             with self._state_lock:
-                self._last_error = ""
                 self._loss = ""
             if self.on_registered is not None:
                 self.on_registered(lease)
-            self.registered.set()
-            if self.metrics is not None:
-                self.metrics.registered.set(1)
+            self._mark_registered()
             self.log.info(
                 "registered in etcd", instance_id=lease, instance_id_hex=f"{lease:x}", ttl=self._granted_ttl
             )
@@ -385,7 +335,7 @@ class EtcdPublisher:
                 remaining = self._last_renewed + ttl - time.monotonic()
             if remaining <= 0 and not overdue:
                 overdue = True
-                self._set_unregistered(
+                self._mark_unregistered(
                     f"lease {lease:x} presumed lost: no renewal succeeded for {ttl}s (its TTL), etcd unreachable; "
                     "it is kept if etcd still has it, else replaced by a new lease (a new instance ID)"
                 )
@@ -410,11 +360,7 @@ class EtcdPublisher:
                 self.log.info("lease renewal works again", lease=f"{lease:x}", kept=True)
             if overdue:
                 overdue = False
-                with self._state_lock:
-                    self._last_error = ""
-                self.registered.set()
-                if self.metrics is not None:
-                    self.metrics.registered.set(1)
+                self._mark_registered()
                 self.log.info("etcd still had the lease: registered under the same instance ID", lease=f"{lease:x}")
             failing = False
             wait = interval
@@ -432,39 +378,21 @@ class EtcdPublisher:
             message = f"lease {lease:x} lost: {why}; registering again with a new lease (a new instance ID)"
             with self._state_lock:
                 self._loss = message
-            self._set_unregistered(message)
+            self._mark_unregistered(message)
             self.log.error("etcd lease lost", lease=f"{lease:x}", reason=why)
-
-    def _set_unregistered(self, message: str) -> None:
-        self.registered.clear()
-        if self.metrics is not None:
-            self.metrics.registered.set(0)
-        with self._state_lock:
-            self._last_error = message
 
     def _count_error(self, operation: str, exc: EtcdError) -> None:
         if self.metrics is not None:
             self.metrics.api_errors.labels(f"etcd-{operation}", exc.code or "error").inc()
 
     # -- shutdown -------------------------------------------------------------------------------------
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(5)
-
-    def deregister(self, timeout: float = 5.0) -> bool:
+    def _withdraw(self, timeout: float) -> bool:
         """Revoke the lease: etcd deletes every key of this instance at once. True when it is gone."""
-        with self._state_lock:
-            self._deregistering = True
-        self.stop()
         with self._apply_lock:
             with self._state_lock:
                 lease, self._lease = self._lease, 0
                 self._written = {}
-            self.registered.clear()
-            if self.metrics is not None:
-                self.metrics.registered.set(0)
+            self._mark_unregistered()
             if not lease:
                 return True
             try:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from sidecar.core.containers import pod_peer_key
 from sidecar.core.join import PeerJoin
 from sidecar.kube.api import KubeApi
+from sidecar.kube.publisher import KubePublisher
 from sidecar.kube.reflector import Reflector
-from sidecar.kube.registration import Registrar
 from sidecar.kube.settings import KubeSettings
 from sidecar.kube.sources import WORKER_METADATA, watch_targets
 from sidecar.peers.backend import Backend, SharedSettings, new_hub
@@ -19,7 +19,7 @@ from sidecar.peers.metrics import Metrics
 
 
 def build(settings: SharedSettings, kube: KubeSettings, metrics: Metrics, transport: object | None = None) -> Backend:
-    """Reflectors for every watch target, the hub they feed, and the registrar of this pod's CR.
+    """Reflectors for every watch target, the hub they feed, and the publisher of this pod's CR.
 
     ``transport``: a ``KubeApi`` to use (tests inject one); otherwise one is made from the kubeconfig (in a
     pod: the service account). Connecting waits for the first request: building dials nothing.
@@ -37,7 +37,7 @@ def build(settings: SharedSettings, kube: KubeSettings, metrics: Metrics, transp
         PeerJoin(require_metadata=kube.require_metadata, workers=kube.workers),
         self_uid=pod_peer_key(identity.uid, identity.name, kube.metadata_name),
     )
-    registrar = Registrar(
+    publisher = KubePublisher(
         api,
         identity,
         settings.pod_labels,
@@ -57,7 +57,7 @@ def build(settings: SharedSettings, kube: KubeSettings, metrics: Metrics, transp
             silence_timeout=settings.watch_silence_timeout,
             backoff_max=settings.backoff_max,
             streaming_list=kube.streaming_list,
-            observers=[registrar.observe] if target.source is WORKER_METADATA else [],
+            observers=[publisher.observe] if target.source is WORKER_METADATA else [],
         )
         for target in targets
     ]
@@ -65,11 +65,11 @@ def build(settings: SharedSettings, kube: KubeSettings, metrics: Metrics, transp
     # selector that leaves out this pod's own labels keeps its CR out of the watch too.
     shows_own_cr = kube.peer_selector is None or kube.peer_selector.matches(settings.pod_labels)
     cr_watches = [r for r in reflectors if r.target.source is WORKER_METADATA]
-    registrar.confirms_by_watch = lambda: shows_own_cr and all(r.running for r in cr_watches)
+    publisher.confirms_by_watch = lambda: shows_own_cr and all(r.running for r in cr_watches)
     return Backend(
         name="kubernetes",
         hub=hub,
-        publisher=registrar,
+        publisher=publisher,
         sources=reflectors,
         descriptions=[
             f"{r.target.name} in {r.target.namespace or 'all namespaces'} ({r.target.label_selector or 'all'})"

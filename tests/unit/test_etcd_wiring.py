@@ -23,7 +23,7 @@ from sidecar.core.instance_join import InstanceJoin
 from sidecar.etcd.client import EtcdClient
 from sidecar.etcd.publisher import EtcdPublisher
 from sidecar.etcd.source import EtcdSource
-from sidecar.kube.registration import Registrar
+from sidecar.kube.publisher import KubePublisher
 from sidecar.peers.hub import PeerHub
 from sidecar.peers.metrics import Metrics
 from sidecar.peers.ports import NotRegistering, PodIdentity, Registration
@@ -155,7 +155,7 @@ class TestGetSelf:
     def test_the_kubernetes_publisher_says_the_names_hash(self, metadata_name: str, uid: str) -> None:
         """The CR's publisher reports Dynamo's SipHash of the CR name, and the peer key peers know it by
         (the pod UID; ``{uid}/{container}`` for another container in container mode)."""
-        registrar = Registrar(
+        registrar = KubePublisher(
             ScriptedApi().as_kube_api(),
             PodIdentity("worker-0", "demo", "uid-0"),
             {},

@@ -19,7 +19,7 @@ import urllib3
 from devcluster.waiting import wait_for
 from sidecar.core.instance_id import instance_id
 from sidecar.kube.api import ApiError
-from sidecar.kube.registration import DYNAMO_FIELD_MANAGER, Registrar, Superseded, registration_error, spec_managers
+from sidecar.kube.publisher import DYNAMO_FIELD_MANAGER, KubePublisher, Superseded, registration_error, spec_managers
 from sidecar.kube.sources import WORKER_METADATA
 from sidecar.peers.metrics import Metrics
 from sidecar.peers.ports import (
@@ -124,14 +124,14 @@ def accepted(uid: str = "cr-new", rv: str = "11") -> Callable[[Call], dict[str, 
     return respond
 
 
-def registered_gauge(registrar: Registrar) -> float | None:
+def registered_gauge(registrar: KubePublisher) -> float | None:
     return registrar.metrics.registry.get_sample_value("discovery_registered")
 
 
 class Rig:
     def __init__(self) -> None:
         self.api = ScriptedApi()
-        self.registrar = Registrar(
+        self.registrar = KubePublisher(
             self.api.as_kube_api(), POD, LABELS, INITIAL, FIELD_MANAGER, Metrics(), backoff_max=0.05
         )
 
@@ -483,7 +483,7 @@ class TestObserve:
 
 
 # -- deregistration ----------------------------------------------------------------------------------------
-def deregister_async(registrar: Registrar, timeout: float = DEADLINE) -> Future[bool]:
+def deregister_async(registrar: KubePublisher, timeout: float = DEADLINE) -> Future[bool]:
     executor = ThreadPoolExecutor(max_workers=1)
     future = executor.submit(registrar.deregister, timeout)
     executor.shutdown(wait=False)
@@ -861,7 +861,7 @@ class TestWatchOnly:
 
     def test_never_registers_nothing_and_is_ready(self) -> None:
         api = ScriptedApi()
-        registrar = Registrar(api.as_kube_api(), POD, LABELS, INITIAL, FIELD_MANAGER, Metrics(), register="never")
+        registrar = KubePublisher(api.as_kube_api(), POD, LABELS, INITIAL, FIELD_MANAGER, Metrics(), register="never")
         try:
             registrar.start()
             with pytest.raises(NotRegistering, match="DISCOVERY_REGISTER=never"):
@@ -875,7 +875,7 @@ class TestWatchOnly:
 
     def test_an_unknown_mode_is_refused(self) -> None:
         with pytest.raises(ValueError, match="register must be one of"):
-            Registrar(ScriptedApi().as_kube_api(), POD, LABELS, INITIAL, FIELD_MANAGER, Metrics(), register="maybe")
+            KubePublisher(ScriptedApi().as_kube_api(), POD, LABELS, INITIAL, FIELD_MANAGER, Metrics(), register="maybe")
 
 
 class TestRestart:

@@ -31,8 +31,11 @@
   back to ``DISCOVERY_METADATA`` (the Python client also re-publishes after a reconnect, which covers
   a graceful restart, whose deregistration deleted the CR).
 
-To the pod-facing API this is a ``Publisher``: ``publish`` raises the ``sidecar.peers.ports`` errors
-with a meaning (forbidden, invalid, not found, unavailable), never a Kubernetes client exception.
+The thread, the state (``sidecar.peers.publisher_loop.PublisherState``: registering, registered,
+watch-only, superseded, deregistering), backoff and the one publish path are the ``PublisherLoop``'s;
+what is written, and how, is this module's. To the pod-facing API this is a ``Publisher``: ``publish``
+raises the ``sidecar.peers.ports`` errors with a meaning (forbidden, invalid, not found, unavailable),
+never a Kubernetes client exception.
 """
 
 from __future__ import annotations
@@ -44,11 +47,9 @@ from typing import Any, NoReturn
 
 import structlog
 
-from sidecar.core.backoff import Backoff
 from sidecar.core.containers import pod_peer_key
 from sidecar.core.dynamo_schema import dynamo_metadata_problem
 from sidecar.core.instance_id import instance_id
-from sidecar.core.merge_patch import apply_merge_patch
 from sidecar.core.resources import validate_worker_data
 from sidecar.kube.api import CONNECTION_ERRORS, ApiError, KubeApi, ResourcePath
 from sidecar.kube.sources import WORKER_METADATA
@@ -65,6 +66,7 @@ from sidecar.peers.ports import (
     TooLarge,
     Unavailable,
 )
+from sidecar.peers.publisher_loop import PublisherLoop, PublisherState
 
 API_VERSION = "nvidia.com/v1alpha1"
 KIND = "DynamoWorkerMetadata"
@@ -80,10 +82,12 @@ class Superseded(Forbidden):
     with another UID): the sidecar stopped writing, and nothing it could retry will change that."""
 
 
-def registration_error(exc: Exception, action: str) -> RegistrationError:
-    """The meaning of a failed request (an ``ApiError`` or a connection error), with an operator's sentence."""
+def registration_error(exc: Exception, action: str, reach: str = "") -> RegistrationError:
+    """The meaning of a failed request (an ``ApiError`` or a connection error), with an operator's sentence.
+
+    ``reach``: what the sentence says could not be done when the API server is unreachable (``action``)."""
     if not isinstance(exc, ApiError):
-        return Unavailable(f"cannot reach the API server to {action}: {type(exc).__name__}")
+        return Unavailable(f"cannot reach the API server to {reach or action}: {type(exc).__name__}")
     message = explain(exc, action)
     if exc.status in (401, 403):
         return Forbidden(message)
@@ -140,16 +144,17 @@ def other_owners(obj: Mapping[str, Any], identity: PodIdentity) -> list[tuple[st
     return [(r.get("kind", ""), r.get("name", ""), r.get("uid", "")) for r in refs if not _is_pod(r, identity)]
 
 
-class Registrar:
-    """Owns this pod's CR: the desired data, the last applied object, and the thread that keeps it applied.
+class KubePublisher(PublisherLoop):
+    """Owns this pod's CR: what was last applied and observed, and how it is applied, fenced and withdrawn
+    (the loop, the state and the desired data are the ``PublisherLoop``'s).
 
-    The daemon starts and deregisters it; the metadata reflector calls ``observe``; the gRPC layer
-    calls ``registration`` and ``publish`` (as a ``Publisher``) from its threads.
-    ``_apply_lock`` serialises applies (network IO: the loop and ``publish`` never interleave);
-    ``_state_lock`` guards ``_data``, ``_applied``, ``_observed``, ``_last_error``, ``_deregistering``,
-    ``_superseded``, ``_watch_only``, ``_adopt`` and ``_conflict`` and is never held during IO, so readers
-    do not wait for the API server.
+    The Kubernetes backend builds it and the daemon starts and deregisters it; the metadata reflector calls
+    ``observe``; the gRPC layer calls ``registration`` and ``publish`` (as a ``Publisher``) from its
+    threads. ``_state_lock`` (the loop's) also guards ``_applied``, ``_observed``, ``_adopt`` and
+    ``_conflict``.
     """
+
+    thread_name = "registrar"
 
     def __init__(
         self,
@@ -163,33 +168,28 @@ class Registrar:
         register: str = RegisterMode.AUTO,
         metadata_name: str = "",
     ) -> None:
+        if register not in REGISTER_MODES:
+            raise ValueError(f"register must be one of {REGISTER_MODES}, got {register!r}")
+        super().__init__(
+            initial_data,
+            metrics=metrics,
+            backoff_max=backoff_max,
+            register=register,
+            log=structlog.get_logger("sidecar.registration").bind(pod=identity.name),
+            watch_only_reason="watch-only (DISCOVERY_REGISTER=never): this sidecar does not write the pod's "
+            "DynamoWorkerMetadata",
+        )
+        self.metrics: Metrics = metrics
         self.api = api
         self.identity = identity
         self.labels = dict(labels)
         self.field_manager = field_manager
-        self.metrics = metrics
-        self.log = structlog.get_logger("sidecar.registration").bind(pod=identity.name)
         # The CR's name: the pod's, or {pod}-{container} in Dynamo's container mode. Owner references, the
         # incarnation check and the admission policy are still about the pod.
         self.metadata_name = metadata_name or identity.name
         self.path = WORKER_METADATA.resource.item(identity.namespace, self.metadata_name)
         self.pod_path = PODS.item(identity.namespace, identity.name)
-        self._apply_lock = threading.Lock()
-        self._state_lock = threading.Lock()
-        self._data: dict[str, Any] = copy.deepcopy(dict(initial_data))
         self._applied: dict[str, Any] | None = None
-        self._last_error = ""
-        self._deregistering = False
-        self._superseded = ""  # why this incarnation stopped writing for good; "" while it has not
-        if register not in REGISTER_MODES:
-            raise ValueError(f"register must be one of {REGISTER_MODES}, got {register!r}")
-        # Why this sidecar writes nothing (another writer manages the CR, or DISCOVERY_REGISTER=never); ""
-        # while it does.
-        self._watch_only = (
-            "watch-only (DISCOVERY_REGISTER=never): this sidecar does not write the pod's DynamoWorkerMetadata"
-            if register == RegisterMode.NEVER
-            else ""
-        )
         self._observed: Mapping[str, Any] | None = None  # our CR as the watch last showed it (watch-only reads it)
         # Until the first apply (or a publish): keep the data of a CR of this incarnation found at start-up.
         self._adopt = True
@@ -197,17 +197,12 @@ class Registrar:
         # Pod before writing again (``check_incarnation``).
         self._conflict = False
         self._pods_hint_logged = False
-        self._wake = threading.Event()
-        self._stop = threading.Event()
         self._gone = threading.Event()  # our CR's deletion came back through the watch
-        self.registered = threading.Event()
         # Whether a running watch shows this CR (``observe`` is called for it): then deregistration waits for
         # its deletion to come back through that watch; otherwise one GET confirms it (DISCOVERY_WATCH=auto
         # before any peer request, never, or a peer selector that leaves out this pod's own labels). The
         # backend that runs the watch answers it (``sidecar.kube.backend``).
         self.confirms_by_watch: Callable[[], bool] = lambda: True
-        self.backoff = Backoff(maximum=backoff_max)
-        self._thread: threading.Thread | None = None
 
     # -- the desired object ---------------------------------------------------------------------------
     def owner_references(self) -> list[dict[str, Any]]:
@@ -224,8 +219,7 @@ class Registrar:
         ]
 
     def desired(self) -> dict[str, Any]:
-        with self._state_lock:
-            data = copy.deepcopy(self._data)
+        data = self.data()
         return {
             "apiVersion": API_VERSION,
             "kind": KIND,
@@ -240,7 +234,7 @@ class Registrar:
 
     def registration(self) -> Registration:
         with self._state_lock:
-            watch_only = bool(self._watch_only)
+            watch_only = self._state is PublisherState.WATCH_ONLY
             applied = (self._observed if watch_only else self._applied) or {}
             data = (
                 copy.deepcopy((applied.get("spec") or {}).get("data") or {})
@@ -272,50 +266,17 @@ class Registrar:
             "instance_id": instance_id(self.metadata_name),
         }
 
-    @property
-    def superseded(self) -> bool:
-        """This pod incarnation no longer exists (its Pod is gone or has another UID): nothing is written any
-        more, ever. Readiness fails through ``problems()``; the process has nothing left to do but exit."""
-        with self._state_lock:
-            return bool(self._superseded)
-
-    @property
-    def watch_only(self) -> str:
-        """Why this sidecar writes nothing ("" while it registers the pod)."""
-        with self._state_lock:
-            return self._watch_only
-
-    def problems(self) -> list[str]:
-        with self._state_lock:
-            superseded = self._superseded
-            error = self._last_error
-            watch_only = self._watch_only
-        if superseded:
-            return [superseded]
-        if watch_only or self.registered.is_set():
-            return []  # watch-only: the peers are served; whether the pod is registered is its writer's business
-        return ["not registered" + (f": {error}" if error else "")]
-
-    def notes(self) -> list[str]:
-        """A healthy but unusual state, for ``/readyz``'s body: watch-only, and why."""
-        reason = self.watch_only
-        return [reason] if reason else []
-
     def _go_watch_only(self, manager: str) -> NotRegistering:
         """Stop writing for good: ``manager`` manages this pod's CR. Returns the error publishing raises."""
         message = (
             f"watch-only: this pod's DynamoWorkerMetadata is managed by {manager!r} (Dynamo's runtime in the main "
             "container), so this sidecar writes nothing and serves peers only; publish through Dynamo's runtime"
         )
-        with self._state_lock:
-            first = not self._watch_only
-            if first:
-                self._watch_only = message
-            message = self._watch_only
-        if first:
+        first = not self.watch_only
+        reason = self._enter(PublisherState.WATCH_ONLY, message)
+        if first and reason == message:
             self.log.warning("another writer manages this pod's CR: watch-only from now on", manager=manager)
-            self._wake.set()
-        return NotRegistering(message)
+        return NotRegistering(reason)
 
     def _yield_to(self, obj: Mapping[str, Any]) -> str | None:
         """The writer this sidecar must leave the CR to, if one manages it (Dynamo's runtime), else None."""
@@ -360,16 +321,15 @@ class Registrar:
         message = (
             f"this pod incarnation (uid {self.identity.uid}) no longer exists: {what} — the sidecar stopped writing"
         )
-        with self._state_lock:
-            first = not self._superseded
-            if first:
-                self._superseded = message
-            message = self._superseded
-        self.registered.clear()
-        self.metrics.registered.set(0)
+        first = not self.superseded
+        message = self._enter(PublisherState.SUPERSEDED, message) or message
+        self._mark_unregistered()
         if first:
             self.log.error("pod incarnation superseded: the sidecar stopped writing", reason=message)
         raise Superseded(message)
+
+    def _superseded_error(self, reason: str) -> RegistrationError:
+        return Superseded(reason)
 
     def _take_conflict(self) -> bool:
         with self._state_lock:
@@ -457,33 +417,25 @@ class Registrar:
             return self._apply_locked()
 
     def _apply_locked(self) -> dict[str, Any]:
-        with self._state_lock:
-            deregistering = self._deregistering
-            superseded = self._superseded
-        if superseded:  # nothing is ever written again: the CR of this name is the new incarnation's
-            raise Superseded(superseded)
-        if deregistering:  # nothing may re-create the CR once deregistration began
-            raise Unavailable("this pod is deregistering (the sidecar is shutting down): nothing is written any more")
-        watch_only = self.watch_only
-        if watch_only:
-            raise NotRegistering(watch_only)
+        # Nothing is written unless the state writes: superseded (the CR of this name is the new
+        # incarnation's), deregistering (nothing may re-create the CR) or watch-only.
+        self._check_writes()
         current = self.fence()
         if current is not None:
             manager = self._yield_to(current)
             if manager:
                 with self._state_lock:
                     self._observed = current
-                self.registered.set()
-                raise self._go_watch_only(manager)
+                error = self._go_watch_only(manager)
+                self._mark_registered()  # its writer's registration stands
+                raise error
             self._adopt_published(current)
         applied = self.api.apply(self.path, self.desired(), self.field_manager)
         with self._state_lock:
             self._applied = applied
             self._adopt = False
-            self._last_error = ""
         self._gone.clear()
-        self.registered.set()
-        self.metrics.registered.set(1)
+        self._mark_registered()
         return applied
 
     def _adopt_published(self, current: Mapping[str, Any]) -> None:
@@ -513,37 +465,21 @@ class Registrar:
             resource_version=(current.get("metadata") or {}).get("resourceVersion", ""),
         )
 
-    def publish(self, document: Mapping[str, Any], merge: bool) -> Registration:
-        """Replace (or RFC 7386 merge-patch) spec.data and apply it now (``Publisher``).
+    # -- the PublisherLoop's hooks ---------------------------------------------------------------------------
+    def _refusal(self, previous: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
+        return dynamo_metadata_problem(new)  # what this pod publishes must be readable by Dynamo
 
-        On any failure the previous data stays the desired data, so the loop keeps applying that.
-        """
-        with self._apply_lock:
-            with self._state_lock:
-                watch_only = self._watch_only
-                previous = self._data
-                adopt = self._adopt
-                self._adopt = False  # what the main container publishes now wins over what the CR held
-            if watch_only:
-                raise NotRegistering(watch_only)
-            new = apply_merge_patch(previous, dict(document)) if merge else copy.deepcopy(dict(document))
-            problem = validate_worker_data(new) or dynamo_metadata_problem(new)
-            if problem:
-                with self._state_lock:
-                    self._adopt = adopt
-                raise Invalid(problem)
-            with self._state_lock:
-                self._data = new
-            try:
-                applied = self._apply_locked()
-            except Exception as exc:
-                with self._state_lock:
-                    self._data = previous
-                if not isinstance(exc, (ApiError, *CONNECTION_ERRORS)):
-                    raise
-                code = str(exc.status) if isinstance(exc, ApiError) else "connection"
-                self.metrics.api_errors.labels("publish", code).inc()
-                raise registration_error(exc, "publish metadata") from exc
+    def _accepted(self) -> None:
+        with self._state_lock:
+            self._adopt = False  # what the main container publishes now wins over what the CR held
+
+    def _write(self, data: Mapping[str, Any]) -> Registration:
+        try:
+            applied = self._apply_locked()
+        except (ApiError, *CONNECTION_ERRORS) as exc:
+            code = str(exc.status) if isinstance(exc, ApiError) else "connection"
+            self.metrics.api_errors.labels("publish", code).inc()
+            raise registration_error(exc, "publish metadata") from exc
         return Registration(
             registered=True,
             resource_version=applied["metadata"]["resourceVersion"],
@@ -552,66 +488,36 @@ class Registrar:
             **self._instance(),
         )
 
-    # -- the loop --------------------------------------------------------------------------------------
-    def start(self) -> threading.Thread:
-        """Run in a background thread; return it (the daemon's liveness probe watches it)."""
-        self._thread = threading.Thread(target=self.run, name="registrar", daemon=True)
-        self._thread.start()
-        return self._thread
+    def _establish(self) -> None:
+        try:
+            cr = self.apply()
+        except (ApiError, *CONNECTION_ERRORS) as exc:
+            code = str(exc.status) if isinstance(exc, ApiError) else "connection"
+            self.metrics.api_errors.labels("register", code).inc()
+            raise registration_error(exc, "register this pod's DynamoWorkerMetadata", reach="register") from exc
+        self.log.info("registered", resource_version=cr["metadata"]["resourceVersion"])
 
-    def run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                cr = self.apply()
-                self.backoff.reset()
-                self.log.info("registered", resource_version=cr["metadata"]["resourceVersion"])
-                self._wake.wait(RESYNC_SECONDS)
-                self._wake.clear()
-                continue
-            except (Superseded, NotRegistering):
-                # Nothing to write, ever again. The thread stays (it is not dead: liveness) until the daemon stops it.
-                self._stop.wait()
-                return
-            except ApiError as exc:
-                self.metrics.api_errors.labels("register", str(exc.status)).inc()
-                message = explain(exc, "register this pod's DynamoWorkerMetadata")
-            except CONNECTION_ERRORS as exc:
-                self.metrics.api_errors.labels("register", "connection").inc()
-                message = f"cannot reach the API server to register: {type(exc).__name__}"
-            except RegistrationError as exc:  # deregistration began while this pass was under way
-                message = str(exc)
-            if self._stop.is_set():
-                break
-            self.registered.clear()
-            self.metrics.registered.set(0)
-            with self._state_lock:
-                self._last_error = message
-            delay = self.backoff.next_delay()
-            self.log.error("registration failed, retrying", reason=message, retry_in=round(delay, 2))
-            self._stop.wait(delay)
+    def _hold(self) -> None:
+        self._sleep(RESYNC_SECONDS)  # until the watch shows a change to our CR, or the resync is due
 
     def observe(self, kind: str, obj: Mapping[str, Any]) -> None:
         """Watch observer for the metadata watch: react to changes of our own CR."""
         meta = obj.get("metadata") or {}
         if meta.get("name") != self.metadata_name or meta.get("namespace") != self.identity.namespace:
             return
-        with self._state_lock:
-            deregistering = self._deregistering
-            superseded = self._superseded
-        if superseded:
+        state = self.state
+        if state is PublisherState.SUPERSEDED:
             return  # the CR of this name is the new incarnation's: nothing here is ours to react to
+        deregistering = state is PublisherState.DEREGISTERING
         ours = owned_by(obj, self.identity)
         with self._state_lock:
             self._observed = obj if ours and kind != "DELETED" else None
-            watch_only = self._watch_only
         manager = self._yield_to(obj) if kind != "DELETED" else None
         if manager and not deregistering:
             self._go_watch_only(manager)
-            watch_only = self.watch_only
-        if watch_only:
+        if self.watch_only:
             # Another writer's CR: follow it for GetSelf and readiness, never write it.
-            (self.registered.set if ours and kind != "DELETED" else self.registered.clear)()
-            self.metrics.registered.set(1 if self.registered.is_set() else 0)
+            (self._mark_registered if ours and kind != "DELETED" else self._mark_unregistered)()
             return
         if kind == "DELETED":
             if not owned_by(obj, self.identity):
@@ -625,8 +531,7 @@ class Registrar:
                 # the Pod before re-creating the CR, so a replaced incarnation never writes it again.
                 with self._state_lock:
                     self._conflict = True
-                self.registered.clear()
-                self.metrics.registered.set(0)
+                self._mark_unregistered()
                 self.log.warning("own CR was deleted from under the sidecar; re-creating it")
                 self._wake.set()
         elif not owned_by(obj, self.identity):
@@ -642,25 +547,12 @@ class Registrar:
             self.log.warning("own CR lists other owners too; removing them", owners=extra)
             self._wake.set()
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(5)
-
-    def deregister(self, timeout: float) -> bool:
+    def _withdraw(self, timeout: float) -> bool:
         """Delete this incarnation's CR and wait until the watch saw it go. True when confirmed.
 
         A superseded incarnation deletes nothing (the CR of its name is the new pod's) and returns True.
         """
-        with self._state_lock:
-            self._deregistering = True
-            watch_only = self._watch_only
-        self.stop()
-        if watch_only:
-            self.log.info("not deregistering: watch-only, the CR is its writer's", reason=watch_only)
-            return True
-        with self._apply_lock:  # an apply under way finishes first; none starts after (they check _deregistering)
+        with self._apply_lock:  # an apply under way finishes first; none starts after (the state says so)
             applied_uid = self._applied_uid()
             try:
                 self._check_conflict()  # the watch saw the CR of this name owned by another UID: whose is it?
@@ -668,8 +560,7 @@ class Registrar:
                 pass
             except (ApiError, *CONNECTION_ERRORS) as exc:
                 self.log.warning("cannot check this pod incarnation before deregistering", error=str(exc))
-        self.registered.clear()
-        self.metrics.registered.set(0)
+        self._mark_unregistered()
         if self.superseded:
             self.log.info("not deregistering: this pod incarnation was superseded, the CR is the new pod's")
             return True
