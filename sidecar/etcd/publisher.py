@@ -77,8 +77,11 @@ def _absent(key: str) -> pb.Compare:
     return pb.Compare(key=key.encode(), target=pb.Compare.VERSION, result=pb.Compare.EQUAL, version=0)
 
 
-def registration_error(exc: EtcdError, action: str) -> RegistrationError:
-    """The meaning of a failed etcd call, as the pod-facing API reports it."""
+def registration_error(exc: Exception, action: str, reach: str = "") -> RegistrationError:
+    """The meaning of a failed etcd call (an ``EtcdError``), with an operator's sentence; the etcd twin of
+    ``sidecar.kube.publisher.registration_error``, with the same contract.
+
+    ``reach``: what the sentence says could not be done when etcd is unreachable (``action``)."""
     if isinstance(exc, EtcdPermissionDenied):
         return Forbidden(
             f"etcd refused to {action}: {exc}; grant the etcd user (ETCD_AUTH_USERNAME) a role with readwrite on "
@@ -92,7 +95,7 @@ def registration_error(exc: EtcdError, action: str) -> RegistrationError:
         return Invalid(f"cannot {action}: {exc}")
     if isinstance(exc, EtcdLeaseNotFound):
         return Unavailable(f"cannot {action}: this instance's lease expired; it is registering again with a new one")
-    return Unavailable(f"cannot reach etcd to {action}: {exc}")
+    return Unavailable(f"cannot reach etcd to {reach or action}: {exc}")
 
 
 class EtcdPublisher(PublisherLoop):

@@ -7,13 +7,13 @@
   and re-created, never adopted; the delete carries preconditions (that object's UID and
   resourceVersion) so that, racing another writer, it can only ever remove the stale object it saw.
 * Before fencing, and whenever the watch shows the CR of this pod's name owned by another UID (or its
-  own CR deleted from under it, which is what the new incarnation's fencing does), the registrar reads
+  own CR deleted from under it, which is what the new incarnation's fencing does), the publisher reads
   its own Pod: when the Pod of its name is gone or has another UID, *this* incarnation
   is the stale one (force-deleted while its sidecar still runs, and replaced). It is then
   ``superseded``: it stops writing for good (no apply, no fencing delete, no deregistering delete; the
   CR belongs to the new pod) and says so in ``problems()``, which fails readiness. Without ``get`` on
   pods the check cannot be made: a hint is logged once and fencing goes on as before.
-* The registrar follows its own CR through the metadata watch: deleted from under it (or taken over
+* The publisher follows its own CR through the metadata watch: deleted from under it (or taken over
   by another owner), it is re-applied; listing owners besides this pod (an ownerReference merged in by
   someone else), the extra owners are removed with a merge patch guarded by the resourceVersion read.
   Server-side apply cannot do it: entries another field manager added stay theirs, and with them in
@@ -22,7 +22,7 @@
   until the deletion has come back through the watch: then peers watching the API server see it too.
 * It never fights another writer of the same CR. When Dynamo's own runtime in the main container
   (field manager ``dynamo-worker``) manages this pod's CR, found before the first write or at any time
-  through the watch, the registrar goes *watch-only*: it writes nothing more (no apply, no delete at
+  through the watch, the publisher goes *watch-only*: it writes nothing more (no apply, no delete at
   SIGTERM: Dynamo keeps its CR and garbage collection removes it with the pod), refuses
   ``PublishMetadata`` with the reason, and says so in the log and ``/readyz``'s body. The peers are
   still served. ``DISCOVERY_REGISTER=never`` selects watch-only from the start.
@@ -83,7 +83,8 @@ class Superseded(Forbidden):
 
 
 def registration_error(exc: Exception, action: str, reach: str = "") -> RegistrationError:
-    """The meaning of a failed request (an ``ApiError`` or a connection error), with an operator's sentence.
+    """The meaning of a failed request (an ``ApiError`` or a connection error), with an operator's sentence;
+    the Kubernetes twin of ``sidecar.etcd.publisher.registration_error``, with the same contract.
 
     ``reach``: what the sentence says could not be done when the API server is unreachable (``action``)."""
     if not isinstance(exc, ApiError):
@@ -154,7 +155,7 @@ class KubePublisher(PublisherLoop):
     ``_conflict``.
     """
 
-    thread_name = "registrar"
+    thread_name = "kube-publisher"
 
     def __init__(
         self,

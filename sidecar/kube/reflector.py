@@ -79,7 +79,7 @@ class Reflector(SourceLoop):
     and backoff are the ``SourceLoop``'s.
 
     The daemon constructs and starts it; it writes into ``store`` and tells ``observers`` (the
-    registrar follows its own CR this way). ``stop`` may be called from any thread.
+    publisher follows its own CR this way). ``stop`` may be called from any thread.
     """
 
     def __init__(
