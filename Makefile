@@ -40,6 +40,7 @@ demo-etcd: venv       ## the same on Dynamo's etcd backend: a real etcd, sidecar
 	$(PY) -m demo.etcd
 
 test: venv            ## the whole suite, unit and integration (builds the control plane once)
+	hack/debian-packages.sh
 	$(PY) -m devcluster build
 	$(PY) -m pytest
 
@@ -47,12 +48,14 @@ unit: venv
 	$(PY) -m pytest tests/unit
 
 integration: venv
+	hack/debian-packages.sh
 	$(PY) -m devcluster build
 	$(PY) -m pytest tests/integration
 
 lint: venv            ## ruff, mypy --strict on sidecar/ (settings in pyproject.toml), actionlint on .github/workflows
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	hack/debian-packages.sh
 	$(PY) -m devcluster tool actionlint
 
 protos: venv          ## regenerate clients/python/discovery_client/api from protos/ (with the locked grpcio-tools)
