@@ -30,7 +30,9 @@ def declares_sidecar(spec: Mapping[str, Any], template: Template) -> bool:
     return any(c.get("name") == template.container_name for c in containers)
 
 
-def setting_values(annotations: Mapping[str, str], params: Mapping[str, str], template: Template) -> list[tuple[str, str]]:
+def setting_values(
+    annotations: Mapping[str, str], params: Mapping[str, str], template: Template
+) -> list[tuple[str, str]]:
     """(variable, value) for each setting that has a non-empty value, in the template's order.
 
     A pod's annotation wins; else the parameter (the cluster's default), unless the pod set another
@@ -41,7 +43,9 @@ def setting_values(annotations: Mapping[str, str], params: Mapping[str, str], te
         return template.annotation_prefix + key in annotations
 
     backend_key = template.backend_setting.key
-    backend = annotations[template.annotation_prefix + backend_key] if annotated(backend_key) else params.get(backend_key, "")
+    backend = (
+        annotations[template.annotation_prefix + backend_key] if annotated(backend_key) else params.get(backend_key, "")
+    )
     groups_set = {s.group for s in template.settings if s.group and annotated(s.key)}
     values = []
     for setting in template.settings:
@@ -87,7 +91,10 @@ def sidecar_container(
 ) -> dict[str, Any]:
     container: dict[str, Any] = fill(copy.deepcopy(dict(template.sidecar)), params)
     annotations = metadata.get("annotations") or {}
-    container["env"] = [*container.get("env", ()), *({"name": n, "value": v} for n, v in setting_values(annotations, params, template))]
+    container["env"] = [
+        *container.get("env", ()),
+        *({"name": n, "value": v} for n, v in setting_values(annotations, params, template)),
+    ]
     container["volumeMounts"] = [*container.get("volumeMounts", ()), *token_mounts(spec, template)]
     return container
 

@@ -243,7 +243,12 @@ def bindings(template: Template) -> list[dict[str, Any]]:
 
 def params_config_map(template: Template) -> dict[str, Any]:
     """The parameter ConfigMap with the template's defaults (namespaced: installed where the pods run)."""
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": PARAMS_NAME}, "data": template.default_params()}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": PARAMS_NAME},
+        "data": template.default_params(),
+    }
 
 
 class _Dumper(yaml.SafeDumper):
