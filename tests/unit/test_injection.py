@@ -230,7 +230,7 @@ class TestInjectCommand:
     def test_a_document_that_is_not_an_object_is_refused(self) -> None:
         parsed = build_parser().parse_args(["inject"])
         err = io.StringIO()
-            with contextlib.redirect_stderr(err):
+        with contextlib.redirect_stderr(err):
             assert manifests.run(parsed, io.StringIO("- a\n- b\n"), io.StringIO()) == 2
         assert "document 1 is not an object" in err.getvalue()
 
