@@ -13,6 +13,7 @@ and linked into the control plane's ``bin`` directory, beside ``kubectl``, where
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -137,7 +138,7 @@ def cache_key(versions: dict[str, str]) -> str:
 def tool_path(tool: GoTool) -> pathlib.Path:
     """Where ``tool``'s binary is cached (its own key: only its own module changes it)."""
     key = f"{tool.binary}-{tool.version()}-{_digest(tool.module_dir, tool.ldflags())}"
-    return CACHE_ROOT / "tools" / key / tool.binary
+    return CACHE_ROOT / "tools" / tool.binary / key / tool.binary
 
 
 def bin_dir() -> pathlib.Path:
@@ -192,39 +193,27 @@ def _ensure_tool(tool: GoTool, log: Log) -> pathlib.Path:
     target = tool_path(tool)
     if target.is_file():
         return target
-    log(f"building {tool.binary} {tool.version()} ({tool.package}) into {target.parent}; later runs reuse it")
-    env = dict(os.environ, GOFLAGS="-buildvcs=false", CGO_ENABLED="0")
-    started = time.monotonic()
-    _run_with_progress(
-        [go_toolchain(f"{tool.binary}"), "mod", "download", "-x"],
-        env,
-        f"{tool.binary}: downloading Go modules",
-        log,
-        tool.module_dir,
-    )
-    staging = target.parent.with_name(target.parent.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    _run_with_progress(
-        [
-            go_toolchain(tool.binary),
-            "build",
-            "-v",
-            "-trimpath",
-            "-ldflags",
-            tool.ldflags(),
-            "-o",
-            str(staging / tool.binary),
-            tool.package,
-        ],
-        env,
-        f"{tool.binary}: compiling",
-        log,
-        tool.module_dir,
-    )
-    shutil.rmtree(target.parent, ignore_errors=True)
-    staging.rename(target.parent)
-    log(f"{tool.binary} built in {time.monotonic() - started:.0f}s")
+    target.parent.parent.mkdir(parents=True, exist_ok=True)
+    # One build at a time per tool (tests, the demo and `make` may all ask at once); the others wait, then
+    # find it built.
+    with open(target.parent.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.is_file():
+            return target
+        log(f"building {tool.binary} {tool.version()} ({tool.package}) into {target.parent}; later runs reuse it")
+        env = dict(os.environ, GOFLAGS="-buildvcs=false", CGO_ENABLED="0")
+        started = time.monotonic()
+        go = go_toolchain(tool.binary)
+        download = [go, "mod", "download", "-x"]
+        _run_with_progress(download, env, f"{tool.binary}: downloading Go modules", log, tool.module_dir)
+        staging = target.parent.with_name(target.parent.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        build = [go, "build", "-v", "-trimpath", "-ldflags", tool.ldflags(), "-o", str(staging / tool.binary)]
+        _run_with_progress([*build, tool.package], env, f"{tool.binary}: compiling", log, tool.module_dir)
+        shutil.rmtree(target.parent, ignore_errors=True)
+        staging.rename(target.parent)
+        log(f"{tool.binary} built in {time.monotonic() - started:.0f}s")
     return target
 
 
