@@ -62,7 +62,8 @@ def inject_document(document: MutableMapping[str, Any], params: Mapping[str, str
 
 
 def load_params(args: argparse.Namespace, template: Template) -> dict[str, str]:
-    """The template's defaults, then a parameter ConfigMap file (``--params``), then ``--set KEY=VALUE``."""
+    """The template's defaults, then a parameter file (``--params``: the SidecarInjection object the chart or the
+    kustomize component installs, or a ConfigMap with the same data), then ``--set KEY=VALUE``."""
     params = template.default_params()
     if args.params:
         try:
@@ -72,7 +73,7 @@ def load_params(args: argparse.Namespace, template: Template) -> dict[str, str]:
             raise ParameterError(f"--params {args.params}: cannot read it: {exc}") from None
         data = config_map.get("data") if isinstance(config_map, dict) else None
         if not isinstance(data, dict):
-            raise ParameterError(f"--params {args.params}: expected a ConfigMap with data")
+            raise ParameterError(f"--params {args.params}: expected a SidecarInjection (or a ConfigMap) with data")
         params.update({str(k): str(v) for k, v in data.items()})
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -113,7 +114,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--params",
         metavar="FILE",
-        help="the injection parameter ConfigMap (as the chart or manifests/components/injection install it)",
+        help="the injection parameters: a SidecarInjection object as the chart or manifests/components/injection "
+        "install it (a ConfigMap with the same data is accepted too)",
     )
     parser.add_argument(
         "--set",

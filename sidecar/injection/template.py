@@ -23,7 +23,7 @@ class TemplateError(ValueError):
 class Setting:
     """A sidecar variable a pod may set by annotation (``{annotationPrefix}{key}``)."""
 
-    key: str  # the annotation's suffix and the parameter ConfigMap's key for its default
+    key: str  # the annotation's suffix and the parameter object's key for its default
     env: str  # the sidecar's environment variable
     default: str  # the parameter's default ("" leaves the variable out)
     group: str  # settings that exclude each other: one set by the pod drops the others' defaults
@@ -48,7 +48,7 @@ class Template:
         return self.annotation_prefix + setting.key
 
     def default_params(self) -> dict[str, str]:
-        """The parameter ConfigMap's data as shipped: the parameters, then each setting's default."""
+        """The parameter object's data as shipped: the parameters, then each setting's default."""
         return {**self.parameters, **{s.key: s.default for s in self.settings}}
 
     @property

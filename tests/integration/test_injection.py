@@ -1,6 +1,6 @@
 """Sidecar injection by the MutatingAdmissionPolicy, on the real API server (Kubernetes 1.36, MAP v1).
 
-The policy, its bindings and the parameter ConfigMap are the kustomize component
+The policy, its bindings and the parameter object (a SidecarInjection) are the kustomize component
 (``manifests/components/injection``, generated from ``sidecar/injection/template.yaml``). Pods are created
 directly: the dev control plane runs no Deployment or ReplicaSet controller, so a Deployment's pods are
 made from its template as the ReplicaSet controller would (``generateName``, the template's labels), and
@@ -35,6 +35,7 @@ pytestmark = pytest.mark.integration
 TEMPLATE = load_template()
 LABEL = TEMPLATE.label
 COMPONENT = MANIFESTS / "components" / "injection" / "injection.yaml"
+PARAMS_CRD = MANIFESTS / "components" / "injection" / "sidecarinjections.yaml"
 DYNAMO_LABEL = {"nvidia.com/dynamo-discovery-enabled": "true"}  # the default EndpointSlice selector's label
 
 
@@ -42,8 +43,10 @@ DYNAMO_LABEL = {"nvidia.com/dynamo-discovery-enabled": "true"}  # the default En
 def injection_policy(
     control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[list[dict[str, Any]]]:
-    """The component's cluster-scoped objects (policy and bindings), installed for this module only."""
-    documents = [d for d in yaml.safe_load_all(COMPONENT.read_text()) if d and d["kind"] != "ConfigMap"]
+    """The component's cluster-scoped objects (the parameters' CRD, the policy and bindings), for this module only."""
+    kubectl(control_plane, "apply", "-f", str(PARAMS_CRD))
+    kubectl(control_plane, "wait", "--for=condition=Established", f"crd/{policy.PARAMS_PLURAL}.{policy.PARAMS_GROUP}")
+    documents = [d for d in yaml.safe_load_all(COMPONENT.read_text()) if d and d["kind"] != policy.PARAMS_KIND]
     path = tmp_path_factory.mktemp("injection") / "cluster-scoped.yaml"
     path.write_text(yaml.safe_dump_all(documents))
     kubectl(control_plane, "apply", "-f", str(path))
@@ -56,9 +59,9 @@ def injection_policy(
 def injecting(
     control_plane: ControlPlane, injection_policy: list[dict[str, Any]], namespace: str, admin_api: KubeApi
 ) -> str:
-    """``namespace`` with the parameter ConfigMap (the component's), once the policy is in effect there."""
-    (config_map,) = [d for d in yaml.safe_load_all(COMPONENT.read_text()) if d and d["kind"] == "ConfigMap"]
-    admin_api.create(f"/api/v1/namespaces/{namespace}/configmaps", config_map)
+    """``namespace`` with the parameter object (the component's), once the policy is in effect there."""
+    (params,) = [d for d in yaml.safe_load_all(COMPONENT.read_text()) if d and d["kind"] == policy.PARAMS_KIND]
+    admin_api.create(f"/apis/{policy.PARAMS_API_VERSION}/namespaces/{namespace}/{policy.PARAMS_PLURAL}", params)
 
     def in_effect() -> bool:
         admitted = dry_run_create(admin_api, namespace, pod_body("probe", {LABEL: "true"}))
@@ -190,7 +193,7 @@ def test_the_namespace_label_opts_in_and_a_pod_label_false_opts_out(
 def test_a_pod_opting_in_where_no_parameters_are_is_refused(
     control_plane: ControlPlane, injection_policy: list[dict[str, Any]], namespace: str, admin_api: KubeApi
 ) -> None:
-    """No parameter ConfigMap in the namespace (the chart or component was not installed there): the pod is
+    """No parameter object in the namespace (the chart or component was not installed there): the pod is
     refused, naming the binding, rather than started without the discovery its main container expects."""
     from sidecar.kube.api import ApiError
 

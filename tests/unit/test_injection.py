@@ -202,12 +202,15 @@ class TestInjectCommand:
         _, twice, err = run_inject(once)
         assert twice == once and "0 pod template(s)" in err
 
-    def test_parameters_from_a_configmap_file_and_set(self, tmp_path: Any) -> None:
-        """--params takes the parameter ConfigMap as installed; --set wins over it."""
-        config_map = policy.params_config_map(TEMPLATE)
-        config_map["data"] = {**config_map["data"], "image": "reg.example/sidecar:2", "watch": "always"}
+    @pytest.mark.parametrize("kind", ["SidecarInjection", "ConfigMap"])
+    def test_parameters_from_a_file_and_set(self, tmp_path: Any, kind: str) -> None:
+        """--params takes the parameter object as installed (or a ConfigMap of the same data); --set wins."""
+        params = policy.params_object(TEMPLATE) | {"kind": kind}
+        params["data"] = {**params["data"], "image": "reg.example/sidecar:2", "watch": "always"}
         path = tmp_path / "params.yaml"
-        path.write_text(yaml.safe_dump(config_map))
+        path.write_text(yaml.safe_dump(params))
+        code, (out,), _ = run_inject([workload("Pod")], "--params", str(path))
+        assert code == 0 and sidecar_env(out["spec"])["DISCOVERY_WATCH"] == "always"
         code, (out,), _ = run_inject([workload("Pod")], "--params", str(path), "--set", "watch=never")
         sidecar = out["spec"]["initContainers"][0]
         assert code == 0 and sidecar["image"] == "reg.example/sidecar:2"
