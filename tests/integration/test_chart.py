@@ -100,6 +100,15 @@ def crds(api: KubeApi) -> dict[str, dict[str, Any]]:
     return found
 
 
+def wait_established(api: KubeApi, name: str) -> None:
+    def established() -> bool:
+        crd = get(api, f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}") or {}
+        conditions = (crd.get("status") or {}).get("conditions") or ()
+        return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
+
+    wait_for(established, 60, what=f"CRD {name} established")
+
+
 def delete_crds(api: KubeApi) -> None:
     names = [
         *(d["metadata"]["name"] for p in DYNAMO_CRDS for d in yaml.safe_load_all(p.read_text()) if d),
@@ -138,7 +147,7 @@ def test_template_is_accepted_by_a_server_side_dry_run(bare_plane: ControlPlane,
     namespaces(bare_api, "chart-sys", "team-a", "team-b")
     # helm template leaves out crds/ (helm install applies them first): the parameter objects' CRD.
     kubectl(bare_plane, "apply", "-f", str(CHART / "crds"))
-    kubectl(bare_plane, "wait", "--for=condition=Established", "crd/sidecarinjections.discovery-sidecar.io")
+    wait_established(bare_api, "sidecarinjections.discovery-sidecar.io")
     for extra in ([], ["--set", "admissionPolicy.containerMode=true", "--set", "rbac.allNamespaces=pods"]):
         rendered = helm(
             bare_plane, "template", "ds", str(CHART), "-n", "chart-sys",
@@ -170,7 +179,7 @@ def test_install_upgrade_uninstall_where_no_one_owns_the_crd(bare_plane: Control
         crd = bare_api.get(f"/apis/apiextensions.k8s.io/v1/{CRD}")
         assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
         assert crd["metadata"]["annotations"]["meta.helm.sh/release-name"] == "ds"
-        kubectl(bare_plane, "wait", "--for=condition=Established", "crd/dynamoworkermetadatas.nvidia.com")
+        wait_established(bare_api, "dynamoworkermetadatas.nvidia.com")
         assert injected_image(bare_api, "own-a") == "ghcr.io/example/discovery-sidecar:0.1.0"
 
         helm(bare_plane, "upgrade", "ds", str(CHART), "-n", "own-sys", "--set", "namespaces={own-a}",
@@ -201,20 +210,31 @@ def test_install_upgrade_uninstall_where_no_one_owns_the_crd(bare_plane: Control
         delete_crds(bare_api)
 
 
+DGD_EXAMPLE = ROOT / "manifests" / "examples" / "dynamo-graph-deployment.yaml"
+
+
 def test_beside_dynamos_crds_which_stay_byte_identical(bare_plane: ControlPlane, bare_api: KubeApi) -> None:
     """Dynamo's platform installed its CRDs first (server-side apply, as its operator's crd-apply does): the
-    chart leaves them exactly as they are through install, upgrade and uninstall, and everything else works."""
-    namespaces(bare_api, "dyn-sys", "dyn-a")
+    chart leaves them exactly as they are through install, upgrade and uninstall, and everything else works,
+    the DynamoGraphDeployment recipe included (docs/dynamo.md)."""
+    namespaces(bare_api, "dyn-sys", "inference")
     for path in DYNAMO_CRDS:
         kubectl(bare_plane, "apply", "--server-side", "--field-manager=dynamo-operator", "-f", str(path))
+    wait_established(bare_api, "dynamographdeployments.nvidia.com")
+    recipe = [
+        "--set", "namespaces={inference}",
+        "--set", "rbac.extraSubjects[0].kind=ServiceAccount",
+        "--set", "rbac.extraSubjects[0].name=llm-k8s-service-discovery",
+    ]  # fmt: skip
     try:
         before = crds(bare_api)
         # No --wait: the SMG gateway's Deployment never becomes available without a kubelet.
-        helm(bare_plane, "install", "ds", str(CHART), "-n", "dyn-sys", "--set", "namespaces={dyn-a}", *EVERYTHING_ON)
+        helm(bare_plane, "install", "ds", str(CHART), "-n", "dyn-sys", *recipe, *EVERYTHING_ON)
         assert crds(bare_api) == before
         assert "CustomResourceDefinition" not in helm(bare_plane, "get", "manifest", "ds", "-n", "dyn-sys").stdout
-        assert injected_image(bare_api, "dyn-a") == "ghcr.io/example/discovery-sidecar:0.1.0"
-        helm(bare_plane, "upgrade", "ds", str(CHART), "-n", "dyn-sys", "--set", "namespaces={dyn-a}", *EVERYTHING_ON,
+        assert injected_image(bare_api, "inference") == "ghcr.io/example/discovery-sidecar:0.1.0"
+        check_dynamo_recipe(bare_plane, bare_api)
+        helm(bare_plane, "upgrade", "ds", str(CHART), "-n", "dyn-sys", *recipe, *EVERYTHING_ON,
              "--set", "injection.defaults.watch=always")  # fmt: skip
         assert crds(bare_api) == before
         helm(bare_plane, "uninstall", "ds", "-n", "dyn-sys", "--wait")
@@ -222,6 +242,38 @@ def test_beside_dynamos_crds_which_stay_byte_identical(bare_plane: ControlPlane,
     finally:
         helm(bare_plane, "uninstall", "ds", "-n", "dyn-sys", check=False)
         delete_crds(bare_api)
+
+
+def check_dynamo_recipe(plane: ControlPlane, api: KubeApi) -> None:
+    """The example DynamoGraphDeployment passes Dynamo's real CRD schema (server-side dry run); a pod of each
+    component, as the operator makes it (the podTemplate's metadata and containers, under the operator's
+    ServiceAccount NAME-k8s-service-discovery), gets the sidecar with the component's settings; and that
+    ServiceAccount may do what the sidecar does, through the chart's extra subject."""
+    output = kubectl(plane, "create", "--dry-run=server", "--validate=strict", "-f", str(DGD_EXAMPLE))
+    assert "created (server dry run)" in output and "Warning" not in output, output
+    (graph,) = [d for d in yaml.safe_load_all(DGD_EXAMPLE.read_text()) if d]
+    account = f"{graph['metadata']['name']}-k8s-service-discovery"
+    namespace = graph["metadata"]["namespace"]
+    api.create(f"/api/v1/namespaces/{namespace}/serviceaccounts", {"apiVersion": "v1", "kind": "ServiceAccount",
+               "metadata": {"name": account}})  # fmt: skip
+    for component in graph["spec"]["components"]:
+        template = component["podTemplate"]
+        assert template["metadata"]["labels"][TEMPLATE.label] == "true", component["name"]
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"generateName": f"llm-{component['name']}-", **template["metadata"]},
+            "spec": {**template["spec"], "serviceAccountName": account},
+        }
+        admitted = api.request("POST", PODS.collection(namespace), [("dryRun", "All")], body=pod)["spec"]
+        (sidecar,) = [c for c in admitted["initContainers"] if c["name"] == TEMPLATE.container_name]
+        env = {e["name"]: e.get("value") for e in sidecar["env"]}
+        assert env["DISCOVERY_REGISTER"] == "never", component["name"]
+        assert env["DISCOVERY_ENDPOINTSLICE_SELECTOR"] == "nvidia.com/dynamo-discovery-enabled=true"
+    subject = f"--as=system:serviceaccount:{namespace}:{account}"
+    for verb in ("create", "patch", "watch"):
+        answer = kubectl(plane, "auth", "can-i", verb, "dynamoworkermetadatas.nvidia.com", subject, namespace=namespace)
+        assert answer.strip() == "yes", (verb, answer)
 
 
 def injected_image(api: KubeApi, namespace: str) -> str:

@@ -45,7 +45,11 @@ def injection_policy(
 ) -> Iterator[list[dict[str, Any]]]:
     """The component's cluster-scoped objects (the parameters' CRD, the policy and bindings), for this module only."""
     kubectl(control_plane, "apply", "-f", str(PARAMS_CRD))
-    kubectl(control_plane, "wait", "--for=condition=Established", f"crd/{policy.PARAMS_PLURAL}.{policy.PARAMS_GROUP}")
+    api = KubeApi.from_kubeconfig(str(control_plane.kubeconfig))
+    path_ = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{policy.PARAMS_PLURAL}.{policy.PARAMS_GROUP}"
+    conditions = lambda: (api.get(path_).get("status") or {}).get("conditions") or ()  # noqa: E731
+    wait_for(lambda: any(c["type"] == "Established" and c["status"] == "True" for c in conditions()), 60)
+    api.close()
     documents = [d for d in yaml.safe_load_all(COMPONENT.read_text()) if d and d["kind"] != policy.PARAMS_KIND]
     path = tmp_path_factory.mktemp("injection") / "cluster-scoped.yaml"
     path.write_text(yaml.safe_dump_all(documents))
