@@ -24,7 +24,7 @@ from devcluster.build import ROOT, ensure_built
 from devcluster.cluster import ControlPlane
 from devcluster.objects import PODS, Cluster, wait_for
 from devcluster.sidecars import SidecarProcess, launch_from_pod
-from sidecar.client import DiscoveryClient
+from discovery_client.client import DiscoveryClient
 from sidecar.kube.api import ApiError, KubeApi
 
 NAMESPACE = "inference"

@@ -5,10 +5,12 @@ flags), so a warm machine skips the build entirely and a version bump rebuilds. 
 k8s.io/kubernetes on a 2-core machine takes long enough that silence would look like a hang, so
 ``go build -v`` is run and the number of packages compiled is reported periodically.
 
-Besides the control plane, the tests need a few Go programs that no package registry ships (helm, ...).
-Each is one row of ``GO_TOOLS``: its own pinned module under ``hack/`` (so a tool's version bump rebuilds
-that tool only, never the control plane), built into a cache directory keyed like the control plane's,
-and linked into the control plane's ``bin`` directory, beside ``kubectl``, where tests and users find it.
+Besides the control plane, the tests and ``make lint`` need a few Go programs that no package registry
+ships (actionlint, helm). Each is one row of ``GO_TOOLS``: its own pinned module under ``hack/`` (so a
+tool's version bump rebuilds that tool only, never the control plane), built into a cache directory keyed
+like the control plane's, and linked into the control plane's ``bin`` directory, beside ``kubectl``,
+where tests and users find it. ``ensure_tool`` builds one tool alone (``make lint`` needs no control
+plane).
 """
 
 from __future__ import annotations
@@ -67,6 +69,13 @@ class GoTool:
 
 
 GO_TOOLS = (
+    GoTool(
+        binary="actionlint",
+        module="hack/tools/actionlint",
+        package="github.com/rhysd/actionlint/cmd/actionlint",
+        version_of="github.com/rhysd/actionlint",
+        version_ldflags=("-X github.com/rhysd/actionlint.version={version}",),
+    ),
     GoTool(
         binary="helm",
         module="hack/tools/helm",
@@ -138,7 +147,18 @@ def cache_key(versions: dict[str, str]) -> str:
 def tool_path(tool: GoTool) -> pathlib.Path:
     """Where ``tool``'s binary is cached (its own key: only its own module changes it)."""
     key = f"{tool.binary}-{tool.version()}-{_digest(tool.module_dir, tool.ldflags())}"
-    return CACHE_ROOT / "tools" / tool.binary / key / tool.binary
+    return CACHE_ROOT / "tools" / key / tool.binary
+
+
+def uv_binary() -> pathlib.Path:
+    """The pinned uv that made and reads ``uv.lock`` (installed by ``make venv`` from hack/uv.requirements)."""
+    pinned = re.search(r"^uv==(\S+)", (ROOT / "hack" / "uv.requirements").read_text(), re.M)
+    if not pinned:
+        raise RuntimeError("hack/uv.requirements must pin uv==<version>")
+    uv = CACHE_ROOT / f"uv-{pinned.group(1)}" / "bin" / "uv"
+    if not uv.is_file():
+        raise RuntimeError(f"{uv} is missing: `make venv` installs the pinned uv there")
+    return uv
 
 
 def bin_dir() -> pathlib.Path:
@@ -189,6 +209,16 @@ def _link(built: pathlib.Path, link: pathlib.Path) -> None:
     staging.replace(link)
 
 
+def ensure_tool(name: str, log: Log = _say) -> pathlib.Path:
+    """The path of the Go tool ``name`` (a row of ``GO_TOOLS``), building it alone if it is missing.
+
+    ``make lint`` needs actionlint without the control plane, whose cold build takes far longer."""
+    tools = {tool.binary: tool for tool in GO_TOOLS}
+    if name not in tools:
+        raise RuntimeError(f"no Go tool named {name!r}; GO_TOOLS has {', '.join(sorted(tools))}")
+    return _ensure_tool(tools[name], log)
+
+
 def _ensure_tool(tool: GoTool, log: Log) -> pathlib.Path:
     target = tool_path(tool)
     if target.is_file():
@@ -196,7 +226,7 @@ def _ensure_tool(tool: GoTool, log: Log) -> pathlib.Path:
     target.parent.parent.mkdir(parents=True, exist_ok=True)
     # One build at a time per tool (tests, the demo and `make` may all ask at once); the others wait, then
     # find it built.
-    with open(target.parent.parent / ".lock", "w") as lock:
+    with open(target.parent.parent / f".{tool.binary}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if target.is_file():
             return target

@@ -180,17 +180,17 @@ def test_install_upgrade_uninstall_where_no_one_owns_the_crd(bare_plane: Control
         assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
         assert crd["metadata"]["annotations"]["meta.helm.sh/release-name"] == "ds"
         wait_established(bare_api, "dynamoworkermetadatas.nvidia.com")
-        assert injected_image(bare_api, "own-a") == "ghcr.io/example/discovery-sidecar:0.1.0"
+        assert injected_image(bare_api, "own-a") == TEMPLATE.parameters["image"]
 
         helm(bare_plane, "upgrade", "ds", str(CHART), "-n", "own-sys", "--set", "namespaces={own-a}",
-             "--set", "image.tag=0.2.0", "--set", "admissionPolicy.containerMode=true", "--wait")  # fmt: skip
+             "--set", "image.tag=9.9.9", "--set", "admissionPolicy.containerMode=true", "--wait")  # fmt: skip
         assert "ds" in helm(bare_plane, "get", "manifest", "ds", "-n", "own-sys").stdout
         assert "CustomResourceDefinition" in helm(bare_plane, "get", "manifest", "ds", "-n", "own-sys").stdout
         policy = bare_api.get(
             "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies/dynamoworkermetadata-own-pod-only"
         )
         assert "startsWith(variables.podName + '-')" in json.dumps(policy["spec"]), "the container-mode variant"
-        wait_for(lambda: injected_image(bare_api, "own-a") == "ghcr.io/example/discovery-sidecar:0.2.0", 30,
+        wait_for(lambda: injected_image(bare_api, "own-a") == "ghcr.io/example/discovery-sidecar:9.9.9", 30,
                  what="the upgraded parameters")  # fmt: skip
 
         helm(bare_plane, "uninstall", "ds", "-n", "own-sys", "--wait")
@@ -232,7 +232,7 @@ def test_beside_dynamos_crds_which_stay_byte_identical(bare_plane: ControlPlane,
         helm(bare_plane, "install", "ds", str(CHART), "-n", "dyn-sys", *recipe, *EVERYTHING_ON)
         assert crds(bare_api) == before
         assert "CustomResourceDefinition" not in helm(bare_plane, "get", "manifest", "ds", "-n", "dyn-sys").stdout
-        assert injected_image(bare_api, "inference") == "ghcr.io/example/discovery-sidecar:0.1.0"
+        assert injected_image(bare_api, "inference") == TEMPLATE.parameters["image"]
         check_dynamo_recipe(bare_plane, bare_api)
         helm(bare_plane, "upgrade", "ds", str(CHART), "-n", "dyn-sys", *recipe, *EVERYTHING_ON,
              "--set", "injection.defaults.watch=always")  # fmt: skip

@@ -23,7 +23,7 @@ import yaml
 from devcluster.cluster import ControlPlane
 from devcluster.objects import PODS, Cluster, wait_for
 from devcluster.sidecars import SidecarProcess, launch_from_pod
-from sidecar.client import DiscoveryClient
+from discovery_client.client import DiscoveryClient
 from sidecar.injection import policy
 from sidecar.injection.pod import inject_pod
 from sidecar.injection.template import load_template
