@@ -13,7 +13,7 @@ UV := $(UV_HOME)/bin/uv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: venv lock lock-upgrade demo demo-etcd test unit integration lint protos version controlplane cluster-up cluster-down bench bench-cost clean
+.PHONY: venv lock lock-upgrade demo demo-etcd test unit integration lint proto-lint proto-release rust-client protos version controlplane cluster-up cluster-down bench bench-cost clean
 
 $(UV): hack/uv.requirements
 	$(PYTHON) -m venv $(UV_HOME)
@@ -50,9 +50,26 @@ integration: venv
 	$(PY) -m devcluster build
 	$(PY) -m pytest tests/integration
 
-lint: venv            ## ruff, then mypy --strict on sidecar/ (settings in pyproject.toml)
+lint: venv            ## ruff, mypy --strict on sidecar/ (settings in pyproject.toml), then the proto contract (proto-lint)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	@$(MAKE) --no-print-directory proto-lint
+
+# The last released API, as a buf image (protos/releases/vX.Y.Z.binpb, recorded by `make proto-release`).
+PROTO_RELEASE = $(lastword $(shell ls protos/releases/v*.binpb | sort -V))
+
+proto-lint: venv      ## buf lint protos/, and buf breaking against the last release (builds buf into ~/.cache once)
+	@BUF=$$($(PY) -m devcluster tool buf) && \
+	  $$BUF lint protos && \
+	  $$BUF breaking protos --against $(PROTO_RELEASE) && \
+	  echo "buf: protos/ passes lint and is compatible with $(PROTO_RELEASE)"
+
+proto-release: venv   ## at a release: record protos/ as the image later versions must stay compatible with
+	@test -n "$(VERSION)" || { echo "usage: make proto-release VERSION=x.y.z"; exit 2; }
+	BUF=$$($(PY) -m devcluster tool buf) && $$BUF build protos --exclude-source-info -o protos/releases/v$(VERSION).binpb
+
+rust-client: venv     ## build the Rust example client (clients/rust) into ~/.cache; prints the binary's path
+	@$(PY) -m devcluster.rust_client
 
 protos: venv          ## regenerate clients/python/discovery_client/api from protos/ (with the locked grpcio-tools)
 	$(PY) scripts/gen_protos.py

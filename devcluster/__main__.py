@@ -1,4 +1,5 @@
-"""``python -m devcluster build|up|down|status`` (behind ``make cluster-up`` / ``make cluster-down``).
+"""``python -m devcluster build|up|down|status`` (behind ``make cluster-up`` / ``make cluster-down``), and
+``python -m devcluster tool NAME``, which builds one Go tool alone and prints its path (``make lint``: buf).
 
 ``up`` leaves a control plane running in the background, detached from this process, and prints
 the path of its kubeconfig; ``down`` stops it. The running one is described by a state file, so a
@@ -16,7 +17,7 @@ import signal
 import sys
 import time
 
-from devcluster.build import CACHE_ROOT, ensure_built
+from devcluster.build import CACHE_ROOT, GO_TOOLS, ensure_built, ensure_tool
 from devcluster.cluster import ControlPlane
 
 RUN_DIR = CACHE_ROOT / "cluster"
@@ -88,10 +89,16 @@ def status() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devcluster", description=__doc__)
-    parser.add_argument("command", choices=["build", "up", "down", "status"])
+    parser.add_argument("command", choices=["build", "up", "down", "status", "tool"])
+    parser.add_argument("tool", nargs="?", choices=[t.binary for t in GO_TOOLS], help="with `tool`: which Go tool")
     args = parser.parse_args(argv)
     if args.command == "build":
         print(ensure_built())
+        return 0
+    if args.command == "tool":
+        if args.tool is None:
+            parser.error("`tool` needs the name of a Go tool")
+        print(ensure_tool(args.tool))
         return 0
     return {"up": up, "down": down, "status": status}[args.command]()
 
