@@ -13,7 +13,7 @@ UV := $(UV_HOME)/bin/uv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: venv lock lock-upgrade demo demo-etcd test unit integration lint proto-lint proto-release rust-client protos version controlplane cluster-up cluster-down bench bench-cost clean
+.PHONY: venv lock lock-upgrade demo demo-etcd test unit integration lint proto-lint proto-release rust-client rust-lint protos version controlplane cluster-up cluster-down bench bench-cost clean
 
 $(UV): hack/uv.requirements
 	$(PYTHON) -m venv $(UV_HOME)
@@ -50,10 +50,10 @@ integration: venv
 	$(PY) -m devcluster build
 	$(PY) -m pytest tests/integration
 
-lint: venv            ## ruff, mypy --strict on sidecar/ (settings in pyproject.toml), then the proto contract (proto-lint)
+lint: venv            ## ruff, mypy --strict on sidecar/ (settings in pyproject.toml), the proto contract, the Rust client
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	@$(MAKE) --no-print-directory proto-lint
+	@$(MAKE) --no-print-directory proto-lint rust-lint
 
 # The last released API, as a buf image (protos/releases/vX.Y.Z.binpb, recorded by `make proto-release`).
 PROTO_RELEASE = $(lastword $(shell ls protos/releases/v*.binpb | sort -V))
@@ -68,8 +68,17 @@ proto-release: venv   ## at a release: record protos/ as the image later version
 	@test -n "$(VERSION)" || { echo "usage: make proto-release VERSION=x.y.z"; exit 2; }
 	BUF=$$($(PY) -m devcluster tool buf) && $$BUF build protos --exclude-source-info -o protos/releases/v$(VERSION).binpb
 
+# Cargo builds share one target directory under ~/.cache (every worktree, and CI, reuse what is built).
+CARGO_TARGET_DIR ?= $(CACHE_DIR)/cargo-target
+export CARGO_TARGET_DIR
+# rustup's cargo; ~/.cargo/bin is not on every non-login shell's PATH.
+CARGO ?= $(or $(shell command -v cargo),$(HOME)/.cargo/bin/cargo)
+
 rust-client: venv     ## build the Rust example client (clients/rust) into ~/.cache; prints the binary's path
 	@$(PY) -m devcluster.rust_client
+
+rust-lint:            ## rustfmt and clippy (warnings are errors) on clients/rust
+	cd clients/rust && $(CARGO) fmt --check && $(CARGO) clippy --locked --all-targets -- -D warnings
 
 protos: venv          ## regenerate clients/python/discovery_client/api from protos/ (with the locked grpcio-tools)
 	$(PY) scripts/gen_protos.py
