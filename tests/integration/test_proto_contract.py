@@ -70,6 +70,8 @@ def test_an_added_field_is_compatible(buf: pathlib.Path, tmp_path: pathlib.Path)
 
 def test_lint_still_guards_names(buf: pathlib.Path, tmp_path: pathlib.Path) -> None:
     """The one exception (SERVICE_SUFFIX) leaves the other STANDARD rules on."""
-    module = edited_copy(tmp_path, ("message PeerGroup {", "message peer_group {"), ("PeerGroup groups", "peer_group groups"))
+    module = edited_copy(
+        tmp_path, ("message PeerGroup {", "message peer_group {"), ("PeerGroup groups", "peer_group groups")
+    )
     lint = subprocess.run([str(buf), "lint", str(module)], capture_output=True, text=True, timeout=60)
     assert lint.returncode != 0 and "PascalCase" in lint.stdout, lint.stdout + lint.stderr

@@ -10,11 +10,13 @@ the client must take the snapshot it is sent (``SNAPSHOT_REASON_RESUME_UNAVAILAB
 
 from __future__ import annotations
 
+import itertools
 import pathlib
 import re
 import subprocess
 from collections.abc import Iterator
 
+import grpc
 import pytest
 
 from devcluster import rust_client
@@ -22,6 +24,7 @@ from devcluster.faults import FaultProxy
 from devcluster.objects import Cluster, wait_for
 from devcluster.rust_client import RustWatch
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
+from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
 from discovery_client.client import snapshot_peers
 from tests.conftest import Sidecars
 from tests.integration.test_peer_stream import READY, World, truth
@@ -141,21 +144,43 @@ def test_follows_peers_resumes_a_cut_stream_and_survives_a_sidecar_restart(
         assert watch.close() == 0, "discovery-watch exits 0 on SIGTERM"
 
 
-def test_unix_socket_target_and_a_filter(
+def test_unix_socket_filter_and_a_snapshot_in_parts(
     namespace: str, cluster: Cluster, sidecars: Sidecars, rust_binary: pathlib.Path, tmp_path: pathlib.Path
 ) -> None:
-    """``--target unix:///...`` (a sidecar listening on a Unix socket) with a selector and named groups."""
+    """``--target unix:///...`` (a sidecar on a Unix socket), a selector and named groups, and a snapshot too
+    large for one message: the sidecar sends it in parts, the client prints it as one complete snapshot."""
     socket_path = tmp_path / "discovery.sock"
     cluster.create_service(namespace, "workers", {"app": "w"})
     router = cluster.start_pod(namespace, "router", {"app": "w", "role": "router"})
-    sidecars.start(router, "workers", extra_env={"DISCOVERY_GRPC_LISTEN": f"unix://{socket_path}"}).wait_ready()
-    for name, role in (("pre-1", "prefill"), ("dec-1", "decode"), ("other-1", "other")):
-        cluster.register_like_dynamo(cluster.start_pod(namespace, name, {"app": "w", "role": role}))
+    sidecar = sidecars.start(router, "workers", extra_env={"DISCOVERY_GRPC_LISTEN": f"unix://{socket_path}"})
+    sidecar.wait_ready()
+    roles = {"pre-1": "prefill", "dec-1": "decode", "other-1": "other"}
+    roles |= {f"big-{i}": "prefill" for i in range(4)}
+    for name, role in roles.items():
+        data = {"endpoints": {}, "model_cards": {}, "notes": "x" * 200_000} if name.startswith("big") else None
+        cluster.register_like_dynamo(cluster.start_pod(namespace, name, {"app": "w", "role": role}), data)
+    expected = {name for name, role in roles.items() if role in ("prefill", "decode")}
+    peer_filter = pb.PeerFilter(selector="role in (prefill,decode)")
+    wait_for(
+        lambda: {p.name for p in snapshot_peers(f"unix:{socket_path}", peer_filter, timeout=10).values()} == expected,
+        45,
+        what="the sidecar holds every peer",
+    )
+    with grpc.insecure_channel(f"unix:{socket_path}") as channel:
+        call = pb_grpc.DiscoveryStub(channel).WatchPeers(pb.WatchPeersRequest(filter=peer_filter), timeout=30)
+        parts = list(itertools.takewhile(lambda m: m.partial, call))
+        call.cancel()
+    assert parts, "4 peers of ~400 KB each are more than one message holds: the snapshot comes in parts"
+
     args = ["--selector", "role in (prefill,decode)", "--group", "prefill=role=prefill"]
     args += ["--group", "decode=role=decode"]
     watch = RustWatch(rust_binary, f"unix://{socket_path}", args)
     try:
-        watch.wait_until(lambda w: set(w.names()) == {"pre-1", "dec-1"}, 45, "the filtered peers")
-        assert {n: p["groups"] for n, p in watch.peers().items()} == {"pre-1": ["prefill"], "dec-1": ["decode"]}
+        watch.wait_until(lambda w: set(w.names()) == expected, 45, "the filtered peers")
+        first = watch.printed()[0]
+        assert first["kind"] == "snapshot" and {p["name"] for p in first["added"]} == expected, "one complete line"
+        assert len(watch.peers()["big-0"]["data"]["notes"]) == 200_000
+        groups = {n: p["groups"] for n, p in watch.peers().items()}
+        assert groups == {n: [roles[n]] for n in expected}
     finally:
         watch.close()
