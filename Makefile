@@ -13,7 +13,7 @@ UV := $(UV_HOME)/bin/uv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: venv lock lock-upgrade demo demo-etcd test unit integration lint proto-lint proto-release rust-client rust-lint protos version controlplane cluster-up cluster-down bench bench-cost clean
+.PHONY: venv lock lock-upgrade demo demo-etcd test unit integration lint proto-lint proto-release rust-client rust-lint protos version controlplane image cluster-up cluster-down bench bench-cost clean
 
 $(UV): hack/uv.requirements
 	$(PYTHON) -m venv $(UV_HOME)
@@ -40,6 +40,7 @@ demo-etcd: venv       ## the same on Dynamo's etcd backend: a real etcd, sidecar
 	$(PY) -m demo.etcd
 
 test: venv            ## the whole suite, unit and integration (builds the control plane once)
+	hack/debian-packages.sh
 	$(PY) -m devcluster build
 	$(PY) -m pytest
 
@@ -47,26 +48,29 @@ unit: venv
 	$(PY) -m pytest tests/unit
 
 integration: venv
+	hack/debian-packages.sh
 	$(PY) -m devcluster build
 	$(PY) -m pytest tests/integration
 
-lint: venv            ## ruff, mypy --strict on sidecar/ (settings in pyproject.toml), the proto contract, the Rust client
+lint: venv            ## ruff, mypy --strict on sidecar/, actionlint on .github/workflows, the proto contract, the Rust client
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	hack/debian-packages.sh
+	$(PY) -m devcluster tool actionlint
 	@$(MAKE) --no-print-directory proto-lint rust-lint
 
 # The last released API, as a buf image (protos/releases/vX.Y.Z.binpb, recorded by `make proto-release`).
 PROTO_RELEASE = $(lastword $(shell ls protos/releases/v*.binpb | sort -V))
+BUF := $(PY) -m devcluster tool buf
 
 proto-lint: venv      ## buf lint protos/, and buf breaking against the last release (builds buf into ~/.cache once)
-	@BUF=$$($(PY) -m devcluster tool buf) && \
-	  $$BUF lint protos && \
-	  $$BUF breaking protos --against $(PROTO_RELEASE) && \
-	  echo "buf: protos/ passes lint and is compatible with $(PROTO_RELEASE)"
+	$(BUF) lint protos
+	$(BUF) breaking protos --against $(PROTO_RELEASE)
+	@echo "buf: protos/ passes lint and is compatible with $(PROTO_RELEASE)"
 
 proto-release: venv   ## at a release: record protos/ as the image later versions must stay compatible with
 	@test -n "$(VERSION)" || { echo "usage: make proto-release VERSION=x.y.z"; exit 2; }
-	BUF=$$($(PY) -m devcluster tool buf) && $$BUF build protos --exclude-source-info -o protos/releases/v$(VERSION).binpb
+	$(BUF) build protos --exclude-source-info -o protos/releases/v$(VERSION).binpb
 
 # Cargo builds share one target directory under ~/.cache (every worktree, and CI, reuse what is built).
 CARGO_TARGET_DIR ?= $(CACHE_DIR)/cargo-target
@@ -88,6 +92,9 @@ version: venv         ## set the release version everywhere: make version VERSIO
 
 controlplane: venv    ## build kube-apiserver, kube-controller-manager, kubectl, etcd into ~/.cache
 	$(PY) -m devcluster build
+
+image: venv           ## build the sidecar's image without Docker into ~/.cache (docs/image.md); prints its reference
+	$(PY) -m devcluster.image build
 
 cluster-up: venv      ## leave a control plane running; prints its kubeconfig path
 	@$(PY) -m devcluster up

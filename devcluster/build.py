@@ -5,15 +5,16 @@ flags), so a warm machine skips the build entirely and a version bump rebuilds. 
 k8s.io/kubernetes on a 2-core machine takes long enough that silence would look like a hang, so
 ``go build -v`` is run and the number of packages compiled is reported periodically.
 
-Besides the control plane, the tests need a few Go programs that no package registry ships (buf, ...).
-Each is one row of ``GO_TOOLS``: its own pinned module under ``hack/`` (so a tool's version bump rebuilds
-that tool only, never the control plane), built into a cache directory keyed like the control plane's,
-and linked into the control plane's ``bin`` directory, beside ``kubectl``, where tests and users find it.
+Besides the control plane, the tests and ``make lint`` need a few Go programs that no package registry
+ships (actionlint, buf, ...). Each is one row of ``GO_TOOLS``: its own pinned module under ``hack/`` (so a
+tool's version bump rebuilds that tool only, never the control plane), built into a cache directory keyed
+like the control plane's, and linked into the control plane's ``bin`` directory, beside ``kubectl``,
+where tests and users find it. ``ensure_tool`` builds one tool alone (``make lint`` needs no control
+plane).
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -67,6 +68,13 @@ class GoTool:
 
 
 GO_TOOLS = (
+    GoTool(
+        binary="actionlint",
+        module="hack/tools/actionlint",
+        package="github.com/rhysd/actionlint/cmd/actionlint",
+        version_of="github.com/rhysd/actionlint",
+        version_ldflags=("-X github.com/rhysd/actionlint.version={version}",),
+    ),
     # protos/'s linter and breaking-change checker (`make lint`); its version is a constant in its source.
     GoTool(
         binary="buf",
@@ -135,7 +143,7 @@ def cache_key(versions: dict[str, str]) -> str:
 def tool_path(tool: GoTool) -> pathlib.Path:
     """Where ``tool``'s binary is cached (its own key: only its own module changes it)."""
     key = f"{tool.binary}-{tool.version()}-{_digest(tool.module_dir, tool.ldflags())}"
-    return CACHE_ROOT / "tools" / tool.binary / key / tool.binary
+    return CACHE_ROOT / "tools" / key / tool.binary
 
 
 def uv_binary() -> pathlib.Path:
@@ -187,18 +195,6 @@ def ensure_built(log: Log = _say) -> pathlib.Path:
     return target
 
 
-def ensure_tool(name: str, log: Log = _say) -> pathlib.Path:
-    """Return the path of the Go tool ``name`` (a row of ``GO_TOOLS``), building that tool alone if needed.
-
-    For callers that need one tool and not the control plane (``make lint`` needs buf only): a cold
-    control-plane build is many times longer than a tool's.
-    """
-    for tool in GO_TOOLS:
-        if tool.binary == name:
-            return _ensure_tool(tool, log)
-    raise ValueError(f"no Go tool named {name!r} (known: {', '.join(t.binary for t in GO_TOOLS)})")
-
-
 def _link(built: pathlib.Path, link: pathlib.Path) -> None:
     """Point ``link`` at ``built`` (atomically: a test running beside this never sees it missing)."""
     if link.is_symlink() and link.resolve() == built.resolve():
@@ -209,31 +205,53 @@ def _link(built: pathlib.Path, link: pathlib.Path) -> None:
     staging.replace(link)
 
 
+def ensure_tool(name: str, log: Log = _say) -> pathlib.Path:
+    """The path of the Go tool ``name`` (a row of ``GO_TOOLS``), building it alone if it is missing.
+
+    ``make lint`` needs actionlint and buf without the control plane, whose cold build takes far longer."""
+    tools = {tool.binary: tool for tool in GO_TOOLS}
+    if name not in tools:
+        raise RuntimeError(f"no Go tool named {name!r}; GO_TOOLS has {', '.join(sorted(tools))}")
+    return _ensure_tool(tools[name], log)
+
+
 def _ensure_tool(tool: GoTool, log: Log) -> pathlib.Path:
     target = tool_path(tool)
     if target.is_file():
         return target
-    target.parent.parent.mkdir(parents=True, exist_ok=True)
-    # One build at a time per tool (tests, the demo and `make` may all ask at once); the others wait, then
-    # find it built.
-    with open(target.parent.parent / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.is_file():
-            return target
-        log(f"building {tool.binary} {tool.version()} ({tool.package}) into {target.parent}; later runs reuse it")
-        env = dict(os.environ, GOFLAGS="-buildvcs=false", CGO_ENABLED="0")
-        started = time.monotonic()
-        go = go_toolchain(tool.binary)
-        download = [go, "mod", "download", "-x"]
-        _run_with_progress(download, env, f"{tool.binary}: downloading Go modules", log, tool.module_dir)
-        staging = target.parent.with_name(target.parent.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        build = [go, "build", "-v", "-trimpath", "-ldflags", tool.ldflags(), "-o", str(staging / tool.binary)]
-        _run_with_progress([*build, tool.package], env, f"{tool.binary}: compiling", log, tool.module_dir)
-        shutil.rmtree(target.parent, ignore_errors=True)
-        staging.rename(target.parent)
-        log(f"{tool.binary} built in {time.monotonic() - started:.0f}s")
+    log(f"building {tool.binary} {tool.version()} ({tool.package}) into {target.parent}; later runs reuse it")
+    env = dict(os.environ, GOFLAGS="-buildvcs=false", CGO_ENABLED="0")
+    started = time.monotonic()
+    _run_with_progress(
+        [go_toolchain(f"{tool.binary}"), "mod", "download", "-x"],
+        env,
+        f"{tool.binary}: downloading Go modules",
+        log,
+        tool.module_dir,
+    )
+    staging = target.parent.with_name(target.parent.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    _run_with_progress(
+        [
+            go_toolchain(tool.binary),
+            "build",
+            "-v",
+            "-trimpath",
+            "-ldflags",
+            tool.ldflags(),
+            "-o",
+            str(staging / tool.binary),
+            tool.package,
+        ],
+        env,
+        f"{tool.binary}: compiling",
+        log,
+        tool.module_dir,
+    )
+    shutil.rmtree(target.parent, ignore_errors=True)
+    staging.rename(target.parent)
+    log(f"{tool.binary} built in {time.monotonic() - started:.0f}s")
     return target
 
 
