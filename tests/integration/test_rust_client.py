@@ -68,17 +68,19 @@ def retries(watch: RustWatch, since: int = 0) -> list[dict[str, object]]:
 
 
 def test_rust_unit_tests_pass() -> None:
-    """The crate's own tests (the view's snapshot/delta/partial handling, backoff, the line format)."""
+    """The crate's own tests (the view's snapshot/delta/partial handling, backoff, the line format) and its
+    doc example (compiled, as the README shows it)."""
     result = subprocess.run(
-        [rust_client.cargo(), "test", "--locked", "--lib"],
+        [rust_client.cargo(), "test", "--locked"],
         cwd=rust_client.CRATE_DIR,
         env=rust_client.cargo_env(),
         capture_output=True,
         text=True,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    passed = re.search(r"test result: ok\. (\d+) passed; 0 failed", result.stdout)
-    assert passed and int(passed.group(1)) > 0, result.stdout[-3000:]
+    results = re.findall(r"test result: (\w+)\. (\d+) passed; (\d+) failed", result.stdout)
+    assert results and all(r[0] == "ok" and r[2] == "0" for r in results), result.stdout[-3000:]
+    assert sum(int(r[1]) for r in results) >= 8, "the unit tests and the doc example ran"
 
 
 def test_follows_peers_resumes_a_cut_stream_and_survives_a_sidecar_restart(
