@@ -39,9 +39,10 @@ demo: venv            ## build/start a local control plane and show live discove
 demo-etcd: venv       ## the same on Dynamo's etcd backend: a real etcd, sidecars and a Dynamo worker
 	$(PY) -m demo.etcd
 
-test: venv            ## the whole suite, unit and integration (builds the control plane once)
+test: venv            ## the whole suite, unit and integration (builds the control plane and the Rust client once)
 	hack/debian-packages.sh
 	$(PY) -m devcluster build
+	$(PY) -m devcluster.rust_client
 	$(PY) -m pytest
 
 unit: venv
@@ -50,6 +51,7 @@ unit: venv
 integration: venv
 	hack/debian-packages.sh
 	$(PY) -m devcluster build
+	$(PY) -m devcluster.rust_client
 	$(PY) -m pytest tests/integration
 
 lint: venv            ## ruff, mypy --strict on sidecar/, actionlint on .github/workflows, the proto contract, the Rust client

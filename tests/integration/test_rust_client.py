@@ -67,7 +67,8 @@ def retries(watch: RustWatch, since: int = 0) -> list[dict[str, object]]:
     return [n["retrying"] for n in watch.notices[since:] if isinstance(n, dict) and "retrying" in n]
 
 
-def test_rust_unit_tests_pass() -> None:
+@pytest.mark.timeout(900)  # the first user of rust_binary: a cold cargo build when `make test` did not run it
+def test_rust_unit_tests_pass(rust_binary: pathlib.Path) -> None:
     """The crate's own tests (the view's snapshot/delta/partial handling, backoff, the line format) and its
     doc example (compiled, as the README shows it)."""
     result = subprocess.run(
