@@ -187,3 +187,12 @@ def test_unix_socket_filter_and_a_snapshot_in_parts(
         assert groups == {n: [roles[n]] for n in expected}
     finally:
         watch.close()
+    # A bad selector is refused for good (INVALID_ARGUMENT): no retrying, exit 1 with the sidecar's reason.
+    refused = subprocess.run(
+        [str(rust_binary), "--target", f"unix://{socket_path}", "--selector", "role in ("],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert refused.returncode == 1 and "InvalidArgument" in refused.stderr, refused.stderr
+    assert "retrying" not in refused.stderr

@@ -62,7 +62,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
                 options.max_backoff =
                     Duration::try_from_secs_f64(seconds).map_err(|e| format!("--max-backoff: {e}"))?;
             }
-            "--help" | "-h" => return Err(String::new()),
+            "--help" | "-h" => return Err(String::new()), // not an error: main prints the usage and exits 0
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -73,11 +73,12 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
 async fn main() -> ExitCode {
     let options = match parse(std::env::args().skip(1)) {
         Ok(options) => options,
+        Err(problem) if problem.is_empty() => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
         Err(problem) => {
-            if !problem.is_empty() {
-                eprintln!("discovery-watch: {problem}");
-            }
-            eprintln!("{USAGE}");
+            eprintln!("discovery-watch: {problem}\n{USAGE}");
             return ExitCode::from(2);
         }
     };
