@@ -6,7 +6,7 @@ k8s.io/kubernetes on a 2-core machine takes long enough that silence would look 
 ``go build -v`` is run and the number of packages compiled is reported periodically.
 
 Besides the control plane, the tests and ``make lint`` need a few Go programs that no package registry
-ships (actionlint, helm). Each is one row of ``GO_TOOLS``: its own pinned module under ``hack/`` (so a
+ships (actionlint, buf, helm). Each is one row of ``GO_TOOLS``: its own pinned module under ``hack/`` (so a
 tool's version bump rebuilds that tool only, never the control plane), built into a cache directory keyed
 like the control plane's, and linked into the control plane's ``bin`` directory, beside ``kubectl``,
 where tests and users find it. ``ensure_tool`` builds one tool alone (``make lint`` needs no control
@@ -76,6 +76,14 @@ GO_TOOLS = (
         version_of="github.com/rhysd/actionlint",
         version_ldflags=("-X github.com/rhysd/actionlint.version={version}",),
     ),
+    # protos/'s linter and breaking-change checker (`make lint`); its version is a constant in its source.
+    GoTool(
+        binary="buf",
+        module="hack/tools/buf",
+        package="github.com/bufbuild/buf/cmd/buf",
+        version_of="github.com/bufbuild/buf",
+    ),
+    # the chart tests' and the demo's helm (charts/discovery-sidecar against the real API server)
     GoTool(
         binary="helm",
         module="hack/tools/helm",
@@ -212,7 +220,7 @@ def _link(built: pathlib.Path, link: pathlib.Path) -> None:
 def ensure_tool(name: str, log: Log = _say) -> pathlib.Path:
     """The path of the Go tool ``name`` (a row of ``GO_TOOLS``), building it alone if it is missing.
 
-    ``make lint`` needs actionlint without the control plane, whose cold build takes far longer."""
+    ``make lint`` needs actionlint and buf without the control plane, whose cold build takes far longer."""
     tools = {tool.binary: tool for tool in GO_TOOLS}
     if name not in tools:
         raise RuntimeError(f"no Go tool named {name!r}; GO_TOOLS has {', '.join(sorted(tools))}")
