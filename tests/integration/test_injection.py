@@ -27,7 +27,7 @@ from discovery_client.client import DiscoveryClient
 from sidecar.injection import policy
 from sidecar.injection.pod import inject_pod
 from sidecar.injection.template import load_template
-from sidecar.kube.api import KubeApi
+from sidecar.kube.api import ApiError, KubeApi
 from tests.conftest import MANIFESTS, kubectl
 
 pytestmark = pytest.mark.integration
@@ -68,7 +68,12 @@ def injecting(
     admin_api.create(f"/apis/{policy.PARAMS_API_VERSION}/namespaces/{namespace}/{policy.PARAMS_PLURAL}", params)
 
     def in_effect() -> bool:
-        admitted = dry_run_create(admin_api, namespace, pod_body("probe", {LABEL: "true"}))
+        try:
+            admitted = dry_run_create(admin_api, namespace, pod_body("probe", {LABEL: "true"}))
+        except ApiError as exc:
+            if "no params found" in exc.message:
+                return False  # the admission plugin's informer has not seen the new parameter object yet
+            raise
         return any(c["name"] == TEMPLATE.container_name for c in admitted["spec"].get("initContainers") or ())
 
     wait_for(in_effect, 30, what="the injection policy to take effect")
@@ -199,8 +204,6 @@ def test_a_pod_opting_in_where_no_parameters_are_is_refused(
 ) -> None:
     """No parameter object in the namespace (the chart or component was not installed there): the pod is
     refused, naming the binding, rather than started without the discovery its main container expects."""
-    from sidecar.kube.api import ApiError
-
     def refused() -> str:
         try:
             dry_run_create(admin_api, namespace, pod_body("lonely", {LABEL: "true"}))
