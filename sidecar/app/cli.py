@@ -154,7 +154,7 @@ def _peers(args: argparse.Namespace) -> int:
 
 
 def _inject(args: argparse.Namespace) -> int:
-    from sidecar.injection.manifests import run
+    from sidecar.app.injection.manifests import run
 
     return run(args)
 
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     peers.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the list (not with --watch)")
     peers.set_defaults(func=_peers)
 
-    from sidecar.injection.manifests import add_arguments as add_inject_arguments
+    from sidecar.app.injection.manifests import add_arguments as add_inject_arguments
 
     inject = commands.add_parser(
         "inject",

@@ -21,7 +21,7 @@ import yaml
 from devcluster.build import ROOT, ensure_built
 from devcluster.cluster import ControlPlane
 from devcluster.objects import PODS, Cluster, wait_for
-from sidecar.injection.template import load_template
+from sidecar.app.injection.template import load_template
 from sidecar.kube.api import ApiError, KubeApi
 from tests.conftest import Sidecars, kubectl
 

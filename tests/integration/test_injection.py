@@ -1,7 +1,7 @@
 """Sidecar injection by the MutatingAdmissionPolicy, on the real API server (Kubernetes 1.36, MAP v1).
 
 The policy, its bindings and the parameter object (a SidecarInjection) are the kustomize component
-(``manifests/components/injection``, generated from ``sidecar/injection/template.yaml``). Pods are created
+(``manifests/components/injection``, generated from ``sidecar/app/injection/template.yaml``). Pods are created
 directly: the dev control plane runs no Deployment or ReplicaSet controller, so a Deployment's pods are
 made from its template as the ReplicaSet controller would (``generateName``, the template's labels), and
 the API server's admission chain is the same for them. A sidecar is then started from the injected spec,
@@ -24,9 +24,9 @@ from devcluster.cluster import ControlPlane
 from devcluster.objects import PODS, Cluster, wait_for
 from devcluster.sidecars import SidecarProcess, launch_from_pod
 from discovery_client.client import DiscoveryClient
-from sidecar.injection import policy
-from sidecar.injection.pod import inject_pod
-from sidecar.injection.template import load_template
+from sidecar.app.injection import policy
+from sidecar.app.injection.pod import inject_pod
+from sidecar.app.injection.template import load_template
 from sidecar.kube.api import ApiError, KubeApi
 from tests.conftest import MANIFESTS, kubectl
 
