@@ -21,7 +21,8 @@ from sidecar.peers.ports import HubChange, NotWatching, PeerSetState, Subscriber
 class PeerHub:
     """Owns the ``PeerDirectory`` and the one lock that guards it, plus the source-health table.
 
-    ``_lock`` guards ``_directory``, ``_source_health``, ``_closed``, ``_self_uid`` and ``_on_demand``.
+    ``_lock`` guards ``_directory``, ``_source_health``, ``_closed``, ``_synced``, ``_self_uid`` and
+    ``_on_demand``.
     Every change (entries appended, the first sync, a source's health, closing) is signalled once, in
     ``_signal``: ``_changed`` (a condition on the same lock) wakes the threads blocked in ``wait_synced``
     and ``wait_entries``, then each subscriber is called, outside the lock, in the writer's thread.
@@ -36,6 +37,7 @@ class PeerHub:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._closed = False
+        self._synced = directory.synced  # the directory's sync, once reached (it is never lost)
         self._subscribers: tuple[Subscriber, ...] = ()
         self._source_health: dict[str, str] = {}  # source -> why it is unhealthy
         # What a peer request does first (``demand``): nothing (watching from start-up), start the watches
@@ -77,20 +79,18 @@ class PeerHub:
         """Apply ``mutate`` under the lock; signal when it appended entries, synced the directory, or
         ``changed`` says the caller changed something else the readers see (a source's health)."""
         with self._changed:
-            was_synced = self._directory.synced
             entries = mutate(self._directory)
-            synced = self._directory.synced
-            change = (
-                HubChange(tuple(entries), synced, self._closed)
-                if entries or changed or synced != was_synced
-                else None
-            )
-            if change is not None:
-                self._changed.notify_all()
+            # Synced once is synced for good (the directory never forgets a source listed): checked until then.
+            became_synced = not self._synced and self._directory.synced
+            if became_synced:
+                self._synced = True
+            if not (entries or changed or became_synced):
+                return entries
+            self._changed.notify_all()
+            change = HubChange(entries, self._synced, self._closed)  # the list is this commit's own
             subscribers = self._subscribers
-        if change is not None:
-            for subscriber in subscribers:
-                subscriber(change)
+        for subscriber in subscribers:
+            subscriber(change)
         return entries
 
     def _set_source_health(self, source: str, healthy: bool, reason: str) -> None:
