@@ -264,7 +264,7 @@ class EtcdPublisher(PublisherLoop):
     def _hold(self) -> None:
         self._keep_alive()
 
-    def _failed(self, message: str) -> None:
+    def _failed(self, message: str, needs_human: bool) -> None:
         with self._state_lock:
             loss = self._loss
         self._mark_unregistered(f"{loss}; {message}" if loss else message)

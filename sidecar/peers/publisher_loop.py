@@ -240,8 +240,9 @@ class PublisherLoop:
         """Keep the registration until it must be established again (woken, due, or lost), or the stop."""
         raise NotImplementedError
 
-    def _failed(self, message: str) -> None:
-        """A pass failed with ``message``: not registered, and that is why."""
+    def _failed(self, message: str, needs_human: bool) -> None:
+        """A pass failed with ``message``: not registered, and that is why. ``needs_human``: the meaning says
+        retrying as is will not help (forbidden, invalid, too large, not found), as opposed to unavailable."""
         self._mark_unregistered(message)
 
     def _withdraw(self, timeout: float) -> bool:
@@ -269,13 +270,13 @@ class PublisherLoop:
                 self._hold()
                 continue
             except RegistrationError as exc:
-                message = str(exc)
+                message, needs_human = str(exc), not isinstance(exc, Unavailable)
             except Exception as exc:  # a bug must cost a retry, never the registration
                 self.log.exception("unexpected error registering; retrying")
-                message = f"unexpected error: {type(exc).__name__}: {exc}"
+                message, needs_human = f"unexpected error: {type(exc).__name__}: {exc}", True
             if self._stop.is_set() or not self.state.writes:
                 continue
-            self._failed(message)
+            self._failed(message, needs_human)
             delay = self.backoff.next_delay()
             self.log.error("registration failed, retrying", reason=message, retry_in=round(delay, 2))
             self._stop.wait(delay)
