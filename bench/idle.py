@@ -14,7 +14,7 @@ change signal. Two measurements, each over ``--seconds`` of idleness after ``--s
 
 ``python -m bench.idle`` prints JSON. The script runs on this tree's layout and on the one before the
 issue-20 refactor (``sidecar.hub``, ``sidecar.grpc_service``, ``sidecar.cli``), so both can be measured
-side by side on the same machine: ``bench/comparisons/2026-12-08-one-shape.md``.
+side by side on the same machine: ``bench/comparisons/2026-12-07-one-shape.md``.
 """
 
 from __future__ import annotations
