@@ -38,6 +38,7 @@ the sidecar (the native sidecar stops last), then removes the Pod object.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import pathlib
 import random
@@ -272,11 +273,32 @@ class DynamoDeployment:
     def add_worker(self, name: str, ready: bool = True, timeout: float = 60.0) -> Worker:
         """A worker pod: created unready, its sidecar started and ready, the mocker started and healthy, and
         then (``ready``) reported Ready, as the kubelet would once both probes pass."""
-        pod = self.cluster.create_pod(self.namespace, name, WORKER_LABELS)
-        pod = self.cluster.set_pod_status(self.namespace, name, ready=False)
-        sidecar = self._sidecar(pod, {})
-        if sidecar is not None:
-            sidecar.wait_ready(timeout)
+        return self.add_workers([name], ready, timeout)[0]
+
+    def add_workers(self, names: Sequence[str], ready: bool = True, timeout: float = 60.0) -> list[Worker]:
+        """``add_worker`` for several pods at once, as a scheduler starts a ReplicaSet's pods side by side."""
+        pods = []
+        for name in names:
+            self.cluster.create_pod(self.namespace, name, WORKER_LABELS)
+            pods.append(self.cluster.set_pod_status(self.namespace, name, ready=False))
+        sidecars = [self._sidecar(pod, {}) for pod in pods]
+        for sidecar in sidecars:  # a native sidecar is started (and ready) before the main container
+            if sidecar is not None:
+                sidecar.wait_ready(timeout)
+        workers = [self._start_mocker(pod, sidecar) for pod, sidecar in zip(pods, sidecars, strict=True)]
+        for worker in workers:
+            wait_for(worker.healthy, timeout, what=f"{worker.name}'s mocker healthy (its readiness probe)")
+            wait_for(
+                functools.partial(self.instance_id, worker.name),
+                timeout,
+                what=f"{worker.name}'s DynamoWorkerMetadata with its endpoint",
+            )
+        if ready:
+            for worker in workers:
+                self.set_ready(worker.name, True)
+        return workers
+
+    def _start_mocker(self, pod: dict[str, Any], sidecar: SidecarProcess | None) -> Worker:
         system_port = free_low_port()
         argv = [
             "dynamo.mocker",
@@ -297,11 +319,7 @@ class DynamoDeployment:
             "DYN_SYSTEM_USE_ENDPOINT_HEALTH_STATUS": json.dumps(["generate"]),
         }
         worker = Worker(pod, self._dynamo(pod, "mocker", argv, env), system_port, sidecar)
-        self.workers[name] = worker
-        wait_for(worker.healthy, timeout, what=f"{name}'s mocker healthy (its readiness probe)")
-        wait_for(lambda: self.instance_id(name), timeout, what=f"{name}'s DynamoWorkerMetadata with its endpoint")
-        if ready:
-            self.set_ready(name, True)
+        self.workers[worker.name] = worker
         return worker
 
     def set_ready(self, name: str, ready: bool) -> float:

@@ -82,9 +82,8 @@ def deploy(
     """``workers`` ready mocker pods and a frontend routing to all of them (and, by default, sidecars)."""
     deployment = DynamoDeployment(plane, cluster, namespace, work_dir, with_sidecars=with_sidecars)
     made.append(deployment)
-    for index in range(workers):
-        deployment.add_worker(f"worker-{index}")
     frontend = deployment.start_frontend()
+    deployment.add_workers([f"worker-{index}" for index in range(workers)])
     expected = {deployment.instance_id(name) for name in deployment.workers}
     routing(deployment, frontend, expected)
     return deployment
