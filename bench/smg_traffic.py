@@ -11,11 +11,13 @@ The workers are stand-in OpenAI-compatible engines (``devcluster.smg.StandInWork
 127.0.0.N answering SMG's probes, ``/v1/models`` and ``/v1/chat/completions`` after a fixed service time),
 whose pods the run drives as a kubelet would. The rollout replaces every worker, ``--rounds`` times, the way
 a Deployment with ``maxSurge: 1, maxUnavailable: 0`` does: a new pod Running and Ready, then an old pod
-deleted with a grace period; the old engine **keeps serving through its grace period** (a graceful drain),
-then stops, and its Pod object goes. Both gateways use round-robin (``--policy round_robin``) and SMG's
-default retries.
+deleted, the next step ``--interval`` seconds later at the earliest. Three phases, one after the other in the
+same run: a **graceful drain** (the old engine keeps serving through its grace period, ``--grace`` seconds,
+then stops), **no drain** (it stops at the delete, as an engine that exits on SIGTERM without a ``preStop``
+hook does) and **no drain, back to back** (the same with no interval: the fastest rollout); then its Pod
+object goes. Both gateways use round-robin (``--policy round_robin``) and SMG's default retries.
 
-Measured per gateway, from the same run: failed requests (any answer that is not a complete chat
+Measured per gateway and phase: failed requests (any answer that is not a complete chat
 completion, after SMG's own retries), p50 and p99 latency and the p99 added over the engine's own (a third
 load sends the same requests straight to a reference engine), and the time from a new pod's Ready until
 that gateway's first request reaches it. Results: ``bench/smg-traffic-results.json``, the "With traffic"
@@ -73,7 +75,8 @@ class Replacement:
 class Settings:
     workers: int = 4
     rounds: int = 2
-    grace: float = 5.0  # seconds a terminating engine keeps serving
+    grace: float = 5.0  # seconds a terminating engine keeps serving (the graceful phase)
+    interval: float = 2.0  # at least this long from one replacement to the next (a new pod's start-up)
     service: float = 0.01  # the engine's own time per request
     clients: int = 2  # load threads per gateway (and for the direct reference)
     pause: float = 0.01  # think time between one thread's requests
@@ -206,21 +209,25 @@ class Run:
             self.timeline.append(row)
 
     # -- the rollout ----------------------------------------------------------------------------------------
-    def rollout(self) -> None:
+    def rollout(self, grace: float, interval: float) -> None:
         for round_number in range(self.settings.rounds):
             for old in list(self.stand_ins):  # this round's pods, oldest first
                 new, ready_at = self.add_worker()
                 step = Replacement(new, old, ready_at)
                 self.cluster.delete_pod(NAMESPACE, old, grace_seconds=int(self.settings.grace) + 30)
                 step.deleted_at = time.monotonic()
-                say(f"round {round_number + 1}: {new} ready, {old} terminating ({self.settings.grace:.0f} s of drain)")
-                time.sleep(self.settings.grace)  # the grace period itself, what is simulated: not synchronisation
+                say(f"round {round_number + 1}: {new} ready, {old} terminating ({grace:.0f} s of drain)")
+                time.sleep(grace)  # the grace period itself, what is simulated: not synchronisation
                 self.stand_ins.pop(old).stop()
                 step.stopped_at = time.monotonic()
                 self.cluster.delete_pod(NAMESPACE, old, grace_seconds=0)  # the kubelet confirms: the Pod goes
                 self.replacements.append(step)
+                time.sleep(max(0.0, interval - grace))  # the next new pod's start-up, simulated
 
-    def measure(self) -> dict[str, Any]:
+    def measure(self, grace: float, interval: float) -> dict[str, Any]:
+        """One rollout under load (old engines serving ``grace`` seconds after their pod's delete, a step at
+        least every ``interval`` seconds): the summary."""
+        self.replacements, self.timeline, self.stopped = [], [], threading.Event()
         senders: dict[str, Callable[[], Outcome]] = {
             name: (lambda g=gateway, n=name: chat_completion(g.port, MODEL, content=f"via {n}"))  # type: ignore[misc]
             for name, gateway in self.gateways.items()
@@ -235,14 +242,15 @@ class Run:
         sampler.start()
         for load in loads.values():
             load.wait_for_more(50)
-        self.rollout()
+        self.rollout(grace, interval)
         settle = time.monotonic() + 5.0
         while time.monotonic() < settle:
             time.sleep(0.1)  # poll: keep the load on a few seconds after the last step
         outcomes = {n: load.stop() for n, load in loads.items()}
         self.stopped.set()
         sampler.join(5)
-        return self.summarise(outcomes, began)
+        summary = self.summarise(outcomes, began)
+        return {**summary, "grace_seconds": grace, "interval_seconds": interval, "timeline": self.timeline}
 
     def summarise(self, outcomes: dict[str, list[Outcome]], began: float) -> dict[str, Any]:
         direct = [o.seconds for o in outcomes["direct"] if o.ok]
@@ -290,55 +298,62 @@ def ms(seconds: float) -> float:
 
 
 # -- the report ---------------------------------------------------------------------------------------------------
-def plot(result: dict[str, Any], timeline: list[dict[str, Any]], path: pathlib.Path) -> None:
+def plot(phases: dict[str, dict[str, Any]], path: pathlib.Path) -> None:
+    """Per phase (a column): every request's latency over the rollout, failures marked; below, how many
+    workers each gateway still listed after their engine had stopped."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True, height_ratios=[3, 2])
+    figure, axes = plt.subplots(
+        2, len(phases), figsize=(5.5 * len(phases), 6.5), sharex="col", height_ratios=[3, 2], squeeze=False
+    )
     colours = {"smg-kubernetes": "tab:orange", "smg-via-sidecar": "tab:blue"}
-    for gateway in GATEWAYS:
-        rows = result[gateway]["requests_over_time"]
-        good = [(t, m) for t, m, ok in rows if ok]
-        bad = [(t, m) for t, m, ok in rows if not ok]
-        top.scatter([t for t, _ in good], [m for _, m in good], s=3, alpha=0.4, color=colours[gateway], label=gateway)
-        if bad:
+    for column, (phase, result) in enumerate(phases.items()):
+        top, bottom = axes[0][column], axes[1][column]
+        for gateway in GATEWAYS:
+            rows = result[gateway]["requests_over_time"]
+            good = [(t, m) for t, m, ok in rows if ok]
+            bad = [(t, m) for t, m, ok in rows if not ok]
             top.scatter(
-                [t for t, _ in bad],
-                [m for _, m in bad],
-                s=30,
-                marker="x",
-                color=colours[gateway],
-                label=f"{gateway}: failed ({len(bad)})",
+                [t for t, _ in good], [m for _, m in good], s=3, alpha=0.4, color=colours[gateway], label=gateway
             )
-    for step in result["steps"]:
-        top.axvline(step["deleted_s"], color="grey", linewidth=0.6, linestyle=":")
-        bottom.axvline(step["deleted_s"], color="grey", linewidth=0.6, linestyle=":")
-    top.set_yscale("log")
-    top.set_ylabel("request latency (ms)")
-    top.legend(loc="upper right", fontsize=8)
-    top.set_title("Rolling replacement under load: SMG's own discovery vs fed by the sidecar (one run)")
-    for gateway in GATEWAYS:
-        bottom.step(
-            [row["t"] for row in timeline],
-            [row[gateway]["dead"] for row in timeline],
-            where="post",
-            color=colours[gateway],
-            label=f"{gateway}: workers listed that no longer serve",
-        )
-    bottom.set_ylabel("stopped workers still listed")
-    bottom.set_xlabel("seconds (dotted: an old pod deleted, its engine serving for the grace period)")
-    bottom.legend(loc="upper right", fontsize=8)
+            if bad:
+                top.scatter(
+                    [t for t, _ in bad],
+                    [m for _, m in bad],
+                    s=30,
+                    marker="x",
+                    color=colours[gateway],
+                    label=f"{gateway}: failed ({len(bad)})",
+                )
+            timeline = result["timeline"]
+            bottom.step(
+                [row["t"] for row in timeline],
+                [row[gateway]["dead"] for row in timeline],
+                where="post",
+                color=colours[gateway],
+                label=gateway,
+            )
+        for step in result["steps"]:
+            for axis in (top, bottom):
+                axis.axvline(step["deleted_s"], color="grey", linewidth=0.6, linestyle=":")
+        top.set_yscale("log")
+        top.set_ylabel("request latency (ms)")
+        top.legend(loc="upper right", fontsize=8)
+        top.set_title(f"{phase} (old engine serves {result['grace_seconds']:.0f} s after its delete)", fontsize=10)
+        bottom.set_ylabel("stopped engines still listed")
+        bottom.set_xlabel("seconds (dotted: an old pod deleted)")
+        bottom.legend(loc="upper right", fontsize=8)
+    figure.suptitle("Rolling replacement under load: SMG's own discovery vs fed by the sidecar (one run)")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
-def report(result: dict[str, Any], settings: Settings, versions: dict[str, str]) -> str:
-    k8s, sidecar, direct = result["smg-kubernetes"], result["smg-via-sidecar"], result["direct"]
-
+def report(phases: dict[str, dict[str, Any]], settings: Settings, versions: dict[str, str]) -> str:
     def first(data: dict[str, Any]) -> str:
         median, worst = data["new_worker_first_request_median_s"], data["new_worker_first_request_max_s"]
         missed = sum(1 for t in data["new_worker_first_request_s"] if t is None)
@@ -347,16 +362,21 @@ def report(result: dict[str, Any], settings: Settings, versions: dict[str, str])
 
     def fails(data: dict[str, Any]) -> str:
         share = 100 * data["failed"] / data["requests"] if data["requests"] else 0
-        return f"{data['failed']} of {data['requests']} ({share:.2f} %)"
+        return f"**{data['failed']}** of {data['requests']} ({share:.2f} %)"
 
-    rows = [
-        ("failed requests", fails(k8s), fails(sidecar)),
-        ("p50 latency", f"{k8s['p50_ms']:.1f} ms", f"{sidecar['p50_ms']:.1f} ms"),
-        ("p99 latency", f"{k8s['p99_ms']:.1f} ms", f"{sidecar['p99_ms']:.1f} ms"),
-        ("p99 added over the engine's own", f"{k8s['p99_added_ms']:.1f} ms", f"{sidecar['p99_added_ms']:.1f} ms"),
-        ("new worker Ready to its first request (median)", first(k8s), first(sidecar)),
-    ]
-    reasons = {g: result[g]["failures"] for g in GATEWAYS if result[g]["failures"]}
+    rows = []
+    for phase, result in phases.items():
+        k8s, sidecar, direct = result["smg-kubernetes"], result["smg-via-sidecar"], result["direct"]
+        rows += [
+            (f"{phase}: failed requests", fails(k8s), fails(sidecar)),
+            (f"{phase}: p50 / p99 latency", *(f"{d['p50_ms']:.1f} / {d['p99_ms']:.1f} ms" for d in (k8s, sidecar))),
+            (
+                f"{phase}: p99 added over the engine's own ({direct['p99_ms']:.1f} ms)",
+                *(f"{d['p99_added_ms']:.1f} ms" for d in (k8s, sidecar)),
+            ),
+            (f"{phase}: new worker Ready to its first request, median", first(k8s), first(sidecar)),
+        ]
+    some = next(iter(phases.values()))
     lines = [
         SECTION,
         "",
@@ -365,23 +385,28 @@ def report(result: dict[str, Any], settings: Settings, versions: dict[str, str])
         "Generated by `python -m bench.smg_traffic` (raw numbers: `bench/smg-traffic-results.json`; plot:",
         "`bench/plots/smg-traffic.png`). Both gateways the real `smg` 1.13, side by side in one run under the",
         f"same load ({settings.clients} client threads each, back to back), `--policy round_robin`, SMG's",
-        f"default retries. {settings.workers} stand-in engines (OpenAI-compatible,",
-        f"{settings.service * 1000:.0f} ms per request) are replaced {settings.rounds} times over",
-        f"({len(result['steps'])} replacements) as a Deployment with `maxSurge: 1, maxUnavailable: 0` does: a new",
-        "pod Ready, then an old one deleted; the old engine keeps serving for its grace period",
-        f"({settings.grace:.0f} s, a graceful drain), then stops. A failed request is any answer that is not a",
-        "complete chat completion, after SMG's own retries. The engine's own latency is measured by a third load",
-        f"straight to a reference engine: p50 {direct['p50_ms']:.1f} ms, p99 {direct['p99_ms']:.1f} ms.",
+        f"default retries. {settings.workers} stand-in engines (OpenAI-compatible, {settings.service * 1000:.0f} ms",
+        f"per request) are replaced {settings.rounds} times over ({len(some['steps'])} replacements per phase) as a",
+        "Deployment with `maxSurge: 1, maxUnavailable: 0` does: a new pod Ready, then an old one deleted, the",
+        f"next step at least {settings.interval:.0f} s later (a new pod's start-up).",
+        f"**Graceful drain**: the old engine keeps serving for its grace period ({settings.grace:.0f} s), then",
+        "stops. **No drain**: it stops at the delete (an engine that exits on SIGTERM, no `preStop`). **Back to",
+        "back**: the same, the next step at once (new pods that are Ready at once: the fastest rollout). A failed",
+        "request is any answer that is not a complete chat completion, after SMG's own retries. The engine's own",
+        "latency comes from a third load sent straight to a reference engine in the same phase.",
         "",
         "| | smg-kubernetes | smg-via-sidecar |",
         "| --- | --- | --- |",
         *[f"| {name} | {a} | {b} |" for name, a, b in rows],
         "",
     ]
-    if reasons:
-        lines += ["Failures by reason: " + "; ".join(f"{g}: {json.dumps(r)}" for g, r in reasons.items()), ""]
+    for phase, result in phases.items():
+        reasons = {g: result[g]["failures"] for g in GATEWAYS if result[g]["failures"]}
+        if reasons:
+            lines += [f"{phase}, failures by reason: " + "; ".join(f"{g}: {json.dumps(r)}" for g, r in reasons.items())]
+            lines += [""]
     lines += [
-        "![latency and stale workers over the rollout](plots/smg-traffic.png)",
+        "![latency and stopped engines still listed, over each rollout](plots/smg-traffic.png)",
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())),
         "",
@@ -401,28 +426,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=Settings.workers)
     parser.add_argument("--rounds", type=int, default=Settings.rounds)
     parser.add_argument("--grace", type=float, default=Settings.grace, help="seconds a terminating engine serves")
+    parser.add_argument("--interval", type=float, default=Settings.interval, help="least seconds between steps")
     args = parser.parse_args(argv)
-    settings = Settings(workers=args.workers, rounds=args.rounds, grace=args.grace)
+    settings = Settings(workers=args.workers, rounds=args.rounds, grace=args.grace, interval=args.interval)
     work = pathlib.Path(tempfile.mkdtemp(prefix="smg-traffic-"))  # kept: the gateways' logs are in logs/
     run = Run(work, settings)
+    phases: dict[str, dict[str, Any]] = {}
     try:
         run.start()
-        result = run.measure()
+        phases["graceful drain"] = run.measure(settings.grace, settings.interval)
+        phases["no drain"] = run.measure(0.0, settings.interval)
+        phases["no drain, back to back"] = run.measure(0.0, 0.0)
     finally:
         run.stop()
     say(f"logs: {work / 'logs'}")
     versions = dict(pinned_versions())
     versions["smg"] = importlib.metadata.version("smg")
-    raw = {"versions": versions, "settings": settings.__dict__, **result, "timeline": run.timeline}
+    raw = {"versions": versions, "settings": settings.__dict__, "phases": phases}
     (BENCH_DIR / "smg-traffic-results.json").write_text(json.dumps(raw, indent=1) + "\n")
-    plot(result, run.timeline, BENCH_DIR / "plots" / "smg-traffic.png")
-    write_section(BENCH_DIR / "SMG.md", report(result, settings, versions))
-    for gateway in GATEWAYS:
-        data = result[gateway]
-        say(
-            f"{gateway}: {data['failed']} of {data['requests']} failed, p99 {data['p99_ms']} ms, "
-            f"new worker's first request after {data['new_worker_first_request_median_s']} s (median)"
-        )
+    plot(phases, BENCH_DIR / "plots" / "smg-traffic.png")
+    write_section(BENCH_DIR / "SMG.md", report(phases, settings, versions))
+    for phase, result in phases.items():
+        for gateway in GATEWAYS:
+            data = result[gateway]
+            say(
+                f"{phase}, {gateway}: {data['failed']} of {data['requests']} failed, p99 {data['p99_ms']} ms, "
+                f"new worker's first request after {data['new_worker_first_request_median_s']} s (median)"
+            )
     say("wrote bench/SMG.md (With traffic), bench/smg-traffic-results.json, bench/plots/smg-traffic.png")
     return 0
 

@@ -112,8 +112,12 @@ class View:
 
 @dataclass
 class Sample:
-    at: float
+    """One sample of both sides; each side's time is when its view was read (the frontend's: when its last
+    answer arrived, so its lag includes that HTTP round trip, a few ms)."""
+
+    sidecar_at: float
     sidecar: View
+    frontend_at: float
     frontend: View | None  # None: the frontend did not answer
 
 
@@ -139,12 +143,14 @@ class ParityObserver:
         return View(frozenset(m.instance_id for m in serving), tuple(sorted({m.name for m in serving})))
 
     def frontend_view(self) -> View | None:
-        ids, models = self.frontend.instance_ids(), self.frontend.models()
+        models, ids = self.frontend.models(), self.frontend.instance_ids()
         return None if ids is None or models is None else View(frozenset(ids), tuple(models))
 
     def _run(self) -> None:
         while not self.stopped.wait(SAMPLE):  # poll: the sampling interval of the measurement
-            sample = Sample(time.monotonic(), self.sidecar_view(), self.frontend_view())
+            sidecar_at, sidecar = time.monotonic(), self.sidecar_view()
+            frontend = self.frontend_view()
+            sample = Sample(sidecar_at, sidecar, time.monotonic(), frontend)
             with self.lock:
                 self.samples.append(sample)
 
@@ -155,12 +161,13 @@ class ParityObserver:
 
         def lags() -> dict[str, float] | None:
             with self.lock:
-                later = [s for s in self.samples if s.at >= since]
+                samples = list(self.samples)
             found: dict[str, float] = {}
             for side in ("sidecar", "frontend"):
-                first = next((s for s in later if getattr(s, side) == want), None)
-                if first is not None:
-                    found[side] = round(first.at - since, 3)
+                times = [getattr(s, f"{side}_at") for s in samples if getattr(s, side) == want]
+                later = [t for t in times if t >= since]
+                if later:
+                    found[side] = round(later[0] - since, 3)
             return found if len(found) == 2 else None
 
         try:
@@ -363,17 +370,20 @@ def rollout_under_load(deployment: DynamoDeployment) -> dict[str, Any]:
     assert frontend is not None
     load = Load(frontend.chat, clients=2, max_requests=20_000, max_seconds=240, pause=0.02).start()
     started = time.monotonic()
+    pod_ready: list[float] = []  # from a new pod's creation to its Ready: the sidecar starts first, if any
     try:
         load.wait_for_more(20)
         for old in sorted(deployment.workers):
+            creating = time.monotonic()
             deployment.add_worker(f"{old}-b")
+            pod_ready.append(round(time.monotonic() - creating, 2))
             routing(deployment, frontend, {deployment.instance_id(n) for n in deployment.workers})
             deployment.delete_worker(old)
             routing(deployment, frontend, {deployment.instance_id(n) for n in deployment.workers})
             load.wait_for_more(10)
     finally:
         outcomes = load.stop()
-    return {**summary(outcomes), "seconds": round(time.monotonic() - started, 1)}
+    return {**summary(outcomes), "seconds": round(time.monotonic() - started, 1), "new_pod_ready_seconds": pod_ready}
 
 
 def test_rolling_replacement_fails_no_more_requests_with_sidecars_than_without(
