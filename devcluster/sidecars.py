@@ -72,22 +72,22 @@ class SidecarProcess:
     def target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    def env(self) -> dict[str, str]:
+    def settings(self) -> dict[str, str]:
+        """The sidecar's own variables: what a pod spec's ``env`` would give it (identity, listen addresses)."""
         meta = self.pod["metadata"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("DISCOVERY_", "POD_", "ETCD_", "DYN_"))}
+        settings: dict[str, str] = {}
         if self.etcd_endpoints:
-            env.pop("KUBECONFIG", None)
-            env.update(POD_NAME=meta["name"], POD_NAMESPACE=meta["namespace"], DYN_DISCOVERY_BACKEND="etcd")
-            env.update(ETCD_ENDPOINTS=self.etcd_endpoints)
+            settings.update(POD_NAME=meta["name"], POD_NAMESPACE=meta["namespace"], DYN_DISCOVERY_BACKEND="etcd")
+            settings.update(ETCD_ENDPOINTS=self.etcd_endpoints)
         else:
-            env.update(
+            settings.update(
                 POD_NAME=meta["name"],
                 POD_NAMESPACE=meta["namespace"],
                 POD_UID=meta["uid"],
                 KUBECONFIG=str(self.kubeconfig),
                 DISCOVERY_SERVICE_NAME=self.service,
             )
-        env.update(
+        settings.update(
             DISCOVERY_POD_LABELS=",".join(f"{k}={v}" for k, v in self.labels.items()),
             DISCOVERY_METADATA=json.dumps(dict(self.metadata)),
             DISCOVERY_GRPC_LISTEN=self.target,
@@ -96,15 +96,27 @@ class SidecarProcess:
             DISCOVERY_LOG_FORMAT="json",
             DISCOVERY_BACKOFF_MAX="2s",
         )
-        env.update(self.extra_env)
+        settings.update(self.extra_env)
+        return settings
+
+    def env(self) -> dict[str, str]:
+        """The launched process's environment: this one's, less any sidecar setting it holds, plus ``settings``."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DISCOVERY_", "POD_", "ETCD_", "DYN_"))}
+        if self.etcd_endpoints:
+            env.pop("KUBECONFIG", None)
+        env.update(self.settings())
         if self.build is not None:
             env["PYTHONPATH"] = str(self.build)
         return env
 
+    def command(self) -> list[str]:
+        """What runs the sidecar: this interpreter's ``sidecar.cli`` (``devcluster.image`` runs the image)."""
+        return [sys.executable, "-m", "sidecar.cli", "run"]
+
     def start(self) -> SidecarProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "sidecar.cli", "run"],
+            self.command(),
             env=self.env(),
             # A build's directory must come first on sys.path: `python -m` puts the working directory
             # there, and this checkout's would shadow it.
