@@ -343,13 +343,13 @@ def plot(phases: dict[str, dict[str, Any]], path: pathlib.Path) -> None:
         top.set_ylabel("request latency (ms)")
         top.legend(loc="upper right", fontsize=8)
         top.set_title(f"{phase} (old engine serves {result['grace_seconds']:.0f} s after its delete)", fontsize=10)
-        bottom.set_ylabel("stopped engines still listed")
-        bottom.set_xlabel("seconds (dotted: an old pod deleted)")
+        bottom.set_ylabel("stopped engines in /workers")
+        bottom.set_xlabel("seconds (dotted: an old pod deleted); SMG drains a removed worker 5 s", fontsize=9)
         bottom.legend(loc="upper right", fontsize=8)
     figure.suptitle("Rolling replacement under load: SMG's own discovery vs fed by the sidecar (one run)")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=80)
     plt.close(figure)
 
 
@@ -414,6 +414,27 @@ def report(phases: dict[str, dict[str, Any]], settings: Settings, versions: dict
     return "\n".join(lines)
 
 
+def compact(phases: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The raw results as written to the repository: each request's row (what the plot draws) becomes one row
+    per second (requests, failed, p99 ms), and the failed requests are kept whole with their reason."""
+    out: dict[str, dict[str, Any]] = {}
+    for phase, result in phases.items():
+        out[phase] = dict(result)
+        for gateway in GATEWAYS:
+            data = dict(result[gateway])
+            rows = data.pop("requests_over_time")
+            seconds: dict[int, list[tuple[float, bool]]] = {}
+            for t, latency, ok in rows:
+                seconds.setdefault(int(t), []).append((latency, ok))
+            data["per_second"] = [
+                [second, len(items), sum(1 for _, ok in items if not ok), percentile([m for m, _ in items], 0.99)]
+                for second, items in sorted(seconds.items())
+            ]
+            data["failed_requests"] = [[t, latency] for t, latency, ok in rows if not ok]
+            out[phase][gateway] = data
+    return out
+
+
 def write_section(path: pathlib.Path, section: str) -> None:
     """Replace this benchmark's section of ``path`` (everything from ``SECTION`` on), keeping the rest."""
     text = path.read_text() if path.exists() else ""
@@ -442,9 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     say(f"logs: {work / 'logs'}")
     versions = dict(pinned_versions())
     versions["smg"] = importlib.metadata.version("smg")
-    raw = {"versions": versions, "settings": settings.__dict__, "phases": phases}
-    (BENCH_DIR / "smg-traffic-results.json").write_text(json.dumps(raw, indent=1) + "\n")
     plot(phases, BENCH_DIR / "plots" / "smg-traffic.png")
+    raw = {"versions": versions, "settings": settings.__dict__, "phases": compact(phases)}
+    (BENCH_DIR / "smg-traffic-results.json").write_text(json.dumps(raw, indent=1) + "\n")
     write_section(BENCH_DIR / "SMG.md", report(phases, settings, versions))
     for phase, result in phases.items():
         for gateway in GATEWAYS:
