@@ -241,7 +241,8 @@ class DynamoDeployment:
             pod,
             mode,
             self.work_dir / "dynamo",
-            extra_env={"HOME": str(self.home), "DYN_LOG": "warn", **env},
+            # HF_HUB_OFFLINE: the model is local; nothing may reach for a hub (this machine reaches none).
+            extra_env={"HOME": str(self.home), "DYN_LOG": "warn", "HF_HUB_OFFLINE": "1", **env},
             module=module,
         )
 
