@@ -194,10 +194,15 @@ class SmgGateway:
 
     @classmethod
     def with_file(
-        cls, manifest: pathlib.Path, log_path: pathlib.Path, pd: bool = False, epd: bool = False
+        cls,
+        manifest: pathlib.Path,
+        log_path: pathlib.Path,
+        pd: bool = False,
+        epd: bool = False,
+        extra: Sequence[str] = (),
     ) -> SmgGateway:
         """SMG fed by the sidecar: ``--discovery-provider file`` on the manifest it writes; ``pd``/``epd``
-        turn on SMG's prefill-decode (or encode-prefill-decode) mode."""
+        turn on SMG's prefill-decode (or encode-prefill-decode) mode; ``extra`` are more flags (a policy)."""
         args = [
             "--discovery-provider",
             "file",
@@ -210,7 +215,7 @@ class SmgGateway:
             args.append("--pd-disaggregation")
         if epd:
             args.append("--epd-disaggregation")
-        return cls(args, log_path)
+        return cls([*args, *extra], log_path)
 
     def _get(self, path: str) -> tuple[int, str]:
         if self.process.poll() is not None:
