@@ -6,7 +6,7 @@ k8s.io/kubernetes on a 2-core machine takes long enough that silence would look 
 ``go build -v`` is run and the number of packages compiled is reported periodically.
 
 Besides the control plane, the tests and ``make lint`` need a few Go programs that no package registry
-ships (actionlint, buf, ...). Each is one row of ``GO_TOOLS``: its own pinned module under ``hack/`` (so a
+ships (actionlint, buf, helm). Each is one row of ``GO_TOOLS``: its own pinned module under ``hack/`` (so a
 tool's version bump rebuilds that tool only, never the control plane), built into a cache directory keyed
 like the control plane's, and linked into the control plane's ``bin`` directory, beside ``kubectl``,
 where tests and users find it. ``ensure_tool`` builds one tool alone (``make lint`` needs no control
@@ -15,6 +15,7 @@ plane).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -81,6 +82,17 @@ GO_TOOLS = (
         module="hack/tools/buf",
         package="github.com/bufbuild/buf/cmd/buf",
         version_of="github.com/bufbuild/buf",
+    ),
+    # the chart tests' and the demo's helm (charts/discovery-sidecar against the real API server)
+    GoTool(
+        binary="helm",
+        module="hack/tools/helm",
+        package="helm.sh/helm/v4/cmd/helm",
+        version_of="helm.sh/helm/v4",
+        version_ldflags=(
+            "-X helm.sh/helm/v4/internal/version.version={version}",
+            "-X helm.sh/helm/v4/internal/version.gitTreeState=clean",
+        ),
     ),
 )
 """The Go tools beside the control plane; a new tool is a module under hack/tools/ and one row here."""
@@ -219,39 +231,27 @@ def _ensure_tool(tool: GoTool, log: Log) -> pathlib.Path:
     target = tool_path(tool)
     if target.is_file():
         return target
-    log(f"building {tool.binary} {tool.version()} ({tool.package}) into {target.parent}; later runs reuse it")
-    env = dict(os.environ, GOFLAGS="-buildvcs=false", CGO_ENABLED="0")
-    started = time.monotonic()
-    _run_with_progress(
-        [go_toolchain(f"{tool.binary}"), "mod", "download", "-x"],
-        env,
-        f"{tool.binary}: downloading Go modules",
-        log,
-        tool.module_dir,
-    )
-    staging = target.parent.with_name(target.parent.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    _run_with_progress(
-        [
-            go_toolchain(tool.binary),
-            "build",
-            "-v",
-            "-trimpath",
-            "-ldflags",
-            tool.ldflags(),
-            "-o",
-            str(staging / tool.binary),
-            tool.package,
-        ],
-        env,
-        f"{tool.binary}: compiling",
-        log,
-        tool.module_dir,
-    )
-    shutil.rmtree(target.parent, ignore_errors=True)
-    staging.rename(target.parent)
-    log(f"{tool.binary} built in {time.monotonic() - started:.0f}s")
+    target.parent.parent.mkdir(parents=True, exist_ok=True)
+    # One build at a time per tool (tests, the demo and `make` may all ask at once); the others wait, then
+    # find it built.
+    with open(target.parent.parent / f".{tool.binary}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.is_file():
+            return target
+        log(f"building {tool.binary} {tool.version()} ({tool.package}) into {target.parent}; later runs reuse it")
+        env = dict(os.environ, GOFLAGS="-buildvcs=false", CGO_ENABLED="0")
+        started = time.monotonic()
+        go = go_toolchain(tool.binary)
+        download = [go, "mod", "download", "-x"]
+        _run_with_progress(download, env, f"{tool.binary}: downloading Go modules", log, tool.module_dir)
+        staging = target.parent.with_name(target.parent.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        build = [go, "build", "-v", "-trimpath", "-ldflags", tool.ldflags(), "-o", str(staging / tool.binary)]
+        _run_with_progress([*build, tool.package], env, f"{tool.binary}: compiling", log, tool.module_dir)
+        shutil.rmtree(target.parent, ignore_errors=True)
+        staging.rename(target.parent)
+        log(f"{tool.binary} built in {time.monotonic() - started:.0f}s")
     return target
 
 

@@ -1,4 +1,4 @@
-"""The demo (the README's first command) runs to the end and shows every step of the story, including a chat
+"""The demo (the README's "try it locally") runs to the end and shows every step of the story, including a chat
 completion answered by Dynamo's own frontend from mocker workers that the frontend's sidecar lists."""
 
 from __future__ import annotations
