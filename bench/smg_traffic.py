@@ -30,6 +30,7 @@ import argparse
 import importlib.metadata
 import json
 import pathlib
+import re
 import statistics
 import subprocess
 import sys
@@ -435,6 +436,14 @@ def compact(phases: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def dump(raw: dict[str, Any]) -> str:
+    """JSON with one line per row: the innermost lists and the timeline's small objects are kept on one line."""
+    text = json.dumps(raw, indent=1)
+    text = re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text)
+    text = re.sub(r"\{\s+([^\[\]{}]*?)\s+\}", lambda m: "{" + re.sub(r"\s+", " ", m.group(1)) + "}", text)
+    return text + "\n"
+
+
 def write_section(path: pathlib.Path, section: str) -> None:
     """Replace this benchmark's section of ``path`` (everything from ``SECTION`` on), keeping the rest."""
     text = path.read_text() if path.exists() else ""
@@ -465,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     versions["smg"] = importlib.metadata.version("smg")
     plot(phases, BENCH_DIR / "plots" / "smg-traffic.png")
     raw = {"versions": versions, "settings": settings.__dict__, "phases": compact(phases)}
-    (BENCH_DIR / "smg-traffic-results.json").write_text(json.dumps(raw, indent=1) + "\n")
+    (BENCH_DIR / "smg-traffic-results.json").write_text(dump(raw))
     write_section(BENCH_DIR / "SMG.md", report(phases, settings, versions))
     for phase, result in phases.items():
         for gateway in GATEWAYS:
