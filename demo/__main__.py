@@ -19,11 +19,13 @@ import subprocess
 import sys
 import time
 
+from demo.dynamo_traffic import DynamoScene
 from demo.story import PeerWatch, run_story
 from devcluster.build import ROOT, ensure_built
 from devcluster.cluster import ControlPlane
-from devcluster.objects import PODS, Cluster, wait_for
+from devcluster.objects import PODS, Cluster
 from devcluster.sidecars import SidecarProcess, launch_from_pod
+from devcluster.waiting import wait_for
 from discovery_client.client import DiscoveryClient
 from sidecar.kube.api import ApiError, KubeApi
 
@@ -47,6 +49,7 @@ class Demo:
         self.cluster: Cluster | None = None
         self.sidecars: dict[str, SidecarProcess] = {}
         self.watch: PeerWatch | None = None
+        self.dynamo: DynamoScene | None = None
 
     def pause(self) -> None:
         if self.pace:
@@ -193,7 +196,12 @@ class Demo:
         say("the same, as the DynamoWorkerMetadata objects Dynamo's own discovery reads (kubectl get dwm):")
         print(self.kubectl("get", "dwm", "-n", NAMESPACE, "-o", "wide"), flush=True)
 
+        self.dynamo = DynamoScene(self.plane, self.cluster, self.work_dir / "dynamo", say, self.pause)
+        self.dynamo.run()
+
     def cleanup(self) -> None:
+        if self.dynamo is not None:
+            self.dynamo.stop()
         if self.watch is not None:
             self.watch.stop()
         for process in self.sidecars.values():

@@ -25,6 +25,7 @@ from types import FrameType
 
 import structlog
 
+from sidecar import __version__
 from sidecar.app.backends import build
 from sidecar.app.config import Settings
 from sidecar.peers.backend import StartupError
@@ -135,6 +136,7 @@ class Sidecar:
             self.grpc.set_serving(True)
         self.log.info(
             "started",
+            version=__version__,  # which build runs: an upgrade (a restart with a new build) shows here
             backend=self.backend.name,
             grpc=self.grpc.target,
             http=f":{self.http.port}" if self.http else "off",

@@ -20,7 +20,8 @@ import yaml
 
 from devcluster.build import ROOT, ensure_built
 from devcluster.cluster import ControlPlane
-from devcluster.objects import PODS, Cluster, wait_for
+from devcluster.objects import PODS, Cluster
+from devcluster.waiting import wait_for
 from sidecar.app.injection.template import load_template
 from sidecar.kube.api import ApiError, KubeApi
 from tests.conftest import Sidecars, kubectl

@@ -21,8 +21,9 @@ import pytest
 import yaml
 
 from devcluster.cluster import ControlPlane
-from devcluster.objects import PODS, Cluster, wait_for
+from devcluster.objects import PODS, Cluster
 from devcluster.sidecars import SidecarProcess, launch_from_pod
+from devcluster.waiting import wait_for
 from discovery_client.client import DiscoveryClient
 from sidecar.app.injection import policy
 from sidecar.app.injection.pod import inject_pod
