@@ -155,12 +155,12 @@ class TestFencing:
     def test_cr_of_another_incarnation_is_deleted_with_preconditions_then_applied(self, rig: Rig) -> None:
         """A leftover CR owned by another pod UID is deleted, preconditioned on the uid and RV that were read,
         once the Pod of this name has been read and is this incarnation."""
-        rig.api.on_get(cr("uid-pod-old", "cr-old", "7"), pod(POD.uid)).on_delete({"kind": "Status"})
+        rig.api.on_get(cr("uid-pod-old", "cr-old", "7"), pod(POD.uid), NOT_FOUND).on_delete({"kind": "Status"})
         rig.api.on_apply(accepted())
         rig.registrar.apply()
 
-        assert rig.api.methods() == ["get", "get", "delete", "apply"]
-        assert [c.path for c in rig.api.calls_of("get")] == [PATH, POD_PATH]
+        assert rig.api.methods() == ["get", "get", "delete", "get", "apply"], "read again: gone, then applied"
+        assert [c.path for c in rig.api.calls_of("get")] == [PATH, POD_PATH, PATH]
         assert not rig.registrar.superseded
         (delete,) = rig.api.calls_of("delete")
         assert delete.path == PATH
@@ -172,12 +172,12 @@ class TestFencing:
 
     def test_conflict_on_delete_reads_again(self, rig: Rig) -> None:
         """409 on the fencing delete (the stale CR changed since it was read): read it again and retry."""
-        rig.api.on_get(cr("uid-pod-old", "cr-old", "7"), pod(POD.uid), cr("uid-pod-old", "cr-old", "8"))
+        rig.api.on_get(cr("uid-pod-old", "cr-old", "7"), pod(POD.uid), cr("uid-pod-old", "cr-old", "8"), NOT_FOUND)
         rig.api.on_delete(CONFLICT, {"kind": "Status"}).on_apply(accepted())
         rig.registrar.apply()
 
-        assert rig.api.methods() == ["get", "get", "delete", "get", "delete", "apply"]
-        assert [c.path for c in rig.api.calls_of("get")] == [PATH, POD_PATH, PATH], "the Pod is read once a pass"
+        assert rig.api.methods() == ["get", "get", "delete", "get", "delete", "get", "apply"]
+        assert [c.path for c in rig.api.calls_of("get")] == [PATH, POD_PATH, PATH, PATH], "the Pod is read once"
         preconditions = [c.body["preconditions"] for c in rig.api.calls_of("delete")]
         assert preconditions == [{"uid": "cr-old", "resourceVersion": "7"}, {"uid": "cr-old", "resourceVersion": "8"}]
 
@@ -201,10 +201,10 @@ class TestFencing:
         """Ownership is the Pod's name and UID together: a reference naming another pod is fenced."""
         stale = cr(POD.uid, "cr-odd", "7")
         stale["metadata"]["ownerReferences"][0]["name"] = "worker-9"
-        rig.api.on_get(stale, pod(POD.uid)).on_delete({"kind": "Status"}).on_apply(accepted())
+        rig.api.on_get(stale, pod(POD.uid), NOT_FOUND).on_delete({"kind": "Status"}).on_apply(accepted())
         rig.registrar.apply()
 
-        assert rig.api.methods() == ["get", "get", "delete", "apply"]
+        assert rig.api.methods() == ["get", "get", "delete", "get", "apply"]
 
     def test_missing_crd_on_get_is_raised(self, rig: Rig) -> None:
         """404 "could not find the requested resource" means the CRD is not served: raise, apply nothing."""
@@ -268,7 +268,7 @@ class TestPublish:
     def test_merge_patch_changes_only_what_it_names(self, rig: Rig) -> None:
         """merge=True: RFC 7386 merge patch onto the current data (null deletes, objects merge, the rest stays)."""
         patch: dict[str, Any] = {
-            "endpoints": {"dynamo/backend/generate/2": dynamo_endpoint(2, {})},
+            "endpoints": {"dynamo/backend/generate/2": dynamo_endpoint(2, {"tcp": "x:1/2/dynamo/backend/generate"})},
             "model_cards": None,
             "extra": 1,
         }
@@ -278,24 +278,61 @@ class TestPublish:
         assert rig.applied_bodies()[0]["spec"]["data"] == {
             "endpoints": {
                 "dynamo/backend/generate/1": dynamo_endpoint(1, {"nats_tcp": "dynamo.backend.generate"}),
-                "dynamo/backend/generate/2": dynamo_endpoint(2, {}),
+                "dynamo/backend/generate/2": dynamo_endpoint(2, {"tcp": "x:1/2/dynamo/backend/generate"}),
             },
             "event_channels": {},
             "extra": 1,
         }
 
     def test_successful_publish_returns_the_applied_registration(self, rig: Rig) -> None:
-        """The Registration returned carries the resourceVersion and data of the object the API server applied."""
+        """The Registration returned carries the resourceVersion and data of the object the API server stored,
+        and GetSelf (``registration()``) then says the same."""
         rig.register(rv="11")
-        stored = {"endpoints": {}, "normalised": True}
+        stored = {"endpoints": {}, "custom": {"weights": [1.0, 2.0]}}  # e.g. numbers as the server keeps them
         rig.api.on_get(cr(POD.uid, "cr-new", "11")).on_apply(cr(POD.uid, "cr-new", "42", stored))
-        result = rig.registrar.publish({"endpoints": {}}, merge=False)
+        result = rig.registrar.publish({"endpoints": {}, "custom": {"weights": [1, 2]}}, merge=False)
 
         assert result.registered is True
         assert result.resource_version == "42"
         assert result.data == stored
         assert result.labels == LABELS
-        assert rig.registrar.registration().resource_version == "42"
+        assert rig.registrar.registration() == result
+
+    def test_an_emptied_object_stored_as_null_is_applied_again_so_it_is_stored_as_sent(self, rig: Rig) -> None:
+        """Server-side apply stores an object this manager emptied as null; a second apply stores it as sent,
+        and that is what the reply and GetSelf report (peers read the same stored object)."""
+        card = {"type": "Model", "namespace": "dynamo", "component": "backend", "endpoint": "generate",
+                "instance_id": 1, "card_json": {"display_name": "m"}}
+        rig.register(rv="11")
+        rig.api.on_get(cr(POD.uid, "cr-new", "11")).on_apply(accepted(rv="12"))
+        rig.registrar.publish({"model_cards": {"dynamo/backend/generate/1": card}}, merge=False)
+        emptied = {**card, "card_json": {}}
+        nulled = {**card, "card_json": None}
+        rig.api.on_get(cr(POD.uid, "cr-new", "12", {"model_cards": {"dynamo/backend/generate/1": card}}))
+        rig.api.on_apply(
+            cr(POD.uid, "cr-new", "13", {"model_cards": {"dynamo/backend/generate/1": nulled}}),
+            cr(POD.uid, "cr-new", "14", {"model_cards": {"dynamo/backend/generate/1": emptied}}),
+        )
+        result = rig.registrar.publish({"model_cards": {"dynamo/backend/generate/1": emptied}}, merge=False)
+
+        first, second = rig.applied_bodies()[-2:]
+        assert first == second, "the same document, applied twice"
+        assert result.resource_version == "14"
+        assert result.data == {"model_cards": {"dynamo/backend/generate/1": emptied}}
+        assert rig.registrar.registration() == result
+
+    def test_keys_another_writer_added_to_the_data_are_removed(self, rig: Rig) -> None:
+        """Server-side apply keeps keys another field manager added; a merge patch guarded by the resourceVersion
+        written removes them, so peers read exactly what was published."""
+        rig.register(rv="11")
+        polluted = {**INITIAL, "foreign": {"f": 1}}
+        rig.api.on_get(cr(POD.uid, "cr-new", "11")).on_apply(cr(POD.uid, "cr-new", "12", polluted))
+        rig.api.on_merge_patch(cr(POD.uid, "cr-new", "13", INITIAL))
+        result = rig.registrar.publish(INITIAL, merge=False)
+
+        (patch,) = rig.api.calls_of("merge_patch")
+        assert patch.body == {"metadata": {"resourceVersion": "12"}, "spec": {"data": {"foreign": None}}}
+        assert result.data == INITIAL and result.resource_version == "13"
 
     @pytest.mark.parametrize(
         ("document", "merge"),
@@ -353,7 +390,8 @@ class TestPublish:
             )
             == 1
         )
-        rig.api.on_get(cr(POD.uid, "cr-new", "11")).on_apply(accepted(rv="12"))
+        # Had the failed publish landed after all (an answer lost on the way), the next pass restores the data.
+        rig.api.on_get(cr(POD.uid, "cr-new", "12", {"endpoints": {}, "new": True})).on_apply(accepted(rv="13"))
         rig.registrar.apply()
         assert rig.applied_bodies()[-1]["spec"]["data"] == INITIAL, "the next apply sends the previous data"
 
@@ -414,7 +452,7 @@ class TestObserve:
 
         rig.registrar.observe("DELETED", cr(POD.uid, "cr-1", "12"))
         rig.api.wait_for_calls("get", 2)
-        assert rig.registrar.problems() == ["not registered"]
+        assert rig.registrar.problems() == ["not registered: its DynamoWorkerMetadata ns/worker-0: it was deleted"]
         assert registered_gauge(rig.registrar) == 0
 
         reapply.set()
@@ -430,13 +468,20 @@ class TestObserve:
         rig.registrar.start()
         assert rig.registrar.registered.wait(DEADLINE)
         foreign = cr("uid-pod-other", "cr-foreign", "30")
-        rig.api.on_get(pod(POD.uid), foreign).on_delete({"kind": "Status"}).on_apply(accepted("cr-2", "31"))
+        rig.api.on_get(pod(POD.uid), foreign, NOT_FOUND).on_delete({"kind": "Status"})
+        rig.api.on_apply(accepted("cr-2", "31"))
 
         rig.registrar.observe("MODIFIED", foreign)
+        assert not rig.registrar.registered.is_set(), "not its own: not registered until restored"
+        assert rig.registrar.problems() == [
+            "not registered: its DynamoWorkerMetadata ns/worker-0: it belongs to another owner "
+            "(Pod worker-0 uid uid-pod-other), not this pod incarnation"
+        ]
         rig.api.wait_for_calls("apply", 2)
 
-        assert rig.api.methods() == ["get", "apply", "get", "get", "delete", "apply"]
-        assert [c.path for c in rig.api.calls_of("get")] == [PATH, POD_PATH, PATH], "the Pod first, once"
+        assert rig.api.methods() == ["get", "apply", "get", "get", "delete", "get", "apply"]
+        assert [c.path for c in rig.api.calls_of("get")] == [PATH, POD_PATH, PATH, PATH], "the Pod first, once"
+        assert rig.registrar.registered.wait(DEADLINE)
         assert rig.api.calls_of("delete")[0].body["preconditions"] == {"uid": "cr-foreign", "resourceVersion": "30"}
         assert not rig.registrar.superseded
 
@@ -457,7 +502,7 @@ class TestObserve:
 
         assert rig.registrar.registered.is_set()
         assert registered_gauge(rig.registrar) == 1
-        rig.api.on_delete({"kind": "Status"})
+        rig.api.on_delete({"kind": "Status"}).on_get(cr(POD.uid, "cr-new", "11"))
         assert rig.registrar.deregister(timeout=0.05) is False, "another CR's deletion does not confirm ours"
 
     @pytest.mark.parametrize(
@@ -474,7 +519,7 @@ class TestObserve:
 
         assert rig.registrar.registered.is_set()
         assert rig.registrar.problems() == []
-        rig.api.on_delete({"kind": "Status"})
+        rig.api.on_delete({"kind": "Status"}).on_get(cr(POD.uid, "cr-new", "11"))
         assert rig.registrar.deregister(timeout=0.05) is False
         assert rig.api.methods().count("apply") == 1
 
@@ -504,11 +549,20 @@ class TestDeregister:
         rig.registrar.observe("DELETED", cr(POD.uid, "cr-mine", "12"))
         assert future.result(DEADLINE) is True
 
-    def test_unconfirmed_deletion_returns_false(self, rig: Rig) -> None:
-        """Without the DELETED event within the timeout, deregister says it is not confirmed."""
+    def test_unconfirmed_deletion_is_read_back_once(self, rig: Rig) -> None:
+        """Without the DELETED event within the timeout, one GET decides: still there, not confirmed."""
         rig.register()
-        rig.api.on_delete({"kind": "Status"})
+        rig.api.on_delete({"kind": "Status"}).on_get(cr(POD.uid, "cr-new", "11"))
         assert rig.registrar.deregister(timeout=0.05) is False
+
+    def test_without_a_healthy_watch_a_get_confirms_at_once(self, rig: Rig) -> None:
+        """The own-CR watch is down: deregistration does not wait for an event that cannot come."""
+        rig.register()
+        rig.registrar.watch_healthy = lambda: False
+        rig.api.on_delete({"kind": "Status"}).on_get(NOT_FOUND)
+        with structlog.testing.capture_logs() as logs:
+            assert rig.registrar.deregister(timeout=DEADLINE * 10) is True
+        assert [e.get("confirmed_by_get") for e in logs if e["event"] == "deregistered"] == [True]
 
     def test_deregister_stops_the_loop_and_a_deletion_is_not_reapplied(self, rig: Rig) -> None:
         """While deregistering, our CR's DELETED event confirms the deletion and wakes nothing."""
@@ -621,14 +675,14 @@ class TestSuperseded:
 
     def test_forbidden_pod_read_logs_a_hint_once_and_fences_as_before(self, rig: Rig) -> None:
         """Without get on pods the check cannot be made: fencing goes on as it always did, with one hint."""
-        rig.api.on_get(cr("uid-pod-old", "cr-old", "7"), PODS_FORBIDDEN, cr("uid-pod-old", "cr-old2", "9"))
-        rig.api.on_get(PODS_FORBIDDEN)
+        rig.api.on_get(cr("uid-pod-old", "cr-old", "7"), PODS_FORBIDDEN, NOT_FOUND, cr("uid-pod-old", "cr-old2", "9"))
+        rig.api.on_get(PODS_FORBIDDEN, NOT_FOUND)
         rig.api.on_delete({"kind": "Status"}, {"kind": "Status"}).on_apply(accepted(), accepted())
         with structlog.testing.capture_logs() as logs:
             rig.registrar.apply()
-            rig.registrar.apply()
+            rig.registrar.apply(force=True)
 
-        assert rig.api.methods() == ["get", "get", "delete", "apply"] * 2
+        assert rig.api.methods() == ["get", "get", "delete", "get", "apply"] * 2
         assert not rig.registrar.superseded
         assert rig.registrar.registered.is_set()
         hints = [e for e in logs if e["event"] == "cannot tell whether this pod incarnation still exists"]
@@ -649,10 +703,10 @@ class TestSuperseded:
         assert rig.api.methods() == ["get", "get"]
         assert not rig.registrar.superseded
 
-        rig.api.on_get(cr("uid-pod-other", "cr-other", "7"), pod(POD.uid)).on_delete({"kind": "Status"})
+        rig.api.on_get(cr("uid-pod-other", "cr-other", "7"), pod(POD.uid), NOT_FOUND).on_delete({"kind": "Status"})
         rig.api.on_apply(accepted())
         rig.registrar.apply()
-        assert rig.api.methods()[2:] == ["get", "get", "delete", "apply"]
+        assert rig.api.methods()[2:] == ["get", "get", "delete", "get", "apply"]
 
     @pytest.mark.parametrize(
         ("kind", "obj"),
@@ -851,9 +905,9 @@ class TestWatchOnly:
     def test_a_stale_dynamo_cr_of_another_incarnation_is_still_fenced(self, rig: Rig) -> None:
         """Only this incarnation's CR is yielded to: Dynamo's CR left by an earlier pod of the name is replaced."""
         stale = managed_by(cr("uid-pod-old", "cr-old", "7", DYNAMO_DATA), DYNAMO_FIELD_MANAGER)
-        rig.api.on_get(stale, pod(POD.uid)).on_delete({"kind": "Status"}).on_apply(accepted())
+        rig.api.on_get(stale, pod(POD.uid), NOT_FOUND).on_delete({"kind": "Status"}).on_apply(accepted())
         rig.registrar.apply()
-        assert rig.api.methods() == ["get", "get", "delete", "apply"]
+        assert rig.api.methods() == ["get", "get", "delete", "get", "apply"]
         assert not rig.registrar.watch_only
 
     def test_never_registers_nothing_and_is_ready(self) -> None:
