@@ -157,6 +157,7 @@ class OwnKeysWatch(SourceLoop):
                 elif kvs[0].value != written[key] or kvs[0].lease != lease:
                     self.publisher.check(lease, key, kvs[0].value, kvs[0].lease)
         self._report_healthy("etcd reachable again")
+        self.health.healthy = True  # (the loop reports transitions only; the first read back counts too)
         return revision
 
     def _watch(self, lease: int, keys: list[str], revision: int) -> None:

@@ -788,6 +788,8 @@ class Registrar:
             return
         if kind == "DELETED":
             if not ours:
+                if self.health.blocking():
+                    self._wake.set()  # the terminating CR the loop waits out is gone: create ours now
                 return  # another incarnation's CR (fencing removed it): not ours to re-create or confirm
             applied_uid = self._applied_uid()
             if applied_uid and meta.get("uid") != applied_uid:

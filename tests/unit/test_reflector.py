@@ -278,6 +278,19 @@ class TestLabelSelector:
         assert "labelSelector" not in watch.params
 
 
+    def test_the_own_registration_watch_asks_for_one_object_by_name(self, rig: Rig) -> None:
+        """This pod's own CR alone: a field selector on its name, on the streaming list and on every watch, under
+        its own label in metrics and logs (it feeds the registrar, not the directory)."""
+        from sidecar.kube.sources import own_registration_target
+
+        target = own_registration_target(NS, "worker-0")
+        assert target.name == "registration" and target.collection == WORKER_METADATA.resource.collection(NS)
+        rig.start(target, streaming_list=True)
+        (watch,) = rig.watches(1)
+        assert watch.params["fieldSelector"] == "metadata.name=worker-0"
+        assert watch.params["sendInitialEvents"] == "true" and "labelSelector" not in watch.params
+
+
 # -- watch events ----------------------------------------------------------------------------------------
 class TestEvents:
     def test_added_modified_deleted_become_upsert_and_delete(self, rig: Rig) -> None:

@@ -957,3 +957,199 @@ class TestRestart:
         rig.api.on_get(cr(POD.uid, "cr-mine", "30", bad)).on_apply(accepted("cr-mine", "31"))
         rig.registrar.apply()
         assert rig.applied_bodies()[0]["spec"]["data"] == INITIAL
+
+
+# -- never onto a terminating object (issue 19, item 2) ------------------------------------------------------
+def terminating(obj: dict[str, Any], *finalizers: str) -> dict[str, Any]:
+    """``obj`` being deleted: a deletionTimestamp, held by ``finalizers``."""
+    obj["metadata"]["deletionTimestamp"] = "2026-12-07T00:00:00Z"
+    obj["metadata"]["finalizers"] = list(finalizers)
+    return obj
+
+
+class TestTerminating:
+    def test_a_terminating_cr_of_another_incarnation_is_waited_out_not_written(self, rig: Rig) -> None:
+        """Nothing is deleted (it is being deleted already) or applied onto it; the reason names the object,
+        whose it is, and the finalizer that holds it."""
+        rig.api.on_get(terminating(cr("uid-pod-old", "cr-old", "7"), "example.com/hold"))
+        with pytest.raises(Unavailable) as raised:
+            rig.registrar.apply()
+
+        assert rig.api.methods() == ["get"]
+        message = str(raised.value)
+        assert "DynamoWorkerMetadata ns/worker-0 (uid cr-old, left by another pod incarnation" in message
+        assert "held by finalizer(s) example.com/hold" in message
+        assert not rig.registrar.registered.is_set()
+
+    def test_a_cr_a_finalizer_keeps_after_the_fencing_delete_is_waited_out(self, rig: Rig) -> None:
+        """The fencing delete of a CR with a finalizer only marks it: read again, it is waited out."""
+        stale = cr("uid-pod-old", "cr-old", "7")
+        rig.api.on_get(stale, pod(POD.uid), terminating(copy.deepcopy(stale), "example.com/hold"))
+        rig.api.on_delete({"kind": "DynamoWorkerMetadata"})
+        with pytest.raises(Unavailable, match="example.com/hold"):
+            rig.registrar.apply()
+        assert rig.api.methods() == ["get", "get", "delete", "get"], "no apply onto the terminating object"
+
+    def test_its_own_cr_terminating_is_waited_out_too(self, rig: Rig) -> None:
+        rig.api.on_get(terminating(cr(POD.uid, "cr-mine", "7")))
+        with pytest.raises(Unavailable, match="this pod's own.*is not gone yet"):
+            rig.registrar.apply()
+        assert rig.api.methods() == ["get"]
+
+    def test_an_apply_that_lands_on_an_object_being_deleted_is_not_registered(self, rig: Rig) -> None:
+        """Deleted between the read and the write: the answer shows it; nothing more is written."""
+        rig.api.on_get(NOT_FOUND).on_apply(lambda call: terminating(accepted()(call), "example.com/hold"))
+        with pytest.raises(Unavailable, match="example.com/hold"):
+            rig.registrar.apply()
+        assert not rig.registrar.registered.is_set()
+
+    def test_the_loop_waits_until_the_watch_shows_it_gone_then_creates_the_cr(self, rig: Rig) -> None:
+        """Blocked: readiness names the finalizer, the stream is told DEGRADED, publishing is refused as
+        unavailable; the watch's DELETED wakes the loop, which checks the Pod (another incarnation's CR was
+        there) and applies."""
+        held = terminating(cr("uid-pod-old", "cr-old", "7"), "example.com/hold")
+        told: list[tuple[bool, str]] = []
+        rig.registrar.health.listener = lambda healthy, reason: told.append((healthy, reason))
+        rig.api.on_get(held)
+        rig.registrar.start()
+        wait_for(lambda: told, DEADLINE, interval=0.01, what="blocked, and the stream told")
+
+        (problem,) = rig.registrar.problems()
+        assert problem.startswith("not registered: waiting for DynamoWorkerMetadata ns/worker-0 (uid cr-old")
+        assert "example.com/hold" in problem
+        assert told == [(False, rig.registrar.health.blocking())]
+        assert rig.registrar.metrics.registry.get_sample_value("discovery_registration_blocked") == 1
+        rig.api.on_get(pod(POD.uid), held)  # the publish: whose is the name, then the CR, still held
+        with pytest.raises(Unavailable, match="example.com/hold"):
+            rig.registrar.publish(INITIAL, merge=False)
+
+        rig.api.on_get(pod(POD.uid), NOT_FOUND).on_apply(accepted("cr-new", "20"))
+        rig.registrar.observe("DELETED", held)  # wakes the loop at once (its poll is 5 s away)
+        assert rig.registrar.registered.wait(DEADLINE)
+        assert told[-1] == (True, "")
+        assert rig.api.calls_of("get")[-2].path == POD_PATH, "the Pod is read before writing the name again"
+        assert rig.registrar.problems() == []
+
+    def test_the_watch_showing_its_cr_being_deleted_unregisters_and_wakes_the_loop(self, rig: Rig) -> None:
+        rig.register(uid="cr-mine")
+        rig.registrar.observe("MODIFIED", terminating(cr(POD.uid, "cr-mine", "12"), "example.com/hold"))
+        assert not rig.registrar.registered.is_set()
+        assert "example.com/hold" in rig.registrar.problems()[0]
+        assert rig.registrar._wake.is_set()
+
+
+# -- restoring what changed, and only that (issue 19, item 1) ------------------------------------------------
+class TestReadBack:
+    def test_a_pass_finding_the_cr_as_last_written_writes_nothing(self, rig: Rig) -> None:
+        """The resync reads the CR back; unchanged since the last write (same resourceVersion): no apply."""
+        rig.register(rv="11")
+        rig.api.on_get(cr(POD.uid, "cr-new", "11"))
+        rig.registrar.apply()
+        assert rig.api.methods() == ["get", "apply", "get"]
+        assert rig.registrar.registered.is_set()
+
+    def test_a_change_outside_what_it_writes_writes_nothing(self, rig: Rig) -> None:
+        """Another resourceVersion, but its data and labels as written (an annotation, say): nothing to do."""
+        rig.register(rv="11")
+        current = cr(POD.uid, "cr-new", "12")
+        current["metadata"]["labels"] = dict(LABELS)
+        rig.api.on_get(current)
+        rig.registrar.apply()
+        assert rig.api.methods() == ["get", "apply", "get"]
+
+    def test_altered_data_is_lost_and_restored(self, rig: Rig) -> None:
+        rig.register(rv="11")
+        altered = cr(POD.uid, "cr-new", "12", {"endpoints": {}})
+        altered["metadata"]["labels"] = dict(LABELS)
+        rig.api.on_get(altered).on_apply(accepted(rv="13"))
+        with structlog.testing.capture_logs() as logs:
+            rig.registrar.apply()
+        assert rig.applied_bodies()[-1]["spec"]["data"] == INITIAL
+        assert [(e["event"], e.get("reason")) for e in logs if e["log_level"] != "debug"] == [
+            ("registration lost; restoring it", "altered"),
+            ("registration restored", "altered"),
+        ]
+
+    def test_own_writes_coming_back_through_the_watch_wake_nothing(self, rig: Rig) -> None:
+        applied = rig.register(rv="11")
+        rig.registrar._wake.clear()
+        rig.registrar.observe("MODIFIED", applied)
+        same_data_newer = copy.deepcopy(applied)
+        same_data_newer["metadata"]["resourceVersion"] = "12"
+        rig.registrar.observe("MODIFIED", same_data_newer)
+        assert not rig.registrar._wake.is_set()
+        other = copy.deepcopy(applied)
+        other["metadata"]["resourceVersion"] = "13"
+        other["spec"]["data"] = {"changed": True}
+        rig.registrar.observe("MODIFIED", other)
+        assert rig.registrar._wake.is_set(), "a change it did not write wakes the loop"
+
+    def test_a_relist_wakes_the_loop_only_when_it_shows_something_else(self, rig: Rig) -> None:
+        from sidecar.core.resources import parse_worker_metadata
+
+        applied = rig.register(rv="11")
+        rig.registrar._wake.clear()
+        rig.registrar.relisted(parse_worker_metadata(applied))
+        assert not rig.registrar._wake.is_set()
+        rig.registrar.relisted(None)
+        assert rig.registrar._wake.is_set(), "gone while the watch was down"
+
+    def test_a_cr_missing_on_read_back_is_lost_and_restored(self, rig: Rig) -> None:
+        rig.register(rv="11")
+        rig.api.on_get(NOT_FOUND).on_apply(accepted("cr-2", "20"))
+        with structlog.testing.capture_logs() as logs:
+            rig.registrar.apply()
+        assert [e.get("reason") for e in logs if e["event"] == "registration lost; restoring it"] == ["missing"]
+        assert rig.registrar.registered.is_set()
+
+
+class TestFailuresAndReadiness:
+    def test_a_transient_failure_keeps_the_registration_a_human_one_does_not(self, rig: Rig) -> None:
+        """Unreachable after registering: the CR most likely still stands, so it stays registered (readiness
+        stays) and one warning says so; forbidden: not registered, an error; back: registered, one info line."""
+        rig.register(uid="cr-new", rv="11")
+        rig.registrar.resync = 0.01
+        refused = ConnectionRefusedError(111, "refused")
+        second, third, fourth = threading.Event(), threading.Event(), threading.Event()
+        back = cr(POD.uid, "cr-new", "11")
+        rig.api.on_get(refused, gated(second, refused), gated(third, FORBIDDEN), gated(fourth, back))
+        with structlog.testing.capture_logs() as logs:
+            rig.registrar.start()
+            rig.api.wait_for_calls("get", 3)  # the second failing pass is under way
+            assert rig.registrar.registered.is_set() and rig.registrar.problems() == []
+            second.set()
+            rig.api.wait_for_calls("get", 4)
+            assert rig.registrar.registered.is_set()
+            third.set()
+            rig.api.wait_for_calls("get", 5)
+            assert not rig.registrar.registered.is_set()
+            assert "forbidden to register" in rig.registrar.problems()[0]
+            rig.registrar.resync = 60  # the next pass after this one is a minute away
+            fourth.set()
+            assert rig.registrar.registered.wait(DEADLINE)
+            wait_for(lambda: any(e["event"] == "registration works again" for e in logs), DEADLINE, 0.01, "back")
+        seen = [(e["event"], e["log_level"]) for e in logs if e["log_level"] != "debug" and e["event"] != "registered"]
+        assert seen == [
+            ("registration failing; retrying", "warning"),
+            ("registration failed: this needs a human", "error"),
+            ("registration works again", "info"),
+        ]
+
+
+class TestStoredForm:
+    def test_a_publish_whose_stored_form_dynamo_cannot_decode_is_refused(self, rig: Rig) -> None:
+        """An event channel's transport emptied: valid as sent ({}), but server-side apply stores it as null
+        for one revision, and Dynamo drops a CR whose event channel has no transport. Refused, nothing sent."""
+        channel = {"type": "EventChannel", "namespace": "dynamo", "component": "backend", "topic": "kv",
+                   "instance_id": 1, "transport": {"kind": "Nats", "config": {"subject_prefix": "p"}}}
+        rig.register(rv="11")
+        rig.api.on_get(cr(POD.uid, "cr-new", "11")).on_apply(accepted(rv="12"))
+        rig.registrar.publish({**INITIAL, "event_channels": {"dynamo/backend/kv/1": channel}}, merge=False)
+        sent = len(rig.api.calls)
+        emptied = {"event_channels": {"dynamo/backend/kv/1": {"transport": {"kind": None, "config": None}}}}
+        with pytest.raises(Invalid) as raised:
+            rig.registrar.publish(emptied, merge=True)
+        message = str(raised.value)
+        assert "spec.data.event_channels['dynamo/backend/kv/1'].transport is missing" in message
+        assert "stores spec.data.event_channels.dynamo/backend/kv/1.transport as null" in message
+        assert len(rig.api.calls) == sent, "nothing sent"
