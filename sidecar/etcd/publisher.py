@@ -385,13 +385,13 @@ class EtcdPublisher:
                 self._repair = False
             if self.on_registered is not None:
                 self.on_registered(lease)
-            self.registered.set()
-            if self.metrics is not None:
-                self.metrics.registered.set(1)
             self.log.info(
                 "registered in etcd", instance_id=lease, instance_id_hex=f"{lease:x}", ttl=self._granted_ttl
             )
-            self.health.in_place(lease=f"{lease:x}")
+            self.health.in_place(lease=f"{lease:x}")  # first: whoever sees "registered" sees it told
+            self.registered.set()
+            if self.metrics is not None:
+                self.metrics.registered.set(1)
         self.on_keys_changed()
 
     def _keep_alive(self) -> None:

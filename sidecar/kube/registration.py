@@ -622,9 +622,9 @@ class Registrar:
             self._applied = obj
             self._last_error = ""
         self._gone.clear()
+        self.health.in_place(resource_version=_rv(obj))  # first: whoever sees "registered" sees it told
         self.registered.set()
         self.metrics.registered.set(1)
-        self.health.in_place(resource_version=_rv(obj))
         return obj
 
     def _not_registered(self) -> None:

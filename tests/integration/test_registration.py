@@ -10,7 +10,7 @@ import pytest
 from devcluster.cluster import ControlPlane
 from devcluster.objects import WORKER_METADATA, Cluster, wait_for
 from devcluster.sidecars import SidecarProcess, write_token_kubeconfig
-from sidecar.client import DiscoveryClient
+from discovery_client.client import DiscoveryClient
 from sidecar.config import PodIdentity
 from sidecar.kube.api import ApiError, KubeApi
 from sidecar.kube.registration import Registrar
