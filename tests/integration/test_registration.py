@@ -565,12 +565,11 @@ def test_a_finalizer_held_cr_of_the_previous_incarnation_is_waited_out_never_wri
         seen.wait_names({"worker-7"})
         cluster.api.merge_patch(path, {"metadata": {"finalizers": ["example.com/hold"]}})
         old.kill()  # a crash: the CR stays
-        cluster.delete_pod(namespace, "worker-7", grace_seconds=0)  # garbage collection deletes the CR...
-        held = wait_for(
-            lambda: (obj := cr(cluster, namespace, "worker-7")) and obj["metadata"].get("deletionTimestamp") and obj,
-            60,
-            what="the old CR terminating, held by its finalizer",
-        )
+        old_cr = cr(cluster, namespace, "worker-7")
+        assert old_cr is not None
+        # The pod replaced under the same name: the new pod's fencing delete (or the garbage collector, whichever
+        # comes first) only marks the old CR, which its finalizer holds.
+        cluster.delete_pod(namespace, "worker-7", grace_seconds=0)
         new_pod = cluster.start_pod(namespace, "worker-7", {"app": "w"})
         skip = len(old.log_events())  # both processes log to the pod's file
         new = sidecars.start(
@@ -582,6 +581,9 @@ def test_a_finalizer_held_cr_of_the_previous_incarnation_is_waited_out_never_wri
             return body if status == 503 and "example.com/hold" in body else ""
 
         body = wait_for(blocked, 30, what="/readyz to name the finalizer")
+        held = cr(cluster, namespace, "worker-7")
+        assert held is not None and held["metadata"]["uid"] == old_cr["metadata"]["uid"]
+        assert held["metadata"].get("deletionTimestamp"), "terminating, held by its finalizer"
         assert f"DynamoWorkerMetadata {namespace}/worker-7 (uid {held['metadata']['uid']}" in body
         own = StreamRecorder(new.target)
         own.wait_until(lambda r: not r.updates[-1].connected, 30, "the new pod's stream DEGRADED")
