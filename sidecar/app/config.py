@@ -229,6 +229,13 @@ COMMON_OPTIONS: tuple[Option, ...] = (
         default="loopback",
     ),
     Option(
+        "DISCOVERY_REGISTRATION_RESYNC",
+        "--registration-resync",
+        "how often the registration is read back (and rewritten if it changed) without an event saying so; its own "
+        "watch restores it at once",
+        default="60s",
+    ),
+    Option(
         "DISCOVERY_SHUTDOWN_TIMEOUT",
         "--shutdown-timeout",
         "on SIGTERM, the most time spent deregistering and closing streams",
@@ -287,6 +294,7 @@ class Settings:
     history_size: int
     history_bytes: int
     debug_peers: DebugPeers
+    registration_resync: float  # seconds between read-backs of the registration without an event
     shutdown_timeout: float
     register: RegisterMode
     watch: WatchMode
@@ -393,6 +401,7 @@ def load_settings(args: argparse.Namespace | None = None, environ: Mapping[str, 
     history_size = reader.get("DISCOVERY_HISTORY_SIZE", parse_positive_int)
     history_bytes = reader.get("DISCOVERY_HISTORY_BYTES", parse_byte_size)
     debug_peers = reader.get("DISCOVERY_DEBUG_PEERS", parse_choice(DebugPeers))
+    registration_resync = reader.get("DISCOVERY_REGISTRATION_RESYNC", parse_duration)
     shutdown_timeout = reader.get("DISCOVERY_SHUTDOWN_TIMEOUT", parse_duration)
     register = reader.get("DISCOVERY_REGISTER", parse_choice(RegisterMode))
     watch = reader.get("DISCOVERY_WATCH", parse_choice(WatchMode))
@@ -419,6 +428,7 @@ def load_settings(args: argparse.Namespace | None = None, environ: Mapping[str, 
         history_size=known(history_size),
         history_bytes=known(history_bytes),
         debug_peers=known(debug_peers),
+        registration_resync=known(registration_resync),
         shutdown_timeout=known(shutdown_timeout),
         register=known(register),
         watch=known(watch),

@@ -8,11 +8,14 @@ instance's lease. The gRPC service, the HTTP server and the SMG writer read the 
 ``sidecar.peers.ports`` only, so the main container is served the same way whichever backend is
 configured.
 
-Start-up never crashes on an unreachable API server: the watches and the publisher retry with
-backoff while ``/readyz`` says what is missing. (On etcd, as in Dynamo's runtime, the first
-connection must succeed within ``ETCD_STARTUP_CONNECT_TIMEOUT_SECONDS``, else the process exits 1:
-``Backend.wait_reachable``.) Shutdown runs in the order peers and the main container need: deregister
-first (peers see this pod leave: the CR deleted, or the lease revoked), then end the streams (clients
+Whatever ``DISCOVERY_WATCH`` says, the publisher runs from start-up with the watch of its own
+registration (``Backend.own_watches``: its CR alone, or its keys and lease), so a registration deleted
+or altered from under an idle pod is restored at once. Start-up never crashes on an unreachable API
+server: the watches and the publisher retry with backoff while ``/readyz`` says what is missing. (On
+etcd, as in Dynamo's runtime, the first connection must succeed within
+``ETCD_STARTUP_CONNECT_TIMEOUT_SECONDS``, else the process exits 1: ``Backend.wait_reachable``.)
+Shutdown runs in the order peers and the main container need: deregister first (peers see this pod
+leave: the CR deleted, or the lease revoked; the own watch confirms it), then end the streams (clients
 are told UNAVAILABLE and can resume against the next sidecar), then stop the watches.
 """
 
@@ -79,17 +82,25 @@ class Sidecar:
 
     # -- probes -----------------------------------------------------------------------------------------
     def readiness_problems(self) -> list[str]:
+        """Why this pod should not be in its Service's endpoints now (empty: ready).
+
+        Ready means discoverable: registered, as its own. With ``DISCOVERY_WATCH=always`` (routers and
+        frontends, which serve from the peer set) also synced once, so that no request meets an empty set
+        that only means "not loaded yet". Nothing else: starting the watches on a first peer request
+        (``auto``) never changes readiness (the pod would leave its Service's endpoints and every peer would
+        see it go and come back), and neither does an API server lost after the first sync (the peer set is
+        kept and the stream says DEGRADED; failing every router's readiness at once would turn a control
+        plane outage into a data plane one). A dead thread fails it too: peers it fed would silently go stale.
+        """
         problems = []
         if self._stopping.is_set():
             problems.append("shutting down")
         problems.extend(self.publisher.problems())
         if self.smg_writer is not None:
             problems.extend(self.smg_writer.problems())
-        if self.watching and not self.hub.synced:  # not watching (yet): readiness is the registration alone
+        if self.settings.watch is WatchMode.ALWAYS and not self.hub.synced:
             problems.append("watches not synced yet")
-        problems.extend(f"{source}: {reason}" for source, reason in self.hub.source_health().items())
-        # A dead thread is a readiness failure too: peers it fed would silently go stale while the pod
-        # stays in its Service (liveness may be off, or slow to restart the container).
+            problems.extend(f"{source}: {reason}" for source, reason in self.hub.source_health().items())
         problems.extend(self.liveness_problems())
         return problems
 
@@ -112,7 +123,8 @@ class Sidecar:
         if self.http is not None:
             self.http.start()
         with self._watch_lock:
-            self._threads = [self.publisher.start()]
+            # The registration and its own watch, whatever DISCOVERY_WATCH says.
+            self._threads = [self.publisher.start(), *(watch.start() for watch in self.backend.own_watches)]
         mode = self.settings.watch
         if self.smg_writer is not None:
             # The manifest is a standing request for peers: it starts the watches at once (never is refused
@@ -171,7 +183,7 @@ class Sidecar:
             self.smg_writer.stop()  # the file stays: SMG keeps its workers while this pod shuts down
         self.hub.close()
         self.grpc.stop(grace=min(2.0, max(0.1, budget - (time.monotonic() - started))))
-        for source in self.backend.sources:
+        for source in [*self.backend.sources, *self.backend.own_watches]:
             source.stop(timeout=2)
         if self.http is not None:
             self.http.stop()

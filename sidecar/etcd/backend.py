@@ -1,5 +1,6 @@
 """The etcd backend, built: one source (the watch of Dynamo's ``v1/`` prefixes, joined by lease) feeds the
-hub, and this instance's lease (with its keys) is its publisher.
+hub, and this instance's lease (with its keys) is its publisher, followed by a watch of exactly those keys
+whatever ``DISCOVERY_WATCH`` says.
 
 Imported only when ``DYN_DISCOVERY_BACKEND`` is etcd (``sidecar.app.backends``). This instance is the
 peer ``etcd/{lease:x}``; a lost lease is replaced by a new one (a new instance ID), so the hub's notion
@@ -16,6 +17,7 @@ import structlog
 from sidecar.core.backoff import Backoff
 from sidecar.core.instance_join import InstanceJoin, instance_peer_key
 from sidecar.etcd.client import EtcdClient, EtcdError, EtcdUnavailable
+from sidecar.etcd.own_keys import OwnKeysWatch
 from sidecar.etcd.publisher import EtcdPublisher
 from sidecar.etcd.settings import EtcdSettings
 from sidecar.etcd.source import SOURCE_NAME, EtcdSource
@@ -26,7 +28,7 @@ from sidecar.peers.metrics import Metrics
 def build(
     settings: SharedSettings, etcd: EtcdSettings, metrics: Metrics, transport: object | None = None
 ) -> Backend:
-    """The etcd source, the hub it feeds and the lease publisher, over one client.
+    """The etcd source, the hub it feeds, the lease publisher and the watch of its keys, over one client.
 
     ``transport``: an ``EtcdClient`` to use (tests inject one); otherwise one is made. Making it dials
     nothing: ``wait_reachable`` is the first call.
@@ -45,7 +47,24 @@ def build(
         on_registered=lambda lease: hub.set_self_uid(instance_peer_key(lease)),
         register=settings.register,
         name=settings.identity.name,
+        resync=settings.registration_resync,
+        health_listener=hub.set_registration_health,  # failing writes and renewals: DEGRADED on streams
     )
+    # Watch-only holds no lease and writes no key: there is nothing of its own to follow.
+    own = (
+        []
+        if publisher.watch_only
+        else [
+            OwnKeysWatch(
+                client,
+                publisher,
+                backoff_max=settings.backoff_max,
+                silence_timeout=settings.watch_silence_timeout,
+                resync=settings.registration_resync,
+            )
+        ]
+    )
+    publisher.own_watch = own[0] if own else None
     source = EtcdSource(
         client,
         hub.store(SOURCE_NAME),
@@ -89,4 +108,5 @@ def build(
         descriptions=[f"etcd {etcd.endpoints_text} (v1/instances, v1/mdc, v1/event_channels, v1/event_sources)"],
         close=client.close,
         wait_reachable=wait_reachable,
+        own_watches=own,
     )

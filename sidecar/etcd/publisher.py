@@ -20,11 +20,16 @@ The etcd twin of ``sidecar.kube.publisher``, and a ``Publisher`` to the pod-faci
   are put (new ones created "if ``version == 0``"), keys no longer in the metadata are deleted, in
   transactions of at most ``MAX_TXN_KEYS`` keys (etcd refuses more than 128 operations per
   transaction). On any failure the previous metadata stays in force.
+* Follow its own keys (``sidecar.etcd.own_keys``, whatever ``DISCOVERY_WATCH`` says): a key deleted or
+  overwritten by someone else is written again at once, under the same lease; all keys deleted because
+  the lease was revoked are noticed at once too (not at the next renewal), and a new lease is registered.
+  What happens is said by the loop's ``health``, as for the Kubernetes CR.
 * Deregister (SIGTERM): revoke the lease; etcd deletes every key in one revision, so watchers see the
   instance leave at once.
 
-The thread, the state (``sidecar.peers.publisher_loop.PublisherState``), backoff and the one publish
-path are the ``PublisherLoop``'s; the lease, its keys and their writing are this module's. Its
+The thread, the state (``sidecar.peers.publisher_loop.PublisherState``), backoff, the failure rule, the
+health reports and the one publish path are the ``PublisherLoop``'s; the lease, its keys, their writing
+and their repair are this module's. Its
 ``_apply_lock`` serialises everything that writes (registration, publish, loss handling); its
 ``_state_lock`` guards the fields readers look at and is never held during a call to etcd.
 """
@@ -62,7 +67,8 @@ from sidecar.peers.ports import (
     TooLarge,
     Unavailable,
 )
-from sidecar.peers.publisher_loop import PublisherLoop
+from sidecar.peers.publisher_loop import RESYNC_SECONDS, PublisherLoop, PublisherState
+from sidecar.peers.registration_health import HealthListener
 
 MAX_TXN_KEYS = 64
 RENEWAL_RETRY = 0.5  # seconds between renewals while they fail (within the TTL)
@@ -102,8 +108,9 @@ class EtcdPublisher(PublisherLoop):
     """Owns this instance's lease and what is written under it; the loop that keeps it alive, the state
     and the desired metadata are the ``PublisherLoop``'s. The etcd backend builds it and the daemon starts
     and deregisters it; the gRPC layer calls ``registration``, ``publish`` and ``problems`` from its
-    threads. ``_state_lock`` (the loop's) also guards ``_lease``, ``_granted_ttl``, ``_last_renewed``,
-    ``_written``, ``_revision``, ``_lost_lease`` and ``_loss``."""
+    threads; the own-keys watch (``sidecar.etcd.own_keys``) calls ``written_snapshot`` and ``check``.
+    ``_state_lock`` (the loop's) also guards ``_lease``, ``_granted_ttl``, ``_last_renewed``, ``_written``,
+    ``_revision``, ``_lost_lease``, ``_loss`` and ``_repair``."""
 
     thread_name = "etcd-publisher"
     noun = "this instance"
@@ -121,6 +128,8 @@ class EtcdPublisher(PublisherLoop):
         on_registered: Callable[[int], None] | None = None,
         register: str = RegisterMode.AUTO,
         name: str = "",
+        resync: float = RESYNC_SECONDS,
+        health_listener: HealthListener | None = None,
     ) -> None:
         super().__init__(
             initial_data,
@@ -130,6 +139,8 @@ class EtcdPublisher(PublisherLoop):
             log=structlog.get_logger("sidecar.etcd.publisher"),
             watch_only_reason="watch-only: DISCOVERY_REGISTER=never, so this sidecar holds no lease and writes "
             "nothing in etcd; publish through whatever registers this instance in etcd",
+            resync=resync,
+            health_listener=health_listener,
         )
         self.client = client
         self.on_registered = on_registered  # called with each new lease once its keys are written
@@ -143,6 +154,7 @@ class EtcdPublisher(PublisherLoop):
         self._revision = 0  # etcd revision of the last write
         self._lost_lease = 0  # a lease given up on, to revoke before registering again
         self._loss = ""  # why the last lease was lost, until registered again
+        self._repair = False  # the own-keys watch saw a key of this lease deleted or overwritten
         self.leases_granted = 0
 
     # -- what the API reads ---------------------------------------------------------------------------
@@ -168,6 +180,34 @@ class EtcdPublisher(PublisherLoop):
         with self._state_lock:
             return dict(self._written)
 
+    # -- the own-keys watch (``sidecar.etcd.own_keys.OwnKeys``) -----------------------------------------------
+    def written_snapshot(self) -> tuple[int, dict[str, bytes | None]]:
+        with self._state_lock:
+            if self._state is PublisherState.DEREGISTERING:
+                return 0, {}
+            return self._lease, dict(self._written)
+
+    def check(self, lease: int, key: str, value: bytes | None, key_lease: int) -> None:
+        """The own-keys watch saw ``key`` change: unless it is this publisher's own write, restore it now.
+
+        Taken under the write lock, so a write under way finishes first and ``_written`` says what it wrote
+        (the watch may deliver an own write's event before the write's answer arrives).
+        """
+        with self._apply_lock, self._state_lock:
+            if self._state is PublisherState.DEREGISTERING or lease != self._lease or key not in self._written:
+                return  # not this lease's any more, or no longer a key of the metadata
+            expected = self._written[key]
+            if value is not None and key_lease == lease and (expected is None or value == expected):
+                return  # this publisher's own write
+            self._written[key] = None  # not as written: write it again
+            self._repair = True
+        if value is None:
+            self.health.lost("keys_deleted", f"{key} was deleted", lease=f"{lease:x}")
+        else:
+            holder = f"lease {key_lease:x}" if key_lease else "no lease"
+            self.health.lost("keys_altered", f"{key} was overwritten (now on {holder})", lease=f"{lease:x}")
+        self._wake.set()
+
     # -- publish (the PublisherLoop's hooks) ----------------------------------------------------------------
     def _refusal(self, previous: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
         with self._state_lock:
@@ -186,6 +226,7 @@ class EtcdPublisher(PublisherLoop):
             raise Unavailable(
                 "not registered in etcd yet" + (f" ({why})" if why else "") + "; publish again once registered"
             )
+        before = set(self.written_keys())
         try:
             self._write_keys(data, lease)
         except EtcdError as exc:
@@ -193,6 +234,8 @@ class EtcdPublisher(PublisherLoop):
             if isinstance(exc, EtcdLeaseNotFound):
                 self._wake.set()
             raise registration_error(exc, "publish metadata") from exc
+        if set(self.written_keys()) != before:
+            self._registration_changed()  # other keys: the own watch follows those now
         return self.registration()
 
     # -- writing --------------------------------------------------------------------------------------
@@ -265,9 +308,10 @@ class EtcdPublisher(PublisherLoop):
         self._keep_alive()
 
     def _failed(self, message: str, needs_human: bool) -> None:
+        """The loop's rule, with the lost lease named first in ``problems()`` until registered again."""
         with self._state_lock:
             loss = self._loss
-        self._mark_unregistered(f"{loss}; {message}" if loss else message)
+        super()._failed(f"{loss}; {message}" if loss else message, needs_human)
 
     def _register(self) -> None:
         with self._apply_lock:
@@ -304,12 +348,14 @@ class EtcdPublisher(PublisherLoop):
                 raise
             with self._state_lock:
                 self._loss = ""
+                self._repair = False
             if self.on_registered is not None:
                 self.on_registered(lease)
-            self._mark_registered()
             self.log.info(
                 "registered in etcd", instance_id=lease, instance_id_hex=f"{lease:x}", ttl=self._granted_ttl
             )
+            self._mark_registered(lease=f"{lease:x}")
+        self._registration_changed()  # a new lease and its keys: the own watch follows those now
 
     def _keep_alive(self) -> None:
         """Renew the lease every TTL/2 until it is lost (then return) or the publisher stops.
@@ -336,13 +382,21 @@ class EtcdPublisher(PublisherLoop):
                 if self._lease != lease:
                     return  # lost while publishing
                 remaining = self._last_renewed + ttl - time.monotonic()
+                repair = self._repair
+            if repair:
+                restored = self._restore(lease)
+                if restored is False:
+                    return  # the lease is gone: register again
+                if restored is None:
+                    wait = min(RENEWAL_RETRY, interval)
+                    continue
             if remaining <= 0 and not overdue:
                 overdue = True
                 self._mark_unregistered(
                     f"lease {lease:x} presumed lost: no renewal succeeded for {ttl}s (its TTL), etcd unreachable; "
                     "it is kept if etcd still has it, else replaced by a new lease (a new instance ID)"
                 )
-                self.log.error("etcd lease presumed lost: no renewal within its TTL", lease=f"{lease:x}", ttl=ttl)
+                self.log.warning("etcd lease presumed lost: no renewal within its TTL", lease=f"{lease:x}", ttl=ttl)
             started = time.monotonic()
             timeout = self.client.request_timeout if overdue else min(self.client.request_timeout, remaining)
             try:
@@ -351,24 +405,58 @@ class EtcdPublisher(PublisherLoop):
                 granted = 0
             except EtcdError as exc:
                 self._count_error("keepalive", exc)
-                if not failing:
-                    self.log.warning("lease renewal failed; retrying", lease=f"{lease:x}", error=exc)
+                self.health.failed(f"lease {lease:x} renewal failed: {exc}", needs_human=False)
                 failing = True
                 wait = min(RENEWAL_RETRY, interval)
                 continue
             if granted <= 0:
                 self._lose(lease, "etcd says the lease expired or was revoked")
                 return
-            if failing:
-                self.log.info("lease renewal works again", lease=f"{lease:x}", kept=True)
             if overdue:
                 overdue = False
-                self._mark_registered()
+                self._mark_registered(lease=f"{lease:x}")  # tells health first: the outage is over
                 self.log.info("etcd still had the lease: registered under the same instance ID", lease=f"{lease:x}")
+            elif failing:
+                self.health.in_place(lease=f"{lease:x}")  # renewals work again (registered all along)
             failing = False
             wait = interval
             with self._state_lock:
                 self._last_renewed = started
+
+    def _restore(self, lease: int) -> bool | None:
+        """Write again the keys the own-keys watch saw deleted or overwritten, if the lease still lives.
+
+        True once they are written; False when the lease is gone (revoked or expired: its keys went with it,
+        and a new lease must be registered); None when it could not be done now (retried shortly).
+        """
+        try:
+            ttl = int(self.client.lease_time_to_live(lease).TTL)
+        except EtcdLeaseNotFound:
+            ttl = -1
+        except EtcdError as exc:
+            self._count_error("restore", exc)
+            self.health.failed(str(registration_error(exc, "restore this instance's keys")), needs_human=False)
+            return None
+        if ttl <= 0:
+            self._lose(lease, "the lease was revoked (every key of the instance went with it)")
+            return False
+        with self._apply_lock:
+            with self._state_lock:
+                if self._lease != lease or self._state is PublisherState.DEREGISTERING:
+                    return False
+                data = copy.deepcopy(self._data)
+                self._repair = False
+            try:
+                self._write_keys(data, lease)
+            except EtcdError as exc:
+                with self._state_lock:
+                    self._repair = True
+                self._count_error("restore", exc)
+                error = registration_error(exc, "restore this instance's keys")
+                self.health.failed(str(error), needs_human=not isinstance(error, Unavailable))
+                return None
+        self.health.in_place(lease=f"{lease:x}")
+        return True
 
     def _lose(self, lease: int, why: str) -> None:
         with self._apply_lock:
@@ -378,11 +466,14 @@ class EtcdPublisher(PublisherLoop):
                 self._lease = 0
                 self._written = {}
                 self._lost_lease = lease
+                self._repair = False
             message = f"lease {lease:x} lost: {why}; registering again with a new lease (a new instance ID)"
             with self._state_lock:
                 self._loss = message
             self._mark_unregistered(message)
-            self.log.error("etcd lease lost", lease=f"{lease:x}", reason=why)
+            self.health.lost("lease_lost", message, lease=f"{lease:x}")
+            self.log.info("etcd lease lost", lease=f"{lease:x}", reason=why)
+        self._registration_changed()  # no lease, no keys: the own watch waits for the next ones
 
     def _count_error(self, operation: str, exc: EtcdError) -> None:
         if self.metrics is not None:
@@ -403,7 +494,8 @@ class EtcdPublisher(PublisherLoop):
             except EtcdLeaseNotFound:
                 pass
             except EtcdError as exc:
-                self.log.error("deregistration failed: cannot revoke the lease", lease=f"{lease:x}", error=str(exc))
+                # The lease expires by itself within its TTL, taking the keys with it.
+                self.log.warning("deregistration failed: cannot revoke the lease", lease=f"{lease:x}", error=str(exc))
                 return False
         self.log.info("deregistered from etcd: lease revoked", lease=f"{lease:x}")
         return True

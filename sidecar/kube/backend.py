@@ -1,5 +1,6 @@
 """The Kubernetes backend, built: reflectors (EndpointSlices or Pods, and the DynamoWorkerMetadata CRs)
-feed the hub through the pod-UID join, and this pod's CR is its publisher.
+feed the hub through the pod-UID join, and this pod's CR is its publisher, followed by a watch of that
+one CR whatever ``DISCOVERY_WATCH`` says.
 
 Imported only when ``DYN_DISCOVERY_BACKEND`` is kubernetes (``sidecar.app.backends``): it brings in the
 official Kubernetes client.
@@ -10,16 +11,17 @@ from __future__ import annotations
 from sidecar.core.containers import pod_peer_key
 from sidecar.core.join import PeerJoin
 from sidecar.kube.api import KubeApi
+from sidecar.kube.own_registration import OwnRegistrationWatch
 from sidecar.kube.publisher import KubePublisher
 from sidecar.kube.reflector import Reflector
 from sidecar.kube.settings import KubeSettings
-from sidecar.kube.sources import WORKER_METADATA, watch_targets
+from sidecar.kube.sources import watch_targets
 from sidecar.peers.backend import Backend, SharedSettings, new_hub
 from sidecar.peers.metrics import Metrics
 
 
 def build(settings: SharedSettings, kube: KubeSettings, metrics: Metrics, transport: object | None = None) -> Backend:
-    """Reflectors for every watch target, the hub they feed, and the publisher of this pod's CR.
+    """Reflectors for every watch target, the hub they feed, the publisher of this pod's CR and its own watch.
 
     ``transport``: a ``KubeApi`` to use (tests inject one); otherwise one is made from the kubeconfig (in a
     pod: the service account). Connecting waits for the first request: building dials nothing.
@@ -47,7 +49,18 @@ def build(settings: SharedSettings, kube: KubeSettings, metrics: Metrics, transp
         settings.backoff_max,
         register=settings.register,
         metadata_name=kube.metadata_name,
+        resync=settings.registration_resync,
+        health_listener=hub.set_registration_health,  # a CR waited out, failing writes: DEGRADED on streams
     )
+    own = OwnRegistrationWatch(
+        api,
+        publisher,
+        metrics,
+        silence_timeout=settings.watch_silence_timeout,
+        backoff_max=settings.backoff_max,
+        streaming_list=kube.streaming_list,
+    )
+    publisher.own_watch = own
     reflectors = [
         Reflector(
             api,
@@ -57,23 +70,18 @@ def build(settings: SharedSettings, kube: KubeSettings, metrics: Metrics, transp
             silence_timeout=settings.watch_silence_timeout,
             backoff_max=settings.backoff_max,
             streaming_list=kube.streaming_list,
-            observers=[publisher.observe] if target.source is WORKER_METADATA else [],
         )
         for target in targets
     ]
-    # Deregistration is confirmed through the CR watch when a running one shows this pod's own CR; a peer
-    # selector that leaves out this pod's own labels keeps its CR out of the watch too.
-    shows_own_cr = kube.peer_selector is None or kube.peer_selector.matches(settings.pod_labels)
-    cr_watches = [r for r in reflectors if r.target.source is WORKER_METADATA]
-    publisher.confirms_by_watch = lambda: shows_own_cr and all(r.running for r in cr_watches)
     return Backend(
         name="kubernetes",
         hub=hub,
         publisher=publisher,
         sources=reflectors,
         descriptions=[
-            f"{r.target.name} in {r.target.namespace or 'all namespaces'} ({r.target.label_selector or 'all'})"
-            for r in reflectors
+            f"{r.target.name} in {r.target.namespace or 'all namespaces'} ({r.target.selectors})"
+            for r in [*reflectors, own]
         ],
         close=api.close,
+        own_watches=[own],
     )

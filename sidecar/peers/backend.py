@@ -1,9 +1,10 @@
 """What a backend's ``build`` returns, and what it is built from: the daemon runs any backend through this.
 
 A backend (``sidecar.kube``, ``sidecar.etcd``) reads its own settings and builds a ``Backend``: the hub
-(with the join its records need), the sources that feed it, this pod's publisher, and how to close its
-transport. The daemon starts, probes and stops those parts in the same order for every backend and never
-learns which one it runs; ``sidecar.app.backends`` is the one place that chooses.
+(with the join its records need), the sources that feed it, this pod's publisher and the watch of its
+own registration, and how to close its transport. The daemon starts, probes and stops those parts in
+the same order for every backend and never learns which one it runs; ``sidecar.app.backends`` is the
+one place that chooses.
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ class SharedSettings(Protocol):
 
     @property
     def backoff_max(self) -> float: ...
+
+    @property
+    def registration_resync(self) -> float:
+        """Seconds between read-backs of this pod's registration without an event (its own watch restores it
+        at once)."""
+        ...
 
     @property
     def request_timeout(self) -> float: ...
@@ -93,20 +100,24 @@ def _reachable(stop: threading.Event) -> bool:
 
 @dataclass
 class Backend:
-    """One built backend: its hub, the sources that feed it, this pod's publisher, its transport.
+    """One built backend: its hub, the sources that feed it, this pod's publisher and the watch of its own
+    registration, its transport.
 
-    The daemon owns it from ``build`` on: it starts the publisher at once, the sources when peers are
-    wanted (``DISCOVERY_WATCH``), and at shutdown deregisters first, then stops the sources and closes the
-    transport.
+    The daemon owns it from ``build`` on: it starts the publisher and its own watches at once, the sources
+    when peers are wanted (``DISCOVERY_WATCH``), and at shutdown deregisters first (the own watch confirms
+    it), then stops the watches and closes the transport.
     """
 
     name: str
     hub: PeerHub
     publisher: Publisher
     sources: Sequence[Source]
-    # What each source watches, for people (the "started" log line).
+    # What each source and own watch watches, for people (the "started" log line).
     descriptions: Sequence[str]
     close: Callable[[], None]
+    # The watches of this pod's own registration (``sidecar.peers.own_watch``), run whatever DISCOVERY_WATCH
+    # says: they feed the publisher, not the hub (none when the publisher writes nothing: watch-only on etcd).
+    own_watches: Sequence[Source] = ()
     # Blocks until the backend's store can be reached at start-up (True), or ``stop`` is set (False);
     # raises ``StartupError`` when it never will (etcd: Dynamo's ETCD_STARTUP_CONNECT_TIMEOUT_SECONDS).
     wait_reachable: Callable[[threading.Event], bool] = field(default=_reachable)

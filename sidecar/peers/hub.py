@@ -17,15 +17,18 @@ from sidecar.core.projection import status_before
 from sidecar.core.records import Record
 from sidecar.peers.ports import HubChange, NotWatching, PeerSetState, Subscriber
 
+REGISTRATION = "registration"
+"""The name this pod's own registration goes by in the stream's DEGRADED reason."""
+
 
 class PeerHub:
     """Owns the ``PeerDirectory`` and the one lock that guards it, plus the source-health table.
 
-    ``_lock`` guards ``_directory``, ``_source_health``, ``_closed``, ``_synced``, ``_self_uid`` and
-    ``_on_demand``.
-    Every change (entries appended, the first sync, a source's health, closing) is signalled once, in
-    ``_signal``: ``_changed`` (a condition on the same lock) wakes the threads blocked in ``wait_synced``
-    and ``wait_entries``, then each subscriber is called, outside the lock, in the writer's thread.
+    ``_lock`` guards ``_directory``, ``_source_health``, ``_registration_problem``, ``_closed``, ``_synced``,
+    ``_self_uid`` and ``_on_demand``. Every change (entries appended, the first sync, a source's or the
+    registration's health, closing) is signalled once, in ``_commit`` or ``close``: ``_changed`` (a
+    condition on the same lock) wakes the threads blocked in ``wait_synced`` and ``wait_entries``, then
+    each subscriber is called, outside the lock, in the writer's thread.
     Readers never hold the lock while doing IO: they copy what they need (a slice of log entries, the
     peer set) and release it. ``_subscribers`` is a tuple replaced whole under the lock and read without
     it (a subscriber added during a change is called from the next one).
@@ -40,6 +43,7 @@ class PeerHub:
         self._synced = directory.synced  # the directory's sync, once reached (it is never lost)
         self._subscribers: tuple[Subscriber, ...] = ()
         self._source_health: dict[str, str] = {}  # source -> why it is unhealthy
+        self._registration_problem = ""  # why this pod's registration cannot be written ("" while it can)
         # What a peer request does first (``demand``): nothing (watching from start-up), start the watches
         # once (on demand), or refuse (never). Set by the daemon before it serves anything.
         self._on_demand: Callable[[], None] | None = None
@@ -101,7 +105,26 @@ class PeerHub:
             else:
                 self._source_health[source] = reason
             changed = self._source_health.get(source) != before
+        self._update_status(changed)
+
+    def set_registration_health(self, healthy: bool, reason: str = "") -> None:
+        """This pod's registration cannot be written (an object being deleted holds it, or writes fail): the
+        streams say DEGRADED with the reason, as for a source that lost its origin. Not a source: readiness
+        and ``source_health`` leave it out (the publisher reports it there itself). The publisher's
+        ``RegistrationHealth`` calls it (its listener), on a change only."""
+        with self._changed:
+            before = self._registration_problem
+            self._registration_problem = "" if healthy else reason
+            changed = self._registration_problem != before
+        self._update_status(changed)
+
+    def _update_status(self, changed: bool) -> None:
+        """Commit the API status the sources' health and the registration's say; ``changed``: one of them
+        changed (subscribers are told even when the status does not flip)."""
+        with self._changed:
             unhealthy = sorted(self._source_health.items())
+            if self._registration_problem:
+                unhealthy.append((REGISTRATION, self._registration_problem))
         if unhealthy:
             why = "; ".join(f"{name}: {reason}" for name, reason in unhealthy)
             self._commit(lambda d: d.set_status(ApiStatus.DEGRADED, why), changed)

@@ -6,8 +6,9 @@
   it. ``subscribe`` is its one change signal: every commit that appends entries, the first sync, a
   source's health changing and the hub closing call each subscriber with a ``HubChange``.
 * ``Publisher``: this pod's own registration (a Kubernetes CR, or an etcd lease).
-  It raises ``RegistrationError`` subclasses with a meaning (forbidden, invalid, too large,
-  not found, unavailable); the gRPC layer maps meanings to status codes and imports no client library.
+  It raises ``RegistrationError`` subclasses with a meaning (forbidden, invalid, too large, not
+  found, unavailable, blocked); the gRPC layer maps meanings to status codes and imports no client
+  library.
 * The values every layer shares: ``PodIdentity`` (which pod this sidecar speaks for), ``ListenAddress``
   (where a server listens) and the two modes the daemon and the publishers act on, ``WatchMode`` and
   ``RegisterMode`` (parsed once, from ``DISCOVERY_WATCH`` and ``DISCOVERY_REGISTER``).
@@ -241,6 +242,12 @@ class NotFound(RegistrationError):
 
 class Unavailable(RegistrationError):
     """The backing store cannot be reached or answered with a transient error: retry later."""
+
+
+class Blocked(Unavailable):
+    """Nothing may be written until something outside the sidecar finishes (Kubernetes: the CR of this
+    pod's name is being deleted and a finalizer holds it); ``str()`` names it. Waited out, not retried
+    with backoff: the publisher loop re-checks soon, and its own watch wakes it when it is over."""
 
 
 class NotRegistering(RegistrationError):

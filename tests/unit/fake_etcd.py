@@ -101,6 +101,10 @@ class ScriptedEtcd:
             self.kv = {k: v for k, v in self.kv.items() if v.lease != lease}
         return pb.LeaseRevokeResponse()
 
+    def lease_time_to_live(self, lease: int, keys: bool = False) -> pb.LeaseTimeToLiveResponse:
+        with self.lock:
+            return pb.LeaseTimeToLiveResponse(ID=lease, TTL=5 if lease in self.leases else -1)
+
     def lease_keep_alive_once(self, lease: int, timeout: float | None = None) -> int:
         if self.unreachable:
             raise EtcdUnavailable("etcd unreachable (scripted)", "unavailable")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import structlog
 
 from devcluster.waiting import wait_for
 from sidecar.etcd._pb import etcd_v3_pb2 as pb
@@ -160,3 +161,67 @@ def test_deregister_revokes_and_nothing_is_written_afterwards() -> None:
     assert client.kv == {} and not publisher.registered.is_set()
     with pytest.raises(Unavailable, match="deregistering"):
         publisher.publish(endpoints(1), merge=False)
+
+
+# -- following its own keys (the own-keys watch calls ``check``; issue 19) -------------------------------------
+def stored(client: ScriptedEtcd, key: str) -> tuple[bytes, int] | None:
+    """What etcd holds under ``key`` now: its value and lease (None: absent)."""
+    with client.lock:
+        kv = client.kv.get(key)
+    return None if kv is None else (kv.value, kv.lease)
+
+
+def test_its_own_writes_seen_by_the_watch_change_nothing() -> None:
+    client = ScriptedEtcd()
+    publisher = registered(client, endpoints(1))
+    try:
+        lease = publisher.instance_id
+        assert lease is not None
+        (key,) = publisher.written_keys()
+        value = client.kv[key].value
+        with structlog.testing.capture_logs() as logs:
+            publisher.check(lease, key, value, lease)
+            publisher.check(lease + 1, key, None, 0)  # about another lease: not this one's business
+        assert logs == [] and not publisher._repair
+    finally:
+        publisher.stop()
+
+
+def test_a_deleted_or_overwritten_key_is_written_again_under_the_same_lease() -> None:
+    client = ScriptedEtcd()
+    publisher = registered(client, endpoints(2))
+    try:
+        lease = publisher.instance_id
+        assert lease is not None
+        key = sorted(publisher.written_keys())[0]
+        value = client.kv[key].value
+        with structlog.testing.capture_logs() as logs:
+            del client.kv[key]
+            publisher.check(lease, key, None, 0)
+            wait_for(lambda: stored(client, key) == (value, lease), DEADLINE, "the key written again")
+            client.kv[key] = pb.KeyValue(key=key.encode(), value=b"{}", lease=0)
+            publisher.check(lease, key, b"{}", 0)
+            wait_for(lambda: stored(client, key) == (value, lease), DEADLINE, "the value restored")
+            wait_for(lambda: len([e for e in logs if e["event"] == "registration restored"]) == 2, DEADLINE, "logged")
+        lost = [e["reason"] for e in logs if e["event"] == "registration lost; restoring it"]
+        assert lost == ["keys_deleted", "keys_altered"]
+        assert publisher.instance_id == lease and publisher.leases_granted == 1
+    finally:
+        publisher.stop()
+
+
+def test_keys_gone_with_a_revoked_lease_bring_a_new_lease_at_once() -> None:
+    """All keys deleted because the lease was revoked: the lease is asked about and replaced, without waiting
+    for the next renewal (TTL/2 = 30 s here)."""
+    client = ScriptedEtcd()
+    publisher = registered(client, endpoints(1), ttl=60)
+    try:
+        lease = publisher.instance_id
+        assert lease is not None
+        (key,) = publisher.written_keys()
+        client.lease_revoke(lease)
+        publisher.check(lease, key, None, 0)
+        wait_for(lambda: publisher.instance_id not in (None, lease), DEADLINE, "a new lease")
+        assert publisher.leases_granted == 2
+    finally:
+        publisher.stop()
