@@ -202,13 +202,15 @@ class PublisherLoop:
             self.metrics.registered.set(0)
 
     def _block(self, reason: str) -> None:
-        """Nothing may be written until what ``reason`` names is over: not registered, and that is why."""
-        with self._state_lock:
-            if not self._state.writes:
-                return
-            self._state, self._reason, self._error = PublisherState.BLOCKED, reason, reason
+        """Nothing may be written until what ``reason`` names is over: not registered, and that is why (the
+        stream told first, as for ``_mark_registered``: whoever sees ``BLOCKED`` sees the stream told)."""
+        if not self.state.writes:
+            return
         self._mark_unregistered()
         self.health.blocked(reason)
+        with self._state_lock:
+            if self._state.writes:  # (a final state reached meanwhile stays: the loop then forgets the wait)
+                self._state, self._reason, self._error = PublisherState.BLOCKED, reason, reason
 
     def problems(self) -> list[str]:
         """Why the pod is not registered right now (empty: registered, or watch-only)."""

@@ -18,6 +18,7 @@ import structlog
 from devcluster.waiting import wait_for
 from sidecar.peers.metrics import Metrics
 from sidecar.peers.ports import (
+    Blocked,
     Forbidden,
     Invalid,
     NotRegistering,
@@ -194,3 +195,101 @@ class TestPublish:
         assert publisher.superseded and publisher.problems() == ["this pod incarnation no longer exists"]
         with pytest.raises(RegistrationError, match="no longer exists"):
             publisher.publish(VALID, merge=False)
+
+
+class TestHealth:
+    """What the loop tells ``health`` (logs, metrics, the stream's status), and in which order."""
+
+    def test_told_before_registered_is_set(self, publisher: Scripted) -> None:
+        """Whoever sees "registered" sees the stream told: the listener runs before the event is set."""
+        told: list[tuple[bool, str, bool]] = []
+        publisher.health.listener = lambda healthy, reason: told.append(
+            (healthy, reason, publisher.registered.is_set())
+        )
+        publisher.establishes.put(Unavailable("cannot reach the store (scripted)"))
+        publisher.start()
+        assert publisher.held.wait(DEADLINE)
+        assert told == [
+            (False, "cannot reach the store (scripted)", False),
+            (True, "", False),
+        ]
+
+    def test_a_transient_failure_keeps_registered_one_that_needs_a_human_does_not(self, publisher: Scripted) -> None:
+        """Unavailable after registering: the registration most likely still stands (readiness stays);
+        forbidden: not registered, and that is why; a failure while the registration is known lost: not
+        registered either."""
+        seen: list[tuple[bool, list[str]]] = []
+        failed = publisher._failed
+
+        def recording(message: str, needs_human: bool) -> None:
+            failed(message, needs_human)
+            seen.append((publisher.registered.is_set(), publisher.problems()))
+
+        publisher._failed = recording  # type: ignore[method-assign]
+        publisher.start()
+        assert publisher.held.wait(DEADLINE)
+        publisher.held.clear()
+        publisher.establishes.put(Unavailable("cannot reach the store (scripted)"))
+        publisher.establishes.put(Forbidden("forbidden to register (scripted)"))
+        publisher._wake.set()
+        assert publisher.held.wait(DEADLINE)
+        publisher.held.clear()
+        publisher.health.lost("deleted", "it was deleted (scripted)")
+        publisher.establishes.put(Unavailable("cannot reach the store (scripted)"))
+        publisher._wake.set()
+        assert publisher.held.wait(DEADLINE)
+        assert seen == [
+            (True, []),
+            (False, ["not registered: forbidden to register (scripted)"]),
+            (False, ["not registered: cannot reach the store (scripted)"]),
+        ]
+        assert publisher.registered.is_set() and not publisher.health.is_lost
+
+    def test_blocked_is_waited_out_without_backoff_then_registered(self, publisher: Scripted) -> None:
+        """Blocked: not registered and why (readiness, the stream), no backoff; the loop looks again when
+        woken (the own watch saw the end of it), then registers and says it no longer waits."""
+        told: list[tuple[bool, str]] = []
+        publisher.health.listener = lambda healthy, reason: told.append((healthy, reason))
+        publisher.establishes.put(Blocked("waiting for the old object to go (scripted)"))
+        publisher.start()
+        wait_for(lambda: publisher.state is PublisherState.BLOCKED, DEADLINE, "blocked")
+        assert publisher.problems() == ["not registered: waiting for the old object to go (scripted)"]
+        assert told == [(False, "waiting for the old object to go (scripted)")]
+        assert publisher.backoff.attempts == 0 and not publisher.registered.is_set()
+        assert publisher.metrics is not None
+        assert publisher.metrics.registry.get_sample_value("discovery_registration_blocked") == 1
+        with pytest.raises(Blocked):  # publishing meets the same wait (the backend says so); nothing written
+            publisher.write_error = Blocked("waiting for the old object to go (scripted)")
+            publisher.publish(VALID, merge=False)
+        publisher.write_error = None
+        publisher._wake.set()
+        assert publisher.held.wait(DEADLINE)
+        assert publisher.state is PublisherState.REGISTERED and publisher.problems() == []
+        assert told[-1] == (True, "")
+        assert publisher.metrics.registry.get_sample_value("discovery_registration_blocked") == 0
+
+    def test_a_final_state_and_the_deregistration_forget_what_was_failing(self, publisher: Scripted) -> None:
+        """Nothing written any more: no outage to report, the stream is not left DEGRADED for it."""
+        told: list[tuple[bool, str]] = []
+        publisher.health.listener = lambda healthy, reason: told.append((healthy, reason))
+        publisher.establishes.put(Blocked("waiting (scripted)"))
+        publisher.start()
+        wait_for(lambda: told, DEADLINE, "blocked, and the stream told")
+        assert publisher._enter(PublisherState.WATCH_ONLY, "watch-only: another writer (scripted)")
+        wait_for(lambda: told[-1] == (True, ""), DEADLINE, "forgotten")
+        assert publisher.health.blocking() == ""
+
+        other = Scripted()
+        other.health.listener = lambda healthy, reason: told.append((healthy, reason))
+
+        def forbidden() -> None:
+            raise Forbidden("forbidden (scripted)")
+
+        other._establish = forbidden  # type: ignore[method-assign]
+        other.start()
+        try:
+            wait_for(lambda: told[-1] == (False, "forbidden (scripted)"), DEADLINE, "failing")
+            assert other.deregister(timeout=1) is True
+            assert told[-1] == (True, "")
+        finally:
+            other.stop()
