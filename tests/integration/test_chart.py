@@ -20,7 +20,9 @@ import yaml
 
 from devcluster.build import ROOT, ensure_built
 from devcluster.cluster import ControlPlane
+from devcluster.injection import wait_until_injecting
 from devcluster.objects import PODS, Cluster, wait_for
+from sidecar.injection.policy import opt_ins, policy_name
 from sidecar.injection.template import load_template
 from sidecar.kube.api import ApiError, KubeApi
 from tests.conftest import Sidecars, kubectl
@@ -197,10 +199,8 @@ def test_install_upgrade_uninstall_where_no_one_owns_the_crd(bare_plane: Control
 
         helm(bare_plane, "uninstall", "ds", "-n", "own-sys", "--wait")
         assert crd_json(bare_plane, "dynamoworkermetadatas.nvidia.com") is not None, "kept on uninstall"
-        assert (
-            get(bare_api, "/apis/admissionregistration.k8s.io/v1/mutatingadmissionpolicies/discovery-sidecar-injection")
-            is None
-        )
+        for name in map(policy_name, opt_ins(TEMPLATE)):
+            assert get(bare_api, f"/apis/admissionregistration.k8s.io/v1/mutatingadmissionpolicies/{name}") is None
         assert get(bare_api, "/api/v1/namespaces/own-a/serviceaccounts/discovery-sidecar") is None
 
         # Installed again, the release takes its kept CRD back (it carries this release's name).
@@ -279,25 +279,9 @@ def check_dynamo_recipe(plane: ControlPlane, api: KubeApi) -> None:
 
 
 def injected_image(api: KubeApi, namespace: str) -> str:
-    """The sidecar image a labelled pod in ``namespace`` gets (server-side dry run), or "" without one."""
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "probe", "labels": {TEMPLATE.label: "true"}},
-        "spec": {"containers": [{"name": "main", "image": "ex/w:1"}], "automountServiceAccountToken": False},
-    }
-
-    def image() -> str:
-        try:
-            admitted = api.request("POST", PODS.collection(namespace), [("dryRun", "All")], body=pod)["spec"]
-        except ApiError as exc:
-            if "no params found" in exc.message:
-                return ""  # the admission plugin's informer has not seen the new parameter object yet
-            raise
-        found = [c["image"] for c in admitted.get("initContainers") or () if c["name"] == TEMPLATE.container_name]
-        return found[0] if found else ""
-
-    return wait_for(image, 30, what=f"injection in {namespace}")
+    """The sidecar image a labelled pod in ``namespace`` gets (server-side dry run), once injection is in effect
+    there (right after an install, admission may not know the parameters' kind or object yet)."""
+    return str(wait_until_injecting(api, namespace)["image"])
 
 
 # -- observability: the dashboard and the alerts ask only for metrics the sidecar serves --------------------------
