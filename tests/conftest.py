@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import pathlib
+import shutil
 import subprocess
 from collections.abc import Iterator
 
@@ -20,6 +21,7 @@ from devcluster.cluster import ControlPlane
 from devcluster.etcd import EtcdServer
 from devcluster.objects import Cluster
 from devcluster.sidecars import SidecarProcess, launch_sidecar
+from devcluster.sockets import short_socket_dir
 from sidecar.kube.api import KubeApi
 
 MANIFESTS = ROOT / "manifests"
@@ -64,6 +66,15 @@ def cluster(admin_api: KubeApi) -> Cluster:
     c = Cluster(admin_api)
     c.ensure_node("node-a", "zone-a")
     return c
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[pathlib.Path]:
+    """A short directory for Unix sockets: ``tmp_path`` can make a socket path longer than the kernel allows
+    (``devcluster.sockets``)."""
+    path = short_socket_dir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
