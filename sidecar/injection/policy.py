@@ -237,9 +237,7 @@ def policies(template: Template) -> list[dict[str, Any]]:
         f"{cel_string(template.container_name)})) && "
         f"!object.spec.containers.exists(c, c.name == {cel_string(template.container_name)})"
     )
-    pods_created = {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}
-    variables_ = variables(template)
-    mutations = [{"patchType": "JSONPatch", "jsonPatch": {"expression": patch_expression(template)}}]
+    patch = patch_expression(template)
     return [
         {
             "apiVersion": "admissionregistration.k8s.io/v1",
@@ -247,12 +245,17 @@ def policies(template: Template) -> list[dict[str, Any]]:
             "metadata": {"name": policy_name(opt_in)},
             "spec": {
                 "paramKind": {"apiVersion": PARAMS_API_VERSION, "kind": PARAMS_KIND},
-                "matchConstraints": {"resourceRules": [pods_created], **selectors},
+                "matchConstraints": {
+                    "resourceRules": [
+                        {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}
+                    ],
+                    **selectors,
+                },
                 "matchConditions": [{"name": "sidecar-not-declared", "expression": not_declared}],
                 "failurePolicy": "Fail",
                 "reinvocationPolicy": "IfNeeded",
-                "variables": variables_,
-                "mutations": mutations,
+                "variables": variables(template),
+                "mutations": [{"patchType": "JSONPatch", "jsonPatch": {"expression": patch}}],
             },
         }
         for opt_in, selectors in opt_ins(template).items()
