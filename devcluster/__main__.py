@@ -1,5 +1,8 @@
 """``python -m devcluster build|up|down|status`` (behind ``make cluster-up`` / ``make cluster-down``).
 
+``build`` makes the control plane and every Go tool (``devcluster.build.GO_TOOLS``: kwok); ``build kwok``
+(or ``build controlplane``) makes only what is named.
+
 ``up`` leaves a control plane running in the background, detached from this process, and prints
 the path of its kubeconfig; ``down`` stops it. The running one is described by a state file, so a
 second ``up`` says where the first one is instead of starting another.
@@ -16,7 +19,7 @@ import signal
 import sys
 import time
 
-from devcluster.build import CACHE_ROOT, ensure_built
+from devcluster.build import CACHE_ROOT, GO_TOOLS, ensure_built, ensure_tool
 from devcluster.cluster import ControlPlane
 
 RUN_DIR = CACHE_ROOT / "cluster"
@@ -89,10 +92,20 @@ def status() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devcluster", description=__doc__)
     parser.add_argument("command", choices=["build", "up", "down", "status"])
+    parser.add_argument(
+        "targets", nargs="*", metavar="TARGET", help=f"build only these: controlplane, {', '.join(GO_TOOLS)}"
+    )
     args = parser.parse_args(argv)
     if args.command == "build":
-        print(ensure_built())
+        unknown = set(args.targets) - {"controlplane", *GO_TOOLS}
+        if unknown:
+            parser.error(f"unknown build target(s) {', '.join(sorted(unknown))}: expected controlplane, {', '.join(GO_TOOLS)}")
+        targets = args.targets or ["controlplane", *GO_TOOLS]
+        for target in targets:
+            print(ensure_built() if target == "controlplane" else ensure_tool(target))
         return 0
+    if args.targets:
+        parser.error(f"{args.command} takes no targets")
     return {"up": up, "down": down, "status": status}[args.command]()
 
 
