@@ -42,7 +42,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -179,7 +179,13 @@ class Simulator:
     """``bench.watchers`` in a subprocess, driven by JSON lines."""
 
     def __init__(
-        self, plane: ControlPlane, token_file: pathlib.Path, watchers: int, log: pathlib.Path, initial: str = "list"
+        self,
+        plane: ControlPlane,
+        token_file: pathlib.Path,
+        watchers: int,
+        log: pathlib.Path,
+        initial: str = "list",
+        extra: Sequence[str] = (),
     ) -> None:
         argv = [
             sys.executable,
@@ -199,6 +205,7 @@ class Simulator:
             SLICE_SELECTOR,
             "--initial",
             initial,
+            *extra,
         ]
         with log.open("ab") as stderr:
             self.process = subprocess.Popen(
@@ -323,6 +330,39 @@ def paced(count: int, rate: float, action: Callable[[int], None], threads: int =
             future.result()
 
 
+def prepare_workload(plane: ControlPlane, token_file: pathlib.Path) -> tuple[KubeApi, Cluster]:
+    """On a started plane: the CRD, the bench namespace with the sidecar's RBAC, and a token of the sidecar's
+    service account in ``token_file`` for the simulated subscribers (``bench.rollout`` shares this)."""
+    api = KubeApi.from_kubeconfig(str(plane.kubeconfig))
+    cluster = Cluster(api)
+    kubectl = [str(plane.kubectl), f"--kubeconfig={plane.kubeconfig}"]
+    manifests = ROOT / "manifests"
+    subprocess.run(kubectl + ["apply", "-f", str(manifests / "crd.yaml")], check=True, capture_output=True)
+    subprocess.run(
+        kubectl + ["wait", "--for=condition=Established", "crd/dynamoworkermetadatas.nvidia.com"],
+        check=True,
+        capture_output=True,
+    )
+    cluster.create_namespace(NAMESPACE)
+    subprocess.run(
+        kubectl + ["apply", "-n", NAMESPACE, "-f", str(manifests / "rbac.yaml")], check=True, capture_output=True
+    )
+    cluster.wait_for_service_account(NAMESPACE, SIDECAR_SERVICE_ACCOUNT)
+    # The simulated sidecars authenticate as the sidecar's service account (RBAC and all), with a
+    # token not bound to a pod: the pods they stand for come and go during the rollout.
+    reply = api.create(
+        SERVICE_ACCOUNTS.item(NAMESPACE, SIDECAR_SERVICE_ACCOUNT) + "/token",
+        {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 7200},
+        },
+    )
+    token_file.write_text(reply["status"]["token"])
+    token_file.chmod(0o600)
+    return api, cluster
+
+
 # -- the benchmark --------------------------------------------------------------------------------------------
 class CostBench:
     def __init__(self, work: pathlib.Path, args: argparse.Namespace) -> None:
@@ -336,35 +376,9 @@ class CostBench:
     def start(self) -> None:
         (self.work / "logs").mkdir(parents=True, exist_ok=True)
         self.plane.start()
-        self.api = KubeApi.from_kubeconfig(str(self.plane.kubeconfig))
-        self.cluster = Cluster(self.api)
-        kubectl = [str(self.plane.kubectl), f"--kubeconfig={self.plane.kubeconfig}"]
-        manifests = ROOT / "manifests"
-        subprocess.run(kubectl + ["apply", "-f", str(manifests / "crd.yaml")], check=True, capture_output=True)
-        subprocess.run(
-            kubectl + ["wait", "--for=condition=Established", "crd/dynamoworkermetadatas.nvidia.com"],
-            check=True,
-            capture_output=True,
-        )
-        self.cluster.create_namespace(NAMESPACE)
-        subprocess.run(
-            kubectl + ["apply", "-n", NAMESPACE, "-f", str(manifests / "rbac.yaml")], check=True, capture_output=True
-        )
-        self.cluster.wait_for_service_account(NAMESPACE, SIDECAR_SERVICE_ACCOUNT)
+        self.api, self.cluster = prepare_workload(self.plane, self.token_file)
         self.cluster.ensure_node("node-a", "zone-a")
         self.cluster.create_service(NAMESPACE, SERVICE, LABELS)
-        # The simulated sidecars authenticate as the sidecar's service account (RBAC and all), with a
-        # token not bound to a pod: the pods they stand for come and go during the rollout.
-        reply = self.api.create(
-            SERVICE_ACCOUNTS.item(NAMESPACE, SIDECAR_SERVICE_ACCOUNT) + "/token",
-            {
-                "apiVersion": "authentication.k8s.io/v1",
-                "kind": "TokenRequest",
-                "spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 7200},
-            },
-        )
-        self.token_file.write_text(reply["status"]["token"])
-        self.token_file.chmod(0o600)
 
     def stop(self) -> None:
         self.plane.stop()

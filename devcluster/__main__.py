@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "build":
         unknown = set(args.targets) - {"controlplane", *GO_TOOLS}
         if unknown:
-            parser.error(f"unknown build target(s) {', '.join(sorted(unknown))}: expected controlplane, {', '.join(GO_TOOLS)}")
+            parser.error(
+                f"unknown build target(s) {', '.join(sorted(unknown))}: expected controlplane, {', '.join(GO_TOOLS)}"
+            )
         targets = args.targets or ["controlplane", *GO_TOOLS]
         for target in targets:
             print(ensure_built() if target == "controlplane" else ensure_tool(target))

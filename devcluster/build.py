@@ -170,14 +170,18 @@ class GoTool:
 GO_TOOLS: dict[str, GoTool] = {
     tool.name: tool
     for tool in (
-        GoTool("kwok", "sigs.k8s.io/kwok/cmd/kwok", "sigs.k8s.io/kwok", "simulated nodes and kubelets (devcluster.kwok)"),
+        GoTool(
+            "kwok", "sigs.k8s.io/kwok/cmd/kwok", "sigs.k8s.io/kwok", "simulated nodes and kubelets (devcluster.kwok)"
+        ),
     )
 }
 """Every Go tool, by name; ``python -m devcluster build`` builds them all, ``ensure_tool`` one on demand."""
 
 
 def tool_version(tool: GoTool) -> str:
-    found = re.search(rf"^\s*(?:require\s+)?{re.escape(tool.module)} (v\S+)", (tool.module_dir / "go.mod").read_text(), re.M)
+    found = re.search(
+        rf"^\s*(?:require\s+)?{re.escape(tool.module)} (v\S+)", (tool.module_dir / "go.mod").read_text(), re.M
+    )
     if not found:
         raise RuntimeError(f"{tool.module_dir / 'go.mod'} must require {tool.module}")
     return found.group(1)

@@ -206,7 +206,9 @@ class Kwok:
         subnets = list(POD_NETWORK.subnets(new_prefix=NODE_SUBNET_PREFIX))
         start = len(self.nodes)
         if start + count > len(subnets) or start + count > NODE_IPS.num_addresses - 2:
-            raise ValueError(f"at most {min(len(subnets), NODE_IPS.num_addresses - 2)} kwok nodes, asked for {start + count}")
+            raise ValueError(
+                f"at most {min(len(subnets), NODE_IPS.num_addresses - 2)} kwok nodes, asked for {start + count}"
+            )
         created = []
         for index in range(start, start + count):
             name = node_name(index)
@@ -216,7 +218,10 @@ class Kwok:
                 "kind": "Node",
                 "metadata": {
                     "name": name,
-                    "annotations": {NODE_ANNOTATION[0]: NODE_ANNOTATION[1], "devcluster.kwok/ip": str(NODE_IPS[index + 2])},
+                    "annotations": {
+                        NODE_ANNOTATION[0]: NODE_ANNOTATION[1],
+                        "devcluster.kwok/ip": str(NODE_IPS[index + 2]),
+                    },
                     "labels": {
                         "type": "kwok",
                         "kubernetes.io/hostname": name,
