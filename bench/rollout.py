@@ -244,7 +244,8 @@ class Registrar:
         meta, status = pod["metadata"], pod.get("status") or {}
         name = meta["name"]
         ready = any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions") or ())
-        events: list[Callable[[], None]] = []
+        writes: list[Callable[[], None]] = []  # to the API server, on the pool
+        calls: list[Callable[[], None]] = []  # to the arm, in order, on this thread
         with self._lock:
             record = self.pods.get(name)
             if record is None or record.uid != meta["uid"]:
@@ -254,20 +255,22 @@ class Registrar:
                 if record.gone is None:
                     record.gone = now
                     if listener is not None:
-                        events.append(lambda: listener.pod_gone(name))
+                        calls.append(lambda: listener.pod_gone(name))
             else:
                 if record.started is None and status.get("podIP") and not meta.get("deletionTimestamp"):
                     record.started = now
-                    self._submit(lambda: self._register(pod))
+                    writes.append(lambda: self._register(pod))
                     if listener is not None:
-                        events.append(lambda: listener.pod_started(name))
+                        calls.append(lambda: listener.pod_started(name))
                 if ready and record.ready is None:
                     record.ready = now
                 if meta.get("deletionTimestamp") and record.deleting is None:
                     record.deleting = now
-                    self._submit(lambda: self._deregister(name))
-        for event in events:
-            event()
+                    writes.append(lambda: self._deregister(name))
+        for write in writes:
+            self._submit(write)
+        for call in calls:
+            call()
 
     def _register(self, pod: Mapping[str, Any]) -> None:
         self.cluster.register_like_dynamo(pod, metadata(pod["metadata"]["name"], 0))
@@ -408,18 +411,20 @@ class RolloutBench:
         self.wait_settled(size, 1800, f"{size} Ready pods with their CRs")
         say(f"P={size}: {size} pods Ready in {time.monotonic() - started:.0f}s")
 
-    def settled(self, size: int) -> bool:
-        """The registrar's pods are quiet and the slices and CRs say exactly the same."""
+    def settled(self, size: int, replaced: frozenset[str] = frozenset()) -> bool:
+        """The registrar's pods are quiet, none of them is in ``replaced``, and the slices and CRs say the same."""
         assert self.api is not None and self.registrar is not None
         if not self.registrar.quiet(size):
             return False
         names = {r.name for r in self.registrar.live()}
+        if names & replaced:
+            return False
         _, peers = final_peers(self.api)
         return peers == dict.fromkeys(names, "READY") and len(names) == size
 
-    def wait_settled(self, size: int, timeout: float, what: str) -> None:
+    def wait_settled(self, size: int, timeout: float, what: str, replaced: frozenset[str] = frozenset()) -> None:
         assert self.registrar is not None
-        wait_for(lambda: self.settled(size), timeout, interval=1.0, what=what)
+        wait_for(lambda: self.settled(size, replaced), timeout, interval=1.0, what=what)
         if self.registrar.errors:
             raise RuntimeError(f"the registrar's writes failed: {self.registrar.errors[:5]}")
 
@@ -474,10 +479,10 @@ class RolloutBench:
                 say(f"  connected {result['subscribers']} subscribers in {result['connect']['seconds']:.1f}s")
                 rss.peak = {n: 0 for n in rss.pids}
                 self.registrar.listen(arm)
-                old = {r.name for r in self.registrar.live()}
+                old = frozenset(r.name for r in self.registrar.live())
                 restart_at = time.monotonic()
                 self.kubectl("rollout", "restart", f"deployment/{DEPLOYMENT}")
-                self.wait_settled(size, self.args.rollout_timeout, f"the rollout of {size} pods")
+                self.wait_settled(size, self.args.rollout_timeout, f"the rollout of {size} pods", replaced=old)
                 settled_at = time.monotonic()
                 records = self.registrar.listen(None)
                 new = [r for r in records if r.name not in old and r.gone is None]

@@ -167,6 +167,7 @@ class Kwok:
             "--node-lease-duration-seconds=40",
             f"--node-ip={NODE_IPS[1]}",
             f"--cidr={POD_NETWORK}",
+            "--v=WARN",  # not a line per lease renewal
         ]
 
     def start(self, timeout: float = 60.0) -> Kwok:
