@@ -1,44 +1,59 @@
 # syntax=docker/dockerfile:1
-# The discovery sidecar's image: a venv built in a throw-away stage, copied alone onto a slim Python.
+# The discovery sidecar's image: a venv made from uv.lock in a throw-away stage, copied alone onto a slim
+# Python.
 #
-#   docker build -t ghcr.io/example/discovery-sidecar:0.1.0 .
+#   docker build -t ghcr.io/example/discovery-sidecar:0.2.0 .
 #
-# Both stages use the same base image: the venv's interpreter is a symlink into it. To move to a newer
-# Python patch release, change PYTHON_IMAGE (or pass --build-arg PYTHON_IMAGE=...).
-# tests/integration/test_dockerfile_steps.py replays the builder stage's steps in a clean venv, and
+# Both stages use the same base image, pinned by digest (the multi-arch index of the tag it names): the
+# venv's interpreter is a symlink into it. To move to a newer Python patch release, change PYTHON_IMAGE
+# (tag and digest: `docker buildx imagetools inspect python:<tag>` prints the digest).
+# tests/integration/test_dockerfile_steps.py replays the builder stage's steps in a clean directory, and
 # tests/unit/test_dockerfile.py lints this file with hadolint and checks its structure.
-ARG PYTHON_IMAGE=python:3.11.14-slim-trixie
+ARG PYTHON_IMAGE=python:3.11.14-slim-trixie@sha256:193fdd0bbcb3d2ae612bd6cc3548d2f7c78d65b549fcaa8af75624c47474444d
 
 FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_PROJECT_ENVIRONMENT=/opt/venv \
+    UV_LINK_MODE=copy \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-RUN python -m venv /opt/venv
 
-# Dependencies first, read from pyproject.toml alone, so that this layer is rebuilt only when they change.
-COPY pyproject.toml ./
-RUN python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' \
-        > /src/requirements.txt \
-    && pip install --no-cache-dir --requirement /src/requirements.txt
+# uv, pinned by hash: the one tool that is not installed from uv.lock (it reads the lock).
+COPY hack/uv.requirements ./hack/
+RUN python -m venv /opt/uv \
+    && /opt/uv/bin/pip install --no-cache-dir --require-hashes --requirement hack/uv.requirements
 
-# Then the project itself, as a wheel (no editable install, no dev extras). README.m[d]: pyproject.toml
-# names README.md as the long description; the glob keeps the build working while it is absent.
-COPY pyproject.toml README.m[d] ./
+# Dependencies first, exactly as uv.lock pins them (versions and hashes), so that this layer is rebuilt only
+# when the lock changes. The workspace's pyproject files are all uv needs to read the lock.
+COPY pyproject.toml uv.lock ./
+COPY clients/python/pyproject.toml ./clients/python/
+RUN /opt/uv/bin/uv sync --frozen --no-install-workspace --no-cache --python python
+
+# Then the sidecar and its client, built and installed as wheels (no editable install, no extras).
+# README.m[d]: pyproject.toml names README.md as the long description; the glob keeps the build working
+# while it is absent.
+COPY LICENSE README.m[d] ./
 COPY sidecar/ ./sidecar/
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
-    && pip install --no-cache-dir --no-deps /wheels/discovery_sidecar-*.whl \
+COPY clients/python/ ./clients/python/
+RUN /opt/uv/bin/uv sync --frozen --no-editable --no-cache --python python \
     && discovery-sidecar --version
 
 
 FROM ${PYTHON_IMAGE}
+# Written by `make version` with the rest of the release (tests/unit/test_version.py).
+ARG VERSION=0.2.0
+LABEL org.opencontainers.image.title="discovery-sidecar" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     DISCOVERY_LOG_FORMAT=json \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
-# Only the installed venv: no wheels, no pip cache, no build tools, no sources.
+# Only the installed venv: no uv, no wheels, no caches, no build tools, no sources.
 COPY --from=builder /opt/venv /opt/venv
 # A fixed numeric non-root user, so that Kubernetes' runAsNonRoot can verify it.
 USER 65532:65532

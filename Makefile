@@ -3,15 +3,35 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo demo-etcd test unit integration lint protos controlplane cluster-up cluster-down bench bench-cost clean
+# Every install comes from uv.lock (exact versions and hashes), made and read by one pinned uv. uv itself is
+# the one thing installed without it: pip, by hash, from hack/uv.requirements, into ~/.cache.
+UV_VERSION := 0.13.8
+CACHE_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/discovery-sidecar
+UV_HOME := $(CACHE_DIR)/uv-$(UV_VERSION)
+UV := $(UV_HOME)/bin/uv
+# The machine's own Python (never a download), the venv where the Makefile expects it.
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+.PHONY: venv lock lock-upgrade demo demo-etcd test unit integration lint protos version controlplane cluster-up cluster-down bench bench-cost clean
+
+$(UV): hack/uv.requirements
+	$(PYTHON) -m venv $(UV_HOME)
+	$(UV_HOME)/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes -r hack/uv.requirements
+	touch $@
+
+# --locked: install exactly uv.lock, and fail (naming `make lock`) if pyproject.toml asks for something else.
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml uv.lock $(UV)
+	$(UV) sync --locked --all-extras --python $(PYTHON)
 	touch $@
 
 venv: $(VENV)/.installed
+
+lock: $(UV)           ## re-resolve uv.lock from pyproject.toml, keeping locked versions that still fit
+	$(UV) lock --python $(PYTHON)
+
+lock-upgrade: $(UV)   ## re-resolve uv.lock taking the newest versions pyproject.toml allows (then `make protos test`)
+	$(UV) lock --upgrade --python $(PYTHON)
 
 demo: venv            ## build/start a local control plane and show live discovery
 	$(PY) -m demo
@@ -34,8 +54,11 @@ lint: venv            ## ruff, then mypy --strict on sidecar/ (settings in pypro
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-protos: venv          ## regenerate sidecar/api from protos/
+protos: venv          ## regenerate clients/python/discovery_client/api from protos/ (with the locked grpcio-tools)
 	$(PY) scripts/gen_protos.py
+
+version: venv         ## set the release version everywhere: make version VERSION=x.y.z
+	$(PY) scripts/set_version.py $(VERSION)
 
 controlplane: venv    ## build kube-apiserver, kube-controller-manager, kubectl, etcd into ~/.cache
 	$(PY) -m devcluster build

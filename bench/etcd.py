@@ -34,7 +34,7 @@ from bench.scenarios import percentiles
 from devcluster.build import ROOT, ensure_built
 from devcluster.etcd import EtcdServer
 from devcluster.sidecars import launch_etcd_sidecar
-from sidecar.api.discovery.v1 import discovery_pb2 as pb
+from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from sidecar.etcd._pb import etcd_v3_pb2 as etcd_pb
 from sidecar.etcd.client import EtcdClient
 from sidecar.etcd.settings import Endpoint, EtcdSettings

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import psutil
 
 from devcluster.sidecars import SidecarProcess
-from sidecar.api.discovery.v1 import discovery_pb2 as pb
-from sidecar.client import DiscoveryClient, PeerSetView
+from discovery_client.api.discovery.v1 import discovery_pb2 as pb
+from discovery_client.client import DiscoveryClient, PeerSetView
 
 
 @dataclass(frozen=True)

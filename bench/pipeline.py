@@ -19,8 +19,8 @@ from typing import Any
 import grpc
 
 from bench.workload import metadata, peer_name
-from sidecar.api.discovery.v1 import discovery_pb2 as pb
-from sidecar.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
+from discovery_client.api.discovery.v1 import discovery_pb2 as pb
+from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
 from sidecar.config import ListenAddress, PodIdentity
 from sidecar.core.directory import PeerDirectory
 from sidecar.grpc_service import DiscoveryService, GrpcServer

@@ -21,7 +21,7 @@ from devcluster.build import ROOT, ensure_built
 from devcluster.cluster import ControlPlane
 from devcluster.objects import Cluster
 from devcluster.sidecars import SidecarProcess, launch_sidecar
-from sidecar.client import DiscoveryClient
+from discovery_client.client import DiscoveryClient
 from sidecar.kube.api import KubeApi
 
 NAMESPACE = "inference"

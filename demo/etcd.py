@@ -24,7 +24,7 @@ from devcluster.build import ensure_built
 from devcluster.dynamo import DynamoProcess, launch_dynamo_etcd
 from devcluster.etcd import EtcdServer
 from devcluster.sidecars import SidecarProcess, launch_etcd_sidecar
-from sidecar.client import DiscoveryClient
+from discovery_client.client import DiscoveryClient
 
 NAMESPACE = "demo"
 ENDPOINT = f"{NAMESPACE}.backend.generate"

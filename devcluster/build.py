@@ -90,6 +90,17 @@ def cache_key(versions: dict[str, str]) -> str:
     return f"k8s-{versions['kubernetes']}-etcd-{versions['etcd']}-{digest.hexdigest()[:12]}"
 
 
+def uv_binary() -> pathlib.Path:
+    """The pinned uv that made and reads ``uv.lock`` (installed by ``make venv`` from hack/uv.requirements)."""
+    pinned = re.search(r"^uv==(\S+)", (ROOT / "hack" / "uv.requirements").read_text(), re.M)
+    if not pinned:
+        raise RuntimeError("hack/uv.requirements must pin uv==<version>")
+    uv = CACHE_ROOT / f"uv-{pinned.group(1)}" / "bin" / "uv"
+    if not uv.is_file():
+        raise RuntimeError(f"{uv} is missing: `make venv` installs the pinned uv there")
+    return uv
+
+
 def bin_dir() -> pathlib.Path:
     return CACHE_ROOT / "controlplane" / cache_key(pinned_versions()) / "bin"
 

@@ -1,9 +1,11 @@
 """Regenerate the committed Python stubs from protos/ (``make protos``).
 
-The stubs are committed so the package installs without a code-generation step; the test
-``tests/unit/test_protos_in_sync.py`` regenerates them into a temporary directory and fails when the
-committed files have drifted from the .proto. protoc writes imports relative to the proto root
-(``from discovery.v1 import ...``); they are rewritten to live under ``sidecar.api``.
+The stubs are committed so the client installs without a code-generation step; they live in the client
+distribution (``clients/python``, package ``discovery_client.api``), which the sidecar depends on. The
+test ``tests/unit/test_protos_in_sync.py`` regenerates them into a temporary directory and fails when the
+committed files have drifted from the .proto. The generator is the grpcio-tools pinned in ``uv.lock``
+(the dev extra), so the comparison changes only when the lock does. protoc writes imports relative to the
+proto root (``from discovery.v1 import ...``); they are rewritten to live under ``discovery_client.api``.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from grpc_tools import protoc
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 PROTO_FILES = ["discovery/v1/discovery.proto"]
-PACKAGE_ROOT = "sidecar.api"
+PACKAGE_ROOT = "discovery_client.api"
+STUBS_DIR = ROOT / "clients" / "python" / "discovery_client" / "api"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
 
 def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
-    """Run protoc into ``out_dir`` (the directory standing for ``sidecar/api``); return the files."""
+    """Run protoc into ``out_dir`` (the directory standing for ``STUBS_DIR``); return the files."""
     import grpc_tools
 
     well_known = pathlib.Path(grpc_tools.__file__).parent / "_proto"
@@ -59,10 +62,10 @@ def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "sidecar" / "api")
+    parser.add_argument("--out", type=pathlib.Path, default=STUBS_DIR)
     args = parser.parse_args(argv)
     for path in generate(args.out):
-        print(path.relative_to(args.out.parent.parent) if args.out.is_relative_to(ROOT) else path)
+        print(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
     return 0
 
 

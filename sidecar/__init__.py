@@ -5,4 +5,9 @@ IO-free core (selectors, the peer join, diffs, the revisioned event log) and eve
 else is a thin shell around it (watches, registration, the gRPC and HTTP servers).
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("discovery-sidecar")  # pyproject.toml's, the one place the version is written
+except PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"

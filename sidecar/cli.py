@@ -11,9 +11,9 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
+from discovery_client.api.discovery.v1 import discovery_pb2 as pb
+from discovery_client.client import DEFAULT_TARGET, DiscoveryClient, PeerSetUpdate, make_filter
 from sidecar import __version__
-from sidecar.api.discovery.v1 import discovery_pb2 as pb
-from sidecar.client import DEFAULT_TARGET, DiscoveryClient, PeerSetUpdate, make_filter
 from sidecar.config import ConfigError, add_arguments, load_settings
 from sidecar.core.instance_id import instance_id
 from sidecar.wire import peer_from_pb_json

@@ -40,8 +40,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from sidecar.api.discovery.v1 import discovery_pb2 as pb
-from sidecar.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
+from discovery_client.api.discovery.v1 import discovery_pb2 as pb
+from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
 from sidecar.config import ListenAddress, PodIdentity
 from sidecar.core.containers import peer_key
 from sidecar.core.eventlog import ApiStatus, LogEntry

@@ -14,7 +14,7 @@ from typing import Any
 
 from google.protobuf import json_format, struct_pb2
 
-from sidecar.api.discovery.v1 import discovery_pb2 as pb
+from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from sidecar.core.dynamo_entries import EndpointPathError, parse_endpoint_path
 from sidecar.core.eventlog import ApiStatus
 from sidecar.core.peer import Peer, PeerState

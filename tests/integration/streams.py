@@ -8,8 +8,8 @@ from collections.abc import Callable
 import grpc
 
 from devcluster.objects import wait_for
-from sidecar.api.discovery.v1 import discovery_pb2 as pb
-from sidecar.client import DiscoveryClient, PeerSetUpdate, PeerSetView
+from discovery_client.api.discovery.v1 import discovery_pb2 as pb
+from discovery_client.client import DiscoveryClient, PeerSetUpdate, PeerSetView
 
 
 class StreamRecorder:

@@ -27,7 +27,7 @@ from devcluster.cluster import ControlPlane
 from devcluster.dynamo import DynamoProcess, DynamoProcesses
 from devcluster.objects import WORKER_METADATA, Cluster, wait_for
 from devcluster.sidecars import write_token_kubeconfig
-from sidecar.client import DiscoveryClient, make_filter
+from discovery_client.client import DiscoveryClient, make_filter
 from sidecar.core.instance_id import instance_id
 from sidecar.kube.api import ApiError, KubeApi
 from tests.conftest import MANIFESTS, Sidecars, kubectl

@@ -11,8 +11,8 @@ import pytest
 from devcluster.cluster import ControlPlane, free_port
 from devcluster.objects import Cluster, wait_for
 from devcluster.sidecars import write_token_kubeconfig
-from sidecar.api.discovery.v1 import discovery_pb2 as pb
-from sidecar.client import AsyncDiscoveryClient, make_filter
+from discovery_client.api.discovery.v1 import discovery_pb2 as pb
+from discovery_client.client import AsyncDiscoveryClient, make_filter
 from sidecar.config import load_settings
 from sidecar.daemon import Sidecar
 from tests.integration.test_peer_stream import register_like_dynamo

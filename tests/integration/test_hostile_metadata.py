@@ -15,9 +15,9 @@ import grpc
 import pytest
 
 from devcluster.objects import WORKER_METADATA, Cluster, wait_for
-from sidecar.api.discovery.v1 import discovery_pb2 as pb
-from sidecar.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
-from sidecar.client import DiscoveryClient
+from discovery_client.api.discovery.v1 import discovery_pb2 as pb
+from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
+from discovery_client.client import DiscoveryClient
 from sidecar.core.instance_id import instance_id
 from tests.conftest import Sidecars
 from tests.integration.streams import StreamRecorder

@@ -20,7 +20,7 @@ import pytest
 from devcluster.cluster import ControlPlane, free_port
 from devcluster.objects import WORKER_METADATA, Cluster, wait_for
 from devcluster.sidecars import write_token_kubeconfig
-from sidecar.client import DiscoveryClient
+from discovery_client.client import DiscoveryClient
 from sidecar.config import load_settings
 from sidecar.daemon import Sidecar
 from sidecar.kube.api import ApiError, KubeApi, WatchStream

@@ -14,8 +14,8 @@ import pytest
 
 from devcluster.cluster import ControlPlane
 from devcluster.objects import ENDPOINT_SLICES, PODS, WORKER_METADATA, Cluster, wait_for
-from sidecar.api.discovery.v1 import discovery_pb2 as pb
-from sidecar.client import DiscoveryClient, PeerSetView
+from discovery_client.api.discovery.v1 import discovery_pb2 as pb
+from discovery_client.client import DiscoveryClient, PeerSetView
 from sidecar.kube.api import ApiError
 from tests.conftest import Sidecars
 from tests.integration.streams import StreamRecorder

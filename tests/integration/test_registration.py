@@ -201,7 +201,7 @@ def test_published_metadata_reaches_a_peer(namespace: str, cluster: Cluster, sid
     watcher = StreamRecorder(b.target)
     try:
         watcher.wait_names({"worker-a"})
-        from sidecar.client import DiscoveryClient
+        from discovery_client.client import DiscoveryClient
 
         with DiscoveryClient(a.target) as client:
             own = client.get_self().instance_id
@@ -257,7 +257,7 @@ def test_a_graceful_sidecar_restart_gets_the_published_metadata_back_from_the_cl
 ) -> None:
     """SIGTERM deletes the CR; the next sidecar process starts from DISCOVERY_METADATA. The main container's
     client notices its sidecar came back and publishes its last metadata again: not rolled back."""
-    from sidecar.client import DiscoveryClient
+    from discovery_client.client import DiscoveryClient
 
     pod = cluster.start_pod(namespace, "worker-0", {"app": "w"})
     sidecar = sidecars.start(pod, "w", metadata=METADATA).wait_ready()
@@ -280,7 +280,7 @@ def test_a_crashed_sidecar_restarts_with_the_published_metadata_kept(
 ) -> None:
     """SIGKILL (a crash, an OOM kill) leaves the CR of this incarnation with what was published since start-up;
     the next process keeps that rather than re-applying DISCOVERY_METADATA, even without a client's help."""
-    from sidecar.client import DiscoveryClient
+    from discovery_client.client import DiscoveryClient
 
     pod = cluster.start_pod(namespace, "worker-0", {"app": "w"})
     sidecar = sidecars.start(pod, "w", metadata=METADATA).wait_ready()

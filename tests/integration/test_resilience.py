@@ -17,8 +17,8 @@ import pytest
 from devcluster.cluster import ControlPlane
 from devcluster.faults import FaultProxy
 from devcluster.objects import WORKER_METADATA, Cluster, wait_for
-from sidecar.api.discovery.v1 import discovery_pb2 as pb
-from sidecar.client import DiscoveryClient
+from discovery_client.api.discovery.v1 import discovery_pb2 as pb
+from discovery_client.client import DiscoveryClient
 from tests.conftest import Sidecars
 from tests.integration.streams import StreamRecorder
 from tests.integration.test_peer_stream import register_like_dynamo

@@ -11,7 +11,7 @@ import pytest
 
 from devcluster.objects import WORKER_METADATA, Cluster, wait_for
 from devcluster.sidecars import SidecarProcess
-from sidecar.client import DiscoveryClient, make_filter
+from discovery_client.client import DiscoveryClient, make_filter
 from tests.conftest import Sidecars
 
 pytestmark = pytest.mark.integration

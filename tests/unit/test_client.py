@@ -1,4 +1,4 @@
-"""Tests for sidecar.client: the shared reconnect logic alone, then each client against a real gRPC server.
+"""Tests for discovery_client.client: the shared reconnect logic alone, then each client against a real gRPC server.
 
 ``_ResumableWatch`` decides everything about reconnecting (the request, what a message means, what an
 error means), so it is tested without a server. The two client tests then check that the sync and the
@@ -19,9 +19,9 @@ from typing import NamedTuple, cast
 import grpc
 import pytest
 
-from sidecar.api.discovery.v1 import discovery_pb2 as pb
-from sidecar.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
-from sidecar.client import (
+from discovery_client.api.discovery.v1 import discovery_pb2 as pb
+from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
+from discovery_client.client import (
     PERMANENT_CODES,
     AsyncDiscoveryClient,
     DiscoveryClient,
@@ -100,8 +100,8 @@ class TestRetryableErrorsWaitWithGrowingBackoff:
         assert growing == sorted(growing)
         assert all(0.8 <= d <= 1.6 for d in delays[4:]), "capped at max_backoff"
 
-    def test_backoff_is_the_core_backoff_from_100ms_to_max_backoff(self) -> None:
-        """The delays come from sidecar.core.backoff.Backoff, configured 0.1 s initial, max_backoff maximum."""
+    def test_backoff_runs_from_100ms_to_max_backoff(self) -> None:
+        """The delays start at 0.1 s and are bounded by max_backoff; each failure counts one attempt."""
         watch = _ResumableWatch(max_backoff=2.5)
         assert (watch.backoff.initial, watch.backoff.maximum, watch.backoff.attempts) == (0.1, 2.5, 0)
         watch.on_error(FakeRpcError(grpc.StatusCode.UNAVAILABLE))

@@ -53,11 +53,13 @@ def test_hadolint_does_flag_problems(tmp_path: pathlib.Path) -> None:
     assert "DL3006" in result.stdout and "DL3042" in result.stdout, result.stdout
 
 
-def test_base_images_are_pinned_and_shared(dockerfile: Dockerfile) -> None:
+def test_base_images_are_pinned_by_digest_and_shared(dockerfile: Dockerfile) -> None:
     for stage in dockerfile.stages:
-        image, _, tag = stage.base.rpartition(":")
-        assert image and "@sha256:" not in image, f"line {stage.line}: FROM {stage.base} has no tag"
-        assert tag and tag != "latest", f"line {stage.line}: FROM {stage.base} must name a fixed tag"
+        reference, _, digest = stage.base.partition("@")
+        pinned = re.fullmatch(r"sha256:[0-9a-f]{64}", digest)
+        assert pinned, f"line {stage.line}: FROM {stage.base} is not pinned by digest"
+        image, _, tag = reference.rpartition(":")
+        assert image and tag and tag != "latest", f"line {stage.line}: FROM {stage.base} must name a fixed tag too"
         assert image == "python" and tag.startswith("3.11") and "slim" in tag, stage.base
     # The venv's interpreter is a symlink into the base image: both stages must use the same one.
     assert len({stage.base for stage in dockerfile.stages}) == 1, [s.base for s in dockerfile.stages]
@@ -92,8 +94,10 @@ def test_builder_leaves_no_caches(dockerfile: Dockerfile) -> None:
             continue
         for command in re.split(r"&&|;|\|\|", instruction.args):
             words = command.split()
-            if "pip" in words[:3] and {"install", "wheel"} & set(words):
+            if any(w.endswith("pip") for w in words[:3]) and {"install", "wheel"} & set(words):
                 assert "--no-cache-dir" in words, f"line {instruction.line}: {command.strip()}"
+            if any(w.endswith("/uv") for w in words[:1]) and {"sync", "pip"} & set(words):
+                assert "--no-cache" in words, f"line {instruction.line}: {command.strip()}"
             if "apt-get" in words and "install" in words:
                 assert "rm -rf /var/lib/apt/lists" in instruction.args, f"line {instruction.line}"
 
@@ -134,14 +138,18 @@ def test_exposed_port_is_the_http_default(dockerfile: Dockerfile) -> None:
     assert exposed == [str(default.port)], exposed
 
 
-def test_dependencies_are_installed_before_the_sources_are_copied(dockerfile: Dockerfile) -> None:
+def test_dependencies_are_installed_from_the_lock_before_the_sources_are_copied(dockerfile: Dockerfile) -> None:
     builder = dockerfile.stage("builder")
     steps = builder.instructions
-    first_copy = next(i for i in steps if i.keyword == "COPY")
-    assert first_copy.operands()[:-1] == ["pyproject.toml"], "copy pyproject.toml alone first (layer cache)"
+    lock_copy = next(i for i in steps if i.keyword == "COPY" and "uv.lock" in i.operands())
+    assert lock_copy.operands()[:-1] == ["pyproject.toml", "uv.lock"], "copy the lock (and pyproject) alone first"
     sources = next(i for i in steps if i.keyword == "COPY" and "sidecar" in i.operands()[0])
-    deps = next(i for i in steps if i.keyword == "RUN" and "--requirement" in i.args)
-    assert steps.index(first_copy) < steps.index(deps) < steps.index(sources)
+    deps = next(i for i in steps if i.keyword == "RUN" and "--no-install-workspace" in i.args)
+    assert steps.index(lock_copy) < steps.index(deps) < steps.index(sources)
+    syncs = [i for i in steps if i.keyword == "RUN" and " sync " in f" {i.args} "]
+    assert syncs and all("--frozen" in i.words() for i in syncs), "every install must be exactly the lock"
+    uv_install = next(i for i in steps if i.keyword == "RUN" and "uv.requirements" in i.args)
+    assert "--require-hashes" in uv_install.words(), "uv itself is installed by hash"
 
 
 def test_dockerignore_keeps_the_context_small_but_complete() -> None:
@@ -161,8 +169,10 @@ def test_dockerignore_keeps_the_context_small_but_complete() -> None:
         "dist/discovery_sidecar-0.1.0-py3-none-any.whl",
     ):
         assert ignore.ignored(path), f".dockerignore lets {path} into the build context"
-    needed = ["pyproject.toml", "sidecar/api/discovery/v1/discovery_pb2.py", "sidecar/py.typed"]
-    needed += [str(p.relative_to(ROOT)) for p in (ROOT / "sidecar").rglob("*.py") if "__pycache__" not in p.parts]
+    needed = ["pyproject.toml", "uv.lock", "hack/uv.requirements", "LICENSE", "sidecar/py.typed"]
+    needed += ["clients/python/pyproject.toml", "clients/python/discovery_client/api/discovery/v1/discovery_pb2.py"]
+    for package in (ROOT / "sidecar", ROOT / "clients" / "python" / "discovery_client"):
+        needed += [str(p.relative_to(ROOT)) for p in package.rglob("*.py") if "__pycache__" not in p.parts]
     for path in needed:
         assert not ignore.ignored(path), f".dockerignore leaves out {path}, which the image needs"
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.api.discovery.v1 import discovery_pb2 as pb
+from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from sidecar.core.dynamo_entries import (
     DynamoEndpoint,
     DynamoModel,

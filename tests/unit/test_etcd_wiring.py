@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.api.discovery.v1 import discovery_pb2 as pb
+from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from sidecar.config import PodIdentity, load_settings
 from sidecar.core.directory import PeerDirectory
 from sidecar.core.instance_id import instance_id

@@ -25,9 +25,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sidecar.api.discovery.v1 import discovery_pb2 as pb
-from sidecar.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
-from sidecar.client import PeerSetView
+from discovery_client.api.discovery.v1 import discovery_pb2 as pb
+from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
+from discovery_client.client import PeerSetView
 from sidecar.config import ListenAddress
 from sidecar.core.eventlog import ApiStatus, LogEntry
 from sidecar.grpc_service import BLOCKING_WORKERS, ENCODING_WORKERS, SERVICE_NAME, DiscoveryService, GrpcServer

@@ -18,9 +18,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from sidecar.api.discovery.v1 import discovery_pb2 as pb
-from sidecar.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
-from sidecar.client import PeerSetView, make_filter
+from discovery_client.api.discovery.v1 import discovery_pb2 as pb
+from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
+from discovery_client.client import PeerSetView, make_filter
 from sidecar.config import ListenAddress, PodIdentity
 from sidecar.grpc_service import MAX_STREAMS, DiscoveryService, GrpcServer
 from sidecar.kube.sources import ENDPOINT_SLICES, WORKER_METADATA

@@ -1,4 +1,4 @@
-"""The committed stubs in sidecar/api are exactly what protoc generates from protos/ today."""
+"""The committed stubs in clients/python/discovery_client/api are exactly what the locked protoc generates."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import gen_protos  # noqa: E402
 def test_committed_stubs_match_the_proto(tmp_path: pathlib.Path) -> None:
     generated = gen_protos.generate(tmp_path)
     assert generated, "protoc produced nothing"
-    committed_root = ROOT / "sidecar" / "api"
+    committed_root = gen_protos.STUBS_DIR
     for path in generated:
         relative = path.relative_to(tmp_path)
         committed = committed_root / relative

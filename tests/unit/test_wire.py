@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.api.discovery.v1 import discovery_pb2 as pb
+from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from sidecar.wire import document_from_publish
 
 

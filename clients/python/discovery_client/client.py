@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import random
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -28,11 +30,13 @@ from typing import Any
 
 import grpc
 import grpc.aio
-import structlog
 
-from sidecar.api.discovery.v1 import discovery_pb2 as pb
-from sidecar.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
-from sidecar.core.backoff import Backoff
+from discovery_client.api.discovery.v1 import discovery_pb2 as pb
+from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
+
+# A library logs through the standard library: the application decides where it goes (structlog users
+# route it with structlog.stdlib).
+log = logging.getLogger("discovery_client")
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 MAX_RECEIVE_BYTES = 256 * 2**20
@@ -52,6 +56,24 @@ PERMANENT_CODES = (
     grpc.StatusCode.PERMISSION_DENIED,
     grpc.StatusCode.UNAUTHENTICATED,
 )
+
+
+class _Retries:
+    """Delays between reconnects: doubling from ``initial`` up to ``maximum``, each drawn between half the
+    bound and the bound, so that many clients of one restarted sidecar do not return in lockstep."""
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.attempts = 0
+
+    def next_delay(self) -> float:
+        bound = min(self.maximum, self.initial * 2 ** min(self.attempts, 64))
+        self.attempts += 1
+        return random.uniform(bound / 2, bound)
+
+    def reset(self) -> None:
+        self.attempts = 0
 
 
 @dataclass
@@ -157,7 +179,7 @@ def make_filter(
 class _ResumableWatch:
     """One WatchPeers subscription across reconnects: all of ``watch`` but the IO, shared by both clients.
 
-    Owns the ``PeerSetView`` (the peer set and where to resume), the ``Backoff`` between reconnects
+    Owns the ``PeerSetView`` (the peer set and where to resume), the delays between reconnects
     (0.1 s growing to ``max_backoff``, reset by any message) and the filter. ``DiscoveryClient.watch``
     and ``AsyncDiscoveryClient.watch`` make one per call and ask it what to send (``request``), what a
     message means (``on_message``) and, when the stream fails, whether to retry and after how long
@@ -177,7 +199,7 @@ class _ResumableWatch:
         self.filter = peer_filter or pb.PeerFilter()
         self.reconnect = reconnect
         self.view = view if view is not None else PeerSetView()
-        self.backoff = Backoff(initial=self.INITIAL_BACKOFF, maximum=max_backoff)
+        self.backoff = _Retries(initial=self.INITIAL_BACKOFF, maximum=max_backoff)
 
     def request(self) -> pb.WatchPeersRequest:
         """The request of the next call: the filter, resuming after the last complete change."""
@@ -211,7 +233,6 @@ class DiscoveryClient:
         self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub: Any = pb_grpc.DiscoveryStub(self.channel)  # generated without type hints
         self.republish = republish
-        self.log = structlog.get_logger("sidecar.client").bind(target=target)
         # _publish_lock serialises publishing (the caller's and the re-publisher's) and guards _published:
         # the document as the sidecar last applied it, None before the first publish.
         self._publish_lock = threading.Lock()
@@ -313,7 +334,7 @@ class DiscoveryClient:
         (e.g. watch-only) or could not be reached in ``attempts`` tries (None: until the client is
         closed). Called after the channel lost the sidecar; safe to call any time.
         """
-        backoff = Backoff(initial=0.1, maximum=2.0)
+        backoff = _Retries(initial=0.1, maximum=2.0)
         tries = 0
         while attempts is None or tries < attempts:
             tries += 1
@@ -330,16 +351,16 @@ class DiscoveryClient:
                         data_json=json.dumps(self._published), mode=pb.PUBLISH_MODE_REPLACE
                     )
                     self.stub.PublishMetadata(request, timeout=30.0, wait_for_ready=True)
-                self.log.info("re-published metadata after the sidecar restarted")
+                log.info("re-published metadata after the sidecar restarted (target %s)", self.target)
                 return True
             except grpc.RpcError as exc:
                 if exc.code() in (*PERMANENT_CODES, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.CANCELLED):
-                    self.log.warning("cannot re-publish metadata", code=exc.code().name, details=exc.details())
+                    log.warning("cannot re-publish metadata to %s: %s %s", self.target, exc.code().name, exc.details())
                     return False
             except ValueError:  # closed channel
                 return False
             self._closed.wait(backoff.next_delay())
-        self.log.warning("gave up re-publishing metadata: the sidecar did not accept it", attempts=attempts)
+        log.warning("gave up re-publishing metadata to %s after %s attempts", self.target, attempts)
         return False
 
     def watch(
@@ -406,3 +427,12 @@ class AsyncDiscoveryClient:
             finally:
                 call.cancel()
             await asyncio.sleep(delay)
+
+
+def snapshot_peers(
+    target: str = DEFAULT_TARGET, peer_filter: pb.PeerFilter | None = None, timeout: float = 30.0
+) -> dict[str, pb.Peer]:
+    """The current peer set by pod UID, in one call: connect, ``ListPeers`` (which waits for the sidecar's
+    first sync within ``timeout``), close. For scripts and start-up checks; long-lived programs ``watch``."""
+    with DiscoveryClient(target, republish=False) as client:
+        return {peer.uid: peer for peer in client.list_peers(peer_filter, timeout=timeout).peers}

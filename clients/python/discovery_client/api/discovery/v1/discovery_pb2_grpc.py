@@ -3,9 +3,9 @@
 import grpc
 import warnings
 
-from sidecar.api.discovery.v1 import discovery_pb2 as discovery_dot_v1_dot_discovery__pb2
+from discovery_client.api.discovery.v1 import discovery_pb2 as discovery_dot_v1_dot_discovery__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
