@@ -175,8 +175,44 @@ def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]
 
 
 # -- the simulator, as a child process -------------------------------------------------------------------
-class Simulator:
-    """``bench.watchers`` in a subprocess, driven by JSON lines."""
+class JsonLinesChild:
+    """A subscriber process driven by JSON lines on its stdin, one JSON reply per line on its stdout
+    (``bench.watchers``; ``bench.peer_subscribers``)."""
+
+    def __init__(self, argv: Sequence[str], log: pathlib.Path) -> None:
+        with log.open("ab") as stderr:
+            self.process = subprocess.Popen(
+                list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT
+            )
+        self.ps = psutil.Process(self.process.pid)
+
+    def call(self, **command: Any) -> dict[str, Any]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the subscriber process exited with {self.process.wait()}")
+        return json.loads(line)
+
+    def cpu(self) -> float:
+        times = self.ps.cpu_times()
+        return times.user + times.system
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            assert self.process.stdin is not None
+            self.process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+            self.process.stdin.close()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+
+class Simulator(JsonLinesChild):
+    """``bench.watchers`` in a subprocess."""
 
     def __init__(
         self,
@@ -207,35 +243,7 @@ class Simulator:
             initial,
             *extra,
         ]
-        with log.open("ab") as stderr:
-            self.process = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT
-            )
-        self.ps = psutil.Process(self.process.pid)
-
-    def call(self, **command: Any) -> dict[str, Any]:
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write(json.dumps(command) + "\n")
-        self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the watcher simulator exited with {self.process.wait()}")
-        return json.loads(line)
-
-    def cpu(self) -> float:
-        times = self.ps.cpu_times()
-        return times.user + times.system
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            assert self.process.stdin is not None
-            self.process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-            self.process.stdin.close()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
+        super().__init__(argv, log)
 
 
 # -- the fleet ----------------------------------------------------------------------------------------------

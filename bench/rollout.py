@@ -52,6 +52,7 @@ from bench.cost import (
     PLOTS_DIR,
     RESULTS_DIR,
     SLICE_SELECTOR,
+    JsonLinesChild,
     RssSampler,
     Simulator,
     cpu_seconds,
@@ -117,16 +118,16 @@ class ProcessSubscribers:
     ``wait_ready``, ``stats``, ``converge`` with ``peers``). Every arm is one of these; they differ in the
     process's argv and in whether subscribers follow the pods (``every_pod``) or are a fixed set."""
 
-    def __init__(self, name: str, simulator: Simulator, every_pod: bool, fixed: int = 0) -> None:
+    def __init__(self, name: str, child: JsonLinesChild, every_pod: bool, fixed: int = 0) -> None:
         self.name = name
-        self.simulator = simulator
+        self.child = child
         self.every_pod = every_pod
         self.fixed = fixed
         self.lock = threading.Lock()  # one command at a time on the child's pipe
 
     def call(self, **command: Any) -> dict[str, Any]:
         with self.lock:
-            return self.simulator.call(**command)
+            return self.child.call(**command)
 
     def start(self, pods: Sequence[str]) -> None:
         ids = list(pods) if self.every_pod else [f"{self.name}-{i}" for i in range(self.fixed)]
@@ -149,10 +150,10 @@ class ProcessSubscribers:
         return self.call(cmd="converge", truth=truth, peers=peers, timeout=timeout)
 
     def processes(self) -> dict[str, int]:
-        return {"subscribers": self.simulator.process.pid}
+        return {"subscribers": self.child.process.pid}
 
     def close(self) -> None:
-        self.simulator.close()
+        self.child.close()
 
 
 def watcher_arm(
@@ -163,17 +164,31 @@ def watcher_arm(
     return ProcessSubscribers(name, simulator, every_pod=name == "every-pod", fixed=args.routers)
 
 
+def peer_subscribers(
+    targets: Sequence[str], log: pathlib.Path, ca: pathlib.Path | None = None, token: pathlib.Path | None = None
+) -> JsonLinesChild:
+    """A ``bench.peer_subscribers`` process: subscribers following ``WatchPeers`` streams, spread over
+    ``targets`` (host:port), verified with ``ca`` (else plaintext), presenting ``token`` if given."""
+    argv = [sys.executable, "-m", "bench.peer_subscribers", "--targets", ",".join(targets)]
+    argv += ["--ca", str(ca)] if ca else []
+    argv += ["--token-file", str(token)] if token else []
+    return JsonLinesChild(argv, log)
+
+
 def relay_arm(
     name: str, plane: ControlPlane, token: pathlib.Path, logs: pathlib.Path, args: argparse.Namespace
 ) -> Subscribers:
     """``relays``: every pod following one of ``--relays`` relay replicas over WatchPeers (issue #23, items 1-2).
 
-    The hook for the relay, which does not exist yet. To plug it in, return a ``ProcessSubscribers``
-    (``every_pod=True``) whose child process follows ``WatchPeers`` streams, one per subscriber id, spread
-    over the relays, and answers the same commands (``converge`` compares its peer set, by pod name and
-    state, with ``peers``; ``truth`` does not apply), and whose ``processes()`` adds each relay replica
-    (``relay-0``...), started here as ``discovery-sidecar relay`` with ``DISCOVERY_NAMESPACES=bench``,
-    ``DISCOVERY_SERVICE_NAME=workers``, ``DISCOVERY_RELAY_LISTEN`` on loopback and the token in ``token``."""
+    The hook for the relay, which does not exist yet. What it needs to return: a ``Subscribers`` whose
+    subscribers are ``ProcessSubscribers(name, peer_subscribers(targets, logs / ..., ca, token),
+    every_pod=True)`` (one WatchPeers stream per pod, spread over the relays, resumed on the next relay when
+    one fails: ``bench/peer_subscribers.py``, tested against a real sidecar), and whose ``processes()`` adds
+    each relay replica (``relay-0``, ...) so that their CPU-s and peak RSS are reported, and whose ``close()``
+    stops them. The relays are ``discovery-sidecar relay`` processes started here against ``plane`` with
+    ``DISCOVERY_NAMESPACES=bench``, ``DISCOVERY_SERVICE_NAME=workers`` (``bench.workload``),
+    ``DISCOVERY_RELAY_LISTEN=127.0.0.1:<free port>`` and TLS, authenticating to the API server with a
+    kubeconfig of their own; the subscribers present ``token`` (the sidecar service account's)."""
     raise NotImplementedError("the relay arm needs `discovery-sidecar relay` (issue #23, items 1-2)")
 
 
