@@ -393,8 +393,9 @@ class RolloutBench:
                     "metadata": {
                         "labels": dict(LABELS),
                         "annotations": {
-                            "devcluster.kwok/ready-ms": str(args.ready_ms),
-                            "devcluster.kwok/stop-ms": str(args.stop_ms),
+                            "devcluster.kwok/ready": args.ready,
+                            "devcluster.kwok/ready-max": args.ready_max,
+                            "devcluster.kwok/stop": args.stop,
                         },
                     },
                     "spec": pod_template_spec(
@@ -522,6 +523,8 @@ class RolloutBench:
                     settled_after_restart_s=settled_at - restart_at,
                     converged=converged["converged"],
                     behind=converged["behind_count"],
+                    behind_why=converged.get("behind_why"),
+                    behind_sample=converged.get("behind"),
                     convergence_s={
                         "subscribers": len(after),
                         "p50": percentile(after, 50),
@@ -608,8 +611,9 @@ def write_report() -> list[dict[str, Any]]:
         "model is `bench/COST_MODEL.md`'s. One real kube-apiserver + etcd + kube-controller-manager (Deployment,",
         f"ReplicaSet, EndpointSlice controllers) and kwok ({args.get('nodes', '?')} simulated nodes) on 2 shared",
         f"cores; `kubectl rollout restart` of a `P`-replica Deployment (maxSurge {args.get('max_surge', '?')},",
-        f"maxUnavailable {args.get('max_unavailable', '?')}; kwok: Ready {args.get('ready_ms', '?')} ms (+ up to 2 s)",
-        f"after start, containers exit {args.get('stop_ms', '?')} ms (+ up to 0.5 s) after deletion). Subscribers",
+        f"maxUnavailable {args.get('max_unavailable', '?')}; kwok: a pod Ready {args.get('ready', '?')} to "
+        f"{args.get('ready_max', '?')} after it started, its containers out {args.get('stop', '?')} after its deletion).",
+        "Subscribers",
         "simulated by `bench.watchers --peers` (the sidecar's requests). Convergence: from the last new pod's Ready",
         "to each subscriber holding the final peer set, over every subscriber alive at the end. MB = 10^6 bytes;",
         "medians over `n` runs.",
@@ -691,8 +695,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nodes", type=int, default=20, help="kwok nodes")
     parser.add_argument("--max-surge", default="25%", help="the Deployment's maxSurge (default: Kubernetes')")
     parser.add_argument("--max-unavailable", default="25%", help="the Deployment's maxUnavailable")
-    parser.add_argument("--ready-ms", type=int, default=1000, help="kwok: from a pod's start to its Ready")
-    parser.add_argument("--stop-ms", type=int, default=1000, help="kwok: from a pod's deletion to its containers' exit")
+    parser.add_argument("--ready", default="1s", help="kwok: least time from a pod's start to its Ready")
+    parser.add_argument("--ready-max", default="2s", help="kwok: most time from a pod's start to its Ready")
+    parser.add_argument("--stop", default="500ms", help="kwok: from a pod's deletion to its containers' exit")
     parser.add_argument("--initial", choices=("list", "stream"), default="stream", help="the watchers' initial sync")
     parser.add_argument("--rollout-timeout", type=float, default=3600)
     parser.add_argument("--tag", default="", help="suffix of the result files (repeats in separate runs)")

@@ -457,6 +457,7 @@ class Watcher:
         self.index = index
         self.last_change = 0.0
         self.peers: PeerView | None = PeerView() if sim.track_peers else None
+        self.stopped = False
         self.watches: list[Watch] = []
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -469,6 +470,7 @@ class Watcher:
         self.tasks = [asyncio.create_task(w.run()) for w in self.watches]
 
     async def stop(self) -> None:
+        self.stopped = True
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
@@ -476,13 +478,14 @@ class Watcher:
                 await task
         for watch in self.watches:
             watch.conn.close()
+            watch.synced.set()  # whoever waits for this watcher's sync (start-up's slot) stops waiting
 
     async def synced(self) -> None:
         for watch in self.watches:
             await watch.synced.wait()
 
     def matches(self, truth: dict[str, dict[str, str]]) -> bool:
-        return all(w.state == truth.get(w.resource, {}) for w in self.watches)
+        return bool(self.watches) and all(w.state == truth.get(w.resource, {}) for w in self.watches)
 
 
 class Simulator:
@@ -510,6 +513,8 @@ class Simulator:
     async def _start_one(self, watcher: Watcher) -> None:
         # Bounded start-up concurrency: the pods of a fleet do not all start in the same millisecond.
         async with self.concurrency:
+            if watcher.stopped:  # stopped (its pod gone) before its turn came
+                return
             watcher.start()
             await watcher.synced()
 
@@ -589,13 +594,21 @@ class Simulator:
         (and, given ``peers``, serves exactly that peer set)."""
         deadline = time.monotonic() + timeout
 
-        def done(watcher: Watcher) -> bool:
+        def lag(watcher: Watcher) -> str:
+            """Why ``watcher`` has not converged ("" when it has)."""
+            if not watcher.watches:
+                return "not started"
+            if not all(w.synced.is_set() for w in watcher.watches):
+                return "not synced"
             if not watcher.matches(truth):
-                return False
-            return peers is None or (watcher.peers is not None and watcher.peers.peers() == peers)
+                return "objects differ"
+            if peers is not None and (watcher.peers is None or watcher.peers.peers() != peers):
+                return "peer set differs"
+            return ""
 
         while True:
-            behind = [w.index for w in self.watchers.values() if not done(w)]
+            lags = {w.index: lag(w) for w in self.watchers.values()}
+            behind = [index for index, why in lags.items() if why]
             if not behind or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)  # poll: the watchers' tasks advance between checks
@@ -603,6 +616,7 @@ class Simulator:
             "converged": not behind,
             "behind": behind[:20],
             "behind_count": len(behind),
+            "behind_why": dict(Counter(why for why in lags.values() if why)),
             "last_change": [w.last_change for w in self.watchers.values()],
         }
         if peers is not None:

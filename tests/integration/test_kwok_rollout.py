@@ -40,9 +40,9 @@ def _deployment() -> dict[str, Any]:
             "template": {
                 "metadata": {
                     "labels": labels,
-                    # kwok's delays for these pods: quick, but a terminating pod lingers long enough (1-1.5 s)
-                    # for the EndpointSlice controller to publish it as terminating first.
-                    "annotations": {"devcluster.kwok/ready-ms": "300", "devcluster.kwok/stop-ms": "1000"},
+                    # kwok's delays for these pods: quick, but a terminating pod lingers long enough (1 s) for
+                    # the EndpointSlice controller to publish it as terminating first.
+                    "annotations": {"devcluster.kwok/ready": "300ms", "devcluster.kwok/stop": "1s"},
                 },
                 "spec": pod_template_spec(
                     terminationGracePeriodSeconds=5,
