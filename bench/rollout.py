@@ -612,11 +612,10 @@ def write_report() -> list[dict[str, Any]]:
         f"ReplicaSet, EndpointSlice controllers) and kwok ({args.get('nodes', '?')} simulated nodes) on 2 shared",
         f"cores; `kubectl rollout restart` of a `P`-replica Deployment (maxSurge {args.get('max_surge', '?')},",
         f"maxUnavailable {args.get('max_unavailable', '?')}; kwok: a pod Ready {args.get('ready', '?')} to "
-        f"{args.get('ready_max', '?')} after it started, its containers out {args.get('stop', '?')} after its deletion).",
-        "Subscribers",
-        "simulated by `bench.watchers --peers` (the sidecar's requests). Convergence: from the last new pod's Ready",
-        "to each subscriber holding the final peer set, over every subscriber alive at the end. MB = 10^6 bytes;",
-        "medians over `n` runs.",
+        f"{args.get('ready_max', '?')} after it started,",
+        f"its containers out {args.get('stop', '?')} after its deletion). Subscribers simulated by `bench.watchers",
+        "--peers` (the sidecar's requests). Convergence: from the last new pod's Ready to each subscriber holding the",
+        "final peer set, over every subscriber alive at the end. MB = 10^6 bytes; medians over `n` runs.",
         "",
         "| P | arm | n | subscribers | connect MB / apiserver CPU-s / s | rollout MB to subscribers (apiserver "
         "watch-event MB) | apiserver CPU-s | etcd / kcm / kwok CPU-s | subscribers CPU-s | apiserver peak RSS MB | "
