@@ -164,7 +164,7 @@ class Subscribers:
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
-        stdin = asyncio.StreamReader()
+        stdin = asyncio.StreamReader(limit=2**28)  # a converge command carries every object's name and version
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
         while True:
             line = await stdin.readline()
