@@ -594,6 +594,7 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "p99": med(lambda r: r["rollout"]["convergence_s"]["p99"]),
                 "max": med(lambda r: r["rollout"]["convergence_s"]["max"]),
                 "converged": all(r["rollout"]["converged"] for r in group),
+                "args_relays": group[0].get("args", {}).get("relays"),
                 "rollout_seconds": med(lambda r: r["rollout"]["seconds"]),
             }
         )
