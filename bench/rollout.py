@@ -359,7 +359,7 @@ class RolloutBench:
         self.cluster.create_service(NAMESPACE, SERVICE, LABELS)
         self.kwok = Kwok(self.plane, self.work / "kwok", log=say).start()
         self.kwok.add_nodes(self.args.nodes, zones=3)
-        self.registrar = Registrar(self.api, self.cluster)
+        self.registrar = Registrar(self.api, self.cluster, threads=self.args.registrar_threads)
         self.registrar.start()
 
     def stop(self) -> None:
@@ -699,6 +699,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ready-max", default="2s", help="kwok: most time from a pod's start to its Ready")
     parser.add_argument("--stop", default="500ms", help="kwok: from a pod's deletion to its containers' exit")
     parser.add_argument("--initial", choices=("list", "stream"), default="stream", help="the watchers' initial sync")
+    parser.add_argument(
+        "--registrar-threads", type=int, default=32, help="CR writes at once (the pods' sidecars register in parallel)"
+    )
     parser.add_argument("--rollout-timeout", type=float, default=3600)
     parser.add_argument("--tag", default="", help="suffix of the result files (repeats in separate runs)")
     parser.add_argument("--work", help="keep the control plane's files and the logs in this directory")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import json
 import pathlib
 import sys
 import threading
@@ -140,8 +141,11 @@ class Kwok:
         binary: pathlib.Path | None = None,
         log: Log = _say,
         tie_to_parent: bool = True,
+        parallelism: int = 16,
     ) -> None:
+        """``parallelism``: pod stages kwok plays at once (its default, 4, is one slow kubelet for all nodes)."""
         self.plane = plane
+        self.parallelism = parallelism
         self.work_dir = work_dir
         self.binary = binary
         self.log = log
@@ -162,6 +166,7 @@ class Kwok:
             str(self.binary),
             f"--kubeconfig={self.plane.kubeconfig}",
             f"--config={STAGES}",
+            f"--config={self.work_dir / 'kwok-options.json'}",
             f"--manage-nodes-with-annotation-selector={'='.join(NODE_ANNOTATION)}",
             f"--server-address=127.0.0.1:{self.port}",  # /healthz (and kwok's kubelet API) on loopback only
             "--node-lease-duration-seconds=40",
@@ -173,6 +178,23 @@ class Kwok:
     def start(self, timeout: float = 60.0) -> Kwok:
         self.binary = self.binary or ensure_tool("kwok", self.log)
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        # A KwokConfiguration given is not defaulted: every option kwok would default is spelled out (its
+        # defaults in v0.8.0), but the pod stages played at once.
+        options = {
+            "cidr": str(POD_NETWORK),
+            "manageAllNodes": False,
+            "enableDebuggingHandlers": True,
+            "enableContentionProfiling": False,
+            "enableProfilingHandler": False,
+            "podPlayStageParallelism": self.parallelism,
+            "nodePlayStageParallelism": 4,
+            "nodeLeaseParallelism": 4,
+            "podsOnNodeSyncParallelism": 1,
+            "enablePodsOnNodeSyncListPager": True,
+            "enablePodsOnNodeSyncStreamWatch": False,
+        }
+        configuration = {"apiVersion": "config.kwok.x-k8s.io/v1alpha1", "kind": "KwokConfiguration", "options": options}
+        (self.work_dir / "kwok-options.json").write_text(json.dumps(configuration))
         # kwok reads ~/.kwok/kwok.yaml when it exists: give it a home of its own, so only STAGES applies.
         self.component = Component("kwok", self.argv(), self.work_dir / "kwok.log")
         self.log(f"starting kwok (nodes annotated {'='.join(NODE_ANNOTATION)}) on 127.0.0.1:{self.port}")
