@@ -24,9 +24,10 @@ Handler = Callable[[str, Mapping[str, Any]], None]
 class CollectionWatch:
     """Follows ``path`` (a collection) with an optional label/field selector; calls ``handler`` per event.
 
-    After a (re)list every listed object is handed over as ADDED, so a handler sees each object at
-    least once even across a ``410``; handlers must therefore be idempotent (they are: they act on the
-    object's current state)."""
+    After a (re)list every listed object is handed over as ADDED, and every object known before but not
+    listed any more as DELETED (it went while the watch was down: a ``410`` after the server closed a slow
+    watch), so a handler sees each object's end too; handlers must be idempotent (they act on the object's
+    current state)."""
 
     def __init__(
         self,
@@ -43,6 +44,7 @@ class CollectionWatch:
         self.query = [("labelSelector", label_selector)] if label_selector else []
         self.query += [("fieldSelector", field_selector)] if field_selector else []
         self.synced = threading.Event()
+        self._known: dict[tuple[str, str], dict[str, Any]] = {}  # (namespace, name) -> last object; watch thread only
         self._stop = threading.Event()
         self._stream: WatchStream | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -58,15 +60,30 @@ class CollectionWatch:
             stream.close()
         self._thread.join(10)
 
+    def _deliver(self, kind: str, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        if kind == "DELETED":
+            self._known.pop(key, None)
+        else:
+            self._known[key] = obj
+        self.handler(kind, obj)
+
     def _list(self) -> str:
         token = ""
+        listed: list[dict[str, Any]] = []
         while True:
             page = self.api.get(self.path, [*self.query, ("limit", "500"), *([("continue", token)] if token else [])])
-            for item in page.get("items") or ():
-                self.handler("ADDED", item)
+            listed += page.get("items") or ()
             token = page["metadata"].get("continue") or ""
             if not token:
-                return str(page["metadata"]["resourceVersion"])
+                break
+        keys = {(i["metadata"].get("namespace", ""), i["metadata"]["name"]) for i in listed}
+        for key in [k for k in self._known if k not in keys]:
+            self._deliver("DELETED", self._known[key])
+        for item in listed:
+            self._deliver("ADDED", item)
+        return str(page["metadata"]["resourceVersion"])
 
     def _run(self) -> None:
         version = ""
@@ -86,7 +103,7 @@ class CollectionWatch:
                         break
                     version = obj.get("metadata", {}).get("resourceVersion") or version
                     if kind in ("ADDED", "MODIFIED", "DELETED"):
-                        self.handler(str(kind), obj)
+                        self._deliver(str(kind), obj)
                 backoff = 0.2
             except ApiError as exc:
                 if exc.status == 410:
