@@ -482,6 +482,7 @@ class RolloutBench:
         assert self.api is not None and self.registrar is not None
         arm = ARMS[name](name, self.plane, self.token_file, self.logs, self.args)
         result: dict[str, Any] = {"P": size, "arm": name, "initial": self.args.initial}
+        result["kwok_parallelism"] = self.kwok.parallelism if self.kwok else None
         pids = self.pids() | arm.processes()
         with RssSampler(pids) as rss:
             try:
