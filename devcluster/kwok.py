@@ -74,6 +74,9 @@ class Binder:
         self.nodes = nodes
         self.log = log
         self.bound = 0
+        self.failures = 0  # binding attempts that failed and were retried
+        self.attempts = 20
+        self._stop = threading.Event()
         self._turn = itertools.count()
         self._pending: set[tuple[str, str]] = set()  # (namespace, name) being bound; guarded by _lock
         self._lock = threading.Lock()
@@ -91,6 +94,7 @@ class Binder:
         wait_for(self._watch.synced.is_set, 30, what="the kwok binder's pod list")
 
     def stop(self) -> None:
+        self._stop.set()
         self._watch.stop()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
@@ -106,26 +110,35 @@ class Binder:
         self._pool.submit(self._bind, key, meta["uid"])
 
     def _bind(self, key: tuple[str, str], uid: str) -> None:
+        """Bind one pod, retrying (a loaded API server times out) until it is bound, gone or out of tries."""
         namespace, name = key
         try:
-            nodes = self.nodes()
-            if not nodes:
-                self.log(f"kwok binder: no kwok node for pod {namespace}/{name}; add_nodes() first")
-                return
-            target = nodes[next(self._turn) % len(nodes)]
-            body = {
-                "apiVersion": "v1",
-                "kind": "Binding",
-                "metadata": {"name": name, "uid": uid},
-                "target": {"apiVersion": "v1", "kind": "Node", "name": target},
-            }
-            self.api.create(PODS.item(namespace, name) + "/binding", body)
-            self.bound += 1
-        except ApiError as exc:
-            if exc.status not in (404, 409):  # gone, or already bound: nothing to do
-                self.log(f"kwok binder: binding {namespace}/{name} failed: {exc}")
-        except Exception as exc:  # noqa: BLE001 - one failed binding must not stop the others
-            self.log(f"kwok binder: binding {namespace}/{name} failed: {type(exc).__name__}: {exc}")
+            for attempt in range(self.attempts):
+                nodes = self.nodes()
+                if not nodes:
+                    self.log(f"kwok binder: no kwok node for pod {namespace}/{name}; add_nodes() first")
+                    return
+                body = {
+                    "apiVersion": "v1",
+                    "kind": "Binding",
+                    "metadata": {"name": name, "uid": uid},
+                    "target": {"apiVersion": "v1", "kind": "Node", "name": nodes[next(self._turn) % len(nodes)]},
+                }
+                try:
+                    self.api.create(PODS.item(namespace, name) + "/binding", body)
+                    self.bound += 1
+                    return
+                except ApiError as exc:
+                    if exc.status in (404, 409):  # gone, or already bound (maybe by our own timed-out try)
+                        return
+                    failure = f"{exc}"
+                except Exception as exc:  # noqa: BLE001 - a timeout under load: try again
+                    failure = f"{type(exc).__name__}: {exc}"
+                self.failures += 1
+                self._stop.wait(min(0.5 * 2**attempt, 10.0))  # backoff before the next try
+                if self._stop.is_set():
+                    return
+            self.log(f"kwok binder: gave up binding {namespace}/{name} after {self.attempts} tries: {failure}")
         finally:
             with self._lock:
                 self._pending.discard(key)
@@ -151,7 +164,8 @@ class Kwok:
         self.log = log
         self.tie_to_parent = tie_to_parent
         self.port = free_port()
-        self.api = KubeApi.from_kubeconfig(str(plane.kubeconfig))
+        # Patient: at thousands of pods the API server is the loaded party, and a binding must not be dropped.
+        self.api = KubeApi.from_kubeconfig(str(plane.kubeconfig), request_timeout=60)
         self.nodes: list[str] = []
         self.component: Component | None = None
         self.binder = Binder(self.api, lambda: list(self.nodes), log)
