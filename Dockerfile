@@ -6,7 +6,11 @@
 #
 # Both stages use the same base image, pinned by digest (the multi-arch index of the tag it names): the
 # venv's interpreter is a symlink into it. To move to a newer Python patch release, change PYTHON_IMAGE
-# (tag and digest: `docker buildx imagetools inspect python:<tag>` prints the digest).
+# (tag and digest: `docker buildx imagetools inspect python:<tag>` prints the digest). The digest below could
+# not be checked from the project's machines (no route to Docker Hub); the release workflow checks it before it
+# builds, and docs/image.md says how to check it by hand.
+# Without Docker, `python -m devcluster.image build` makes an image with this file's final-stage config from
+# Debian's packages and the same lock (docs/image.md); tests/integration/test_image.py runs it as a sidecar.
 # tests/integration/test_dockerfile_steps.py replays the builder stage's steps in a clean directory, and
 # tests/unit/test_dockerfile.py lints this file with hadolint and checks its structure.
 ARG PYTHON_IMAGE=python:3.11.14-slim-trixie@sha256:193fdd0bbcb3d2ae612bd6cc3548d2f7c78d65b549fcaa8af75624c47474444d

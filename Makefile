@@ -13,7 +13,7 @@ UV := $(UV_HOME)/bin/uv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: venv lock lock-upgrade demo demo-etcd test unit integration lint protos version controlplane cluster-up cluster-down bench bench-cost bench-rollout clean
+.PHONY: venv lock lock-upgrade demo demo-etcd test unit integration lint proto-lint proto-release rust-client rust-lint protos version controlplane image cluster-up cluster-down bench bench-cost bench-rollout clean
 
 $(UV): hack/uv.requirements
 	$(PYTHON) -m venv $(UV_HOME)
@@ -39,20 +39,52 @@ demo: venv            ## build/start a local control plane and show live discove
 demo-etcd: venv       ## the same on Dynamo's etcd backend: a real etcd, sidecars and a Dynamo worker
 	$(PY) -m demo.etcd
 
-test: venv            ## the whole suite, unit and integration (builds the control plane once)
+test: venv            ## the whole suite, unit and integration (builds the control plane and the Rust client once)
+	hack/debian-packages.sh
 	$(PY) -m devcluster build
+	$(PY) -m devcluster.rust_client
 	$(PY) -m pytest
 
 unit: venv
 	$(PY) -m pytest tests/unit
 
 integration: venv
+	hack/debian-packages.sh
 	$(PY) -m devcluster build
+	$(PY) -m devcluster.rust_client
 	$(PY) -m pytest tests/integration
 
-lint: venv            ## ruff, then mypy --strict on sidecar/ (settings in pyproject.toml)
+lint: venv            ## ruff, mypy --strict on sidecar/, actionlint on .github/workflows, the proto contract, the Rust client
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	hack/debian-packages.sh
+	$(PY) -m devcluster tool actionlint
+	@$(MAKE) --no-print-directory proto-lint rust-lint
+
+# The last released API, as a buf image (protos/releases/vX.Y.Z.binpb, recorded by `make proto-release`).
+PROTO_RELEASE = $(lastword $(shell ls protos/releases/v*.binpb | sort -V))
+BUF := $(PY) -m devcluster tool buf
+
+proto-lint: venv      ## buf lint protos/, and buf breaking against the last release (builds buf into ~/.cache once)
+	$(BUF) lint protos
+	$(BUF) breaking protos --against $(PROTO_RELEASE)
+	@echo "buf: protos/ passes lint and is compatible with $(PROTO_RELEASE)"
+
+proto-release: venv   ## at a release: record protos/ as the image later versions must stay compatible with
+	@test -n "$(VERSION)" || { echo "usage: make proto-release VERSION=x.y.z"; exit 2; }
+	$(BUF) build protos --exclude-source-info -o protos/releases/v$(VERSION).binpb
+
+# Cargo builds share one target directory under ~/.cache (every worktree, and CI, reuse what is built).
+CARGO_TARGET_DIR ?= $(CACHE_DIR)/cargo-target
+export CARGO_TARGET_DIR
+# rustup's cargo; ~/.cargo/bin is not on every non-login shell's PATH.
+CARGO ?= $(or $(shell command -v cargo),$(HOME)/.cargo/bin/cargo)
+
+rust-client: venv     ## build the Rust example client (clients/rust) into ~/.cache; prints the binary's path
+	@$(PY) -m devcluster.rust_client
+
+rust-lint:            ## rustfmt and clippy (warnings are errors) on clients/rust
+	cd clients/rust && $(CARGO) fmt --check && $(CARGO) clippy --locked --all-targets -- -D warnings
 
 protos: venv          ## regenerate clients/python/discovery_client/api from protos/ (with the locked grpcio-tools)
 	$(PY) scripts/gen_protos.py
@@ -60,8 +92,11 @@ protos: venv          ## regenerate clients/python/discovery_client/api from pro
 version: venv         ## set the release version everywhere: make version VERSION=x.y.z
 	$(PY) scripts/set_version.py $(VERSION)
 
-controlplane: venv    ## build kube-apiserver, kube-controller-manager, kubectl, etcd and kwok into ~/.cache
+controlplane: venv    ## build kube-apiserver, kube-controller-manager, kubectl, etcd and the Go tools into ~/.cache
 	$(PY) -m devcluster build
+
+image: venv           ## build the sidecar's image without Docker into ~/.cache (docs/image.md); prints its reference
+	$(PY) -m devcluster.image build
 
 cluster-up: venv      ## leave a control plane running; prints its kubeconfig path
 	@$(PY) -m devcluster up

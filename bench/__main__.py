@@ -61,7 +61,11 @@ class Bench:
         self.cluster = Cluster(api)
         kubectl = [str(self.plane.kubectl), f"--kubeconfig={self.plane.kubeconfig}"]
         manifests = ROOT / "manifests"
-        subprocess.run(kubectl + ["apply", "-f", str(manifests / "crd.yaml")], check=True, capture_output=True)
+        subprocess.run(
+            kubectl + ["apply", "-f", str(manifests / "components" / "crd" / "crd.yaml")],
+            check=True,
+            capture_output=True,
+        )
         subprocess.run(
             kubectl + ["wait", "--for=condition=Established", "crd/dynamoworkermetadatas.nvidia.com"],
             check=True,

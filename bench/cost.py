@@ -345,7 +345,11 @@ def prepare_workload(plane: ControlPlane, token_file: pathlib.Path) -> tuple[Kub
     cluster = Cluster(api)
     kubectl = [str(plane.kubectl), f"--kubeconfig={plane.kubeconfig}"]
     manifests = ROOT / "manifests"
-    subprocess.run(kubectl + ["apply", "-f", str(manifests / "crd.yaml")], check=True, capture_output=True)
+    subprocess.run(
+        kubectl + ["apply", "-f", str(manifests / "components" / "crd" / "crd.yaml")],
+        check=True,
+        capture_output=True,
+    )
     subprocess.run(
         kubectl + ["wait", "--for=condition=Established", "crd/dynamoworkermetadatas.nvidia.com"],
         check=True,

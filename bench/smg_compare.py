@@ -69,14 +69,18 @@ class Run:
         self.cluster = Cluster(KubeApi.from_kubeconfig(str(self.plane.kubeconfig)))
         kubectl = [str(self.plane.kubectl), f"--kubeconfig={self.plane.kubeconfig}"]
         manifests = ROOT / "manifests"
-        subprocess.run([*kubectl, "apply", "-f", str(manifests / "crd.yaml")], check=True, capture_output=True)
+        subprocess.run(
+            [*kubectl, "apply", "-f", str(manifests / "components" / "crd" / "crd.yaml")],
+            check=True,
+            capture_output=True,
+        )
         subprocess.run(
             [*kubectl, "wait", "--for=condition=Established", "crd/dynamoworkermetadatas.nvidia.com"],
             check=True,
             capture_output=True,
         )
         self.cluster.create_namespace(NAMESPACE)
-        for name in ("rbac.yaml", "optional/rbac-pod-discovery.yaml"):
+        for name in ("rbac.yaml", "components/pod-discovery/rbac-pod-discovery.yaml"):
             subprocess.run([*kubectl, "apply", "-n", NAMESPACE, "-f", str(manifests / name)], check=True)
         self.cluster.wait_for_service_account(NAMESPACE, "discovery-sidecar")
         self.cluster.ensure_node("node-a", "zone-a")

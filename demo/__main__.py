@@ -1,16 +1,19 @@
 """The demo: live peer discovery on a local, real control plane (``make demo``).
 
-It builds (first run only) and starts etcd, kube-apiserver and kube-controller-manager, applies the
-manifests (CRD, RBAC, admission policy), creates worker pods in two roles behind a Service, runs one
-real sidecar process per pod (downward-API-style env vars, a pod-bound token each), and follows the
-peer set from the router pod's point of view with ``discovery-sidecar peers --watch`` while pods scale
-up, turn unready, publish metadata, terminate, and the API server restarts. Everything is stopped and
-removed at the end, also on Ctrl-C.
+It builds (first run only) and starts etcd, kube-apiserver and kube-controller-manager, installs the
+Helm chart (CRD, RBAC, admission policy, injection) as a user would, creates worker pods in two roles
+behind a Service with nothing of the sidecar in them but the label ``discovery-sidecar.io/inject: "true"``,
+and runs one real sidecar process per pod from the container the injection added to it (its env and
+downward-API files resolved as the kubelet would, a pod-bound token each). Then it follows the peer set
+from the router pod's point of view with ``discovery-sidecar peers --watch`` while pods scale up, turn
+unready, publish metadata, terminate, and the API server restarts. Everything is stopped and removed at
+the end, also on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import pathlib
 import subprocess
 import sys
@@ -19,13 +22,16 @@ import time
 from demo.story import PeerWatch, run_story
 from devcluster.build import ROOT, ensure_built
 from devcluster.cluster import ControlPlane
-from devcluster.objects import Cluster
-from devcluster.sidecars import SidecarProcess, launch_sidecar
+from devcluster.objects import PODS, Cluster, wait_for
+from devcluster.sidecars import SidecarProcess, launch_from_pod
 from discovery_client.client import DiscoveryClient
-from sidecar.kube.api import KubeApi
+from sidecar.kube.api import ApiError, KubeApi
 
 NAMESPACE = "inference"
 SERVICE = "workers"
+INJECT = {"discovery-sidecar.io/inject": "true"}  # all a workload needs: the chart's policy adds the sidecar
+DYNAMO_DISCOVERY = {"nvidia.com/dynamo-discovery-enabled": "true"}  # the injected sidecar's default selector
+CHART = ROOT / "charts" / "discovery-sidecar"
 BOLD, RESET = ("\x1b[1m", "\x1b[0m") if sys.stdout.isatty() else ("", "")
 
 
@@ -59,31 +65,49 @@ class Demo:
         argv = [str(self.plane.kubectl), f"--kubeconfig={self.plane.kubeconfig}", *args]
         return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
 
-    def apply_manifests(self) -> None:
-        say("applying manifests/: CRD, admission policy, then RBAC in namespace " + NAMESPACE)
-        manifests = ROOT / "manifests"
-        self.kubectl("apply", "-f", str(manifests / "crd.yaml"), "-f", str(manifests / "admission-policy.yaml"))
-        self.kubectl("wait", "--for=condition=Established", "crd/dynamoworkermetadatas.nvidia.com", "--timeout=60s")
-        assert self.cluster is not None
+    def install_chart(self) -> None:
+        assert self.plane is not None and self.cluster is not None
         self.cluster.create_namespace(NAMESPACE)
-        self.kubectl("apply", "-n", NAMESPACE, "-f", str(manifests / "rbac.yaml"))
+        say(f"helm install discovery-sidecar charts/discovery-sidecar --set namespaces={{{NAMESPACE}}}")
+        env = {**os.environ, "KUBECONFIG": str(self.plane.kubeconfig)}
+        env.update({f"HELM_{k}_HOME": str(self.work_dir / f"helm-{k.lower()}") for k in ("CACHE", "CONFIG", "DATA")})
+        subprocess.run(
+            [str(self.plane.bin_dir / "helm"), "install", "discovery-sidecar", str(CHART), "--namespace",
+             "discovery-sidecar", "--create-namespace", "--set", f"namespaces={{{NAMESPACE}}}", "--wait"],
+            check=True, capture_output=True, env=env,
+        )  # fmt: skip
         self.cluster.wait_for_service_account(NAMESPACE, "discovery-sidecar")
         self.cluster.ensure_node("node-a", "zone-a")
-        self.cluster.create_service(NAMESPACE, SERVICE, {"app": "worker"})
+        # Labelled as Dynamo's operator labels component Services: the injected sidecars watch such slices.
+        self.cluster.create_service(NAMESPACE, SERVICE, {"app": "worker"}, labels=DYNAMO_DISCOVERY)
 
-    def add_pod(self, name: str, role: str, metadata: dict | None = None, ready: bool = True) -> SidecarProcess:
+    def add_pod(self, name: str, role: str, ready: bool = True) -> SidecarProcess:
+        """A pod with nothing of the sidecar but the label; its sidecar runs from what injection added."""
         assert self.cluster is not None and self.plane is not None
-        pod = self.cluster.start_pod(NAMESPACE, name, {"app": "worker", "role": role}, ready=ready)
-        process = launch_sidecar(
-            self.plane,
-            self.cluster,
-            pod,
-            SERVICE,
-            self.work_dir / "sidecars",
-            metadata=metadata or {"endpoints": {}, "model_cards": {}},
+        labels = {"app": "worker", "role": role, **INJECT}
+        created = wait_for(lambda: self._create_injected(name, labels), 30, what="the injection policy")
+        pod = self.cluster.set_pod_status(NAMESPACE, name, ready=ready)
+        assert created
+        process = launch_from_pod(
+            self.plane, self.cluster, pod, self.work_dir / "sidecars", extra_env={"DISCOVERY_BACKOFF_MAX": "2s"}
         )
         self.sidecars[name] = process
         return process
+
+    def _create_injected(self, name: str, labels: dict[str, str]) -> bool:
+        """Create the pod once the policy (just installed) injects into it; retry a refused or bare one."""
+        assert self.cluster is not None
+        try:
+            pod = self.cluster.create_pod(NAMESPACE, name, labels)
+        except ApiError as exc:
+            if "no params found" in exc.message:
+                return False  # the policy's parameters are not visible to admission yet
+            raise
+        if any(c["name"] == "discovery-sidecar" for c in pod["spec"].get("initContainers") or ()):
+            return True
+        self.cluster.delete_pod(NAMESPACE, name)
+        wait_for(lambda: self.cluster is not None and self.cluster.get_or_none(PODS.item(NAMESPACE, name)) is None, 30)
+        return False
 
     # -- the watcher ---------------------------------------------------------------------------------
     def start_watcher(self, target: str) -> None:
@@ -97,11 +121,16 @@ class Demo:
     # -- the story -----------------------------------------------------------------------------------
     def run(self) -> None:
         self.start_control_plane()
-        self.apply_manifests()
-        say("starting 3 workers (2 prefill, 1 decode) and a router, each with its own sidecar process")
+        self.install_chart()
+        say("starting 3 workers (2 prefill, 1 decode) and a router: pods labelled discovery-sidecar.io/inject=true;")
+        say("each gets the sidecar from the admission policy, run here as a process from its injected spec")
         router = self.add_pod("router-0", "router")
         for name, role in (("prefill-0", "prefill"), ("prefill-1", "prefill"), ("decode-0", "decode")):
             self.add_pod(name, role)
+        spec = self.sidecars["decode-0"].pod["spec"]
+        injected = [c["name"] for c in spec["initContainers"]]
+        volumes = [v["name"] for v in spec["volumes"]]
+        say(f"decode-0 as the API server stored it: initContainers {injected}, volumes {volumes}")
         for process in self.sidecars.values():
             process.wait_ready(60)
         self.start_watcher(router.target)

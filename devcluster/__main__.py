@@ -1,7 +1,7 @@
-"""``python -m devcluster build|up|down|status`` (behind ``make cluster-up`` / ``make cluster-down``).
+"""``python -m devcluster build|up|down|status|tool`` (behind ``make cluster-up`` / ``make cluster-down``).
 
-``build`` makes the control plane and every Go tool (``devcluster.build.GO_TOOLS``: kwok); ``build kwok``
-(or ``build controlplane``) makes only what is named.
+``tool NAME ARGS...`` runs one of the Go tools (``devcluster.build.GO_TOOLS``, e.g. actionlint for
+``make lint``), building only that tool first if it is missing.
 
 ``up`` leaves a control plane running in the background, detached from this process, and prints
 the path of its kubeconfig; ``down`` stops it. The running one is described by a state file, so a
@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 
-from devcluster.build import CACHE_ROOT, GO_TOOLS, ensure_built, ensure_tool
+from devcluster.build import CACHE_ROOT, ensure_built, ensure_tool
 from devcluster.cluster import ControlPlane
 
 RUN_DIR = CACHE_ROOT / "cluster"
@@ -91,23 +91,21 @@ def status() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devcluster", description=__doc__)
-    parser.add_argument("command", choices=["build", "up", "down", "status"])
-    parser.add_argument(
-        "targets", nargs="*", metavar="TARGET", help=f"build only these: controlplane, {', '.join(GO_TOOLS)}"
-    )
+    parser.add_argument("command", choices=["build", "up", "down", "status", "tool"])
+    parser.add_argument("tool_args", nargs=argparse.REMAINDER, help="tool: its name, then its arguments")
     args = parser.parse_args(argv)
     if args.command == "build":
-        unknown = set(args.targets) - {"controlplane", *GO_TOOLS}
-        if unknown:
-            parser.error(
-                f"unknown build target(s) {', '.join(sorted(unknown))}: expected controlplane, {', '.join(GO_TOOLS)}"
-            )
-        targets = args.targets or ["controlplane", *GO_TOOLS]
-        for target in targets:
-            print(ensure_built() if target == "controlplane" else ensure_tool(target))
+        print(ensure_built())
         return 0
-    if args.targets:
-        parser.error(f"{args.command} takes no targets")
+    if args.command == "tool":
+        if not args.tool_args:
+            parser.error("tool: name the tool (e.g. actionlint)")
+        name, *rest = args.tool_args
+        executable = ensure_tool(name)
+        sys.stdout.flush()
+        os.execv(executable, [name, *rest])
+    elif args.tool_args:
+        parser.error(f"{args.command} takes no arguments")
     return {"up": up, "down": down, "status": status}[args.command]()
 
 

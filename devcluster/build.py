@@ -5,14 +5,17 @@ flags), so a warm machine skips the build entirely and a version bump rebuilds. 
 k8s.io/kubernetes on a 2-core machine takes long enough that silence would look like a hang, so
 ``go build -v`` is run and the number of packages compiled is reported periodically.
 
-Besides the control plane (one module, ``hack/controlplane``), ``GO_TOOLS`` lists programs the dev
-cluster runs beside it that no registry ships as a binary (kwok's simulated kubelets). Each has a module
-of its own under ``hack/tools/<name>`` and so its own cache key: bumping a tool never rebuilds the
-control plane, and the control plane's build never waits for a tool.
+Besides the control plane, the tests and ``make lint`` need a few Go programs that no package registry
+ships (actionlint, buf, helm, kwok). Each is one row of ``GO_TOOLS``: its own pinned module under ``hack/`` (so a
+tool's version bump rebuilds that tool only, never the control plane), built into a cache directory keyed
+like the control plane's, and linked into the control plane's ``bin`` directory, beside ``kubectl``,
+where tests and users find it. ``ensure_tool`` builds one tool alone (``make lint`` needs no control
+plane).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -28,7 +31,6 @@ from dataclasses import dataclass
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODULE_DIR = ROOT / "hack" / "controlplane"
-TOOLS_DIR = ROOT / "hack" / "tools"
 CACHE_ROOT = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "discovery-sidecar"
 
 BINARIES = {
@@ -39,6 +41,68 @@ BINARIES = {
 }
 
 Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class GoTool:
+    """One Go program built from its own pinned module (a row of ``GO_TOOLS``)."""
+
+    binary: str  # the file name in the bin directory
+    module: str  # the module directory under hack/ whose go.mod/go.sum pin it
+    package: str  # the command package `go build` builds
+    version_of: str  # the required module whose version names the cache directory
+    version_ldflags: tuple[str, ...] = ()  # -X flags, "{version}" replaced by that version
+
+    @property
+    def module_dir(self) -> pathlib.Path:
+        return ROOT / self.module
+
+    def version(self) -> str:
+        text = (self.module_dir / "go.mod").read_text()
+        found = re.search(rf"^\s*(?:require\s+)?{re.escape(self.version_of)} (v\S+)", text, re.M)
+        if not found:
+            raise RuntimeError(f"{self.module_dir / 'go.mod'} must require {self.version_of}")
+        return found.group(1)
+
+    def ldflags(self) -> str:
+        return " ".join(["-s", "-w", *(flag.format(version=self.version()) for flag in self.version_ldflags)])
+
+
+GO_TOOLS = (
+    GoTool(
+        binary="actionlint",
+        module="hack/tools/actionlint",
+        package="github.com/rhysd/actionlint/cmd/actionlint",
+        version_of="github.com/rhysd/actionlint",
+        version_ldflags=("-X github.com/rhysd/actionlint.version={version}",),
+    ),
+    # protos/'s linter and breaking-change checker (`make lint`); its version is a constant in its source.
+    GoTool(
+        binary="buf",
+        module="hack/tools/buf",
+        package="github.com/bufbuild/buf/cmd/buf",
+        version_of="github.com/bufbuild/buf",
+    ),
+    # the chart tests' and the demo's helm (charts/discovery-sidecar against the real API server)
+    GoTool(
+        binary="helm",
+        module="hack/tools/helm",
+        package="helm.sh/helm/v4/cmd/helm",
+        version_of="helm.sh/helm/v4",
+        version_ldflags=(
+            "-X helm.sh/helm/v4/internal/version.version={version}",
+            "-X helm.sh/helm/v4/internal/version.gitTreeState=clean",
+        ),
+    ),
+    # simulated nodes and kubelets, so that a Deployment's pods run (devcluster.kwok; its version is a constant)
+    GoTool(
+        binary="kwok",
+        module="hack/tools/kwok",
+        package="sigs.k8s.io/kwok/cmd/kwok",
+        version_of="sigs.k8s.io/kwok",
+    ),
+)
+"""The Go tools beside the control plane; a new tool is a module under hack/tools/ and one row here."""
 
 
 def _say(message: str) -> None:
@@ -79,15 +143,26 @@ def go_toolchain(purpose: str = "the control plane") -> str:
     return go
 
 
-def cache_key(versions: dict[str, str]) -> str:
+def _digest(module_dir: pathlib.Path, flags: str) -> str:
+    """What changes a build's output: the module's go.mod and go.sum, the Go version, the link flags."""
     digest = hashlib.sha256()
     for name in ("go.mod", "go.sum"):
-        digest.update((MODULE_DIR / name).read_bytes())
+        digest.update((module_dir / name).read_bytes())
     digest.update(
         subprocess.run([go_toolchain(), "version"], capture_output=True, text=True, check=True).stdout.encode()
     )
-    digest.update(ldflags(versions).encode())
-    return f"k8s-{versions['kubernetes']}-etcd-{versions['etcd']}-{digest.hexdigest()[:12]}"
+    digest.update(flags.encode())
+    return digest.hexdigest()[:12]
+
+
+def cache_key(versions: dict[str, str]) -> str:
+    return f"k8s-{versions['kubernetes']}-etcd-{versions['etcd']}-{_digest(MODULE_DIR, ldflags(versions))}"
+
+
+def tool_path(tool: GoTool) -> pathlib.Path:
+    """Where ``tool``'s binary is cached (its own key: only its own module changes it)."""
+    key = f"{tool.binary}-{tool.version()}-{_digest(tool.module_dir, tool.ldflags())}"
+    return CACHE_ROOT / "tools" / key / tool.binary
 
 
 def uv_binary() -> pathlib.Path:
@@ -132,7 +207,62 @@ def _run_with_progress(
 
 
 def ensure_built(log: Log = _say) -> pathlib.Path:
-    """Return the directory holding the four binaries, building them first if needed."""
+    """Return the directory holding the four binaries and the Go tools, building what is missing first."""
+    target = _ensure_controlplane(log)
+    for tool in GO_TOOLS:
+        _link(_ensure_tool(tool, log), target / tool.binary)
+    return target
+
+
+def _link(built: pathlib.Path, link: pathlib.Path) -> None:
+    """Point ``link`` at ``built`` (atomically: a test running beside this never sees it missing)."""
+    if link.is_symlink() and link.resolve() == built.resolve():
+        return
+    staging = link.with_name(f".{link.name}.{os.getpid()}")
+    staging.unlink(missing_ok=True)
+    staging.symlink_to(built)
+    staging.replace(link)
+
+
+def ensure_tool(name: str, log: Log = _say) -> pathlib.Path:
+    """The path of the Go tool ``name`` (a row of ``GO_TOOLS``), building it alone if it is missing.
+
+    ``make lint`` needs actionlint and buf without the control plane, whose cold build takes far longer."""
+    tools = {tool.binary: tool for tool in GO_TOOLS}
+    if name not in tools:
+        raise RuntimeError(f"no Go tool named {name!r}; GO_TOOLS has {', '.join(sorted(tools))}")
+    return _ensure_tool(tools[name], log)
+
+
+def _ensure_tool(tool: GoTool, log: Log) -> pathlib.Path:
+    target = tool_path(tool)
+    if target.is_file():
+        return target
+    target.parent.parent.mkdir(parents=True, exist_ok=True)
+    # One build at a time per tool (tests, the demo and `make` may all ask at once); the others wait, then
+    # find it built.
+    with open(target.parent.parent / f".{tool.binary}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.is_file():
+            return target
+        log(f"building {tool.binary} {tool.version()} ({tool.package}) into {target.parent}; later runs reuse it")
+        env = dict(os.environ, GOFLAGS="-buildvcs=false", CGO_ENABLED="0")
+        started = time.monotonic()
+        go = go_toolchain(tool.binary)
+        download = [go, "mod", "download", "-x"]
+        _run_with_progress(download, env, f"{tool.binary}: downloading Go modules", log, tool.module_dir)
+        staging = target.parent.with_name(target.parent.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        build = [go, "build", "-v", "-trimpath", "-ldflags", tool.ldflags(), "-o", str(staging / tool.binary)]
+        _run_with_progress([*build, tool.package], env, f"{tool.binary}: compiling", log, tool.module_dir)
+        shutil.rmtree(target.parent, ignore_errors=True)
+        staging.rename(target.parent)
+        log(f"{tool.binary} built in {time.monotonic() - started:.0f}s")
+    return target
+
+
+def _ensure_controlplane(log: Log) -> pathlib.Path:
     versions = pinned_versions()
     target = bin_dir()
     if all((target / name).is_file() for name in BINARIES):
@@ -160,90 +290,6 @@ def ensure_built(log: Log = _say) -> pathlib.Path:
     (target.parent / "build-info.json").write_text(json.dumps(info, indent=2))
     log(f"control plane built in {info['seconds']}s")
     return target
-
-
-# -- Go tools: one pinned module each ------------------------------------------------------------------
-@dataclass(frozen=True)
-class GoTool:
-    """A Go program the dev cluster runs, built from ``hack/tools/<name>`` (its go.mod pins ``module``)."""
-
-    name: str  # the binary's name; also its folder under hack/tools/ and under the cache
-    package: str  # the main package to build
-    module: str  # the pinned module whose version names the cache folder
-    purpose: str  # what it is for, in the build log and in errors
-    ldflags: str = "-s -w"
-
-    @property
-    def module_dir(self) -> pathlib.Path:
-        return TOOLS_DIR / self.name
-
-
-GO_TOOLS: dict[str, GoTool] = {
-    tool.name: tool
-    for tool in (
-        GoTool(
-            "kwok", "sigs.k8s.io/kwok/cmd/kwok", "sigs.k8s.io/kwok", "simulated nodes and kubelets (devcluster.kwok)"
-        ),
-    )
-}
-"""Every Go tool, by name; ``python -m devcluster build`` builds them all, ``ensure_tool`` one on demand."""
-
-
-def tool_version(tool: GoTool) -> str:
-    found = re.search(
-        rf"^\s*(?:require\s+)?{re.escape(tool.module)} (v\S+)", (tool.module_dir / "go.mod").read_text(), re.M
-    )
-    if not found:
-        raise RuntimeError(f"{tool.module_dir / 'go.mod'} must require {tool.module}")
-    return found.group(1)
-
-
-def tool_path(tool: GoTool) -> pathlib.Path:
-    """Where the tool's binary is (or will be) cached: keyed on its go.mod, go.sum, the Go version, the flags."""
-    digest = hashlib.sha256()
-    for name in ("go.mod", "go.sum"):
-        digest.update((tool.module_dir / name).read_bytes())
-    go = go_toolchain(tool.purpose)
-    digest.update(subprocess.run([go, "version"], capture_output=True, text=True, check=True).stdout.encode())
-    digest.update(tool.ldflags.encode())
-    key = f"{tool.name}-{tool_version(tool)}-{digest.hexdigest()[:12]}"
-    return CACHE_ROOT / "tools" / tool.name / key / tool.name
-
-
-def ensure_tool(name: str, log: Log = _say) -> pathlib.Path:
-    """Return the path of Go tool ``name`` (a key of ``GO_TOOLS``), building it first if needed."""
-    tool = GO_TOOLS[name]
-    target = tool_path(tool)
-    if target.is_file():
-        return target
-    log(f"building {tool.name} {tool_version(tool)} ({tool.purpose}) into {target.parent}")
-    env = dict(os.environ, GOFLAGS="-buildvcs=false")
-    started = time.monotonic()
-    go = go_toolchain(tool.purpose)
-    _run_with_progress([go, "mod", "download", "-x"], env, f"{tool.name}: downloading Go modules", log, tool.module_dir)
-    staging = target.with_name(target.name + ".partial")
-    staging.parent.mkdir(parents=True, exist_ok=True)
-    staging.unlink(missing_ok=True)
-    _run_with_progress(
-        [go, "build", "-v", "-ldflags", tool.ldflags, "-o", str(staging), tool.package],
-        env,
-        f"{tool.name}: compiling",
-        log,
-        tool.module_dir,
-    )
-    staging.rename(target)
-    info = {"version": tool_version(tool), "seconds": round(time.monotonic() - started), "built_at": time.time()}
-    (target.parent / "build-info.json").write_text(json.dumps(info, indent=2))
-    log(f"{tool.name} built in {info['seconds']}s")
-    return target
-
-
-def build_all(log: Log = _say) -> dict[str, pathlib.Path]:
-    """The control plane and every Go tool: what ``python -m devcluster build`` (and so ``make test``) makes."""
-    built = {"controlplane": ensure_built(log)}
-    for name in GO_TOOLS:
-        built[name] = ensure_tool(name, log)
-    return built
 
 
 if __name__ == "__main__":

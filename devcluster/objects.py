@@ -97,7 +97,13 @@ class Cluster:
 
     # -- services --------------------------------------------------------------------------------
     def create_service(
-        self, namespace: str, name: str, selector: Mapping[str, str], port: int = 8000, headless: bool = True
+        self,
+        namespace: str,
+        name: str,
+        selector: Mapping[str, str],
+        port: int = 8000,
+        headless: bool = True,
+        labels: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         spec: dict[str, Any] = {
             "selector": dict(selector),
@@ -105,7 +111,12 @@ class Cluster:
         }
         if headless:
             spec["clusterIP"] = "None"
-        body = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name}, "spec": spec}
+        body = {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "labels": dict(labels or {})},
+            "spec": spec,
+        }
         return self.api.create(SERVICES.collection(namespace), body)
 
     # -- pods --------------------------------------------------------------------------------------

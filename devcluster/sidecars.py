@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from devcluster.cluster import ControlPlane, free_port
+from devcluster.kubelet import PodNetwork, UnsupportedSpec, mount_volumes, resolve_env, translate_paths
 from devcluster.objects import Cluster, wait_for
+from sidecar.config import OPTIONS_BY_ENV
 
 SIDECAR_SERVICE_ACCOUNT = "discovery-sidecar"
 
@@ -59,6 +61,7 @@ class SidecarProcess:
     http_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     etcd_endpoints: str = ""  # set: the etcd backend (no kubeconfig, Service or UID; ETCD_ENDPOINTS instead)
+    container_env: Mapping[str, str] | None = None  # set: exactly this environment, resolved from the pod spec
 
     @property
     def name(self) -> str:
@@ -68,22 +71,24 @@ class SidecarProcess:
     def target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    def env(self) -> dict[str, str]:
+    def settings(self) -> dict[str, str]:
+        """The sidecar's own variables: what a pod spec's ``env`` would give it (identity, listen addresses)."""
         meta = self.pod["metadata"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("DISCOVERY_", "POD_", "ETCD_", "DYN_"))}
+        if self.container_env is not None:  # resolved from the pod spec; the kubeconfig is the credential
+            return {**self.container_env, "KUBECONFIG": str(self.kubeconfig), **self.extra_env}
+        settings: dict[str, str] = {}
         if self.etcd_endpoints:
-            env.pop("KUBECONFIG", None)
-            env.update(POD_NAME=meta["name"], POD_NAMESPACE=meta["namespace"], DYN_DISCOVERY_BACKEND="etcd")
-            env.update(ETCD_ENDPOINTS=self.etcd_endpoints)
+            settings.update(POD_NAME=meta["name"], POD_NAMESPACE=meta["namespace"], DYN_DISCOVERY_BACKEND="etcd")
+            settings.update(ETCD_ENDPOINTS=self.etcd_endpoints)
         else:
-            env.update(
+            settings.update(
                 POD_NAME=meta["name"],
                 POD_NAMESPACE=meta["namespace"],
                 POD_UID=meta["uid"],
                 KUBECONFIG=str(self.kubeconfig),
                 DISCOVERY_SERVICE_NAME=self.service,
             )
-        env.update(
+        settings.update(
             DISCOVERY_POD_LABELS=",".join(f"{k}={v}" for k, v in self.labels.items()),
             DISCOVERY_METADATA=json.dumps(dict(self.metadata)),
             DISCOVERY_GRPC_LISTEN=self.target,
@@ -92,13 +97,25 @@ class SidecarProcess:
             DISCOVERY_LOG_FORMAT="json",
             DISCOVERY_BACKOFF_MAX="2s",
         )
-        env.update(self.extra_env)
+        settings.update(self.extra_env)
+        return settings
+
+    def env(self) -> dict[str, str]:
+        """The launched process's environment: this one's, less any sidecar setting it holds, plus ``settings``."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DISCOVERY_", "POD_", "ETCD_", "DYN_"))}
+        if self.etcd_endpoints:
+            env.pop("KUBECONFIG", None)
+        env.update(self.settings())
         return env
+
+    def command(self) -> list[str]:
+        """What runs the sidecar: this interpreter's ``sidecar.cli`` (``devcluster.image`` runs the image)."""
+        return [sys.executable, "-m", "sidecar.cli", "run"]
 
     def start(self) -> SidecarProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "sidecar.cli", "run"],
+            self.command(),
             env=self.env(),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -184,6 +201,60 @@ def launch_sidecar(
         labels=dict(labels if labels is not None else pod["metadata"].get("labels") or {}),
         metadata=dict(metadata or {}),
         extra_env=dict(extra_env or {}),
+    )
+    return process.start() if start else process
+
+
+SIDECAR_CONTAINER = "discovery-sidecar"
+
+
+def launch_from_pod(
+    plane: ControlPlane,
+    cluster: Cluster,
+    pod: Mapping[str, Any],
+    work_dir: pathlib.Path,
+    container: str = SIDECAR_CONTAINER,
+    extra_env: Mapping[str, str] | None = None,
+    start: bool = True,
+) -> SidecarProcess:
+    """Start the sidecar container of ``pod`` (as the API server returned it) the way a kubelet would.
+
+    Its environment is resolved from the spec (``devcluster.kubelet``): field refs from the Pod object,
+    its downward-API and emptyDir volumes under ``work_dir``, paths into them translated, its listen
+    addresses moved to free loopback ports (one host stands in for the pod's network). Its credential is
+    a real pod-bound token of the pod's service account, given as ``KUBECONFIG``. ``extra_env`` is for
+    what a test or demo sets on purpose beyond the spec (say, a shorter backoff), and is named so."""
+    name = pod["metadata"]["name"]
+    spec = pod["spec"]
+    found = [c for c in [*(spec.get("initContainers") or ()), *spec["containers"]] if c["name"] == container]
+    if len(found) != 1:
+        raise UnsupportedSpec(f"pod {name} has {len(found)} containers named {container}")
+    (sidecar,) = found
+    if sidecar.get("args", ["run"])[:1] != ["run"]:
+        raise UnsupportedSpec(f"pod {name}: the stand-in runs `discovery-sidecar run`, the spec says {sidecar['args']}")
+    root = work_dir / name
+    mounts = mount_volumes(pod, sidecar, root / "volumes")
+    env = translate_paths(resolve_env(pod, sidecar), mounts)
+    podinfo_default = OPTIONS_BY_ENV["DISCOVERY_PODINFO_DIR"].default
+    if "DISCOVERY_PODINFO_DIR" not in env and podinfo_default in mounts:
+        env["DISCOVERY_PODINFO_DIR"] = str(mounts[podinfo_default])  # mounted where the sidecar looks
+    network = PodNetwork(free_port)
+    for variable in ("DISCOVERY_GRPC_LISTEN", "DISCOVERY_HTTP_LISTEN"):
+        if variable in env:
+            env[variable] = network.listen(env[variable])
+    grpc = env.get("DISCOVERY_GRPC_LISTEN", "")
+    http = env.get("DISCOVERY_HTTP_LISTEN", "")
+    token = cluster.pod_bound_token(pod["metadata"]["namespace"], spec.get("serviceAccountName") or "default", pod)
+    root.mkdir(parents=True, exist_ok=True)
+    process = SidecarProcess(
+        pod=pod,
+        kubeconfig=write_token_kubeconfig(plane, token, root / "kubeconfig"),
+        service="",
+        log_path=root / "sidecar.log",
+        extra_env=dict(extra_env or {}),
+        container_env=env,
+        grpc_port=int(grpc.rsplit(":", 1)[1]) if grpc.startswith("127.0.0.1:") else 0,
+        http_port=int(http.rsplit(":", 1)[1]) if http.startswith("127.0.0.1:") else 0,
     )
     return process.start() if start else process
 

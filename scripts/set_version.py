@@ -23,6 +23,9 @@ PLACES: list[tuple[str, str]] = [
     ("Dockerfile", r"(?m)^ARG VERSION=(\S+)$"),
     ("charts/discovery-sidecar/Chart.yaml", r"(?m)^version: (\S+)$"),
     ("charts/discovery-sidecar/Chart.yaml", r'(?m)^appVersion: "?([^"\s]+)"?$'),
+    # the injected sidecar's default image (the template, and the kustomize component generated from it)
+    ("sidecar/injection/template.yaml", r"(?m)^  image: ghcr\.io/example/discovery-sidecar:(\S+)$"),
+    ("manifests/components/injection/injection.yaml", r"(?m)^  image: ghcr\.io/example/discovery-sidecar:(\S+)$"),
 ]
 
 

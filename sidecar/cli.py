@@ -1,4 +1,4 @@
-"""The ``discovery-sidecar`` command: ``run``, ``instance-id`` and ``peers``."""
+"""The ``discovery-sidecar`` command: ``run``, ``instance-id``, ``peers`` and ``inject``."""
 
 from __future__ import annotations
 
@@ -153,6 +153,12 @@ def _peers(args: argparse.Namespace) -> int:
         client.close()
 
 
+def _inject(args: argparse.Namespace) -> int:
+    from sidecar.injection.manifests import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="discovery-sidecar", description="Per-pod peer-discovery sidecar for Kubernetes"
@@ -193,6 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
     peers.add_argument("-o", "--output", choices=["table", "json"], default="table")
     peers.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the list (not with --watch)")
     peers.set_defaults(func=_peers)
+
+    from sidecar.injection.manifests import add_arguments as add_inject_arguments
+
+    inject = commands.add_parser(
+        "inject",
+        help="add the sidecar to the pods of manifests on stdin (for clusters without the injection policy)",
+        description="Read manifests (YAML or JSON) on stdin and write them with the sidecar added to every pod "
+        "template, from the same template as the MutatingAdmissionPolicy; per-pod settings come from the pods' "
+        "discovery-sidecar.io/ annotations. Pods labelled discovery-sidecar.io/inject=false, and pods that already "
+        "declare a discovery-sidecar container, are left alone.",
+    )
+    add_inject_arguments(inject)
+    inject.set_defaults(func=_inject)
     return parser
 
 

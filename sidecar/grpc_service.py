@@ -212,6 +212,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         self._no_streams.set()
         # Label children resolved once: .labels() is a dict lookup under a lock, on every message sent.
         self._sent = {kind: metrics.messages_sent.labels(kind) for kind in ("snapshot", "resumed", "delta", "status")}
+        self._slow_client_resets = metrics.slow_client_resets
         self.log = structlog.get_logger("sidecar.grpc")
         self._changes = Wakeup()
         self._stopping = False
@@ -396,6 +397,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             entries = self.peers.wait_entries(cursor, 0, BATCH_LIMIT)
             if entries is None:
                 self.log.info("client fell behind the history; sending a fresh snapshot", revision=cursor)
+                self._slow_client_resets.inc()
                 async for message in self._snapshot(peer_filter, pb.SNAPSHOT_REASON_CLIENT_TOO_SLOW):
                     cursor = message.revision
                     yield message

@@ -94,6 +94,7 @@ class HttpServer:
                 elif path == "/readyz":
                     self._check(readiness, notes)
                 elif path == "/metrics":
+                    metrics.ready.set(0 if readiness() else 1)  # what /readyz would say now, for alerts
                     self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
                 elif path == "/debug/peers" and not may_read_peers(debug_peers, self.client_address[0]):
                     self._send(

@@ -55,6 +55,14 @@ class Metrics:
         )
         self.registered = Gauge("discovery_registered", "1 while this pod's CR is applied and owned by it", registry=r)
         self.api_connected = Gauge("discovery_api_connected", "1 while both watches reach the API server", registry=r)
+        self.ready = Gauge(
+            "discovery_ready", "1 when /readyz would answer 200 (evaluated at each scrape), else 0", registry=r
+        )
+        self.slow_client_resets = Counter(
+            "discovery_stream_slow_client_resets_total",
+            "WatchPeers streams restarted with a fresh snapshot because the client fell behind the history",
+            registry=r,
+        )
         self.smg_manifest_writes = Counter(
             "discovery_smg_manifest_writes_total",
             "SMG worker manifests written, by result (ok, error)",

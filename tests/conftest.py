@@ -24,6 +24,8 @@ from devcluster.sidecars import SidecarProcess, launch_sidecar
 from sidecar.kube.api import KubeApi
 
 MANIFESTS = ROOT / "manifests"
+CRD_FILE = MANIFESTS / "components" / "crd" / "crd.yaml"
+POD_DISCOVERY_RBAC = MANIFESTS / "components" / "pod-discovery" / "rbac-pod-discovery.yaml"
 _namespace_counter = itertools.count()
 
 
@@ -33,7 +35,7 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
     plane = ControlPlane(bin_dir=bin_dir, work_dir=tmp_path_factory.mktemp("controlplane"))
     plane.start()
     try:
-        kubectl(plane, "apply", "-f", str(MANIFESTS / "crd.yaml"))
+        kubectl(plane, "apply", "-f", str(CRD_FILE))
         kubectl(plane, "wait", "--for=condition=Established", "crd/dynamoworkermetadatas.nvidia.com", "--timeout=60s")
         kubectl(plane, "apply", "-f", str(MANIFESTS / "admission-policy.yaml"))
         yield plane

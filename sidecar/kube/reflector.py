@@ -158,7 +158,10 @@ class Reflector(SourceLoop):
         if isinstance(exc, ApiError) and exc.status == 403:
             hint = "the service account lacks list/watch on this resource: apply manifests/rbac.yaml"
         elif isinstance(exc, ApiError) and exc.status == 404:
-            hint = "the resource type is not served: is the CRD (manifests/crd.yaml) installed?"
+            hint = (
+                "the resource type is not served: is the CRD installed (the chart charts/discovery-sidecar, "
+                "or manifests/components/crd/crd.yaml)?"
+            )
         self._retry_later("watch failed, retrying", reason, hint)
 
     def _became_healthy(self) -> None:

@@ -106,7 +106,10 @@ def explain(exc: ApiError, action: str) -> str:
             "stops working once its pod is deleted or replaced by a pod of the same name with another UID"
         )
     if exc.status == 404 and "could not find the requested resource" in exc.message:
-        return f"cannot {action}: the DynamoWorkerMetadata CRD is not installed (kubectl apply -f manifests/crd.yaml)"
+        return (
+            f"cannot {action}: the DynamoWorkerMetadata CRD is not installed (install the chart "
+            "charts/discovery-sidecar, or kubectl apply -f manifests/components/crd/crd.yaml)"
+        )
     if exc.status == 422:
         return f"the API server rejected the CR while trying to {action}: {exc.message}"
     return f"cannot {action}: {exc}"

@@ -15,7 +15,7 @@ import pytest
 
 from devcluster.cluster import ControlPlane
 from devcluster.objects import Cluster, wait_for
-from tests.conftest import MANIFESTS, Sidecars, kubectl
+from tests.conftest import MANIFESTS, POD_DISCOVERY_RBAC, Sidecars, kubectl
 from tests.integration.streams import StreamRecorder
 
 pytestmark = pytest.mark.integration
@@ -61,9 +61,7 @@ def test_cluster_role_makes_all_namespaces_work_and_grants_no_more(
     tmp_path: pathlib.Path,
 ) -> None:
     if mode == "pods":
-        kubectl(
-            control_plane, "apply", "-f", str(MANIFESTS / "optional" / "rbac-pod-discovery.yaml"), namespace=namespace
-        )
+        kubectl(control_plane, "apply", "-f", str(POD_DISCOVERY_RBAC), namespace=namespace)
         env = {"DISCOVERY_SERVICE_NAME": "", "DISCOVERY_POD_SELECTOR": "app=w", "DISCOVERY_REQUIRE_METADATA": "false"}
         source = PODS_FILE
     else:

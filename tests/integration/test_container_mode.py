@@ -12,7 +12,7 @@ Pods selected by ``nvidia.com/dynamo-discovery-enabled=true``. Shown here, both 
 * the admission policy for container mode admits ``{pod}-{container}`` names and still refuses another
   pod's, and the strict default policy refuses them (which is what 1.6.1's engine container meets).
 
-The namespace gets the Pods Role (``manifests/optional/rbac-pod-discovery.yaml``); the container-mode
+The namespace gets the Pods Role (``manifests/components/pod-discovery/rbac-pod-discovery.yaml``); the container-mode
 admission policy replaces the strict one for the test and the strict one is put back after it.
 """
 
@@ -30,7 +30,7 @@ from devcluster.sidecars import write_token_kubeconfig
 from discovery_client.client import DiscoveryClient, make_filter
 from sidecar.core.instance_id import instance_id
 from sidecar.kube.api import ApiError, KubeApi
-from tests.conftest import MANIFESTS, Sidecars, kubectl
+from tests.conftest import MANIFESTS, POD_DISCOVERY_RBAC, Sidecars, kubectl
 from tests.integration.streams import StreamRecorder
 from tests.integration.test_dynamo_interop import ENDPOINT, dynamo_metadata
 
@@ -40,7 +40,7 @@ DISCOVERABLE = {"app": "cm", "nvidia.com/dynamo-discovery-enabled": "true"}
 CONTAINER_MODE = {"DYN_KUBE_DISCOVERY_MODE": "container"}
 TIMEOUT = 45.0
 STRICT_POLICY = MANIFESTS / "admission-policy.yaml"
-CONTAINER_POLICY = MANIFESTS / "optional" / "admission-policy-container-mode.yaml"
+CONTAINER_POLICY = MANIFESTS / "components" / "container-mode" / "admission-policy-container-mode.yaml"
 
 
 def cr_body(name: str, pod: dict[str, Any]) -> dict[str, Any]:
@@ -73,7 +73,7 @@ def may_write(api: KubeApi, namespace: str, name: str, pod: dict[str, Any]) -> b
 @pytest.fixture
 def container_mode(control_plane: ControlPlane, namespace: str, cluster: Cluster, tmp_path: Any) -> Iterator[str]:
     """The namespace ready for container mode: the Pods Role, and the container-mode admission policy in force."""
-    kubectl(control_plane, "apply", "-f", str(MANIFESTS / "optional" / "rbac-pod-discovery.yaml"), namespace=namespace)
+    kubectl(control_plane, "apply", "-f", str(POD_DISCOVERY_RBAC), namespace=namespace)
     probe = cluster.start_pod(namespace, "probe", {"app": "probe"})
     api = pod_api(control_plane, cluster, probe, tmp_path / "probe.kubeconfig")
     try:
@@ -118,8 +118,10 @@ def test_dynamo_containers_are_peers_of_a_container_mode_sidecar(
     assert main.instance_id == instance_id("w0"), "1.6.1: the container named main keeps the pod's identity"
     assert engine.instance_id == instance_id("w0-engine")
     wait_for(
-        lambda: {cr["metadata"]["name"] for cr in cluster.api.get(WORKER_METADATA.collection(ns))["items"]}
-        == {"w0", "w0-engine"},
+        lambda: (
+            {cr["metadata"]["name"] for cr in cluster.api.get(WORKER_METADATA.collection(ns))["items"]}
+            == {"w0", "w0-engine"}
+        ),
         TIMEOUT,
         what="Dynamo's CRs w0 (main) and w0-engine",
     )

@@ -1,4 +1,4 @@
-"""The demo (the README's first command) runs to the end and shows every step of the story."""
+"""The demo (the README's "try it locally") runs to the end and shows every step of the story."""
 
 from __future__ import annotations
 

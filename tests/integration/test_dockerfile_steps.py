@@ -23,7 +23,7 @@ import tomllib
 
 import pytest
 
-from tests.dockerfile import ROOT, Dockerfile, DockerIgnore, Instruction, Stage, load, parse_env
+from devcluster.dockerfile import ROOT, Dockerfile, DockerIgnore, Instruction, Stage, load, parse_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1200)]
 

@@ -1,4 +1,4 @@
-"""manifests/optional/example-workload-etcd.yaml: accepted by a real API server, and its sidecar's
+"""manifests/examples/example-workload-etcd.yaml: accepted by a real API server, and its sidecar's
 environment is a valid etcd-backend configuration (as the sidecar itself reads it)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from tests.conftest import MANIFESTS, kubectl
 
 pytestmark = pytest.mark.integration
 
-MANIFEST = MANIFESTS / "optional" / "example-workload-etcd.yaml"
+MANIFEST = MANIFESTS / "examples" / "example-workload-etcd.yaml"
 
 
 def deployment() -> dict[str, Any]:

@@ -13,7 +13,7 @@ import pytest
 
 from devcluster.cluster import ControlPlane
 from devcluster.objects import Cluster, wait_for
-from tests.conftest import MANIFESTS, Sidecars, kubectl
+from tests.conftest import POD_DISCOVERY_RBAC, Sidecars, kubectl
 from tests.integration.streams import StreamRecorder
 
 pytestmark = pytest.mark.integration
@@ -27,7 +27,7 @@ class PodWorld:
     def __init__(self, plane: ControlPlane, cluster: Cluster, namespace: str, sidecars: Sidecars, **env: str) -> None:
         self.cluster = cluster
         self.namespace = namespace
-        kubectl(plane, "apply", "-f", str(MANIFESTS / "optional" / "rbac-pod-discovery.yaml"), namespace=namespace)
+        kubectl(plane, "apply", "-f", str(POD_DISCOVERY_RBAC), namespace=namespace)
         router = cluster.start_pod(namespace, "router", {"app": "router"})
         self.router = sidecars.start(
             router, "", extra_env={"DISCOVERY_SERVICE_NAME": "", "DISCOVERY_POD_SELECTOR": SELECTOR, **env}

@@ -26,7 +26,7 @@ from devcluster.faults import FaultProxy
 from devcluster.objects import Cluster, wait_for
 from devcluster.smg import SmgGateway, StandInWorker
 from sidecar.config import load_settings
-from tests.conftest import MANIFESTS, Sidecars, kubectl
+from tests.conftest import MANIFESTS, POD_DISCOVERY_RBAC, Sidecars, kubectl
 
 pytestmark = pytest.mark.integration
 SELECTOR = "app=sglang-worker"
@@ -53,7 +53,7 @@ class GatewayWorld:
         self.namespace = namespace
         self.port = free_port()  # every stand-in listens on its own address at this port
         self.stand_ins: list[StandInWorker] = []
-        kubectl(plane, "apply", "-f", str(MANIFESTS / "optional" / "rbac-pod-discovery.yaml"), namespace=namespace)
+        kubectl(plane, "apply", "-f", str(POD_DISCOVERY_RBAC), namespace=namespace)
         shared = work_dir / "shared"  # the pod's emptyDir
         shared.mkdir(parents=True)
         self.manifest = shared / "workers.json"
@@ -62,7 +62,7 @@ class GatewayWorld:
             "DISCOVERY_SERVICE_NAME": "",
             "DISCOVERY_POD_SELECTOR": SELECTOR,
             "DISCOVERY_REQUIRE_METADATA": "false",
-            "DISCOVERY_REGISTER": "never",  # as in manifests/examples/smg-gateway.yaml: the gateway only reads
+            "DISCOVERY_REGISTER": "never",  # as in manifests/components/smg/smg-gateway.yaml: the gateway only reads
             "DISCOVERY_WORKER_PORT": str(self.port),
             "DISCOVERY_SMG_MANIFEST": str(self.manifest),
             **roles,
@@ -314,7 +314,7 @@ def test_the_last_good_manifest_stays_while_the_api_server_is_lost(
         w.close()
 
 
-EXAMPLE = MANIFESTS / "examples" / "smg-gateway.yaml"
+EXAMPLE = MANIFESTS / "components" / "smg" / "smg-gateway.yaml"
 
 
 def test_example_manifest_is_accepted_and_consistent(

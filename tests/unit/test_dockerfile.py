@@ -17,8 +17,8 @@ import tomllib
 
 import pytest
 
+from devcluster.dockerfile import DOCKERFILE, ROOT, Dockerfile, DockerIgnore, Instruction, load, parse, parse_env
 from sidecar.config import OPTIONS_BY_ENV, parse_http_listen
-from tests.dockerfile import DOCKERFILE, ROOT, Dockerfile, DockerIgnore, Instruction, load, parse, parse_env
 
 
 @pytest.fixture(scope="module")

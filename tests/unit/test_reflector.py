@@ -562,7 +562,7 @@ class TestSilentWatch:
 class TestHints:
     @pytest.mark.parametrize(
         ("status", "hint"),
-        [(403, "manifests/rbac.yaml"), (404, "manifests/crd.yaml")],
+        [(403, "manifests/rbac.yaml"), (404, "manifests/components/crd/crd.yaml")],
         ids=["forbidden-rbac", "not-found-crd"],
     )
     def test_failure_log_carries_the_operator_hint(self, rig: Rig, status: int, hint: str) -> None:

@@ -364,9 +364,9 @@ class TestPublish:
             rig.registrar.publish({"endpoints": {}}, merge=False)
 
     def test_missing_crd_is_not_found_with_the_crd_fix(self, rig: Rig) -> None:
-        """The CRD not being served (on the fencing read) is NotFound and names manifests/crd.yaml."""
+        """The CRD not being served (on the fencing read) is NotFound and names the CRD manifest."""
         rig.api.on_get(CRD_MISSING)
-        with pytest.raises(NotFound, match="manifests/crd.yaml"):
+        with pytest.raises(NotFound, match="manifests/components/crd/crd.yaml"):
             rig.registrar.publish({"endpoints": {}}, merge=False)
         assert rig.api.methods() == ["get"]
 

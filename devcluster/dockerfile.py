@@ -1,4 +1,6 @@
-"""A small Dockerfile and .dockerignore reader for the tests that check and replay the image build.
+"""A small Dockerfile and .dockerignore reader: the tests check and replay the image build with it, and
+``devcluster.image`` takes its build context and its image config (user, entry point, environment, labels)
+from the same files, so the image built here without Docker cannot drift from the Dockerfile.
 
 Only what this project's Dockerfile uses is understood: comments, line continuations, global ``ARG``
 defaults, stages (``FROM image AS name``), ``ENV`` in its ``KEY=VALUE`` form, exec-form JSON arrays,
@@ -9,6 +11,7 @@ wins, a pattern matching a directory excludes what is under it).
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 import shlex
@@ -197,10 +200,12 @@ def _pattern_regex(pattern: str) -> re.Pattern[str]:
 @dataclass(frozen=True)
 class DockerIgnore:
     patterns: tuple[tuple[bool, re.Pattern[str]], ...]  # (is an exception "!", regex)
+    exceptions: tuple[str, ...] = ()  # the "!" patterns as written (cleaned), to prune a walk safely
 
     @classmethod
     def parse(cls, text: str) -> DockerIgnore:
         patterns = []
+        exceptions = []
         for raw in text.splitlines():
             line = raw.strip()
             if not line or line.startswith("#"):
@@ -209,7 +214,9 @@ class DockerIgnore:
             line = line[1:].strip() if exception else line
             line = str(pathlib.PurePosixPath(line)).lstrip("/")  # Docker cleans patterns (drops a trailing /)
             patterns.append((exception, _pattern_regex(line)))
-        return cls(tuple(patterns))
+            if exception:
+                exceptions.append(line)
+        return cls(tuple(patterns), tuple(exceptions))
 
     @classmethod
     def load(cls, path: pathlib.Path = DOCKERIGNORE) -> DockerIgnore:
@@ -224,3 +231,25 @@ class DockerIgnore:
             if any(regex.match(candidate) for candidate in candidates):
                 result = not exception
         return result
+
+    def may_include_below(self, relative_dir: str) -> bool:
+        """Whether an exception pattern could bring back something under an ignored directory."""
+        prefix = relative_dir.strip("/") + "/"
+        return any(e.startswith(prefix) or not e[:1].isalnum() or "*" in e.split("/")[0] for e in self.exceptions)
+
+    def files(self, root: pathlib.Path = ROOT) -> list[pathlib.Path]:
+        """The build context: every file under ``root`` that Docker would send (sorted, relative)."""
+        found: list[pathlib.Path] = []
+        for directory, subdirs, names in os.walk(root):
+            here = pathlib.Path(directory).relative_to(root)
+            kept = []
+            for name in sorted(subdirs):
+                directory_path = (here / name).as_posix()
+                if not self.ignored(directory_path) or self.may_include_below(directory_path):
+                    kept.append(name)
+            subdirs[:] = kept
+            for name in sorted(names):
+                file_path = here / name
+                if not self.ignored(file_path.as_posix()) and (root / file_path).is_file():
+                    found.append(file_path)
+        return sorted(found)

@@ -1,0 +1,1 @@
+"""Sidecar injection: the template (one source), its Python application and the admission policy made from it."""
