@@ -161,8 +161,14 @@ class PeerView:
         self.slices: dict[str, dict[str, str]] = {}
         self.crs: set[str] = set()
         self.changed_at = 0.0
+        self._cached: dict[str, str] | None = None  # peers(), until the next change of slices or CRs
 
     def peers(self) -> dict[str, str]:
+        if self._cached is None:
+            self._cached = self._peers()
+        return self._cached
+
+    def _peers(self) -> dict[str, str]:
         live: dict[str, str] = {}
         for endpoints in self.slices.values():
             for pod, state in endpoints.items():
@@ -174,6 +180,7 @@ class PeerView:
         return any(pod in endpoints for endpoints in self.slices.values())
 
     def set_slice(self, name: str, endpoints: dict[str, str] | None) -> None:
+        self._cached = None
         old = self.slices.get(name, EMPTY)
         new = EMPTY if endpoints is None else endpoints
         if endpoints is None:
@@ -186,6 +193,7 @@ class PeerView:
     def set_cr(self, name: str, present: bool, modified: bool = False) -> None:
         if present == (name in self.crs) and not modified:
             return
+        self._cached = None
         if present:
             self.crs.add(name)
         else:
@@ -196,6 +204,7 @@ class PeerView:
     def replace(self, slices: dict[str, dict[str, str]] | None = None, crs: set[str] | None = None) -> None:
         """A fresh sync of one resource: changed if the peer set differs from before."""
         before = self.peers()
+        self._cached = None
         if slices is not None:
             self.slices = slices
         if crs is not None:
@@ -607,11 +616,13 @@ class Simulator:
             return ""
 
         while True:
+            began = time.monotonic()
             lags = {w.index: lag(w) for w in self.watchers.values()}
             behind = [index for index, why in lags.items() if why]
             if not behind or time.monotonic() > deadline:
                 break
-            await asyncio.sleep(0.05)  # poll: the watchers' tasks advance between checks
+            # poll: the watchers' tasks advance between checks, given at least as long as a check took
+            await asyncio.sleep(max(0.05, time.monotonic() - began))
         reply: dict[str, Any] = {
             "converged": not behind,
             "behind": behind[:20],
