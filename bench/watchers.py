@@ -93,6 +93,11 @@ class Gone(Exception):
     """410: the resourceVersion is compacted away; relist."""
 
 
+class Cut(Exception):
+    """A streaming list ended before its initial-events-end bookmark (the server closed a slow watcher):
+    what it sent is not the whole state, so the sync starts again, as the sidecar's reflector does."""
+
+
 class HttpError(Exception):
     def __init__(self, status: int, body: bytes) -> None:
         super().__init__(f"HTTP {status}: {body[:300]!r}")
@@ -335,6 +340,11 @@ class Watch:
             except Gone:
                 self.sim.totals.errors[f"{self.resource} 410"] += 1
                 need_sync = True
+            except Cut:
+                self.sim.totals.errors[f"{self.resource} initial list cut"] += 1
+                self.conn.close()
+                await asyncio.sleep(backoff * (1 + random.random()))  # jittered backoff, as the sidecar
+                backoff = min(backoff * 2, 2.0)
             except asyncio.CancelledError:
                 self.conn.close()
                 raise
@@ -455,6 +465,8 @@ class Watch:
                         view.set_cr(name, kind != "DELETED", modified=kind == "MODIFIED")
                 if not stream:
                     self._changed()
+        if stream:
+            raise Cut
         # the server ended the watch (timeoutSeconds): the caller re-watches from self.rv
 
 
