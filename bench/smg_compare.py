@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from bench.smg_traffic import SECTION as TRAFFIC_SECTION
 from devcluster.build import ROOT, ensure_built, pinned_versions
 from devcluster.cluster import ControlPlane, free_port
 from devcluster.faults import FaultProxy
@@ -277,7 +278,10 @@ def write_report(results: list[StepResult], versions: dict[str, str]) -> None:
             f"{len(set(last.truth) - set(final))} missing"
         )
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())), ""]
-    (BENCH_DIR / "SMG.md").write_text("\n".join(lines))
+    path = BENCH_DIR / "SMG.md"
+    traffic = path.read_text().partition(TRAFFIC_SECTION) if path.exists() else ("", "", "")
+    # bench.smg_traffic's section (failed requests through a rollout) is its own: kept as it is.
+    path.write_text("\n".join(lines) + (f"\n{traffic[1]}{traffic[2]}" if traffic[1] else ""))
 
 
 def main() -> int:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 
+from demo.dynamo_traffic import DynamoScene
 from demo.story import PeerWatch, run_story
 from devcluster.build import ROOT, ensure_built
 from devcluster.cluster import ControlPlane
@@ -47,6 +48,7 @@ class Demo:
         self.cluster: Cluster | None = None
         self.sidecars: dict[str, SidecarProcess] = {}
         self.watch: PeerWatch | None = None
+        self.dynamo: DynamoScene | None = None
 
     def pause(self) -> None:
         if self.pace:
@@ -193,7 +195,12 @@ class Demo:
         say("the same, as the DynamoWorkerMetadata objects Dynamo's own discovery reads (kubectl get dwm):")
         print(self.kubectl("get", "dwm", "-n", NAMESPACE, "-o", "wide"), flush=True)
 
+        self.dynamo = DynamoScene(self.plane, self.cluster, self.work_dir / "dynamo", say, self.pause)
+        self.dynamo.run()
+
     def cleanup(self) -> None:
+        if self.dynamo is not None:
+            self.dynamo.stop()
         if self.watch is not None:
             self.watch.stop()
         for process in self.sidecars.values():

@@ -44,7 +44,7 @@ import pathlib
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,6 +151,7 @@ class DynamoProcess:
     process: subprocess.Popen[bytes] | None = None
     etcd_endpoints: str = ""  # set: the etcd backend (no kubeconfig)
     kv_events: bool = False  # the worker also publishes KV events (an event channel and an event source)
+    module: tuple[str, ...] = ()  # set: run `python -m MODULE ARGS...` (Dynamo's own programs) instead of PROGRAM
 
     @property
     def name(self) -> str:
@@ -198,9 +199,12 @@ class DynamoProcess:
             options["model"] = self.model
         if self.kv_events:
             options["kv_events"] = True
+        argv = [sys.executable, "-m", *self.module] if self.module else [sys.executable, "-c", PROGRAM, self.mode]
+        if not self.module:
+            argv.append(json.dumps(options))
         with self.events_path.open("ab") as out, self.log_path.open("ab") as err:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", PROGRAM, self.mode, json.dumps(options)],
+                argv,
                 env=self.env(),
                 stdout=out,
                 stderr=err,
@@ -287,7 +291,8 @@ class DynamoProcess:
             self.process.wait(5)
 
     def describe(self) -> str:
-        return f"Dynamo {self.mode} of pod {self.name} ({self.endpoint})"
+        what = f"`python -m {' '.join(self.module[:1])}`" if self.module else f"({self.endpoint})"
+        return f"Dynamo {self.mode} of pod {self.name} {what}"
 
     def log_tail(self, lines: int = 30) -> str:
         parts = []
@@ -315,14 +320,16 @@ def launch_dynamo(
     extra_env: Mapping[str, str] | None = None,
     service_account: str = SIDECAR_SERVICE_ACCOUNT,
     start: bool = True,
+    module: Sequence[str] = (),
 ) -> DynamoProcess:
     """Start a Dynamo ``mode`` ("worker"/"client") process for ``pod`` under a pod-bound token.
 
     The token is of ``service_account`` (default: the one of ``manifests/rbac.yaml``, which grants what
     Dynamo's Kubernetes discovery uses in pod mode: DynamoWorkerMetadata get/list/watch/create/patch/
-    delete, EndpointSlices list/watch).
+    delete, EndpointSlices list/watch). With ``module`` (e.g. ``["dynamo.frontend", "--http-port", ...]``)
+    the process is that Dynamo program instead, and ``mode`` only names its files.
     """
-    if mode not in ("worker", "client"):
+    if not module and mode not in ("worker", "client"):
         raise ValueError(f"mode must be 'worker' or 'client', not {mode!r}")
     runtime_version()
     _check_machine()
@@ -340,6 +347,7 @@ def launch_dynamo(
         endpoint=endpoint,
         model=model,
         extra_env=dict(extra_env or {}),
+        module=tuple(module),
     )
     return process.start() if start else process
 

@@ -11,6 +11,8 @@ import contextlib
 import json
 import os
 import pathlib
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from devcluster.build import ROOT, uv_binary
 from devcluster.cluster import ControlPlane, free_port
 from devcluster.kubelet import PodNetwork, UnsupportedSpec, mount_volumes, resolve_env, translate_paths
 from devcluster.objects import Cluster, wait_for
@@ -62,6 +65,7 @@ class SidecarProcess:
     process: subprocess.Popen[bytes] | None = None
     etcd_endpoints: str = ""  # set: the etcd backend (no kubeconfig, Service or UID; ETCD_ENDPOINTS instead)
     container_env: Mapping[str, str] | None = None  # set: exactly this environment, resolved from the pod spec
+    build: pathlib.Path | None = None  # set: run the sidecar installed there (`build_sidecar`), not this checkout
 
     @property
     def name(self) -> str:
@@ -106,6 +110,8 @@ class SidecarProcess:
         if self.etcd_endpoints:
             env.pop("KUBECONFIG", None)
         env.update(self.settings())
+        if self.build is not None:
+            env["PYTHONPATH"] = str(self.build)
         return env
 
     def command(self) -> list[str]:
@@ -117,6 +123,9 @@ class SidecarProcess:
         self.process = subprocess.Popen(
             self.command(),
             env=self.env(),
+            # A build's directory must come first on sys.path: `python -m` puts the working directory
+            # there, and this checkout's would shadow it.
+            cwd=self.log_path.parent if self.build is not None else None,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -164,6 +173,11 @@ class SidecarProcess:
         with contextlib.suppress(OSError):
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         return ""
+
+    def version(self) -> str:
+        """The version this process said it runs (its last ``started`` log line), or empty."""
+        started = [e for e in self.log_events() if e.get("event") == "started"]
+        return str(started[-1].get("version", "")) if started else ""
 
     def log_events(self) -> list[dict[str, Any]]:
         events = []
@@ -257,6 +271,36 @@ def launch_from_pod(
         http_port=int(http.rsplit(":", 1)[1]) if http.startswith("127.0.0.1:") else 0,
     )
     return process.start() if start else process
+
+
+def build_sidecar(version: str, work_dir: pathlib.Path) -> pathlib.Path:
+    """Build and install this checkout's sidecar as release ``version`` into ``work_dir/build``: a new build.
+
+    What an upgrade of the sidecar container is: the same pod, the sidecar restarted from another build.
+    The distribution is built from a copy of the sources with only the version changed (setuptools, by the
+    pinned uv, without dependencies: the venv has them); a process started with ``build=`` runs it, and
+    says its version in its ``started`` log line.
+    """
+    source = work_dir / "source"
+    target = work_dir / "build"
+    shutil.rmtree(work_dir, ignore_errors=True)
+    source.mkdir(parents=True)
+    for name in ("README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "sidecar", source / "sidecar", ignore=shutil.ignore_patterns("__pycache__"))
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    released = re.search(r'^version = "([^"]+)"', pyproject, re.M)
+    if released is None:
+        raise RuntimeError("pyproject.toml has no `version = \"...\"` line")
+    (source / "pyproject.toml").write_text(pyproject.replace(released.group(0), f'version = "{version}"', 1))
+    subprocess.run(
+        [str(uv_binary()), "pip", "install", "--quiet", "--no-deps", "--no-sources", "--target", str(target),
+         "--python", sys.executable, str(source)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return target
 
 
 def launch_etcd_sidecar(

@@ -3,7 +3,8 @@
 SMG probes a worker before it registers it (``/health``, ``/v1/models``, ...), so a test that wants
 SMG's view of the peer set needs something answering at each worker URL. ``StandInWorker`` is that:
 a tiny HTTP server on a loopback address of its own (127.0.0.N), which tests also write as the pod's
-IP (pod-label discovery accepts loopback pod IPs; there is no kubelet).
+IP (pod-label discovery accepts loopback pod IPs; there is no kubelet). It also answers what SMG routes,
+OpenAI chat completions (after a configurable service time), and records each one it served.
 
 ``SmgGateway`` runs ``smg launch`` as a pod's main container would next to the sidecar: with
 ``--discovery-provider file`` reading the manifest the sidecar writes (``smg_file``), or with SMG's own
@@ -22,6 +23,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -68,6 +70,39 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def do_POST(self) -> None:  # noqa: N802 - http.server's spelling
+        """An OpenAI chat completion, after the engine's service time; the request's first message is recorded
+        (the benchmarks tag it with who sent the request, to see which gateway routed it here)."""
+        path = self.path.split("?")[0]
+        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            request = json.loads(self.rfile.read(length) or b"{}")
+        except ValueError:
+            request = {}
+        self.server.calls.append(path)
+        if path != "/v1/chat/completions" or not isinstance(request, dict):
+            self.send_error(404)
+            return
+        messages = request.get("messages") or [{}]
+        tag = str(messages[0].get("content", "")) if isinstance(messages[0], dict) else ""
+        if self.server.service_seconds:
+            time.sleep(self.server.service_seconds)  # the engine's own time per request
+        self.server.served.append((time.monotonic(), tag))
+        answer = {
+            "id": f"chatcmpl-{len(self.server.served)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": request.get("model", MODEL),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+        }
+        data = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
         return  # quiet: SMG health-checks often
 
@@ -75,16 +110,20 @@ class _Handler(BaseHTTPRequestHandler):
 class _WorkerServer(ThreadingHTTPServer):
     daemon_threads = True
     calls: list[str]
+    served: list[tuple[float, str]]  # (monotonic time, first message) of each chat completion answered
+    service_seconds: float
 
 
 class StandInWorker:
     """One worker process of a pod: an HTTP server at ``host:port``; ``url`` is what SMG registers."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, service_seconds: float = 0.0) -> None:
         self.host = host
         self.port = port
         self._server = _WorkerServer((host, port), _Handler)
         self._server.calls = []
+        self._server.served = []
+        self._server.service_seconds = service_seconds
         self._thread = threading.Thread(target=self._server.serve_forever, name=f"worker-{host}:{port}", daemon=True)
         self._thread.start()
 
@@ -95,6 +134,11 @@ class StandInWorker:
     @property
     def calls(self) -> list[str]:
         return list(self._server.calls)
+
+    @property
+    def served(self) -> list[tuple[float, str]]:
+        """Chat completions answered: (monotonic time, the request's first message)."""
+        return list(self._server.served)
 
     def stop(self) -> None:
         self._server.shutdown()
@@ -150,10 +194,15 @@ class SmgGateway:
 
     @classmethod
     def with_file(
-        cls, manifest: pathlib.Path, log_path: pathlib.Path, pd: bool = False, epd: bool = False
+        cls,
+        manifest: pathlib.Path,
+        log_path: pathlib.Path,
+        pd: bool = False,
+        epd: bool = False,
+        extra: Sequence[str] = (),
     ) -> SmgGateway:
         """SMG fed by the sidecar: ``--discovery-provider file`` on the manifest it writes; ``pd``/``epd``
-        turn on SMG's prefill-decode (or encode-prefill-decode) mode."""
+        turn on SMG's prefill-decode (or encode-prefill-decode) mode; ``extra`` are more flags (a policy)."""
         args = [
             "--discovery-provider",
             "file",
@@ -166,7 +215,7 @@ class SmgGateway:
             args.append("--pd-disaggregation")
         if epd:
             args.append("--epd-disaggregation")
-        return cls(args, log_path)
+        return cls([*args, *extra], log_path)
 
     def _get(self, path: str) -> tuple[int, str]:
         if self.process.poll() is not None:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
+from sidecar import __version__
 from sidecar.config import Settings
 from sidecar.core.backoff import Backoff
 from sidecar.core.containers import peer_key as pod_peer_key
@@ -316,6 +317,7 @@ class Sidecar:
             self.grpc.set_serving(True)
         self.log.info(
             "started",
+            version=__version__,  # which build runs: an upgrade (a restart with a new build) shows here
             backend=self.settings.backend,
             grpc=self.grpc.target,
             http=f":{self.http.port}" if self.http else "off",

@@ -1,4 +1,5 @@
-"""The demo (the README's "try it locally") runs to the end and shows every step of the story."""
+"""The demo (the README's "try it locally") runs to the end and shows every step of the story, including a chat
+completion answered by Dynamo's own frontend from mocker workers that the frontend's sidecar lists."""
 
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ def test_demo_runs_and_shows_live_changes() -> None:
         "removed\tdecode-1",
         "status\tdegraded",
         "status\tconnected",
+        "discovery-sidecar peers --watch --model tiny-chat",
+        '"object": "chat.completion", "model": "tiny-chat", "finish_reason": "length", "usage": {',
+        "removed\tworker-1",
+        "the next chat completion goes to worker-0: ok",
         "cleaned up",
     ]
     positions = [out.find(fragment) for fragment in expected_in_order]

@@ -7,7 +7,8 @@ tests also write as the pods' IPs. SMG's users' discovery bug reports are the st
 turning unready, force deletion, graceful deletion, relabelling out of the selector, an IP change, a
 restart under the same name with a new UID, PD roles with bootstrap ports. After each step SMG's
 ``/workers`` must equal the ground truth the test knows, and so must the manifest the sidecar wrote.
-Stale workers keep answering SMG's health checks, so only discovery can remove them.
+Stale workers keep answering SMG's health checks, so only discovery can remove them. With traffic: chat
+completions through SMG during a graceful rolling replacement of every worker, none failing.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import pathlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -24,7 +25,8 @@ import yaml
 from devcluster.cluster import ControlPlane, free_port
 from devcluster.faults import FaultProxy
 from devcluster.objects import Cluster, wait_for
-from devcluster.smg import SmgGateway, StandInWorker
+from devcluster.smg import MODEL, SmgGateway, StandInWorker
+from devcluster.traffic import Load, chat_completion, failures
 from sidecar.config import load_settings
 from tests.conftest import MANIFESTS, POD_DISCOVERY_RBAC, Sidecars, kubectl
 
@@ -48,6 +50,7 @@ class GatewayWorld:
         pd: bool,
         server: str | None = None,
         epd: bool = False,
+        smg_args: Sequence[str] = (),
     ) -> None:
         self.cluster = cluster
         self.namespace = namespace
@@ -68,7 +71,7 @@ class GatewayWorld:
             **roles,
         }
         self.sidecar = sidecars.start(gateway, "", extra_env=env, server=server).wait_ready()
-        self.smg = SmgGateway.with_file(self.manifest, work_dir / "smg.log", pd=pd, epd=epd)
+        self.smg = SmgGateway.with_file(self.manifest, work_dir / "smg.log", pd=pd, epd=epd, extra=smg_args)
 
     def close(self) -> None:
         self.smg.stop()
@@ -215,6 +218,47 @@ def test_ip_change_and_same_name_restart(regular: GatewayWorld) -> None:
         what="SMG's worker to be the third incarnation",
     )
     assert set(w.smg_workers()) == {w.url(again)}
+
+
+@pytest.fixture
+def round_robin(
+    control_plane: ControlPlane, cluster: Cluster, namespace: str, sidecars: Sidecars, tmp_path: pathlib.Path
+) -> Iterator[GatewayWorld]:
+    """``regular``, with SMG routing round-robin (its default policy keeps a prompt on one worker)."""
+    roles = {"DISCOVERY_SMG_SELECTOR": SELECTOR}
+    world = GatewayWorld(
+        control_plane, cluster, namespace, sidecars, tmp_path, roles, pd=False, smg_args=["--policy", "round_robin"]
+    )
+    yield world
+    world.close()
+
+
+def test_no_request_fails_through_a_graceful_rolling_replacement(round_robin: GatewayWorld) -> None:
+    """Chat completions through SMG fed by the sidecar while every worker is replaced as a Deployment replaces
+    it: a new pod Ready, then the old one deleted, its engine serving until SMG has let go of it (a graceful
+    drain), then stopped. No request fails, and every new worker takes traffic. (Figures, against SMG's own
+    discovery, are ``python -m bench.smg_traffic``'s.)"""
+    w = round_robin
+    old = {name: w.worker(name) for name in ("w-0", "w-1", "w-2")}
+    w.converge({w.url(a): "regular" for a in old.values()}, "three workers")
+    load = Load(lambda: chat_completion(w.smg.port, MODEL, content="test"), clients=2, pause=0.01, max_seconds=180)
+    load.start().wait_for_more(20)
+    new: dict[str, str] = {}
+    try:
+        for name, address in old.items():
+            new[f"{name}-b"] = w.worker(f"{name}-b")
+            w.cluster.delete_pod(w.namespace, name, grace_seconds=300)  # terminating; its engine still serves
+            wait_for(lambda a=address: w.url(a) not in w.smg_workers(), CONVERGE, what=f"SMG to let go of {name}")
+            next(s for s in w.stand_ins if s.host == address).stop()  # the grace period ends: the engine exits
+            w.cluster.delete_pod(w.namespace, name, grace_seconds=0)
+            load.wait_for_more(10)
+        w.converge({w.url(a): "regular" for a in new.values()}, "the three new workers only")
+        load.wait_for_more(20)
+    finally:
+        outcomes = load.stop()
+    assert not failures(outcomes), f"{failures(outcomes)} of {len(outcomes)} requests failed\n{w.smg.log_tail()}"
+    served = {s.host: len(s.served) for s in w.stand_ins}
+    assert all(served[a] > 0 for a in new.values()), f"a new worker never took traffic: {served}"
 
 
 @pytest.fixture
