@@ -612,6 +612,9 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "max": med(lambda r: r["rollout"]["convergence_s"]["max"]),
                 "converged": all(r["rollout"]["converged"] for r in group),
                 "args_relays": group[0].get("args", {}).get("relays"),
+                "at_once": "{} / {}".format(
+                    group[0].get("kwok_parallelism", "?"), group[0].get("args", {}).get("registrar_threads", "?")
+                ),
                 "rollout_seconds": med(lambda r: r["rollout"]["seconds"]),
             }
         )
@@ -637,8 +640,8 @@ def write_report() -> list[dict[str, Any]]:
         "",
         "| P | arm | n | subscribers | connect MB / apiserver CPU-s / s | rollout MB to subscribers (apiserver "
         "watch-event MB) | apiserver CPU-s | etcd / kcm / kwok CPU-s | subscribers CPU-s | apiserver peak RSS MB | "
-        "last Ready after restart s | convergence s p50 / p99 / max |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "last Ready after restart s | convergence s p50 / p99 / max | kwok / registrar writes at once |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         flag = "" if r["converged"] else " NOT converged"
@@ -649,7 +652,7 @@ def write_report() -> list[dict[str, Any]]:
             f"{_num(r['etcd_cpu_s'])} / {_num(r['kcm_cpu_s'])} / {_num(r['kwok_cpu_s'])} | "
             f"{_num(r['subscriber_cpu_s'])} | "
             f"{_mb(r['apiserver_peak_rss'])} | {_num(r['last_ready_s'])} | "
-            f"{_num(r['p50'], 2)} / {_num(r['p99'], 2)} / {_num(r['max'], 2)}{flag} |"
+            f"{_num(r['p50'], 2)} / {_num(r['p99'], 2)} / {_num(r['max'], 2)}{flag} | {r['at_once']} |"
         )
     (RESULTS_DIR / "ROLLOUT.md").write_text("\n".join(lines) + "\n")
     plot(rows)
