@@ -689,6 +689,11 @@ def plot(rows: list[dict[str, Any]]) -> None:
     axes[0].plot(
         sizes, [p * routers * 100e3 / 1e6 for p in sizes], ":", color="C1", label=f"model: {routers:.0f} x P x 100 KB"
     )
+    relays = next((r["args_relays"] for r in rows if r.get("args_relays")), 3)
+    axes[0].plot(
+        sizes, [p * relays * 100e3 / 1e6 for p in sizes], ":", color="C2", label=f"model, relays: {relays} x P x 100 KB"
+    )
+    axes[2].axhline(1.0, color="grey", linestyle="--", linewidth=0.8, label="goal through relays: p99 1 s")
     titles = (
         "API server watch-event bytes, one rollout (MB)",
         "kube-apiserver CPU-s, one rollout",
