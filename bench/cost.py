@@ -6,9 +6,17 @@ a sidecar's requests, shown equal to a real sidecar's through the API server's a
 ``P`` and each case (``W = P``, every pod watches; ``W = R`` routers), side by side on the same plane:
 
 * connect: the watchers start (the initial lists and watches of a start-up storm);
+* idle: ``--idle-seconds`` with nothing happening (what the watches cost at rest: bookmarks);
 * rollout: a rolling restart at a fixed rate: each pod deleted and replaced by a new pod (new name and
   UID, as a Deployment does), ready, with a new CR; the old CR goes with the old pod (garbage
   collection). In the ``W = P`` case the replaced pod's watcher restarts too (its sidecar's relist).
+
+The cases (``--cases``): ``routers`` (``W = R`` peer watchers), ``own`` (the same routers plus one
+own-registration watch per pod, the watch of its own CR by field selector every sidecar holds whatever
+``DISCOVERY_WATCH`` says, restarted with the new pod's name when a pod is replaced: the default
+deployment since issue 19) and ``every`` (``W = P``, every pod watching its peers). ``own`` against
+``routers`` is what the own-registration watches cost; against ``every``, what they cost next to the peer
+watches ``DISCOVERY_WATCH=auto`` took away.
   When a whole rollout would not fit the time budget, ``--max-restarts`` replaces a prefix of the pods
   and the report scales the per-restart cost to the whole rollout (the cost per restart does not depend
   on how many came before: every restart is about two EndpointSlice updates and two CR events, fanned
@@ -50,7 +58,7 @@ from typing import Any
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.watchers import normalise
+from bench.watchers import OWN, normalise
 from bench.workload import LABELS, NAMESPACE, SERVICE, metadata
 from devcluster.build import ROOT, ensure_built
 from devcluster.cluster import ControlPlane
@@ -221,8 +229,11 @@ class Simulator(JsonLinesChild):
         watchers: int,
         log: pathlib.Path,
         initial: str = "list",
+        own_names: list[str] | None = None,
         extra: Sequence[str] = (),
     ) -> None:
+        names_file = log.with_suffix(".own-names.json")
+        names_file.write_text(json.dumps(own_names or []))
         argv = [
             sys.executable,
             "-m",
@@ -241,6 +252,8 @@ class Simulator(JsonLinesChild):
             SLICE_SELECTOR,
             "--initial",
             initial,
+            "--own-names-file",
+            str(names_file),
             *extra,
         ]
         super().__init__(argv, log)
@@ -420,25 +433,28 @@ class CostBench:
             labels={"app": "observer"},
             extra_env={"DISCOVERY_INITIAL_LIST": "pages" if initial == "list" else "stream"},
         )
-        watches = {"watch endpointslices", "watch dynamoworkermetadatas"}
         try:
             sidecar.wait_ready(60)
-            # Under DISCOVERY_WATCH=auto (the default) the watches start on the first request for peers.
+            # Under DISCOVERY_WATCH=auto (the default) the peer watches start on the first request for peers;
+            # the watch of its own CR runs from start-up.
             wait_for(lambda: sidecar.http_get("/debug/peers")[0] == 200, 60, what="the sidecar's peer list")
             wait_for(
-                lambda: watches <= {f"{r['verb']} {r['resource']}" for r in self._audit(True, seen)},
+                lambda: len({r["shape"] for r in self._audit(True, seen) if r["verb"] == "watch"}) >= 3,
                 60,
-                what="the sidecar's two watches in the audit log",
+                what="the sidecar's three watches in the audit log",
             )
         finally:
             sidecar.terminate()
-        simulator = Simulator(self.plane, self.token_file, 1, logs / f"simulator-shape-{initial}.log", initial)
+        # The sidecar also watches its own CR (by name): the simulated watcher follows the same name.
+        simulator = Simulator(
+            self.plane, self.token_file, 1, logs / f"simulator-shape-{initial}.log", initial, own_names=[name]
+        )
         try:
             simulator.call(cmd="wait_ready")
             wait_for(
-                lambda: watches <= {f"{r['verb']} {r['resource']}" for r in self._audit(False, seen)},
+                lambda: len({r["shape"] for r in self._audit(False, seen) if r["verb"] == "watch"}) >= 3,
                 60,
-                what="the simulator's two watches in the audit log",
+                what="the simulator's three watches in the audit log",
             )
         finally:
             simulator.close()
@@ -475,24 +491,42 @@ class CostBench:
         return list(rows.values())
 
     # -- one case -----------------------------------------------------------------------------------------
-    def case(self, fleet: Fleet, watchers: int, restarts: int, every_pod: bool, initial: str) -> dict[str, Any]:
+    def case(
+        self, fleet: Fleet, watchers: int, restarts: int, every_pod: bool, initial: str, own: bool = False
+    ) -> dict[str, Any]:
         assert self.api is not None
-        label = f"W={watchers}" + (" (every pod)" if every_pod else " (routers)")
-        say(f"P={fleet.size} {label}: starting {watchers} watchers ({initial})")
+        label = f"W={watchers}" + (" (every pod)" if every_pod else " (routers)") + (" + own" if own else "")
+        more = f" and {fleet.size} own-registration watches" if own else ""
+        say(f"P={fleet.size} {label}: starting {watchers} watchers ({initial}){more}")
         pids = {"kube-apiserver": self.apiserver_pid, "etcd": self.plane.pids()["etcd"]}
-        result: dict[str, Any] = {"P": fleet.size, "W": watchers, "every_pod": every_pod, "initial": initial}
+        result: dict[str, Any] = {
+            "P": fleet.size,
+            "W": watchers,
+            "every_pod": every_pod,
+            "initial": initial,
+            "own": fleet.size if own else 0,
+        }
         phase_start = self._snapshot(None)
         with RssSampler(pids) as rss:
-            simulator = Simulator(
-                self.plane, self.token_file, watchers, self.work / "logs" / f"sim-{fleet.size}-{watchers}.log", initial
-            )
+            log = self.work / "logs" / f"sim-{fleet.size}-{watchers}{'-own' if own else ''}.log"
+            names = [fleet.name(slot) for slot in range(fleet.size)] if own else None
+            simulator = Simulator(self.plane, self.token_file, watchers, log, initial, own_names=names)
             rss.pids["simulator"] = simulator.process.pid
             rss.peak["simulator"] = 0
             try:
                 simulator.call(cmd="wait_ready")
                 connected = self._snapshot(simulator)
                 result["connect"] = self._phase(phase_start, connected, rss)
-                say(f"  connected in {result['connect']['seconds']:.1f}s; rollout of {restarts} pods")
+                say(f"  connected in {result['connect']['seconds']:.1f}s; idle for {self.args.idle_seconds:g}s")
+                rss.peak = {name: rss_bytes(pid) for name, pid in rss.pids.items()}
+                time.sleep(self.args.idle_seconds)  # a measuring window, not a wait for a condition
+                idled = self._snapshot(simulator)
+                result["idle"] = self._phase(connected, idled, rss)
+                say(
+                    f"  idle: {result['idle']['watcher_bytes'] / result['idle']['seconds']:.0f} B/s to watchers, "
+                    f"apiserver {result['idle']['apiserver_cpu_s'] / result['idle']['seconds']:.3f} CPU-s/s; "
+                    f"rollout of {restarts} pods"
+                )
                 rss.peak = {name: rss_bytes(pid) for name, pid in rss.pids.items()}
 
                 lock = threading.Lock()
@@ -502,6 +536,9 @@ class CostBench:
                     if every_pod:  # the new pod's sidecar starts: list and watch from scratch
                         with lock:  # one command at a time on the simulator's pipe
                             simulator.call(cmd="restart", ids=[slot])
+                    if own:  # the new pod's sidecar watches its own (new) CR from scratch
+                        with lock:
+                            simulator.call(cmd="restart_own", ids=[slot], names=[fleet.name(slot)])
 
                 rollout_start = time.monotonic()
                 paced(restarts, self.args.rate, locked_restart)
@@ -514,8 +551,9 @@ class CostBench:
                     if converged["converged"]:
                         break
                 done = self._snapshot(simulator)
-                rollout = self._phase(connected, done, rss)
-                changes = [t for t in converged["last_change"] if t > 0]
+                rollout = self._phase(idled, done, rss)
+                changes = [t for t in converged["last_change"] if t > 0]  # the peer watchers
+                own_changes = [t for t in converged.get("own_last_change", []) if t > 0]
                 rollout.update(
                     restarts=restarts,
                     rate_per_s=self.args.rate,
@@ -523,15 +561,18 @@ class CostBench:
                     settle_after_last_write_s=settled - last_write,
                     converged=converged["converged"],
                     behind=converged["behind_count"],
-                    converge_after_last_write_s=max(changes) - last_write if changes else None,
+                    converge_after_last_write_s=max(changes + own_changes) - last_write if changes else None,
                     fanout_spread_s=max(changes) - min(changes) if changes else None,
                 )
+                own_bytes = rollout["watcher_bytes_by_resource"].get(OWN, 0)
                 rollout["per_restart"] = {
                     "watcher_bytes": rollout["watcher_bytes"] / restarts,
+                    "own_bytes": own_bytes / restarts,
                     "apiserver_cpu_s": rollout["apiserver_cpu_s"] / restarts,
                 }
                 rollout["full_rollout_estimate"] = {
                     "watcher_bytes": rollout["watcher_bytes"] / restarts * fleet.size,
+                    "own_bytes": own_bytes / restarts * fleet.size,
                     "apiserver_cpu_s": rollout["apiserver_cpu_s"] / restarts * fleet.size,
                 }
                 result["rollout"] = rollout
@@ -591,12 +632,18 @@ class CostBench:
         idle = (cpu_seconds(self.apiserver_pid) - idle_from) / (time.monotonic() - idle_start)
         say(f"P={size}: idle API server: {idle:.3f} CPU-s per second")
         result: dict[str, Any] = {"P": size, "idle_apiserver_cpu_per_s": idle, "cases": []}
-        cases = [(self.args.routers, False)] + ([(size, True)] if not self.args.routers_only else [])
+        cases = {
+            "routers": (self.args.routers, False, False),
+            "own": (self.args.routers, False, True),
+            "every": (size, True, False),
+        }
+        chosen = ["routers"] if self.args.routers_only else self.args.cases.split(",")
         for _ in range(self.args.repeats):
-            for watchers, every_pod in cases:
+            for name in chosen:
+                watchers, every_pod, own = cases[name]
                 limit = self.args.max_restarts if every_pod else self.args.router_restarts
                 restarts = min(size, limit or size)
-                result["cases"].append(self.case(fleet, watchers, restarts, every_pod, self.args.initial))
+                result["cases"].append(self.case(fleet, watchers, restarts, every_pod, self.args.initial, own))
         for slot in range(size):  # leave the namespace empty for the next size
             self.cluster.delete_pod(NAMESPACE, fleet.name(slot))
         wait_for(
@@ -611,11 +658,11 @@ class CostBench:
 # -- report -----------------------------------------------------------------------------------------------------
 def summarise(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Median per (P, W) across repeats of the figures the table shows."""
-    groups: dict[tuple[int, int, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[int, int, str, int], list[dict[str, Any]]] = {}
     for case in cases:
-        groups.setdefault((case["P"], case["W"], case["initial"]), []).append(case)
+        groups.setdefault((case["P"], case["W"], case["initial"], case.get("own", 0)), []).append(case)
     rows = []
-    for (size, watchers, initial), group in sorted(groups.items()):
+    for (size, watchers, initial, own), group in sorted(groups.items()):
 
         def med(get: Callable[[dict[str, Any]], float | None], group: list[dict[str, Any]] = group) -> float | None:
             values = [v for v in (get(c) for c in group) if v is not None]
@@ -626,6 +673,7 @@ def summarise(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "P": size,
                 "W": watchers,
                 "initial": initial,
+                "own": own,
                 "repeats": len(group),
                 "restarts": group[0]["rollout"]["restarts"],
                 "connect_bytes": med(lambda c: c["connect"]["watcher_bytes"]),
@@ -644,6 +692,21 @@ def summarise(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "converge_s": med(lambda c: c["rollout"]["converge_after_last_write_s"]),
                 "fanout_spread_s": med(lambda c: c["rollout"]["fanout_spread_s"]),
                 "converged": all(c["rollout"]["converged"] for c in group),
+                # the idle window (cases measured since issue 19), per second
+                "idle_bytes_per_s": med(
+                    lambda c: c["idle"]["watcher_bytes"] / c["idle"]["seconds"] if "idle" in c else None
+                ),
+                "idle_own_bytes_per_s": med(
+                    lambda c: c["idle"]["watcher_bytes_by_resource"].get(OWN, 0) / c["idle"]["seconds"]
+                    if "idle" in c
+                    else None
+                ),
+                "idle_apiserver_cpu_per_s": med(
+                    lambda c: c["idle"]["apiserver_cpu_s"] / c["idle"]["seconds"] if "idle" in c else None
+                ),
+                "connect_own_bytes": med(lambda c: c["connect"]["watcher_bytes_by_resource"].get(OWN, 0)),
+                "own_bytes_per_restart": med(lambda c: c["rollout"]["per_restart"].get("own_bytes")),
+                "full_rollout_own_bytes": med(lambda c: c["rollout"]["full_rollout_estimate"].get("own_bytes")),
             }
         )
     return rows
@@ -661,9 +724,12 @@ def write_report() -> list[dict[str, Any]]:
     cases: list[dict[str, Any]] = []
     shapes: list[tuple[float, dict[str, Any]]] = []  # (when the run ended, its request shapes)
     machine: dict[str, Any] = {}
+    own_runs: list[dict[str, Any]] = []  # the runs that measured the own-registration watches, alone
     for path in sorted(RESULTS_DIR.glob("cost-p*.json")):
         data = json.loads(path.read_text())
         cases += data["cases"]
+        if any(c.get("own") for c in data["cases"]):
+            own_runs += data["cases"]
         machine = data.get("machine", machine)
         if data.get("request_shape"):
             shapes.append((path.stat().st_mtime, data["request_shape"]))
@@ -686,8 +752,9 @@ def write_report() -> list[dict[str, Any]]:
     ]
     for r in rows:
         not_converged = "" if r["converged"] else " NOT converged"
+        watchers = f"{r['W']} + {r['own']} own" if r["own"] else str(r["W"])
         lines.append(
-            f"| {r['P']} | {r['W']} | {r['initial']} | {r['repeats']} | {r['restarts']} | "
+            f"| {r['P']} | {watchers} | {r['initial']} | {r['repeats']} | {r['restarts']} | "
             f"{_mb(r['connect_bytes'])} / {_num(r['connect_apiserver_cpu_s'])} / {_num(r['connect_seconds'])} | "
             f"{_mb(r['rollout_bytes'])} ({_mb(r['rollout_apiserver_watch_bytes'])}) | "
             f"{_num((r['bytes_per_restart'] or 0) / 1e3)} | {_mb(r['full_rollout_bytes'])} | "
@@ -696,6 +763,7 @@ def write_report() -> list[dict[str, Any]]:
             f"{_num(r['converge_s'], 2)} ({_num(r['fanout_spread_s'], 2)}){not_converged} | "
             f"{_num(r['simulator_cpu_s'])} |"
         )
+    lines += own_registration_section(summarise(own_runs), rows)
     if shapes:
         latest = max(shapes, key=lambda shape: shape[0])[1]  # the latest run's
         if "sidecar" in latest:  # a result file from before the streaming list: one paged-list shape
@@ -727,6 +795,58 @@ def write_report() -> list[dict[str, Any]]:
     return rows
 
 
+def _find(rows: list[dict[str, Any]], size: int, watchers: int, initial: str, own: int) -> dict[str, Any] | None:
+    return next((r for r in rows if (r["P"], r["W"], r["initial"], r["own"]) == (size, watchers, initial, own)), None)
+
+
+OWN_HEADER = [
+    "",
+    "## Own-registration watches (issue 19)",
+    "",
+    "Every sidecar watches its own CR (the CR collection, `fieldSelector=metadata.name=<its CR>`) whatever",
+    "`DISCOVERY_WATCH` says. `+ own` is the routers case plus one such watch per pod (restarted with the new",
+    "pod's name when a pod is replaced), measured in the same runs as the routers alone (medians over those runs",
+    "only); the difference is what the own-registration watches cost. Idle: the bytes per second the watchers",
+    "received (bookmarks) and the API server's CPU-s per second over the idle window. Rollout: the full rolling",
+    "restart, as above. The last column sets the own-registration watches' rollout bytes and extra CPU-s against",
+    "every pod watching its peers (`W = P`, same runs if measured there, else every run).",
+    "",
+    "| P | sync | idle B/s: routers / + own (own alone) | idle apiserver CPU-s/s: routers / + own | "
+    "connect: own MB | rollout MB: routers / + own (own alone) | rollout apiserver CPU-s: routers / + own | "
+    "own against W = P: bytes / CPU-s |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- |",
+]
+
+
+def own_registration_section(rows: list[dict[str, Any]], everything: list[dict[str, Any]]) -> list[str]:
+    """The cost of every pod's own-registration watch (issue 19): the ``own`` case against the routers alone,
+    measured side by side in one run, and against every pod watching its peers."""
+    lines: list[str] = []
+    for r in sorted((r for r in rows if r["own"]), key=lambda r: (r["initial"], r["P"])):
+        base = _find(rows, r["P"], r["W"], r["initial"], 0)
+        every = _find(rows, r["P"], r["P"], r["initial"], 0) or _find(everything, r["P"], r["P"], r["initial"], 0)
+        if base is None:
+            continue
+        own_cpu = (r["full_rollout_apiserver_cpu_s"] or 0) - (base["full_rollout_apiserver_cpu_s"] or 0)
+        against = "-"
+        if every is not None and every["full_rollout_bytes"] and every["full_rollout_apiserver_cpu_s"]:
+            share_bytes = (r["full_rollout_own_bytes"] or 0) / every["full_rollout_bytes"]
+            share_cpu = own_cpu / every["full_rollout_apiserver_cpu_s"]
+            against = (
+                f"{share_bytes:.2%} / {share_cpu:.1%} (of {_mb(every['full_rollout_bytes'])} MB / "
+                f"{_num(every['full_rollout_apiserver_cpu_s'])} CPU-s)"
+            )
+        idle_bytes = f"{_num(base['idle_bytes_per_s'], 0)} / {_num(r['idle_bytes_per_s'], 0)}"
+        idle_cpu = f"{_num(base['idle_apiserver_cpu_per_s'], 3)} / {_num(r['idle_apiserver_cpu_per_s'], 3)}"
+        rollout = f"{_mb(base['full_rollout_bytes'])} / {_mb(r['full_rollout_bytes'])}"
+        cpu = f"{_num(base['full_rollout_apiserver_cpu_s'])} / {_num(r['full_rollout_apiserver_cpu_s'])}"
+        lines.append(
+            f"| {r['P']} | {r['initial']} | {idle_bytes} ({_num(r['idle_own_bytes_per_s'], 0)}) | {idle_cpu} | "
+            f"{_mb(r['connect_own_bytes'])} | {rollout} ({_mb(r['full_rollout_own_bytes'])}) | {cpu} | {against} |"
+        )
+    return OWN_HEADER + lines if lines else []
+
+
 def plot(rows: list[dict[str, Any]]) -> None:
     try:
         import matplotlib
@@ -741,13 +861,15 @@ def plot(rows: list[dict[str, Any]]) -> None:
     routers: list[dict[str, Any]] = []
     for initial, style in (("list", "-"), ("stream", "--")):
         mode = [r for r in rows if r["initial"] == initial]
-        series_every = sorted((r for r in mode if r["W"] == r["P"]), key=lambda r: r["P"])
-        series_routers = sorted((r for r in mode if r["W"] != r["P"]), key=lambda r: r["P"])
+        series_every = sorted((r for r in mode if r["W"] == r["P"] and not r["own"]), key=lambda r: r["P"])
+        series_routers = sorted((r for r in mode if r["W"] != r["P"] and not r["own"]), key=lambda r: r["P"])
+        series_own = sorted((r for r in mode if r["own"]), key=lambda r: r["P"])
         every += series_every
         routers += series_routers
         for series, label, marker, color in (
             (series_every, "W = P (every pod watches)", "o", "C0"),
             (series_routers, "W = R routers", "s", "C1"),
+            (series_own, "W = R routers + every pod's own-registration watch", "^", "C2"),
         ):
             if not series:
                 continue
@@ -783,7 +905,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="API server cost of discovery at scale (issue #13)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[100], help="pod counts P to measure")
     parser.add_argument("--routers", type=int, default=10, help="R, the watchers of the routers-only case")
-    parser.add_argument("--routers-only", action="store_true", help="skip the W = P case")
+    parser.add_argument("--routers-only", action="store_true", help="only the routers case (--cases routers)")
+    parser.add_argument(
+        "--cases",
+        default="routers,own,every",
+        help="comma-separated: routers (W = R), own (W = R plus every pod's own-registration watch), every (W = P)",
+    )
+    parser.add_argument(
+        "--idle-seconds", type=float, default=75.0, help="the idle window after connecting (bookmarks: ~1/min)"
+    )
     parser.add_argument("--rate", type=float, default=5.0, help="pod replacements per second in the rollout")
     parser.add_argument(
         "--max-restarts", type=int, default=0, help="in the W = P case, replace only this many pods (0: all)"

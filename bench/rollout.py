@@ -160,7 +160,7 @@ def watcher_arm(
     name: str, plane: ControlPlane, token: pathlib.Path, logs: pathlib.Path, args: argparse.Namespace
 ) -> Subscribers:
     """``every-pod`` or ``routers``: simulated sidecars on the API server (``bench.watchers --peers``)."""
-    simulator = Simulator(plane, token, 0, logs / f"subscribers-{name}.log", args.initial, ["--peers"])
+    simulator = Simulator(plane, token, 0, logs / f"subscribers-{name}.log", args.initial, extra=["--peers"])
     return ProcessSubscribers(name, simulator, every_pod=name == "every-pod", fixed=args.routers)
 
 

@@ -14,6 +14,12 @@ each simulated sidecar, the two watches ``sidecar/kube/reflector.py`` opens, wit
 * one watch of the EndpointSlices of ``--slice-selector``, one of the DynamoWorkerMetadata CRs
   (``--cr-selector``: the sidecar's ``DISCOVERY_PEER_SELECTOR``, empty by default), in ``--namespace``.
 
+Besides those peer watchers, ``--own-names-file`` (a JSON list of CR names) starts one *own-registration*
+watcher per name: the watch every sidecar holds of its own CR whatever ``DISCOVERY_WATCH`` says
+(``sidecar/kube/own_registration.py``): the CR collection with ``fieldSelector=metadata.name=<name>``,
+the same initial sync, bookmarks and timeout. Its bytes, events and requests are counted under the
+resource ``own-registration``.
+
 ``tests/unit/test_bench_watchers.py`` checks these against the sidecar's reflectors; ``bench.cost``
 checks them against a real sidecar in the API server's audit log.
 
@@ -34,6 +40,8 @@ Commands, one JSON object per line on stdin; one JSON reply per line on stdout:
 * ``{"cmd": "start", "ids": ["web-6d9f-abcde"]}`` / ``{"cmd": "stop", "ids": [...]}``: watchers by name come
   and go with the pods they stand for (``bench.rollout``: a new pod's sidecar starts, an old one's stops);
   ``start`` replies at once, a following ``wait_ready`` once they have synced;
+* ``{"cmd": "restart_own", "ids": [3], "names": ["peer-00003-g1"]}``: those own-registration watchers
+  follow the new pod's CR from scratch (a replaced pod's new sidecar watching its own CR);
 * ``{"cmd": "stats"}``: the counters;
 * ``{"cmd": "converge", "truth": {"endpointslices": {name: rv}, ...}, "timeout": 120}``: wait until every
   watcher's state equals the truth; reply with each watcher's time of its last change
@@ -68,6 +76,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 SLICES = "/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices"
 CRS = "/apis/nvidia.com/v1alpha1/namespaces/{ns}/dynamoworkermetadatas"
 RESOURCES = ("endpointslices", "dynamoworkermetadatas")
+OWN = "own-registration"  # the resource label of the own-registration watches (their path is the CRs')
 
 _NAME = b'"name":"'
 _RV = b'"resourceVersion":"'
@@ -305,19 +314,29 @@ class Connection:
 class Watch:
     """One sidecar's watch of one resource: list (or streaming list), then watch, forever."""
 
-    def __init__(self, sim: Simulator, watcher: Watcher, resource: str, path: str, selector: str) -> None:
+    def __init__(
+        self,
+        sim: Simulator,
+        watcher: Watcher | OwnWatcher,
+        resource: str,
+        path: str,
+        selector: str,
+        field_selector: str = "",
+    ) -> None:
         self.sim = sim
         self.watcher = watcher
         self.resource = resource
         self.path = path
         self.selector = selector
+        self.field_selector = field_selector
         self.state: dict[str, str] = {}  # name -> resourceVersion
         self.rv = ""
         self.synced = asyncio.Event()
         self.conn = Connection(sim, resource)
 
     def _query(self) -> list[tuple[str, str]]:
-        return [("labelSelector", self.selector)] if self.selector else []
+        query = [("labelSelector", self.selector)] if self.selector else []
+        return query + ([("fieldSelector", self.field_selector)] if self.field_selector else [])
 
     def _changed(self) -> None:
         self.watcher.last_change = time.monotonic()
@@ -509,6 +528,45 @@ class Watcher:
         return bool(self.watches) and all(w.state == truth.get(w.resource, {}) for w in self.watches)
 
 
+class OwnWatcher:
+    """One simulated sidecar's watch of its own CR alone (by field selector on the name)."""
+
+    def __init__(self, sim: Simulator, index: int, name: str) -> None:
+        self.sim = sim
+        self.index = index
+        self.name = name
+        self.last_change = 0.0
+        self.peers: PeerView | None = None  # it follows one CR, not the peer set
+        self.stopped = False
+        self.watches: list[Watch] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        path = CRS.format(ns=self.sim.namespace)
+        self.watches = [Watch(self.sim, self, OWN, path, "", f"metadata.name={self.name}")]
+        self.tasks = [asyncio.create_task(w.run()) for w in self.watches]
+
+    async def stop(self) -> None:
+        self.stopped = True
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for watch in self.watches:
+            watch.conn.close()
+            watch.synced.set()  # whoever waits for this watcher's sync (start-up's slot) stops waiting
+
+    async def synced(self) -> None:
+        for watch in self.watches:
+            await watch.synced.wait()
+
+    def matches(self, truth: dict[str, dict[str, str]]) -> bool:
+        crs = truth.get("dynamoworkermetadatas", {})
+        want = {self.name: crs[self.name]} if self.name in crs else {}
+        return all(w.state == want for w in self.watches)
+
+
 class Simulator:
     def __init__(self, args: argparse.Namespace) -> None:
         split = urlsplit(args.server)
@@ -530,8 +588,10 @@ class Simulator:
         self.slice_cache = SliceCache()
         self.watchers: dict[str, Watcher] = {str(i): Watcher(self, str(i)) for i in range(args.watchers)}
         self.starting: list[asyncio.Future[None]] = []
+        names = json.loads(pathlib.Path(args.own_names_file).read_text()) if args.own_names_file else []
+        self.own = [OwnWatcher(self, i, name) for i, name in enumerate(names)]
 
-    async def _start_one(self, watcher: Watcher) -> None:
+    async def _start_one(self, watcher: Watcher | OwnWatcher) -> None:
         # Bounded start-up concurrency: the pods of a fleet do not all start in the same millisecond.
         async with self.concurrency:
             if watcher.stopped:  # stopped (its pod gone) before its turn came
@@ -541,11 +601,14 @@ class Simulator:
 
     async def start(self) -> None:
         """Start every watcher; return when each holds both watches (after its initial sync)."""
-        await asyncio.gather(*(self._start_one(w) for w in self.watchers.values()))
+        await asyncio.gather(*(self._start_one(w) for w in self.everyone()))
 
     async def stop(self) -> None:
-        for watcher in self.watchers.values():
+        for watcher in self.everyone():
             await watcher.stop()
+
+    def everyone(self) -> list[Watcher | OwnWatcher]:
+        return [*self.watchers.values(), *self.own]
 
     async def serve(self) -> None:
         starting = asyncio.ensure_future(self.start())
@@ -584,6 +647,13 @@ class Simulator:
                     gone = self.watchers.pop(str(index), None)
                     if gone is not None:
                         await gone.stop()
+                reply["t"] = time.monotonic()
+            elif cmd == "restart_own":
+                for index, name in zip(command["ids"], command["names"], strict=True):
+                    await self.own[index].stop()
+                    own = OwnWatcher(self, index, name)
+                    self.own[index] = own
+                    own.start()
                 reply["t"] = time.monotonic()
             elif cmd == "stats":
                 reply["stats"] = self.stats()
@@ -631,16 +701,19 @@ class Simulator:
             began = time.monotonic()
             lags = {w.index: lag(w) for w in self.watchers.values()}
             behind = [index for index, why in lags.items() if why]
-            if not behind or time.monotonic() > deadline:
+            behind_own = [w.index for w in self.own if not w.matches(truth)]
+            if not (behind or behind_own) or time.monotonic() > deadline:
                 break
             # poll: the watchers' tasks advance between checks, given at least as long as a check took
             await asyncio.sleep(max(0.05, time.monotonic() - began))
         reply: dict[str, Any] = {
-            "converged": not behind,
+            "converged": not (behind or behind_own),
             "behind": behind[:20],
             "behind_count": len(behind),
             "behind_why": dict(Counter(why for why in lags.values() if why)),
+            "behind_own_count": len(behind_own),
             "last_change": [w.last_change for w in self.watchers.values()],
+            "own_last_change": [w.last_change for w in self.own],
         }
         if peers is not None:
             reply["last_peer_change"] = {w.index: w.peers.changed_at for w in self.watchers.values() if w.peers}
@@ -661,6 +734,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("list", "stream"),
         default="stream",
         help="stream: DISCOVERY_INITIAL_LIST=stream; list: =pages",
+    )
+    parser.add_argument(
+        "--own-names-file", default="", help="a JSON list of CR names: one own-registration watcher for each"
     )
     parser.add_argument("--page-size", type=int, default=500)
     parser.add_argument("--start-concurrency", type=int, default=50)

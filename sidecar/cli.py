@@ -70,7 +70,7 @@ def _table(peers: Sequence[pb.Peer]) -> list[str]:
 
 
 def _render_screen(update: PeerSetUpdate, target: str) -> None:
-    status = "connected" if update.connected else "DEGRADED: API server unreachable, data may be stale"
+    status = "connected" if update.connected else f"DEGRADED: {update.status_reason or 'the peer set may be stale'}"
     lines = [f"peers via {target}  revision {update.revision}  {len(update.peers)} peer(s)  [{status}]", ""]
     lines += _table(list(update.peers.values()))
     height = shutil.get_terminal_size((100, 40)).lines

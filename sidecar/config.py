@@ -466,6 +466,13 @@ OPTIONS: tuple[Option, ...] = (
         default="loopback",
     ),
     Option(
+        "DISCOVERY_REGISTRATION_RESYNC",
+        "--registration-resync",
+        "how often the registration is read back (and rewritten if it changed) without an event saying so; its own "
+        "watch restores it at once",
+        default="60s",
+    ),
+    Option(
         "DISCOVERY_SHUTDOWN_TIMEOUT",
         "--shutdown-timeout",
         "on SIGTERM, the most time spent deregistering and closing streams",
@@ -560,6 +567,7 @@ class Settings:
     peer_selector: LabelSelector | None = (
         None  # Kubernetes: peers' labels this pod can ever want, sent to the API server
     )
+    registration_resync: float = 60.0  # seconds between read-backs of the registration without an event
 
     @property
     def uses_etcd(self) -> bool:
@@ -841,6 +849,7 @@ def _common_settings(reader: _Reader) -> dict[str, Any]:
     history_bytes = reader.get("DISCOVERY_HISTORY_BYTES", parse_byte_size)
     debug_peers = reader.get("DISCOVERY_DEBUG_PEERS", _choice("loopback", "all", "off"))
     shutdown_timeout = reader.get("DISCOVERY_SHUTDOWN_TIMEOUT", parse_duration)
+    registration_resync = reader.get("DISCOVERY_REGISTRATION_RESYNC", parse_duration)
     field_manager = reader.get("DISCOVERY_FIELD_MANAGER")
     register = reader.get("DISCOVERY_REGISTER", _choice("auto", "never"))
     watch = reader.get("DISCOVERY_WATCH", _choice("auto", "always", "never"))
@@ -857,6 +866,7 @@ def _common_settings(reader: _Reader) -> dict[str, Any]:
         "history_bytes": history_bytes,
         "debug_peers": debug_peers,
         "shutdown_timeout": shutdown_timeout,
+        "registration_resync": registration_resync,
         "field_manager": field_manager,
         "register": register,
         "watch": watch,

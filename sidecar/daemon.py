@@ -34,6 +34,7 @@ from sidecar.core.directory import PeerDirectory
 from sidecar.core.instance_join import InstanceJoin, peer_key
 from sidecar.core.join import PeerJoin
 from sidecar.etcd.client import EtcdClient, EtcdError, EtcdUnavailable
+from sidecar.etcd.own_keys import OwnKeysWatch
 from sidecar.etcd.publisher import EtcdPublisher
 from sidecar.etcd.source import SOURCE_NAME as ETCD_SOURCE
 from sidecar.etcd.source import EtcdSource
@@ -42,6 +43,7 @@ from sidecar.http_server import HttpServer
 from sidecar.hub import PeerHub
 from sidecar.metrics import Metrics
 from sidecar.ports import MetadataPublisher
+from sidecar.registration_health import RegistrationHealth
 from sidecar.reporting import PeerChangeReporter
 from sidecar.smg_writer import SmgManifestWriter
 
@@ -72,6 +74,11 @@ class Registering(MetadataPublisher, Protocol):
         """A healthy but unusual state for ``/readyz``'s body (watch-only, and why)."""
         ...
 
+    @property
+    def health(self) -> RegistrationHealth:
+        """What happens to the registration (lost, restored, blocked, failing), for logs, metrics, streams."""
+        ...
+
 
 class Sidecar:
     """Owns every part of one running sidecar and their order of start and stop; the CLI's ``run``
@@ -86,13 +93,15 @@ class Sidecar:
         self.watchers: list[Watcher] = []
         self.watch_descriptions: list[str] = []
         self.close_transport: Callable[[], None] = lambda: None
-        # Told whether the watches run (Kubernetes: the registrar then confirms its deregistration through
-        # the CR watch, when that watch shows its own CR).
-        self._watching_changed: Callable[[bool], None] = lambda watching: None
+        # The watch of this pod's own registration (Kubernetes: its CR alone), whatever DISCOVERY_WATCH says;
+        # on etcd the publisher follows its keys itself.
+        self.own_watch: Watcher | None = None
         if settings.uses_etcd:
             self.hub, self.registrar = self._wire_etcd(etcd)
         else:
             self.hub, self.registrar = self._wire_kubernetes(api)
+        # Registration that cannot be written (a terminating CR waited out, failing writes): DEGRADED on streams.
+        self.registrar.health.listener = self.hub.set_registration_health
         self.hub.add_listener(PeerChangeReporter(self.log, self.metrics))
         self.smg_writer = (
             SmgManifestWriter(self.hub, settings.smg_manifest, self.log, self.metrics)
@@ -136,9 +145,10 @@ class Sidecar:
         # Imported here: the official Kubernetes client costs ~33 MiB and ~0.5 s of start-up, which a
         # sidecar on the etcd backend never needs (bench/RESULTS.md, etcd section).
         from sidecar.kube.api import KubeApi
+        from sidecar.kube.own_registration import own_registration_watch
         from sidecar.kube.reflector import Reflector
         from sidecar.kube.registration import Registrar
-        from sidecar.kube.sources import WORKER_METADATA, watch_targets
+        from sidecar.kube.sources import watch_targets
 
         settings = self.settings
         self.api = api = api or KubeApi.from_kubeconfig(settings.kubeconfig, settings.request_timeout)
@@ -164,6 +174,7 @@ class Sidecar:
             settings.backoff_max,
             register=settings.register,
             metadata_name=settings.metadata_name,
+            resync=settings.registration_resync,
         )
         reflectors = [
             Reflector(
@@ -174,21 +185,26 @@ class Sidecar:
                 silence_timeout=settings.watch_silence_timeout,
                 backoff_max=settings.backoff_max,
                 streaming_list=settings.streaming_list,
-                observers=[registrar.observe] if target.source is WORKER_METADATA else [],
             )
             for target in targets
         ]
-        # A peer selector that leaves out this pod's own labels keeps its own CR out of the watch too.
-        shows_own_cr = settings.peer_selector is None or settings.peer_selector.matches(settings.pod_labels)
-
-        def watching_changed(watching: bool) -> None:
-            registrar.confirm_by_watch = watching and shows_own_cr
-
-        self._watching_changed = watching_changed
+        own, own_store = own_registration_watch(
+            api,
+            identity.namespace,
+            settings.metadata_name,
+            registrar.observe,
+            registrar.relisted,
+            self.metrics,
+            silence_timeout=settings.watch_silence_timeout,
+            backoff_max=settings.backoff_max,
+            streaming_list=settings.streaming_list,
+        )
+        registrar.watch_healthy = lambda: own_store.healthy
+        self.own_watch = own
         self.watchers = list(reflectors)
         self.watch_descriptions = [
-            f"{r.target.name} in {r.target.namespace or 'all namespaces'} ({r.target.label_selector or 'all'})"
-            for r in reflectors
+            f"{r.target.name} in {r.target.namespace or 'all namespaces'} ({r.target.selectors})"
+            for r in [*reflectors, own]
         ]
         return hub, registrar
 
@@ -222,6 +238,16 @@ class Sidecar:
             backoff_max=settings.backoff_max,
             silence_timeout=settings.watch_silence_timeout,
         )
+        if not publisher.watch_only:
+            own = OwnKeysWatch(
+                client,
+                publisher,
+                backoff_max=settings.backoff_max,
+                silence_timeout=settings.watch_silence_timeout,
+                resync=settings.registration_resync,
+            )
+            publisher.on_keys_changed = own.refresh
+            self.own_watch = own
         self.watchers = [source]
         self.watch_descriptions = [
             f"etcd {etcd_settings.endpoints_text} (v1/instances, v1/mdc, v1/event_channels, v1/event_sources)"
@@ -230,17 +256,25 @@ class Sidecar:
 
     # -- probes -----------------------------------------------------------------------------------------
     def readiness_problems(self) -> list[str]:
+        """Why this pod should not be in its Service's endpoints now (empty: ready).
+
+        Ready means discoverable: registered, as its own. With ``DISCOVERY_WATCH=always`` (routers and
+        frontends, which serve from the peer set) also synced once, so that no request meets an empty set
+        that only means "not loaded yet". Nothing else: starting the watches on a first peer request
+        (``auto``) never changes readiness (the pod would leave its Service's endpoints and every peer would
+        see it go and come back), and neither does an API server lost after the first sync (the peer set is
+        kept and the stream says DEGRADED; failing every router's readiness at once would turn a control
+        plane outage into a data plane one). A dead thread fails it too: peers it fed would silently go stale.
+        """
         problems = []
         if self._stopping.is_set():
             problems.append("shutting down")
         problems.extend(self.registrar.problems())
         if self.smg_writer is not None:
             problems.extend(self.smg_writer.problems())
-        if self.watching and not self.hub.synced:  # not watching (yet): readiness is the registration alone
+        if self.settings.watch == "always" and not self.hub.synced:
             problems.append("watches not synced yet")
-        problems.extend(f"{source}: {reason}" for source, reason in self.hub.source_health().items())
-        # A dead thread is a readiness failure too: peers it fed would silently go stale while the pod
-        # stays in its Service (liveness may be off, or slow to restart the container).
+            problems.extend(f"{source}: {reason}" for source, reason in self.hub.source_health().items())
         problems.extend(self.liveness_problems())
         return problems
 
@@ -291,9 +325,10 @@ class Sidecar:
         self.grpc.start()
         if self.http is not None:
             self.http.start()
-        self._watching_changed(False)
         with self._watch_lock:
             self._threads = [self.registrar.start()]
+            if self.own_watch is not None:
+                self._threads.append(self.own_watch.start())
         mode = self.settings.watch
         if self.smg_writer is not None:
             # The manifest is a standing request for peers: it starts the watches at once (never is refused
@@ -332,7 +367,6 @@ class Sidecar:
             if self._watching or self._stopping.is_set():
                 return
             self._watching = True
-            self._watching_changed(True)
             self._threads.extend(watcher.start() for watcher in self.watchers)
         self.log.info("watching peers", reason=why, watches=len(self.watchers))
 
@@ -353,7 +387,7 @@ class Sidecar:
             self.smg_writer.stop()  # the file stays: SMG keeps its workers while this pod shuts down
         self.hub.close()
         self.grpc.stop(grace=min(2.0, max(0.1, budget - (time.monotonic() - started))))
-        for watcher in self.watchers:
+        for watcher in [*self.watchers, *([self.own_watch] if self.own_watch is not None else [])]:
             watcher.stop(timeout=2)
         if self.http is not None:
             self.http.stop()

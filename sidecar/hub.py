@@ -16,6 +16,8 @@ from sidecar.core.projection import status_before
 from sidecar.core.records import Record
 from sidecar.ports import NotWatching, PeerSetState
 
+REGISTRATION = "registration"
+"""The name this pod's own registration goes by in the stream's DEGRADED reason."""
 EntryListener = Callable[[list[LogEntry]], None]
 """Called (outside the lock, in the writer's thread) with every batch of new entries: logs and metrics."""
 
@@ -23,7 +25,8 @@ EntryListener = Callable[[list[LogEntry]], None]
 class PeerHub:
     """Owns the ``PeerDirectory`` and the one lock that guards it, plus the source-health table.
 
-    ``_lock`` guards ``_directory``, ``_source_health``, ``_closed`` and ``_self_uid``; ``_changed`` (on the same lock)
+    ``_lock`` guards ``_directory``, ``_source_health``, ``_registration_problem``, ``_closed`` and ``_self_uid``;
+    ``_changed`` (on the same lock)
     wakes readers when the log grows or the sync, health or stop state changes. Readers never hold the
     lock while doing IO: they copy what they need (a slice of log entries, the peer set) and release it.
     Listeners are registered before the writers start and never change after.
@@ -37,6 +40,7 @@ class PeerHub:
         self._closed = False
         self._listeners: list[EntryListener] = []
         self._source_health: dict[str, str] = {}  # source -> why it is unhealthy
+        self._registration_problem = ""  # why this pod's registration cannot be written ("" while it can)
         # What a peer request does first (``demand``): nothing (watching from start-up), start the watches
         # once (on demand), or refuse (never). Set by the daemon before it serves anything.
         self._on_demand: Callable[[], None] | None = None
@@ -85,7 +89,21 @@ class PeerHub:
                 self._source_health.pop(source, None)
             else:
                 self._source_health[source] = reason
+        self._update_status()
+
+    def set_registration_health(self, healthy: bool, reason: str = "") -> None:
+        """This pod's registration cannot be written (an object being deleted holds it, or writes fail): the
+        streams say DEGRADED with the reason, as for a source that lost its origin. Not a source: readiness
+        and ``source_health`` leave it out (the publisher reports it there itself)."""
+        with self._changed:
+            self._registration_problem = "" if healthy else reason
+        self._update_status()
+
+    def _update_status(self) -> None:
+        with self._changed:
             unhealthy = sorted(self._source_health.items())
+            if self._registration_problem:
+                unhealthy.append((REGISTRATION, self._registration_problem))
         if unhealthy:
             why = "; ".join(f"{name}: {reason}" for name, reason in unhealthy)
             self._commit(lambda d: d.set_status(ApiStatus.DEGRADED, why))

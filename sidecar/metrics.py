@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+RESTORE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
 class Metrics:
@@ -54,6 +55,30 @@ class Metrics:
             registry=r,
         )
         self.registered = Gauge("discovery_registered", "1 while this pod's CR is applied and owned by it", registry=r)
+        self.registration_lost = Counter(
+            "discovery_registration_lost_total",
+            "Times this pod's registration was found lost or altered, by reason (deleted, terminating, taken_over, "
+            "altered, missing, lease_lost, keys_deleted, keys_altered)",
+            ["reason"],
+            registry=r,
+        )
+        self.registration_restored = Counter(
+            "discovery_registration_restored_total",
+            "Times this pod's registration was restored after a loss, by the reason of the loss",
+            ["reason"],
+            registry=r,
+        )
+        self.registration_restore_seconds = Histogram(
+            "discovery_registration_restore_seconds",
+            "Time from finding this pod's registration lost to having it restored",
+            buckets=RESTORE_BUCKETS,
+            registry=r,
+        )
+        self.registration_blocked = Gauge(
+            "discovery_registration_blocked",
+            "1 while the registration waits out an object that is being deleted (a finalizer holds it)",
+            registry=r,
+        )
         self.api_connected = Gauge("discovery_api_connected", "1 while both watches reach the API server", registry=r)
         self.ready = Gauge(
             "discovery_ready", "1 when /readyz would answer 200 (evaluated at each scrape), else 0", registry=r

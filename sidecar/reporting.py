@@ -30,9 +30,10 @@ class PeerChangeReporter:
         connected = change.status is ApiStatus.CONNECTED
         self.metrics.api_connected.set(1 if connected else 0)
         if connected:
-            self.log.info("API server reachable: peer set is current", revision=revision)
+            self.log.info("streams CONNECTED: peer set is current", revision=revision)
         else:
-            self.log.warning("API server unreachable: peer set may be stale", reason=change.reason, revision=revision)
+            # A source that lost its origin (the peer set may be stale), or this pod's registration failing.
+            self.log.warning("streams DEGRADED", reason=change.reason, revision=revision)
 
     def _peer(self, change: PeerChange, revision: int) -> None:
         self.metrics.peer_changes.inc()

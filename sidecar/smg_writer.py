@@ -50,8 +50,8 @@ def write_atomically(path: pathlib.Path, text: str) -> None:
 class SmgManifestWriter:
     """Owns the manifest file and the thread that writes it; the daemon starts and stops it.
 
-    ``_problem`` (why the last write failed, or None) is read by the readiness probe from another
-    thread; a single reference assignment, so it needs no lock.
+    ``_problem`` (why the last write failed, or None) and ``written_once`` are read by the readiness probe
+    from another thread; single reference assignments, so they need no lock.
     """
 
     def __init__(
@@ -65,6 +65,8 @@ class SmgManifestWriter:
         self._problem: str | None = None
         self._written: str | None = self._current_text()
         self.writes = 0  # files written by this process (tests and the debug log read it)
+        # The file holds this process's peer set (written, or found as it would be written): read by readiness.
+        self.written_once = False
         self.seen_revision = -1  # the last revision considered (written, unchanged, or held while degraded)
 
     def _current_text(self) -> str | None:
@@ -74,7 +76,13 @@ class SmgManifestWriter:
             return None
 
     def problems(self) -> list[str]:
-        return [] if self._problem is None else [f"SMG manifest: {self._problem}"]
+        """Why the gateway should not take traffic: its manifest was never written for this peer set (SMG would
+        have no workers), or the last write failed."""
+        if self._problem is not None:
+            return [f"SMG manifest: {self._problem}"]
+        if not self.written_once:
+            return ["SMG manifest: not written yet (waiting for the first sync of the peers)"]
+        return []
 
     def start(self) -> threading.Thread:
         thread = threading.Thread(target=self._run, name="smg-manifest", daemon=True)
@@ -91,7 +99,10 @@ class SmgManifestWriter:
         revision = -1
         while not self._stop.is_set() and not self.reader.closed:
             state = self.reader.state()
-            if state.status.status is ApiStatus.CONNECTED and (state.revision != revision or self._problem):
+            # Held while a source is unhealthy (the peer set may be stale); DEGRADED for this pod's own registration
+            # alone says nothing about the peers.
+            current = state.status.status is ApiStatus.CONNECTED or not self.reader.source_health()
+            if current and (state.revision != revision or self._problem or not self.written_once):
                 revision = state.revision
                 self._sync(smg_manifest(state.peers, self.settings.roles), revision)
             self.seen_revision = state.revision
@@ -101,6 +112,7 @@ class SmgManifestWriter:
     def _sync(self, manifest: dict[str, Any], revision: int) -> None:
         text = manifest_text(manifest)
         if text == self._written:
+            self.written_once = True
             return
         try:
             write_atomically(self.settings.path, text)
@@ -113,6 +125,7 @@ class SmgManifestWriter:
             return
         self._written = text
         self._problem = None
+        self.written_once = True
         self.writes += 1
         self.metrics.smg_manifest_writes.labels("ok").inc()
         self.metrics.smg_manifest_workers.set(len(manifest["workers"]))

@@ -4,11 +4,17 @@ What is the same for every source lives here once: the thread and how it is stop
 closed from the stopping thread, so a blocked read ends at once), the store told about health only on
 a transition (healthy -> unhealthy with the reason, and back), and the jittered backoff between failed
 attempts. What the source lists and watches, and what its failures mean, is the subclass's.
+
+Logs follow urgency: an outage is one warning when it starts and one info line when the source reaches
+its origin again (with how long it lasted and how many attempts failed); the attempts in between are
+debug lines (the subclass counts them in metrics). A failure that needs a human (forbidden, a resource
+that is not served) is an error, logged again only when its reason changes.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Protocol
 
 from sidecar.core.backoff import Backoff
@@ -32,6 +38,11 @@ class SourceLoop:
         self._stream_lock = threading.Lock()
         self._stream: Closable | None = None
         self._healthy = True
+        # The current outage, for its log lines (the loop's thread only): when it began, the failed attempts,
+        # and the reason last logged at error level.
+        self._outage_since = 0.0
+        self._outage_attempts = 0
+        self._human_reason = ""
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -59,18 +70,44 @@ class SourceLoop:
         with self._stream_lock:
             self._stream = stream
 
-    def _retry_later(self, message: str, reason: str, hint: str | None) -> None:
-        """A failed attempt: log it with the hint, report the source unhealthy, wait the backoff (or stop)."""
+    def _retry_later(self, message: str, reason: str, hint: str | None, needs_human: bool = False) -> None:
+        """A failed attempt: report the source unhealthy, wait the backoff (or stop).
+
+        Logged at warning on the first failure of an outage, at error when it needs a human (once per
+        reason), at debug otherwise.
+        """
         delay = self.backoff.next_delay()
-        self.log.warning(message, reason=reason, hint=hint or None, retry_in=round(delay, 2))
+        first = self._healthy
+        if first:
+            self._outage_since = time.monotonic()
+            self._outage_attempts = 0
+            self._human_reason = ""
+        self._outage_attempts += 1
+        fields = {"reason": reason, "hint": hint or None, "retry_in": round(delay, 2)}
+        if needs_human and reason != self._human_reason:
+            self._human_reason = reason
+            self.log.error(message, **fields)
+        elif first:
+            self.log.warning(message, **fields)
+        else:
+            self.log.debug(message, attempts=self._outage_attempts, **fields)
         if self._healthy:
             self._healthy = False
             self.store.set_health(False, reason)
         self._stop.wait(delay)
 
     def _report_healthy(self, message: str) -> None:
-        """The source reaches its origin again (logged once per recovery)."""
+        """The source reaches its origin again (logged once per recovery, with the outage's length)."""
         if not self._healthy:
             self._healthy = True
-            self.log.info(message)
+            self.log.info(
+                message,
+                outage_seconds=round(time.monotonic() - self._outage_since, 3),
+                failed_attempts=self._outage_attempts,
+            )
             self.store.set_health(True)
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the last attempt reached the origin (read from other threads: a plain bool, no lock)."""
+        return self._healthy

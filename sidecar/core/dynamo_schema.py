@@ -25,10 +25,14 @@ U64_MAX = 2**64 - 1
 
 # map -> (type tag, {field: JSON type}, the field standing in the key's third segment)
 _STR, _INT, _OBJECT, _ANY = "a string", "an unsigned 64-bit integer", "a JSON object", "present"
+# An endpoint's transport is an externally tagged enum in Dynamo: one key, the kind ({"tcp": "host:port/..."}).
+# An empty object does not decode (checked with the 1.6.1 runtime: the whole CR is dropped).
+_TRANSPORT = 'an object with one key, the transport kind (e.g. {"tcp": "host:port/..."})'
+
 ENTRY_SCHEMAS: dict[str, tuple[str, dict[str, str], str | None]] = {
     "endpoints": (
         "Endpoint",
-        {"namespace": _STR, "component": _STR, "endpoint": _STR, "instance_id": _INT, "transport": _OBJECT},
+        {"namespace": _STR, "component": _STR, "endpoint": _STR, "instance_id": _INT, "transport": _TRANSPORT},
         "endpoint",
     ),
     "model_cards": (
@@ -95,6 +99,8 @@ def _type_problem(value: Any, expected: str) -> str | None:
         return f"must be {expected}"
     if expected == _OBJECT and not isinstance(value, Mapping):
         return f"must be {expected}"
+    if expected == _TRANSPORT and (not isinstance(value, Mapping) or len(value) != 1):
+        return f"must be {expected}"
     return None
 
 
@@ -125,7 +131,9 @@ def fields_problem(map_name: str, entry: Any) -> str | None:
             return f".{name} is missing (Dynamo requires it in an {tag} entry)"
         problem = _type_problem(entry[name], expected)
         if problem:
-            return f".{name} {problem}, got {type(entry[name]).__name__}"
+            value = entry[name]
+            got = f"an object with {len(value)} keys" if isinstance(value, Mapping) else type(value).__name__
+            return f".{name} {problem}, got {got}"
     suffix = entry.get("model_suffix")
     if map_name == "model_cards" and suffix is not None and not isinstance(suffix, str):
         return f".model_suffix must be a string or null, got {type(suffix).__name__}"

@@ -22,3 +22,23 @@ def apply_merge_patch(target: Any, patch: Any) -> Any:
         else:
             result[key] = apply_merge_patch(result.get(key), value)
     return result
+
+
+def removal_patch(current: Any, wanted: Any) -> dict[str, Any] | None:
+    """The merge patch that deletes from ``current`` every key ``wanted`` does not have, at any depth of
+    nested objects (None when there is none). Values are left as they are: only keys someone else added go.
+
+    The registrar uses it on its own ``spec.data``: server-side apply never removes keys another field
+    manager added, so this is how peers come to read exactly what this pod published.
+    """
+    if not isinstance(current, dict) or not isinstance(wanted, dict):
+        return None
+    patch: dict[str, Any] = {}
+    for key, value in current.items():
+        if key not in wanted:
+            patch[key] = None
+        else:
+            inner = removal_patch(value, wanted[key])
+            if inner is not None:
+                patch[key] = inner
+    return patch or None

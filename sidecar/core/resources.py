@@ -228,10 +228,14 @@ def _check_worker_data(data: Any) -> tuple[str | None, int]:
     return (None if problem is None else f"spec.data {problem}"), size
 
 
-def _with_empty_maps(data: dict[str, Any]) -> dict[str, Any]:
-    """Dynamo's maps that are null as empty maps, as Dynamo reads them (the rest untouched)."""
+def with_empty_maps(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Dynamo's maps that are null as empty maps, as Dynamo reads them (the rest untouched).
+
+    Peers carry a CR's data in this form, and so do ``GetSelf`` and the ``PublishMetadata`` reply: all three
+    are the stored object read through this one function, so they agree.
+    """
     if all(data.get(key, ()) is not None for key in DYNAMO_DATA_MAPS):
-        return data
+        return data if isinstance(data, dict) else dict(data)
     return {**data, **{key: {} for key in DYNAMO_DATA_MAPS if key in data and data[key] is None}}
 
 
@@ -254,6 +258,6 @@ def parse_worker_metadata(obj: Mapping[str, Any]) -> MetadataRecord:
         resource_version=meta.get("resourceVersion", ""),
         owner_pod_uids=owners,
         labels=dict(labels),
-        document=Document(_with_empty_maps(data), size) if error is None and isinstance(data, dict) else None,
+        document=Document(with_empty_maps(data), size) if error is None and isinstance(data, dict) else None,
         problem=error,
     )

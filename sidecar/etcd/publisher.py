@@ -20,6 +20,10 @@ The etcd twin of ``sidecar.kube.registration``, and a ``MetadataPublisher`` to t
   are put (new ones created "if ``version == 0``"), keys no longer in the metadata are deleted, in
   transactions of at most ``MAX_TXN_KEYS`` keys (etcd refuses more than 128 operations per
   transaction). On any failure the previous metadata stays in force.
+* Follow its own keys (``sidecar.etcd.own_keys``, whatever ``DISCOVERY_WATCH`` says): a key deleted or
+  overwritten by someone else is written again at once, under the same lease; all keys deleted because
+  the lease was revoked are noticed at once too (not at the next renewal), and a new lease is registered.
+  What happens is said by ``health`` (``sidecar.registration_health``), as for the Kubernetes CR.
 * Deregister (SIGTERM): revoke the lease; etcd deletes every key in one revision, so watchers see the
   instance leave at once.
 
@@ -64,6 +68,7 @@ from sidecar.ports import (
     TooLarge,
     Unavailable,
 )
+from sidecar.registration_health import RegistrationHealth
 
 MAX_TXN_KEYS = 64
 RENEWAL_RETRY = 0.5  # seconds between renewals while they fail (within the TTL)
@@ -120,6 +125,9 @@ class EtcdPublisher:
         self.metrics = metrics
         self.labels = dict(labels or {})
         self.log = structlog.get_logger("sidecar.etcd.publisher")
+        self.health = RegistrationHealth(self.log, metrics)
+        # Told when the written keys or the lease change (the own-keys watch then follows the new ones).
+        self.on_keys_changed: Callable[[], None] = lambda: None
         self.backoff = Backoff(maximum=backoff_max)
         self._apply_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -132,6 +140,7 @@ class EtcdPublisher:
         self._last_error = ""
         self._lost_lease = 0  # a lease given up on, to revoke before registering again
         self._loss = ""  # why the last lease was lost, until registered again
+        self._repair = False  # the own-keys watch saw a key of this lease deleted or overwritten
         self._deregistering = False
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -174,6 +183,32 @@ class EtcdPublisher:
         with self._state_lock:
             return dict(self._written)
 
+    # -- the own-keys watch (``OwnKeys``) ------------------------------------------------------------------
+    def written_snapshot(self) -> tuple[int, dict[str, bytes | None]]:
+        with self._state_lock:
+            return (0, {}) if self._deregistering else (self._lease, dict(self._written))
+
+    def check(self, lease: int, key: str, value: bytes | None, key_lease: int) -> None:
+        """The own-keys watch saw ``key`` change: unless it is this publisher's own write, restore it now.
+
+        Taken under the write lock, so a write under way finishes first and ``_written`` says what it wrote
+        (the watch may deliver an own write's event before the write's answer arrives).
+        """
+        with self._apply_lock, self._state_lock:
+            if self._deregistering or lease != self._lease or key not in self._written:
+                return  # not this lease's any more, or no longer a key of the metadata
+            expected = self._written[key]
+            if value is not None and key_lease == lease and (expected is None or value == expected):
+                return  # this publisher's own write
+            self._written[key] = None  # not as written: write it again
+            self._repair = True
+        if value is None:
+            self.health.lost("keys_deleted", f"{key} was deleted", lease=f"{lease:x}")
+        else:
+            holder = f"lease {key_lease:x}" if key_lease else "no lease"
+            self.health.lost("keys_altered", f"{key} was overwritten (now on {holder})", lease=f"{lease:x}")
+        self._wake.set()
+
     # -- publish --------------------------------------------------------------------------------------
     def publish(self, document: Mapping[str, Any], merge: bool) -> Registration:
         """Replace (or RFC 7386 merge-patch) the metadata and write it now (``MetadataPublisher``)."""
@@ -203,6 +238,7 @@ class EtcdPublisher:
                 raise Unavailable(
                     "not registered in etcd yet" + (f" ({why})" if why else "") + "; publish again once registered"
                 )
+            before = set(self.written_keys())
             try:
                 self._write(new, lease)
             except EtcdError as exc:
@@ -212,6 +248,8 @@ class EtcdPublisher:
                 raise registration_error(exc, "publish metadata") from exc
             with self._state_lock:
                 self._data = new
+            if set(self.written_keys()) != before:
+                self.on_keys_changed()
         return self.registration()
 
     # -- writing --------------------------------------------------------------------------------------
@@ -292,20 +330,20 @@ class EtcdPublisher:
                 continue
             except EtcdError as exc:
                 self._count_error("register", exc)
-                message = str(registration_error(exc, "register this instance"))
+                error = registration_error(exc, "register this instance")
+                message, needs_human = str(error), not isinstance(error, Unavailable)
             except RegistrationError as exc:
-                message = str(exc)
+                message, needs_human = str(exc), False
             except Exception as exc:  # a bug must cost a retry, never the registration
                 self.log.exception("unexpected error registering in etcd; retrying")
-                message = f"unexpected error: {type(exc).__name__}: {exc}"
+                message, needs_human = f"unexpected error: {type(exc).__name__}: {exc}", True
             if self._stop.is_set():
                 break
             with self._state_lock:
                 loss = self._loss
             self._set_unregistered(f"{loss}; {message}" if loss else message)
-            delay = self.backoff.next_delay()
-            self.log.error("etcd registration failed, retrying", reason=message, retry_in=round(delay, 2))
-            self._stop.wait(delay)
+            self.health.failed(message, needs_human=needs_human)
+            self._stop.wait(self.backoff.next_delay())
 
     def _register(self) -> None:
         with self._apply_lock:
@@ -344,14 +382,17 @@ class EtcdPublisher:
             with self._state_lock:
                 self._last_error = ""
                 self._loss = ""
+                self._repair = False
             if self.on_registered is not None:
                 self.on_registered(lease)
-            self.registered.set()
-            if self.metrics is not None:
-                self.metrics.registered.set(1)
             self.log.info(
                 "registered in etcd", instance_id=lease, instance_id_hex=f"{lease:x}", ttl=self._granted_ttl
             )
+            self.health.in_place(lease=f"{lease:x}")  # first: whoever sees "registered" sees it told
+            self.registered.set()
+            if self.metrics is not None:
+                self.metrics.registered.set(1)
+        self.on_keys_changed()
 
     def _keep_alive(self) -> None:
         """Renew the lease every TTL/2 until it is lost (then return) or the publisher stops.
@@ -378,13 +419,21 @@ class EtcdPublisher:
                 if self._lease != lease:
                     return  # lost while publishing
                 remaining = self._last_renewed + ttl - time.monotonic()
+                repair = self._repair
+            if repair:
+                restored = self._restore(lease)
+                if restored is False:
+                    return  # the lease is gone: register again
+                if restored is None:
+                    wait = min(RENEWAL_RETRY, interval)
+                    continue
             if remaining <= 0 and not overdue:
                 overdue = True
                 self._set_unregistered(
                     f"lease {lease:x} presumed lost: no renewal succeeded for {ttl}s (its TTL), etcd unreachable; "
                     "it is kept if etcd still has it, else replaced by a new lease (a new instance ID)"
                 )
-                self.log.error("etcd lease presumed lost: no renewal within its TTL", lease=f"{lease:x}", ttl=ttl)
+                self.log.warning("etcd lease presumed lost: no renewal within its TTL", lease=f"{lease:x}", ttl=ttl)
             started = time.monotonic()
             timeout = self.client.request_timeout if overdue else min(self.client.request_timeout, remaining)
             try:
@@ -393,16 +442,15 @@ class EtcdPublisher:
                 granted = 0
             except EtcdError as exc:
                 self._count_error("keepalive", exc)
-                if not failing:
-                    self.log.warning("lease renewal failed; retrying", lease=f"{lease:x}", error=exc)
+                self.health.failed(f"lease {lease:x} renewal failed: {exc}", needs_human=False)
                 failing = True
                 wait = min(RENEWAL_RETRY, interval)
                 continue
             if granted <= 0:
                 self._lose(lease, "etcd says the lease expired or was revoked")
                 return
-            if failing:
-                self.log.info("lease renewal works again", lease=f"{lease:x}", kept=True)
+            if failing or overdue:
+                self.health.in_place(lease=f"{lease:x}")
             if overdue:
                 overdue = False
                 with self._state_lock:
@@ -416,6 +464,41 @@ class EtcdPublisher:
             with self._state_lock:
                 self._last_renewed = started
 
+    def _restore(self, lease: int) -> bool | None:
+        """Write again the keys the own-keys watch saw deleted or overwritten, if the lease still lives.
+
+        True once they are written; False when the lease is gone (revoked or expired: its keys went with it,
+        and a new lease must be registered); None when it could not be done now (retried shortly).
+        """
+        try:
+            ttl = int(self.client.lease_time_to_live(lease).TTL)
+        except EtcdLeaseNotFound:
+            ttl = -1
+        except EtcdError as exc:
+            self._count_error("restore", exc)
+            self.health.failed(str(registration_error(exc, "restore this instance's keys")), needs_human=False)
+            return None
+        if ttl <= 0:
+            self._lose(lease, "the lease was revoked (every key of the instance went with it)")
+            return False
+        with self._apply_lock:
+            with self._state_lock:
+                if self._lease != lease or self._deregistering:
+                    return False
+                data = copy.deepcopy(self._data)
+                self._repair = False
+            try:
+                self._write(data, lease)
+            except EtcdError as exc:
+                with self._state_lock:
+                    self._repair = True
+                self._count_error("restore", exc)
+                error = registration_error(exc, "restore this instance's keys")
+                self.health.failed(str(error), needs_human=not isinstance(error, Unavailable))
+                return None
+        self.health.in_place(lease=f"{lease:x}")
+        return True
+
     def _lose(self, lease: int, why: str) -> None:
         with self._apply_lock:
             with self._state_lock:
@@ -424,11 +507,14 @@ class EtcdPublisher:
                 self._lease = 0
                 self._written = {}
                 self._lost_lease = lease
+                self._repair = False
             message = f"lease {lease:x} lost: {why}; registering again with a new lease (a new instance ID)"
             with self._state_lock:
                 self._loss = message
             self._set_unregistered(message)
-            self.log.error("etcd lease lost", lease=f"{lease:x}", reason=why)
+            self.health.lost("lease_lost", message, lease=f"{lease:x}")
+            self.log.info("etcd lease lost", lease=f"{lease:x}", reason=why)
+        self.on_keys_changed()
 
     def _set_unregistered(self, message: str) -> None:
         self.registered.clear()
@@ -453,6 +539,7 @@ class EtcdPublisher:
         with self._state_lock:
             self._deregistering = True
         self.stop()
+        self.health.forget()
         with self._apply_lock:
             with self._state_lock:
                 lease, self._lease = self._lease, 0
@@ -467,7 +554,8 @@ class EtcdPublisher:
             except EtcdLeaseNotFound:
                 pass
             except EtcdError as exc:
-                self.log.error("deregistration failed: cannot revoke the lease", lease=f"{lease:x}", error=str(exc))
+                # The lease expires by itself within its TTL, taking the keys with it.
+                self.log.warning("deregistration failed: cannot revoke the lease", lease=f"{lease:x}", error=str(exc))
                 return False
         self.log.info("deregistered from etcd: lease revoked", lease=f"{lease:x}")
         return True

@@ -129,7 +129,8 @@ class EtcdSource(SourceLoop):
             hint = "grant the etcd user read on v1/instances/, v1/mdc/, v1/event_channels/ and v1/event_sources/"
         elif isinstance(exc, EtcdAuthFailed):
             hint = "check ETCD_AUTH_USERNAME and ETCD_AUTH_PASSWORD"
-        self._retry_later("etcd watch failed, retrying", reason, hint)
+        needs_human = isinstance(exc, (EtcdPermissionDenied, EtcdAuthFailed))
+        self._retry_later("etcd watch failed, retrying", reason, hint, needs_human)
 
     def _became_healthy(self) -> None:
         self.backoff.reset()

@@ -155,21 +155,25 @@ class Reflector(SourceLoop):
         self.metrics.api_errors.labels(f"watch-{self.target.name}", code).inc()
         self.metrics.watch_restarts.labels(self.target.name, "error").inc()
         hint = ""
-        if isinstance(exc, ApiError) and exc.status == 403:
+        if isinstance(exc, ApiError) and exc.status in (401, 403):
             hint = "the service account lacks list/watch on this resource: apply manifests/rbac.yaml"
         elif isinstance(exc, ApiError) and exc.status == 404:
             hint = (
                 "the resource type is not served: is the CRD installed (the chart charts/discovery-sidecar, "
                 "or manifests/components/crd/crd.yaml)?"
             )
-        self._retry_later("watch failed, retrying", reason, hint)
+        needs_human = isinstance(exc, ApiError) and exc.status in (400, 401, 403, 404, 422)
+        self._retry_later("watch failed, retrying", reason, hint, needs_human)
 
     def _became_healthy(self) -> None:
         self._report_healthy("API server reachable again")
 
     # -- list -------------------------------------------------------------------------------------
     def _query(self) -> list[tuple[str, str]]:
-        return [("labelSelector", self.target.label_selector)] if self.target.label_selector else []
+        query = [("labelSelector", self.target.label_selector)] if self.target.label_selector else []
+        if self.target.field_selector:
+            query.append(("fieldSelector", self.target.field_selector))
+        return query
 
     def _list(self) -> None:
         """A paginated, consistent list. Each page is reduced to compact records as it arrives, so the

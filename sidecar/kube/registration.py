@@ -13,11 +13,21 @@
   ``superseded``: it stops writing for good (no apply, no fencing delete, no deregistering delete; the
   CR belongs to the new pod) and says so in ``problems()``, which fails readiness. Without ``get`` on
   pods the check cannot be made: a hint is logged once and fencing goes on as before.
-* The registrar follows its own CR through the metadata watch: deleted from under it (or taken over
-  by another owner), it is re-applied; listing owners besides this pod (an ownerReference merged in by
+* The registrar follows its own CR through a watch of that one object, which runs whatever
+  ``DISCOVERY_WATCH`` says (``sidecar.kube.own_registration``): deleted from under it (or taken over by
+  another owner, or altered), it is restored at once, and the log and metrics say so
+  (``sidecar.registration_health``); listing owners besides this pod (an ownerReference merged in by
   someone else), the extra owners are removed with a merge patch guarded by the resourceVersion read.
   Server-side apply cannot do it: entries another field manager added stay theirs, and with them in
-  place the admission policy refuses the apply.
+  place the admission policy refuses the apply. Keys another writer added to ``spec.data`` go the same
+  way, so peers read exactly what this pod published.
+* Never onto a terminating object: a CR of this name with a ``deletionTimestamp`` (a finalizer holds it)
+  is waited out, never written: applying onto it would make the new data, and the new owner, vanish with
+  it when the finalizer is lifted. Until it is gone ``problems()`` names the object and its finalizers
+  (readiness fails), the stream says DEGRADED for this pod's registration, and publishing is refused as
+  unavailable; the CR is re-created as soon as the watch shows the old one gone.
+* Between events, a resync every ``resync`` seconds (60 by default) reads the CR and writes only when it
+  changed since this sidecar's last write.
 * Deregistration (SIGTERM) deletes the CR, again only this incarnation's (UID precondition), and waits
   until the deletion has come back through the watch: then peers watching the API server see it too.
 * It never fights another writer of the same CR. When Dynamo's own runtime in the main container
@@ -39,7 +49,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 import structlog
@@ -47,8 +57,10 @@ import structlog
 from sidecar.config import PodIdentity
 from sidecar.core.backoff import Backoff
 from sidecar.core.dynamo_schema import dynamo_metadata_problem
-from sidecar.core.merge_patch import apply_merge_patch
-from sidecar.core.resources import validate_worker_data
+from sidecar.core.merge_patch import apply_merge_patch, removal_patch
+from sidecar.core.records import MetadataRecord
+from sidecar.core.resources import validate_worker_data, with_empty_maps
+from sidecar.core.server_side_apply import emptied_paths, emptied_to_null, intermediate_form
 from sidecar.kube.api import CONNECTION_ERRORS, ApiError, KubeApi, ResourcePath
 from sidecar.kube.sources import WORKER_METADATA
 from sidecar.metrics import Metrics
@@ -62,10 +74,14 @@ from sidecar.ports import (
     TooLarge,
     Unavailable,
 )
+from sidecar.registration_health import RegistrationHealth
 
 API_VERSION = "nvidia.com/v1alpha1"
 KIND = "DynamoWorkerMetadata"
 RESYNC_SECONDS = 60.0
+"""How often the registration is read back (and written if it changed) without an event saying so."""
+TERMINATING_POLL_SECONDS = 5.0
+"""While waiting out a terminating CR: how often to look again, should the watch miss its deletion."""
 PODS = ResourcePath("", "v1", "pods")
 DYNAMO_FIELD_MANAGER = "dynamo-worker"
 """The field manager Dynamo's runtime (1.6.1) applies its ``DynamoWorkerMetadata`` under."""
@@ -75,6 +91,65 @@ REGISTER_MODES = ("auto", "never")
 class Superseded(Forbidden):
     """This pod incarnation no longer exists (its Pod was deleted, or replaced under the same name by one
     with another UID): the sidecar stopped writing, and nothing it could retry will change that."""
+
+
+class Terminating(Unavailable):
+    """The CR of this pod's name is being deleted (it has a ``deletionTimestamp``; a finalizer holds it):
+    nothing may be written onto it, the registration is re-created once it is gone. ``str()`` names the
+    object and its finalizers."""
+
+
+def terminating_reason(obj: Mapping[str, Any], identity: PodIdentity) -> str:
+    """Why the registration waits: the object, whose it is, and the finalizers that hold it."""
+    meta = obj.get("metadata") or {}
+    finalizers = [str(f) for f in meta.get("finalizers") or ()]
+    whose = (
+        "this pod's own"
+        if owned_by(obj, identity)
+        else "left by another pod incarnation ("
+        + ", ".join(f"{n} uid {u}" for _, n, u in other_owners(obj, identity))
+        + ")"
+        if meta.get("ownerReferences")
+        else "owned by nobody"
+    )
+    held = f"held by finalizer(s) {', '.join(finalizers)}" if finalizers else "not gone yet"
+    return (
+        f"waiting for DynamoWorkerMetadata {meta.get('namespace', '')}/{meta.get('name', '')} (uid "
+        f"{meta.get('uid', '')}, {whose}) to finish deleting: it has a deletionTimestamp and is {held}; this pod's "
+        "registration is re-created as soon as it is gone"
+    )
+
+
+def is_terminating(obj: Mapping[str, Any]) -> bool:
+    return bool((obj.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def _rv(obj: Mapping[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("resourceVersion", ""))
+
+
+def _uid(obj: Mapping[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("uid", ""))
+
+
+def stored_form_problem(before: Mapping[str, Any], sent: Mapping[str, Any]) -> str | None:
+    """Why Dynamo could not decode the revision server-side apply stores for ``sent`` (after ``before``),
+    when that differs from ``sent``: an object this pod emptied is null there (``intermediate_form``)."""
+    stored = intermediate_form(dict(before), dict(sent))
+    if stored == sent:
+        return None
+    problem = dynamo_metadata_problem(stored)
+    if problem is None:
+        return None
+    nulls = ", ".join(emptied_paths(dict(before), dict(sent)))
+    return (
+        f"{problem}: server-side apply stores {nulls} as null when an object that had members is emptied, and Dynamo "
+        "drops a CR it cannot decode; publish a value Dynamo accepts there (or remove the entry)"
+    )
+
+
+NEEDS_HUMAN = (400, 401, 403, 404, 413, 422)
+"""API answers that retrying as is will not change: logged at error level (the rest are transient)."""
 
 
 def registration_error(exc: Exception, action: str) -> RegistrationError:
@@ -143,12 +218,13 @@ def other_owners(obj: Mapping[str, Any], identity: PodIdentity) -> list[tuple[st
 class Registrar:
     """Owns this pod's CR: the desired data, the last applied object, and the thread that keeps it applied.
 
-    The daemon starts and deregisters it; the metadata reflector calls ``observe``; the gRPC layer
-    calls ``registration`` and ``publish`` (as a ``MetadataPublisher``) from its threads.
-    ``_apply_lock`` serialises applies (network IO: the loop and ``publish`` never interleave);
-    ``_state_lock`` guards ``_data``, ``_applied``, ``_observed``, ``_last_error``, ``_deregistering``,
-    ``_superseded``, ``_watch_only``, ``_adopt`` and ``_conflict`` and is never held during IO, so readers
-    do not wait for the API server.
+    The daemon starts and deregisters it; the watch of its own CR calls ``observe`` (each event) and
+    ``relisted`` (each list); the gRPC layer calls ``registration`` and ``publish`` (as a
+    ``MetadataPublisher``) from its threads. ``_apply_lock`` serialises applies (network IO: the loop and
+    ``publish`` never interleave); ``_state_lock`` guards ``_data``, ``_applied``, ``_observed``,
+    ``_last_error``, ``_deregistering``, ``_superseded``, ``_watch_only``, ``_adopt`` and ``_conflict`` and
+    is never held during IO, so readers do not wait for the API server. ``health`` says what happens to
+    the registration (lost, restored, blocked, failing) in logs, metrics and the stream's status.
     """
 
     def __init__(
@@ -162,6 +238,7 @@ class Registrar:
         backoff_max: float = 30.0,
         register: str = "auto",
         metadata_name: str = "",
+        resync: float = RESYNC_SECONDS,
     ) -> None:
         self.api = api
         self.identity = identity
@@ -169,6 +246,8 @@ class Registrar:
         self.field_manager = field_manager
         self.metrics = metrics
         self.log = structlog.get_logger("sidecar.registration").bind(pod=identity.name)
+        self.health = RegistrationHealth(self.log, metrics)
+        self.resync = resync
         # The CR's name: the pod's, or {pod}-{container} in Dynamo's container mode. Owner references, the
         # incarnation check and the admission policy are still about the pod.
         self.metadata_name = metadata_name or identity.name
@@ -201,10 +280,10 @@ class Registrar:
         self._stop = threading.Event()
         self._gone = threading.Event()  # our CR's deletion came back through the watch
         self.registered = threading.Event()
-        # Whether a running watch shows this CR (``observe`` is called for it): then deregistration waits for
-        # its deletion to come back through that watch; otherwise one GET confirms it (DISCOVERY_WATCH=auto
-        # before any peer request, never, or a peer selector that leaves out this pod's own labels).
+        # Whether a running watch shows this CR (``observe`` is called for it) and reaches the API server: then
+        # deregistration waits for its deletion to come back through that watch; otherwise one GET confirms it.
         self.confirm_by_watch = True
+        self.watch_healthy: Callable[[], bool] = lambda: True
         self.backoff = Backoff(maximum=backoff_max)
         self._thread: threading.Thread | None = None
 
@@ -238,19 +317,22 @@ class Registrar:
         }
 
     def registration(self) -> Registration:
+        """This pod's registration as stored: what ``GetSelf`` reports.
+
+        The data is the stored object's (``with_empty_maps``, as peers read it) once the sidecar has written
+        it, so ``GetSelf``, the ``PublishMetadata`` reply and every peer read the same document; before the
+        first write it is the data about to be written.
+        """
         with self._state_lock:
             watch_only = bool(self._watch_only)
             applied = (self._observed if watch_only else self._applied) or {}
-            data = (
-                copy.deepcopy((applied.get("spec") or {}).get("data") or {})
-                if watch_only
-                else copy.deepcopy(self._data)
-            )
+            stored = (applied.get("spec") or {}).get("data")
+            data = with_empty_maps(copy.deepcopy(stored if isinstance(stored, Mapping) and applied else self._data))
         if watch_only:  # the CR as its writer left it, when it is this incarnation's
             return Registration(
                 registered=bool(applied),
                 resource_version=(applied.get("metadata") or {}).get("resourceVersion", ""),
-                data=data,
+                data=data if applied else {},
                 labels=dict((applied.get("metadata") or {}).get("labels") or {}),
             )
         return Registration(
@@ -282,7 +364,8 @@ class Registrar:
             return [superseded]
         if watch_only or self.registered.is_set():
             return []  # watch-only: the peers are served; whether the pod is registered is its writer's business
-        return ["not registered" + (f": {error}" if error else "")]
+        blocked = self.health.blocking()
+        return ["not registered" + (f": {blocked or error}" if blocked or error else "")]
 
     def notes(self) -> list[str]:
         """A healthy but unusual state, for ``/readyz``'s body: watch-only, and why."""
@@ -383,9 +466,11 @@ class Registrar:
         """Leave the CR of this pod's name absent, or ours with no other owner; never adopt another's.
 
         A CR owned by another incarnation is deleted (preconditioned on the UID and resourceVersion read),
-        once ``check_incarnation`` has confirmed that this incarnation is still the pod; a CR of ours that
-        lists other owners too loses them (a merge patch preconditioned on the resourceVersion read).
-        Returns this incarnation's CR as read (None when there is none now).
+        once ``check_incarnation`` has confirmed that this incarnation is still the pod, and read again: a
+        finalizer may keep it. A CR being deleted, whoever's it is, raises ``Terminating``: it is waited
+        out, never written onto (nor adopted). A CR of ours that lists other owners too loses them (a merge
+        patch preconditioned on the resourceVersion read). Returns this incarnation's CR as read (None when
+        there is none now).
         """
         checked = self._check_conflict()
         while True:
@@ -396,6 +481,11 @@ class Registrar:
                     return None
                 raise
             meta = current["metadata"]
+            if is_terminating(current):
+                if not owned_by(current, self.identity):
+                    with self._state_lock:
+                        self._conflict = True  # once it is gone: is this incarnation still the pod?
+                raise Terminating(terminating_reason(current, self.identity))
             if owned_by(current, self.identity):
                 extra = other_owners(current, self.identity)
                 if not extra or self._yield_to(current):
@@ -431,20 +521,21 @@ class Registrar:
                         "preconditions": {"uid": meta["uid"], "resourceVersion": meta["resourceVersion"]},
                     },
                 )
-                return None
             except ApiError as exc:
                 if exc.status == 404:
                     return None
                 if exc.status != 409:  # 409: it changed since we read it; look again
                     raise
+            # Read it again: gone, or (a finalizer holds it) only marked for deletion, which is waited out.
 
-    def apply(self) -> dict[str, Any]:
-        """Fence, then server-side apply the desired CR. Raises ``ApiError``, a connection error,
-        ``Superseded`` (this incarnation no longer exists) or ``Unavailable`` (deregistering)."""
+    def apply(self, force: bool = False) -> dict[str, Any]:
+        """Fence, then server-side apply the desired CR (unless it is in place as last written, and not
+        ``force``). Raises ``ApiError``, a connection error, ``Terminating`` (the CR of this name is being
+        deleted), ``Superseded`` (this incarnation no longer exists) or ``Unavailable`` (deregistering)."""
         with self._apply_lock:
-            return self._apply_locked()
+            return self._apply_locked(force)
 
-    def _apply_locked(self) -> dict[str, Any]:
+    def _apply_locked(self, force: bool) -> dict[str, Any]:
         with self._state_lock:
             deregistering = self._deregistering
             superseded = self._superseded
@@ -455,7 +546,13 @@ class Registrar:
         watch_only = self.watch_only
         if watch_only:
             raise NotRegistering(watch_only)
-        current = self.fence()
+        try:
+            current = self.fence()
+        except Terminating:
+            self._not_registered()
+            raise
+        with self._state_lock:
+            last = self._applied
         if current is not None:
             manager = self._yield_to(current)
             if manager:
@@ -464,15 +561,75 @@ class Registrar:
                 self.registered.set()
                 raise self._go_watch_only(manager)
             self._adopt_published(current)
-        applied = self.api.apply(self.path, self.desired(), self.field_manager)
+            if last is not None and not force:
+                altered = self._alteration(current, last)
+                if not altered:  # as this sidecar left it (or changed outside what it writes): nothing to do
+                    return self._in_place(current)
+                self.health.lost("altered", f"its {altered} changed behind the sidecar's back", uid=_uid(current))
+        elif last is not None and self.registered.is_set():
+            # Gone, and no watch event said so (a relist, or the resync): as good as deleted.
+            self._not_registered()
+            self.health.lost("missing", "the CR was not found when read back", uid=_uid(last))
+        applied = self._write(self.desired())
+        if is_terminating(applied):  # deleted between the read and the write: wait it out, write nothing more
+            self._not_registered()
+            raise Terminating(terminating_reason(applied, self.identity))
         with self._state_lock:
-            self._applied = applied
             self._adopt = False
+        return self._in_place(applied)
+
+    def _write(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Apply ``body`` so that the stored ``spec.data`` is exactly what it says, and return the stored CR.
+
+        Server-side apply stores an object this manager emptied as null (``sidecar.core.server_side_apply``),
+        and keeps keys another manager added; the first is undone by applying once more, the second by a
+        merge patch that removes those keys, guarded by the resourceVersion just written.
+        """
+        sent = body["spec"]["data"]
+        applied = self.api.apply(self.path, body, self.field_manager)
+        stored = (applied.get("spec") or {}).get("data")
+        foreign = removal_patch(stored, sent)
+        if foreign is not None and not is_terminating(applied):
+            self.log.warning("removing keys another writer added to this pod's spec.data", keys=sorted(foreign))
+            try:
+                applied = self.api.merge_patch(
+                    self.path,
+                    {"metadata": {"resourceVersion": _rv(applied)}, "spec": {"data": foreign}},
+                )
+            except ApiError as exc:
+                if exc.status != 409:  # 409: changed again since; the watch event brings the loop back
+                    raise
+            stored = (applied.get("spec") or {}).get("data")
+        if emptied_to_null(stored, sent) and not is_terminating(applied):
+            applied = self.api.apply(self.path, body, self.field_manager)  # emptied objects: stored as sent now
+        return applied
+
+    def _alteration(self, current: Mapping[str, Any], last: Mapping[str, Any]) -> str:
+        """What of this sidecar's own writing ``current`` no longer says ("" when nothing): its data, its labels."""
+        if _rv(current) == _rv(last):
+            return ""
+        changed = []
+        if (current.get("spec") or {}).get("data") != (last.get("spec") or {}).get("data"):
+            changed.append("spec.data")
+        labels = (current.get("metadata") or {}).get("labels") or {}
+        if any(labels.get(key) != value for key, value in self.labels.items()):
+            changed.append("labels")
+        return " and ".join(changed)
+
+    def _in_place(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """``obj`` is this pod's CR, written or read back as this sidecar wants it: registered."""
+        with self._state_lock:
+            self._applied = obj
             self._last_error = ""
         self._gone.clear()
+        self.health.in_place(resource_version=_rv(obj))  # first: whoever sees "registered" sees it told
         self.registered.set()
         self.metrics.registered.set(1)
-        return applied
+        return obj
+
+    def _not_registered(self) -> None:
+        self.registered.clear()
+        self.metrics.registered.set(0)
 
     def _adopt_published(self, current: Mapping[str, Any]) -> None:
         """Before this process's first write: keep what this incarnation's CR already says.
@@ -504,7 +661,10 @@ class Registrar:
     def publish(self, document: Mapping[str, Any], merge: bool) -> Registration:
         """Replace (or RFC 7386 merge-patch) spec.data and apply it now (``MetadataPublisher``).
 
-        On any failure the previous data stays the desired data, so the loop keeps applying that.
+        Refused as ``Invalid`` (nothing written) when Dynamo could not decode the result, or the revision
+        server-side apply stores on the way to it (an object this pod emptied is null there). The reply is
+        the stored CR's data, read as peers read it. On any failure the previous data stays the desired
+        data, so the loop keeps applying that.
         """
         with self._apply_lock:
             with self._state_lock:
@@ -515,7 +675,7 @@ class Registrar:
             if watch_only:
                 raise NotRegistering(watch_only)
             new = apply_merge_patch(previous, dict(document)) if merge else copy.deepcopy(dict(document))
-            problem = validate_worker_data(new) or dynamo_metadata_problem(new)
+            problem = validate_worker_data(new) or dynamo_metadata_problem(new) or stored_form_problem(previous, new)
             if problem:
                 with self._state_lock:
                     self._adopt = adopt
@@ -523,7 +683,7 @@ class Registrar:
             with self._state_lock:
                 self._data = new
             try:
-                applied = self._apply_locked()
+                applied = self._apply_locked(force=True)
             except Exception as exc:
                 with self._state_lock:
                     self._data = previous
@@ -532,10 +692,11 @@ class Registrar:
                 code = str(exc.status) if isinstance(exc, ApiError) else "connection"
                 self.metrics.api_errors.labels("publish", code).inc()
                 raise registration_error(exc, "publish metadata") from exc
+        stored = (applied.get("spec") or {}).get("data")
         return Registration(
             registered=True,
             resource_version=applied["metadata"]["resourceVersion"],
-            data=copy.deepcopy((applied.get("spec") or {}).get("data") or {}),
+            data=with_empty_maps(copy.deepcopy(stored if isinstance(stored, Mapping) else {})),
             labels=dict(self.labels),
         )
 
@@ -547,38 +708,64 @@ class Registrar:
         return self._thread
 
     def run(self) -> None:
+        """Keep the CR applied: after each event of the own-CR watch at once, else every ``resync`` seconds.
+
+        A transient failure (unreachable, throttled, a server error) leaves ``registered`` as it was: the CR
+        most likely still stands, and failing readiness on every pod during an API server outage would take
+        them all out of their Services for nothing; one that needs a human (forbidden, invalid, the CRD
+        missing), or a CR known to be gone, is not registered.
+        """
+        first = True
         while not self._stop.is_set():
             try:
                 cr = self.apply()
                 self.backoff.reset()
-                self.log.info("registered", resource_version=cr["metadata"]["resourceVersion"])
-                self._wake.wait(RESYNC_SECONDS)
+                if first:
+                    self.log.info("registered", resource_version=_rv(cr))
+                    first = False
+                self._wake.wait(self.resync)
+                self._wake.clear()
+                continue
+            except Terminating as exc:
+                with self._state_lock:
+                    self._last_error = str(exc)
+                self.health.blocked(str(exc))
+                self.backoff.reset()
+                # poll: the watch's DELETED event wakes it at once; this is in case the watch misses it
+                self._wake.wait(min(self.resync, TERMINATING_POLL_SECONDS))
                 self._wake.clear()
                 continue
             except (Superseded, NotRegistering):
                 # Nothing to write, ever again. The thread stays (it is not dead: liveness) until the daemon stops it.
+                self.health.forget()
                 self._stop.wait()
                 return
             except ApiError as exc:
                 self.metrics.api_errors.labels("register", str(exc.status)).inc()
                 message = explain(exc, "register this pod's DynamoWorkerMetadata")
+                needs_human = exc.status in NEEDS_HUMAN
             except CONNECTION_ERRORS as exc:
                 self.metrics.api_errors.labels("register", "connection").inc()
                 message = f"cannot reach the API server to register: {type(exc).__name__}"
+                needs_human = False
             except RegistrationError as exc:  # deregistration began while this pass was under way
-                message = str(exc)
+                message, needs_human = str(exc), False
             if self._stop.is_set():
                 break
-            self.registered.clear()
-            self.metrics.registered.set(0)
+            if needs_human or self.health.is_lost or not self.registered.is_set():
+                self._not_registered()
             with self._state_lock:
                 self._last_error = message
-            delay = self.backoff.next_delay()
-            self.log.error("registration failed, retrying", reason=message, retry_in=round(delay, 2))
-            self._stop.wait(delay)
+            self.health.failed(message, needs_human=needs_human)
+            self._stop.wait(self.backoff.next_delay())
 
     def observe(self, kind: str, obj: Mapping[str, Any]) -> None:
-        """Watch observer for the metadata watch: react to changes of our own CR."""
+        """Observer of the own-CR watch: react to each change of this pod's CR at once.
+
+        Deleted, being deleted, taken over by another owner, given other owners, or altered (its data or its
+        labels are not what this sidecar wrote): the loop is woken to restore it (being deleted: to wait it
+        out), and ``health`` says it was lost. Events of this sidecar's own writes change nothing.
+        """
         meta = obj.get("metadata") or {}
         if meta.get("name") != self.metadata_name or meta.get("namespace") != self.identity.namespace:
             return
@@ -588,20 +775,24 @@ class Registrar:
         if superseded:
             return  # the CR of this name is the new incarnation's: nothing here is ours to react to
         ours = owned_by(obj, self.identity)
+        terminating = is_terminating(obj)
+        live = kind != "DELETED" and not terminating
         with self._state_lock:
-            self._observed = obj if ours and kind != "DELETED" else None
+            self._observed = obj if ours and live else None
             watch_only = self._watch_only
-        manager = self._yield_to(obj) if kind != "DELETED" else None
+        manager = self._yield_to(obj) if live else None
         if manager and not deregistering:
             self._go_watch_only(manager)
             watch_only = self.watch_only
         if watch_only:
             # Another writer's CR: follow it for GetSelf and readiness, never write it.
-            (self.registered.set if ours and kind != "DELETED" else self.registered.clear)()
+            (self.registered.set if ours and live else self.registered.clear)()
             self.metrics.registered.set(1 if self.registered.is_set() else 0)
             return
         if kind == "DELETED":
-            if not owned_by(obj, self.identity):
+            if not ours:
+                if self.health.blocking():
+                    self._wake.set()  # the terminating CR the loop waits out is gone: create ours now
                 return  # another incarnation's CR (fencing removed it): not ours to re-create or confirm
             applied_uid = self._applied_uid()
             if applied_uid and meta.get("uid") != applied_uid:
@@ -610,24 +801,67 @@ class Registrar:
             if not deregistering and not self._stop.is_set():
                 # Deleted by someone else: an admin, or a newer incarnation of this pod fencing. The loop reads
                 # the Pod before re-creating the CR, so a replaced incarnation never writes it again.
-                with self._state_lock:
-                    self._conflict = True
-                self.registered.clear()
-                self.metrics.registered.set(0)
-                self.log.warning("own CR was deleted from under the sidecar; re-creating it")
-                self._wake.set()
-        elif not owned_by(obj, self.identity):
+                self._lose("deleted", "it was deleted", obj, conflict=True)
+        elif deregistering:
+            return
+        elif terminating:
+            # Being deleted (a finalizer holds it): the loop waits until it is gone, then re-creates it.
+            self._lose("terminating", terminating_reason(obj, self.identity), obj, conflict=not ours)
+        elif not ours:
             # Taken over by another owner: a newer incarnation of this pod, if this one was replaced. The loop
             # checks the Pod (``check_incarnation``) before it writes anything again.
-            with self._state_lock:
-                self._conflict = True
-            if not deregistering:
-                owners = [(r.get("name"), r.get("uid")) for r in meta.get("ownerReferences") or ()]
-                self.log.warning("own CR now belongs to another owner; re-applying it", owners=owners)
-                self._wake.set()
-        elif not deregistering and (extra := other_owners(obj, self.identity)):
-            self.log.warning("own CR lists other owners too; removing them", owners=extra)
+            owners = ", ".join(f"{kind_} {name} uid {uid}" for kind_, name, uid in other_owners(obj, self.identity))
+            self._lose("taken_over", f"it belongs to another owner ({owners}), not this pod incarnation", obj, True)
+        elif extra := other_owners(obj, self.identity):
+            owners = ", ".join(f"{kind_} {name} uid {uid}" for kind_, name, uid in extra)
+            self.health.lost("altered", f"it lists other owners too ({owners}); removing them", uid=_uid(obj))
             self._wake.set()
+        else:
+            with self._state_lock:
+                last = self._applied
+                desired = self._data
+            data = (obj.get("spec") or {}).get("data")
+            if last is not None and self._alteration(obj, last) and data != desired:
+                self._wake.set()  # the loop reads it back and restores what changed (events of own writes: no-op)
+
+    def _lose(self, reason: str, detail: str, obj: Mapping[str, Any], conflict: bool) -> None:
+        """The CR is gone or not ours as it stands: not registered (readiness says why), restore it now."""
+        with self._state_lock:
+            if conflict:
+                self._conflict = True
+            self._last_error = f"its DynamoWorkerMetadata {self.identity.namespace}/{self.metadata_name}: {detail}"
+        self._not_registered()
+        self.health.lost(reason, detail, uid=_uid(obj))
+        self._wake.set()
+
+    def relisted(self, found: MetadataRecord | None) -> None:
+        """What a (re)list of the own-CR watch found: a CR deleted or changed while the watch was down shows
+        only here. Anything but the CR as this sidecar last wrote it wakes the loop, which reads it back."""
+        with self._state_lock:
+            last = self._applied
+            watch_only = self._watch_only
+            observed = self._observed
+        if watch_only:
+            owned = found is not None and self.identity.uid in found.owner_pod_uids
+            if not owned:
+                with self._state_lock:
+                    self._observed = None
+                self.registered.clear()
+            elif observed is None or found is None or _rv(observed) != found.resource_version:
+                self._read_back_watch_only()
+            self.metrics.registered.set(1 if self.registered.is_set() else 0)
+            return
+        if last is None or found is None or found.resource_version != _rv(last):
+            self._wake.set()
+
+    def _read_back_watch_only(self) -> None:
+        """Watch-only, after a relist showed the CR changed: read it (for GetSelf) and follow it as an event."""
+        try:
+            obj = self.api.get(self.path)
+        except (ApiError, *CONNECTION_ERRORS) as exc:
+            self.log.debug("cannot read this pod's CR back after a relist", error=str(exc))
+            return
+        self.observe("MODIFIED", obj)
 
     def stop(self) -> None:
         self._stop.set()
@@ -644,6 +878,7 @@ class Registrar:
             self._deregistering = True
             watch_only = self._watch_only
         self.stop()
+        self.health.forget()
         if watch_only:
             self.log.info("not deregistering: watch-only, the CR is its writer's", reason=watch_only)
             return True
@@ -676,12 +911,13 @@ class Registrar:
             self.log.error("deregistration failed", reason=explain(exc, "delete this pod's DynamoWorkerMetadata"))
             return False
         except CONNECTION_ERRORS as exc:
-            self.log.error("deregistration failed: API server unreachable", error=type(exc).__name__)
+            # Transient: the CR goes with the pod (garbage collection), and readiness has already failed.
+            self.log.warning("deregistration failed: API server unreachable", error=type(exc).__name__)
             return False
-        if self.confirm_by_watch:
-            confirmed = self._gone.wait(timeout)
-            self.log.info("deregistered", confirmed_by_watch=confirmed)
-            return confirmed
+        if self.confirm_by_watch and self.watch_healthy() and self._gone.wait(timeout):
+            self.log.info("deregistered", confirmed_by_watch=True)
+            return True
+        # No watch shows it (it is down, or missed the event within the budget): one GET says.
         confirmed = self._confirm_gone()
         self.log.info("deregistered", confirmed_by_get=confirmed)
         return confirmed

@@ -60,6 +60,8 @@ WORKER_METADATA = KubeSource(
 """Metadata: each pod's ``DynamoWorkerMetadata`` CR (also where this pod registers itself)."""
 
 SOURCES = (ENDPOINT_SLICES, PODS, POD_CONTAINERS, WORKER_METADATA)
+OWN_REGISTRATION = "registration"
+"""The label of the watch of this pod's own CR (metrics, logs): it feeds the registrar, not the directory."""
 
 
 @dataclass(frozen=True)
@@ -70,15 +72,35 @@ class WatchTarget:
     namespace: str  # "" for every namespace
     label_selector: str = ""
     scoped_name: bool = False  # the name carries the namespace (several namespaces are watched)
+    field_selector: str = ""  # e.g. metadata.name=<name>: one object (this pod's own CR)
+    label: str = ""  # the name it goes by instead of the row's (a watch that feeds no directory source)
 
     @property
     def name(self) -> str:
         """The directory's source name: the row's name, with the namespace when several are watched."""
+        if self.label:
+            return self.label
         return f"{self.source.name}@{self.namespace}" if self.scoped_name else self.source.name
+
+    @property
+    def selectors(self) -> str:
+        """Both selectors, for people ("all" when there is neither)."""
+        return ", ".join(s for s in (self.label_selector, self.field_selector) if s) or "all"
 
     @property
     def collection(self) -> str:
         return self.source.resource.collection(self.namespace)
+
+
+def own_registration_target(namespace: str, metadata_name: str) -> WatchTarget:
+    """This pod's own CR, alone: the CR collection of its namespace, by field selector on the name.
+
+    The API server sends this watch the events of one object and nothing else (a bookmark about once a
+    minute when idle), so every pod can afford it whatever ``DISCOVERY_WATCH`` says.
+    """
+    return WatchTarget(
+        WORKER_METADATA, namespace, field_selector=f"metadata.name={metadata_name}", label=OWN_REGISTRATION
+    )
 
 
 def watch_targets(settings: Settings) -> list[WatchTarget]:

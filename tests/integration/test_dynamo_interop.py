@@ -540,3 +540,57 @@ def test_dynamo_starting_after_its_sidecar_makes_the_sidecar_yield(world: World)
         "the yielded sidecar deletes nothing at SIGTERM"
     )
     world.wait_dynamo(lambda ids: instance_id in ids, "still contains worker-0")
+
+
+# -- what the publisher is told is what peers read (issue 19, item 4) ------------------------------------------------
+def test_get_self_the_publish_reply_peers_and_dynamo_agree_when_objects_are_emptied(world: World) -> None:
+    """Server-side apply stores an object the sidecar emptied as null (a model card's ``card_json``, at any
+    depth). The sidecar makes the stored form what it was told, so GetSelf, the PublishMetadata reply, the CR
+    and a sidecar peer agree on each document, and Dynamo's client reads it: each publish also moves the
+    endpoint, and Dynamo shows the new address. A transport emptied (Dynamo cannot decode ``{}``, nor the
+    null it would be stored as) is refused with INVALID_ARGUMENT naming the field; Dynamo keeps the pod."""
+    pod = world.pod("sc-worker-0")
+    sidecar = world.sidecar(pod)
+    ip = pod["status"]["podIP"]
+    with DiscoveryClient(sidecar.target) as client:
+        instance_id = client.get_self().instance_id
+        key = endpoint_key(ENDPOINT, instance_id)
+        card = {"type": "Model", "namespace": "demo", "component": "backend", "endpoint": "generate",
+                "instance_id": instance_id, "card_json": {"display_name": MODEL, "runtime": {"ctx": 8192}}}
+        first = dynamo_metadata(ENDPOINT, instance_id, f"{ip}:8000") | {"model_cards": {key: card}}
+        steps = [
+            (first, False),
+            ({"model_cards": {key: {"card_json": {"runtime": {"ctx": None}}}}}, True),  # runtime emptied
+            ({"model_cards": {key: {"card_json": {"display_name": None, "runtime": None}}}}, True),  # card_json {}
+            ({"model_cards": {key: None}}, True),  # model_cards {}
+        ]
+        for port, (document, merge) in enumerate(steps, start=8001):
+            moved = endpoint_entry(ENDPOINT, instance_id, f"{ip}:{port}")
+            document = json.loads(json.dumps(document))
+            if merge:
+                document["endpoints"] = {key: {"transport": moved["transport"]}}
+            else:
+                document["endpoints"][key] = moved
+            reply = json.loads(client.publish_metadata(document, merge=merge).data_json)
+            stored = world.cr("sc-worker-0")
+            assert stored is not None
+            assert reply == json.loads(client.get_self().data_json) == stored["spec"]["data"], document
+            world.wait_stream(
+                lambda r, want=reply: peer_data(r.peers().get("sc-worker-0")) == want,
+                f"the observer to read {reply}",
+            )
+            wait_for(
+                lambda want=moved["transport"]["tcp"]: (world.dynamo_instance(instance_id) or {})
+                .get("transport", {})
+                .get("address")
+                == want,
+                TIMEOUT,
+                what=f"Dynamo's client to read the revision moving the endpoint to port {port}",
+            )
+        assert reply["model_cards"] == {}
+        with pytest.raises(grpc.RpcError) as refused:
+            client.publish_metadata({"endpoints": {key: {"transport": {"tcp": None}}}}, merge=True)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"spec.data.endpoints[{key!r}].transport" in (refused.value.details() or "")
+        assert world.cr("sc-worker-0")["spec"]["data"] == reply, "nothing written"
+    world.wait_dynamo(lambda ids: instance_id in ids, "still lists the pod")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import pathlib
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -60,14 +61,16 @@ class World:
         self.sidecars: list[SidecarProcess] = []
         self.closers: list[Callable[[], object]] = []
 
-    def sidecar(self, name: str, data: dict[str, Any], endpoints: str = "", ttl: int = 30) -> SidecarProcess:
+    def sidecar(
+        self, name: str, data: dict[str, Any], endpoints: str = "", ttl: int = 30, env: dict[str, str] | None = None
+    ) -> SidecarProcess:
         process = launch_etcd_sidecar(
             name,
             NAMESPACE,
             endpoints or self.etcd.url,
             self.work_dir / "sidecars",
             metadata=data,
-            extra_env={"ETCD_LEASE_TTL": str(ttl), "DISCOVERY_WATCH_SILENCE_TIMEOUT": "5s"},
+            extra_env={"ETCD_LEASE_TTL": str(ttl), "DISCOVERY_WATCH_SILENCE_TIMEOUT": "5s", **(env or {})},
         )
         self.sidecars.append(process)
         return process.wait_ready()
@@ -259,6 +262,77 @@ class TestResume:
         assert not any(u.reset for u in updates)
         assert [p.name for u in updates for p in u.added] == [f"{new_id:x}"]
         assert [p.name for u in updates for p in u.removed] == [f"{gone_id:x}"]
+
+
+def log_events(process: SidecarProcess, name: str) -> list[dict[str, Any]]:
+    return [e for e in process.log_events() if e.get("event") == name]
+
+
+def metric(process: SidecarProcess, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels`` on the sidecar's /metrics."""
+    _, text = process.http_get("/metrics")
+    total = 0.0
+    for match in re.finditer(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$", text, re.M):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
+        if labels.items() <= found.items():
+            total += float(match.group(2))
+    return total
+
+
+class TestOwnKeys:
+    """The instance's own keys are watched whatever DISCOVERY_WATCH says (here: auto, nobody asks for peers,
+    no resync for an hour, a TTL of 30 s so renewals come only every 15 s): what happens to them is seen and
+    healed at once, and the log and metrics say so."""
+
+    IDLE = {"DISCOVERY_REGISTRATION_RESYNC": "1h"}
+
+    def test_a_key_deleted_or_overwritten_from_under_an_idle_sidecar_is_back_at_once(self, world: World) -> None:
+        worker = world.sidecar("worker-0", metadata("backend"), env=self.IDLE)
+        lease = world.client(worker).get_self().instance_id
+        key = f"v1/instances/{NAMESPACE}/backend/generate/{lease:x}"
+        written = world.keys("v1/instances/")[key]
+        assert written["lease"] == lease
+
+        world.etcd.delete(key)
+        wait_for(lambda: key in world.keys("v1/instances/"), 10, what="the key written again")
+        again = world.keys("v1/instances/")[key]
+        assert again["value"] == written["value"] and again["lease"] == lease, "the same value, the same lease"
+        wait_for(lambda: log_events(worker, "registration restored"), 10, what="the log to say it is restored")
+        assert [e["reason"] for e in log_events(worker, "registration lost; restoring it")] == ["keys_deleted"]
+
+        world.etcd.put(key, b'{"someone": "else"}')  # overwritten, on no lease
+        wait_for(
+            lambda: world.keys("v1/instances/")[key]["value"] == written["value"], 10, what="the value restored"
+        )
+        assert world.keys("v1/instances/")[key]["lease"] == lease
+        wait_for(lambda: len(log_events(worker, "registration restored")) == 2, 10, what="the second restore logged")
+        assert metric(worker, "discovery_registration_restored_total", reason="keys_altered") == 1
+        assert metric(worker, "discovery_registration_restored_total", reason="keys_deleted") == 1
+        assert worker.http_get("/readyz")[0] == 200
+        assert not log_events(worker, "listed etcd"), "no peer watch was started"
+
+    def test_a_revoked_lease_is_replaced_at_once_not_at_the_next_renewal(self, world: World) -> None:
+        """Revoking the lease deletes its keys: the own-keys watch sees it at once (the next renewal is up to
+        15 s away); a new lease, hence a new instance ID, is registered and peers see it."""
+        observer = world.sidecar("router", {})
+        worker = world.sidecar("worker-0", metadata("backend"), env=self.IDLE)
+        old = world.client(worker).get_self().instance_id
+        others = world.stream(observer)
+        others.wait_names({f"{old:x}"})
+
+        world.etcd.post("/v3/lease/revoke", {"ID": str(old)})
+        new = wait_for(
+            lambda: (i := world.client(worker).get_self().instance_id) not in (0, old) and i, 8, what="a new lease"
+        )
+        assert set(world.keys("v1/instances/")) == {f"v1/instances/{NAMESPACE}/backend/generate/{new:x}"}
+        others.wait_names({f"{new:x}"})
+        assert f"{old:x}" in [p.name for u in others.updates for p in u.removed], "the old instance left"
+        assert log_events(worker, "etcd lease lost")
+        wait_for(lambda: log_events(worker, "registration restored"), 10, what="the log to say it is restored")
+        (lost,) = log_events(worker, "registration lost; restoring it")
+        assert lost["level"] == "warning"
+        assert metric(worker, "discovery_registration_lost_total", reason="lease_lost") == 1
+        assert not [e for e in worker.log_events() if e.get("level") == "error"], "healed: nobody needs to act"
 
 
 class TestFaults:

@@ -452,6 +452,8 @@ def test_the_registrar_removes_owners_added_behind_its_back(
     assert repaired["metadata"]["uid"] == before["metadata"]["uid"], "patched in place, not deleted and re-created"
     assert repaired["spec"]["data"] == {"who": "a"}
     events = [e.get("event") for e in process.log_events()]
-    assert "own CR lists other owners too; removing them" in events
+    lost = [e for e in process.log_events() if e.get("event") == "registration lost; restoring it"]
+    assert [e["reason"] for e in lost] == ["altered"] and "other owners" in lost[0]["detail"]
     assert "removing owners this pod did not put on its CR" in events
+    assert "registration restored" in events
     assert process.http_get("/readyz")[0] == 200

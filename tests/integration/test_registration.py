@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from devcluster.cluster import ControlPlane
 from devcluster.objects import WORKER_METADATA, Cluster, wait_for
-from devcluster.sidecars import write_token_kubeconfig
+from devcluster.sidecars import SidecarProcess, write_token_kubeconfig
+from discovery_client.client import DiscoveryClient
 from sidecar.config import PodIdentity
 from sidecar.kube.api import ApiError, KubeApi
 from sidecar.kube.registration import Registrar
@@ -466,3 +468,232 @@ def test_admission_policy_limits_a_pod_to_its_own_cr(
     assert cr(cluster, namespace, "own-pod") is None
     api.close()
     plain.close()
+
+
+# -- the registration is watched, always, and restored at once (issue 19) ---------------------------------------
+FOREVER = {"DISCOVERY_REGISTRATION_RESYNC": "1h"}  # so that only the watch of its own CR can restore it
+
+
+def metric(process: SidecarProcess, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``labels`` on the sidecar's /metrics."""
+    _, text = process.http_get("/metrics")
+    total = 0.0
+    for match in re.finditer(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$", text, re.M):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
+        if labels.items() <= found.items():
+            total += float(match.group(2))
+    return total
+
+
+def events(process: SidecarProcess, name: str, after: int = 0) -> list[dict]:
+    return [e for e in process.log_events()[after:] if e.get("event") == name]
+
+
+def other_uid(cluster: Cluster, namespace: str, name: str, uid: str) -> dict | None:
+    """The CR of ``name`` when it is another object than ``uid`` (re-created), else None."""
+    obj = cr(cluster, namespace, name)
+    return obj if obj is not None and obj["metadata"]["uid"] != uid else None
+
+
+def test_a_cr_deleted_from_under_an_idle_auto_sidecar_is_back_at_once(
+    namespace: str, cluster: Cluster, sidecars: Sidecars
+) -> None:
+    """DISCOVERY_WATCH=auto, nobody asked for peers, no resync for an hour: the watch of its own CR (by field
+    selector, the only watch it holds) sees the delete, and the CR is back at once; the log says it was lost
+    (a warning) and restored (an info line with how long), and so do the metrics."""
+    pod = cluster.start_pod(namespace, "worker-5", {"app": "w"})
+    process = sidecars.start(pod, "w", metadata={"k": "v"}, extra_env=FOREVER).wait_ready()
+    wait_for(lambda: events(process, "listed"), 30, what="the watch of its own CR")
+    first = cr(cluster, namespace, "worker-5")
+    assert first is not None
+
+    cluster.api.delete(WORKER_METADATA.item(namespace, "worker-5"))
+    again = wait_for(lambda: other_uid(cluster, namespace, "worker-5", first["metadata"]["uid"]), 10, what="re-created")
+    assert again["spec"]["data"] == {"k": "v"}
+    assert [r["uid"] for r in again["metadata"]["ownerReferences"]] == [pod["metadata"]["uid"]]
+    wait_for(lambda: events(process, "registration restored"), 10, what="the log to say it is restored")
+    (lost,) = events(process, "registration lost; restoring it")
+    assert lost["level"] == "warning" and lost["reason"] == "deleted"
+    (restored,) = events(process, "registration restored")
+    assert restored["level"] == "info" and restored["reason"] == "deleted" and restored["seconds"] < 10
+    assert metric(process, "discovery_registration_lost_total", reason="deleted") == 1
+    assert metric(process, "discovery_registration_restored_total", reason="deleted") == 1
+    assert metric(process, "discovery_registration_restore_seconds_count") == 1
+    assert process.http_get("/readyz") == (200, "ok\n")
+    assert [e["source"] for e in events(process, "listed")] == ["registration"], "no peer watch was started"
+
+
+def test_an_altered_cr_is_restored_as_published(namespace: str, cluster: Cluster, sidecars: Sidecars) -> None:
+    """Someone else changes the CR's data, adds a key and drops a label: restored at once, the key removed."""
+    pod = cluster.start_pod(namespace, "worker-6", {"app": "w", "role": "decode"})
+    process = sidecars.start(pod, "w", metadata=METADATA, extra_env=FOREVER).wait_ready()
+    wait_for(lambda: events(process, "listed"), 30, what="the watch of its own CR")
+    path = WORKER_METADATA.item(namespace, "worker-6")
+    cluster.api.merge_patch(
+        path,
+        {"metadata": {"labels": {"role": None}}, "spec": {"data": {"opaque": {"big": 1}, "foreign": {"x": 1}}}},
+    )
+    restored = wait_for(
+        lambda: (obj := cr(cluster, namespace, "worker-6")) and obj["spec"]["data"] == METADATA and obj,
+        10,
+        what="the published data back, the foreign key gone",
+    )
+    assert restored["metadata"]["labels"]["role"] == "decode"
+    wait_for(lambda: events(process, "registration restored"), 10, what="the log to say it is restored")
+    assert [e["reason"] for e in events(process, "registration lost; restoring it")] == ["altered"]
+    with DiscoveryClient(process.target) as client:
+        assert json.loads(client.get_self().data_json) == METADATA
+
+
+def test_a_finalizer_held_cr_of_the_previous_incarnation_is_waited_out_never_written(
+    namespace: str, cluster: Cluster, sidecars: Sidecars
+) -> None:
+    """The previous pod's CR is held by a finalizer (it has a deletionTimestamp) longer than the re-apply
+    interval. The new pod's sidecar never writes onto it (applying would make its data and its owner vanish
+    with it): /readyz is 503 naming the object and the finalizer, its stream says DEGRADED for the
+    registration. Once the finalizer is lifted and the old CR gone, the new CR is created at once and the
+    pod is a peer again."""
+    cluster.create_service(namespace, "w", {"app": "w"})
+    router = sidecars.start(
+        cluster.start_pod(namespace, "router", {"app": "w"}), "w", extra_env={"DISCOVERY_WATCH": "always"}
+    ).wait_ready()
+    seen = StreamRecorder(router.target)
+    old_pod = cluster.start_pod(namespace, "worker-7", {"app": "w"})
+    old = sidecars.start(old_pod, "w", metadata={"incarnation": 1}).wait_ready()
+    path = WORKER_METADATA.item(namespace, "worker-7")
+    try:
+        seen.wait_names({"worker-7"})
+        cluster.api.merge_patch(path, {"metadata": {"finalizers": ["example.com/hold"]}})
+        old.kill()  # a crash: the CR stays
+        old_cr = cr(cluster, namespace, "worker-7")
+        assert old_cr is not None
+        # The pod replaced under the same name: the new pod's fencing delete (or the garbage collector, whichever
+        # comes first) only marks the old CR, which its finalizer holds.
+        cluster.delete_pod(namespace, "worker-7", grace_seconds=0)
+        new_pod = cluster.start_pod(namespace, "worker-7", {"app": "w"})
+        skip = len(old.log_events())  # both processes log to the pod's file
+        new = sidecars.start(
+            new_pod, "w", metadata={"incarnation": 2}, extra_env={"DISCOVERY_REGISTRATION_RESYNC": "1s"}
+        )
+
+        def blocked() -> str:
+            status, body = new.http_get("/readyz")
+            return body if status == 503 and "example.com/hold" in body else ""
+
+        body = wait_for(blocked, 30, what="/readyz to name the finalizer")
+        held = cr(cluster, namespace, "worker-7")
+        assert held is not None and held["metadata"]["uid"] == old_cr["metadata"]["uid"]
+        assert held["metadata"].get("deletionTimestamp"), "terminating, held by its finalizer"
+        assert f"DynamoWorkerMetadata {namespace}/worker-7 (uid {held['metadata']['uid']}" in body
+        own = StreamRecorder(new.target)
+        own.wait_until(lambda r: not r.updates[-1].connected, 30, "the new pod's stream DEGRADED")
+        debug = json.loads(new.http_get("/debug/peers")[1])  # the same status, with its reason
+        assert debug["api_status"] == "degraded" and debug["api_status_reason"].startswith("registration: waiting")
+        # Held for longer than the re-apply interval (1s): several looks, no write.
+        gets = metric(new, "discovery_api_requests_total", verb="get")
+        wait_for(lambda: metric(new, "discovery_api_requests_total", verb="get") >= gets + 3, 30, what="3 more looks")
+        assert metric(new, "discovery_api_requests_total", verb="patch") == 0, "nothing written onto it"
+        still = cr(cluster, namespace, "worker-7")
+        assert still is not None and still["metadata"]["uid"] == held["metadata"]["uid"]
+        assert [r["uid"] for r in still["metadata"]["ownerReferences"]] == [old_pod["metadata"]["uid"]]
+        assert still["spec"]["data"] == {"incarnation": 1}
+        assert new.http_get("/readyz")[0] == 503
+        assert metric(new, "discovery_registration_blocked") == 1
+
+        cluster.api.merge_patch(path, {"metadata": {"finalizers": None}})
+        fresh = wait_for(
+            lambda: other_uid(cluster, namespace, "worker-7", held["metadata"]["uid"]), 10, what="the new CR"
+        )
+        assert [r["uid"] for r in fresh["metadata"]["ownerReferences"]] == [new_pod["metadata"]["uid"]]
+        assert fresh["spec"]["data"] == {"incarnation": 2}
+        new.wait_ready(10)
+        own.wait_until(lambda r: r.updates[-1].connected, 30, "the new pod's stream CONNECTED again")
+        seen.wait_until(
+            lambda r: (p := r.peers().get("worker-7")) is not None and p.uid == new_pod["metadata"]["uid"],
+            30,
+            "the new pod a peer again",
+        )
+        (waiting,) = events(new, "registration waiting", skip)
+        assert waiting["level"] == "warning" and "example.com/hold" in waiting["reason"]
+        assert metric(new, "discovery_registration_blocked") == 0
+        own.close()
+    finally:
+        seen.close()
+        if cr(cluster, namespace, "worker-7") is not None:
+            cluster.api.merge_patch(path, {"metadata": {"finalizers": None}})
+
+
+def test_get_self_the_publish_reply_and_peers_agree(namespace: str, cluster: Cluster, sidecars: Sidecars) -> None:
+    """Server-side apply stores an object this pod emptied as null: the sidecar applies once more so that it
+    is stored as sent, and GetSelf, the PublishMetadata reply and a peer read the same document, each time."""
+    cluster.create_service(namespace, "w", {"app": "w"})
+    pod = cluster.start_pod(namespace, "worker-8", {"app": "w"})
+    worker = sidecars.start(pod, "w").wait_ready()
+    observer = sidecars.start(cluster.start_pod(namespace, "obs", {"app": "w"}), "w").wait_ready()
+    seen = StreamRecorder(observer.target)
+    try:
+        with DiscoveryClient(worker.target) as client:
+            own = client.get_self().instance_id
+            key = f"dyn/backend/generate/{own:x}"
+            card = {"type": "Model", "namespace": "dyn", "component": "backend", "endpoint": "generate",
+                    "instance_id": own, "card_json": {"display_name": "m", "nested": {"a": 1}}}
+            steps: list[tuple[dict, bool]] = [
+                ({"endpoints": {}, "model_cards": {key: card}, "custom": {"x": {"y": 1}}}, False),
+                ({"model_cards": {key: {"card_json": {"display_name": None, "nested": {"a": None}}}}}, True),
+                ({"custom": {"x": {"y": None}}}, True),
+                ({"endpoints": {}, "model_cards": {}, "custom": {}}, False),
+            ]
+            for document, merge in steps:
+                reply = json.loads(client.publish_metadata(document, merge=merge).data_json)
+                stored = cr(cluster, namespace, "worker-8")
+                assert stored is not None
+                assert reply == json.loads(client.get_self().data_json) == stored["spec"]["data"], document
+                seen.wait_until(
+                    lambda r, want=reply: json.loads(r.peers()["worker-8"].data_json) == want
+                    if "worker-8" in r.peers() else False,
+                    30,
+                    f"the peer to read {reply}",
+                )
+            assert reply == {"endpoints": {}, "model_cards": {}, "custom": {}}
+    finally:
+        seen.close()
+
+
+def test_an_api_server_outage_logs_one_warning_and_one_info_per_component(
+    namespace: str, cluster: Cluster, sidecars: Sidecars, control_plane: ControlPlane
+) -> None:
+    """A transient outage is one warning when it starts and one info line when it ends, per component (each
+    watch, the registration, the streams); nothing at error level; readiness stays 200 (the CR still stands,
+    and a blip of the control plane must not take every pod out of its Service)."""
+    from devcluster.faults import FaultProxy
+
+    cluster.create_service(namespace, "w", {"app": "w"})
+    proxy = FaultProxy(control_plane.apiserver_port)
+    try:
+        pod = cluster.start_pod(namespace, "worker-9", {"app": "w"})
+        env = {"DISCOVERY_WATCH": "always", "DISCOVERY_REGISTRATION_RESYNC": "1s", "DISCOVERY_BACKOFF_MAX": "1s"}
+        process = sidecars.start(pod, "w", extra_env=env, server=proxy.server).wait_ready()
+        proxy.refuse()
+        wait_for(lambda: metric(process, "discovery_api_connected") == 0, 30, what="the outage noticed")
+        failures = 'discovery_api_errors_total'
+        wait_for(lambda: metric(process, failures, operation="register") >= 3, 30, what="3 failed registrations")
+        wait_for(lambda: metric(process, failures, operation="watch-registration") >= 3, 30, what="3 failed watches")
+        assert process.http_get("/readyz")[0] == 200, "ready all along: registered, and synced before"
+        proxy.accept()
+        wait_for(lambda: metric(process, "discovery_api_connected") == 1, 30, what="the outage over")
+        wait_for(lambda: events(process, "registration works again"), 30, what="the registration back")
+        wait_for(lambda: len(events(process, "API server reachable again")) == 3, 30, what="each watch back")
+    finally:
+        proxy.close()
+    logged = process.log_events()
+    assert not [e for e in logged if e.get("level") == "error"], "a transient outage needs no human"
+    for source in ("registration", "endpointslices", "dynamoworkermetadatas"):
+        failed = [e for e in logged if e.get("event") == "watch failed, retrying" and e.get("source") == source]
+        assert [e["level"] for e in failed if e["level"] != "debug"] == ["warning"], source
+        back = [e for e in logged if e.get("event") == "API server reachable again" and e.get("source") == source]
+        assert len(back) == 1 and back[0]["level"] == "info" and back[0]["failed_attempts"] >= 1, source
+    assert [e["level"] for e in events(process, "registration failing; retrying")] == ["warning"]
+    (again,) = events(process, "registration works again")
+    assert again["level"] == "info" and again["failed_attempts"] >= 3
+    assert [e["level"] for e in events(process, "streams DEGRADED")] == ["warning"]
+    assert [e["level"] for e in events(process, "streams CONNECTED: peer set is current")] == ["info"]

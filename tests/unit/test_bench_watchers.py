@@ -22,7 +22,7 @@ from bench import watchers
 from bench.watchers import normalise
 from sidecar.config import load_settings
 from sidecar.kube.reflector import Reflector
-from sidecar.kube.sources import watch_targets
+from sidecar.kube.sources import own_registration_target, watch_targets
 from sidecar.metrics import Metrics
 from tests.unit.fake_api import DEADLINE, RecordingStore, ScriptedApi
 from tests.unit.test_reflector import page
@@ -36,9 +36,10 @@ def shape(path: str, query: list[tuple[str, str]] | tuple[tuple[str, str], ...])
     return f"{verb} {normalise(path + '?' + '&'.join(f'{k}={v}' for k, v in query))}"
 
 
-def sidecar_requests(tmp_path: pathlib.Path, environ: dict[str, str]) -> set[str]:
+def sidecar_requests(tmp_path: pathlib.Path, environ: dict[str, str], own: bool = False) -> set[str]:
     """The first requests of each of the sidecar's reflectors, for a pod behind ``SERVICE``, with the
-    settings ``environ`` adds (the reflectors are built from the settings as the daemon builds them)."""
+    settings ``environ`` adds (the reflectors are built from the settings as the daemon builds them); with
+    ``own``, of the watch of its own CR instead."""
     settings = load_settings(
         environ={
             "POD_NAME": "worker-0",
@@ -49,7 +50,7 @@ def sidecar_requests(tmp_path: pathlib.Path, environ: dict[str, str]) -> set[str
             **environ,
         }
     )
-    targets = watch_targets(settings)
+    targets = watch_targets(settings) if not own else [own_registration_target(NAMESPACE, settings.metadata_name)]
     api = ScriptedApi()
     api.on_get(*(page([], rv="7") for _ in targets))
     reflectors = [
@@ -138,7 +139,7 @@ async def simulator_requests(tmp_path: pathlib.Path, options: list[str]) -> set[
             "--namespace",
             NAMESPACE,
             "--watchers",
-            "1",
+            "0" if "--own-names-file" in options else "1",
             "--slice-selector",
             f"kubernetes.io/service-name={SERVICE}",
             *options,
@@ -171,6 +172,22 @@ def test_the_simulator_sends_the_sidecars_requests(
     expected = sidecar_requests(tmp_path, environ)
     assert len(expected) in (2, 4), expected  # per resource: a LIST and a WATCH, or one streaming WATCH
     assert asyncio.run(simulator_requests(tmp_path, options)) == expected
+
+
+@pytest.mark.parametrize(
+    ("environ", "options"),
+    [({"DISCOVERY_INITIAL_LIST": "pages"}, ["--initial", "list"]), ({}, [])],
+    ids=["paged-list", "defaults"],
+)
+def test_the_simulated_own_registration_watch_is_the_sidecars(
+    tmp_path: pathlib.Path, environ: dict[str, str], options: list[str]
+) -> None:
+    """The watch of the pod's own CR: the CR collection by field selector on its name, the same sync."""
+    expected = sidecar_requests(tmp_path, environ, own=True)
+    assert all("fieldSelector=metadata.name=worker-0" in request for request in expected), expected
+    names = tmp_path / "names.json"
+    names.write_text('["worker-0"]')
+    assert asyncio.run(simulator_requests(tmp_path, [*options, "--own-names-file", str(names)])) == expected
 
 
 def _slice(*endpoints: tuple[str, dict[str, bool]]) -> dict[str, Any]:

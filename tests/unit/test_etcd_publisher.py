@@ -11,6 +11,7 @@ import threading
 from typing import Any
 
 import pytest
+import structlog
 
 from devcluster.etcd import wait_for
 from sidecar.etcd._pb import etcd_v3_pb2 as pb
@@ -47,6 +48,9 @@ class ScriptedClient:
         return pb.LeaseRevokeResponse()
 
     unreachable = False  # keep-alives fail as if etcd could not be reached
+
+    def lease_time_to_live(self, lease: int, keys: bool = False) -> pb.LeaseTimeToLiveResponse:
+        return pb.LeaseTimeToLiveResponse(ID=lease, TTL=5 if lease in self.leases else -1)
 
     def lease_keep_alive_once(self, lease: int, timeout: float | None = None) -> int:
         if self.unreachable:
@@ -214,3 +218,60 @@ def test_deregister_revokes_and_nothing_is_written_afterwards() -> None:
     assert client.kv == {} and not publisher.registered.is_set()
     with pytest.raises(Unavailable, match="deregistering"):
         publisher.publish(endpoints(1), merge=False)
+
+
+# -- following its own keys (the own-keys watch calls ``check``; issue 19) -------------------------------------
+def test_its_own_writes_seen_by_the_watch_change_nothing() -> None:
+    client = ScriptedClient()
+    publisher = registered(client, endpoints(1))
+    try:
+        lease = publisher.instance_id
+        assert lease is not None
+        (key,) = publisher.written_keys()
+        value, _ = client.kv[key]
+        with structlog.testing.capture_logs() as logs:
+            publisher.check(lease, key, value, lease)
+            publisher.check(lease + 1, key, None, 0)  # about another lease: not this one's business
+        assert logs == [] and not publisher._repair
+    finally:
+        publisher.stop()
+
+
+def test_a_deleted_or_overwritten_key_is_written_again_under_the_same_lease() -> None:
+    client = ScriptedClient()
+    publisher = registered(client, endpoints(2))
+    try:
+        lease = publisher.instance_id
+        assert lease is not None
+        key = sorted(publisher.written_keys())[0]
+        value, _ = client.kv[key]
+        with structlog.testing.capture_logs() as logs:
+            del client.kv[key]
+            publisher.check(lease, key, None, 0)
+            wait_for(lambda: client.kv.get(key) == (value, lease), DEADLINE, "the key written again")
+            client.kv[key] = (b"{}", 0)
+            publisher.check(lease, key, b"{}", 0)
+            wait_for(lambda: client.kv.get(key) == (value, lease), DEADLINE, "the value restored")
+            wait_for(lambda: len([e for e in logs if e["event"] == "registration restored"]) == 2, DEADLINE, "logged")
+        lost = [e["reason"] for e in logs if e["event"] == "registration lost; restoring it"]
+        assert lost == ["keys_deleted", "keys_altered"]
+        assert publisher.instance_id == lease and publisher.leases_granted == 1
+    finally:
+        publisher.stop()
+
+
+def test_keys_gone_with_a_revoked_lease_bring_a_new_lease_at_once() -> None:
+    """All keys deleted because the lease was revoked: the lease is asked about and replaced, without waiting
+    for the next renewal (TTL/2 = 30 s here)."""
+    client = ScriptedClient()
+    publisher = registered(client, endpoints(1), ttl=60)
+    try:
+        lease = publisher.instance_id
+        assert lease is not None
+        (key,) = publisher.written_keys()
+        client.lease_revoke(lease)
+        publisher.check(lease, key, None, 0)
+        wait_for(lambda: publisher.instance_id not in (None, lease), DEADLINE, "a new lease")
+        assert publisher.leases_granted == 2
+    finally:
+        publisher.stop()

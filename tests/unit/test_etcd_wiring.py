@@ -19,6 +19,7 @@ from sidecar.core.directory import PeerDirectory
 from sidecar.core.instance_id import instance_id
 from sidecar.core.instance_join import InstanceJoin
 from sidecar.daemon import Sidecar
+from sidecar.etcd.own_keys import OwnKeysWatch
 from sidecar.etcd.publisher import EtcdPublisher
 from sidecar.etcd.source import EtcdSource
 from sidecar.grpc_service import DiscoveryService
@@ -72,14 +73,33 @@ class TestEtcdWiring:
     def test_readiness_says_what_is_missing_before_etcd_answers(self, etcd_sidecar: Sidecar) -> None:
         problems = etcd_sidecar.readiness_problems()
         assert any(p.startswith("not registered in etcd") for p in problems)
-        # DISCOVERY_WATCH=auto: nothing is watched before a peer request, so there is no sync to wait for.
+        # DISCOVERY_WATCH=auto: readiness is the registration alone, and starting the watches (the first peer
+        # request) never changes it.
         assert not etcd_sidecar.watching and "watches not synced yet" not in problems
         etcd_sidecar._start_watches("a test")
         try:
-            assert "watches not synced yet" in etcd_sidecar.readiness_problems()
+            assert etcd_sidecar.readiness_problems() == problems
         finally:
             for watcher in etcd_sidecar.watchers:
                 watcher.stop(timeout=2)
+
+    def test_the_own_keys_watch_follows_the_publisher(self, etcd_sidecar: Sidecar) -> None:
+        """The publisher's own keys are watched whatever DISCOVERY_WATCH says: told when they change."""
+        own = etcd_sidecar.own_watch
+        publisher = etcd_sidecar.registrar
+        assert isinstance(own, OwnKeysWatch) and isinstance(publisher, EtcdPublisher)
+        assert own.publisher is publisher and publisher.on_keys_changed == own.refresh
+        assert etcd_sidecar.registrar.health.listener == etcd_sidecar.hub.set_registration_health
+
+
+def test_always_waits_for_the_first_sync(tmp_path: pathlib.Path) -> None:
+    """DISCOVERY_WATCH=always (routers, frontends): ready only once the peer set is loaded."""
+    sidecar = Sidecar(load_settings(environ=etcd_env(tmp_path, DISCOVERY_WATCH="always")))
+    try:
+        assert "watches not synced yet" in sidecar.readiness_problems()
+    finally:
+        sidecar.grpc.stop(grace=0.1)
+        sidecar.close_transport()
 
 
 def test_register_never_is_watch_only_on_etcd(tmp_path: pathlib.Path) -> None:

@@ -278,6 +278,19 @@ class TestLabelSelector:
         assert "labelSelector" not in watch.params
 
 
+    def test_the_own_registration_watch_asks_for_one_object_by_name(self, rig: Rig) -> None:
+        """This pod's own CR alone: a field selector on its name, on the streaming list and on every watch, under
+        its own label in metrics and logs (it feeds the registrar, not the directory)."""
+        from sidecar.kube.sources import own_registration_target
+
+        target = own_registration_target(NS, "worker-0")
+        assert target.name == "registration" and target.collection == WORKER_METADATA.resource.collection(NS)
+        rig.start(target, streaming_list=True)
+        (watch,) = rig.watches(1)
+        assert watch.params["fieldSelector"] == "metadata.name=worker-0"
+        assert watch.params["sendInitialEvents"] == "true" and "labelSelector" not in watch.params
+
+
 # -- watch events ----------------------------------------------------------------------------------------
 class TestEvents:
     def test_added_modified_deleted_become_upsert_and_delete(self, rig: Rig) -> None:
@@ -512,6 +525,23 @@ class TestConnectionErrors:
         assert rig.sample("discovery_api_errors_total", operation="watch-endpointslices", code="connection") == 2
         assert rig.restarts("error") == 2
 
+    def test_an_outage_logs_one_warning_when_it_starts_and_one_info_when_it_ends(self, rig: Rig) -> None:
+        """Three failed attempts are one outage: a warning, then debug lines (counted in metrics), then an info
+        line with how long it lasted and how many attempts failed."""
+        refused = ConnectionRefusedError(111, "Connection refused")
+        rig.api.on_get(refused, refused, refused, page([], rv="100"))
+        with structlog.testing.capture_logs() as logs:
+            rig.start()
+            rig.watches(1)
+            rig.store.wait_for_ops("set_health", 2)
+
+        failures = [e for e in logs if e["event"] == "watch failed, retrying"]
+        assert [e["log_level"] for e in failures] == ["warning", "debug", "debug"]
+        (back,) = [e for e in logs if e["event"] == "API server reachable again"]
+        assert back["log_level"] == "info" and back["failed_attempts"] == 3 and back["outage_seconds"] >= 0
+        assert not [e for e in logs if e["log_level"] == "error"], "a transient outage needs no human"
+        assert rig.sample("discovery_api_errors_total", operation="watch-endpointslices", code="connection") == 3
+
     def test_connection_error_mid_watch_resumes_from_the_last_resource_version(self, rig: Rig) -> None:
         """A watch reset after some events resumes from the last event's RV, without relisting."""
         rig.api.on_get(page([], rv="100"))
@@ -566,14 +596,15 @@ class TestHints:
         ids=["forbidden-rbac", "not-found-crd"],
     )
     def test_failure_log_carries_the_operator_hint(self, rig: Rig, status: int, hint: str) -> None:
-        """403 on the list points at the RBAC manifest, 404 at the CRD; the reason names the status."""
+        """403 on the list points at the RBAC manifest, 404 at the CRD; the reason names the status. Both need a
+        human: logged at error level."""
         rig.api.on_get(ApiError(status, "Forbidden" if status == 403 else "NotFound", "nope"), page([], rv="1"))
         with structlog.testing.capture_logs() as logs:
             rig.start()
             rig.watches(1)
 
         (failure,) = [e for e in logs if e["event"] == "watch failed, retrying"]
-        assert failure["log_level"] == "warning"
+        assert failure["log_level"] == "error"
         assert hint in failure["hint"]
         assert failure["reason"].startswith(f"API error {status} ")
         assert failure["source"] == "endpointslices"

@@ -109,13 +109,32 @@ def test_the_last_good_file_stays_while_the_api_server_is_lost(world: World) -> 
     wait_for(lambda: world.urls() == [], 5, what="the current set once connected again")
 
 
+def test_not_ready_until_the_first_manifest_then_ready(world: World) -> None:
+    """A gateway must not take traffic before its SMG has workers: not ready until the first write."""
+    assert world.writer.problems() == ["SMG manifest: not written yet (waiting for the first sync of the peers)"]
+    world.writer.start()
+    world.store.replace({"ns/d-0": parse_pod(pod("d-0", "10.0.0.2", "decode"))})
+    wait_for(lambda: len(world.urls()) == 1, 5, what="the first manifest")
+    assert world.writer.problems() == []
+
+
+def test_a_degraded_registration_alone_does_not_hold_the_file(world: World) -> None:
+    """DEGRADED because this pod's own registration cannot be written says nothing about the peers: the
+    manifest follows them."""
+    world.store.replace({"ns/d-0": parse_pod(pod("d-0", "10.0.0.2", "decode"))})
+    world.hub.set_registration_health(False, "waiting for DynamoWorkerMetadata ns/gw to finish deleting")
+    world.writer.start()
+    wait_for(lambda: len(world.urls()) == 1, 5, what="the first manifest, although DEGRADED")
+    world.store.delete("ns/d-0")
+    wait_for(lambda: world.urls() == [], 5, what="the removal written")
+
+
 def test_a_failed_write_is_a_readiness_problem_and_retried(world: World, tmp_path: pathlib.Path) -> None:
     """A volume that refuses the write (here: the manifest path is a directory) keeps readiness failing."""
     world.path.mkdir()
     world.store.replace({"ns/d-0": parse_pod(pod("d-0", "10.0.0.2", "decode"))})
     world.writer.start()
-    wait_for(lambda: world.writer.problems(), 5, what="the problem reported")
-    assert "cannot write" in world.writer.problems()[0]
+    wait_for(lambda: "cannot write" in "".join(world.writer.problems()), 5, what="the problem reported")
     world.path.rmdir()
     wait_for(lambda: world.urls() and not world.writer.problems(), 10, what="the retry")
 
