@@ -281,7 +281,10 @@ class Connection:
         )
         await self.writer.drain()
         status_line = await self._readline()
-        status = int(status_line.split(b" ", 2)[1])
+        parts = status_line.split(b" ", 2)
+        if len(parts) < 2 or not parts[1].isdigit():  # the server closed the connection mid-reply
+            raise ConnectionResetError(f"no HTTP status line: {status_line[:80]!r}")
+        status = int(parts[1])
         headers: dict[str, str] = {}
         while True:
             line = await self._readline()
@@ -514,7 +517,7 @@ class Watcher:
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # a watch that died is stopped too
                 await task
         for watch in self.watches:
             watch.conn.close()
@@ -551,7 +554,7 @@ class OwnWatcher:
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # a watch that died is stopped too
                 await task
         for watch in self.watches:
             watch.conn.close()
