@@ -370,7 +370,7 @@ class Watch:
             except asyncio.CancelledError:
                 self.conn.close()
                 raise
-            except (OSError, asyncio.IncompleteReadError, HttpError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - counted; a simulated sidecar keeps trying, as the sidecar
                 self.sim.totals.errors[f"{self.resource} {type(exc).__name__}"] += 1
                 self.conn.close()
                 await asyncio.sleep(backoff * (1 + random.random()))  # jittered backoff, as the sidecar
