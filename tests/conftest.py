@@ -19,6 +19,7 @@ import pytest
 from devcluster.build import ROOT, ensure_built
 from devcluster.cluster import ControlPlane
 from devcluster.etcd import EtcdServer
+from devcluster.kwok import Kwok
 from devcluster.objects import Cluster
 from devcluster.sidecars import SidecarProcess, launch_sidecar
 from devcluster.sockets import short_socket_dir
@@ -66,6 +67,21 @@ def cluster(admin_api: KubeApi) -> Cluster:
     c = Cluster(admin_api)
     c.ensure_node("node-a", "zone-a")
     return c
+
+
+@pytest.fixture(scope="session")
+def kwok(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kwok]:
+    """kwok's simulated kubelets and the scheduler stand-in on the session's plane, with two nodes.
+
+    Only pods with ``schedulerName: kwok`` land on them (``devcluster.kwok``); every other test's pods
+    and ``node-a`` are left as they are. Built (a few minutes, once) and started only when asked for."""
+    simulated = Kwok(control_plane, tmp_path_factory.mktemp("kwok"))
+    simulated.start()
+    try:
+        simulated.add_nodes(2, zones=2)
+        yield simulated
+    finally:
+        simulated.stop()
 
 
 @pytest.fixture

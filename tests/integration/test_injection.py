@@ -2,9 +2,8 @@
 
 The policy, its bindings and the parameter object (a SidecarInjection) are the kustomize component
 (``manifests/components/injection``, generated from ``sidecar/injection/template.yaml``). Pods are created
-directly: the dev control plane runs no Deployment or ReplicaSet controller, so a Deployment's pods are
-made from its template as the ReplicaSet controller would (``generateName``, the template's labels), and
-the API server's admission chain is the same for them. A sidecar is then started from the injected spec,
+directly, except a Deployment's, which the real Deployment and ReplicaSet controllers make (and which stay
+Pending: no scheduler places them). A sidecar is then started from the injected spec,
 resolved as the kubelet would (``devcluster.sidecars.launch_from_pod``), and shown to register and see
 its peers.
 """
@@ -210,8 +209,8 @@ def test_a_pod_opting_in_where_no_parameters_are_is_refused(
 
 
 def test_a_deployments_pods_carry_the_sidecar(control_plane: ControlPlane, injecting: str, admin_api: KubeApi) -> None:
-    """The Deployment's template is stored as written (the policy matches Pods); its pods, made from the
-    template as the ReplicaSet controller makes them, get the sidecar."""
+    """The Deployment's template is stored as written (the policy matches Pods); the pods its ReplicaSet
+    controller makes from it get the sidecar."""
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -230,16 +229,14 @@ def test_a_deployments_pods_carry_the_sidecar(control_plane: ControlPlane, injec
     }
     stored = admin_api.create(f"/apis/apps/v1/namespaces/{injecting}/deployments", deployment)
     assert sidecars_in(stored["spec"]["template"]["spec"]) == []
-    template = stored["spec"]["template"]
-    for _ in range(2):
-        pod = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {**template["metadata"], "generateName": "workers-"},
-            "spec": template["spec"],
-        }
-        created = admin_api.create(PODS.collection(injecting), pod)
-        assert len(sidecars_in(created["spec"])) == 1, created["metadata"]["name"]
+
+    def made_by_the_replicaset() -> list[dict[str, Any]]:
+        pods = admin_api.get(PODS.collection(injecting), [("labelSelector", "app=workers")])["items"]
+        owned = [p for p in pods if [o["kind"] for o in p["metadata"].get("ownerReferences") or ()] == ["ReplicaSet"]]
+        return owned if len(owned) == 2 else []
+
+    for pod in wait_for(made_by_the_replicaset, 60, what="the ReplicaSet controller's 2 pods"):
+        assert len(sidecars_in(pod["spec"])) == 1, pod["metadata"]["name"]
 
 
 def test_a_sidecar_started_from_the_injected_spec_registers_and_sees_its_peers(
