@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import pathlib
+import shutil
 import subprocess
 from collections.abc import Iterator
 
@@ -21,6 +22,7 @@ from devcluster.etcd import EtcdServer
 from devcluster.kwok import Kwok
 from devcluster.objects import Cluster
 from devcluster.sidecars import SidecarProcess, launch_sidecar
+from devcluster.sockets import short_socket_dir
 from sidecar.kube.api import KubeApi
 
 MANIFESTS = ROOT / "manifests"
@@ -80,6 +82,15 @@ def kwok(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) 
         yield simulated
     finally:
         simulated.stop()
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[pathlib.Path]:
+    """A short directory for Unix sockets: ``tmp_path`` can make a socket path longer than the kernel allows
+    (``devcluster.sockets``)."""
+    path = short_socket_dir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
