@@ -13,7 +13,7 @@ UV := $(UV_HOME)/bin/uv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: venv lock lock-upgrade demo demo-etcd test unit integration lint proto-lint proto-release rust-client rust-lint protos version controlplane image cluster-up cluster-down bench bench-cost clean
+.PHONY: venv lock lock-upgrade demo demo-etcd test unit integration lint proto-lint proto-release rust-client rust-lint protos version controlplane image cluster-up cluster-down bench bench-cost bench-rollout clean
 
 $(UV): hack/uv.requirements
 	$(PYTHON) -m venv $(UV_HOME)
@@ -92,7 +92,7 @@ protos: venv          ## regenerate clients/python/discovery_client/api from pro
 version: venv         ## set the release version everywhere: make version VERSION=x.y.z
 	$(PY) scripts/set_version.py $(VERSION)
 
-controlplane: venv    ## build kube-apiserver, kube-controller-manager, kubectl, etcd into ~/.cache
+controlplane: venv    ## build kube-apiserver, kube-controller-manager, kubectl, etcd and the Go tools into ~/.cache
 	$(PY) -m devcluster build
 
 image: venv           ## build the sidecar's image without Docker into ~/.cache (docs/image.md); prints its reference
@@ -111,6 +111,11 @@ COST_SIZES ?= 100 300 1000
 bench-cost: venv      ## API server cost at P pods, every pod watching vs 10 routers (bench/results/COST.md)
 	$(PY) -m devcluster build
 	$(PY) -m bench.cost --sizes $(COST_SIZES) --max-restarts 100
+
+ROLLOUT_SIZES ?= 100 300 1000
+bench-rollout: venv   ## a real rollout through kwok: every pod watching vs 10 routers (bench/results/ROLLOUT.md)
+	$(PY) -m devcluster build
+	$(PY) -m bench.rollout --sizes $(ROLLOUT_SIZES)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis .ruff_cache .mypy_cache

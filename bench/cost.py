@@ -50,7 +50,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,8 +184,44 @@ def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]
 
 
 # -- the simulator, as a child process -------------------------------------------------------------------
-class Simulator:
-    """``bench.watchers`` in a subprocess, driven by JSON lines."""
+class JsonLinesChild:
+    """A subscriber process driven by JSON lines on its stdin, one JSON reply per line on its stdout
+    (``bench.watchers``; ``bench.peer_subscribers``)."""
+
+    def __init__(self, argv: Sequence[str], log: pathlib.Path) -> None:
+        with log.open("ab") as stderr:
+            self.process = subprocess.Popen(
+                list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT
+            )
+        self.ps = psutil.Process(self.process.pid)
+
+    def call(self, **command: Any) -> dict[str, Any]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the subscriber process exited with {self.process.wait()}")
+        return json.loads(line)
+
+    def cpu(self) -> float:
+        times = self.ps.cpu_times()
+        return times.user + times.system
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            assert self.process.stdin is not None
+            self.process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+            self.process.stdin.close()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+
+class Simulator(JsonLinesChild):
+    """``bench.watchers`` in a subprocess."""
 
     def __init__(
         self,
@@ -195,6 +231,7 @@ class Simulator:
         log: pathlib.Path,
         initial: str = "list",
         own_names: list[str] | None = None,
+        extra: Sequence[str] = (),
     ) -> None:
         names_file = log.with_suffix(".own-names.json")
         names_file.write_text(json.dumps(own_names or []))
@@ -218,36 +255,9 @@ class Simulator:
             initial,
             "--own-names-file",
             str(names_file),
+            *extra,
         ]
-        with log.open("ab") as stderr:
-            self.process = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT
-            )
-        self.ps = psutil.Process(self.process.pid)
-
-    def call(self, **command: Any) -> dict[str, Any]:
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write(json.dumps(command) + "\n")
-        self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the watcher simulator exited with {self.process.wait()}")
-        return json.loads(line)
-
-    def cpu(self) -> float:
-        times = self.ps.cpu_times()
-        return times.user + times.system
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            assert self.process.stdin is not None
-            self.process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-            self.process.stdin.close()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
+        super().__init__(argv, log)
 
 
 # -- the fleet ----------------------------------------------------------------------------------------------
@@ -342,6 +352,43 @@ def paced(count: int, rate: float, action: Callable[[int], None], threads: int =
             future.result()
 
 
+def prepare_workload(plane: ControlPlane, token_file: pathlib.Path) -> tuple[KubeApi, Cluster]:
+    """On a started plane: the CRD, the bench namespace with the sidecar's RBAC, and a token of the sidecar's
+    service account in ``token_file`` for the simulated subscribers (``bench.rollout`` shares this)."""
+    api = KubeApi.from_kubeconfig(str(plane.kubeconfig))
+    cluster = Cluster(api)
+    kubectl = [str(plane.kubectl), f"--kubeconfig={plane.kubeconfig}"]
+    manifests = ROOT / "manifests"
+    subprocess.run(
+        kubectl + ["apply", "-f", str(manifests / "components" / "crd" / "crd.yaml")],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        kubectl + ["wait", "--for=condition=Established", "crd/dynamoworkermetadatas.nvidia.com"],
+        check=True,
+        capture_output=True,
+    )
+    cluster.create_namespace(NAMESPACE)
+    subprocess.run(
+        kubectl + ["apply", "-n", NAMESPACE, "-f", str(manifests / "rbac.yaml")], check=True, capture_output=True
+    )
+    cluster.wait_for_service_account(NAMESPACE, SIDECAR_SERVICE_ACCOUNT)
+    # The simulated sidecars authenticate as the sidecar's service account (RBAC and all), with a
+    # token not bound to a pod: the pods they stand for come and go during the rollout.
+    reply = api.create(
+        SERVICE_ACCOUNTS.item(NAMESPACE, SIDECAR_SERVICE_ACCOUNT) + "/token",
+        {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 7200},
+        },
+    )
+    token_file.write_text(reply["status"]["token"])
+    token_file.chmod(0o600)
+    return api, cluster
+
+
 # -- the benchmark --------------------------------------------------------------------------------------------
 class CostBench:
     def __init__(self, work: pathlib.Path, args: argparse.Namespace) -> None:
@@ -355,39 +402,9 @@ class CostBench:
     def start(self) -> None:
         (self.work / "logs").mkdir(parents=True, exist_ok=True)
         self.plane.start()
-        self.api = KubeApi.from_kubeconfig(str(self.plane.kubeconfig))
-        self.cluster = Cluster(self.api)
-        kubectl = [str(self.plane.kubectl), f"--kubeconfig={self.plane.kubeconfig}"]
-        manifests = ROOT / "manifests"
-        subprocess.run(
-            kubectl + ["apply", "-f", str(manifests / "components" / "crd" / "crd.yaml")],
-            check=True,
-            capture_output=True,
-        )
-        subprocess.run(
-            kubectl + ["wait", "--for=condition=Established", "crd/dynamoworkermetadatas.nvidia.com"],
-            check=True,
-            capture_output=True,
-        )
-        self.cluster.create_namespace(NAMESPACE)
-        subprocess.run(
-            kubectl + ["apply", "-n", NAMESPACE, "-f", str(manifests / "rbac.yaml")], check=True, capture_output=True
-        )
-        self.cluster.wait_for_service_account(NAMESPACE, SIDECAR_SERVICE_ACCOUNT)
+        self.api, self.cluster = prepare_workload(self.plane, self.token_file)
         self.cluster.ensure_node("node-a", "zone-a")
         self.cluster.create_service(NAMESPACE, SERVICE, LABELS)
-        # The simulated sidecars authenticate as the sidecar's service account (RBAC and all), with a
-        # token not bound to a pod: the pods they stand for come and go during the rollout.
-        reply = self.api.create(
-            SERVICE_ACCOUNTS.item(NAMESPACE, SIDECAR_SERVICE_ACCOUNT) + "/token",
-            {
-                "apiVersion": "authentication.k8s.io/v1",
-                "kind": "TokenRequest",
-                "spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 7200},
-            },
-        )
-        self.token_file.write_text(reply["status"]["token"])
-        self.token_file.chmod(0o600)
 
     def stop(self) -> None:
         self.plane.stop()
@@ -681,9 +698,11 @@ def summarise(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     lambda c: c["idle"]["watcher_bytes"] / c["idle"]["seconds"] if "idle" in c else None
                 ),
                 "idle_own_bytes_per_s": med(
-                    lambda c: c["idle"]["watcher_bytes_by_resource"].get(OWN, 0) / c["idle"]["seconds"]
-                    if "idle" in c
-                    else None
+                    lambda c: (
+                        c["idle"]["watcher_bytes_by_resource"].get(OWN, 0) / c["idle"]["seconds"]
+                        if "idle" in c
+                        else None
+                    )
                 ),
                 "idle_apiserver_cpu_per_s": med(
                     lambda c: c["idle"]["apiserver_cpu_s"] / c["idle"]["seconds"] if "idle" in c else None

@@ -37,12 +37,22 @@ Commands, one JSON object per line on stdin; one JSON reply per line on stdout:
 * ``{"cmd": "wait_ready"}``: reply once every watcher holds both watches (after its initial sync);
 * ``{"cmd": "restart", "ids": [3, 7]}``: those watchers drop their watches and sync again from
   scratch, as a replaced pod's new sidecar does;
+* ``{"cmd": "start", "ids": ["web-6d9f-abcde"]}`` / ``{"cmd": "stop", "ids": [...]}``: watchers by name come
+  and go with the pods they stand for (``bench.rollout``: a new pod's sidecar starts, an old one's stops);
+  ``start`` replies at once, a following ``wait_ready`` once they have synced;
 * ``{"cmd": "restart_own", "ids": [3], "names": ["peer-00003-g1"]}``: those own-registration watchers
   follow the new pod's CR from scratch (a replaced pod's new sidecar watching its own CR);
 * ``{"cmd": "stats"}``: the counters;
 * ``{"cmd": "converge", "truth": {"endpointslices": {name: rv}, ...}, "timeout": 120}``: wait until every
   watcher's state equals the truth; reply with each watcher's time of its last change
   (``time.monotonic()``, which is system-wide on Linux, so the driver can compare it with its own);
+  with ``--peers`` and ``"peers": {pod name: "READY" | "DRAINING"}`` also until each watcher's peer set
+  is that, replying with each watcher's time of its last peer-set change (``last_peer_change``, by id).
+
+With ``--peers`` each watcher also keeps the peer set a sidecar would serve from what it received
+(``PeerView``: pods live in a slice, ready or serving while terminating, that have a CR of their name),
+to time when it reached the final set. A slice is decoded once per (name, resourceVersion) for all
+watchers (``SliceCache``): every watcher receives the same event.
 * ``{"cmd": "quit"}``.
 """
 
@@ -92,6 +102,11 @@ class Gone(Exception):
     """410: the resourceVersion is compacted away; relist."""
 
 
+class Cut(Exception):
+    """A streaming list ended before its initial-events-end bookmark (the server closed a slow watcher):
+    what it sent is not the whole state, so the sync starts again, as the sidecar's reflector does."""
+
+
 class HttpError(Exception):
     def __init__(self, status: int, body: bytes) -> None:
         super().__init__(f"HTTP {status}: {body[:300]!r}")
@@ -105,6 +120,111 @@ def _field(line: bytes, key: bytes, start: int = 0) -> str:
     at += len(key)
     end = line.find(b'"', at)
     return line[at:end].decode()
+
+
+def _condition(conditions: dict[str, Any], name: str, default: bool) -> bool:
+    value = conditions.get(name)
+    return default if value is None else bool(value)
+
+
+def live_endpoints(item: dict[str, Any]) -> dict[str, str]:
+    """pod name -> READY or DRAINING for the endpoints of one EndpointSlice that count towards a peer, by the
+    sidecar's rule (``sidecar.core.records.EndpointEntry.live``: ready, or serving and terminating)."""
+    live: dict[str, str] = {}
+    for endpoint in item.get("endpoints") or ():
+        name = (endpoint.get("targetRef") or {}).get("name")
+        conditions = endpoint.get("conditions") or {}
+        ready = _condition(conditions, "ready", False)
+        serving = _condition(conditions, "serving", ready)
+        if name and (ready or (serving and _condition(conditions, "terminating", False))):
+            live[name] = "READY" if ready else "DRAINING"
+    return live
+
+
+class SliceCache:
+    """(slice name, resourceVersion) -> its live endpoints, decoded once for every watcher (bounded)."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self.items: dict[tuple[str, str], dict[str, str]] = {}
+        self.decoded = 0
+
+    def get(self, name: str, rv: str, line: bytes) -> dict[str, str]:
+        key = (name, rv)
+        found = self.items.get(key)
+        if found is None:
+            found = live_endpoints(json.loads(line).get("object") or {})
+            self.decoded += 1
+            self.items[key] = found
+            if len(self.items) > self.size:
+                self.items.pop(next(iter(self.items)))
+        return found
+
+
+EMPTY: dict[str, str] = {}
+
+
+class PeerView:
+    """The peer set one simulated sidecar would serve, and when it last changed (``changed_at``).
+
+    Fed from the watches' committed state: per slice its live endpoints, and the names of the CRs.
+    A peer is a live pod with a CR of its name (the sidecar also matches the CR's owner UID; a
+    Deployment's pod names are unique, so the name is enough here)."""
+
+    def __init__(self) -> None:
+        self.slices: dict[str, dict[str, str]] = {}
+        self.crs: set[str] = set()
+        self.changed_at = 0.0
+        self._cached: dict[str, str] | None = None  # peers(), until the next change of slices or CRs
+
+    def peers(self) -> dict[str, str]:
+        if self._cached is None:
+            self._cached = self._peers()
+        return self._cached
+
+    def _peers(self) -> dict[str, str]:
+        live: dict[str, str] = {}
+        for endpoints in self.slices.values():
+            for pod, state in endpoints.items():
+                if live.get(pod) != "READY":
+                    live[pod] = state
+        return {pod: state for pod, state in live.items() if pod in self.crs}
+
+    def _live(self, pod: str) -> bool:
+        return any(pod in endpoints for endpoints in self.slices.values())
+
+    def set_slice(self, name: str, endpoints: dict[str, str] | None) -> None:
+        self._cached = None
+        old = self.slices.get(name, EMPTY)
+        new = EMPTY if endpoints is None else endpoints
+        if endpoints is None:
+            self.slices.pop(name, None)
+        else:
+            self.slices[name] = endpoints
+        if old is not new and any(pod in self.crs for pod, _ in old.items() ^ new.items()):
+            self.changed_at = time.monotonic()
+
+    def set_cr(self, name: str, present: bool, modified: bool = False) -> None:
+        if present == (name in self.crs) and not modified:
+            return
+        self._cached = None
+        if present:
+            self.crs.add(name)
+        else:
+            self.crs.discard(name)
+        if self._live(name):
+            self.changed_at = time.monotonic()
+
+    def replace(self, slices: dict[str, dict[str, str]] | None = None, crs: set[str] | None = None) -> None:
+        """A fresh sync of one resource: changed if the peer set differs from before."""
+        before = self.peers()
+        self._cached = None
+        if slices is not None:
+            self.slices = slices
+        if crs is not None:
+            self.crs = crs
+        if self.peers() != before:
+            self.changed_at = time.monotonic()
 
 
 @dataclass
@@ -161,7 +281,10 @@ class Connection:
         )
         await self.writer.drain()
         status_line = await self._readline()
-        status = int(status_line.split(b" ", 2)[1])
+        parts = status_line.split(b" ", 2)
+        if len(parts) < 2 or not parts[1].isdigit():  # the server closed the connection mid-reply
+            raise ConnectionResetError(f"no HTTP status line: {status_line[:80]!r}")
+        status = int(parts[1])
         headers: dict[str, str] = {}
         while True:
             line = await self._readline()
@@ -239,10 +362,15 @@ class Watch:
             except Gone:
                 self.sim.totals.errors[f"{self.resource} 410"] += 1
                 need_sync = True
+            except Cut:
+                self.sim.totals.errors[f"{self.resource} initial list cut"] += 1
+                self.conn.close()
+                await asyncio.sleep(backoff * (1 + random.random()))  # jittered backoff, as the sidecar
+                backoff = min(backoff * 2, 2.0)
             except asyncio.CancelledError:
                 self.conn.close()
                 raise
-            except (OSError, asyncio.IncompleteReadError, HttpError, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - counted; a simulated sidecar keeps trying, as the sidecar
                 self.sim.totals.errors[f"{self.resource} {type(exc).__name__}"] += 1
                 self.conn.close()
                 await asyncio.sleep(backoff * (1 + random.random()))  # jittered backoff, as the sidecar
@@ -250,6 +378,7 @@ class Watch:
 
     async def _list(self) -> None:
         state: dict[str, str] = {}
+        live: dict[str, dict[str, str]] = {}
         token = ""
         while True:
             query = self._query() + [("limit", str(self.sim.page_size))]
@@ -259,7 +388,7 @@ class Watch:
             status, headers = await self.conn.request(self.path, query)
             body = await self.conn.body(headers)
             if status == 410 and token:
-                state, token = {}, ""
+                state, live, token = {}, {}, ""
                 continue
             if status != 200:
                 raise HttpError(status, body)
@@ -267,6 +396,8 @@ class Watch:
             for item in page.get("items") or ():
                 meta = item["metadata"]
                 state[meta["name"]] = meta["resourceVersion"]
+                if self.resource == "endpointslices" and self.sim.track_peers:
+                    live[meta["name"]] = live_endpoints(item)
             meta = page.get("metadata") or {}
             token = meta.get("continue") or ""
             if not token:
@@ -275,13 +406,26 @@ class Watch:
         if state != self.state:
             self.state = state
             self._changed()
+        self._replace_peers(state, live)
         self.synced.set()
+
+    def _replace_peers(self, state: dict[str, str], live: dict[str, dict[str, str]]) -> None:
+        view = self.watcher.peers
+        if view is None:
+            return
+        if self.resource == "endpointslices":
+            view.replace(slices=live)
+        else:
+            view.replace(crs=set(state))
 
     async def _watch(self, stream: bool) -> None:
         query = self._query() + [("watch", "1"), ("allowWatchBookmarks", "true")]
+        view = self.watcher.peers
+        slices = self.resource == "endpointslices"
         if stream:
             query += [("sendInitialEvents", "true"), ("resourceVersionMatch", "NotOlderThan"), ("resourceVersion", "")]
             initial: dict[str, str] = {}
+            initial_live: dict[str, dict[str, str]] = {}
         else:
             query.append(("resourceVersion", self.rv))
         query.append(("timeoutSeconds", str(int(300 * (1 + random.random())))))
@@ -319,6 +463,7 @@ class Watch:
                         if initial != self.state:
                             self.state = initial
                             self._changed()
+                        self._replace_peers(initial, initial_live)
                         self.synced.set()
                     continue
                 name = _field(line, _NAME)
@@ -329,18 +474,33 @@ class Watch:
                     target.pop(name, None)
                 if rv:
                     self.rv = rv
+                if view is not None:
+                    live = None if kind == "DELETED" or not slices else self.sim.slice_cache.get(name, rv, line)
+                    if stream:
+                        if slices and live is not None:
+                            initial_live[name] = live
+                        elif slices:
+                            initial_live.pop(name, None)
+                    elif slices:
+                        view.set_slice(name, live)
+                    else:
+                        view.set_cr(name, kind != "DELETED", modified=kind == "MODIFIED")
                 if not stream:
                     self._changed()
+        if stream:
+            raise Cut
         # the server ended the watch (timeoutSeconds): the caller re-watches from self.rv
 
 
 class Watcher:
-    """One simulated sidecar: its two watches."""
+    """One simulated sidecar: its two watches (and, with ``--peers``, the peer set it would serve)."""
 
-    def __init__(self, sim: Simulator, index: int) -> None:
+    def __init__(self, sim: Simulator, index: str) -> None:
         self.sim = sim
         self.index = index
         self.last_change = 0.0
+        self.peers: PeerView | None = PeerView() if sim.track_peers else None
+        self.stopped = False
         self.watches: list[Watch] = []
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -353,20 +513,22 @@ class Watcher:
         self.tasks = [asyncio.create_task(w.run()) for w in self.watches]
 
     async def stop(self) -> None:
+        self.stopped = True
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # a watch that died is stopped too
                 await task
         for watch in self.watches:
             watch.conn.close()
+            watch.synced.set()  # whoever waits for this watcher's sync (start-up's slot) stops waiting
 
     async def synced(self) -> None:
         for watch in self.watches:
             await watch.synced.wait()
 
     def matches(self, truth: dict[str, dict[str, str]]) -> bool:
-        return all(w.state == truth.get(w.resource, {}) for w in self.watches)
+        return bool(self.watches) and all(w.state == truth.get(w.resource, {}) for w in self.watches)
 
 
 class OwnWatcher:
@@ -377,6 +539,8 @@ class OwnWatcher:
         self.index = index
         self.name = name
         self.last_change = 0.0
+        self.peers: PeerView | None = None  # it follows one CR, not the peer set
+        self.stopped = False
         self.watches: list[Watch] = []
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -386,13 +550,15 @@ class OwnWatcher:
         self.tasks = [asyncio.create_task(w.run()) for w in self.watches]
 
     async def stop(self) -> None:
+        self.stopped = True
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # a watch that died is stopped too
                 await task
         for watch in self.watches:
             watch.conn.close()
+            watch.synced.set()  # whoever waits for this watcher's sync (start-up's slot) stops waiting
 
     async def synced(self) -> None:
         for watch in self.watches:
@@ -421,13 +587,18 @@ class Simulator:
         self.page_size = args.page_size
         self.concurrency = asyncio.Semaphore(args.start_concurrency)
         self.totals = Totals()
-        self.watchers = [Watcher(self, i) for i in range(args.watchers)]
+        self.track_peers = args.peers
+        self.slice_cache = SliceCache()
+        self.watchers: dict[str, Watcher] = {str(i): Watcher(self, str(i)) for i in range(args.watchers)}
+        self.starting: list[asyncio.Future[None]] = []
         names = json.loads(pathlib.Path(args.own_names_file).read_text()) if args.own_names_file else []
         self.own = [OwnWatcher(self, i, name) for i, name in enumerate(names)]
 
     async def _start_one(self, watcher: Watcher | OwnWatcher) -> None:
         # Bounded start-up concurrency: the pods of a fleet do not all start in the same millisecond.
         async with self.concurrency:
+            if watcher.stopped:  # stopped (its pod gone) before its turn came
+                return
             watcher.start()
             await watcher.synced()
 
@@ -440,12 +611,12 @@ class Simulator:
             await watcher.stop()
 
     def everyone(self) -> list[Watcher | OwnWatcher]:
-        return [*self.watchers, *self.own]
+        return [*self.watchers.values(), *self.own]
 
     async def serve(self) -> None:
         starting = asyncio.ensure_future(self.start())
         loop = asyncio.get_running_loop()
-        stdin = asyncio.StreamReader()
+        stdin = asyncio.StreamReader(limit=2**28)  # a converge command carries every object's name and version
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
         while True:
             line = await stdin.readline()
@@ -456,14 +627,29 @@ class Simulator:
             reply: dict[str, Any] = {"cmd": cmd}
             if cmd == "wait_ready":
                 await starting
+                await asyncio.gather(*self.starting)
+                self.starting = []
                 reply["t"] = time.monotonic()
             elif cmd == "restart":
                 for index in command["ids"]:
-                    watcher = self.watchers[index]
+                    watcher = self.watchers[str(index)]
                     await watcher.stop()
-                    fresh = Watcher(self, index)
-                    self.watchers[index] = fresh
+                    fresh = Watcher(self, str(index))
+                    self.watchers[str(index)] = fresh
                     fresh.start()
+                reply["t"] = time.monotonic()
+            elif cmd == "start":
+                for index in command["ids"]:
+                    if str(index) not in self.watchers:
+                        fresh = Watcher(self, str(index))
+                        self.watchers[str(index)] = fresh
+                        self.starting.append(asyncio.ensure_future(self._start_one(fresh)))
+                reply["t"] = time.monotonic()
+            elif cmd == "stop":
+                for index in command["ids"]:
+                    gone = self.watchers.pop(str(index), None)
+                    if gone is not None:
+                        await gone.stop()
                 reply["t"] = time.monotonic()
             elif cmd == "restart_own":
                 for index, name in zip(command["ids"], command["names"], strict=True):
@@ -475,7 +661,9 @@ class Simulator:
             elif cmd == "stats":
                 reply["stats"] = self.stats()
             elif cmd == "converge":
-                reply.update(await self.converge(command["truth"], float(command.get("timeout", 120))))
+                reply.update(
+                    await self.converge(command["truth"], float(command.get("timeout", 120)), command.get("peers"))
+                )
             elif cmd == "quit":
                 break
             print(json.dumps(reply), flush=True)
@@ -488,26 +676,51 @@ class Simulator:
             "events": dict(self.totals.events),
             "requests": dict(self.totals.requests),
             "errors": dict(self.totals.errors),
+            "watchers": len(self.watchers),
+            "slices_decoded": self.slice_cache.decoded,
             "t": time.monotonic(),
         }
 
-    async def converge(self, truth: dict[str, dict[str, str]], timeout: float) -> dict[str, Any]:
-        """Wait (checking after each batch of the event loop's work) until every watcher matches."""
+    async def converge(
+        self, truth: dict[str, dict[str, str]], timeout: float, peers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Wait (checking after each batch of the event loop's work) until every watcher matches the truth
+        (and, given ``peers``, serves exactly that peer set)."""
         deadline = time.monotonic() + timeout
+
+        def lag(watcher: Watcher) -> str:
+            """Why ``watcher`` has not converged ("" when it has)."""
+            if not watcher.watches:
+                return "not started"
+            if not all(w.synced.is_set() for w in watcher.watches):
+                return "not synced"
+            if not watcher.matches(truth):
+                return "objects differ"
+            if peers is not None and (watcher.peers is None or watcher.peers.peers() != peers):
+                return "peer set differs"
+            return ""
+
         while True:
-            behind = [w.index for w in self.watchers if not w.matches(truth)]
+            began = time.monotonic()
+            lags = {w.index: lag(w) for w in self.watchers.values()}
+            behind = [index for index, why in lags.items() if why]
             behind_own = [w.index for w in self.own if not w.matches(truth)]
             if not (behind or behind_own) or time.monotonic() > deadline:
                 break
-            await asyncio.sleep(0.05)  # poll: the watchers' tasks advance between checks
-        return {
+            # poll: the watchers' tasks advance between checks, given at least as long as a check took
+            await asyncio.sleep(max(0.05, time.monotonic() - began))
+        reply: dict[str, Any] = {
             "converged": not (behind or behind_own),
             "behind": behind[:20],
             "behind_count": len(behind),
+            "behind_why": dict(Counter(why for why in lags.values() if why)),
             "behind_own_count": len(behind_own),
-            "last_change": [w.last_change for w in self.watchers],
+            "last_change": [w.last_change for w in self.watchers.values()],
             "own_last_change": [w.last_change for w in self.own],
         }
+        if peers is not None:
+            reply["last_peer_change"] = {w.index: w.peers.changed_at for w in self.watchers.values() if w.peers}
+        return reply
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -530,6 +743,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--page-size", type=int, default=500)
     parser.add_argument("--start-concurrency", type=int, default=50)
+    parser.add_argument(
+        "--peers", action="store_true", help="keep each watcher's peer set (PeerView), to time its convergence"
+    )
     return parser.parse_args(argv)
 
 

@@ -23,11 +23,11 @@ from demo.dynamo_traffic import DynamoScene
 from demo.story import PeerWatch, run_story
 from devcluster.build import ROOT, ensure_built
 from devcluster.cluster import ControlPlane
-from devcluster.objects import PODS, Cluster
+from devcluster.injection import injected_sidecar, wait_until_injecting
+from devcluster.objects import Cluster
 from devcluster.sidecars import SidecarProcess, launch_from_pod
-from devcluster.waiting import wait_for
 from discovery_client.client import DiscoveryClient
-from sidecar.kube.api import ApiError, KubeApi
+from sidecar.kube.api import KubeApi
 
 NAMESPACE = "inference"
 SERVICE = "workers"
@@ -83,34 +83,23 @@ class Demo:
         self.cluster.ensure_node("node-a", "zone-a")
         # Labelled as Dynamo's operator labels component Services: the injected sidecars watch such slices.
         self.cluster.create_service(NAMESPACE, SERVICE, {"app": "worker"}, labels=DYNAMO_DISCOVERY)
+        # Until admission knows the just-installed parameters' kind and object, it refuses labelled pods
+        # (docs/operations.md): wait until a dry-run create of one comes back with the sidecar.
+        say("waiting until admission injects: a dry-run create of a labelled pod comes back with the sidecar")
+        wait_until_injecting(self.cluster.api, NAMESPACE)
 
     def add_pod(self, name: str, role: str, ready: bool = True) -> SidecarProcess:
         """A pod with nothing of the sidecar but the label; its sidecar runs from what injection added."""
         assert self.cluster is not None and self.plane is not None
-        labels = {"app": "worker", "role": role, **INJECT}
-        created = wait_for(lambda: self._create_injected(name, labels), 30, what="the injection policy")
+        created = self.cluster.create_pod(NAMESPACE, name, {"app": "worker", "role": role, **INJECT})
+        if injected_sidecar(created) is None:
+            raise RuntimeError(f"pod {name} was admitted without the sidecar: is the injection policy installed?")
         pod = self.cluster.set_pod_status(NAMESPACE, name, ready=ready)
-        assert created
         process = launch_from_pod(
             self.plane, self.cluster, pod, self.work_dir / "sidecars", extra_env={"DISCOVERY_BACKOFF_MAX": "2s"}
         )
         self.sidecars[name] = process
         return process
-
-    def _create_injected(self, name: str, labels: dict[str, str]) -> bool:
-        """Create the pod once the policy (just installed) injects into it; retry a refused or bare one."""
-        assert self.cluster is not None
-        try:
-            pod = self.cluster.create_pod(NAMESPACE, name, labels)
-        except ApiError as exc:
-            if "no params found" in exc.message:
-                return False  # the policy's parameters are not visible to admission yet
-            raise
-        if any(c["name"] == "discovery-sidecar" for c in pod["spec"].get("initContainers") or ()):
-            return True
-        self.cluster.delete_pod(NAMESPACE, name)
-        wait_for(lambda: self.cluster is not None and self.cluster.get_or_none(PODS.item(NAMESPACE, name)) is None, 30)
-        return False
 
     # -- the watcher ---------------------------------------------------------------------------------
     def start_watcher(self, target: str) -> None:

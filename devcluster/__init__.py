@@ -3,7 +3,8 @@
 ``devcluster.build`` compiles kube-apiserver, kube-controller-manager, kubectl and etcd from the Go
 modules pinned in ``hack/controlplane`` (no registry ships them) into ``~/.cache``; ``devcluster.cluster``
 runs them on loopback. There is no kubelet: callers create Nodes and Pods and patch pod status
-themselves (see ``devcluster.objects``).
+themselves (see ``devcluster.objects``), except a workload controller's pods, which kwok's simulated
+nodes run (``devcluster.kwok``).
 """
 
 import os as _os

@@ -6,7 +6,7 @@ k8s.io/kubernetes on a 2-core machine takes long enough that silence would look 
 ``go build -v`` is run and the number of packages compiled is reported periodically.
 
 Besides the control plane, the tests and ``make lint`` need a few Go programs that no package registry
-ships (actionlint, buf, helm). Each is one row of ``GO_TOOLS``: its own pinned module under ``hack/`` (so a
+ships (actionlint, buf, helm, kwok). Each is one row of ``GO_TOOLS``: its own pinned module under ``hack/`` (so a
 tool's version bump rebuilds that tool only, never the control plane), built into a cache directory keyed
 like the control plane's, and linked into the control plane's ``bin`` directory, beside ``kubectl``,
 where tests and users find it. ``ensure_tool`` builds one tool alone (``make lint`` needs no control
@@ -93,6 +93,13 @@ GO_TOOLS = (
             "-X helm.sh/helm/v4/internal/version.version={version}",
             "-X helm.sh/helm/v4/internal/version.gitTreeState=clean",
         ),
+    ),
+    # simulated nodes and kubelets, so that a Deployment's pods run (devcluster.kwok; its version is a constant)
+    GoTool(
+        binary="kwok",
+        module="hack/tools/kwok",
+        package="sigs.k8s.io/kwok/cmd/kwok",
+        version_of="sigs.k8s.io/kwok",
     ),
 )
 """The Go tools beside the control plane; a new tool is a module under hack/tools/ and one row here."""

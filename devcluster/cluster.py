@@ -34,9 +34,13 @@ CONTROLLERS = (
     "endpointslice-controller",
     "serviceaccount-controller",
     "namespace-controller",
+    "deployment-controller",
+    "replicaset-controller",
 )
 """What tests need from kube-controller-manager: GC of owned objects, EndpointSlices for Services,
-the ``default`` ServiceAccount in new namespaces (pods need it), and namespace deletion."""
+the ``default`` ServiceAccount in new namespaces (pods need it), namespace deletion, and Deployments
+rolled out through their ReplicaSets (whose pods run only on kwok's simulated nodes, ``devcluster.kwok``:
+without a scheduler, any other pod a ReplicaSet makes stays Pending and never in an EndpointSlice)."""
 
 Log = Callable[[str], None]
 
@@ -65,10 +69,12 @@ class Component:
     log_path: pathlib.Path
     process: subprocess.Popen[bytes] | None = None
 
-    def start(self, tie_to_parent: bool) -> None:
+    def start(self, tie_to_parent: bool, env: dict[str, str] | None = None) -> None:
+        """Start the process; ``env`` adds to (or overrides) this process's environment."""
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             self.argv,
+            env={**os.environ, **env} if env else None,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -69,6 +69,7 @@ from devcluster.cluster import ControlPlane
 from devcluster.dockerfile import DockerIgnore, Instruction, load, parse_env
 from devcluster.objects import WORKER_METADATA, Cluster
 from devcluster.sidecars import SIDECAR_SERVICE_ACCOUNT, SidecarProcess, launch_sidecar
+from devcluster.sockets import short_socket_dir
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.client import DiscoveryClient, PeerSetView
 from sidecar.kube.api import KubeApi
@@ -628,6 +629,9 @@ class ImageSidecar(SidecarProcess):
     plane: ControlPlane | None = None
     token: str = ""
     container: str = field(default_factory=lambda: f"discovery-sidecar-{secrets.token_hex(6)}")
+    # The directory shared with the container as /run/discovery: short, for the socket path's sake
+    # (devcluster.sockets); removed by ``remove``.
+    socket_dir: pathlib.Path = field(default_factory=lambda: short_socket_dir("ds-image-"))
 
     @property
     def files(self) -> pathlib.Path:
@@ -635,7 +639,7 @@ class ImageSidecar(SidecarProcess):
 
     @property
     def socket(self) -> pathlib.Path:
-        return self.files / "discovery" / "discovery.sock"
+        return self.socket_dir / "discovery.sock"
 
     @property
     def target(self) -> str:
@@ -669,9 +673,10 @@ class ImageSidecar(SidecarProcess):
         shutil.rmtree(self.files, ignore_errors=True)
         account = self.files / "serviceaccount"
         podinfo = self.files / "podinfo"
-        shared = self.socket.parent
-        for directory in (account, podinfo, shared):
+        shared = self.socket_dir
+        for directory in (account, podinfo):
             directory.mkdir(parents=True)
+        shared.mkdir(exist_ok=True)
         (account / "token").write_text(self.token)
         shutil.copy(self.plane.ca_file, account / "ca.crt")
         (account / "namespace").write_text(meta["namespace"])
@@ -724,8 +729,10 @@ class ImageSidecar(SidecarProcess):
         super().kill()
 
     def remove(self) -> None:
-        """Make sure the container is gone (a test's teardown; podman's own --rm covers normal exits)."""
+        """Make sure the container is gone (a test's teardown; podman's own --rm covers normal exits), and
+        its socket directory."""
         subprocess.run(["podman", "rm", "--force", "--time=0", self.container], capture_output=True, timeout=60)
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
 def launch_image_sidecar(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import pathlib
+import shutil
 import subprocess
 from collections.abc import Iterator
 
@@ -18,8 +19,10 @@ import pytest
 from devcluster.build import ROOT, ensure_built
 from devcluster.cluster import ControlPlane
 from devcluster.etcd import EtcdServer
+from devcluster.kwok import Kwok
 from devcluster.objects import Cluster
 from devcluster.sidecars import SidecarProcess, launch_sidecar
+from devcluster.sockets import short_socket_dir
 from sidecar.kube.api import KubeApi
 
 MANIFESTS = ROOT / "manifests"
@@ -64,6 +67,30 @@ def cluster(admin_api: KubeApi) -> Cluster:
     c = Cluster(admin_api)
     c.ensure_node("node-a", "zone-a")
     return c
+
+
+@pytest.fixture(scope="session")
+def kwok(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kwok]:
+    """kwok's simulated kubelets and the scheduler stand-in on the session's plane, with two nodes.
+
+    Only pods with ``schedulerName: kwok`` land on them (``devcluster.kwok``); every other test's pods
+    and ``node-a`` are left as they are. Built (a few minutes, once) and started only when asked for."""
+    simulated = Kwok(control_plane, tmp_path_factory.mktemp("kwok"))
+    simulated.start()
+    try:
+        simulated.add_nodes(2, zones=2)
+        yield simulated
+    finally:
+        simulated.stop()
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[pathlib.Path]:
+    """A short directory for Unix sockets: ``tmp_path`` can make a socket path longer than the kernel allows
+    (``devcluster.sockets``)."""
+    path = short_socket_dir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

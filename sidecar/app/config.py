@@ -73,11 +73,23 @@ def _parse_host_port(text: str, loopback_only: bool) -> ListenAddress:
     return ListenAddress(host=host, port=port)
 
 
+UNIX_PATH_MAX = 107
+"""The longest Unix socket path, in bytes: the kernel's ``sockaddr_un.sun_path`` holds 108 with the NUL that
+ends it. A longer one would fail only when gRPC binds it (``Path name should not have more than 107
+characters``), after start-up; refused up front instead, naming the setting."""
+
+
 def parse_grpc_listen(text: str) -> ListenAddress:
     if text.startswith("unix://"):
         path = text[len("unix://") :]
         if not path.startswith("/"):
             raise ValueError(f"a Unix socket needs an absolute path (unix:///run/discovery.sock), got {text!r}")
+        if len(os.fsencode(path)) > UNIX_PATH_MAX:
+            raise ValueError(
+                f"the Unix socket path is {len(os.fsencode(path))} bytes, longer than the kernel's limit of "
+                f"{UNIX_PATH_MAX} (sun_path): put the socket in a shorter directory, e.g. unix:///run/discovery/"
+                f"discovery.sock, got {text!r}"
+            )
         return ListenAddress(unix_path=path)
     return _parse_host_port(text, loopback_only=True)
 

@@ -53,6 +53,12 @@ class ListenAddress:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
+    @property
+    def bind_target(self) -> str:
+        """What a gRPC server listens on: ``unix:/path`` for a socket, since the server strips only ``unix:``
+        and counts the rest against the path limit (``unix:///path`` would cost two of its bytes)."""
+        return f"unix:{self.unix_path}" if self.unix_path else self.grpc_target
+
     def __str__(self) -> str:
         return self.grpc_target
 

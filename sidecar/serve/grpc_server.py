@@ -79,7 +79,7 @@ class GrpcServer:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.listen.unix_path)  # a socket left by a previous run of this container
         try:
-            port = server.add_insecure_port(self.listen.grpc_target)
+            port = server.add_insecure_port(self.listen.bind_target)
         except RuntimeError as exc:  # grpc's "Failed to bind": in use, or not an address of this host
             raise OSError(f"cannot listen on {self.listen.grpc_target}: {exc}") from None
         if not self.listen.unix_path and port == 0:

@@ -20,8 +20,11 @@ import yaml
 
 from devcluster.build import ROOT, ensure_built
 from devcluster.cluster import ControlPlane
+from devcluster.crds import delete_crds
+from devcluster.injection import wait_until_injecting
 from devcluster.objects import PODS, Cluster
 from devcluster.waiting import wait_for
+from sidecar.app.injection.policy import opt_ins, policy_name
 from sidecar.app.injection.template import load_template
 from sidecar.kube.api import ApiError, KubeApi
 from tests.conftest import Sidecars, kubectl
@@ -109,6 +112,13 @@ def crds(plane: ControlPlane) -> dict[str, dict[str, Any]]:
     return found
 
 
+def field_managers(plane: ControlPlane, name: str) -> set[str]:
+    """Who manages a CRD's fields (its status, written by the API server, aside)."""
+    entries = '{range .metadata.managedFields[*]}{.manager}/{.subresource}{"\\n"}{end}'
+    output = kubectl(plane, "get", f"crd/{name}", "--show-managed-fields", "-o", f"jsonpath={entries}")
+    return {line.split("/")[0] for line in output.splitlines() if line and not line.endswith("/status")}
+
+
 def wait_established(plane: ControlPlane, name: str) -> None:
     def established() -> bool:
         crd = crd_json(plane, name) or {}
@@ -118,12 +128,32 @@ def wait_established(plane: ControlPlane, name: str) -> None:
     wait_for(established, 60, what=f"CRD {name} established")
 
 
-def delete_crds(plane: ControlPlane) -> None:
-    names = {
-        *(d["metadata"]["name"] for p in DYNAMO_CRDS for d in yaml.safe_load_all(p.read_text()) if d),
-        "dynamoworkermetadatas.nvidia.com",
-    }
-    kubectl(plane, "delete", *(f"crd/{n}" for n in sorted(names)), "--ignore-not-found", "--wait=true")
+OUR_CRD = "dynamoworkermetadatas.nvidia.com"
+THEIR_CRDS = sorted(d["metadata"]["name"] for p in DYNAMO_CRDS for d in yaml.safe_load_all(p.read_text()) if d)
+"""Dynamo's CRDs (the fixtures), ours among them: what the two install tests start without, or from."""
+
+
+def releases(plane: ControlPlane) -> list[tuple[str, str]]:
+    states = ("--deployed", "--failed", "--pending", "--uninstalling")  # every release that may hold objects
+    listed = json.loads(helm(plane, "list", "--all-namespaces", *states, "-o", "json").stdout or "[]")
+    return [(r["name"], r["namespace"]) for r in listed]
+
+
+@pytest.fixture
+def clean_slate(bare_plane: ControlPlane, bare_api: KubeApi) -> Iterator[None]:
+    """No release and none of the DynamoWorkerMetadata or Dynamo CRDs, before the test (whatever an earlier
+    one left, e.g. after failing half-way) and after it; checked, not assumed."""
+
+    def clear() -> None:
+        for name, namespace in releases(bare_plane):
+            helm(bare_plane, "uninstall", name, "-n", namespace, "--wait")
+        delete_crds(bare_plane, bare_api, THEIR_CRDS)
+        assert releases(bare_plane) == []
+        assert all(crd_json(bare_plane, name) is None for name in THEIR_CRDS), "CRDs left"
+
+    clear()
+    yield
+    clear()
 
 
 def test_lint(bare_plane: ControlPlane) -> None:
@@ -172,50 +202,46 @@ def test_the_injection_parameters_are_the_templates(bare_plane: ControlPlane) ->
     assert list(values["injection"]["defaults"]) == [s.key for s in TEMPLATE.settings]
 
 
+@pytest.mark.usefixtures("clean_slate")
 def test_install_upgrade_uninstall_where_no_one_owns_the_crd(bare_plane: ControlPlane, bare_api: KubeApi) -> None:
     """The chart installs the CRD, keeps owning it through an upgrade, and leaves it (keep) when uninstalled;
     a pod labelled for injection gets the chart's image, and the upgrade's image after it."""
     namespaces(bare_api, "own-sys", "own-a")
-    try:
-        helm(bare_plane, "install", "ds", str(CHART), "-n", "own-sys", "--set", "namespaces={own-a}", "--wait")
-        crd = crd_json(bare_plane, "dynamoworkermetadatas.nvidia.com")
-        assert crd is not None
-        assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
-        assert crd["metadata"]["annotations"]["meta.helm.sh/release-name"] == "ds"
-        wait_established(bare_plane, "dynamoworkermetadatas.nvidia.com")
-        assert injected_image(bare_api, "own-a") == TEMPLATE.parameters["image"]
+    helm(bare_plane, "install", "ds", str(CHART), "-n", "own-sys", "--set", "namespaces={own-a}", "--wait")
+    crd = crd_json(bare_plane, "dynamoworkermetadatas.nvidia.com")
+    assert crd is not None
+    assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert crd["metadata"]["annotations"]["meta.helm.sh/release-name"] == "ds"
+    wait_established(bare_plane, "dynamoworkermetadatas.nvidia.com")
+    assert injected_image(bare_api, "own-a") == TEMPLATE.parameters["image"]
 
-        helm(bare_plane, "upgrade", "ds", str(CHART), "-n", "own-sys", "--set", "namespaces={own-a}",
-             "--set", "image.tag=9.9.9", "--set", "admissionPolicy.containerMode=true", "--wait")  # fmt: skip
-        assert "ds" in helm(bare_plane, "get", "manifest", "ds", "-n", "own-sys").stdout
-        assert "CustomResourceDefinition" in helm(bare_plane, "get", "manifest", "ds", "-n", "own-sys").stdout
-        policy = bare_api.get(
-            "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies/dynamoworkermetadata-own-pod-only"
-        )
-        assert "startsWith(variables.podName + '-')" in json.dumps(policy["spec"]), "the container-mode variant"
-        wait_for(lambda: injected_image(bare_api, "own-a") == "ghcr.io/example/discovery-sidecar:9.9.9", 30,
-                 what="the upgraded parameters")  # fmt: skip
+    helm(bare_plane, "upgrade", "ds", str(CHART), "-n", "own-sys", "--set", "namespaces={own-a}",
+         "--set", "image.tag=9.9.9", "--set", "admissionPolicy.containerMode=true", "--wait")  # fmt: skip
+    assert "ds" in helm(bare_plane, "get", "manifest", "ds", "-n", "own-sys").stdout
+    assert "CustomResourceDefinition" in helm(bare_plane, "get", "manifest", "ds", "-n", "own-sys").stdout
+    policy = bare_api.get(
+        "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies/dynamoworkermetadata-own-pod-only"
+    )
+    assert "startsWith(variables.podName + '-')" in json.dumps(policy["spec"]), "the container-mode variant"
+    wait_for(lambda: injected_image(bare_api, "own-a") == "ghcr.io/example/discovery-sidecar:9.9.9", 30,
+             what="the upgraded parameters")  # fmt: skip
 
-        helm(bare_plane, "uninstall", "ds", "-n", "own-sys", "--wait")
-        assert crd_json(bare_plane, "dynamoworkermetadatas.nvidia.com") is not None, "kept on uninstall"
-        assert (
-            get(bare_api, "/apis/admissionregistration.k8s.io/v1/mutatingadmissionpolicies/discovery-sidecar-injection")
-            is None
-        )
-        assert get(bare_api, "/api/v1/namespaces/own-a/serviceaccounts/discovery-sidecar") is None
+    helm(bare_plane, "uninstall", "ds", "-n", "own-sys", "--wait")
+    assert crd_json(bare_plane, "dynamoworkermetadatas.nvidia.com") is not None, "kept on uninstall"
+    for name in map(policy_name, opt_ins(TEMPLATE)):
+        assert get(bare_api, f"/apis/admissionregistration.k8s.io/v1/mutatingadmissionpolicies/{name}") is None
+    assert get(bare_api, "/api/v1/namespaces/own-a/serviceaccounts/discovery-sidecar") is None
 
-        # Installed again, the release takes its kept CRD back (it carries this release's name).
-        helm(bare_plane, "install", "ds", str(CHART), "-n", "own-sys", "--set", "namespaces={own-a}", "--wait")
-        assert "CustomResourceDefinition" in helm(bare_plane, "get", "manifest", "ds", "-n", "own-sys").stdout
-        helm(bare_plane, "uninstall", "ds", "-n", "own-sys", "--wait")
-    finally:
-        helm(bare_plane, "uninstall", "ds", "-n", "own-sys", check=False)
-        delete_crds(bare_plane)
+    # Installed again, the release takes its kept CRD back (it carries this release's name).
+    helm(bare_plane, "install", "ds", str(CHART), "-n", "own-sys", "--set", "namespaces={own-a}", "--wait")
+    assert "CustomResourceDefinition" in helm(bare_plane, "get", "manifest", "ds", "-n", "own-sys").stdout
+    helm(bare_plane, "uninstall", "ds", "-n", "own-sys", "--wait")
 
 
 DGD_EXAMPLE = ROOT / "manifests" / "examples" / "dynamo-graph-deployment.yaml"
 
 
+@pytest.mark.usefixtures("clean_slate")
 def test_beside_dynamos_crds_which_stay_byte_identical(bare_plane: ControlPlane, bare_api: KubeApi) -> None:
     """Dynamo's platform installed its CRDs first (server-side apply, as its operator's crd-apply does): the
     chart leaves them exactly as they are through install, upgrade and uninstall, and everything else works,
@@ -229,22 +255,20 @@ def test_beside_dynamos_crds_which_stay_byte_identical(bare_plane: ControlPlane,
         "--set", "rbac.extraSubjects[0].kind=ServiceAccount",
         "--set", "rbac.extraSubjects[0].name=llm-k8s-service-discovery",
     ]  # fmt: skip
-    try:
-        before = crds(bare_plane)
-        # No --wait: the SMG gateway's Deployment never becomes available without a kubelet.
-        helm(bare_plane, "install", "ds", str(CHART), "-n", "dyn-sys", *recipe, *EVERYTHING_ON)
-        assert crds(bare_plane) == before
-        assert "CustomResourceDefinition" not in helm(bare_plane, "get", "manifest", "ds", "-n", "dyn-sys").stdout
-        assert injected_image(bare_api, "inference") == TEMPLATE.parameters["image"]
-        check_dynamo_recipe(bare_plane, bare_api)
-        helm(bare_plane, "upgrade", "ds", str(CHART), "-n", "dyn-sys", *recipe, *EVERYTHING_ON,
-             "--set", "injection.defaults.watch=always")  # fmt: skip
-        assert crds(bare_plane) == before
-        helm(bare_plane, "uninstall", "ds", "-n", "dyn-sys", "--wait")
-        assert crds(bare_plane) == before
-    finally:
-        helm(bare_plane, "uninstall", "ds", "-n", "dyn-sys", check=False)
-        delete_crds(bare_plane)
+    before = crds(bare_plane)
+    for name in before:  # the precondition: Dynamo's operator alone manages them
+        assert field_managers(bare_plane, name) == {"dynamo-operator"}, name
+    # No --wait: the SMG gateway's Deployment never becomes available without a kubelet.
+    helm(bare_plane, "install", "ds", str(CHART), "-n", "dyn-sys", *recipe, *EVERYTHING_ON)
+    assert crds(bare_plane) == before
+    assert "CustomResourceDefinition" not in helm(bare_plane, "get", "manifest", "ds", "-n", "dyn-sys").stdout
+    assert injected_image(bare_api, "inference") == TEMPLATE.parameters["image"]
+    check_dynamo_recipe(bare_plane, bare_api)
+    helm(bare_plane, "upgrade", "ds", str(CHART), "-n", "dyn-sys", *recipe, *EVERYTHING_ON,
+         "--set", "injection.defaults.watch=always")  # fmt: skip
+    assert crds(bare_plane) == before
+    helm(bare_plane, "uninstall", "ds", "-n", "dyn-sys", "--wait")
+    assert crds(bare_plane) == before
 
 
 def check_dynamo_recipe(plane: ControlPlane, api: KubeApi) -> None:
@@ -280,25 +304,9 @@ def check_dynamo_recipe(plane: ControlPlane, api: KubeApi) -> None:
 
 
 def injected_image(api: KubeApi, namespace: str) -> str:
-    """The sidecar image a labelled pod in ``namespace`` gets (server-side dry run), or "" without one."""
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "probe", "labels": {TEMPLATE.label: "true"}},
-        "spec": {"containers": [{"name": "main", "image": "ex/w:1"}], "automountServiceAccountToken": False},
-    }
-
-    def image() -> str:
-        try:
-            admitted = api.request("POST", PODS.collection(namespace), [("dryRun", "All")], body=pod)["spec"]
-        except ApiError as exc:
-            if "no params found" in exc.message:
-                return ""  # the admission plugin's informer has not seen the new parameter object yet
-            raise
-        found = [c["image"] for c in admitted.get("initContainers") or () if c["name"] == TEMPLATE.container_name]
-        return found[0] if found else ""
-
-    return wait_for(image, 30, what=f"injection in {namespace}")
+    """The sidecar image a labelled pod in ``namespace`` gets (server-side dry run), once injection is in effect
+    there (right after an install, admission may not know the parameters' kind or object yet)."""
+    return str(wait_until_injecting(api, namespace)["image"])
 
 
 # -- observability: the dashboard and the alerts ask only for metrics the sidecar serves --------------------------

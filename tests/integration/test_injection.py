@@ -2,9 +2,8 @@
 
 The policy, its bindings and the parameter object (a SidecarInjection) are the kustomize component
 (``manifests/components/injection``, generated from ``sidecar/app/injection/template.yaml``). Pods are created
-directly: the dev control plane runs no Deployment or ReplicaSet controller, so a Deployment's pods are
-made from its template as the ReplicaSet controller would (``generateName``, the template's labels), and
-the API server's admission chain is the same for them. A sidecar is then started from the injected spec,
+directly, except a Deployment's, which the real Deployment and ReplicaSet controllers make (and which stay
+Pending: no scheduler places them). A sidecar is then started from the injected spec,
 resolved as the kubelet would (``devcluster.sidecars.launch_from_pod``), and shown to register and see
 its peers.
 """
@@ -20,7 +19,9 @@ from typing import Any
 import pytest
 import yaml
 
+from devcluster.build import ensure_built
 from devcluster.cluster import ControlPlane
+from devcluster.injection import wait_until_injecting
 from devcluster.objects import PODS, Cluster
 from devcluster.sidecars import SidecarProcess, launch_from_pod
 from devcluster.waiting import wait_for
@@ -68,16 +69,7 @@ def injecting(
     (params,) = [d for d in yaml.safe_load_all(COMPONENT.read_text()) if d and d["kind"] == policy.PARAMS_KIND]
     admin_api.create(f"/apis/{policy.PARAMS_API_VERSION}/namespaces/{namespace}/{policy.PARAMS_PLURAL}", params)
 
-    def in_effect() -> bool:
-        try:
-            admitted = dry_run_create(admin_api, namespace, pod_body("probe", {LABEL: "true"}))
-        except ApiError as exc:
-            if "no params found" in exc.message:
-                return False  # the admission plugin's informer has not seen the new parameter object yet
-            raise
-        return any(c["name"] == TEMPLATE.container_name for c in admitted["spec"].get("initContainers") or ())
-
-    wait_for(in_effect, 30, what="the injection policy to take effect")
+    wait_until_injecting(admin_api, namespace)
     return namespace
 
 
@@ -189,14 +181,14 @@ def test_a_pod_that_declares_the_sidecar_is_left_alone(injecting: str, admin_api
 def test_the_namespace_label_opts_in_and_a_pod_label_false_opts_out(
     injecting: str, admin_api: KubeApi, cluster: Cluster
 ) -> None:
-    """Both bindings match a labelled pod in a labelled namespace: the policy runs twice, the pod gets one sidecar."""
+    """A labelled pod in a labelled namespace opted in both ways: one policy matches it, it gets one sidecar."""
     admin_api.merge_patch(f"/api/v1/namespaces/{injecting}", {"metadata": {"labels": {LABEL: "true"}}})
 
     def injected_count(labels: dict[str, str]) -> int:
         return len(sidecars_in(dry_run_create(admin_api, injecting, pod_body("ns", labels))["spec"]))
 
     wait_for(lambda: injected_count({"app": "w"}) == 1, 30, what="the namespace binding to take effect")
-    assert injected_count({LABEL: "true"}) == 1, "matched by both bindings, injected once"
+    assert injected_count({LABEL: "true"}) == 1, "opted in twice, injected once"
     assert injected_count({LABEL: "false"}) == 0
 
 
@@ -205,6 +197,7 @@ def test_a_pod_opting_in_where_no_parameters_are_is_refused(
 ) -> None:
     """No parameter object in the namespace (the chart or component was not installed there): the pod is
     refused, naming the binding, rather than started without the discovery its main container expects."""
+
     def refused() -> str:
         try:
             dry_run_create(admin_api, namespace, pod_body("lonely", {LABEL: "true"}))
@@ -213,13 +206,13 @@ def test_a_pod_opting_in_where_no_parameters_are_is_refused(
         return ""
 
     message = wait_for(refused, 30, what="the policy to refuse the pod")
-    assert policy.POLICY_NAME in message
+    assert policy.policy_name("pods") in message and "no params found" in message, message
     assert not sidecars_in(dry_run_create(admin_api, namespace, pod_body("plain", {"app": "w"}))["spec"])
 
 
 def test_a_deployments_pods_carry_the_sidecar(control_plane: ControlPlane, injecting: str, admin_api: KubeApi) -> None:
-    """The Deployment's template is stored as written (the policy matches Pods); its pods, made from the
-    template as the ReplicaSet controller makes them, get the sidecar."""
+    """The Deployment's template is stored as written (the policy matches Pods); the pods its ReplicaSet
+    controller makes from it get the sidecar."""
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -238,16 +231,14 @@ def test_a_deployments_pods_carry_the_sidecar(control_plane: ControlPlane, injec
     }
     stored = admin_api.create(f"/apis/apps/v1/namespaces/{injecting}/deployments", deployment)
     assert sidecars_in(stored["spec"]["template"]["spec"]) == []
-    template = stored["spec"]["template"]
-    for _ in range(2):
-        pod = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {**template["metadata"], "generateName": "workers-"},
-            "spec": template["spec"],
-        }
-        created = admin_api.create(PODS.collection(injecting), pod)
-        assert len(sidecars_in(created["spec"])) == 1, created["metadata"]["name"]
+
+    def made_by_the_replicaset() -> list[dict[str, Any]]:
+        pods = admin_api.get(PODS.collection(injecting), [("labelSelector", "app=workers")])["items"]
+        owned = [p for p in pods if [o["kind"] for o in p["metadata"].get("ownerReferences") or ()] == ["ReplicaSet"]]
+        return owned if len(owned) == 2 else []
+
+    for pod in wait_for(made_by_the_replicaset, 60, what="the ReplicaSet controller's 2 pods"):
+        assert len(sidecars_in(pod["spec"])) == 1, pod["metadata"]["name"]
 
 
 def test_a_sidecar_started_from_the_injected_spec_registers_and_sees_its_peers(
@@ -300,3 +291,77 @@ def test_a_sidecar_started_from_the_injected_spec_registers_and_sees_its_peers(
     finally:
         for process in processes:
             process.terminate(30)
+
+
+# -- a policy whose parameters' kind is unknown refuses only the pods that opted in ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def plane_without_params_crd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """A control plane of its own: the session's has the SidecarInjection CRD, which this case must lack."""
+    plane = ControlPlane(bin_dir=ensure_built(), work_dir=tmp_path_factory.mktemp("no-params-crd"))
+    plane.start()
+    try:
+        yield plane
+    finally:
+        plane.stop()
+
+
+def test_without_the_parameters_crd_only_pods_that_opted_in_are_refused(
+    plane_without_params_crd: ControlPlane, tmp_path: pathlib.Path
+) -> None:
+    """The component's policies and bindings with no SidecarInjection CRD (deleted, not installed yet, or not
+    yet known to admission): the policies' paramKind cannot be resolved, and with failurePolicy Fail each
+    refuses what its matchConstraints match. Those match only pods that opted in, so every other pod of the
+    cluster is admitted; an opted-in pod is refused, naming its policy and the missing kind. Once the CRD
+    and the namespace's parameters are installed, the same pods get the sidecar (no restart)."""
+    plane = plane_without_params_crd
+    api = KubeApi.from_kubeconfig(str(plane.kubeconfig))
+    cluster = Cluster(api)
+    try:
+        documents = [d for d in yaml.safe_load_all(COMPONENT.read_text()) if d and d["kind"] != policy.PARAMS_KIND]
+        path = tmp_path / "cluster-scoped.yaml"
+        path.write_text(yaml.safe_dump_all(documents))
+        kubectl(plane, "apply", "-f", str(path))
+        cluster.create_namespace("plain")
+        cluster.create_namespace("opted", labels={LABEL: "true"})
+        for name in ("plain", "opted"):
+            cluster.wait_for_service_account(name, "default")
+
+        def bare(name: str, labels: dict[str, str]) -> dict[str, Any]:  # no sidecar ServiceAccount here
+            return pod_body(name, labels, serviceAccountName="default", automountServiceAccountToken=False)
+
+        def refusal(namespace: str, labels: dict[str, str]) -> str:
+            try:
+                dry_run_create(api, namespace, bare("probe", labels))
+            except ApiError as exc:
+                assert exc.status == 403, exc
+                return exc.message
+            return ""
+
+        # Refused once admission has loaded each policy (before that, nothing is matched at all).
+        by_pod_label = wait_for(lambda: refusal("plain", {LABEL: "true"}), 60, what="the pods policy to refuse")
+        by_namespace = wait_for(lambda: refusal("opted", {"app": "w"}), 60, what="the namespaces policy to refuse")
+        kind = f"{policy.PARAMS_API_VERSION}, Kind={policy.PARAMS_KIND}"
+        for message, opt_in in ((by_pod_label, "pods"), (by_namespace, "namespaces")):
+            assert f'policy "{policy.policy_name(opt_in)}" denied request' in message, message
+            assert f"failed to find resource referenced by paramKind: '{kind}'" in message, message
+        assert refusal("opted", {LABEL: "true"}), "a labelled pod in a labelled namespace is refused too"
+
+        # Everyone else is admitted, stored for real, and untouched.
+        for namespace, labels in (("plain", {"app": "w"}), ("plain", {LABEL: "false"}), ("opted", {LABEL: "false"})):
+            created = api.create(PODS.collection(namespace), bare(f"{namespace}-{labels.get(LABEL, 'none')}", labels))
+            assert sidecars_in(created["spec"]) == [], (namespace, labels)
+
+        # The CRD and the parameters arrive: admission resolves the kind (its discovery cache is refreshed
+        # every 30 s) and the opted-in pods get the sidecar.
+        kubectl(plane, "apply", "-f", str(PARAMS_CRD))
+        kubectl(plane, "wait", "--for=condition=Established", f"crd/{policy.PARAMS_PLURAL}.{policy.PARAMS_GROUP}")
+        (params,) = [d for d in yaml.safe_load_all(COMPONENT.read_text()) if d and d["kind"] == policy.PARAMS_KIND]
+        for name in ("plain", "opted"):
+            api.create(f"/apis/{policy.PARAMS_API_VERSION}/namespaces/{name}/{policy.PARAMS_PLURAL}", params)
+        image = TEMPLATE.parameters["image"]
+        assert wait_until_injecting(api, "plain")["image"] == image
+        assert wait_until_injecting(api, "opted", body=bare("ns-probe", {"app": "w"}))["image"] == image
+    finally:
+        api.close()

@@ -181,6 +181,19 @@ def test_kustomize_renders_the_base_and_every_component(
     assert "Warning" not in output, output
 
 
+def _wait_for_deployment_status(plane: ControlPlane, namespace: str) -> None:
+    def observed() -> bool:
+        deployment = _kubectl_json(plane, "get", "deployment", DEPLOYMENT, namespace=namespace)
+        meta, status = deployment["metadata"], deployment.get("status") or {}
+        return (
+            "deployment.kubernetes.io/revision" in (meta.get("annotations") or {})
+            and status.get("observedGeneration") == meta["generation"]
+            and status.get("replicas") == status.get("updatedReplicas") == deployment["spec"]["replicas"]
+        )
+
+    wait_for(observed, 60, interval=0.2, what=f"the Deployment controller's status of {DEPLOYMENT}")
+
+
 def test_manifests_apply_dry_run_then_for_real_and_again(control_plane: ControlPlane, namespace: str) -> None:
     before = _generations(control_plane)
     for name in MANIFEST_FILES:
@@ -196,6 +209,9 @@ def test_manifests_apply_dry_run_then_for_real_and_again(control_plane: ControlP
         assert "Warning" not in output, f"{name}: the API server warns:\n{output}"
     for name in MANIFEST_FILES:
         kubectl(control_plane, "apply", "--validate=strict", "-f", str(MANIFESTS / name), namespace=namespace)
+    # The Deployment controller writes the Deployment too (its revision annotation, then its status as its
+    # ReplicaSet's pods are created, Pending for ever with no scheduler): compare only once it has.
+    _wait_for_deployment_status(control_plane, namespace)
 
     # Idempotent: applying again writes nothing (every object keeps its resourceVersion), and the
     # cluster-scoped objects the session had installed kept their spec (generation) through it all.

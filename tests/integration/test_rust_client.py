@@ -149,11 +149,11 @@ def test_follows_peers_resumes_a_cut_stream_and_survives_a_sidecar_restart(
 
 
 def test_unix_socket_filter_and_a_snapshot_in_parts(
-    namespace: str, cluster: Cluster, sidecars: Sidecars, rust_binary: pathlib.Path, tmp_path: pathlib.Path
+    namespace: str, cluster: Cluster, sidecars: Sidecars, rust_binary: pathlib.Path, socket_dir: pathlib.Path
 ) -> None:
     """``--target unix:///...`` (a sidecar on a Unix socket), a selector and named groups, and a snapshot too
     large for one message: the sidecar sends it in parts, the client prints it as one complete snapshot."""
-    socket_path = tmp_path / "discovery.sock"
+    socket_path = socket_dir / "discovery.sock"
     cluster.create_service(namespace, "workers", {"app": "w"})
     router = cluster.start_pod(namespace, "router", {"app": "w", "role": "router"})
     sidecar = sidecars.start(router, "workers", extra_env={"DISCOVERY_GRPC_LISTEN": f"unix://{socket_path}"})

@@ -192,3 +192,67 @@ def test_the_simulated_own_registration_watch_is_the_sidecars(
     names = tmp_path / "names.json"
     names.write_text('["worker-0"]')
     assert asyncio.run(simulator_requests(tmp_path, [*options, "--own-names-file", str(names)])) == expected
+
+
+def _slice(*endpoints: tuple[str, dict[str, bool]]) -> dict[str, Any]:
+    return {"endpoints": [{"targetRef": {"name": name}, "conditions": conditions} for name, conditions in endpoints]}
+
+
+def test_live_endpoints_follow_the_sidecars_readiness_rule() -> None:
+    """Ready is READY; serving while terminating is DRAINING; not serving, or no conditions, is not a peer."""
+    item = _slice(
+        ("ready", {"ready": True, "serving": True, "terminating": False}),
+        ("draining", {"ready": False, "serving": True, "terminating": True}),
+        ("stopped", {"ready": False, "serving": False, "terminating": True}),
+        ("starting", {"ready": False}),
+        ("unknown", {}),
+    )
+    assert watchers.live_endpoints(item) == {"ready": "READY", "draining": "DRAINING"}
+
+
+class TestPeerView:
+    """The peer set a simulated sidecar would serve, and when it last changed."""
+
+    def test_a_peer_needs_a_live_endpoint_and_a_cr(self) -> None:
+        view = watchers.PeerView()
+        view.set_slice("s1", {"a": "READY", "b": "READY"})
+        assert view.peers() == {} and view.changed_at == 0.0, "no CR yet: no peer, nothing changed"
+        view.set_cr("a", present=True)
+        assert view.peers() == {"a": "READY"} and view.changed_at > 0
+
+    def test_slice_changes_that_touch_no_peer_change_nothing(self) -> None:
+        view = watchers.PeerView()
+        view.replace(slices={"s1": {"a": "READY"}}, crs={"a"})
+        first = view.changed_at
+        assert first > 0
+        view.set_slice("s1", {"a": "READY", "c": "READY"})  # c has no CR: not a peer of this view yet
+        assert view.changed_at == first
+        view.set_cr("gone", present=False)  # a CR it never had
+        assert view.changed_at == first
+        view.set_slice("s1", {"a": "DRAINING", "c": "READY"})
+        assert view.changed_at > first and view.peers() == {"a": "DRAINING"}
+
+    def test_a_deleted_slice_or_cr_removes_the_peer(self) -> None:
+        view = watchers.PeerView()
+        view.replace(slices={"s1": {"a": "READY"}, "s2": {"b": "READY"}}, crs={"a", "b"})
+        view.set_slice("s2", None)
+        assert view.peers() == {"a": "READY"}
+        view.set_cr("a", present=False)
+        assert view.peers() == {}
+
+    def test_a_pod_ready_in_one_slice_is_ready(self) -> None:
+        """A pod in transit between two slices is one peer, READY if either says so."""
+        view = watchers.PeerView()
+        view.replace(slices={"s1": {"a": "DRAINING"}, "s2": {"a": "READY"}}, crs={"a"})
+        assert view.peers() == {"a": "READY"}
+
+
+def test_the_slice_cache_decodes_each_version_once() -> None:
+    cache = watchers.SliceCache(size=2)
+    line = json.dumps({"type": "MODIFIED", "object": _slice(("a", {"ready": True}))}).encode()
+    assert cache.get("s1", "5", line) == {"a": "READY"}
+    assert cache.get("s1", "5", b"not json: served from the cache") == {"a": "READY"}
+    assert cache.decoded == 1
+    cache.get("s1", "6", line)
+    cache.get("s1", "7", line)
+    assert len(cache.items) == 2, "bounded"

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from sidecar.app.config import (
     OPTIONS,
+    UNIX_PATH_MAX,
     ConfigError,
     Settings,
     add_arguments,
@@ -176,6 +177,21 @@ def test_grpc_listen_refused(env: dict[str, str], text: str, fragment: str) -> N
     assert fragment in text_out
 
 
+def test_a_unix_socket_path_up_to_the_kernels_limit_is_accepted(env: dict[str, str]) -> None:
+    path = "/" + "s" * (UNIX_PATH_MAX - 1)
+    assert load({**env, "DISCOVERY_GRPC_LISTEN": f"unix://{path}"}).grpc_listen == ListenAddress(unix_path=path)
+
+
+@pytest.mark.parametrize("path", ["/" + "s" * UNIX_PATH_MAX, "/" + "é" * 54])
+def test_a_unix_socket_path_over_the_kernels_limit_is_refused_at_start_up(env: dict[str, str], path: str) -> None:
+    """108 bytes (ASCII, or 54 two-byte characters and the slash, 109): refused with the setting, the limit
+    and the length, rather than by gRPC when the server binds, after start-up."""
+    text_out = problems({**env, "DISCOVERY_GRPC_LISTEN": f"unix://{path}"})
+    assert "DISCOVERY_GRPC_LISTEN (--grpc-listen)" in text_out
+    assert f"longer than the kernel's limit of {UNIX_PATH_MAX}" in text_out
+    assert f"is {len(path.encode())} bytes" in text_out
+
+
 def test_grpc_target_spelling() -> None:
     assert ListenAddress(host="::1", port=5).grpc_target == "[::1]:5"
     assert ListenAddress(host="127.0.0.1", port=5).grpc_target == "127.0.0.1:5"
@@ -290,8 +306,16 @@ class TestEtcdBackend:
         """Every ETCD_* variable has a flag, and flags win as everywhere else."""
         s = load(
             {**etcd_env, "ETCD_ENDPOINTS": "http://a:1", "ETCD_LEASE_TTL": "4"},
-            ["--etcd-endpoints", "http://b:2,http://c:3", "--etcd-lease-ttl", "6", "--etcd-auth-username", "u",
-             "--etcd-auth-password", "p"],
+            [
+                "--etcd-endpoints",
+                "http://b:2,http://c:3",
+                "--etcd-lease-ttl",
+                "6",
+                "--etcd-auth-username",
+                "u",
+                "--etcd-auth-password",
+                "p",
+            ],
         )
         assert etcd(s) is not None
         assert etcd(s).endpoints_text == "http://b:2,http://c:3"

@@ -8,6 +8,7 @@ control plane is covered in tests/integration/test_peer_stream.py.
 from __future__ import annotations
 
 import json
+import pathlib
 import queue
 import threading
 import uuid
@@ -21,6 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
 from discovery_client.client import PeerSetView, make_filter
+from sidecar.app.config import UNIX_PATH_MAX
 from sidecar.kube.sources import ENDPOINT_SLICES, WORKER_METADATA
 from sidecar.peers.metrics import Metrics
 from sidecar.peers.ports import ListenAddress, PodIdentity, Publisher
@@ -63,9 +65,7 @@ def worker_cr(pod: str, uid: str, labels: dict | None = None, data: dict | None 
 
 
 class Harness:
-    def __init__(
-        self, history: int = 1000, publisher: Publisher | None = None, max_streams: int = MAX_STREAMS
-    ) -> None:
+    def __init__(self, history: int = 1000, publisher: Publisher | None = None, max_streams: int = MAX_STREAMS) -> None:
         self.hub = new_hub(history, SELF.uid)
         self.feed = SourceFeed(self.hub)
         self.metrics = Metrics()
@@ -344,10 +344,13 @@ def test_grpc_listen_refuses_non_loopback() -> None:
     assert parse_grpc_listen("unix:///run/d.sock").unix_path == "/run/d.sock"
 
 
-def test_unix_socket_listener_and_cli_client(tmp_path, capsys) -> None:
+def test_unix_socket_listener_and_cli_client(socket_dir: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """On a socket whose path is as long as the kernel allows (the setting refuses longer ones): the server
+    binds it and the CLI reaches it."""
     from sidecar.app.cli import main as cli_main
 
-    socket_path = tmp_path / "discovery.sock"
+    socket_path = socket_dir / ("s" * (UNIX_PATH_MAX - len(str(socket_dir)) - 1))
+    assert len(str(socket_path)) == UNIX_PATH_MAX
     hub = new_hub(100, SELF.uid)
     feed = SourceFeed(hub)
     server = GrpcServer(DiscoveryService(hub, None, SELF, Metrics()), ListenAddress(unix_path=str(socket_path)))

@@ -247,21 +247,79 @@ class TestGeneratedPolicy:
 
     def test_the_policy_reads_every_setting_and_parameter(self) -> None:
         """Each setting's annotation and parameter, and each placeholder parameter, appear in the CEL."""
-        text = json.dumps(policy.policy(TEMPLATE))
-        for setting in TEMPLATE.settings:
-            assert TEMPLATE.annotation(setting) in text and setting.env in text
-        for key in TEMPLATE.parameters:
-            assert f'variables.params[\\"{key}\\"]' in text, key
+        for generated in policy.policies(TEMPLATE):
+            text = json.dumps(generated)
+            for setting in TEMPLATE.settings:
+                assert TEMPLATE.annotation(setting) in text and setting.env in text
+            for key in TEMPLATE.parameters:
+                assert f'variables.params[\\"{key}\\"]' in text, key
 
-    def test_bindings_opt_in_by_pod_or_namespace_label_and_out_by_pod_label(self) -> None:
-        pods, namespaces = policy.bindings(TEMPLATE)
-        assert pods["spec"]["matchResources"] == {"objectSelector": {"matchLabels": {TEMPLATE.label: "true"}}}
-        assert namespaces["spec"]["matchResources"]["namespaceSelector"] == {"matchLabels": {TEMPLATE.label: "true"}}
-        assert namespaces["spec"]["matchResources"]["objectSelector"]["matchExpressions"] == [
-            {"key": TEMPLATE.label, "operator": "NotIn", "values": ["false"]}
-        ]
-        for binding in (pods, namespaces):
+    def test_the_policies_differ_only_in_name_and_selectors(self) -> None:
+        """One patch, one match condition, one failure policy: the opt-ins are the only difference."""
+        pods, namespaces = policy.policies(TEMPLATE)
+        for generated in (pods, namespaces):
+            generated["spec"]["matchConstraints"] = {
+                "resourceRules": generated["spec"]["matchConstraints"]["resourceRules"]
+            }
+            del generated["metadata"]["name"]
+        assert pods == namespaces
+        assert pods["spec"]["failurePolicy"] == "Fail" and pods["spec"]["matchConditions"][0]["name"] == (
+            "sidecar-not-declared"
+        )
+
+    def test_bindings_name_their_policy_and_read_the_pods_namespaces_parameters(self) -> None:
+        for generated, binding in zip(policy.policies(TEMPLATE), policy.bindings(TEMPLATE), strict=True):
+            assert binding["spec"]["policyName"] == generated["metadata"]["name"]
             assert binding["spec"]["paramRef"] == {"name": policy.PARAMS_NAME, "parameterNotFoundAction": "Deny"}
+            constraints = dict(generated["spec"]["matchConstraints"])
+            del constraints["resourceRules"]
+            assert binding["spec"]["matchResources"] == constraints
+
+    POD_LABELS = (None, "true", "false", "yes")
+    NAMESPACE_LABELS = (None, "true", "false")
+
+    @pytest.mark.parametrize("namespace_label", NAMESPACE_LABELS)
+    @pytest.mark.parametrize("pod_label", POD_LABELS)
+    def test_a_pod_is_matched_by_one_policy_if_it_opted_in_and_by_none_otherwise(
+        self, pod_label: str | None, namespace_label: str | None
+    ) -> None:
+        """The selectors in each policy's own matchConstraints (what kube-apiserver checks before it looks at
+        the policy's paramKind or bindings) decide, evaluated as the API server does: a pod that did not opt
+        in is matched by no policy, so no broken or not-yet-ready policy can refuse it; a pod that did is
+        matched by exactly one, so it never gets two sidecars."""
+        pod = {} if pod_label is None else {TEMPLATE.label: pod_label}
+        namespace = {} if namespace_label is None else {TEMPLATE.label: namespace_label}
+        matching = [
+            generated["metadata"]["name"]
+            for generated in policy.policies(TEMPLATE)
+            if selects(generated["spec"]["matchConstraints"].get("objectSelector"), pod)
+            and selects(generated["spec"]["matchConstraints"].get("namespaceSelector"), namespace)
+        ]
+        opted_in = pod_label == "true" or (namespace_label == "true" and pod_label != "false")
+        assert len(matching) == (1 if opted_in else 0), matching
+
+
+def selects(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
+    """A metav1.LabelSelector's meaning (absent or empty selects everything; the parts AND)."""
+    if not selector:
+        return True
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for requirement in selector.get("matchExpressions") or ():
+        key, operator, values = requirement["key"], requirement["operator"], requirement.get("values") or []
+        present = key in labels
+        if operator == "In" and not (present and labels[key] in values):
+            return False
+        if operator == "NotIn" and present and labels[key] in values:
+            return False
+        if operator == "Exists" and not present:
+            return False
+        if operator == "DoesNotExist" and present:
+            return False
+        if operator not in ("In", "NotIn", "Exists", "DoesNotExist"):
+            raise AssertionError(f"unknown operator {operator}")
+    return True
 
 
 def test_cli_help_lists_inject() -> None:

@@ -1,14 +1,22 @@
-"""Generate the injection MutatingAdmissionPolicy (CEL) from the template.
+"""Generate the injection MutatingAdmissionPolicies (CEL) from the template.
 
 ``python -m sidecar.app.injection.policy --write`` writes the committed copies (the chart's
 ``files/injection-policy.yaml`` and the kustomize component); ``--check`` fails when they differ
 from what this module makes (a unit test runs the same check).
 
-The policy is one JSON patch, built to add exactly what ``pod.inject_pod`` adds, in the same order:
+The patch is one JSON patch, built to add exactly what ``pod.inject_pod`` adds, in the same order:
 the sidecar first among the init containers, the missing volumes, the app containers' variables. It
-runs on pod CREATE only, for pods matched by one of two bindings (the pod's label, or its namespace's
-label without a pod label ``"false"``), and skips a pod that already declares the sidecar's container
-(match condition), so a pod matched by both bindings, or reinvoked, gets one sidecar.
+runs on pod CREATE only and skips a pod that already declares the sidecar's container (match
+condition), so a reinvoked policy adds nothing more.
+
+There are two policies with the same patch, one per way to opt in (``opt_ins``): the pod's label, or its
+namespace's label without a pod label ``"true"`` or ``"false"``. The opt-in selectors sit in each policy's
+own ``matchConstraints``, not only in its binding, because kube-apiserver checks a policy's configuration
+(its ``paramKind`` resolved to a resource) after ``matchConstraints`` and before any binding: with
+``failurePolicy: Fail`` a policy whose parameters' CRD is missing, deleted or not yet known to admission
+refuses every pod its ``matchConstraints`` match. Narrowed to opted-in pods, a broken or not-yet-ready
+injection can only refuse pods that asked for the sidecar, never the cluster's other pods. The two
+selectors are disjoint, so every pod is matched by at most one policy and gets at most one sidecar.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ import yaml
 
 from sidecar.app.injection.template import Setting, Template, load_template
 
-POLICY_NAME = "discovery-sidecar-injection"
+POLICY_PREFIX = "discovery-sidecar-injection"
+"""The policies and their bindings are named ``{POLICY_PREFIX}-{opt-in}`` (``opt_ins``)."""
 PARAMS_NAME = "discovery-sidecar-injection"
 PARAMS_GROUP = "discovery-sidecar.io"
 PARAMS_VERSION = "v1alpha1"
@@ -201,58 +210,73 @@ object.spec.containers.transformList(i, c, true,
 ).flatten()"""
 
 
-def policy(template: Template) -> dict[str, Any]:
+def opt_ins(template: Template) -> dict[str, dict[str, Any]]:
+    """The ways a pod opts in, by name: the label selectors that pick its pods (a policy's and its binding's).
+
+    ``pods``: the pod is labelled ``"true"`` (in any namespace). ``namespaces``: its namespace is labelled
+    ``"true"`` and the pod carries the label with neither ``"true"`` (that pod is ``pods``'s) nor ``"false"``
+    (it opts out). Disjoint, so no pod is matched twice; together, every pod that opted in and no other."""
+    label = template.label
+    return {
+        "pods": {"objectSelector": {"matchLabels": {label: "true"}}},
+        "namespaces": {
+            "namespaceSelector": {"matchLabels": {label: "true"}},
+            "objectSelector": {"matchExpressions": [{"key": label, "operator": "NotIn", "values": ["true", "false"]}]},
+        },
+    }
+
+
+def policy_name(opt_in: str) -> str:
+    return f"{POLICY_PREFIX}-{opt_in}"
+
+
+def policies(template: Template) -> list[dict[str, Any]]:
+    """One policy per opt-in, the same patch in each; ``matchConstraints`` selects only the opted-in pods."""
     not_declared = (
         f"!(has(object.spec.initContainers) && object.spec.initContainers.exists(c, c.name == "
         f"{cel_string(template.container_name)})) && "
         f"!object.spec.containers.exists(c, c.name == {cel_string(template.container_name)})"
     )
-    return {
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "MutatingAdmissionPolicy",
-        "metadata": {"name": POLICY_NAME},
-        "spec": {
-            "paramKind": {"apiVersion": PARAMS_API_VERSION, "kind": PARAMS_KIND},
-            "matchConstraints": {
-                "resourceRules": [
-                    {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}
-                ]
+    patch = patch_expression(template)
+    return [
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "MutatingAdmissionPolicy",
+            "metadata": {"name": policy_name(opt_in)},
+            "spec": {
+                "paramKind": {"apiVersion": PARAMS_API_VERSION, "kind": PARAMS_KIND},
+                "matchConstraints": {
+                    "resourceRules": [
+                        {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}
+                    ],
+                    **selectors,
+                },
+                "matchConditions": [{"name": "sidecar-not-declared", "expression": not_declared}],
+                "failurePolicy": "Fail",
+                "reinvocationPolicy": "IfNeeded",
+                "variables": variables(template),
+                "mutations": [{"patchType": "JSONPatch", "jsonPatch": {"expression": patch}}],
             },
-            "matchConditions": [{"name": "sidecar-not-declared", "expression": not_declared}],
-            "failurePolicy": "Fail",
-            "reinvocationPolicy": "IfNeeded",
-            "variables": variables(template),
-            "mutations": [{"patchType": "JSONPatch", "jsonPatch": {"expression": patch_expression(template)}}],
-        },
-    }
+        }
+        for opt_in, selectors in opt_ins(template).items()
+    ]
 
 
 def bindings(template: Template) -> list[dict[str, Any]]:
-    """One binding per way to opt in: the pod's label, or its namespace's label (a pod label "false" opts out).
+    """One binding per policy, with the same selectors (the policy's ``matchConstraints`` already narrow it).
 
     The parameter object is looked up in the pod's own namespace (no namespace in ``paramRef``): it is
     installed beside the sidecar's Role in each namespace set up for it, and may differ per namespace. A pod
     that opts in where there is none is refused, naming the binding (it could not run the sidecar either)."""
     param_ref = {"name": PARAMS_NAME, "parameterNotFoundAction": "Deny"}
-    label = template.label
-
-    def binding(suffix: str, match: dict[str, Any]) -> dict[str, Any]:
-        return {
+    return [
+        {
             "apiVersion": "admissionregistration.k8s.io/v1",
             "kind": "MutatingAdmissionPolicyBinding",
-            "metadata": {"name": f"{POLICY_NAME}-{suffix}"},
-            "spec": {"policyName": POLICY_NAME, "paramRef": param_ref, "matchResources": match},
+            "metadata": {"name": policy_name(opt_in)},
+            "spec": {"policyName": policy_name(opt_in), "paramRef": param_ref, "matchResources": selectors},
         }
-
-    return [
-        binding("pods", {"objectSelector": {"matchLabels": {label: "true"}}}),
-        binding(
-            "namespaces",
-            {
-                "namespaceSelector": {"matchLabels": {label: "true"}},
-                "objectSelector": {"matchExpressions": [{"key": label, "operator": "NotIn", "values": ["false"]}]},
-            },
-        ),
+        for opt_in, selectors in opt_ins(template).items()
     ]
 
 
@@ -323,14 +347,14 @@ def dump(documents: Sequence[Mapping[str, Any]]) -> str:
 
 def rendered_files(template: Template) -> dict[pathlib.Path, str]:
     """Each generated file and its content."""
-    cluster_scoped = [policy(template), *bindings(template)]
+    cluster_scoped = [*policies(template), *bindings(template)]
     crd = _HEADER + "# The parameter objects' kind (SidecarInjection): installed before the objects of that kind.\n"
     return {
         CHART_POLICY: _HEADER + dump(cluster_scoped),
         CHART_PARAMS_CRD: crd + dump([params_crd()]),
         KUSTOMIZE_PARAMS_CRD: crd + dump([params_crd()]),
         KUSTOMIZE_COMPONENT: _HEADER
-        + "# The policy and its bindings are cluster-scoped; the parameter object goes into each namespace whose\n"
+        + "# The policies and their bindings are cluster-scoped; the parameter object goes into each namespace whose\n"
         + "# pods may opt in (kubectl apply -k ... -n NAMESPACE), beside the sidecar's Role.\n"
         + dump([*cluster_scoped, params_object(template)]),
     }

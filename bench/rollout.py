@@ -1,0 +1,768 @@
+"""``python -m bench.rollout`` (``make bench-rollout``): what a real rollout costs, by subscriber arm (issue #23).
+
+``bench.cost`` replaced pods by hand at a fixed rate. Here the rollout is a real one: a Deployment of
+``P`` replicas, its pods run by kwok's simulated kubelets (``devcluster.kwok``: IPs, Ready, graceful
+termination, deletion), rolled by ``kubectl rollout restart`` through the real Deployment, ReplicaSet and
+EndpointSlice controllers with the Deployment's default strategy (25% surge, 25% unavailable). Each pod's
+sidecar registration is played by ``Registrar``: the pod's DynamoWorkerMetadata is applied once kwok has
+started it, deleted when the pod is deleted (the sidecar's SIGTERM), as the sidecar does.
+
+The subscribers to the peer set are one *arm* (``Subscribers``); every arm meets the same kind of
+rollout on the same plane, one after the other:
+
+* ``every-pod`` (``W = P``): each pod's sidecar watches the API server: a ``bench.watchers`` process
+  holding one simulated sidecar per live pod (the sidecar's requests; a new pod's sidecar starts with a
+  fresh sync when kwok starts the pod, an old one's stops when its pod is gone);
+* ``routers`` (``W = R``, 10 by default): only routers watch the API server, through the whole rollout;
+* ``relays``: every pod follows one of 3 relay replicas over ``WatchPeers`` (``RelaySubscribers``: the
+  hook for ``discovery-sidecar relay``, which does not exist yet).
+
+Per arm: the connect phase (the subscribers' initial sync), then the rollout: bytes the subscribers
+received and the API server's own count of watch-event bytes, CPU seconds of kube-apiserver, etcd,
+kube-controller-manager, kwok and the arm's processes, their peak RSS, and the convergence: for every
+subscriber alive at the end, the time from the last new pod's Ready (as seen on a watch) to that
+subscriber holding the final peer set (p50, p99, max). The peer set a simulated sidecar holds is the one
+the sidecar would serve from what it received (``bench.watchers.PeerView``).
+
+Results: ``bench/results/rollout-p<P>-<arm>[-<tag>].json``, ``bench/results/ROLLOUT.md`` and
+``bench/plots/rollout.png`` (against ``bench/COST_MODEL.md``'s model). Benchmarks measure; nothing here
+asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import psutil
+
+from bench.cost import (
+    PLOTS_DIR,
+    RESULTS_DIR,
+    SLICE_SELECTOR,
+    JsonLinesChild,
+    RssSampler,
+    Simulator,
+    cpu_seconds,
+    delta,
+    list_all,
+    prepare_workload,
+    rv_map,
+    scrape,
+)
+from bench.watchers import live_endpoints
+from bench.workload import LABELS, NAMESPACE, SERVICE, metadata
+from devcluster.build import ensure_built
+from devcluster.cluster import ControlPlane
+from devcluster.kwok import Kwok, pod_template_spec
+from devcluster.objects import ENDPOINT_SLICES, PODS, WORKER_METADATA, Cluster
+from devcluster.waiting import wait_for
+from devcluster.watching import CollectionWatch
+from sidecar.kube.api import ApiError, KubeApi
+
+DEPLOYMENT = "workers"
+
+
+def say(message: str) -> None:
+    print(f"[bench.rollout] {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+# -- the arms ---------------------------------------------------------------------------------------------------
+class Subscribers(Protocol):
+    """One arm: a population of subscribers to the peer set, driven through a rollout by ``RolloutBench``.
+
+    Call order: ``start(pods)`` (the connect phase: returns once every subscriber holds its initial set);
+    then, during the rollout, ``pod_started``/``pod_gone`` from the registrar's thread for every pod that
+    kwok starts or that is deleted; ``stats()`` at each phase's edges; ``converge(...)`` once the cluster
+    has settled; ``close()``. ``processes()`` names every process the arm runs, for CPU and peak RSS."""
+
+    name: str
+    """The arm's label in results: "every-pod", "routers", "relays"."""
+
+    def start(self, pods: Sequence[str]) -> None: ...
+
+    def pod_started(self, pod: str) -> None: ...
+
+    def pod_gone(self, pod: str) -> None: ...
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since start: ``bytes``, ``events``, ``requests``, ``errors`` (each a dict of counts) and
+        ``watchers`` (subscribers now). Bytes are what the subscribers received (from the API server, or
+        from the relays: the relays' egress)."""
+        ...
+
+    def converge(self, truth: dict[str, dict[str, str]], peers: dict[str, str], timeout: float) -> dict[str, Any]:
+        """Wait until every subscriber holds ``peers`` (pod name -> READY/DRAINING; API-server watchers also
+        ``truth``, the name -> resourceVersion maps); reply ``converged``, ``behind_count`` and
+        ``last_peer_change`` (subscriber id -> ``time.monotonic()`` of its last peer-set change)."""
+        ...
+
+    def processes(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
+
+
+class ProcessSubscribers:
+    """Subscribers in a child process speaking ``bench.watchers``'s JSON-lines commands (``start``, ``stop``,
+    ``wait_ready``, ``stats``, ``converge`` with ``peers``). Every arm is one of these; they differ in the
+    process's argv and in whether subscribers follow the pods (``every_pod``) or are a fixed set."""
+
+    def __init__(self, name: str, child: JsonLinesChild, every_pod: bool, fixed: int = 0) -> None:
+        self.name = name
+        self.child = child
+        self.every_pod = every_pod
+        self.fixed = fixed
+        self.lock = threading.Lock()  # one command at a time on the child's pipe
+
+    def call(self, **command: Any) -> dict[str, Any]:
+        with self.lock:
+            return self.child.call(**command)
+
+    def start(self, pods: Sequence[str]) -> None:
+        ids = list(pods) if self.every_pod else [f"{self.name}-{i}" for i in range(self.fixed)]
+        for at in range(0, len(ids), 500):
+            self.call(cmd="start", ids=ids[at : at + 500])
+        self.call(cmd="wait_ready")
+
+    def pod_started(self, pod: str) -> None:
+        if self.every_pod:
+            self.call(cmd="start", ids=[pod])
+
+    def pod_gone(self, pod: str) -> None:
+        if self.every_pod:
+            self.call(cmd="stop", ids=[pod])
+
+    def stats(self) -> dict[str, Any]:
+        return self.call(cmd="stats")["stats"]
+
+    def converge(self, truth: dict[str, dict[str, str]], peers: dict[str, str], timeout: float) -> dict[str, Any]:
+        return self.call(cmd="converge", truth=truth, peers=peers, timeout=timeout)
+
+    def processes(self) -> dict[str, int]:
+        return {"subscribers": self.child.process.pid}
+
+    def close(self) -> None:
+        self.child.close()
+
+
+def watcher_arm(
+    name: str, plane: ControlPlane, token: pathlib.Path, logs: pathlib.Path, args: argparse.Namespace
+) -> Subscribers:
+    """``every-pod`` or ``routers``: simulated sidecars on the API server (``bench.watchers --peers``)."""
+    simulator = Simulator(plane, token, 0, logs / f"subscribers-{name}.log", args.initial, extra=["--peers"])
+    return ProcessSubscribers(name, simulator, every_pod=name == "every-pod", fixed=args.routers)
+
+
+def peer_subscribers(
+    targets: Sequence[str], log: pathlib.Path, ca: pathlib.Path | None = None, token: pathlib.Path | None = None
+) -> JsonLinesChild:
+    """A ``bench.peer_subscribers`` process: subscribers following ``WatchPeers`` streams, spread over
+    ``targets`` (host:port), verified with ``ca`` (else plaintext), presenting ``token`` if given."""
+    argv = [sys.executable, "-m", "bench.peer_subscribers", "--targets", ",".join(targets)]
+    argv += ["--ca", str(ca)] if ca else []
+    argv += ["--token-file", str(token)] if token else []
+    return JsonLinesChild(argv, log)
+
+
+def relay_arm(
+    name: str, plane: ControlPlane, token: pathlib.Path, logs: pathlib.Path, args: argparse.Namespace
+) -> Subscribers:
+    """``relays``: every pod following one of ``--relays`` relay replicas over WatchPeers (issue #23, items 1-2).
+
+    The hook for the relay, which does not exist yet. What it needs to return: a ``Subscribers`` whose
+    subscribers are ``ProcessSubscribers(name, peer_subscribers(targets, logs / ..., ca, token),
+    every_pod=True)`` (one WatchPeers stream per pod, spread over the relays, resumed on the next relay when
+    one fails: ``bench/peer_subscribers.py``, tested against a real sidecar), and whose ``processes()`` adds
+    each relay replica (``relay-0``, ...) so that their CPU-s and peak RSS are reported, and whose ``close()``
+    stops them. The relays are ``discovery-sidecar relay`` processes started here against ``plane`` with
+    ``DISCOVERY_NAMESPACES=bench``, ``DISCOVERY_SERVICE_NAME=workers`` (``bench.workload``),
+    ``DISCOVERY_RELAY_LISTEN=127.0.0.1:<free port>`` and TLS, authenticating to the API server with a
+    kubeconfig of their own; the subscribers present ``token`` (the sidecar service account's)."""
+    raise NotImplementedError("the relay arm needs `discovery-sidecar relay` (issue #23, items 1-2)")
+
+
+ARMS: dict[str, Callable[[str, ControlPlane, pathlib.Path, pathlib.Path, argparse.Namespace], Subscribers]] = {
+    "routers": watcher_arm,
+    "every-pod": watcher_arm,
+    "relays": relay_arm,
+}
+
+
+# -- the pods' side: registration, and when each pod started, turned Ready, went ------------------------------
+@dataclass
+class PodRecord:
+    name: str
+    uid: str
+    started: float | None = None  # monotonic: first seen with an IP (its sidecar registers)
+    ready: float | None = None  # first seen Ready
+    deleting: float | None = None  # first seen with a deletionTimestamp
+    gone: float | None = None  # DELETED
+
+
+class Registrar:
+    """Plays every pod's sidecar registration and keeps each pod's lifecycle times, from one pod watch.
+
+    A pod first seen with an IP gets its CR (server-side apply, owned by the pod, as Dynamo writes it) and
+    the arm hears ``pod_started``; a deleted pod's CR is deleted (the sidecar's SIGTERM; the garbage
+    collector would do it later otherwise); a pod gone is ``pod_gone``. Writes go to a pool, off the watch's
+    thread; ``_lock`` guards ``pods``, ``listener`` and ``pending``."""
+
+    def __init__(self, api: KubeApi, cluster: Cluster, threads: int = 8) -> None:
+        self.api = api
+        self.cluster = cluster
+        self.pods: dict[str, PodRecord] = {}
+        self.listener: Subscribers | None = None
+        self.pending = 0
+        self.retries = 0
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="registrar")
+        self._watch = CollectionWatch(
+            api, PODS.collection(NAMESPACE), self._on_event, label_selector="app=worker", name="registrar"
+        )
+
+    def start(self) -> None:
+        self._watch.start()
+        wait_for(self._watch.synced.is_set, 60, what="the registrar's pod list")
+
+    def stop(self) -> None:
+        self._watch.stop()
+        self._pool.shutdown(wait=True)
+
+    def _submit(self, action: Callable[[], None], attempts: int = 10) -> None:
+        """Run ``action`` on the pool, retrying with backoff (a loaded API server times out, as it would for
+        a sidecar, which retries too); what still fails is recorded and reported."""
+
+        def run() -> None:
+            try:
+                for attempt in range(attempts):
+                    try:
+                        action()
+                        return
+                    except Exception as exc:  # noqa: BLE001 - retried, then recorded
+                        if attempt == attempts - 1:
+                            with self._lock:
+                                self.errors.append(f"{type(exc).__name__}: {exc}")
+                            return
+                        with self._lock:
+                            self.retries += 1
+                        time.sleep(min(0.5 * 2**attempt, 10.0))  # backoff before the next try
+            finally:
+                with self._lock:
+                    self.pending -= 1
+
+        with self._lock:
+            self.pending += 1
+        self._pool.submit(run)
+
+    def _on_event(self, kind: str, pod: Mapping[str, Any]) -> None:
+        now = time.monotonic()
+        meta, status = pod["metadata"], pod.get("status") or {}
+        name = meta["name"]
+        ready = any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions") or ())
+        writes: list[Callable[[], None]] = []  # to the API server, on the pool
+        calls: list[Callable[[], None]] = []  # to the arm, in order, on this thread
+        with self._lock:
+            record = self.pods.get(name)
+            if record is None or record.uid != meta["uid"]:
+                record = self.pods[name] = PodRecord(name, meta["uid"])
+            listener = self.listener
+            if kind == "DELETED":
+                if record.gone is None:
+                    record.gone = now
+                    if listener is not None:
+                        calls.append(lambda: listener.pod_gone(name))
+            else:
+                if record.started is None and status.get("podIP") and not meta.get("deletionTimestamp"):
+                    record.started = now
+                    writes.append(lambda: self._register(pod))
+                    if listener is not None:
+                        calls.append(lambda: listener.pod_started(name))
+                if ready and record.ready is None:
+                    record.ready = now
+                if meta.get("deletionTimestamp") and record.deleting is None:
+                    record.deleting = now
+                    writes.append(lambda: self._deregister(name))
+        for write in writes:
+            self._submit(write)
+        for call in calls:
+            call()
+
+    def _register(self, pod: Mapping[str, Any]) -> None:
+        self.cluster.register_like_dynamo(pod, metadata(pod["metadata"]["name"], 0))
+
+    def _deregister(self, name: str) -> None:
+        try:
+            self.api.delete(WORKER_METADATA.item(NAMESPACE, name))
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+
+    def listen(self, arm: Subscribers | None) -> list[PodRecord]:
+        """Send pod starts and ends to ``arm`` from now on (None: to no one); return every pod record so far."""
+        with self._lock:
+            self.listener = arm
+            return list(self.pods.values())
+
+    def live(self) -> list[PodRecord]:
+        with self._lock:
+            return [r for r in self.pods.values() if r.gone is None and r.deleting is None]
+
+    def quiet(self, size: int) -> bool:
+        """Exactly ``size`` pods, all Ready, none terminating, every CR write done."""
+        with self._lock:
+            if self.pending:
+                return False
+            records = [r for r in self.pods.values() if r.gone is None]
+        return len(records) == size and all(r.ready is not None and r.deleting is None for r in records)
+
+
+# -- the benchmark ---------------------------------------------------------------------------------------------
+def final_peers(api: KubeApi) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """The truth: name -> resourceVersion of the slices and CRs, and the peer set a sidecar serves from them."""
+    slices = list(list_all(api, ENDPOINT_SLICES.collection(NAMESPACE), SLICE_SELECTOR))
+    crs = list(list_all(api, WORKER_METADATA.collection(NAMESPACE)))
+    live: dict[str, str] = {}
+    for item in slices:
+        for pod, state in live_endpoints(item).items():
+            if live.get(pod) != "READY":
+                live[pod] = state
+    names = {i["metadata"]["name"] for i in crs}
+    truth = {"endpointslices": rv_map(iter(slices)), "dynamoworkermetadatas": rv_map(iter(crs))}
+    return truth, {pod: state for pod, state in live.items() if pod in names}
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0-100), nearest rank: the value at or below which q% of them lie."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 100))))
+    return ordered[rank - 1]
+
+
+class RolloutBench:
+    def __init__(self, work: pathlib.Path, args: argparse.Namespace) -> None:
+        self.work = work
+        self.args = args
+        self.logs = work / "logs"
+        self.plane = ControlPlane(bin_dir=ensure_built(), work_dir=work / "controlplane", log=say)
+        self.kwok: Kwok | None = None
+        self.api: KubeApi | None = None
+        self.cluster: Cluster | None = None
+        self.registrar: Registrar | None = None
+        self.token_file = work / "subscriber.token"
+
+    def start(self) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.plane.start()
+        self.api, self.cluster = prepare_workload(self.plane, self.token_file)
+        self.cluster.create_service(NAMESPACE, SERVICE, LABELS)
+        self.kwok = Kwok(self.plane, self.work / "kwok", log=say).start()
+        self.kwok.add_nodes(self.args.nodes, zones=3)
+        # The harness's own writes wait longer than the sidecar's 15 s: the API server is what is overloaded here.
+        patient = KubeApi.from_kubeconfig(str(self.plane.kubeconfig), request_timeout=60)
+        self.registrar = Registrar(patient, Cluster(patient), threads=self.args.registrar_threads)
+        self.registrar.start()
+
+    def stop(self) -> None:
+        if self.registrar is not None:
+            self.registrar.stop()
+        if self.kwok is not None:
+            self.kwok.stop()
+        self.plane.stop()
+
+    def pids(self) -> dict[str, int]:
+        pids = dict(self.plane.pids())
+        if self.kwok is not None and self.kwok.pid is not None:
+            pids["kwok"] = self.kwok.pid
+        return pids
+
+    # -- the workload ----------------------------------------------------------------------------------------
+    def deployment(self, size: int) -> dict[str, Any]:
+        args = self.args
+        return {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": DEPLOYMENT, "labels": dict(LABELS)},
+            "spec": {
+                "replicas": size,
+                "selector": {"matchLabels": dict(LABELS)},
+                "strategy": {
+                    "type": "RollingUpdate",
+                    "rollingUpdate": {"maxSurge": args.max_surge, "maxUnavailable": args.max_unavailable},
+                },
+                "template": {
+                    "metadata": {
+                        "labels": dict(LABELS),
+                        "annotations": {
+                            "devcluster.kwok/ready": args.ready,
+                            "devcluster.kwok/ready-max": args.ready_max,
+                            "devcluster.kwok/stop": args.stop,
+                        },
+                    },
+                    "spec": pod_template_spec(
+                        terminationGracePeriodSeconds=30,
+                        serviceAccountName="discovery-sidecar",
+                        automountServiceAccountToken=False,
+                        containers=[
+                            {
+                                "name": "main",
+                                "image": "example.invalid/worker:1",
+                                "ports": [{"name": "http", "containerPort": 8000}],
+                            }
+                        ],
+                    ),
+                },
+            },
+        }
+
+    def scale_to(self, size: int) -> None:
+        assert self.api is not None and self.registrar is not None
+        path = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments"
+        try:
+            self.api.create(path, self.deployment(size))
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+            self.api.merge_patch(f"{path}/{DEPLOYMENT}", {"spec": {"replicas": size}})
+        started = time.monotonic()
+        self.wait_settled(size, 1800, f"{size} Ready pods with their CRs")
+        say(f"P={size}: {size} pods Ready in {time.monotonic() - started:.0f}s")
+
+    def settled(self, size: int, replaced: frozenset[str] = frozenset()) -> bool:
+        """The registrar's pods are quiet, none of them is in ``replaced``, and the slices and CRs say the same."""
+        assert self.api is not None and self.registrar is not None
+        if not self.registrar.quiet(size):
+            return False
+        names = {r.name for r in self.registrar.live()}
+        if names & replaced:
+            return False
+        _, peers = final_peers(self.api)
+        return peers == dict.fromkeys(names, "READY") and len(names) == size
+
+    def wait_settled(self, size: int, timeout: float, what: str, replaced: frozenset[str] = frozenset()) -> None:
+        assert self.registrar is not None
+        wait_for(lambda: self.settled(size, replaced), timeout, interval=1.0, what=what)
+        if self.registrar.errors:
+            raise RuntimeError(f"the registrar's writes failed: {self.registrar.errors[:5]}")
+
+    def kubectl(self, *args: str) -> None:
+        argv = [str(self.plane.kubectl), f"--kubeconfig={self.plane.kubeconfig}", f"--namespace={NAMESPACE}", *args]
+        subprocess.run(argv, check=True, capture_output=True, timeout=120)
+
+    # -- one arm ---------------------------------------------------------------------------------------------
+    def snapshot(self, arm: Subscribers) -> dict[str, Any]:
+        cpu = {name: cpu_seconds(pid) for name, pid in self.pids().items()}
+        for name, pid in arm.processes().items():
+            with contextlib.suppress(psutil.Error):
+                times = psutil.Process(pid).cpu_times()
+                cpu[name] = times.user + times.system
+        return {"t": time.monotonic(), "cpu": cpu, "metrics": scrape(self.plane), "stats": arm.stats()}
+
+    @staticmethod
+    def phase(before: dict[str, Any], after: dict[str, Any], rss: RssSampler) -> dict[str, Any]:
+        def counts(key: str) -> dict[str, float]:
+            return delta(after["stats"].get(key, {}), before["stats"].get(key, {}))
+
+        metrics = delta(after["metrics"], before["metrics"])
+        received = counts("bytes")
+        return {
+            "seconds": after["t"] - before["t"],
+            "subscriber_bytes": sum(received.values()),
+            "subscriber_bytes_by_stream": received,
+            "subscriber_events": counts("events"),
+            "subscriber_requests": counts("requests"),
+            "subscriber_errors": counts("errors"),
+            "apiserver_watch_event_bytes": sum(v for k, v in metrics.items() if k.startswith("watch_event_sum")),
+            "apiserver_list_response_bytes": sum(v for k, v in metrics.items() if k.startswith("response_bytes LIST")),
+            "apiserver_metrics": metrics,
+            "cpu_s": {n: after["cpu"][n] - before["cpu"].get(n, 0.0) for n in after["cpu"]},
+            "peak_rss_bytes": dict(rss.peak),
+        }
+
+    def run_arm(self, name: str, size: int) -> dict[str, Any]:
+        assert self.api is not None and self.registrar is not None
+        arm = ARMS[name](name, self.plane, self.token_file, self.logs, self.args)
+        result: dict[str, Any] = {"P": size, "arm": name, "initial": self.args.initial}
+        result["kwok_parallelism"] = self.kwok.parallelism if self.kwok else None
+        pids = self.pids() | arm.processes()
+        with RssSampler(pids) as rss:
+            try:
+                pods = sorted(r.name for r in self.registrar.live())
+                before = self.snapshot(arm)
+                say(f"P={size} {name}: connecting")
+                arm.start(pods)
+                connected = self.snapshot(arm)
+                result["connect"] = self.phase(before, connected, rss)
+                result["subscribers"] = connected["stats"].get("watchers")
+                say(f"  connected {result['subscribers']} subscribers in {result['connect']['seconds']:.1f}s")
+                rss.peak = {n: 0 for n in rss.pids}
+                self.registrar.listen(arm)
+                old = frozenset(r.name for r in self.registrar.live())
+                restart_at = time.monotonic()
+                self.kubectl("rollout", "restart", f"deployment/{DEPLOYMENT}")
+                self.wait_settled(size, self.args.rollout_timeout, f"the rollout of {size} pods", replaced=old)
+                settled_at = time.monotonic()
+                records = self.registrar.listen(None)
+                new = [r for r in records if r.name not in old and r.gone is None]
+                replaced = [r for r in records if r.name in old]
+                last_ready = max(r.ready for r in new if r.ready is not None)
+                last_gone = max((r.gone for r in replaced if r.gone is not None), default=settled_at)
+                converged: dict[str, Any] = {}
+                for _ in range(10):  # the truth can move once more (a late controller write): read it again
+                    truth, peers = final_peers(self.api)
+                    converged = arm.converge(truth, peers, 60)
+                    if converged["converged"]:
+                        break
+                done = self.snapshot(arm)
+                rollout = self.phase(connected, done, rss)
+                changes = converged.get("last_peer_change") or {}
+                after = [t - last_ready for t in changes.values()]
+                rollout.update(
+                    registrar_retries=self.registrar.retries,
+                    binder_retries=self.kwok.binder.failures if self.kwok else None,
+                    new_pods=len(new),
+                    replaced_pods=sum(1 for r in replaced if r.gone is not None),
+                    last_ready_after_restart_s=last_ready - restart_at,
+                    last_pod_gone_after_last_ready_s=last_gone - last_ready,
+                    settled_after_restart_s=settled_at - restart_at,
+                    converged=converged["converged"],
+                    behind=converged["behind_count"],
+                    behind_why=converged.get("behind_why"),
+                    behind_sample=converged.get("behind"),
+                    convergence_s={
+                        "subscribers": len(after),
+                        "p50": percentile(after, 50),
+                        "p99": percentile(after, 99),
+                        "max": max(after) if after else None,
+                        "min": min(after) if after else None,
+                    },
+                )
+                result["rollout"] = rollout
+                conv = rollout["convergence_s"]
+                say(
+                    f"  rollout: {rollout['subscriber_bytes'] / 1e6:,.1f} MB to subscribers, apiserver "
+                    f"{rollout['cpu_s']['kube-apiserver']:.1f} CPU-s, last Ready "
+                    f"{rollout['last_ready_after_restart_s']:.1f}s after the restart; converged "
+                    f"{rollout['converged']}: p50 {conv['p50']}, p99 {conv['p99']}, max {conv['max']}"
+                )
+            finally:
+                self.registrar.listen(None)
+                arm.close()
+        return result
+
+
+# -- report ----------------------------------------------------------------------------------------------------
+def load_results() -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(RESULTS_DIR.glob("rollout-p*.json"))]
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value / 1e6:,.1f}"
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Median per (P, arm) across repeats."""
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for result in results:
+        groups.setdefault((result["P"], result["arm"]), []).append(result)
+    rows = []
+    for (size, arm), group in sorted(groups.items()):
+
+        def med(get: Callable[[dict[str, Any]], float | None], group: list[dict[str, Any]] = group) -> float | None:
+            values = [v for v in (get(r) for r in group) if v is not None]
+            return statistics.median(values) if values else None
+
+        rows.append(
+            {
+                "P": size,
+                "arm": arm,
+                "repeats": len(group),
+                "subscribers": med(lambda r: r["subscribers"]),
+                "connect_bytes": med(lambda r: r["connect"]["subscriber_bytes"]),
+                "connect_apiserver_cpu_s": med(lambda r: r["connect"]["cpu_s"]["kube-apiserver"]),
+                "connect_seconds": med(lambda r: r["connect"]["seconds"]),
+                "rollout_bytes": med(lambda r: r["rollout"]["subscriber_bytes"]),
+                "apiserver_watch_bytes": med(lambda r: r["rollout"]["apiserver_watch_event_bytes"]),
+                "apiserver_cpu_s": med(lambda r: r["rollout"]["cpu_s"]["kube-apiserver"]),
+                "etcd_cpu_s": med(lambda r: r["rollout"]["cpu_s"].get("etcd")),
+                "kcm_cpu_s": med(lambda r: r["rollout"]["cpu_s"].get("kube-controller-manager")),
+                "kwok_cpu_s": med(lambda r: r["rollout"]["cpu_s"].get("kwok")),
+                "subscriber_cpu_s": med(lambda r: r["rollout"]["cpu_s"].get("subscribers")),
+                "apiserver_peak_rss": med(lambda r: r["rollout"]["peak_rss_bytes"].get("kube-apiserver")),
+                "last_ready_s": med(lambda r: r["rollout"]["last_ready_after_restart_s"]),
+                "p50": med(lambda r: r["rollout"]["convergence_s"]["p50"]),
+                "p99": med(lambda r: r["rollout"]["convergence_s"]["p99"]),
+                "max": med(lambda r: r["rollout"]["convergence_s"]["max"]),
+                "converged": all(r["rollout"]["converged"] for r in group),
+                "args_relays": group[0].get("args", {}).get("relays"),
+                "at_once": "{} / {}".format(
+                    group[0].get("kwok_parallelism", "?"), group[0].get("args", {}).get("registrar_threads", "?")
+                ),
+                "rollout_seconds": med(lambda r: r["rollout"]["seconds"]),
+            }
+        )
+    return rows
+
+
+def write_report() -> list[dict[str, Any]]:
+    results = load_results()
+    rows = summarise(results)
+    args = results[-1].get("args", {}) if results else {}
+    lines = [
+        "# A real rollout's cost, by subscriber arm (issue #23, item 5)",
+        "",
+        "Generated by `python -m bench.rollout` (`make bench-rollout`) from `bench/results/rollout-p*.json`; the",
+        "model is `bench/COST_MODEL.md`'s. One real kube-apiserver + etcd + kube-controller-manager (Deployment,",
+        f"ReplicaSet, EndpointSlice controllers) and kwok ({args.get('nodes', '?')} simulated nodes) on 2 shared",
+        f"cores; `kubectl rollout restart` of a `P`-replica Deployment (maxSurge {args.get('max_surge', '?')},",
+        f"maxUnavailable {args.get('max_unavailable', '?')}; kwok: a pod Ready {args.get('ready', '?')} to "
+        f"{args.get('ready_max', '?')} after it started,",
+        f"its containers out {args.get('stop', '?')} after its deletion). Subscribers simulated by `bench.watchers",
+        "--peers` (the sidecar's requests). Convergence: from the last new pod's Ready to each subscriber holding the",
+        "final peer set, over every subscriber alive at the end. MB = 10^6 bytes; medians over `n` runs.",
+        "",
+        "| P | arm | n | subscribers | connect MB / apiserver CPU-s / s | rollout MB to subscribers (apiserver "
+        "watch-event MB) | apiserver CPU-s | etcd / kcm / kwok CPU-s | subscribers CPU-s | apiserver peak RSS MB | "
+        "last Ready after restart s | convergence s p50 / p99 / max | kwok / registrar writes at once |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        flag = "" if r["converged"] else " NOT converged"
+        lines.append(
+            f"| {r['P']} | {r['arm']} | {r['repeats']} | {_num(r['subscribers'], 0)} | "
+            f"{_mb(r['connect_bytes'])} / {_num(r['connect_apiserver_cpu_s'])} / {_num(r['connect_seconds'])} | "
+            f"{_mb(r['rollout_bytes'])} ({_mb(r['apiserver_watch_bytes'])}) | {_num(r['apiserver_cpu_s'])} | "
+            f"{_num(r['etcd_cpu_s'])} / {_num(r['kcm_cpu_s'])} / {_num(r['kwok_cpu_s'])} | "
+            f"{_num(r['subscriber_cpu_s'])} | "
+            f"{_mb(r['apiserver_peak_rss'])} | {_num(r['last_ready_s'])} | "
+            f"{_num(r['p50'], 2)} / {_num(r['p99'], 2)} / {_num(r['max'], 2)}{flag} | {r['at_once']} |"
+        )
+    (RESULTS_DIR / "ROLLOUT.md").write_text("\n".join(lines) + "\n")
+    plot(rows)
+    return rows
+
+
+def plot(rows: list[dict[str, Any]]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say("matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    styles = {"every-pod": ("o", "C0"), "routers": ("s", "C1"), "relays": ("^", "C2")}
+    sizes = sorted({r["P"] for r in rows})
+    for arm, (marker, color) in styles.items():
+        series = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["P"])
+        if not series:
+            continue
+        xs = [r["P"] for r in series]
+        axes[0].plot(
+            xs, [(r["apiserver_watch_bytes"] or 0) / 1e6 for r in series], "-", marker=marker, color=color, label=arm
+        )
+        axes[1].plot(xs, [r["apiserver_cpu_s"] for r in series], "-", marker=marker, color=color, label=arm)
+        axes[2].plot(xs, [r["p99"] for r in series], "-", marker=marker, color=color, label=f"{arm} p99")
+        axes[2].plot(xs, [r["max"] for r in series], ":", marker=marker, color=color, label=f"{arm} max")
+    # COST_MODEL.md: one rolling restart costs ~100 KB per (restart x watcher): P² with every pod watching,
+    # R x P with R routers (or relay replicas: their watches are the API server's only subscribers).
+    routers = next((r["subscribers"] for r in rows if r["arm"] == "routers"), 10) or 10
+    axes[0].plot(sizes, [p * p * 100e3 / 1e6 for p in sizes], ":", color="C0", label="model: P² x 100 KB")
+    axes[0].plot(
+        sizes, [p * routers * 100e3 / 1e6 for p in sizes], ":", color="C1", label=f"model: {routers:.0f} x P x 100 KB"
+    )
+    relays = next((r["args_relays"] for r in rows if r.get("args_relays")), 3)
+    axes[0].plot(
+        sizes, [p * relays * 100e3 / 1e6 for p in sizes], ":", color="C2", label=f"model, relays: {relays} x P x 100 KB"
+    )
+    axes[2].axhline(1.0, color="grey", linestyle="--", linewidth=0.8, label="goal through relays: p99 1 s")
+    titles = (
+        "API server watch-event bytes, one rollout (MB)",
+        "kube-apiserver CPU-s, one rollout",
+        "convergence after the last Ready (s)",
+    )
+    for axis, title in zip(axes, titles, strict=True):
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("pods P")
+        axis.set_title(title, fontsize=10)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=7)
+    fig.tight_layout()
+    PLOTS_DIR.mkdir(exist_ok=True)
+    fig.savefig(PLOTS_DIR / "rollout.png", dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="a real rollout's cost, by subscriber arm (issue #23)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100], help="replica counts P, in increasing order")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=["routers", "every-pod"])
+    parser.add_argument("--routers", type=int, default=10, help="R, the routers arm's subscribers")
+    parser.add_argument("--relays", type=int, default=3, help="relay replicas of the relays arm")
+    parser.add_argument("--nodes", type=int, default=20, help="kwok nodes")
+    parser.add_argument("--max-surge", default="25%", help="the Deployment's maxSurge (default: Kubernetes')")
+    parser.add_argument("--max-unavailable", default="25%", help="the Deployment's maxUnavailable")
+    parser.add_argument("--ready", default="1s", help="kwok: least time from a pod's start to its Ready")
+    parser.add_argument("--ready-max", default="2s", help="kwok: most time from a pod's start to its Ready")
+    parser.add_argument("--stop", default="500ms", help="kwok: from a pod's deletion to its containers' exit")
+    parser.add_argument("--initial", choices=("list", "stream"), default="stream", help="the watchers' initial sync")
+    parser.add_argument(
+        "--registrar-threads", type=int, default=32, help="CR writes at once (the pods' sidecars register in parallel)"
+    )
+    parser.add_argument("--rollout-timeout", type=float, default=3600)
+    parser.add_argument("--tag", default="", help="suffix of the result files (repeats in separate runs)")
+    parser.add_argument("--work", help="keep the control plane's files and the logs in this directory")
+    parser.add_argument("--report-only", action="store_true", help="rewrite ROLLOUT.md and the plot from results")
+    args = parser.parse_args(argv)
+    if args.report_only:
+        write_report()
+        return
+    RESULTS_DIR.mkdir(exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        tmp = args.work or stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-rollout-"))
+        bench = RolloutBench(pathlib.Path(tmp), args)
+        try:
+            bench.start()
+            for size in args.sizes:
+                bench.scale_to(size)
+                for arm in args.arms:
+                    started, load = time.monotonic(), list(psutil.getloadavg())
+                    result = bench.run_arm(arm, size)
+                    result["wall_seconds"] = time.monotonic() - started
+                    result["machine"] = {
+                        "cores": psutil.cpu_count(),
+                        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+                        "load_before": load,
+                    }
+                    result["args"] = vars(args)
+                    suffix = f"-{args.tag}" if args.tag else ""
+                    (RESULTS_DIR / f"rollout-p{size}-{arm}{suffix}.json").write_text(
+                        json.dumps(result, indent=1) + "\n"
+                    )
+        finally:
+            bench.stop()
+    for row in write_report():
+        say(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
