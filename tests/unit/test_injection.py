@@ -11,6 +11,7 @@ import contextlib
 import copy
 import io
 import json
+import pathlib
 from typing import Any
 
 import pytest
@@ -240,8 +241,13 @@ class TestInjectCommand:
 
 class TestGeneratedPolicy:
     def test_committed_files_are_what_the_generator_makes(self) -> None:
-        """One source of truth: edit the template, then run python -m sidecar.app.injection.policy --write."""
+        """One source of truth: edit the template, then run python -m sidecar.app.injection.policy --write.
+
+        The files are the ones the chart and kustomize ship (under the repository's root, not a copy beside
+        the package: a wrong root once made this test compare the generator with its own stray output)."""
+        repo = pathlib.Path(__file__).resolve().parents[2]
         for path, text in policy.rendered_files(TEMPLATE).items():
+            assert path.is_relative_to(repo / "charts") or path.is_relative_to(repo / "manifests"), path
             stale = f"{path} is out of date: run python -m sidecar.app.injection.policy --write"
             assert path.read_text() == text, stale
 

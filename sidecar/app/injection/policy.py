@@ -49,7 +49,7 @@ back, whose cache stays as it was then: new ConfigMaps are never found ("no para
 ones keep their old data. A CRD kind gets a fresh dynamic informer each time (tests/integration/test_chart.py
 uninstalls and installs again)."""
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 CHART_POLICY = ROOT / "charts" / "discovery-sidecar" / "files" / "injection-policy.yaml"
 CHART_PARAMS_CRD = ROOT / "charts" / "discovery-sidecar" / "crds" / "sidecarinjections.yaml"
 KUSTOMIZE_COMPONENT = ROOT / "manifests" / "components" / "injection" / "injection.yaml"
