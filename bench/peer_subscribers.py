@@ -56,6 +56,8 @@ class Subscriber:
         self.view = PeerSetView()
         self.synced = asyncio.Event()
         self.last_peer_change = 0.0
+        self.failed_at: float | None = None  # monotonic: the last stream failure not yet followed by a sync
+        self.failovers: list[float] = []  # seconds from a stream's failure to the next replica's first sync
         self.task: asyncio.Task[None] | None = None
 
     def peers(self) -> dict[str, str]:
@@ -82,11 +84,16 @@ class Subscriber:
                         self.last_peer_change = time.monotonic()
                     if kind in ("snapshot", "resumed"):
                         self.synced.set()
+                        if self.failed_at is not None:
+                            self.failovers.append(time.monotonic() - self.failed_at)
+                            self.failed_at = None
                     backoff = 0.1
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as exc:
                 group.totals.errors[f"{exc.code().name}"] += 1
+                if self.failed_at is None:
+                    self.failed_at = time.monotonic()
             finally:
                 if not group.shared_channels:
                     await channel.close()
@@ -143,11 +150,17 @@ class Subscribers:
             if not behind or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)  # poll: the streams advance between checks
+        wanted = set(peers)
+        held = [set(s.peers()) for s in self.subscribers.values()]
         return {
             "converged": not behind,
             "behind": behind[:20],
             "behind_count": len(behind),
+            # Peers of the truth a subscriber lacks, and peers it holds that the truth has not, over all of them.
+            "lost": sum(len(wanted - h) for h in held),
+            "phantom": sum(len(h - wanted) for h in held),
             "last_peer_change": {s.index: s.last_peer_change for s in self.subscribers.values()},
+            "failover_s": [f for s in self.subscribers.values() for f in s.failovers],
         }
 
     def stats(self) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import pathlib
 import statistics
 import subprocess
@@ -41,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -64,10 +66,11 @@ from bench.cost import (
 )
 from bench.watchers import live_endpoints
 from bench.workload import LABELS, NAMESPACE, SERVICE, metadata
-from devcluster.build import ensure_built
-from devcluster.cluster import ControlPlane
+from devcluster.build import ROOT, ensure_built
+from devcluster.cluster import ControlPlane, free_port
 from devcluster.kwok import Kwok, pod_template_spec
-from devcluster.objects import ENDPOINT_SLICES, PODS, WORKER_METADATA, Cluster
+from devcluster.objects import ENDPOINT_SLICES, PODS, SERVICE_ACCOUNTS, WORKER_METADATA, Cluster
+from devcluster.sidecars import write_token_kubeconfig
 from devcluster.waiting import wait_for
 from devcluster.watching import CollectionWatch
 from sidecar.kube.api import ApiError, KubeApi
@@ -176,27 +179,164 @@ def peer_subscribers(
     return JsonLinesChild(argv, log)
 
 
+RELAY_NAMESPACE = "discovery-sidecar"
+RELAY_SERVICE_ACCOUNT = "discovery-sidecar-relay"
+RELAY_RBAC = ROOT / "manifests" / "components" / "relay" / "relay-rbac.yaml"
+
+
+def relay_kubeconfig(plane: ControlPlane, work: pathlib.Path) -> pathlib.Path:
+    """The relays' own credentials: the relay's ServiceAccount with the ClusterRole the manifests ship
+    (``manifests/components/relay/relay-rbac.yaml``), so the benchmark runs the relay with exactly the
+    rights a deployment gives it."""
+    api = KubeApi.from_kubeconfig(str(plane.kubeconfig))
+    try:
+        cluster = Cluster(api)
+        with contextlib.suppress(ApiError):  # already there from an earlier arm
+            cluster.create_namespace(RELAY_NAMESPACE)
+        kubectl = [str(plane.kubectl), f"--kubeconfig={plane.kubeconfig}", f"--namespace={RELAY_NAMESPACE}"]
+        subprocess.run([*kubectl, "apply", "-f", str(RELAY_RBAC)], check=True, capture_output=True, timeout=120)
+        cluster.wait_for_service_account(RELAY_NAMESPACE, RELAY_SERVICE_ACCOUNT)
+        reply = api.create(
+            SERVICE_ACCOUNTS.item(RELAY_NAMESPACE, RELAY_SERVICE_ACCOUNT) + "/token",
+            {
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenRequest",
+                "spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 7200},
+            },
+        )
+    finally:
+        api.close()
+    return write_token_kubeconfig(plane, reply["status"]["token"], work / "relay.kubeconfig")
+
+
+class RelayProcess:
+    """One ``discovery-sidecar relay`` replica on loopback, TLS with the control plane's test CA (its serving
+    certificate is valid for 127.0.0.1), its log in ``log``."""
+
+    def __init__(self, plane: ControlPlane, kubeconfig: pathlib.Path, log: pathlib.Path) -> None:
+        self.port = free_port()
+        self.http_port = free_port()
+        pki = plane.work_dir / "pki"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DISCOVERY_", "POD_", "ETCD_", "DYN_"))}
+        env.update(
+            KUBECONFIG=str(kubeconfig),
+            DISCOVERY_NAMESPACES=NAMESPACE,
+            DISCOVERY_SERVICE_NAME=SERVICE,
+            DISCOVERY_RELAY_LISTEN=self.target,
+            DISCOVERY_RELAY_TLS_CERT=str(pki / "serving.crt"),
+            DISCOVERY_RELAY_TLS_KEY=str(pki / "serving.key"),
+            DISCOVERY_HTTP_LISTEN=f"127.0.0.1:{self.http_port}",
+            DISCOVERY_LOG_FORMAT="json",
+        )
+        with log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "sidecar.app.cli", "relay"], env=env, stdout=out, stderr=out, cwd=ROOT
+            )
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def ready(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the relay exited with {self.process.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/readyz", timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: a replica lost with no goodbye (its node gone), the hardest case for its followers."""
+        self.process.kill()
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class RelaySubscribers(ProcessSubscribers):
+    """Every pod's sidecar follows one of the relay replicas: one WatchPeers stream each, over TLS, with the
+    sidecar service account's token, spread round-robin over the replicas and moved to the next one when its
+    relay fails (``bench.peer_subscribers``). ``kill_at``: once that fraction of ``P`` new pods has started
+    during the rollout, the first replica is killed (``relays-kill``); its followers fail over to the others."""
+
+    def __init__(
+        self, name: str, relays: list[RelayProcess], child: JsonLinesChild, kill_at: float | None = None
+    ) -> None:
+        super().__init__(name, child, every_pod=True)
+        self.relays = relays
+        self.kill_at = kill_at
+        self.kill_after: int | None = None  # new pods started before the kill; set by start() from P
+        self.started_during_rollout = 0
+        self.killed_at: float | None = None  # monotonic
+
+    def start(self, pods: Sequence[str]) -> None:
+        if self.kill_at is not None:
+            self.kill_after = max(1, int(self.kill_at * len(pods)))
+        super().start(pods)
+
+    def pod_started(self, pod: str) -> None:
+        super().pod_started(pod)
+        self.started_during_rollout += 1
+        if self.kill_after is not None and self.killed_at is None and self.started_during_rollout >= self.kill_after:
+            self.killed_at = time.monotonic()
+            say(f"  killing relay-0 (pid {self.relays[0].process.pid}) after {self.started_during_rollout} new pods")
+            self.relays[0].kill()
+
+    def converge(self, truth: dict[str, dict[str, str]], peers: dict[str, str], timeout: float) -> dict[str, Any]:
+        reply = super().converge(truth, peers, timeout)
+        failovers = reply.pop("failover_s", None) or []
+        reply["failover_s"] = {
+            "streams": len(failovers),
+            "p50": percentile(failovers, 50),
+            "p99": percentile(failovers, 99),
+            "max": max(failovers) if failovers else None,
+        }
+        reply["killed_at"] = self.killed_at
+        return reply
+
+    def processes(self) -> dict[str, int]:
+        return super().processes() | {f"relay-{i}": r.process.pid for i, r in enumerate(self.relays)}
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            for relay in self.relays:
+                relay.stop()
+
+
 def relay_arm(
     name: str, plane: ControlPlane, token: pathlib.Path, logs: pathlib.Path, args: argparse.Namespace
 ) -> Subscribers:
-    """``relays``: every pod following one of ``--relays`` relay replicas over WatchPeers (issue #23, items 1-2).
-
-    The hook for the relay, which does not exist yet. What it needs to return: a ``Subscribers`` whose
-    subscribers are ``ProcessSubscribers(name, peer_subscribers(targets, logs / ..., ca, token),
-    every_pod=True)`` (one WatchPeers stream per pod, spread over the relays, resumed on the next relay when
-    one fails: ``bench/peer_subscribers.py``, tested against a real sidecar), and whose ``processes()`` adds
-    each relay replica (``relay-0``, ...) so that their CPU-s and peak RSS are reported, and whose ``close()``
-    stops them. The relays are ``discovery-sidecar relay`` processes started here against ``plane`` with
-    ``DISCOVERY_NAMESPACES=bench``, ``DISCOVERY_SERVICE_NAME=workers`` (``bench.workload``),
-    ``DISCOVERY_RELAY_LISTEN=127.0.0.1:<free port>`` and TLS, authenticating to the API server with a
-    kubeconfig of their own; the subscribers present ``token`` (the sidecar service account's)."""
-    raise NotImplementedError("the relay arm needs `discovery-sidecar relay` (issue #23, items 1-2)")
+    """``relays`` (and ``relays-kill``): every pod following one of ``--relays`` ``discovery-sidecar relay``
+    replicas over WatchPeers (issue #23, items 1-2 and 4). The relays watch ``bench``'s EndpointSlices of
+    ``workers`` and its CRs with their own ServiceAccount; the subscribers present ``token`` (the sidecar
+    service account's), which the relays check with a TokenReview and a SubjectAccessReview."""
+    kubeconfig = relay_kubeconfig(plane, logs)
+    relays = [RelayProcess(plane, kubeconfig, logs / f"{name}-relay-{i}.log") for i in range(args.relays)]
+    try:
+        for index, relay in enumerate(relays):
+            wait_for(relay.ready, 120, what=f"relay-{index} ready")
+        child = peer_subscribers([r.target for r in relays], logs / f"subscribers-{name}.log", plane.ca_file, token)
+    except BaseException:
+        for relay in relays:
+            relay.stop()
+        raise
+    return RelaySubscribers(name, relays, child, args.kill_at if name == "relays-kill" else None)
 
 
 ARMS: dict[str, Callable[[str, ControlPlane, pathlib.Path, pathlib.Path, argparse.Namespace], Subscribers]] = {
     "routers": watcher_arm,
     "every-pod": watcher_arm,
     "relays": relay_arm,
+    "relays-kill": relay_arm,
 }
 
 
@@ -543,6 +683,12 @@ class RolloutBench:
                     behind=converged["behind_count"],
                     behind_why=converged.get("behind_why"),
                     behind_sample=converged.get("behind"),
+                    lost=converged.get("lost"),
+                    phantom=converged.get("phantom"),
+                    failover_s=converged.get("failover_s"),
+                    relay_killed_after_restart_s=(
+                        converged["killed_at"] - restart_at if converged.get("killed_at") else None
+                    ),
                     convergence_s={
                         "subscribers": len(after),
                         "p50": percentile(after, 50),
@@ -718,6 +864,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=["routers", "every-pod"])
     parser.add_argument("--routers", type=int, default=10, help="R, the routers arm's subscribers")
     parser.add_argument("--relays", type=int, default=3, help="relay replicas of the relays arm")
+    parser.add_argument(
+        "--kill-at", type=float, default=0.5, help="relays-kill: kill a replica once this share of P new pods started"
+    )
     parser.add_argument("--nodes", type=int, default=20, help="kwok nodes")
     parser.add_argument("--max-surge", default="25%", help="the Deployment's maxSurge (default: Kubernetes')")
     parser.add_argument("--max-unavailable", default="25%", help="the Deployment's maxUnavailable")
