@@ -29,6 +29,7 @@ import contextlib
 import functools
 import time
 from collections.abc import AsyncGenerator, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import grpc
@@ -41,16 +42,23 @@ from sidecar.core.peer import canonical_json
 from sidecar.core.projection import DeltaMessage, PeerFilter, StatusMessage, project, snapshot_peers
 from sidecar.peers.metrics import Metrics
 from sidecar.peers.ports import (
+    Access,
+    AccessDenied,
+    AccessError,
+    AccessUnavailable,
     Forbidden,
+    Grant,
     Invalid,
     NotFound,
     NotRegistering,
+    NotServed,
     NotWatching,
     PeerReader,
     PodIdentity,
     Publisher,
     RegistrationError,
     TooLarge,
+    Unauthenticated,
     Unavailable,
 )
 from sidecar.serve.wire import API_STATUS, EVENT_TYPE, PeerEncoder, document_from_publish, filter_from_pb, to_struct
@@ -76,6 +84,49 @@ PART_BYTES = 1 << 20
 """Largest payload of one stream message: gRPC clients refuse messages over 4 MiB by default, so bigger
 snapshots and deltas go out in parts (``partial``) that clients apply together."""
 SHUTTING_DOWN = "the discovery sidecar is shutting down; reconnect to resume"
+NAMESPACES_METADATA = "discovery-namespaces"
+"""The request metadata in which a relay's client names the namespaces it wants (comma-separated; ``*``:
+all). Absent: every namespace the relay watches. Carried as metadata, not in the filter, because it is
+the scope the relay authorises, not a filter a main container chooses."""
+RELAY_ONLY_PEERS = (
+    "this is a discovery relay: it serves WatchPeers and ListPeers to sidecars; GetSelf and PublishMetadata are "
+    "served by the sidecar in each pod"
+)
+ACCESS_ERROR_CODES: dict[type[AccessError], grpc.StatusCode] = {
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    AccessDenied: grpc.StatusCode.PERMISSION_DENIED,
+    NotServed: grpc.StatusCode.FAILED_PRECONDITION,
+    AccessUnavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def access_error_code(exc: AccessError) -> grpc.StatusCode:
+    for meaning, code in ACCESS_ERROR_CODES.items():
+        if isinstance(exc, meaning):
+            return code
+    return grpc.StatusCode.UNAVAILABLE
+
+
+class StreamRevoked(Exception):
+    """A stream's grant was checked again and refused: the stream ends with ``code`` and ``str()``."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def bearer_token(authorization: str) -> str:
+    """The token of an ``authorization: Bearer <token>`` header ("" when there is none)."""
+    scheme, _, token = authorization.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def requested_namespaces(metadata: dict[str, str]) -> list[str] | None:
+    """The namespaces a relay's client asked for (``NAMESPACES_METADATA``), None for "all it watches"."""
+    text = metadata.get(NAMESPACES_METADATA, "").strip()
+    if not text:
+        return None
+    return [n.strip() if n.strip() != "*" else "" for n in text.split(",") if n.strip()]
 
 
 def split_by_size(items: list[T], size_of: Callable[[T], int], limit: int = PART_BYTES) -> list[list[T]]:
@@ -177,6 +228,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         metrics: Metrics,
         encoder: PeerEncoder | None = None,
         max_streams: int = MAX_STREAMS,
+        access: Access | None = None,
     ) -> None:
         if max_streams < 1:
             raise ValueError("max_streams must be at least 1")
@@ -186,6 +238,8 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         self.metrics = metrics
         self.encoder = encoder or PeerEncoder()
         self.max_streams = max_streams
+        # A relay's: each client's token is checked, and its streams see only the namespaces it may list.
+        self.access = access
         self.streams = 0
         """Open WatchPeers streams (those counted against ``max_streams``)."""
         self._no_streams = asyncio.Event()  # set while no WatchPeers handler runs (on the loop)
@@ -238,6 +292,9 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             peer_filter = filter_from_pb(request.filter)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        grant = await self._admit(context)
+        if grant is not None:
+            peer_filter = replace(peer_filter, namespaces=grant.namespaces)
         await self._demand(context)
         if self.streams >= self.max_streams:
             self.log.warning("refused a WatchPeers stream: at the limit", limit=self.max_streams)
@@ -247,9 +304,12 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         try:
             self.metrics.subscribers.inc()
             try:
-                async with contextlib.aclosing(self._stream(request, peer_filter)) as messages:
+                async with contextlib.aclosing(self._stream(request, peer_filter, grant, context)) as messages:
                     async for message in messages:
                         await context.write(message)
+            except StreamRevoked as exc:
+                self.log.info("ended a relayed stream: its client's access was refused", reason=str(exc))
+                await context.abort(exc.code, str(exc))
             finally:
                 self.metrics.subscribers.dec()
             if self._ending():
@@ -259,6 +319,40 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             self.streams -= 1
             if self.streams == 0:
                 self._no_streams.set()
+
+    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> Grant | None:
+        """A relay's check of its client (None when this is no relay): the bearer token in the call's
+        ``authorization`` metadata, for the namespaces it asks for. Refused calls are aborted with the
+        meaning's status code and the reason (naming the namespace refused)."""
+        if self.access is None:
+            return None
+        try:
+            return await self._check(context)
+        except AccessError as exc:
+            await context.abort(access_error_code(exc), str(exc))
+        raise AssertionError("abort raises")  # pragma: no cover
+
+    async def _check(self, context: grpc.aio.ServicerContext[Any, Any]) -> Grant:
+        """Ask ``access`` (in the blocking pool: it may call the API server) about the call's token and scope."""
+        access = self.access
+        assert access is not None
+        metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        token = bearer_token(metadata.get("authorization", ""))
+        namespaces = requested_namespaces(metadata)
+        return await self._in_thread(self._blocking, functools.partial(access.admit, token, namespaces))
+
+    async def _recheck(self, context: grpc.aio.ServicerContext[Any, Any], grant: Grant) -> Grant:
+        """The grant of an open stream, checked again now that it expired; ``StreamRevoked`` when refused.
+        The scope cannot grow: the stream keeps the namespaces it was admitted for."""
+        try:
+            renewed = await self._check(context)
+        except AccessUnavailable:
+            # The API server cannot be asked: the client was allowed a moment ago; ask again soon rather
+            # than cutting every stream when the control plane blinks.
+            return replace(grant, expires=time.monotonic() + 5.0)
+        except AccessError as exc:
+            raise StreamRevoked(access_error_code(exc), str(exc)) from None
+        return renewed
 
     async def _demand(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """Tell the reader a client wants peers (DISCOVERY_WATCH=auto starts the watches now); a sidecar that
@@ -322,7 +416,11 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         return revision, [self.encoder.encode(g) for g in grouped], status.status
 
     async def _stream(
-        self, request: pb.WatchPeersRequest, peer_filter: PeerFilter
+        self,
+        request: pb.WatchPeersRequest,
+        peer_filter: PeerFilter,
+        grant: Grant | None = None,
+        context: StreamContext | None = None,
     ) -> AsyncGenerator[pb.WatchPeersResponse, None]:
         if not await self._wait_synced(None):
             return
@@ -346,6 +444,8 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                 yield message
             self._sent["snapshot"].inc()
         while not self._ending():
+            if grant is not None and context is not None and time.monotonic() >= grant.expires:
+                grant = await self._recheck(context, grant)
             changed = self._changes.current()  # before reading: a commit after the read triggers it
             entries = self.peers.wait_entries(cursor, 0, BATCH_LIMIT)
             if entries is None:
@@ -357,7 +457,11 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                 self._sent["snapshot"].inc()
                 continue
             if not entries:
-                await changed.wait()
+                if grant is None:
+                    await changed.wait()
+                else:  # woken at the latest when the grant must be checked again
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), max(0.0, grant.expires - time.monotonic()))
                 continue
             # Deltas are encoded on the loop: at most BATCH_LIMIT entries, mostly cache hits in the encoder.
             for projected in project(entries, peer_filter, self.peers.self_uid):
@@ -393,6 +497,9 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             peer_filter = filter_from_pb(request.filter)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        grant = await self._admit(context)
+        if grant is not None:
+            peer_filter = replace(peer_filter, namespaces=grant.namespaces)
         await self._demand(context)
         remaining: float | None = context.time_remaining()
         if not await self._wait_synced(min(remaining, 3600) if remaining is not None else 3600):
@@ -425,6 +532,8 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
     async def GetSelf(
         self, request: pb.GetSelfRequest, context: grpc.aio.ServicerContext[pb.GetSelfRequest, pb.GetSelfResponse]
     ) -> pb.GetSelfResponse:
+        if self.access is not None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, RELAY_ONLY_PEERS)
         # What the publisher says this instance is (no IO: a copy); without one, only the pod is known.
         state = self.publisher.registration() if self.publisher is not None else None
         if state is None:
@@ -450,6 +559,8 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         request: pb.PublishMetadataRequest,
         context: grpc.aio.ServicerContext[pb.PublishMetadataRequest, pb.PublishMetadataResponse],
     ) -> pb.PublishMetadataResponse:
+        if self.access is not None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, RELAY_ONLY_PEERS)
         publisher = self.publisher
         if publisher is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this sidecar does not register the pod")

@@ -18,7 +18,7 @@ from devcluster.waiting import wait_for
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.client import DiscoveryClient, PeerSetView
 from sidecar.kube.api import ApiError
-from tests.conftest import Sidecars
+from tests.conftest import Relays, Sidecars
 from tests.integration.streams import StreamRecorder
 
 pytestmark = pytest.mark.integration
@@ -51,13 +51,20 @@ def truth(cluster: Cluster, namespace: str) -> dict[str, str]:
 
 
 class World:
-    def __init__(self, cluster: Cluster, namespace: str, sidecars: Sidecars) -> None:
+    """One namespace with the workers' Service and an observer pod whose sidecar watches the API server, or,
+    given ``relays``, follows a relay that does (the same scenarios must hold through the relay tier)."""
+
+    def __init__(self, cluster: Cluster, namespace: str, sidecars: Sidecars, relays: Relays | None = None) -> None:
         self.cluster = cluster
         self.namespace = namespace
         self.sidecars = sidecars
         cluster.create_service(namespace, SERVICE, {"app": "w"})
         observer_pod = cluster.start_pod(namespace, OBSERVER, {"app": "w", "role": "router"})
-        self.observer = sidecars.start(observer_pod, SERVICE).wait_ready()
+        follow: dict[str, str] = {}
+        if relays is not None:
+            relay = relays.start({"DISCOVERY_NAMESPACES": namespace, "DISCOVERY_SERVICE_NAME": SERVICE})
+            follow = relays.follow_env(relay.wait_ready())
+        self.observer = sidecars.start(observer_pod, SERVICE, extra_env=follow).wait_ready()
 
     def worker(self, name: str, role: str = "prefill", ready: bool = True, ip: str | None = None) -> dict:
         pod = self.cluster.start_pod(self.namespace, name, {"app": "w", "role": role}, ready=ready, ip=ip)
@@ -70,9 +77,10 @@ class World:
         stream.wait_until(lambda r: r.names() == expected, timeout, f"stream == {expected}")
 
 
-@pytest.fixture
-def world(namespace: str, cluster: Cluster, sidecars: Sidecars) -> World:
-    return World(cluster, namespace, sidecars)
+@pytest.fixture(params=["apiserver", "relay"])
+def world(namespace: str, cluster: Cluster, sidecars: Sidecars, relays: Relays, request: pytest.FixtureRequest) -> World:
+    """The observer watching the API server itself, and following a relay (issue 23: same semantics)."""
+    return World(cluster, namespace, sidecars, relays if request.param == "relay" else None)
 
 
 @pytest.fixture
