@@ -14,8 +14,9 @@ rollout on the same plane, one after the other:
   holding one simulated sidecar per live pod (the sidecar's requests; a new pod's sidecar starts with a
   fresh sync when kwok starts the pod, an old one's stops when its pod is gone);
 * ``routers`` (``W = R``, 10 by default): only routers watch the API server, through the whole rollout;
-* ``relays``: every pod follows one of 3 relay replicas over ``WatchPeers`` (``RelaySubscribers``: the
-  hook for ``discovery-sidecar relay``, which does not exist yet).
+* ``relays``: every pod follows one of 3 ``discovery-sidecar relay`` replicas over ``WatchPeers``
+  (``RelaySubscribers``); ``relays-kill`` likewise, with one replica killed (SIGKILL) mid-rollout: its
+  followers move to the others.
 
 Per arm: the connect phase (the subscribers' initial sync), then the rollout: bytes the subscribers
 received and the API server's own count of watch-event bytes, CPU seconds of kube-apiserver, etcd,
@@ -34,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import pathlib
 import statistics
 import subprocess
@@ -42,7 +42,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -67,9 +66,10 @@ from bench.cost import (
 from bench.watchers import live_endpoints
 from bench.workload import LABELS, NAMESPACE, SERVICE, metadata
 from devcluster.build import ROOT, ensure_built
-from devcluster.cluster import ControlPlane, free_port
+from devcluster.cluster import ControlPlane
 from devcluster.kwok import Kwok, pod_template_spec
 from devcluster.objects import ENDPOINT_SLICES, PODS, SERVICE_ACCOUNTS, WORKER_METADATA, Cluster
+from devcluster.relays import RelayProcess, launch_relay, make_relay_tls
 from devcluster.sidecars import write_token_kubeconfig
 from devcluster.waiting import wait_for
 from devcluster.watching import CollectionWatch
@@ -209,57 +209,6 @@ def relay_kubeconfig(plane: ControlPlane, work: pathlib.Path) -> pathlib.Path:
     return write_token_kubeconfig(plane, reply["status"]["token"], work / "relay.kubeconfig")
 
 
-class RelayProcess:
-    """One ``discovery-sidecar relay`` replica on loopback, TLS with the control plane's test CA (its serving
-    certificate is valid for 127.0.0.1), its log in ``log``."""
-
-    def __init__(self, plane: ControlPlane, kubeconfig: pathlib.Path, log: pathlib.Path) -> None:
-        self.port = free_port()
-        self.http_port = free_port()
-        pki = plane.work_dir / "pki"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("DISCOVERY_", "POD_", "ETCD_", "DYN_"))}
-        env.update(
-            KUBECONFIG=str(kubeconfig),
-            DISCOVERY_NAMESPACES=NAMESPACE,
-            DISCOVERY_SERVICE_NAME=SERVICE,
-            DISCOVERY_RELAY_LISTEN=self.target,
-            DISCOVERY_RELAY_TLS_CERT=str(pki / "serving.crt"),
-            DISCOVERY_RELAY_TLS_KEY=str(pki / "serving.key"),
-            DISCOVERY_HTTP_LISTEN=f"127.0.0.1:{self.http_port}",
-            DISCOVERY_LOG_FORMAT="json",
-        )
-        with log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "sidecar.app.cli", "relay"], env=env, stdout=out, stderr=out, cwd=ROOT
-            )
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def ready(self) -> bool:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"the relay exited with {self.process.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/readyz", timeout=2) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        """SIGKILL: a replica lost with no goodbye (its node gone), the hardest case for its followers."""
-        self.process.kill()
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
 class RelaySubscribers(ProcessSubscribers):
     """Every pod's sidecar follows one of the relay replicas: one WatchPeers stream each, over TLS, with the
     sidecar service account's token, spread round-robin over the replicas and moved to the next one when its
@@ -286,7 +235,7 @@ class RelaySubscribers(ProcessSubscribers):
         self.started_during_rollout += 1
         if self.kill_after is not None and self.killed_at is None and self.started_during_rollout >= self.kill_after:
             self.killed_at = time.monotonic()
-            say(f"  killing relay-0 (pid {self.relays[0].process.pid}) after {self.started_during_rollout} new pods")
+            say(f"  killing relay-0 after {self.started_during_rollout} new pods")
             self.relays[0].kill()
 
     def converge(self, truth: dict[str, dict[str, str]], peers: dict[str, str], timeout: float) -> dict[str, Any]:
@@ -302,14 +251,15 @@ class RelaySubscribers(ProcessSubscribers):
         return reply
 
     def processes(self) -> dict[str, int]:
-        return super().processes() | {f"relay-{i}": r.process.pid for i, r in enumerate(self.relays)}
+        pids = {f"relay-{i}": r.process.pid for i, r in enumerate(self.relays) if r.process is not None}
+        return super().processes() | pids
 
     def close(self) -> None:
         try:
             super().close()
         finally:
             for relay in self.relays:
-                relay.stop()
+                relay.terminate()
 
 
 def relay_arm(
@@ -320,14 +270,16 @@ def relay_arm(
     ``workers`` and its CRs with their own ServiceAccount; the subscribers present ``token`` (the sidecar
     service account's), which the relays check with a TokenReview and a SubjectAccessReview."""
     kubeconfig = relay_kubeconfig(plane, logs)
-    relays = [RelayProcess(plane, kubeconfig, logs / f"{name}-relay-{i}.log") for i in range(args.relays)]
+    tls = make_relay_tls(logs / "relay-pki")  # a test CA of the relays' own, and their certificate for localhost
+    watch = {"DISCOVERY_NAMESPACES": NAMESPACE, "DISCOVERY_SERVICE_NAME": SERVICE}
+    relays = [launch_relay(f"{name}-relay-{i}", kubeconfig, tls, logs, watch) for i in range(args.relays)]
     try:
-        for index, relay in enumerate(relays):
-            wait_for(relay.ready, 120, what=f"relay-{index} ready")
-        child = peer_subscribers([r.target for r in relays], logs / f"subscribers-{name}.log", plane.ca_file, token)
+        for relay in relays:
+            relay.wait_ready(120)
+        child = peer_subscribers([r.address for r in relays], logs / f"subscribers-{name}.log", tls.ca, token)
     except BaseException:
         for relay in relays:
-            relay.stop()
+            relay.terminate()
         raise
     return RelaySubscribers(name, relays, child, args.kill_at if name == "relays-kill" else None)
 
