@@ -63,6 +63,14 @@ class Subscriber:
     def peers(self) -> dict[str, str]:
         return {p.name: STATES.get(p.state, "UNKNOWN") for p in self.view.peers.values()}
 
+    def slim(self, stored: list[pb.Peer]) -> None:
+        """Keep only what ``peers()`` reads of each peer just stored. A peer taken from a message keeps that
+        whole message alive (protobuf's arena): a thousand subscribers holding a thousand peers each would
+        hold every snapshot and delta they ever received (gigabytes), where each sidecar holds one set."""
+        for peer in stored:
+            if self.view.peers.get(peer.uid) is peer:
+                self.view.peers[peer.uid] = pb.Peer(uid=peer.uid, name=peer.name, state=peer.state)
+
     async def run(self) -> None:
         group = self.group
         backoff = 0.1
@@ -77,10 +85,16 @@ class Subscriber:
                     group.totals.bytes["watchpeers"] += message.ByteSize() + 5
                     kind = message.WhichOneof("kind") or ""
                     group.totals.events[kind] += 1
+                    before = self.peers() if kind == "snapshot" and not message.partial else None
                     update = self.view.apply(message)
                     if update is None:
                         continue
-                    if update.reset or update.added or update.updated or update.removed:
+                    self.slim(list(self.view.peers.values()) if update.reset else [*update.added, *update.updated])
+                    if before is not None:  # a snapshot (a new replica's, after a failover) may change nothing
+                        changed = before != self.peers()
+                    else:
+                        changed = bool(update.added or update.updated or update.removed)
+                    if changed:
                         self.last_peer_change = time.monotonic()
                     if kind in ("snapshot", "resumed"):
                         self.synced.set()
