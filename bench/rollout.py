@@ -676,6 +676,12 @@ def _num(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def _relays(values: Mapping[str, float], combine: Callable[[list[float]], float]) -> float | None:
+    """The relay replicas' figures (``relay-0``, ...) combined: their CPU-s summed, their largest RSS."""
+    found = [v for k, v in values.items() if k.startswith("relay-")]
+    return combine(found) if found else None
+
+
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Median per (P, arm) across repeats."""
     groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
@@ -715,6 +721,14 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     group[0].get("kwok_parallelism", "?"), group[0].get("args", {}).get("registrar_threads", "?")
                 ),
                 "rollout_seconds": med(lambda r: r["rollout"]["seconds"]),
+                "relay_cpu_s": med(lambda r: _relays(r["rollout"]["cpu_s"], sum)),
+                "relay_peak_rss": med(lambda r: _relays(r["rollout"]["peak_rss_bytes"], max)),
+                "lost": med(lambda r: r["rollout"].get("lost")),
+                "phantom": med(lambda r: r["rollout"].get("phantom")),
+                "failover_p50": med(lambda r: (r["rollout"].get("failover_s") or {}).get("p50")),
+                "failover_max": med(lambda r: (r["rollout"].get("failover_s") or {}).get("max")),
+                "failover_streams": med(lambda r: (r["rollout"].get("failover_s") or {}).get("streams")),
+                "load": med(lambda r: (r.get("machine") or {}).get("load_before", [None])[0]),
             }
         )
     return rows
@@ -734,13 +748,19 @@ def write_report() -> list[dict[str, Any]]:
         f"maxUnavailable {args.get('max_unavailable', '?')}; kwok: a pod Ready {args.get('ready', '?')} to "
         f"{args.get('ready_max', '?')} after it started,",
         f"its containers out {args.get('stop', '?')} after its deletion). Subscribers simulated by `bench.watchers",
-        "--peers` (the sidecar's requests). Convergence: from the last new pod's Ready to each subscriber holding the",
-        "final peer set, over every subscriber alive at the end. MB = 10^6 bytes; medians over `n` runs.",
+        "--peers` (the sidecar's requests), or for `relays` by `bench.peer_subscribers` (one WatchPeers stream",
+        "per pod, over TLS, to one of 3 `discovery-sidecar relay` replicas; `relays-kill`: the first replica",
+        "SIGKILLed once half the new pods started). Convergence: from the last new pod's Ready to each subscriber",
+        "holding the final peer set, over every subscriber alive at the end. Lost / phantom: peers missing from /",
+        "extra in the subscribers' final sets, summed. Failover: from a stream's failure to its snapshot from the",
+        "next replica. Load: the 1-minute load average when the arm started (2 cores). MB = 10^6 bytes; medians",
+        "over `n` runs.",
         "",
         "| P | arm | n | subscribers | connect MB / apiserver CPU-s / s | rollout MB to subscribers (apiserver "
         "watch-event MB) | apiserver CPU-s | etcd / kcm / kwok CPU-s | subscribers CPU-s | apiserver peak RSS MB | "
-        "last Ready after restart s | convergence s p50 / p99 / max | kwok / registrar writes at once |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "last Ready after restart s | convergence s p50 / p99 / max | kwok / registrar writes at once | "
+        "relays CPU-s (all) / peak RSS MB (largest) | lost / phantom | failover s p50 / max (streams) | load |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         flag = "" if r["converged"] else " NOT converged"
@@ -751,7 +771,10 @@ def write_report() -> list[dict[str, Any]]:
             f"{_num(r['etcd_cpu_s'])} / {_num(r['kcm_cpu_s'])} / {_num(r['kwok_cpu_s'])} | "
             f"{_num(r['subscriber_cpu_s'])} | "
             f"{_mb(r['apiserver_peak_rss'])} | {_num(r['last_ready_s'])} | "
-            f"{_num(r['p50'], 2)} / {_num(r['p99'], 2)} / {_num(r['max'], 2)}{flag} | {r['at_once']} |"
+            f"{_num(r['p50'], 2)} / {_num(r['p99'], 2)} / {_num(r['max'], 2)}{flag} | {r['at_once']} | "
+            f"{_num(r['relay_cpu_s'])} / {_mb(r['relay_peak_rss'])} | {_num(r['lost'], 0)} / {_num(r['phantom'], 0)} | "
+            f"{_num(r['failover_p50'], 2)} / {_num(r['failover_max'], 2)} ({_num(r['failover_streams'], 0)}) | "
+            f"{_num(r['load'])} |"
         )
     (RESULTS_DIR / "ROLLOUT.md").write_text("\n".join(lines) + "\n")
     plot(rows)
