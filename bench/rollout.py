@@ -216,10 +216,19 @@ class RelaySubscribers(ProcessSubscribers):
     during the rollout, the first replica is killed (``relays-kill``); its followers fail over to the others."""
 
     def __init__(
-        self, name: str, relays: list[RelayProcess], child: JsonLinesChild, kill_at: float | None = None
+        self,
+        name: str,
+        relays: list[RelayProcess],
+        child: JsonLinesChild,
+        probes: JsonLinesChild,
+        kill_at: float | None = None,
     ) -> None:
         super().__init__(name, child, every_pod=True)
         self.relays = relays
+        # One more subscriber per replica, in a process of its own that does nothing else: how soon a reader
+        # that keeps up hears the final set (the pods' simulator, one Python thread for all of them, falls
+        # behind on this shared machine, so its convergence is partly its own backlog).
+        self.probes = ProcessSubscribers("probes", probes, every_pod=False, fixed=len(relays))
         self.kill_at = kill_at
         self.kill_after: int | None = None  # new pods started before the kill; set by start() from P
         self.started_during_rollout = 0
@@ -228,6 +237,7 @@ class RelaySubscribers(ProcessSubscribers):
     def start(self, pods: Sequence[str]) -> None:
         if self.kill_at is not None:
             self.kill_after = max(1, int(self.kill_at * len(pods)))
+        self.probes.start(())
         super().start(pods)
 
     def pod_started(self, pod: str) -> None:
@@ -248,6 +258,13 @@ class RelaySubscribers(ProcessSubscribers):
             "max": max(failovers) if failovers else None,
         }
         reply["killed_at"] = self.killed_at
+        probes = self.probes.converge(truth, peers, timeout)
+        reply["probes"] = {
+            "converged": probes["converged"],
+            "lost": probes.get("lost"),
+            "phantom": probes.get("phantom"),
+            "last_peer_change": probes["last_peer_change"],
+        }
         return reply
 
     def processes(self) -> dict[str, int]:
@@ -256,10 +273,12 @@ class RelaySubscribers(ProcessSubscribers):
 
     def close(self) -> None:
         try:
+            self.probes.close()
             super().close()
         finally:
             for relay in self.relays:
-                relay.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    relay.terminate()
 
 
 def relay_arm(
@@ -276,12 +295,14 @@ def relay_arm(
     try:
         for relay in relays:
             relay.wait_ready(120)
-        child = peer_subscribers([r.address for r in relays], logs / f"subscribers-{name}.log", tls.ca, token)
+        targets = [r.address for r in relays]
+        child = peer_subscribers(targets, logs / f"subscribers-{name}.log", tls.ca, token)
+        probes = peer_subscribers(targets, logs / f"probes-{name}.log", tls.ca, token)
     except BaseException:
         for relay in relays:
             relay.terminate()
         raise
-    return RelaySubscribers(name, relays, child, args.kill_at if name == "relays-kill" else None)
+    return RelaySubscribers(name, relays, child, probes, args.kill_at if name == "relays-kill" else None)
 
 
 ARMS: dict[str, Callable[[str, ControlPlane, pathlib.Path, pathlib.Path, argparse.Namespace], Subscribers]] = {
@@ -434,6 +455,19 @@ def final_peers(api: KubeApi) -> tuple[dict[str, dict[str, str]], dict[str, str]
     names = {i["metadata"]["name"] for i in crs}
     truth = {"endpointslices": rv_map(iter(slices)), "dynamoworkermetadatas": rv_map(iter(crs))}
     return truth, {pod: state for pod, state in live.items() if pod in names}
+
+
+def _probes(probes: Mapping[str, Any] | None, last_ready: float) -> dict[str, Any] | None:
+    """The relay arms' probes (one prompt reader per replica): their convergence after the last Ready."""
+    if not probes:
+        return None
+    after = [t - last_ready for t in probes["last_peer_change"].values()]
+    return {
+        "converged": probes["converged"],
+        "lost": probes["lost"],
+        "phantom": probes["phantom"],
+        "convergence_s": {"subscribers": len(after), "max": max(after) if after else None, "each": sorted(after)},
+    }
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -638,6 +672,7 @@ class RolloutBench:
                     lost=converged.get("lost"),
                     phantom=converged.get("phantom"),
                     failover_s=converged.get("failover_s"),
+                    probes=_probes(converged.get("probes"), last_ready),
                     relay_killed_after_restart_s=(
                         converged["killed_at"] - restart_at if converged.get("killed_at") else None
                     ),
@@ -729,6 +764,7 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "failover_max": med(lambda r: (r["rollout"].get("failover_s") or {}).get("max")),
                 "failover_streams": med(lambda r: (r["rollout"].get("failover_s") or {}).get("streams")),
                 "load": med(lambda r: (r.get("machine") or {}).get("load_before", [None])[0]),
+                "probe_max": med(lambda r: ((r["rollout"].get("probes") or {}).get("convergence_s") or {}).get("max")),
             }
         )
     return rows
@@ -753,8 +789,9 @@ def write_report() -> list[dict[str, Any]]:
         "SIGKILLed once half the new pods started). Convergence: from the last new pod's Ready to each subscriber",
         "holding the final peer set, over every subscriber alive at the end. Lost / phantom: peers missing from /",
         "extra in the subscribers' final sets, summed. Failover: from a stream's failure to its snapshot from the",
-        "next replica. Load: the 1-minute load average when the arm started (2 cores). MB = 10^6 bytes; medians",
-        "over `n` runs.",
+        "next replica. Probes (relay arms): one more subscriber per replica in a process of its own, a reader that",
+        "keeps up; their largest convergence. Load: the 1-minute load average when the arm started (2 cores).",
+        "MB = 10^6 bytes; medians over `n` runs.",
         "",
         "| P | arm | n | subscribers | connect MB / apiserver CPU-s / s | rollout MB to subscribers (apiserver "
         "watch-event MB) | apiserver CPU-s | etcd / kcm / kwok CPU-s | subscribers CPU-s | apiserver peak RSS MB | "
@@ -764,6 +801,7 @@ def write_report() -> list[dict[str, Any]]:
     ]
     for r in rows:
         flag = "" if r["converged"] else " NOT converged"
+        probe = "" if r["probe_max"] is None else f" (probes: {r['probe_max']:.2f})"
         lines.append(
             f"| {r['P']} | {r['arm']} | {r['repeats']} | {_num(r['subscribers'], 0)} | "
             f"{_mb(r['connect_bytes'])} / {_num(r['connect_apiserver_cpu_s'])} / {_num(r['connect_seconds'])} | "
@@ -771,7 +809,7 @@ def write_report() -> list[dict[str, Any]]:
             f"{_num(r['etcd_cpu_s'])} / {_num(r['kcm_cpu_s'])} / {_num(r['kwok_cpu_s'])} | "
             f"{_num(r['subscriber_cpu_s'])} | "
             f"{_mb(r['apiserver_peak_rss'])} | {_num(r['last_ready_s'])} | "
-            f"{_num(r['p50'], 2)} / {_num(r['p99'], 2)} / {_num(r['max'], 2)}{flag} | {r['at_once']} | "
+            f"{_num(r['p50'], 2)} / {_num(r['p99'], 2)} / {_num(r['max'], 2)}{flag}{probe} | {r['at_once']} | "
             f"{_num(r['relay_cpu_s'])} / {_mb(r['relay_peak_rss'])} | {_num(r['lost'], 0)} / {_num(r['phantom'], 0)} | "
             f"{_num(r['failover_p50'], 2)} / {_num(r['failover_max'], 2)} ({_num(r['failover_streams'], 0)}) | "
             f"{_num(r['load'])} |"
