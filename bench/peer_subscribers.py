@@ -44,6 +44,7 @@ class Totals:
         self.events: Counter[str] = Counter()
         self.requests: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
+        self.reasons: Counter[str] = Counter()  # "CODE: details" of the failed streams (what the server said)
 
 
 class Subscriber:
@@ -106,6 +107,7 @@ class Subscriber:
                 raise
             except grpc.aio.AioRpcError as exc:
                 group.totals.errors[f"{exc.code().name}"] += 1
+                group.totals.reasons[f"{exc.code().name}: {(exc.details() or '')[:160]}"] += 1
                 if self.failed_at is None:
                     self.failed_at = time.monotonic()
             finally:
@@ -183,6 +185,7 @@ class Subscribers:
             "events": dict(self.totals.events),
             "requests": dict(self.totals.requests),
             "errors": dict(self.totals.errors),
+            "error_reasons": dict(self.totals.reasons.most_common(10)),
             "watchers": len(self.subscribers),
             "t": time.monotonic(),
         }
@@ -208,6 +211,7 @@ class Subscribers:
                 reply["stats"] = self.stats()
             elif cmd == "converge":
                 reply.update(await self.converge(command.get("peers") or {}, float(command.get("timeout", 120))))
+                print(json.dumps({"error_reasons": self.stats()["error_reasons"]}), file=sys.stderr, flush=True)
             elif cmd == "quit":
                 break
             reply["t"] = time.monotonic()
