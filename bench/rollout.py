@@ -339,6 +339,7 @@ class Registrar:
         self.listener: Subscribers | None = None
         self.pending = 0
         self.retries = 0
+        self.last_write = 0.0  # monotonic: when the latest CR write (a registration or deregistration) succeeded
         self.errors: list[str] = []
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="registrar")
@@ -363,6 +364,8 @@ class Registrar:
                 for attempt in range(attempts):
                     try:
                         action()
+                        with self._lock:
+                            self.last_write = max(self.last_write, time.monotonic())
                         return
                     except Exception as exc:  # noqa: BLE001 - retried, then recorded
                         if attempt == attempts - 1:
@@ -647,6 +650,9 @@ class RolloutBench:
                 replaced = [r for r in records if r.name in old]
                 last_ready = max(r.ready for r in new if r.ready is not None)
                 last_gone = max((r.gone for r in replaced if r.gone is not None), default=settled_at)
+                # The peer set is final at the later of the last Ready and the last CR write (a new pod's
+                # registration, an old one's deregistration): under load the writes trail the Ready by seconds.
+                final_at = max(last_ready, self.registrar.last_write)
                 converged: dict[str, Any] = {}
                 for _ in range(10):  # the truth can move once more (a late controller write): read it again
                     truth, peers = final_peers(self.api)
@@ -664,6 +670,12 @@ class RolloutBench:
                     replaced_pods=sum(1 for r in replaced if r.gone is not None),
                     last_ready_after_restart_s=last_ready - restart_at,
                     last_pod_gone_after_last_ready_s=last_gone - last_ready,
+                    last_write_after_last_ready_s=self.registrar.last_write - last_ready,
+                    convergence_after_final_s={
+                        "p50": percentile([t - final_at for t in changes.values()], 50),
+                        "p99": percentile([t - final_at for t in changes.values()], 99),
+                        "max": max((t - final_at for t in changes.values()), default=None),
+                    },
                     settled_after_restart_s=settled_at - restart_at,
                     converged=converged["converged"],
                     behind=converged["behind_count"],
