@@ -852,6 +852,14 @@ def plot(rows: list[dict[str, Any]]) -> None:
             xs, [(r["apiserver_watch_bytes"] or 0) / 1e6 for r in series], "-", marker=marker, color=color, label=arm
         )
         axes[1].plot(xs, [r["apiserver_cpu_s"] for r in series], "-", marker=marker, color=color, label=arm)
+        if arm == "relays":  # what the relays send their followers: the cost that moved off the API server
+            axes[0].plot(
+                xs, [(r["rollout_bytes"] or 0) / 1e6 for r in series], "--", marker=marker, color=color,
+                label="relays' egress",
+            )  # fmt: skip
+            axes[1].plot(
+                xs, [r["relay_cpu_s"] for r in series], "--", marker=marker, color=color, label="relays' CPU-s"
+            )
         axes[2].plot(xs, [r["p99"] for r in series], "-", marker=marker, color=color, label=f"{arm} p99")
         axes[2].plot(xs, [r["max"] for r in series], ":", marker=marker, color=color, label=f"{arm} max")
     # COST_MODEL.md: one rolling restart costs ~100 KB per (restart x watcher): P² with every pod watching,
@@ -865,10 +873,12 @@ def plot(rows: list[dict[str, Any]]) -> None:
     axes[0].plot(
         sizes, [p * relays * 100e3 / 1e6 for p in sizes], ":", color="C2", label=f"model, relays: {relays} x P x 100 KB"
     )
+    egress = [p * p * 2e3 / 1e6 for p in sizes]
+    axes[0].plot(sizes, egress, ":", color="C2", alpha=0.5, label="model, relays' egress: P² x 2 KB")
     axes[2].axhline(1.0, color="grey", linestyle="--", linewidth=0.8, label="goal through relays: p99 1 s")
     titles = (
-        "API server watch-event bytes, one rollout (MB)",
-        "kube-apiserver CPU-s, one rollout",
+        "API server watch-event bytes (relays' egress), one rollout (MB)",
+        "kube-apiserver CPU-s (relays' CPU-s), one rollout",
         "convergence after the last Ready (s)",
     )
     for axis, title in zip(axes, titles, strict=True):
