@@ -84,7 +84,9 @@ class World:
 
 
 @pytest.fixture(params=["apiserver", "relay"])
-def world(namespace: str, cluster: Cluster, sidecars: Sidecars, relays: Relays, request: pytest.FixtureRequest) -> World:
+def world(
+    namespace: str, cluster: Cluster, sidecars: Sidecars, relays: Relays, request: pytest.FixtureRequest
+) -> World:
     """The observer watching the API server itself, and following a relay (issue 23: same semantics)."""
     return World(cluster, namespace, sidecars, relays if request.param == "relay" else None)
 
