@@ -556,14 +556,8 @@ def test_get_self_the_publish_reply_peers_and_dynamo_agree_when_objects_are_empt
     with DiscoveryClient(sidecar.target) as client:
         instance_id = client.get_self().instance_id
         key = endpoint_key(ENDPOINT, instance_id)
-        card = {
-            "type": "Model",
-            "namespace": "demo",
-            "component": "backend",
-            "endpoint": "generate",
-            "instance_id": instance_id,
-            "card_json": {"display_name": MODEL, "runtime": {"ctx": 8192}},
-        }
+        card = {"type": "Model", "namespace": "demo", "component": "backend", "endpoint": "generate",
+                "instance_id": instance_id, "card_json": {"display_name": MODEL, "runtime": {"ctx": 8192}}}
         first = dynamo_metadata(ENDPOINT, instance_id, f"{ip}:8000") | {"model_cards": {key: card}}
         steps = [
             (first, False),
@@ -587,9 +581,10 @@ def test_get_self_the_publish_reply_peers_and_dynamo_agree_when_objects_are_empt
                 f"the observer to read {reply}",
             )
             wait_for(
-                lambda want=moved["transport"]["tcp"]: (
-                    (world.dynamo_instance(instance_id) or {}).get("transport", {}).get("address") == want
-                ),
+                lambda want=moved["transport"]["tcp"]: (world.dynamo_instance(instance_id) or {})
+                .get("transport", {})
+                .get("address")
+                == want,
                 TIMEOUT,
                 what=f"Dynamo's client to read the revision moving the endpoint to port {port}",
             )

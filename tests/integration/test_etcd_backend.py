@@ -297,7 +297,9 @@ def test_publish_refuses_a_key_another_instance_holds_and_keeps_the_previous_met
 
 
 # -- the watch ---------------------------------------------------------------------------------------------
-def test_the_source_sees_instances_come_change_and_go_across_an_etcd_restart(etcd: EtcdServer, closer: Closer) -> None:
+def test_the_source_sees_instances_come_change_and_go_across_an_etcd_restart(
+    etcd: EtcdServer, closer: Closer
+) -> None:
     watcher = Watcher(closer, client_for(closer, etcd.client_port))
     # A lease outlives an etcd restart when its TTL is longer than the outage (etcd keeps leases on disk
     # and renews them all when a leader is elected); a 2 s lease would be lost, and re-registered.
@@ -324,12 +326,10 @@ def test_the_source_sees_instances_come_change_and_go_across_an_etcd_restart(etc
     watcher.wait(lambda p: instance_peer_key(lease_b) in p, "instance B, added after the restart")
     a.publish({"model_cards": {"demo/backend/generate/0": model("demo", "backend", "generate", "mistral")}}, merge=True)
     watcher.wait(
-        lambda p: (
-            p[instance_peer_key(lease_a)].data["model_cards"][f"demo/backend/generate/{lease_a:x}"]["card_json"][
-                "display_name"
-            ]
-            == "mistral"
-        ),
+        lambda p: p[instance_peer_key(lease_a)].data["model_cards"][f"demo/backend/generate/{lease_a:x}"]["card_json"][
+            "display_name"
+        ]
+        == "mistral",
         "A's model card update",
     )
     a.deregister()
@@ -337,7 +337,9 @@ def test_the_source_sees_instances_come_change_and_go_across_an_etcd_restart(etc
     assert set(peers) == {instance_peer_key(lease_b)}
 
 
-def test_the_source_relists_when_its_revision_was_compacted_while_it_was_away(etcd: EtcdServer, closer: Closer) -> None:
+def test_the_source_relists_when_its_revision_was_compacted_while_it_was_away(
+    etcd: EtcdServer, closer: Closer
+) -> None:
     proxy = FaultProxy(etcd.client_port)
     closer.add(proxy.close)
     watcher = Watcher(closer, client_for(closer, proxy.port))

@@ -29,6 +29,8 @@ NAMESPACE = "demo"
 ENDPOINT = f"{NAMESPACE}.backend.generate"
 
 
+
+
 class World:
     """One etcd, and the Dynamo processes and sidecars of one test; always torn down."""
 
@@ -139,13 +141,11 @@ def test_a_dynamo_workers_event_channel_and_source_belong_to_its_peer(world: Wor
     stream.wait_until(has_events, timeout=60, what="the worker's event channel and source on its peer")
     assert set(stream.names()) == {name}  # one peer: the publisher ID made no second one
     data = json.loads(stream.peers()[name].data_json)
-    ((channel_key, channel),) = data["event_channels"].items()
-    ((source_key, source),) = data["event_sources"].items()
+    (channel_key, channel), = data["event_channels"].items()
+    (source_key, source), = data["event_sources"].items()
     assert channel["type"] == "EventChannel" and channel["topic"] == "kv-events"
-    assert channel["scope"] == {
-        "kind": "endpoint",
-        "endpoint": {"namespace": NAMESPACE, "component": "backend", "name": "generate"},
-    }
+    assert channel["scope"] == {"kind": "endpoint", "endpoint": {"namespace": NAMESPACE, "component": "backend",
+                                                                 "name": "generate"}}
     publisher_id = channel["instance_id"]
     assert publisher_id != instance_id and source["publisher_id"] == publisher_id
     prefix = f"namespace/{NAMESPACE}/component/backend/endpoint/generate/topic/kv-events/"
@@ -200,7 +200,9 @@ def test_over_tls_the_same_pem_text_configures_dynamo_and_the_sidecar(
             "ETCD_AUTH_CLIENT_CERT": server.pki.client_cert.read_text(),
             "ETCD_AUTH_CLIENT_KEY": server.pki.client_key.read_text(),
         }
-        router = launch_etcd_sidecar("router", NAMESPACE, server.url, tmp_path / "sidecars", extra_env=tls_env)
+        router = launch_etcd_sidecar(
+            "router", NAMESPACE, server.url, tmp_path / "sidecars", extra_env=tls_env
+        )
         world.sidecars.append(router)
         router.wait_ready()
         stream = world.stream(router)

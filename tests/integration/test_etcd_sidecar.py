@@ -50,6 +50,8 @@ def metadata(component: str, address: str = "127.0.0.1:9000") -> dict[str, Any]:
     return {"endpoints": {f"{NAMESPACE}/{component}/generate/0": endpoint_entry(component, address)}}
 
 
+
+
 class World:
     """The etcd, the sidecars and the streams of one test; always torn down."""
 
@@ -156,6 +158,7 @@ class TestRegistration:
         with_self.wait_names({f"{a_id:x}"})
         without = world.stream(a)
         without.wait_until(lambda r: r.names() == {}, what="an empty snapshot without self")
+
 
     def test_dynamos_filters_work_as_on_kubernetes(self, world: World) -> None:
         """filter.endpoint (ns.comp.ep or dyn://) and filter.model select etcd peers by their data."""
@@ -298,7 +301,9 @@ class TestOwnKeys:
         assert [e["reason"] for e in log_events(worker, "registration lost; restoring it")] == ["keys_deleted"]
 
         world.etcd.put(key, b'{"someone": "else"}')  # overwritten, on no lease
-        wait_for(lambda: world.keys("v1/instances/")[key]["value"] == written["value"], 10, what="the value restored")
+        wait_for(
+            lambda: world.keys("v1/instances/")[key]["value"] == written["value"], 10, what="the value restored"
+        )
         assert world.keys("v1/instances/")[key]["lease"] == lease
         wait_for(lambda: len(log_events(worker, "registration restored")) == 2, 10, what="the second restore logged")
         assert metric(worker, "discovery_registration_restored_total", reason="keys_altered") == 1
@@ -331,7 +336,9 @@ class TestOwnKeys:
 
 
 class TestFaults:
-    def test_a_partition_longer_than_the_ttl_is_reported_and_healed_with_a_new_instance_id(self, world: World) -> None:
+    def test_a_partition_longer_than_the_ttl_is_reported_and_healed_with_a_new_instance_id(
+        self, world: World
+    ) -> None:
         """Lease lost: /readyz says so and the stream is DEGRADED; back: registered again, a new lease."""
         proxy = FaultProxy(world.etcd.client_port)
         world.closers.append(proxy.close)

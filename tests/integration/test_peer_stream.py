@@ -14,11 +14,11 @@ import pytest
 
 from devcluster.cluster import ControlPlane
 from devcluster.objects import ENDPOINT_SLICES, PODS, WORKER_METADATA, Cluster
+from devcluster.relays import RelayProcess
 from devcluster.waiting import wait_for
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.client import DiscoveryClient, PeerSetView
 from sidecar.kube.api import ApiError
-from devcluster.relays import RelayProcess
 from tests.conftest import Relays, Sidecars
 from tests.integration.streams import StreamRecorder
 

@@ -636,14 +636,8 @@ def test_get_self_the_publish_reply_and_peers_agree(namespace: str, cluster: Clu
         with DiscoveryClient(worker.target) as client:
             own = client.get_self().instance_id
             key = f"dyn/backend/generate/{own:x}"
-            card = {
-                "type": "Model",
-                "namespace": "dyn",
-                "component": "backend",
-                "endpoint": "generate",
-                "instance_id": own,
-                "card_json": {"display_name": "m", "nested": {"a": 1}},
-            }
+            card = {"type": "Model", "namespace": "dyn", "component": "backend", "endpoint": "generate",
+                    "instance_id": own, "card_json": {"display_name": "m", "nested": {"a": 1}}}
             steps: list[tuple[dict, bool]] = [
                 ({"endpoints": {}, "model_cards": {key: card}, "custom": {"x": {"y": 1}}}, False),
                 ({"model_cards": {key: {"card_json": {"display_name": None, "nested": {"a": None}}}}}, True),
@@ -656,9 +650,8 @@ def test_get_self_the_publish_reply_and_peers_agree(namespace: str, cluster: Clu
                 assert stored is not None
                 assert reply == json.loads(client.get_self().data_json) == stored["spec"]["data"], document
                 seen.wait_until(
-                    lambda r, want=reply: (
-                        json.loads(r.peers()["worker-8"].data_json) == want if "worker-8" in r.peers() else False
-                    ),
+                    lambda r, want=reply: json.loads(r.peers()["worker-8"].data_json) == want
+                    if "worker-8" in r.peers() else False,
                     30,
                     f"the peer to read {reply}",
                 )
@@ -683,7 +676,7 @@ def test_an_api_server_outage_logs_one_warning_and_one_info_per_component(
         process = sidecars.start(pod, "w", extra_env=env, server=proxy.server).wait_ready()
         proxy.refuse()
         wait_for(lambda: metric(process, "discovery_api_connected") == 0, 30, what="the outage noticed")
-        failures = "discovery_api_errors_total"
+        failures = 'discovery_api_errors_total'
         wait_for(lambda: metric(process, failures, operation="register") >= 3, 30, what="3 failed registrations")
         wait_for(lambda: metric(process, failures, operation="watch-registration") >= 3, 30, what="3 failed watches")
         assert process.http_get("/readyz")[0] == 200, "ready all along: registered, and synced before"

@@ -32,17 +32,8 @@ LEASE = 0xA1
 
 def endpoint_value(name: str, lease: int = LEASE, **extra: Any) -> bytes:
     """An endpoint entry as Dynamo writes it under ``v1/instances/``."""
-    return json.dumps(
-        {
-            "type": "Endpoint",
-            "namespace": "ns",
-            "component": "c",
-            "endpoint": name,
-            "instance_id": lease,
-            "transport": {"tcp": "h:1"},
-            **extra,
-        }
-    ).encode()
+    return json.dumps({"type": "Endpoint", "namespace": "ns", "component": "c", "endpoint": name,
+                       "instance_id": lease, "transport": {"tcp": "h:1"}, **extra}).encode()
 
 
 def kv(key: str, value: bytes, lease: int = LEASE, version: int = 1) -> pb.KeyValue:
@@ -136,10 +127,7 @@ class ScriptedEtcd:
                     put = op.request_put
                     old = self.kv.get(put.key.decode())
                     self.kv[put.key.decode()] = pb.KeyValue(
-                        key=put.key,
-                        value=put.value,
-                        lease=put.lease,
-                        version=(old.version if old else 0) + 1,
+                        key=put.key, value=put.value, lease=put.lease, version=(old.version if old else 0) + 1,
                         mod_revision=self.revision,
                     )
                 elif op.HasField("request_delete_range"):

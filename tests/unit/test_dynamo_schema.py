@@ -95,7 +95,7 @@ class TestWhatDynamoRefuses:
             ({"instance_id": True}, ".instance_id must be an unsigned 64-bit integer"),
             ({"transport": "tcp://x"}, ".transport must be an object with one key, the transport kind"),
             # An externally tagged enum in Dynamo: {} does not decode (the 1.6.1 runtime drops the whole CR).
-            ({"transport": {}}, '.transport must be an object with one key, the transport kind (e.g. {"tcp"'),
+            ({"transport": {}}, ".transport must be an object with one key, the transport kind (e.g. {\"tcp\""),
             ({"transport": {"tcp": "a", "nats_tcp": "b"}}, "got an object with 2 keys"),
             ({"endpoint": "other"}, "the key must be 'demo/backend/other/1b8ffc03f93bc5'"),
         ],

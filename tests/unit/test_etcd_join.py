@@ -17,22 +17,10 @@ A, B = 0x1111, 0x2222
 def record(key: str, lease: int, **entry: Any) -> InstanceRecord:
     bucket = key.split("/")[1]
     base: dict[str, Any] = {
-        "instances": {
-            "type": "Endpoint",
-            "namespace": "ns",
-            "component": "c",
-            "endpoint": "e",
-            "instance_id": lease,
-            "transport": {"tcp": "h:1"},
-        },
-        "mdc": {
-            "type": "Model",
-            "namespace": "ns",
-            "component": "c",
-            "endpoint": "e",
-            "instance_id": lease,
-            "card_json": {"name": "m"},
-        },
+        "instances": {"type": "Endpoint", "namespace": "ns", "component": "c", "endpoint": "e",
+                      "instance_id": lease, "transport": {"tcp": "h:1"}},
+        "mdc": {"type": "Model", "namespace": "ns", "component": "c", "endpoint": "e", "instance_id": lease,
+                "card_json": {"name": "m"}},
     }[bucket]
     parsed = parse_kv(key.encode(), json.dumps({**base, **entry}).encode(), lease)
     assert parsed is not None
@@ -45,14 +33,11 @@ def directory() -> PeerDirectory:
 
 def test_keys_of_one_lease_make_one_peer_shaped_like_spec_data() -> None:
     d = directory()
-    d.replace(
-        "etcd",
-        {
-            f"v1/instances/ns/c/e/{A:x}": record(f"v1/instances/ns/c/e/{A:x}", A),
-            f"v1/mdc/ns/c/e/{A:x}": record(f"v1/mdc/ns/c/e/{A:x}", A),
-            f"v1/instances/ns/c/e/{B:x}": record(f"v1/instances/ns/c/e/{B:x}", B),
-        },
-    )
+    d.replace("etcd", {
+        f"v1/instances/ns/c/e/{A:x}": record(f"v1/instances/ns/c/e/{A:x}", A),
+        f"v1/mdc/ns/c/e/{A:x}": record(f"v1/mdc/ns/c/e/{A:x}", A),
+        f"v1/instances/ns/c/e/{B:x}": record(f"v1/instances/ns/c/e/{B:x}", B),
+    })
     assert set(d.peers) == {instance_peer_key(A), instance_peer_key(B)}
     peer = d.peers[instance_peer_key(A)]
     assert (peer.uid, peer.name, peer.namespace, peer.instance_id) == (f"etcd/{A:x}", f"{A:x}", "", A)

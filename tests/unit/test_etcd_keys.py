@@ -58,23 +58,10 @@ def test_endpoint_and_model_entries_are_rekeyed_to_the_lease_and_their_instance_
     document = {
         "endpoints": {"demo/backend/generate/1b8ffc03f93bc5": endpoint()},
         "model_cards": {
-            "base": {
-                "type": "Model",
-                "namespace": "demo",
-                "component": "backend",
-                "endpoint": "generate",
-                "instance_id": 1,
-                "card_json": {"display_name": "llama"},
-            },
-            "lora": {
-                "type": "Model",
-                "namespace": "demo",
-                "component": "backend",
-                "endpoint": "generate",
-                "instance_id": 1,
-                "card_json": {},
-                "model_suffix": "adapter-a",
-            },
+            "base": {"type": "Model", "namespace": "demo", "component": "backend", "endpoint": "generate",
+                     "instance_id": 1, "card_json": {"display_name": "llama"}},
+            "lora": {"type": "Model", "namespace": "demo", "component": "backend", "endpoint": "generate",
+                     "instance_id": 1, "card_json": {}, "model_suffix": "adapter-a"},
         },
         "labels_that_etcd_has_no_place_for": {"x": 1},
     }
@@ -92,24 +79,10 @@ def test_endpoint_and_model_entries_are_rekeyed_to_the_lease_and_their_instance_
 
 def test_event_channels_and_sources_keep_their_publisher_ids() -> None:
     document = {
-        "event_channels": {
-            "c": {
-                "type": "EventChannel",
-                "scope": {"kind": "namespace", "name": "demo"},
-                "topic": "kv events",
-                "instance_id": 255,
-                "transport": {"kind": "zmq"},
-            }
-        },
-        "event_sources": {
-            "s": {
-                "type": "EventSource",
-                "scope": {"kind": "namespace", "name": "demo"},
-                "topic": "kv",
-                "publisher_id": 16,
-                "metadata": {},
-            }
-        },
+        "event_channels": {"c": {"type": "EventChannel", "scope": {"kind": "namespace", "name": "demo"},
+                                 "topic": "kv events", "instance_id": 255, "transport": {"kind": "zmq"}}},
+        "event_sources": {"s": {"type": "EventSource", "scope": {"kind": "namespace", "name": "demo"},
+                                "topic": "kv", "publisher_id": 16, "metadata": {}}},
     }
     assert set(registration_keys(document, LEASE)) == {
         "v1/event_channels/namespace/demo/topic/kv%20events/ff",
@@ -125,20 +98,8 @@ def test_event_channels_and_sources_keep_their_publisher_ids() -> None:
         ({"endpoints": {"e": endpoint(namespace=3)}}, "namespace must be a string"),
         ({"endpoints": ["not", "a", "map"]}, "endpoints must be a JSON object"),
         ({"endpoints": {"a": endpoint(), "b": endpoint()}}, "both register"),
-        (
-            {
-                "event_channels": {
-                    "c": {
-                        "type": "EventChannel",
-                        "scope": {"kind": "namespace", "name": "d"},
-                        "topic": "t",
-                        "instance_id": -1,
-                        "transport": {},
-                    }
-                }
-            },
-            "unsigned 64-bit",
-        ),
+        ({"event_channels": {"c": {"type": "EventChannel", "scope": {"kind": "namespace", "name": "d"},
+                                   "topic": "t", "instance_id": -1, "transport": {}}}}, "unsigned 64-bit"),
         ({"endpoints": {"e": endpoint(card=float("nan"))}}, "Out of range float"),
     ],
 )
@@ -183,23 +144,7 @@ def test_bad_values_are_refused_with_a_reason(key: bytes, value: bytes, reason: 
 
 def test_entry_problem_accepts_what_dynamo_writes() -> None:
     assert entry_problem(ENDPOINTS, endpoint()) is None
-    assert (
-        entry_problem(
-            MODEL_CARDS,
-            {"type": "Model", "namespace": "n", "component": "c", "endpoint": "e", "instance_id": 1, "card_json": {}},
-        )
-        is None
-    )
-    assert (
-        entry_problem(
-            EVENT_CHANNELS,
-            {
-                "type": "EventChannel",
-                "scope": {"kind": "namespace", "name": "n"},
-                "topic": "t",
-                "instance_id": 1,
-                "transport": {},
-            },
-        )
-        is None
-    )
+    assert entry_problem(MODEL_CARDS, {"type": "Model", "namespace": "n", "component": "c", "endpoint": "e",
+                                       "instance_id": 1, "card_json": {}}) is None
+    assert entry_problem(EVENT_CHANNELS, {"type": "EventChannel", "scope": {"kind": "namespace", "name": "n"},
+                                          "topic": "t", "instance_id": 1, "transport": {}}) is None

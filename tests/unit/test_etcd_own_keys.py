@@ -85,9 +85,7 @@ def test_reads_back_reports_what_differs_then_watches_exactly_its_keys_from_the_
         assert publisher.checked == [("k/b", b"other", 0), ("k/c", None, 0)], "different, and missing"
         (creates,) = client.watches
         assert [(c.key, c.range_end, c.start_revision) for c in creates] == [
-            (b"k/a", b"", 42),
-            (b"k/b", b"", 42),
-            (b"k/c", b"", 42),
+            (b"k/a", b"", 42), (b"k/b", b"", 42), (b"k/c", b"", 42)
         ], "one watcher per key, no range: nobody else's keys travel"
         assert watch.healthy
     finally:

@@ -25,14 +25,8 @@ DEADLINE = 10.0
 def endpoints(n: int) -> dict[str, Any]:
     return {
         "endpoints": {
-            f"e{i}": {
-                "type": "Endpoint",
-                "namespace": "ns",
-                "component": "c",
-                "endpoint": f"e{i}",
-                "instance_id": 0,
-                "transport": {"tcp": "h:1"},
-            }
+            f"e{i}": {"type": "Endpoint", "namespace": "ns", "component": "c", "endpoint": f"e{i}",
+                      "instance_id": 0, "transport": {"tcp": "h:1"}}
             for i in range(n)
         }
     }
@@ -69,15 +63,11 @@ def test_publish_writes_only_the_difference() -> None:
         publisher.publish(data, merge=False)
         (txn,) = client.txns
         assert len(txn.compare) == 0  # nothing new to create
-        ops = sorted(
-            (op.WhichOneof("request"), (op.request_put.key or op.request_delete_range.key).decode())
-            for op in txn.success
-        )
+        ops = sorted((op.WhichOneof("request"), (op.request_put.key or op.request_delete_range.key).decode())
+                     for op in txn.success)
         lease = publisher.instance_id
-        assert ops == [
-            ("request_delete_range", f"v1/instances/ns/c/e2/{lease:x}"),
-            ("request_put", f"v1/instances/ns/c/e0/{lease:x}"),
-        ]
+        assert ops == [("request_delete_range", f"v1/instances/ns/c/e2/{lease:x}"),
+                       ("request_put", f"v1/instances/ns/c/e0/{lease:x}")]
         assert publisher.registration().data == data
     finally:
         publisher.stop()
@@ -108,14 +98,8 @@ def test_publish_refuses_what_dynamo_would_not_read() -> None:
     publisher = registered(client, endpoints(1))
     try:
         with pytest.raises(Invalid, match="transport is missing"):
-            publisher.publish(
-                {
-                    "endpoints": {
-                        "x": {"type": "Endpoint", "namespace": "n", "component": "c", "endpoint": "e", "instance_id": 0}
-                    }
-                },
-                merge=False,
-            )
+            publisher.publish({"endpoints": {"x": {"type": "Endpoint", "namespace": "n", "component": "c",
+                                                   "endpoint": "e", "instance_id": 0}}}, merge=False)
         with pytest.raises(Invalid, match="must be a JSON object"):
             publisher.publish({"model_cards": []}, merge=False)
     finally:
@@ -129,11 +113,8 @@ def test_a_lease_etcd_no_longer_knows_is_replaced_by_a_new_one() -> None:
         first = publisher.instance_id
         assert first is not None
         client.lease_revoke(first)
-        wait_for(
-            lambda: publisher.instance_id not in (None, first) and publisher.registered.is_set(),
-            DEADLINE,
-            "registration with a new lease",
-        )
+        wait_for(lambda: publisher.instance_id not in (None, first) and publisher.registered.is_set(), DEADLINE,
+                 "registration with a new lease")
         second = publisher.instance_id
         assert second is not None and f"v1/instances/ns/c/e0/{second:x}" in client.kv
         assert publisher.leases_granted == 2

@@ -46,9 +46,7 @@ def test_username_and_password_go_together_or_are_ignored_as_dynamo_does() -> No
 
 def test_tls_values_are_pem_text_as_dynamo_passes_them_or_paths(tmp_path: pathlib.Path) -> None:
     (tmp_path / "ca.pem").write_text(PEM)
-    settings, _ = EtcdSettings.from_env(
-        {**TLS, "ETCD_AUTH_CA": str(tmp_path / "ca.pem"), "ETCD_ENDPOINTS": "https://e:1"}
-    )
+    settings, _ = EtcdSettings.from_env({**TLS, "ETCD_AUTH_CA": str(tmp_path / "ca.pem"), "ETCD_ENDPOINTS": "https://e:1"})
     assert settings.ca_pem == PEM.encode() and settings.client_cert_pem == PEM.encode() and settings.tls
     with pytest.raises(EtcdSettingsError, match="ETCD_AUTH_CA: expected PEM text"):
         EtcdSettings.from_env({**TLS, "ETCD_AUTH_CA": "/nonexistent/ca.pem"})

@@ -43,13 +43,8 @@ def test_lists_at_one_revision_then_watches_each_bucket_from_the_next_with_previ
         prefixes = [b"v1/instances/", b"v1/mdc/", b"v1/event_channels/", b"v1/event_sources/"]
         assert [c.key for c in stream.creates] == prefixes
         assert {c.start_revision for c in stream.creates} == {11} and all(c.prev_kv for c in stream.creates)
-        stream.responses.put(
-            pb.WatchResponse(
-                watch_id=1,
-                header=pb.ResponseHeader(revision=15),
-                events=[put_event("v1/instances/ns/c/f/a1", endpoint_value("f"))],
-            )
-        )
+        stream.responses.put(pb.WatchResponse(watch_id=1, header=pb.ResponseHeader(revision=15),
+                                              events=[put_event("v1/instances/ns/c/f/a1", endpoint_value("f"))]))
         stream.responses.put(pb.WatchResponse(watch_id=-1, header=pb.ResponseHeader(revision=20)))  # progress
         wait_for(lambda: "v1/instances/ns/c/f/a1" in store.records, DEADLINE, "the watched key")
         wait_for(lambda: source._next[MODEL_CARDS.prefix] == 21, DEADLINE, "progress to move every bucket")
@@ -95,17 +90,13 @@ def test_a_bad_value_keeps_the_keys_last_valid_value_on_the_same_lease_only() ->
         wait_for(lambda: hub.synced, DEADLINE, what="the list")
         first = endpoints()
         assert first is not None and first["ns/c/e/a1"]["version"] == "1"  # type: ignore[index]
-        stream.responses.put(
-            pb.WatchResponse(watch_id=1, header=pb.ResponseHeader(revision=12), events=[put_event(key, b"garbage")])
-        )
+        stream.responses.put(pb.WatchResponse(watch_id=1, header=pb.ResponseHeader(revision=12),
+                                              events=[put_event(key, b"garbage")]))
         wait_for(lambda: source.bad_values == 1, DEADLINE, "the bad value to be seen")
         assert endpoints() == first  # kept
         assert [p.uid for p in hub.state().peers] == [instance_peer_key(LEASE)]
-        stream.responses.put(
-            pb.WatchResponse(
-                watch_id=1, header=pb.ResponseHeader(revision=13), events=[put_event(key, b"garbage", lease=0xB2)]
-            )
-        )
+        stream.responses.put(pb.WatchResponse(watch_id=1, header=pb.ResponseHeader(revision=13),
+                                              events=[put_event(key, b"garbage", lease=0xB2)]))
         wait_for(lambda: endpoints() is None, DEADLINE, "the key to leave its old lease's instance")
         assert source.bad_values == 2
     finally:
@@ -120,9 +111,8 @@ def test_a_permission_denied_watch_makes_the_source_unhealthy_with_the_reason() 
     source.start()
     try:
         stream = client.streams.get(timeout=DEADLINE)
-        stream.responses.put(
-            pb.WatchResponse(watch_id=1, created=True, canceled=True, cancel_reason="etcdserver: permission denied")
-        )
+        stream.responses.put(pb.WatchResponse(watch_id=1, created=True, canceled=True,
+                                              cancel_reason="etcdserver: permission denied"))
         wait_for(lambda: bool(reasons), DEADLINE, "the source to report itself unhealthy")
         assert "permission denied" in reasons[0] and "v1/instances/" in reasons[0]
     finally:

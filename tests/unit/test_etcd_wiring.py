@@ -172,7 +172,9 @@ class TestGetSelf:
         me = get_self(publisher.registration())
         assert (me.instance_id, me.instance_id_hex, me.uid) == (0x2A, "2a", "etcd/2a")
 
-    @pytest.mark.parametrize(("metadata_name", "uid"), [("worker-0", "uid-0"), ("worker-0-engine", "uid-0/engine")])
+    @pytest.mark.parametrize(
+        ("metadata_name", "uid"), [("worker-0", "uid-0"), ("worker-0-engine", "uid-0/engine")]
+    )
     def test_the_kubernetes_publisher_says_the_names_hash(self, metadata_name: str, uid: str) -> None:
         """The CR's publisher reports Dynamo's SipHash of the CR name, and the peer key peers know it by
         (the pod UID; ``{uid}/{container}`` for another container in container mode)."""

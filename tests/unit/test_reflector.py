@@ -278,6 +278,7 @@ class TestLabelSelector:
         assert "labelSelector" not in listed.params
         assert "labelSelector" not in watch.params
 
+
     def test_the_own_registration_watch_asks_for_one_object_by_name(self, rig: Rig) -> None:
         """This pod's own CR alone: a field selector on its name, on the streaming list and on every watch, under
         its own label in metrics and logs (it feeds the registrar, not the directory)."""

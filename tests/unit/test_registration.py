@@ -324,14 +324,8 @@ class TestPublish:
     def test_an_emptied_object_stored_as_null_is_applied_again_so_it_is_stored_as_sent(self, rig: Rig) -> None:
         """Server-side apply stores an object this manager emptied as null; a second apply stores it as sent,
         and that is what the reply and GetSelf report (peers read the same stored object)."""
-        card = {
-            "type": "Model",
-            "namespace": "dynamo",
-            "component": "backend",
-            "endpoint": "generate",
-            "instance_id": 1,
-            "card_json": {"display_name": "m"},
-        }
+        card = {"type": "Model", "namespace": "dynamo", "component": "backend", "endpoint": "generate",
+                "instance_id": 1, "card_json": {"display_name": "m"}}
         rig.register(rv="11")
         rig.api.on_get(cr(POD.uid, "cr-new", "11")).on_apply(accepted(rv="12"))
         rig.registrar.publish({"model_cards": {"dynamo/backend/generate/1": card}}, merge=False)
@@ -1169,14 +1163,8 @@ class TestStoredForm:
     def test_a_publish_whose_stored_form_dynamo_cannot_decode_is_refused(self, rig: Rig) -> None:
         """An event channel's transport emptied: valid as sent ({}), but server-side apply stores it as null
         for one revision, and Dynamo drops a CR whose event channel has no transport. Refused, nothing sent."""
-        channel = {
-            "type": "EventChannel",
-            "namespace": "dynamo",
-            "component": "backend",
-            "topic": "kv",
-            "instance_id": 1,
-            "transport": {"kind": "Nats", "config": {"subject_prefix": "p"}},
-        }
+        channel = {"type": "EventChannel", "namespace": "dynamo", "component": "backend", "topic": "kv",
+                   "instance_id": 1, "transport": {"kind": "Nats", "config": {"subject_prefix": "p"}}}
         rig.register(rv="11")
         rig.api.on_get(cr(POD.uid, "cr-new", "11")).on_apply(accepted(rv="12"))
         rig.registrar.publish({**INITIAL, "event_channels": {"dynamo/backend/kv/1": channel}}, merge=False)
