@@ -84,6 +84,7 @@ PART_BYTES = 1 << 20
 """Largest payload of one stream message: gRPC clients refuse messages over 4 MiB by default, so bigger
 snapshots and deltas go out in parts (``partial``) that clients apply together."""
 SHUTTING_DOWN = "the discovery sidecar is shutting down; reconnect to resume"
+RELAY_SHUTTING_DOWN = "this discovery relay replica is shutting down; follow another replica"
 NAMESPACES_METADATA = "discovery-namespaces"
 """The request metadata in which a relay's client names the namespaces it wants (comma-separated; ``*``:
 all). Absent: every namespace the relay watches. Carried as metadata, not in the filter, because it is
@@ -313,7 +314,9 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             finally:
                 self.metrics.subscribers.dec()
             if self._ending():
-                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN if self.access is None else RELAY_SHUTTING_DOWN
+                )
         finally:
             # Counted until the handler has returned, its status included: shutdown waits for that.
             self.streams -= 1

@@ -153,10 +153,12 @@ def followed_relay(observer_log: pathlib.Path, relays: list[RelayProcess]) -> Re
     return next(r for r in relays if r.grpc_port == port)
 
 
+@pytest.mark.parametrize("end", ["killed", "drained"])
 def test_failover_between_replicas_loses_and_invents_nothing(
-    cluster: Cluster, namespace: str, sidecars: Sidecars, relays: Relays
+    cluster: Cluster, namespace: str, sidecars: Sidecars, relays: Relays, end: str
 ) -> None:
-    """Two replicas; the observer's replica is killed (SIGKILL: no goodbye) and peers change meanwhile. The
+    """Two replicas; the observer's replica is killed (SIGKILL: no goodbye) or drained (SIGTERM: its streams
+    end with UNAVAILABLE) and peers change meanwhile. The
     main container's stream says DEGRADED, keeps its set, gets no new snapshot, and then exactly the real
     changes: each added and removed once, none invented; its set equals the API server's truth."""
     cluster.create_service(namespace, SERVICE, {"app": "w"})
@@ -172,7 +174,11 @@ def test_failover_between_replicas_loses_and_invents_nothing(
     try:
         stream.wait_names({"w-0", "w-1", "w-2"})
         before = len(stream.updates)
-        followed_relay(observer.log_path, replicas).kill()
+        followed = followed_relay(observer.log_path, replicas)
+        if end == "killed":
+            followed.kill()
+        else:
+            followed.terminate()
         cluster.delete_pod(namespace, "w-0")
         worker(cluster, namespace, "w-3")
         stream.wait_names({"w-1", "w-2", "w-3"}, timeout=60)
