@@ -117,7 +117,9 @@ def write_etcd_pki(directory: pathlib.Path, client_name: str = "discovery-sideca
         return builder.sign(ca_key, hashes.SHA256()), leaf_key
 
     # etcd's own gRPC gateway dials the server with the serving certificate: it must be a client's too.
-    server_cert, server_key = leaf("etcd", [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], san=True)
+    server_cert, server_key = leaf(
+        "etcd", [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], san=True
+    )
     client_cert, client_key = leaf(client_name, [ExtendedKeyUsageOID.CLIENT_AUTH], san=False)
     pki = EtcdPki(
         ca=directory / "ca.crt",

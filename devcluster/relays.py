@@ -9,6 +9,7 @@ a CA, and a serving certificate for localhost and 127.0.0.1), so sidecars verify
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import signal
@@ -18,6 +19,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from devcluster.cluster import free_port
 from devcluster.pki import write_pki
@@ -118,6 +120,14 @@ class RelayProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(5)
+
+    def log_events(self) -> list[dict[str, Any]]:
+        events = []
+        with contextlib.suppress(OSError):
+            for line in self.log_path.read_text(errors="replace").splitlines():
+                with contextlib.suppress(ValueError):
+                    events.append(json.loads(line))
+        return events
 
     def log_tail(self, lines: int = 30) -> str:
         with contextlib.suppress(OSError):

@@ -292,22 +292,11 @@ def build_sidecar(version: str, work_dir: pathlib.Path) -> pathlib.Path:
     pyproject = (ROOT / "pyproject.toml").read_text()
     released = re.search(r'^version = "([^"]+)"', pyproject, re.M)
     if released is None:
-        raise RuntimeError('pyproject.toml has no `version = "..."` line')
+        raise RuntimeError("pyproject.toml has no `version = \"...\"` line")
     (source / "pyproject.toml").write_text(pyproject.replace(released.group(0), f'version = "{version}"', 1))
     subprocess.run(
-        [
-            str(uv_binary()),
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-sources",
-            "--target",
-            str(target),
-            "--python",
-            sys.executable,
-            str(source),
-        ],
+        [str(uv_binary()), "pip", "install", "--quiet", "--no-deps", "--no-sources", "--target", str(target),
+         "--python", sys.executable, str(source)],
         check=True,
         capture_output=True,
         timeout=300,

@@ -532,8 +532,8 @@ def _upstream(reader: _Reader, backend: BackendName) -> Upstream | None:
         return None
     if backend is not BackendName.KUBERNETES:
         reader.problems.append(
-            f"{reader.where('DISCOVERY_UPSTREAM')}: a relay serves Kubernetes peers; {reader.where('DYN_DISCOVERY_BACKEND')} "
-            f"is {backend.value!r}"
+            f"{reader.where('DISCOVERY_UPSTREAM')}: a relay serves Kubernetes peers; "
+            f"{reader.where('DYN_DISCOVERY_BACKEND')} is {backend.value!r}"
         )
     if "DISCOVERY_UPSTREAM_CA" not in reader.raw:
         reader.problems.append(

@@ -11,7 +11,7 @@ diffs, so the main container sees only what really changed.
 from __future__ import annotations
 
 from sidecar.core.peer import Peer
-from sidecar.core.records import RelayedPeer, Record
+from sidecar.core.records import Record, RelayedPeer
 
 
 class RelayedJoin:

@@ -25,7 +25,9 @@ from sidecar.peers.backend import Backend, SharedSettings, StartupError, new_hub
 from sidecar.peers.metrics import Metrics
 
 
-def build(settings: SharedSettings, etcd: EtcdSettings, metrics: Metrics, transport: object | None = None) -> Backend:
+def build(
+    settings: SharedSettings, etcd: EtcdSettings, metrics: Metrics, transport: object | None = None
+) -> Backend:
     """The etcd source, the hub it feeds, the lease publisher and the watch of its keys, over one client.
 
     ``transport``: an ``EtcdClient`` to use (tests inject one); otherwise one is made. Making it dials

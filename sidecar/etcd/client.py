@@ -118,7 +118,9 @@ def classify(exc: grpc.RpcError, method: str) -> EtcdError:
             f"{text} (the etcd user needs a role with readwrite on the v1/ prefixes)", "permission-denied"
         )
     if code == grpc.StatusCode.UNAUTHENTICATED or "authentication failed" in details or "user name is empty" in details:
-        return EtcdAuthFailed(f"{text} (check ETCD_AUTH_USERNAME/ETCD_AUTH_PASSWORD)", "unauthenticated")
+        return EtcdAuthFailed(
+            f"{text} (check ETCD_AUTH_USERNAME/ETCD_AUTH_PASSWORD)", "unauthenticated"
+        )
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED or "too large" in details or "too many operations" in details:
         return EtcdTooLarge(text, "too-large")
     if code == grpc.StatusCode.CANCELLED:
@@ -253,7 +255,9 @@ class EtcdClient:
                         continue
                 raise error from exc
 
-    def range(self, key: bytes, range_end: bytes = b"", *, revision: int = 0, limit: int = 0) -> pb.RangeResponse:
+    def range(
+        self, key: bytes, range_end: bytes = b"", *, revision: int = 0, limit: int = 0
+    ) -> pb.RangeResponse:
         request = pb.RangeRequest(key=key, range_end=range_end, revision=revision, limit=limit)
         return self._unary(RANGE, request, pb.RangeResponse, idempotent=True)
 

@@ -22,7 +22,7 @@ OUT_DIR = HERE / "_pb"
 NOTICE = "# Generated from sidecar/etcd/protos by `python -m sidecar.etcd.generate`; do not edit.\n"
 HEADERS = {
     "_pb2.py": "# ruff: noqa\n" + NOTICE,
-    "_pb2.pyi": '# ruff: noqa\n# mypy: disable-error-code="type-arg"\n' + NOTICE,
+    "_pb2.pyi": "# ruff: noqa\n# mypy: disable-error-code=\"type-arg\"\n" + NOTICE,
 }
 
 

@@ -351,7 +351,9 @@ class EtcdPublisher(PublisherLoop):
                 self._repair = False
             if self.on_registered is not None:
                 self.on_registered(lease)
-            self.log.info("registered in etcd", instance_id=lease, instance_id_hex=f"{lease:x}", ttl=self._granted_ttl)
+            self.log.info(
+                "registered in etcd", instance_id=lease, instance_id_hex=f"{lease:x}", ttl=self._granted_ttl
+            )
             self._mark_registered(lease=f"{lease:x}")
         self._registration_changed()  # a new lease and its keys: the own watch follows those now
 

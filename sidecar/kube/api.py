@@ -198,7 +198,9 @@ class KubeApi:
 
     def stream(self, path: str, query: Query, read_timeout: float) -> WatchStream:
         """Open a watch; the caller iterates lines. ``read_timeout`` bounds silence between bytes."""
-        response = self._send("GET", path, query, timeout=(min(10.0, self.request_timeout), read_timeout), verb="watch")
+        response = self._send(
+            "GET", path, query, timeout=(min(10.0, self.request_timeout), read_timeout), verb="watch"
+        )
         if not 200 <= response.status < 300:
             try:
                 raw = response.data

@@ -262,11 +262,12 @@ def load(
             reader.problems.append(
                 f"{reader.where('DISCOVERY_POD_SELECTOR')} selects every Pod; give a non-empty selector"
             )
-    elif not wants_slices and not follows_relay:
-        reader.problems.append(
-            f"set {reader.where('DISCOVERY_SERVICE_NAME')}, {reader.where('DISCOVERY_ENDPOINTSLICE_SELECTOR')} "
-            f"or {reader.where('DISCOVERY_POD_SELECTOR')}: they say what defines peer readiness"
-        )
+    elif not wants_slices:
+        if not follows_relay:  # following a relay, the relay's settings say what defines readiness
+            reader.problems.append(
+                f"set {reader.where('DISCOVERY_SERVICE_NAME')}, {reader.where('DISCOVERY_ENDPOINTSLICE_SELECTOR')} "
+                f"or {reader.where('DISCOVERY_POD_SELECTOR')}: they say what defines peer readiness"
+            )
     elif selector.is_empty() and not reader.problems:
         reader.problems.append(
             f"{reader.where('DISCOVERY_ENDPOINTSLICE_SELECTOR')} selects every EndpointSlice in the namespace; "

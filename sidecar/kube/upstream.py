@@ -24,6 +24,7 @@ service-account token, re-read as it rotates), sent on every new stream.
 from __future__ import annotations
 
 import json
+import random
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -149,8 +150,10 @@ class UpstreamSource(SourceLoop):
         with open(upstream.ca_file, "rb") as file:
             self._credentials = grpc.ssl_channel_credentials(root_certificates=file.read())
         self._view = PeerSetView()
-        self._next = 0  # which replica to dial next (rotates)
+        # Which replica to dial next (rotates); a random start spreads sidecars over the replicas of a list.
+        self._next = random.randrange(1 << 16)
         self.replica = ""  # the replica followed now, for logs and tests ("" between streams)
+        self._delivered = False  # the current stream brought this sidecar a snapshot or a resume
 
     def run(self) -> None:
         failed_in_a_row = 0
@@ -162,6 +165,7 @@ class UpstreamSource(SourceLoop):
                 continue
             dial, host = replicas[self._next % len(replicas)]
             self._next += 1
+            self._delivered = False
             hint: str | None = None
             needs_human = False
             try:
@@ -179,6 +183,8 @@ class UpstreamSource(SourceLoop):
                 self.replica = ""
             if self._stop.is_set():
                 return
+            if self._delivered:  # that replica served this sidecar: a new run of failures starts
+                failed_in_a_row = 0
             failed_in_a_row += 1
             if failed_in_a_row < len(replicas) and not needs_human:
                 # Another replica at once: the peers are kept meanwhile, and said DEGRADED.
@@ -227,6 +233,7 @@ class UpstreamSource(SourceLoop):
                 {uid: RelayedPeer(peer_from_pb(p)) for uid, p in self._view.peers.items()}, received
             )
             self.backoff.reset()
+            self._delivered = True
             self.log.info("following a relay", replica=dial, peers=len(self._view.peers), changes=changes)
         elif update.kind == "delta":
             for message in [*update.added, *update.updated]:
@@ -235,6 +242,7 @@ class UpstreamSource(SourceLoop):
                 self.store.delete(message.uid, received)
         elif update.kind == "resumed":
             self.backoff.reset()
+            self._delivered = True
             self.log.info("resumed from the relay", replica=dial, revision=update.revision)
         if update.connected:
             self._report_healthy("following the relay again")

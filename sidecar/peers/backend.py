@@ -98,7 +98,9 @@ class StartupError(Exception):
     """The sidecar cannot start (e.g. etcd unreachable for the whole start-up timeout); ``str()`` says why."""
 
 
-def new_hub(settings: SharedSettings, sources: Collection[str], join: Join, self_uid: str = "") -> PeerHub:
+def new_hub(
+    settings: SharedSettings, sources: Collection[str], join: Join, self_uid: str = ""
+) -> PeerHub:
     """A hub over a fresh directory of ``sources`` (a new history ID: clients of an earlier process resync)."""
     directory = PeerDirectory(
         history_id=uuid.uuid4().hex,

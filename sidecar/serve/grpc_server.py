@@ -27,6 +27,17 @@ from sidecar.peers.ports import ListenAddress, TlsFiles
 from sidecar.serve.grpc_service import PENDING_MARGIN, SERVICE_NAME, DiscoveryService
 
 T = TypeVar("T")
+REMOTE_CLIENT_OPTIONS = [
+    # A relay's clients are other pods' sidecars, whose streams sit idle between changes: they ping every 20 s
+    # to notice a vanished replica (sidecar.kube.upstream), which gRPC's default policy (one ping per 5 min
+    # without data, two strikes) would answer by closing the connection. And a client that vanished is found
+    # by the relay's own pings, so its stream does not hold memory for hours.
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+]
 
 
 def reloading_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
@@ -97,12 +108,13 @@ class GrpcServer:
         # some once 1,000 wait (all beyond 3,000): a burst of every allowed stream, plus unary calls, must
         # fit, so that a stream over the limit is told why (RESOURCE_EXHAUSTED) rather than CANCELLED.
         pending = self.service.max_streams + PENDING_MARGIN
-        server = grpc.aio.server(
-            options=[
-                ("grpc.server.max_pending_requests", pending),
-                ("grpc.server.max_pending_requests_hard_limit", 2 * pending),
-            ]
-        )
+        options: list[tuple[str, int]] = [
+            ("grpc.server.max_pending_requests", pending),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * pending),
+        ]
+        if self.tls is not None:
+            options += REMOTE_CLIENT_OPTIONS
+        server = grpc.aio.server(options=options)
         pb_grpc.add_DiscoveryServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

@@ -76,6 +76,12 @@ BLOCKING_WORKERS = 4
 """Threads for blocking calls: ``publish`` (serialised by the publisher anyway)."""
 ENCODING_WORKERS = 2
 """Threads that build snapshots (CPU under the GIL: more would not encode faster)."""
+SNAPSHOTS_AT_ONCE = 16
+"""Snapshots being built and written at once; other streams wait their turn. A snapshot held for a client costs
+about twice its size until gRPC has sent it (the message, its serialised bytes), so a burst of clients
+connecting at once (a relay's followers after a failover: hundreds) would otherwise hold hundreds of copies:
+333 streams of 1,000 peers peaked at 808 MB without the bound (bench/relay_fanout.py). The encoding pool is
+CPU-bound under the GIL, so the burst takes about as long either way."""
 PENDING_MARGIN = 1024
 """Calls gRPC core may queue for the loop beyond ``max_streams`` before it cancels any (a burst)."""
 DEFAULT_CLIENT_RECEIVE_BYTES = 4 * 2**20 - 64 * 1024
@@ -84,6 +90,7 @@ PART_BYTES = 1 << 20
 """Largest payload of one stream message: gRPC clients refuse messages over 4 MiB by default, so bigger
 snapshots and deltas go out in parts (``partial``) that clients apply together."""
 SHUTTING_DOWN = "the discovery sidecar is shutting down; reconnect to resume"
+RELAY_SHUTTING_DOWN = "this discovery relay replica is shutting down; follow another replica"
 NAMESPACES_METADATA = "discovery-namespaces"
 """The request metadata in which a relay's client names the namespaces it wants (comma-separated; ``*``:
 all). Absent: every namespace the relay watches. Carried as metadata, not in the filter, because it is
@@ -229,6 +236,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         encoder: PeerEncoder | None = None,
         max_streams: int = MAX_STREAMS,
         access: Access | None = None,
+        snapshots_at_once: int = SNAPSHOTS_AT_ONCE,
     ) -> None:
         if max_streams < 1:
             raise ValueError("max_streams must be at least 1")
@@ -252,6 +260,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         self._stopping = False
         self._blocking = concurrent.futures.ThreadPoolExecutor(BLOCKING_WORKERS, thread_name_prefix="grpc-blocking")
         self._encoding = concurrent.futures.ThreadPoolExecutor(ENCODING_WORKERS, thread_name_prefix="grpc-encode")
+        self._snapshot_slots = asyncio.Semaphore(snapshots_at_once)  # on the loop (bound at first use)
         peers.subscribe(lambda _change: self._changes.trigger_threadsafe())
 
     # -- lifecycle (called by GrpcServer) ----------------------------------------------------------------
@@ -313,7 +322,9 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             finally:
                 self.metrics.subscribers.dec()
             if self._ending():
-                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN if self.access is None else RELAY_SHUTTING_DOWN
+                )
         finally:
             # Counted until the handler has returned, its status included: shutdown waits for that.
             self.streams -= 1
@@ -386,14 +397,15 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         Filtering, sorting and encoding run in the encoding pool; so does building each part, just before
         it is sent, so a stream holds one part (at most ``PART_BYTES``) beside references to the shared
         encoded peers, however slowly its client reads."""
-        revision, status, parts = await self._in_thread(
-            self._encoding, functools.partial(self._snapshot_parts, peer_filter)
-        )
-        for index, part in enumerate(parts):
-            yield await self._in_thread(
-                self._encoding,
-                functools.partial(self._snapshot_message, revision, status, reason, part, index < len(parts) - 1),
+        async with self._snapshot_slots:  # released once the last part is written (the generator resumed)
+            revision, status, parts = await self._in_thread(
+                self._encoding, functools.partial(self._snapshot_parts, peer_filter)
             )
+            for index, part in enumerate(parts):
+                yield await self._in_thread(
+                    self._encoding,
+                    functools.partial(self._snapshot_message, revision, status, reason, part, index < len(parts) - 1),
+                )
 
     def _snapshot_parts(self, peer_filter: PeerFilter) -> tuple[int, ApiStatus, list[list[pb.Peer]]]:
         revision, peers, status = self._filtered_peers(peer_filter)

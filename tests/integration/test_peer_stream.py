@@ -14,6 +14,7 @@ import pytest
 
 from devcluster.cluster import ControlPlane
 from devcluster.objects import ENDPOINT_SLICES, PODS, WORKER_METADATA, Cluster
+from devcluster.relays import RelayProcess
 from devcluster.waiting import wait_for
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.client import DiscoveryClient, PeerSetView
@@ -61,10 +62,15 @@ class World:
         cluster.create_service(namespace, SERVICE, {"app": "w"})
         observer_pod = cluster.start_pod(namespace, OBSERVER, {"app": "w", "role": "router"})
         follow: dict[str, str] = {}
+        self.relay: RelayProcess | None = None
         if relays is not None:
-            relay = relays.start({"DISCOVERY_NAMESPACES": namespace, "DISCOVERY_SERVICE_NAME": SERVICE})
-            follow = relays.follow_env(relay.wait_ready())
+            self.relay = relays.start({"DISCOVERY_NAMESPACES": namespace, "DISCOVERY_SERVICE_NAME": SERVICE})
+            follow = relays.follow_env(self.relay.wait_ready())
         self.observer = sidecars.start(observer_pod, SERVICE, extra_env=follow).wait_ready()
+
+    def log_events(self) -> list[dict]:
+        """What the observer logged, and the relay it follows (which watches the peers for it), if any."""
+        return self.observer.log_events() + (self.relay.log_events() if self.relay is not None else [])
 
     def worker(self, name: str, role: str = "prefill", ready: bool = True, ip: str | None = None) -> dict:
         pod = self.cluster.start_pod(self.namespace, name, {"app": "w", "role": role}, ready=ready, ip=ip)
@@ -78,7 +84,9 @@ class World:
 
 
 @pytest.fixture(params=["apiserver", "relay"])
-def world(namespace: str, cluster: Cluster, sidecars: Sidecars, relays: Relays, request: pytest.FixtureRequest) -> World:
+def world(
+    namespace: str, cluster: Cluster, sidecars: Sidecars, relays: Relays, request: pytest.FixtureRequest
+) -> World:
     """The observer watching the API server itself, and following a relay (issue 23: same semantics)."""
     return World(cluster, namespace, sidecars, relays if request.param == "relay" else None)
 
@@ -245,7 +253,7 @@ def test_apiserver_restart_degrades_then_recovers_without_losing_peers(
     assert not [p.name for u in outage for p in u.removed + u.added], "no peer lost or invented by the outage"
     world.worker("w-3")  # and the watches are live again
     world.settle(stream, {f"w-{i}": READY for i in range(4)})
-    events = world.observer.log_events()
+    events = world.log_events()
     assert [e for e in events if e.get("event") == "watch failed, retrying"], "the outage was seen by the watches"
     relisted = {e["source"] for e in events if e.get("event") == "resource version expired, relisting"}
     # (and the watch of its own CR, the third watch the sidecar holds)
@@ -314,6 +322,6 @@ def test_invalid_metadata_keeps_last_valid_data(world: World, stream: StreamReco
     world.worker("w-after")  # ordering sentinel on the same watch
     world.settle(stream, {"w-bad": READY, "w-after": READY})
     assert stream.peers()["w-bad"].data_json == good
-    assert any(e.get("event", "").startswith("invalid worker metadata") for e in world.observer.log_events())
+    assert any(e.get("event", "").startswith("invalid worker metadata") for e in world.log_events())
     assert pod["metadata"]["uid"] == stream.peers()["w-bad"].uid
     assert world.cluster.api.get(PODS.item(world.namespace, "w-bad"))

@@ -6,100 +6,105 @@
 # source: etcd_v3.proto
 # Protobuf Python Version: 7.35.1
 """Generated protocol buffer code."""
-
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pool as _descriptor_pool
 from google.protobuf import runtime_version as _runtime_version
 from google.protobuf import symbol_database as _symbol_database
 from google.protobuf.internal import builder as _builder
-
-_runtime_version.ValidateProtobufRuntimeVersion(_runtime_version.Domain.PUBLIC, 7, 35, 1, "", "etcd_v3.proto")
+_runtime_version.ValidateProtobufRuntimeVersion(
+    _runtime_version.Domain.PUBLIC,
+    7,
+    35,
+    1,
+    '',
+    'etcd_v3.proto'
+)
 # @@protoc_insertion_point(imports)
 
 _sym_db = _symbol_database.Default()
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n\retcd_v3.proto\x12\x19\x64iscovery_sidecar.etcd.v3"u\n\x08KeyValue\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x17\n\x0f\x63reate_revision\x18\x02 \x01(\x03\x12\x14\n\x0cmod_revision\x18\x03 \x01(\x03\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\r\n\x05value\x18\x05 \x01(\x0c\x12\r\n\x05lease\x18\x06 \x01(\x03"\xca\x01\n\x05\x45vent\x12\x38\n\x04type\x18\x01 \x01(\x0e\x32*.discovery_sidecar.etcd.v3.Event.EventType\x12/\n\x02kv\x18\x02 \x01(\x0b\x32#.discovery_sidecar.etcd.v3.KeyValue\x12\x34\n\x07prev_kv\x18\x03 \x01(\x0b\x32#.discovery_sidecar.etcd.v3.KeyValue" \n\tEventType\x12\x07\n\x03PUT\x10\x00\x12\n\n\x06\x44\x45LETE\x10\x01"\\\n\x0eResponseHeader\x12\x12\n\ncluster_id\x18\x01 \x01(\x04\x12\x11\n\tmember_id\x18\x02 \x01(\x04\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\x11\n\traft_term\x18\x04 \x01(\x04"\xfe\x03\n\x0cRangeRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x11\n\trange_end\x18\x02 \x01(\x0c\x12\r\n\x05limit\x18\x03 \x01(\x03\x12\x10\n\x08revision\x18\x04 \x01(\x03\x12\x45\n\nsort_order\x18\x05 \x01(\x0e\x32\x31.discovery_sidecar.etcd.v3.RangeRequest.SortOrder\x12G\n\x0bsort_target\x18\x06 \x01(\x0e\x32\x32.discovery_sidecar.etcd.v3.RangeRequest.SortTarget\x12\x14\n\x0cserializable\x18\x07 \x01(\x08\x12\x11\n\tkeys_only\x18\x08 \x01(\x08\x12\x12\n\ncount_only\x18\t \x01(\x08\x12\x18\n\x10min_mod_revision\x18\n \x01(\x03\x12\x18\n\x10max_mod_revision\x18\x0b \x01(\x03\x12\x1b\n\x13min_create_revision\x18\x0c \x01(\x03\x12\x1b\n\x13max_create_revision\x18\r \x01(\x03".\n\tSortOrder\x12\x08\n\x04NONE\x10\x00\x12\n\n\x06\x41SCEND\x10\x01\x12\x0b\n\x07\x44\x45SCEND\x10\x02"B\n\nSortTarget\x12\x07\n\x03KEY\x10\x00\x12\x0b\n\x07VERSION\x10\x01\x12\n\n\x06\x43REATE\x10\x02\x12\x07\n\x03MOD\x10\x03\x12\t\n\x05VALUE\x10\x04"\x99\x01\n\rRangeResponse\x12\x39\n\x06header\x18\x01 \x01(\x0b\x32).discovery_sidecar.etcd.v3.ResponseHeader\x12\x30\n\x03kvs\x18\x02 \x03(\x0b\x32#.discovery_sidecar.etcd.v3.KeyValue\x12\x0c\n\x04more\x18\x03 \x01(\x08\x12\r\n\x05\x63ount\x18\x04 \x01(\x03"t\n\nPutRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\r\n\x05lease\x18\x03 \x01(\x03\x12\x0f\n\x07prev_kv\x18\x04 \x01(\x08\x12\x14\n\x0cignore_value\x18\x05 \x01(\x08\x12\x14\n\x0cignore_lease\x18\x06 \x01(\x08"~\n\x0bPutResponse\x12\x39\n\x06header\x18\x01 \x01(\x0b\x32).discovery_sidecar.etcd.v3.ResponseHeader\x12\x34\n\x07prev_kv\x18\x02 \x01(\x0b\x32#.discovery_sidecar.etcd.v3.KeyValue"E\n\x12\x44\x65leteRangeRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x11\n\trange_end\x18\x02 \x01(\x0c\x12\x0f\n\x07prev_kv\x18\x03 \x01(\x08"\x98\x01\n\x13\x44\x65leteRangeResponse\x12\x39\n\x06header\x18\x01 \x01(\x0b\x32).discovery_sidecar.etcd.v3.ResponseHeader\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x03\x12\x35\n\x08prev_kvs\x18\x03 \x03(\x0b\x32#.discovery_sidecar.etcd.v3.KeyValue"\xa3\x02\n\tRequestOp\x12@\n\rrequest_range\x18\x01 \x01(\x0b\x32\'.discovery_sidecar.etcd.v3.RangeRequestH\x00\x12<\n\x0brequest_put\x18\x02 \x01(\x0b\x32%.discovery_sidecar.etcd.v3.PutRequestH\x00\x12M\n\x14request_delete_range\x18\x03 \x01(\x0b\x32-.discovery_sidecar.etcd.v3.DeleteRangeRequestH\x00\x12<\n\x0brequest_txn\x18\x04 \x01(\x0b\x32%.discovery_sidecar.etcd.v3.TxnRequestH\x00\x42\t\n\x07request"\xad\x02\n\nResponseOp\x12\x42\n\x0eresponse_range\x18\x01 \x01(\x0b\x32(.discovery_sidecar.etcd.v3.RangeResponseH\x00\x12>\n\x0cresponse_put\x18\x02 \x01(\x0b\x32&.discovery_sidecar.etcd.v3.PutResponseH\x00\x12O\n\x15response_delete_range\x18\x03 \x01(\x0b\x32..discovery_sidecar.etcd.v3.DeleteRangeResponseH\x00\x12>\n\x0cresponse_txn\x18\x04 \x01(\x0b\x32&.discovery_sidecar.etcd.v3.TxnResponseH\x00\x42\n\n\x08response"\xb0\x03\n\x07\x43ompare\x12@\n\x06result\x18\x01 \x01(\x0e\x32\x30.discovery_sidecar.etcd.v3.Compare.CompareResult\x12@\n\x06target\x18\x02 \x01(\x0e\x32\x30.discovery_sidecar.etcd.v3.Compare.CompareTarget\x12\x0b\n\x03key\x18\x03 \x01(\x0c\x12\x11\n\x07version\x18\x04 \x01(\x03H\x00\x12\x19\n\x0f\x63reate_revision\x18\x05 \x01(\x03H\x00\x12\x16\n\x0cmod_revision\x18\x06 \x01(\x03H\x00\x12\x0f\n\x05value\x18\x07 \x01(\x0cH\x00\x12\x0f\n\x05lease\x18\x08 \x01(\x03H\x00\x12\x11\n\trange_end\x18@ \x01(\x0c"@\n\rCompareResult\x12\t\n\x05\x45QUAL\x10\x00\x12\x0b\n\x07GREATER\x10\x01\x12\x08\n\x04LESS\x10\x02\x12\r\n\tNOT_EQUAL\x10\x03"G\n\rCompareTarget\x12\x0b\n\x07VERSION\x10\x00\x12\n\n\x06\x43REATE\x10\x01\x12\x07\n\x03MOD\x10\x02\x12\t\n\x05VALUE\x10\x03\x12\t\n\x05LEASE\x10\x04\x42\x0e\n\x0ctarget_union"\xaf\x01\n\nTxnRequest\x12\x33\n\x07\x63ompare\x18\x01 \x03(\x0b\x32".discovery_sidecar.etcd.v3.Compare\x12\x35\n\x07success\x18\x02 \x03(\x0b\x32$.discovery_sidecar.etcd.v3.RequestOp\x12\x35\n\x07\x66\x61ilure\x18\x03 \x03(\x0b\x32$.discovery_sidecar.etcd.v3.RequestOp"\x95\x01\n\x0bTxnResponse\x12\x39\n\x06header\x18\x01 \x01(\x0b\x32).discovery_sidecar.etcd.v3.ResponseHeader\x12\x11\n\tsucceeded\x18\x02 \x01(\x08\x12\x38\n\tresponses\x18\x03 \x03(\x0b\x32%.discovery_sidecar.etcd.v3.ResponseOp"7\n\x11\x43ompactionRequest\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x10\n\x08physical\x18\x02 \x01(\x08"O\n\x12\x43ompactionResponse\x12\x39\n\x06header\x18\x01 \x01(\x0b\x32).discovery_sidecar.etcd.v3.ResponseHeader"\xfe\x01\n\x0cWatchRequest\x12G\n\x0e\x63reate_request\x18\x01 \x01(\x0b\x32-.discovery_sidecar.etcd.v3.WatchCreateRequestH\x00\x12G\n\x0e\x63\x61ncel_request\x18\x02 \x01(\x0b\x32-.discovery_sidecar.etcd.v3.WatchCancelRequestH\x00\x12K\n\x10progress_request\x18\x03 \x01(\x0b\x32/.discovery_sidecar.etcd.v3.WatchProgressRequestH\x00\x42\x0f\n\rrequest_union"\x8c\x02\n\x12WatchCreateRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x11\n\trange_end\x18\x02 \x01(\x0c\x12\x16\n\x0estart_revision\x18\x03 \x01(\x03\x12\x17\n\x0fprogress_notify\x18\x04 \x01(\x08\x12I\n\x07\x66ilters\x18\x05 \x03(\x0e\x32\x38.discovery_sidecar.etcd.v3.WatchCreateRequest.FilterType\x12\x0f\n\x07prev_kv\x18\x06 \x01(\x08\x12\x10\n\x08watch_id\x18\x07 \x01(\x03\x12\x10\n\x08\x66ragment\x18\x08 \x01(\x08"%\n\nFilterType\x12\t\n\x05NOPUT\x10\x00\x12\x0c\n\x08NODELETE\x10\x01"&\n\x12WatchCancelRequest\x12\x10\n\x08watch_id\x18\x01 \x01(\x03"\x16\n\x14WatchProgressRequest"\xf4\x01\n\rWatchResponse\x12\x39\n\x06header\x18\x01 \x01(\x0b\x32).discovery_sidecar.etcd.v3.ResponseHeader\x12\x10\n\x08watch_id\x18\x02 \x01(\x03\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\x12\x10\n\x08\x63\x61nceled\x18\x04 \x01(\x08\x12\x18\n\x10\x63ompact_revision\x18\x05 \x01(\x03\x12\x15\n\rcancel_reason\x18\x06 \x01(\t\x12\x10\n\x08\x66ragment\x18\x07 \x01(\x08\x12\x30\n\x06\x65vents\x18\x0b \x03(\x0b\x32 .discovery_sidecar.etcd.v3.Event",\n\x11LeaseGrantRequest\x12\x0b\n\x03TTL\x18\x01 \x01(\x03\x12\n\n\x02ID\x18\x02 \x01(\x03"w\n\x12LeaseGrantResponse\x12\x39\n\x06header\x18\x01 \x01(\x0b\x32).discovery_sidecar.etcd.v3.ResponseHeader\x12\n\n\x02ID\x18\x02 \x01(\x03\x12\x0b\n\x03TTL\x18\x03 \x01(\x03\x12\r\n\x05\x65rror\x18\x04 \x01(\t" \n\x12LeaseRevokeRequest\x12\n\n\x02ID\x18\x01 \x01(\x03"P\n\x13LeaseRevokeResponse\x12\x39\n\x06header\x18\x01 \x01(\x0b\x32).discovery_sidecar.etcd.v3.ResponseHeader"#\n\x15LeaseKeepAliveRequest\x12\n\n\x02ID\x18\x01 \x01(\x03"l\n\x16LeaseKeepAliveResponse\x12\x39\n\x06header\x18\x01 \x01(\x0b\x32).discovery_sidecar.etcd.v3.ResponseHeader\x12\n\n\x02ID\x18\x02 \x01(\x03\x12\x0b\n\x03TTL\x18\x03 \x01(\x03"2\n\x16LeaseTimeToLiveRequest\x12\n\n\x02ID\x18\x01 \x01(\x03\x12\x0c\n\x04keys\x18\x02 \x01(\x08"\x8f\x01\n\x17LeaseTimeToLiveResponse\x12\x39\n\x06header\x18\x01 \x01(\x0b\x32).discovery_sidecar.etcd.v3.ResponseHeader\x12\n\n\x02ID\x18\x02 \x01(\x03\x12\x0b\n\x03TTL\x18\x03 \x01(\x03\x12\x12\n\ngrantedTTL\x18\x04 \x01(\x03\x12\x0c\n\x04keys\x18\x05 \x03(\x0c"5\n\x13\x41uthenticateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t"`\n\x14\x41uthenticateResponse\x12\x39\n\x06header\x18\x01 \x01(\x0b\x32).discovery_sidecar.etcd.v3.ResponseHeader\x12\r\n\x05token\x18\x02 \x01(\tb\x06proto3'
-)
+
+
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\retcd_v3.proto\x12\x19\x64iscovery_sidecar.etcd.v3\"u\n\x08KeyValue\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x17\n\x0f\x63reate_revision\x18\x02 \x01(\x03\x12\x14\n\x0cmod_revision\x18\x03 \x01(\x03\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\r\n\x05value\x18\x05 \x01(\x0c\x12\r\n\x05lease\x18\x06 \x01(\x03\"\xca\x01\n\x05\x45vent\x12\x38\n\x04type\x18\x01 \x01(\x0e\x32*.discovery_sidecar.etcd.v3.Event.EventType\x12/\n\x02kv\x18\x02 \x01(\x0b\x32#.discovery_sidecar.etcd.v3.KeyValue\x12\x34\n\x07prev_kv\x18\x03 \x01(\x0b\x32#.discovery_sidecar.etcd.v3.KeyValue\" \n\tEventType\x12\x07\n\x03PUT\x10\x00\x12\n\n\x06\x44\x45LETE\x10\x01\"\\\n\x0eResponseHeader\x12\x12\n\ncluster_id\x18\x01 \x01(\x04\x12\x11\n\tmember_id\x18\x02 \x01(\x04\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\x11\n\traft_term\x18\x04 \x01(\x04\"\xfe\x03\n\x0cRangeRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x11\n\trange_end\x18\x02 \x01(\x0c\x12\r\n\x05limit\x18\x03 \x01(\x03\x12\x10\n\x08revision\x18\x04 \x01(\x03\x12\x45\n\nsort_order\x18\x05 \x01(\x0e\x32\x31.discovery_sidecar.etcd.v3.RangeRequest.SortOrder\x12G\n\x0bsort_target\x18\x06 \x01(\x0e\x32\x32.discovery_sidecar.etcd.v3.RangeRequest.SortTarget\x12\x14\n\x0cserializable\x18\x07 \x01(\x08\x12\x11\n\tkeys_only\x18\x08 \x01(\x08\x12\x12\n\ncount_only\x18\t \x01(\x08\x12\x18\n\x10min_mod_revision\x18\n \x01(\x03\x12\x18\n\x10max_mod_revision\x18\x0b \x01(\x03\x12\x1b\n\x13min_create_revision\x18\x0c \x01(\x03\x12\x1b\n\x13max_create_revision\x18\r \x01(\x03\".\n\tSortOrder\x12\x08\n\x04NONE\x10\x00\x12\n\n\x06\x41SCEND\x10\x01\x12\x0b\n\x07\x44\x45SCEND\x10\x02\"B\n\nSortTarget\x12\x07\n\x03KEY\x10\x00\x12\x0b\n\x07VERSION\x10\x01\x12\n\n\x06\x43REATE\x10\x02\x12\x07\n\x03MOD\x10\x03\x12\t\n\x05VALUE\x10\x04\"\x99\x01\n\rRangeResponse\x12\x39\n\x06header\x18\x01 \x01(\x0b\x32).discovery_sidecar.etcd.v3.ResponseHeader\x12\x30\n\x03kvs\x18\x02 \x03(\x0b\x32#.discovery_sidecar.etcd.v3.KeyValue\x12\x0c\n\x04more\x18\x03 \x01(\x08\x12\r\n\x05\x63ount\x18\x04 \x01(\x03\"t\n\nPutRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\r\n\x05lease\x18\x03 \x01(\x03\x12\x0f\n\x07prev_kv\x18\x04 \x01(\x08\x12\x14\n\x0cignore_value\x18\x05 \x01(\x08\x12\x14\n\x0cignore_lease\x18\x06 \x01(\x08\"~\n\x0bPutResponse\x12\x39\n\x06header\x18\x01 \x01(\x0b\x32).discovery_sidecar.etcd.v3.ResponseHeader\x12\x34\n\x07prev_kv\x18\x02 \x01(\x0b\x32#.discovery_sidecar.etcd.v3.KeyValue\"E\n\x12\x44\x65leteRangeRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x11\n\trange_end\x18\x02 \x01(\x0c\x12\x0f\n\x07prev_kv\x18\x03 \x01(\x08\"\x98\x01\n\x13\x44\x65leteRangeResponse\x12\x39\n\x06header\x18\x01 \x01(\x0b\x32).discovery_sidecar.etcd.v3.ResponseHeader\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x03\x12\x35\n\x08prev_kvs\x18\x03 \x03(\x0b\x32#.discovery_sidecar.etcd.v3.KeyValue\"\xa3\x02\n\tRequestOp\x12@\n\rrequest_range\x18\x01 \x01(\x0b\x32\'.discovery_sidecar.etcd.v3.RangeRequestH\x00\x12<\n\x0brequest_put\x18\x02 \x01(\x0b\x32%.discovery_sidecar.etcd.v3.PutRequestH\x00\x12M\n\x14request_delete_range\x18\x03 \x01(\x0b\x32-.discovery_sidecar.etcd.v3.DeleteRangeRequestH\x00\x12<\n\x0brequest_txn\x18\x04 \x01(\x0b\x32%.discovery_sidecar.etcd.v3.TxnRequestH\x00\x42\t\n\x07request\"\xad\x02\n\nResponseOp\x12\x42\n\x0eresponse_range\x18\x01 \x01(\x0b\x32(.discovery_sidecar.etcd.v3.RangeResponseH\x00\x12>\n\x0cresponse_put\x18\x02 \x01(\x0b\x32&.discovery_sidecar.etcd.v3.PutResponseH\x00\x12O\n\x15response_delete_range\x18\x03 \x01(\x0b\x32..discovery_sidecar.etcd.v3.DeleteRangeResponseH\x00\x12>\n\x0cresponse_txn\x18\x04 \x01(\x0b\x32&.discovery_sidecar.etcd.v3.TxnResponseH\x00\x42\n\n\x08response\"\xb0\x03\n\x07\x43ompare\x12@\n\x06result\x18\x01 \x01(\x0e\x32\x30.discovery_sidecar.etcd.v3.Compare.CompareResult\x12@\n\x06target\x18\x02 \x01(\x0e\x32\x30.discovery_sidecar.etcd.v3.Compare.CompareTarget\x12\x0b\n\x03key\x18\x03 \x01(\x0c\x12\x11\n\x07version\x18\x04 \x01(\x03H\x00\x12\x19\n\x0f\x63reate_revision\x18\x05 \x01(\x03H\x00\x12\x16\n\x0cmod_revision\x18\x06 \x01(\x03H\x00\x12\x0f\n\x05value\x18\x07 \x01(\x0cH\x00\x12\x0f\n\x05lease\x18\x08 \x01(\x03H\x00\x12\x11\n\trange_end\x18@ \x01(\x0c\"@\n\rCompareResult\x12\t\n\x05\x45QUAL\x10\x00\x12\x0b\n\x07GREATER\x10\x01\x12\x08\n\x04LESS\x10\x02\x12\r\n\tNOT_EQUAL\x10\x03\"G\n\rCompareTarget\x12\x0b\n\x07VERSION\x10\x00\x12\n\n\x06\x43REATE\x10\x01\x12\x07\n\x03MOD\x10\x02\x12\t\n\x05VALUE\x10\x03\x12\t\n\x05LEASE\x10\x04\x42\x0e\n\x0ctarget_union\"\xaf\x01\n\nTxnRequest\x12\x33\n\x07\x63ompare\x18\x01 \x03(\x0b\x32\".discovery_sidecar.etcd.v3.Compare\x12\x35\n\x07success\x18\x02 \x03(\x0b\x32$.discovery_sidecar.etcd.v3.RequestOp\x12\x35\n\x07\x66\x61ilure\x18\x03 \x03(\x0b\x32$.discovery_sidecar.etcd.v3.RequestOp\"\x95\x01\n\x0bTxnResponse\x12\x39\n\x06header\x18\x01 \x01(\x0b\x32).discovery_sidecar.etcd.v3.ResponseHeader\x12\x11\n\tsucceeded\x18\x02 \x01(\x08\x12\x38\n\tresponses\x18\x03 \x03(\x0b\x32%.discovery_sidecar.etcd.v3.ResponseOp\"7\n\x11\x43ompactionRequest\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x10\n\x08physical\x18\x02 \x01(\x08\"O\n\x12\x43ompactionResponse\x12\x39\n\x06header\x18\x01 \x01(\x0b\x32).discovery_sidecar.etcd.v3.ResponseHeader\"\xfe\x01\n\x0cWatchRequest\x12G\n\x0e\x63reate_request\x18\x01 \x01(\x0b\x32-.discovery_sidecar.etcd.v3.WatchCreateRequestH\x00\x12G\n\x0e\x63\x61ncel_request\x18\x02 \x01(\x0b\x32-.discovery_sidecar.etcd.v3.WatchCancelRequestH\x00\x12K\n\x10progress_request\x18\x03 \x01(\x0b\x32/.discovery_sidecar.etcd.v3.WatchProgressRequestH\x00\x42\x0f\n\rrequest_union\"\x8c\x02\n\x12WatchCreateRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x11\n\trange_end\x18\x02 \x01(\x0c\x12\x16\n\x0estart_revision\x18\x03 \x01(\x03\x12\x17\n\x0fprogress_notify\x18\x04 \x01(\x08\x12I\n\x07\x66ilters\x18\x05 \x03(\x0e\x32\x38.discovery_sidecar.etcd.v3.WatchCreateRequest.FilterType\x12\x0f\n\x07prev_kv\x18\x06 \x01(\x08\x12\x10\n\x08watch_id\x18\x07 \x01(\x03\x12\x10\n\x08\x66ragment\x18\x08 \x01(\x08\"%\n\nFilterType\x12\t\n\x05NOPUT\x10\x00\x12\x0c\n\x08NODELETE\x10\x01\"&\n\x12WatchCancelRequest\x12\x10\n\x08watch_id\x18\x01 \x01(\x03\"\x16\n\x14WatchProgressRequest\"\xf4\x01\n\rWatchResponse\x12\x39\n\x06header\x18\x01 \x01(\x0b\x32).discovery_sidecar.etcd.v3.ResponseHeader\x12\x10\n\x08watch_id\x18\x02 \x01(\x03\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\x12\x10\n\x08\x63\x61nceled\x18\x04 \x01(\x08\x12\x18\n\x10\x63ompact_revision\x18\x05 \x01(\x03\x12\x15\n\rcancel_reason\x18\x06 \x01(\t\x12\x10\n\x08\x66ragment\x18\x07 \x01(\x08\x12\x30\n\x06\x65vents\x18\x0b \x03(\x0b\x32 .discovery_sidecar.etcd.v3.Event\",\n\x11LeaseGrantRequest\x12\x0b\n\x03TTL\x18\x01 \x01(\x03\x12\n\n\x02ID\x18\x02 \x01(\x03\"w\n\x12LeaseGrantResponse\x12\x39\n\x06header\x18\x01 \x01(\x0b\x32).discovery_sidecar.etcd.v3.ResponseHeader\x12\n\n\x02ID\x18\x02 \x01(\x03\x12\x0b\n\x03TTL\x18\x03 \x01(\x03\x12\r\n\x05\x65rror\x18\x04 \x01(\t\" \n\x12LeaseRevokeRequest\x12\n\n\x02ID\x18\x01 \x01(\x03\"P\n\x13LeaseRevokeResponse\x12\x39\n\x06header\x18\x01 \x01(\x0b\x32).discovery_sidecar.etcd.v3.ResponseHeader\"#\n\x15LeaseKeepAliveRequest\x12\n\n\x02ID\x18\x01 \x01(\x03\"l\n\x16LeaseKeepAliveResponse\x12\x39\n\x06header\x18\x01 \x01(\x0b\x32).discovery_sidecar.etcd.v3.ResponseHeader\x12\n\n\x02ID\x18\x02 \x01(\x03\x12\x0b\n\x03TTL\x18\x03 \x01(\x03\"2\n\x16LeaseTimeToLiveRequest\x12\n\n\x02ID\x18\x01 \x01(\x03\x12\x0c\n\x04keys\x18\x02 \x01(\x08\"\x8f\x01\n\x17LeaseTimeToLiveResponse\x12\x39\n\x06header\x18\x01 \x01(\x0b\x32).discovery_sidecar.etcd.v3.ResponseHeader\x12\n\n\x02ID\x18\x02 \x01(\x03\x12\x0b\n\x03TTL\x18\x03 \x01(\x03\x12\x12\n\ngrantedTTL\x18\x04 \x01(\x03\x12\x0c\n\x04keys\x18\x05 \x03(\x0c\"5\n\x13\x41uthenticateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\"`\n\x14\x41uthenticateResponse\x12\x39\n\x06header\x18\x01 \x01(\x0b\x32).discovery_sidecar.etcd.v3.ResponseHeader\x12\r\n\x05token\x18\x02 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "etcd_v3_pb2", _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'etcd_v3_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-    DESCRIPTOR._loaded_options = None
-    _globals["_KEYVALUE"]._serialized_start = 44
-    _globals["_KEYVALUE"]._serialized_end = 161
-    _globals["_EVENT"]._serialized_start = 164
-    _globals["_EVENT"]._serialized_end = 366
-    _globals["_EVENT_EVENTTYPE"]._serialized_start = 334
-    _globals["_EVENT_EVENTTYPE"]._serialized_end = 366
-    _globals["_RESPONSEHEADER"]._serialized_start = 368
-    _globals["_RESPONSEHEADER"]._serialized_end = 460
-    _globals["_RANGEREQUEST"]._serialized_start = 463
-    _globals["_RANGEREQUEST"]._serialized_end = 973
-    _globals["_RANGEREQUEST_SORTORDER"]._serialized_start = 859
-    _globals["_RANGEREQUEST_SORTORDER"]._serialized_end = 905
-    _globals["_RANGEREQUEST_SORTTARGET"]._serialized_start = 907
-    _globals["_RANGEREQUEST_SORTTARGET"]._serialized_end = 973
-    _globals["_RANGERESPONSE"]._serialized_start = 976
-    _globals["_RANGERESPONSE"]._serialized_end = 1129
-    _globals["_PUTREQUEST"]._serialized_start = 1131
-    _globals["_PUTREQUEST"]._serialized_end = 1247
-    _globals["_PUTRESPONSE"]._serialized_start = 1249
-    _globals["_PUTRESPONSE"]._serialized_end = 1375
-    _globals["_DELETERANGEREQUEST"]._serialized_start = 1377
-    _globals["_DELETERANGEREQUEST"]._serialized_end = 1446
-    _globals["_DELETERANGERESPONSE"]._serialized_start = 1449
-    _globals["_DELETERANGERESPONSE"]._serialized_end = 1601
-    _globals["_REQUESTOP"]._serialized_start = 1604
-    _globals["_REQUESTOP"]._serialized_end = 1895
-    _globals["_RESPONSEOP"]._serialized_start = 1898
-    _globals["_RESPONSEOP"]._serialized_end = 2199
-    _globals["_COMPARE"]._serialized_start = 2202
-    _globals["_COMPARE"]._serialized_end = 2634
-    _globals["_COMPARE_COMPARERESULT"]._serialized_start = 2481
-    _globals["_COMPARE_COMPARERESULT"]._serialized_end = 2545
-    _globals["_COMPARE_COMPARETARGET"]._serialized_start = 2547
-    _globals["_COMPARE_COMPARETARGET"]._serialized_end = 2618
-    _globals["_TXNREQUEST"]._serialized_start = 2637
-    _globals["_TXNREQUEST"]._serialized_end = 2812
-    _globals["_TXNRESPONSE"]._serialized_start = 2815
-    _globals["_TXNRESPONSE"]._serialized_end = 2964
-    _globals["_COMPACTIONREQUEST"]._serialized_start = 2966
-    _globals["_COMPACTIONREQUEST"]._serialized_end = 3021
-    _globals["_COMPACTIONRESPONSE"]._serialized_start = 3023
-    _globals["_COMPACTIONRESPONSE"]._serialized_end = 3102
-    _globals["_WATCHREQUEST"]._serialized_start = 3105
-    _globals["_WATCHREQUEST"]._serialized_end = 3359
-    _globals["_WATCHCREATEREQUEST"]._serialized_start = 3362
-    _globals["_WATCHCREATEREQUEST"]._serialized_end = 3630
-    _globals["_WATCHCREATEREQUEST_FILTERTYPE"]._serialized_start = 3593
-    _globals["_WATCHCREATEREQUEST_FILTERTYPE"]._serialized_end = 3630
-    _globals["_WATCHCANCELREQUEST"]._serialized_start = 3632
-    _globals["_WATCHCANCELREQUEST"]._serialized_end = 3670
-    _globals["_WATCHPROGRESSREQUEST"]._serialized_start = 3672
-    _globals["_WATCHPROGRESSREQUEST"]._serialized_end = 3694
-    _globals["_WATCHRESPONSE"]._serialized_start = 3697
-    _globals["_WATCHRESPONSE"]._serialized_end = 3941
-    _globals["_LEASEGRANTREQUEST"]._serialized_start = 3943
-    _globals["_LEASEGRANTREQUEST"]._serialized_end = 3987
-    _globals["_LEASEGRANTRESPONSE"]._serialized_start = 3989
-    _globals["_LEASEGRANTRESPONSE"]._serialized_end = 4108
-    _globals["_LEASEREVOKEREQUEST"]._serialized_start = 4110
-    _globals["_LEASEREVOKEREQUEST"]._serialized_end = 4142
-    _globals["_LEASEREVOKERESPONSE"]._serialized_start = 4144
-    _globals["_LEASEREVOKERESPONSE"]._serialized_end = 4224
-    _globals["_LEASEKEEPALIVEREQUEST"]._serialized_start = 4226
-    _globals["_LEASEKEEPALIVEREQUEST"]._serialized_end = 4261
-    _globals["_LEASEKEEPALIVERESPONSE"]._serialized_start = 4263
-    _globals["_LEASEKEEPALIVERESPONSE"]._serialized_end = 4371
-    _globals["_LEASETIMETOLIVEREQUEST"]._serialized_start = 4373
-    _globals["_LEASETIMETOLIVEREQUEST"]._serialized_end = 4423
-    _globals["_LEASETIMETOLIVERESPONSE"]._serialized_start = 4426
-    _globals["_LEASETIMETOLIVERESPONSE"]._serialized_end = 4569
-    _globals["_AUTHENTICATEREQUEST"]._serialized_start = 4571
-    _globals["_AUTHENTICATEREQUEST"]._serialized_end = 4624
-    _globals["_AUTHENTICATERESPONSE"]._serialized_start = 4626
-    _globals["_AUTHENTICATERESPONSE"]._serialized_end = 4722
+  DESCRIPTOR._loaded_options = None
+  _globals['_KEYVALUE']._serialized_start=44
+  _globals['_KEYVALUE']._serialized_end=161
+  _globals['_EVENT']._serialized_start=164
+  _globals['_EVENT']._serialized_end=366
+  _globals['_EVENT_EVENTTYPE']._serialized_start=334
+  _globals['_EVENT_EVENTTYPE']._serialized_end=366
+  _globals['_RESPONSEHEADER']._serialized_start=368
+  _globals['_RESPONSEHEADER']._serialized_end=460
+  _globals['_RANGEREQUEST']._serialized_start=463
+  _globals['_RANGEREQUEST']._serialized_end=973
+  _globals['_RANGEREQUEST_SORTORDER']._serialized_start=859
+  _globals['_RANGEREQUEST_SORTORDER']._serialized_end=905
+  _globals['_RANGEREQUEST_SORTTARGET']._serialized_start=907
+  _globals['_RANGEREQUEST_SORTTARGET']._serialized_end=973
+  _globals['_RANGERESPONSE']._serialized_start=976
+  _globals['_RANGERESPONSE']._serialized_end=1129
+  _globals['_PUTREQUEST']._serialized_start=1131
+  _globals['_PUTREQUEST']._serialized_end=1247
+  _globals['_PUTRESPONSE']._serialized_start=1249
+  _globals['_PUTRESPONSE']._serialized_end=1375
+  _globals['_DELETERANGEREQUEST']._serialized_start=1377
+  _globals['_DELETERANGEREQUEST']._serialized_end=1446
+  _globals['_DELETERANGERESPONSE']._serialized_start=1449
+  _globals['_DELETERANGERESPONSE']._serialized_end=1601
+  _globals['_REQUESTOP']._serialized_start=1604
+  _globals['_REQUESTOP']._serialized_end=1895
+  _globals['_RESPONSEOP']._serialized_start=1898
+  _globals['_RESPONSEOP']._serialized_end=2199
+  _globals['_COMPARE']._serialized_start=2202
+  _globals['_COMPARE']._serialized_end=2634
+  _globals['_COMPARE_COMPARERESULT']._serialized_start=2481
+  _globals['_COMPARE_COMPARERESULT']._serialized_end=2545
+  _globals['_COMPARE_COMPARETARGET']._serialized_start=2547
+  _globals['_COMPARE_COMPARETARGET']._serialized_end=2618
+  _globals['_TXNREQUEST']._serialized_start=2637
+  _globals['_TXNREQUEST']._serialized_end=2812
+  _globals['_TXNRESPONSE']._serialized_start=2815
+  _globals['_TXNRESPONSE']._serialized_end=2964
+  _globals['_COMPACTIONREQUEST']._serialized_start=2966
+  _globals['_COMPACTIONREQUEST']._serialized_end=3021
+  _globals['_COMPACTIONRESPONSE']._serialized_start=3023
+  _globals['_COMPACTIONRESPONSE']._serialized_end=3102
+  _globals['_WATCHREQUEST']._serialized_start=3105
+  _globals['_WATCHREQUEST']._serialized_end=3359
+  _globals['_WATCHCREATEREQUEST']._serialized_start=3362
+  _globals['_WATCHCREATEREQUEST']._serialized_end=3630
+  _globals['_WATCHCREATEREQUEST_FILTERTYPE']._serialized_start=3593
+  _globals['_WATCHCREATEREQUEST_FILTERTYPE']._serialized_end=3630
+  _globals['_WATCHCANCELREQUEST']._serialized_start=3632
+  _globals['_WATCHCANCELREQUEST']._serialized_end=3670
+  _globals['_WATCHPROGRESSREQUEST']._serialized_start=3672
+  _globals['_WATCHPROGRESSREQUEST']._serialized_end=3694
+  _globals['_WATCHRESPONSE']._serialized_start=3697
+  _globals['_WATCHRESPONSE']._serialized_end=3941
+  _globals['_LEASEGRANTREQUEST']._serialized_start=3943
+  _globals['_LEASEGRANTREQUEST']._serialized_end=3987
+  _globals['_LEASEGRANTRESPONSE']._serialized_start=3989
+  _globals['_LEASEGRANTRESPONSE']._serialized_end=4108
+  _globals['_LEASEREVOKEREQUEST']._serialized_start=4110
+  _globals['_LEASEREVOKEREQUEST']._serialized_end=4142
+  _globals['_LEASEREVOKERESPONSE']._serialized_start=4144
+  _globals['_LEASEREVOKERESPONSE']._serialized_end=4224
+  _globals['_LEASEKEEPALIVEREQUEST']._serialized_start=4226
+  _globals['_LEASEKEEPALIVEREQUEST']._serialized_end=4261
+  _globals['_LEASEKEEPALIVERESPONSE']._serialized_start=4263
+  _globals['_LEASEKEEPALIVERESPONSE']._serialized_end=4371
+  _globals['_LEASETIMETOLIVEREQUEST']._serialized_start=4373
+  _globals['_LEASETIMETOLIVEREQUEST']._serialized_end=4423
+  _globals['_LEASETIMETOLIVERESPONSE']._serialized_start=4426
+  _globals['_LEASETIMETOLIVERESPONSE']._serialized_end=4569
+  _globals['_AUTHENTICATEREQUEST']._serialized_start=4571
+  _globals['_AUTHENTICATEREQUEST']._serialized_end=4624
+  _globals['_AUTHENTICATERESPONSE']._serialized_start=4626
+  _globals['_AUTHENTICATERESPONSE']._serialized_end=4722
 # @@protoc_insertion_point(module_scope)

@@ -24,15 +24,7 @@ class KeyValue(_message.Message):
     version: int
     value: bytes
     lease: int
-    def __init__(
-        self,
-        key: _Optional[bytes] = ...,
-        create_revision: _Optional[int] = ...,
-        mod_revision: _Optional[int] = ...,
-        version: _Optional[int] = ...,
-        value: _Optional[bytes] = ...,
-        lease: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, key: _Optional[bytes] = ..., create_revision: _Optional[int] = ..., mod_revision: _Optional[int] = ..., version: _Optional[int] = ..., value: _Optional[bytes] = ..., lease: _Optional[int] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("type", "kv", "prev_kv")
@@ -40,7 +32,6 @@ class Event(_message.Message):
         __slots__ = ()
         PUT: _ClassVar[Event.EventType]
         DELETE: _ClassVar[Event.EventType]
-
     PUT: Event.EventType
     DELETE: Event.EventType
     TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -49,12 +40,7 @@ class Event(_message.Message):
     type: Event.EventType
     kv: KeyValue
     prev_kv: KeyValue
-    def __init__(
-        self,
-        type: _Optional[_Union[Event.EventType, str]] = ...,
-        kv: _Optional[_Union[KeyValue, _Mapping]] = ...,
-        prev_kv: _Optional[_Union[KeyValue, _Mapping]] = ...,
-    ) -> None: ...
+    def __init__(self, type: _Optional[_Union[Event.EventType, str]] = ..., kv: _Optional[_Union[KeyValue, _Mapping]] = ..., prev_kv: _Optional[_Union[KeyValue, _Mapping]] = ...) -> None: ...
 
 class ResponseHeader(_message.Message):
     __slots__ = ("cluster_id", "member_id", "revision", "raft_term")
@@ -66,36 +52,15 @@ class ResponseHeader(_message.Message):
     member_id: int
     revision: int
     raft_term: int
-    def __init__(
-        self,
-        cluster_id: _Optional[int] = ...,
-        member_id: _Optional[int] = ...,
-        revision: _Optional[int] = ...,
-        raft_term: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, cluster_id: _Optional[int] = ..., member_id: _Optional[int] = ..., revision: _Optional[int] = ..., raft_term: _Optional[int] = ...) -> None: ...
 
 class RangeRequest(_message.Message):
-    __slots__ = (
-        "key",
-        "range_end",
-        "limit",
-        "revision",
-        "sort_order",
-        "sort_target",
-        "serializable",
-        "keys_only",
-        "count_only",
-        "min_mod_revision",
-        "max_mod_revision",
-        "min_create_revision",
-        "max_create_revision",
-    )
+    __slots__ = ("key", "range_end", "limit", "revision", "sort_order", "sort_target", "serializable", "keys_only", "count_only", "min_mod_revision", "max_mod_revision", "min_create_revision", "max_create_revision")
     class SortOrder(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         NONE: _ClassVar[RangeRequest.SortOrder]
         ASCEND: _ClassVar[RangeRequest.SortOrder]
         DESCEND: _ClassVar[RangeRequest.SortOrder]
-
     NONE: RangeRequest.SortOrder
     ASCEND: RangeRequest.SortOrder
     DESCEND: RangeRequest.SortOrder
@@ -106,7 +71,6 @@ class RangeRequest(_message.Message):
         CREATE: _ClassVar[RangeRequest.SortTarget]
         MOD: _ClassVar[RangeRequest.SortTarget]
         VALUE: _ClassVar[RangeRequest.SortTarget]
-
     KEY: RangeRequest.SortTarget
     VERSION: RangeRequest.SortTarget
     CREATE: RangeRequest.SortTarget
@@ -138,22 +102,7 @@ class RangeRequest(_message.Message):
     max_mod_revision: int
     min_create_revision: int
     max_create_revision: int
-    def __init__(
-        self,
-        key: _Optional[bytes] = ...,
-        range_end: _Optional[bytes] = ...,
-        limit: _Optional[int] = ...,
-        revision: _Optional[int] = ...,
-        sort_order: _Optional[_Union[RangeRequest.SortOrder, str]] = ...,
-        sort_target: _Optional[_Union[RangeRequest.SortTarget, str]] = ...,
-        serializable: _Optional[bool] = ...,
-        keys_only: _Optional[bool] = ...,
-        count_only: _Optional[bool] = ...,
-        min_mod_revision: _Optional[int] = ...,
-        max_mod_revision: _Optional[int] = ...,
-        min_create_revision: _Optional[int] = ...,
-        max_create_revision: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, key: _Optional[bytes] = ..., range_end: _Optional[bytes] = ..., limit: _Optional[int] = ..., revision: _Optional[int] = ..., sort_order: _Optional[_Union[RangeRequest.SortOrder, str]] = ..., sort_target: _Optional[_Union[RangeRequest.SortTarget, str]] = ..., serializable: _Optional[bool] = ..., keys_only: _Optional[bool] = ..., count_only: _Optional[bool] = ..., min_mod_revision: _Optional[int] = ..., max_mod_revision: _Optional[int] = ..., min_create_revision: _Optional[int] = ..., max_create_revision: _Optional[int] = ...) -> None: ...
 
 class RangeResponse(_message.Message):
     __slots__ = ("header", "kvs", "more", "count")
@@ -165,13 +114,7 @@ class RangeResponse(_message.Message):
     kvs: _containers.RepeatedCompositeFieldContainer[KeyValue]
     more: bool
     count: int
-    def __init__(
-        self,
-        header: _Optional[_Union[ResponseHeader, _Mapping]] = ...,
-        kvs: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ...,
-        more: _Optional[bool] = ...,
-        count: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., kvs: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ..., more: _Optional[bool] = ..., count: _Optional[int] = ...) -> None: ...
 
 class PutRequest(_message.Message):
     __slots__ = ("key", "value", "lease", "prev_kv", "ignore_value", "ignore_lease")
@@ -187,15 +130,7 @@ class PutRequest(_message.Message):
     prev_kv: bool
     ignore_value: bool
     ignore_lease: bool
-    def __init__(
-        self,
-        key: _Optional[bytes] = ...,
-        value: _Optional[bytes] = ...,
-        lease: _Optional[int] = ...,
-        prev_kv: _Optional[bool] = ...,
-        ignore_value: _Optional[bool] = ...,
-        ignore_lease: _Optional[bool] = ...,
-    ) -> None: ...
+    def __init__(self, key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., lease: _Optional[int] = ..., prev_kv: _Optional[bool] = ..., ignore_value: _Optional[bool] = ..., ignore_lease: _Optional[bool] = ...) -> None: ...
 
 class PutResponse(_message.Message):
     __slots__ = ("header", "prev_kv")
@@ -203,11 +138,7 @@ class PutResponse(_message.Message):
     PREV_KV_FIELD_NUMBER: _ClassVar[int]
     header: ResponseHeader
     prev_kv: KeyValue
-    def __init__(
-        self,
-        header: _Optional[_Union[ResponseHeader, _Mapping]] = ...,
-        prev_kv: _Optional[_Union[KeyValue, _Mapping]] = ...,
-    ) -> None: ...
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., prev_kv: _Optional[_Union[KeyValue, _Mapping]] = ...) -> None: ...
 
 class DeleteRangeRequest(_message.Message):
     __slots__ = ("key", "range_end", "prev_kv")
@@ -217,9 +148,7 @@ class DeleteRangeRequest(_message.Message):
     key: bytes
     range_end: bytes
     prev_kv: bool
-    def __init__(
-        self, key: _Optional[bytes] = ..., range_end: _Optional[bytes] = ..., prev_kv: _Optional[bool] = ...
-    ) -> None: ...
+    def __init__(self, key: _Optional[bytes] = ..., range_end: _Optional[bytes] = ..., prev_kv: _Optional[bool] = ...) -> None: ...
 
 class DeleteRangeResponse(_message.Message):
     __slots__ = ("header", "deleted", "prev_kvs")
@@ -229,12 +158,7 @@ class DeleteRangeResponse(_message.Message):
     header: ResponseHeader
     deleted: int
     prev_kvs: _containers.RepeatedCompositeFieldContainer[KeyValue]
-    def __init__(
-        self,
-        header: _Optional[_Union[ResponseHeader, _Mapping]] = ...,
-        deleted: _Optional[int] = ...,
-        prev_kvs: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ...,
-    ) -> None: ...
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., deleted: _Optional[int] = ..., prev_kvs: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ...) -> None: ...
 
 class RequestOp(_message.Message):
     __slots__ = ("request_range", "request_put", "request_delete_range", "request_txn")
@@ -246,13 +170,7 @@ class RequestOp(_message.Message):
     request_put: PutRequest
     request_delete_range: DeleteRangeRequest
     request_txn: TxnRequest
-    def __init__(
-        self,
-        request_range: _Optional[_Union[RangeRequest, _Mapping]] = ...,
-        request_put: _Optional[_Union[PutRequest, _Mapping]] = ...,
-        request_delete_range: _Optional[_Union[DeleteRangeRequest, _Mapping]] = ...,
-        request_txn: _Optional[_Union[TxnRequest, _Mapping]] = ...,
-    ) -> None: ...
+    def __init__(self, request_range: _Optional[_Union[RangeRequest, _Mapping]] = ..., request_put: _Optional[_Union[PutRequest, _Mapping]] = ..., request_delete_range: _Optional[_Union[DeleteRangeRequest, _Mapping]] = ..., request_txn: _Optional[_Union[TxnRequest, _Mapping]] = ...) -> None: ...
 
 class ResponseOp(_message.Message):
     __slots__ = ("response_range", "response_put", "response_delete_range", "response_txn")
@@ -264,13 +182,7 @@ class ResponseOp(_message.Message):
     response_put: PutResponse
     response_delete_range: DeleteRangeResponse
     response_txn: TxnResponse
-    def __init__(
-        self,
-        response_range: _Optional[_Union[RangeResponse, _Mapping]] = ...,
-        response_put: _Optional[_Union[PutResponse, _Mapping]] = ...,
-        response_delete_range: _Optional[_Union[DeleteRangeResponse, _Mapping]] = ...,
-        response_txn: _Optional[_Union[TxnResponse, _Mapping]] = ...,
-    ) -> None: ...
+    def __init__(self, response_range: _Optional[_Union[RangeResponse, _Mapping]] = ..., response_put: _Optional[_Union[PutResponse, _Mapping]] = ..., response_delete_range: _Optional[_Union[DeleteRangeResponse, _Mapping]] = ..., response_txn: _Optional[_Union[TxnResponse, _Mapping]] = ...) -> None: ...
 
 class Compare(_message.Message):
     __slots__ = ("result", "target", "key", "version", "create_revision", "mod_revision", "value", "lease", "range_end")
@@ -280,7 +192,6 @@ class Compare(_message.Message):
         GREATER: _ClassVar[Compare.CompareResult]
         LESS: _ClassVar[Compare.CompareResult]
         NOT_EQUAL: _ClassVar[Compare.CompareResult]
-
     EQUAL: Compare.CompareResult
     GREATER: Compare.CompareResult
     LESS: Compare.CompareResult
@@ -292,7 +203,6 @@ class Compare(_message.Message):
         MOD: _ClassVar[Compare.CompareTarget]
         VALUE: _ClassVar[Compare.CompareTarget]
         LEASE: _ClassVar[Compare.CompareTarget]
-
     VERSION: Compare.CompareTarget
     CREATE: Compare.CompareTarget
     MOD: Compare.CompareTarget
@@ -316,18 +226,7 @@ class Compare(_message.Message):
     value: bytes
     lease: int
     range_end: bytes
-    def __init__(
-        self,
-        result: _Optional[_Union[Compare.CompareResult, str]] = ...,
-        target: _Optional[_Union[Compare.CompareTarget, str]] = ...,
-        key: _Optional[bytes] = ...,
-        version: _Optional[int] = ...,
-        create_revision: _Optional[int] = ...,
-        mod_revision: _Optional[int] = ...,
-        value: _Optional[bytes] = ...,
-        lease: _Optional[int] = ...,
-        range_end: _Optional[bytes] = ...,
-    ) -> None: ...
+    def __init__(self, result: _Optional[_Union[Compare.CompareResult, str]] = ..., target: _Optional[_Union[Compare.CompareTarget, str]] = ..., key: _Optional[bytes] = ..., version: _Optional[int] = ..., create_revision: _Optional[int] = ..., mod_revision: _Optional[int] = ..., value: _Optional[bytes] = ..., lease: _Optional[int] = ..., range_end: _Optional[bytes] = ...) -> None: ...
 
 class TxnRequest(_message.Message):
     __slots__ = ("compare", "success", "failure")
@@ -337,12 +236,7 @@ class TxnRequest(_message.Message):
     compare: _containers.RepeatedCompositeFieldContainer[Compare]
     success: _containers.RepeatedCompositeFieldContainer[RequestOp]
     failure: _containers.RepeatedCompositeFieldContainer[RequestOp]
-    def __init__(
-        self,
-        compare: _Optional[_Iterable[_Union[Compare, _Mapping]]] = ...,
-        success: _Optional[_Iterable[_Union[RequestOp, _Mapping]]] = ...,
-        failure: _Optional[_Iterable[_Union[RequestOp, _Mapping]]] = ...,
-    ) -> None: ...
+    def __init__(self, compare: _Optional[_Iterable[_Union[Compare, _Mapping]]] = ..., success: _Optional[_Iterable[_Union[RequestOp, _Mapping]]] = ..., failure: _Optional[_Iterable[_Union[RequestOp, _Mapping]]] = ...) -> None: ...
 
 class TxnResponse(_message.Message):
     __slots__ = ("header", "succeeded", "responses")
@@ -352,12 +246,7 @@ class TxnResponse(_message.Message):
     header: ResponseHeader
     succeeded: bool
     responses: _containers.RepeatedCompositeFieldContainer[ResponseOp]
-    def __init__(
-        self,
-        header: _Optional[_Union[ResponseHeader, _Mapping]] = ...,
-        succeeded: _Optional[bool] = ...,
-        responses: _Optional[_Iterable[_Union[ResponseOp, _Mapping]]] = ...,
-    ) -> None: ...
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., succeeded: _Optional[bool] = ..., responses: _Optional[_Iterable[_Union[ResponseOp, _Mapping]]] = ...) -> None: ...
 
 class CompactionRequest(_message.Message):
     __slots__ = ("revision", "physical")
@@ -381,12 +270,7 @@ class WatchRequest(_message.Message):
     create_request: WatchCreateRequest
     cancel_request: WatchCancelRequest
     progress_request: WatchProgressRequest
-    def __init__(
-        self,
-        create_request: _Optional[_Union[WatchCreateRequest, _Mapping]] = ...,
-        cancel_request: _Optional[_Union[WatchCancelRequest, _Mapping]] = ...,
-        progress_request: _Optional[_Union[WatchProgressRequest, _Mapping]] = ...,
-    ) -> None: ...
+    def __init__(self, create_request: _Optional[_Union[WatchCreateRequest, _Mapping]] = ..., cancel_request: _Optional[_Union[WatchCancelRequest, _Mapping]] = ..., progress_request: _Optional[_Union[WatchProgressRequest, _Mapping]] = ...) -> None: ...
 
 class WatchCreateRequest(_message.Message):
     __slots__ = ("key", "range_end", "start_revision", "progress_notify", "filters", "prev_kv", "watch_id", "fragment")
@@ -394,7 +278,6 @@ class WatchCreateRequest(_message.Message):
         __slots__ = ()
         NOPUT: _ClassVar[WatchCreateRequest.FilterType]
         NODELETE: _ClassVar[WatchCreateRequest.FilterType]
-
     NOPUT: WatchCreateRequest.FilterType
     NODELETE: WatchCreateRequest.FilterType
     KEY_FIELD_NUMBER: _ClassVar[int]
@@ -413,17 +296,7 @@ class WatchCreateRequest(_message.Message):
     prev_kv: bool
     watch_id: int
     fragment: bool
-    def __init__(
-        self,
-        key: _Optional[bytes] = ...,
-        range_end: _Optional[bytes] = ...,
-        start_revision: _Optional[int] = ...,
-        progress_notify: _Optional[bool] = ...,
-        filters: _Optional[_Iterable[_Union[WatchCreateRequest.FilterType, str]]] = ...,
-        prev_kv: _Optional[bool] = ...,
-        watch_id: _Optional[int] = ...,
-        fragment: _Optional[bool] = ...,
-    ) -> None: ...
+    def __init__(self, key: _Optional[bytes] = ..., range_end: _Optional[bytes] = ..., start_revision: _Optional[int] = ..., progress_notify: _Optional[bool] = ..., filters: _Optional[_Iterable[_Union[WatchCreateRequest.FilterType, str]]] = ..., prev_kv: _Optional[bool] = ..., watch_id: _Optional[int] = ..., fragment: _Optional[bool] = ...) -> None: ...
 
 class WatchCancelRequest(_message.Message):
     __slots__ = ("watch_id",)
@@ -453,17 +326,7 @@ class WatchResponse(_message.Message):
     cancel_reason: str
     fragment: bool
     events: _containers.RepeatedCompositeFieldContainer[Event]
-    def __init__(
-        self,
-        header: _Optional[_Union[ResponseHeader, _Mapping]] = ...,
-        watch_id: _Optional[int] = ...,
-        created: _Optional[bool] = ...,
-        canceled: _Optional[bool] = ...,
-        compact_revision: _Optional[int] = ...,
-        cancel_reason: _Optional[str] = ...,
-        fragment: _Optional[bool] = ...,
-        events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...,
-    ) -> None: ...
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., watch_id: _Optional[int] = ..., created: _Optional[bool] = ..., canceled: _Optional[bool] = ..., compact_revision: _Optional[int] = ..., cancel_reason: _Optional[str] = ..., fragment: _Optional[bool] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
 
 class LeaseGrantRequest(_message.Message):
     __slots__ = ("TTL", "ID")
@@ -483,13 +346,7 @@ class LeaseGrantResponse(_message.Message):
     ID: int
     TTL: int
     error: str
-    def __init__(
-        self,
-        header: _Optional[_Union[ResponseHeader, _Mapping]] = ...,
-        ID: _Optional[int] = ...,
-        TTL: _Optional[int] = ...,
-        error: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., ID: _Optional[int] = ..., TTL: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class LeaseRevokeRequest(_message.Message):
     __slots__ = ("ID",)
@@ -517,12 +374,7 @@ class LeaseKeepAliveResponse(_message.Message):
     header: ResponseHeader
     ID: int
     TTL: int
-    def __init__(
-        self,
-        header: _Optional[_Union[ResponseHeader, _Mapping]] = ...,
-        ID: _Optional[int] = ...,
-        TTL: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., ID: _Optional[int] = ..., TTL: _Optional[int] = ...) -> None: ...
 
 class LeaseTimeToLiveRequest(_message.Message):
     __slots__ = ("ID", "keys")
@@ -544,14 +396,7 @@ class LeaseTimeToLiveResponse(_message.Message):
     TTL: int
     grantedTTL: int
     keys: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(
-        self,
-        header: _Optional[_Union[ResponseHeader, _Mapping]] = ...,
-        ID: _Optional[int] = ...,
-        TTL: _Optional[int] = ...,
-        grantedTTL: _Optional[int] = ...,
-        keys: _Optional[_Iterable[bytes]] = ...,
-    ) -> None: ...
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., ID: _Optional[int] = ..., TTL: _Optional[int] = ..., grantedTTL: _Optional[int] = ..., keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class AuthenticateRequest(_message.Message):
     __slots__ = ("name", "password")
@@ -567,6 +412,4 @@ class AuthenticateResponse(_message.Message):
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     header: ResponseHeader
     token: str
-    def __init__(
-        self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., token: _Optional[str] = ...
-    ) -> None: ...
+    def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ..., token: _Optional[str] = ...) -> None: ...
