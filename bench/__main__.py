@@ -29,8 +29,9 @@ from bench.workload import LABELS, NAMESPACE, SERVICE, Workload
 from devcluster.build import ROOT, ensure_built, pinned_versions
 from devcluster.cluster import ControlPlane
 from devcluster.faults import FaultProxy
-from devcluster.objects import Cluster, wait_for
+from devcluster.objects import Cluster
 from devcluster.sidecars import launch_sidecar, write_token_kubeconfig
+from devcluster.waiting import wait_for
 from sidecar.kube.api import KubeApi
 
 BENCH_DIR = ROOT / "bench"

@@ -32,8 +32,8 @@ from sidecar.core.bounds import metadata_problem
 from sidecar.core.directory import PeerDirectory
 from sidecar.core.json_decode import loads
 from sidecar.core.peer import canonical_json
-from sidecar.hub import PeerHub
 from sidecar.kube.sources import ENDPOINT_SLICES, WORKER_METADATA
+from sidecar.peers.hub import PeerHub
 
 BENCH_DIR = pathlib.Path(__file__).parent
 MiB = 1024 * 1024

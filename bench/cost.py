@@ -62,8 +62,9 @@ from bench.watchers import OWN, normalise
 from bench.workload import LABELS, NAMESPACE, SERVICE, metadata
 from devcluster.build import ROOT, ensure_built
 from devcluster.cluster import ControlPlane
-from devcluster.objects import ENDPOINT_SLICES, SERVICE_ACCOUNTS, WORKER_METADATA, Cluster, wait_for
+from devcluster.objects import ENDPOINT_SLICES, SERVICE_ACCOUNTS, WORKER_METADATA, Cluster
 from devcluster.sidecars import SIDECAR_SERVICE_ACCOUNT, launch_sidecar
+from devcluster.waiting import wait_for
 from sidecar.kube.api import KubeApi
 
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -697,9 +698,11 @@ def summarise(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     lambda c: c["idle"]["watcher_bytes"] / c["idle"]["seconds"] if "idle" in c else None
                 ),
                 "idle_own_bytes_per_s": med(
-                    lambda c: c["idle"]["watcher_bytes_by_resource"].get(OWN, 0) / c["idle"]["seconds"]
-                    if "idle" in c
-                    else None
+                    lambda c: (
+                        c["idle"]["watcher_bytes_by_resource"].get(OWN, 0) / c["idle"]["seconds"]
+                        if "idle" in c
+                        else None
+                    )
                 ),
                 "idle_apiserver_cpu_per_s": med(
                     lambda c: c["idle"]["apiserver_cpu_s"] / c["idle"]["seconds"] if "idle" in c else None

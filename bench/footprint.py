@@ -28,7 +28,7 @@ import tomllib
 
 from devcluster.build import ROOT, uv_binary
 
-DAEMON_IMPORTS = "import sidecar.cli, sidecar.daemon, sidecar.kube.api, sidecar.kube.reflector, sidecar.kube.sources"
+DAEMON_IMPORTS = "import sidecar.app.cli, sidecar.app.daemon, sidecar.kube.backend"
 CLIENT_IMPORTS = "import discovery_client"
 PROBE = "import resource; {imports}; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
 

@@ -99,9 +99,7 @@ class Subscribers:
     def __init__(self, args: argparse.Namespace) -> None:
         self.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
         self.shared_channels = args.shared_channels
-        self.credentials = (
-            grpc.ssl_channel_credentials(pathlib.Path(args.ca).read_bytes()) if args.ca else None
-        )
+        self.credentials = grpc.ssl_channel_credentials(pathlib.Path(args.ca).read_bytes()) if args.ca else None
         token = pathlib.Path(args.token_file).read_text().strip() if args.token_file else ""
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.subscribers: dict[str, Subscriber] = {}

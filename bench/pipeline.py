@@ -21,12 +21,13 @@ import grpc
 from bench.workload import metadata, peer_name
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
-from sidecar.config import ListenAddress, PodIdentity
 from sidecar.core.directory import PeerDirectory
-from sidecar.grpc_service import DiscoveryService, GrpcServer
-from sidecar.hub import PeerHub
 from sidecar.kube.sources import ENDPOINT_SLICES, WORKER_METADATA
-from sidecar.metrics import Metrics
+from sidecar.peers.hub import PeerHub
+from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import ListenAddress, PodIdentity
+from sidecar.serve.grpc_server import GrpcServer
+from sidecar.serve.grpc_service import DiscoveryService
 
 
 def _slices(peers: int) -> list[dict[str, Any]]:

@@ -67,7 +67,8 @@ from bench.workload import LABELS, NAMESPACE, SERVICE, metadata
 from devcluster.build import ensure_built
 from devcluster.cluster import ControlPlane
 from devcluster.kwok import Kwok, pod_template_spec
-from devcluster.objects import ENDPOINT_SLICES, PODS, WORKER_METADATA, Cluster, wait_for
+from devcluster.objects import ENDPOINT_SLICES, PODS, WORKER_METADATA, Cluster
+from devcluster.waiting import wait_for
 from devcluster.watching import CollectionWatch
 from sidecar.kube.api import ApiError, KubeApi
 

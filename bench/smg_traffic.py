@@ -43,10 +43,11 @@ from typing import Any
 
 from devcluster.build import ROOT, ensure_built, pinned_versions
 from devcluster.cluster import ControlPlane, free_port
-from devcluster.objects import Cluster, wait_for
+from devcluster.objects import Cluster
 from devcluster.sidecars import SidecarProcess, launch_sidecar, write_token_kubeconfig
 from devcluster.smg import MODEL, SmgGateway, StandInWorker
 from devcluster.traffic import Load, Outcome, chat_completion, failures, percentile
+from devcluster.waiting import wait_for
 from sidecar.kube.api import KubeApi
 
 NAMESPACE = "smg-traffic"

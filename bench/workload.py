@@ -6,7 +6,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from devcluster.objects import ENDPOINT_SLICES, Cluster, wait_for
+from devcluster.objects import ENDPOINT_SLICES, Cluster
+from devcluster.waiting import wait_for
 from sidecar.core.instance_id import instance_id_hex
 
 NAMESPACE = "bench"

@@ -176,7 +176,7 @@ class Demo:
 
         say("final peer set from router-0 (discovery-sidecar peers):")
         out = subprocess.run(
-            [sys.executable, "-m", "sidecar.cli", "peers", "--target", router.target],
+            [sys.executable, "-m", "sidecar.app.cli", "peers", "--target", router.target],
             capture_output=True,
             text=True,
             check=True,

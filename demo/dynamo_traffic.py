@@ -21,7 +21,8 @@ from demo.story import PeerWatch
 from devcluster.build import ROOT
 from devcluster.cluster import ControlPlane
 from devcluster.dynamo_serving import ENDPOINT, MODEL, DynamoDeployment, Frontend
-from devcluster.objects import Cluster, wait_for
+from devcluster.objects import Cluster
+from devcluster.waiting import wait_for
 
 NAMESPACE = "dynamo-demo"
 TIMEOUT = 90.0

@@ -142,7 +142,7 @@ class EtcdDemo:
 
         say("final peer set from the router (discovery-sidecar peers): names are instance IDs in hex")
         out = subprocess.run(
-            [sys.executable, "-m", "sidecar.cli", "peers", "--target", router.target],
+            [sys.executable, "-m", "sidecar.app.cli", "peers", "--target", router.target],
             capture_output=True,
             text=True,
             check=True,

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from devcluster.objects import wait_for
+from devcluster.waiting import wait_for
 
 
 class Story(Protocol):
@@ -78,7 +78,7 @@ class PeerWatch:
     """
 
     def __init__(self, target: str, *extra: str) -> None:
-        self.argv = [sys.executable, "-m", "sidecar.cli", "peers", "--watch", "--target", target, *extra]
+        self.argv = [sys.executable, "-m", "sidecar.app.cli", "peers", "--watch", "--target", target, *extra]
         self.lines: list[str] = []
         self.process: subprocess.Popen[str] | None = None
 

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from devcluster.cluster import ControlPlane
-from devcluster.objects import wait_for
+from devcluster.waiting import wait_for
 from sidecar.kube.api import ApiError, KubeApi
 
 REQUEUE_ANNOTATION = "devcluster.discovery-sidecar.io/requeue-finalizer"

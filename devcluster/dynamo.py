@@ -49,8 +49,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from devcluster.cluster import ControlPlane, _die_with_parent
-from devcluster.objects import Cluster, wait_for
+from devcluster.objects import Cluster
 from devcluster.sidecars import SIDECAR_SERVICE_ACCOUNT, write_token_kubeconfig
+from devcluster.waiting import wait_for
 
 DISTRIBUTION = "ai-dynamo-runtime"
 TESTED_VERSION = "1.6.1"

@@ -52,9 +52,10 @@ from typing import Any
 
 from devcluster.cluster import ControlPlane, free_port
 from devcluster.dynamo import DynamoProcess, launch_dynamo
-from devcluster.objects import PODS, SERVICES, WORKER_METADATA, Cluster, wait_for
+from devcluster.objects import PODS, SERVICES, WORKER_METADATA, Cluster
 from devcluster.sidecars import SidecarProcess, launch_sidecar
 from devcluster.traffic import Outcome, chat_completion
+from devcluster.waiting import wait_for
 
 MODEL = "tiny-chat"  # the served model's name (its model card's display_name)
 DYNAMO_NAMESPACE = "dynamo"  # the mocker's default endpoint: dyn://dynamo.backend.generate

@@ -332,17 +332,3 @@ class EtcdServer:
                 "--client-cert-auth=true",
             ]
         return argv
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    """Poll ``condition`` until it holds or ``timeout`` passes (then AssertionError naming ``what``)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if condition():
-                return
-        except (OSError, urllib.error.URLError):
-            pass
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(interval)

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from devcluster.objects import PODS, wait_for
-from sidecar.injection.template import load_template
+from devcluster.objects import PODS
+from devcluster.waiting import wait_for
+from sidecar.app.injection.template import load_template
 from sidecar.kube.api import ApiError, KubeApi
 
 NOT_YET = ("failed to find resource referenced by paramKind", "no params found")

@@ -31,7 +31,8 @@ from typing import Any
 
 from devcluster.build import ensure_tool
 from devcluster.cluster import Component, ControlPlane, free_port
-from devcluster.objects import PODS, wait_for
+from devcluster.objects import PODS
+from devcluster.waiting import wait_for
 from devcluster.watching import CollectionWatch
 from sidecar.kube.api import ApiError, KubeApi
 

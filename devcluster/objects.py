@@ -10,10 +10,10 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import itertools
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
+from devcluster.waiting import wait_for
 from sidecar.kube import sources
 from sidecar.kube.api import ApiError, KubeApi, ResourcePath
 
@@ -25,19 +25,6 @@ ENDPOINT_SLICES = sources.ENDPOINT_SLICES.resource
 WORKER_METADATA = sources.WORKER_METADATA.resource
 
 T = TypeVar("T")
-
-
-def wait_for(condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> T:
-    """Poll ``condition`` until it returns something truthy; raise with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while True:
-        last = condition()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last value: {last!r})")
-        time.sleep(interval)  # poll
 
 
 def _now() -> str:

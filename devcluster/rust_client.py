@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from devcluster.build import CACHE_ROOT, ROOT, Log, _say
-from devcluster.objects import wait_for
+from devcluster.waiting import wait_for
 
 CRATE_DIR = ROOT / "clients" / "rust"
 TARGET_DIR = CACHE_ROOT / "cargo-target"

@@ -25,8 +25,9 @@ from typing import Any
 from devcluster.build import ROOT, uv_binary
 from devcluster.cluster import ControlPlane, free_port
 from devcluster.kubelet import PodNetwork, UnsupportedSpec, mount_volumes, resolve_env, translate_paths
-from devcluster.objects import Cluster, wait_for
-from sidecar.config import OPTIONS_BY_ENV
+from devcluster.objects import Cluster
+from devcluster.waiting import wait_for
+from sidecar.app.config import OPTIONS_BY_ENV
 
 SIDECAR_SERVICE_ACCOUNT = "discovery-sidecar"
 
@@ -115,8 +116,8 @@ class SidecarProcess:
         return env
 
     def command(self) -> list[str]:
-        """What runs the sidecar: this interpreter's ``sidecar.cli`` (``devcluster.image`` runs the image)."""
-        return [sys.executable, "-m", "sidecar.cli", "run"]
+        """What runs the sidecar: this interpreter's ``sidecar.app.cli`` (``devcluster.image`` runs the image)."""
+        return [sys.executable, "-m", "sidecar.app.cli", "run"]
 
     def start(self) -> SidecarProcess:
         log = self.log_path.open("ab")

@@ -31,7 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from devcluster.cluster import free_port
-from devcluster.objects import wait_for
+from devcluster.waiting import wait_for
 
 MODEL = "stand-in-model"
 

@@ -1,6 +1,6 @@
 """Short directories for Unix sockets.
 
-A Unix socket's path may be at most 107 bytes (``sidecar.config.UNIX_PATH_MAX``: the kernel's ``sun_path``),
+A Unix socket's path may be at most 107 bytes (``sidecar.app.config.UNIX_PATH_MAX``: the kernel's ``sun_path``),
 and a directory under pytest's ``tmp_path`` (``/tmp/pytest-of-USER/pytest-N/<test name>0/...``) or a work
 directory nested a few levels deeper easily makes a socket path longer than that: gRPC then refuses it,
 on the client's side only with a log line (``Path name should not have more than 107 characters``) and a
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pathlib
 import tempfile
 
-from sidecar.config import UNIX_PATH_MAX
+from sidecar.app.config import UNIX_PATH_MAX
 
 SOCKET_ROOT = "/tmp"
 

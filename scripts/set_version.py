@@ -24,7 +24,7 @@ PLACES: list[tuple[str, str]] = [
     ("charts/discovery-sidecar/Chart.yaml", r"(?m)^version: (\S+)$"),
     ("charts/discovery-sidecar/Chart.yaml", r'(?m)^appVersion: "?([^"\s]+)"?$'),
     # the injected sidecar's default image (the template, and the kustomize component generated from it)
-    ("sidecar/injection/template.yaml", r"(?m)^  image: ghcr\.io/example/discovery-sidecar:(\S+)$"),
+    ("sidecar/app/injection/template.yaml", r"(?m)^  image: ghcr\.io/example/discovery-sidecar:(\S+)$"),
     ("manifests/components/injection/injection.yaml", r"(?m)^  image: ghcr\.io/example/discovery-sidecar:(\S+)$"),
 ]
 

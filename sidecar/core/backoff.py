@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Backoff:
-    """Owns the attempt count of one retry loop (a reflector, the registrar, a client's reconnects)."""
+    """Owns the attempt count of one retry loop (a reflector, a publisher, a client's reconnects)."""
 
     initial: float = 0.2
     maximum: float = 30.0

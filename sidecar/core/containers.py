@@ -33,7 +33,7 @@ def main_container_of(annotations: Mapping[str, Any]) -> str:
     return name or DEFAULT_MAIN_CONTAINER
 
 
-def peer_key(pod_uid: str, pod_name: str, metadata_name: str) -> str:
+def pod_peer_key(pod_uid: str, pod_name: str, metadata_name: str) -> str:
     """The peer's identity (``Peer.uid``): the pod UID for the pod's own identity, ``{uid}/{container}``
     for another container of it. Pod-mode and container-mode readers therefore name the main container's
     instance alike, and a container's instance never collides with its pod's."""

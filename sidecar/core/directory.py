@@ -1,7 +1,7 @@
 """The peer directory: the join, the current peer set and the event log, kept consistent.
 
 This is the one object every source feeds and the API layer reads. It is pure and single-threaded;
-``sidecar.hub.PeerHub`` adds the lock and the wake-ups. It knows sources only by name: each writes
+``sidecar.peers.hub.PeerHub`` adds the lock and the wake-ups. It knows sources only by name: each writes
 records under its own keys (``apply``), or its whole set after a (re)list (``replace``), and the
 directory is *synced* once every source it was built with has been listed once. Every mutation
 recomputes the peers it may have touched and appends a log entry only for a peer whose value really

@@ -159,6 +159,26 @@ def registration_keys(document: Mapping[str, Any], instance_id: int) -> dict[str
     return out
 
 
+def read_kv(key: bytes, value: bytes, lease: int) -> InstanceRecord | None:
+    """What a source hands the store for one etcd key: ``parse_kv``'s record, or for a bad value a record
+    that carries only the problem (``InstanceRecord.problem``), so the join decides what the key keeps.
+    None for keys outside the four buckets."""
+    try:
+        return parse_kv(key, value, lease)
+    except BadValue as exc:
+        text = key.decode(errors="replace")
+        bucket = bucket_of(text)
+        return InstanceRecord(
+            instance_id=lease,
+            kind=bucket.data_map if bucket else "",
+            key=text,
+            name=text[len(bucket.prefix) :] if bucket else text,
+            entry={},
+            lease=lease,
+            problem=str(exc),
+        )
+
+
 def decode_entry(bucket: Bucket, value: bytes) -> tuple[Mapping[str, Any] | None, int, str | None]:
     """(the entry, its estimated JSON size, None) or (None, 0, why it is unusable) for one etcd value."""
     try:

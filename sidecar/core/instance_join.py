@@ -6,6 +6,9 @@ same hub, log, streams and resume as Kubernetes peers.
 
 * Keys are grouped by instance ID (the lease ID). An instance is a peer while it has at least one key;
   its last key going away (lease expired or revoked: etcd deletes them all in one revision) removes it.
+* A key whose new value is unusable (a record with a ``problem``) keeps its last valid value while it
+  stays on the same lease, as Dynamo's reader keeps its last parsed instance; on another lease (or with
+  no valid value before) the key counts as gone.
 * The peer's data is shaped like a ``DynamoWorkerMetadata``'s ``spec.data``: the four maps
   ``endpoints``, ``model_cards``, ``event_channels``, ``event_sources`` (always present, empty when the
   instance has no such key), keyed by the key under its bucket, valued by the entry as stored. A
@@ -28,12 +31,14 @@ from sidecar.core.records import InstanceRecord, Record
 PEER_KEY_PREFIX = "etcd/"
 
 
-def peer_key(instance_id: int) -> str:
+def instance_peer_key(instance_id: int) -> str:
+    """The peer key (``Peer.uid``) of the Dynamo instance ``instance_id`` (its lease): ``etcd/{id:x}``."""
     return f"{PEER_KEY_PREFIX}{instance_id:x}"
 
 
 class InstanceJoin:
-    """Owns the records of every key and the index from instance to keys; the directory is its only caller."""
+    """Owns the last valid record of every key and the index from instance to keys; the directory is its
+    only caller."""
 
     def __init__(self) -> None:
         self._records: dict[str, InstanceRecord] = {}
@@ -43,11 +48,15 @@ class InstanceJoin:
         if not isinstance(record, InstanceRecord):
             return set()  # not an etcd record: another join's business
         old = self._records.get(key)
+        if record.problem is not None:
+            if old is not None and old.lease == record.lease:
+                return set()  # the last valid value stays
+            return self._unlink(key, self._records.pop(key, None))
         if old == record:
             return set()
         affected = self._unlink(key, old)
         self._records[key] = record
-        peer = peer_key(record.instance_id)
+        peer = instance_peer_key(record.instance_id)
         self._by_instance.setdefault(peer, set()).add(key)
         affected.add(peer)
         return affected
@@ -58,7 +67,7 @@ class InstanceJoin:
     def _unlink(self, key: str, record: InstanceRecord | None) -> set[str]:
         if record is None:
             return set()
-        peer = peer_key(record.instance_id)
+        peer = instance_peer_key(record.instance_id)
         keys = self._by_instance.get(peer)
         if keys is not None:
             keys.discard(key)

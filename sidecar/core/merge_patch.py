@@ -28,8 +28,8 @@ def removal_patch(current: Any, wanted: Any) -> dict[str, Any] | None:
     """The merge patch that deletes from ``current`` every key ``wanted`` does not have, at any depth of
     nested objects (None when there is none). Values are left as they are: only keys someone else added go.
 
-    The registrar uses it on its own ``spec.data``: server-side apply never removes keys another field
-    manager added, so this is how peers come to read exactly what this pod published.
+    The Kubernetes publisher uses it on its own ``spec.data``: server-side apply never removes keys another
+    field manager added, so this is how peers come to read exactly what this pod published.
     """
     if not isinstance(current, dict) or not isinstance(wanted, dict):
         return None

@@ -8,8 +8,12 @@ has this metadata) is a new parser and nothing else.
 * ``ReadinessRecord``: which pod incarnations are ready (or draining) at which addresses and ports, and,
   when the source reads Pods, what each pod says of itself (``PodMeta``: labels, annotations).
 * ``MetadataRecord``: the metadata one pod incarnation published (a ``DynamoWorkerMetadata`` CR).
-* ``InstanceRecord``: one key of one Dynamo instance in etcd (``sidecar.core.dynamo_keys.parse_kv``);
+* ``InstanceRecord``: one key of one Dynamo instance in etcd (``sidecar.core.dynamo_keys.read_kv``);
   the instance join (``sidecar.core.instance_join``) makes a peer of each instance's keys.
+
+A record whose data is unusable says so (``problem``) rather than being dropped by the source: the join
+decides what to keep (the last valid data of the same pod incarnation, or of the same lease), for every
+backend in the same place.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sidecar.core.containers import peer_key
+from sidecar.core.containers import pod_peer_key
 from sidecar.core.peer import Document, PortInfo
 
 
@@ -61,7 +65,7 @@ class EndpointEntry:
 
     @property
     def peer_key(self) -> str:
-        return peer_key(self.pod_uid, self.pod_name, self.speaks_for_it)
+        return pod_peer_key(self.pod_uid, self.pod_name, self.speaks_for_it)
 
     @property
     def live(self) -> bool:
@@ -129,11 +133,10 @@ class InstanceRecord:
     entry_json: bytes = b""  # the value as stored (exact comparison)
     size: int = 0  # estimated JSON bytes (sidecar.core.bounds)
     lease: int = 0
-
-    @property
-    def problem(self) -> str | None:
-        """Unusable values never become records (the source logs and skips them)."""
-        return None
+    # Why the value is unusable (``sidecar.core.dynamo_keys.read_kv``); the instance join then keeps the
+    # key's last valid record while the key stays on the same lease, as Dynamo's reader keeps its last
+    # parsed instance.
+    problem: str | None = None
 
 
 Record = ReadinessRecord | MetadataRecord | InstanceRecord

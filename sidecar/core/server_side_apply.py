@@ -1,4 +1,4 @@
-"""What server-side apply stores for a document, as far as the registrar's ``spec.data`` is concerned.
+"""What server-side apply stores for a document, as far as the Kubernetes publisher's ``spec.data`` goes.
 
 Found by running the API server (Kubernetes 1.36, a CRD with ``x-kubernetes-preserve-unknown-fields``):
 an apply stores what it is sent, with one exception. An object the applying manager *emptied* (``{}`` now,
@@ -7,7 +7,7 @@ members it had applied before) is stored as ``null``, at any depth (``spec.data.
 leaves the field null. Applying the same document once more stores it as sent (``{}``): nothing is
 removed that time.
 
-So the registrar applies twice when the first apply stores something else than it sent (readers may see
+So the publisher applies twice when the first apply stores something else than it sent (readers may see
 the intermediate revision), and refuses a publish whose intermediate form Dynamo could not decode.
 ``intermediate_form`` says what that revision holds, from what the manager applied before.
 """

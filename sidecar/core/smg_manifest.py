@@ -6,7 +6,7 @@ wrong file: ``{"version": 1, "workers": [...]}``, nothing else at the top; each 
 ``worker_type`` (``regular``, ``prefill``, ``decode``, ``encode``), optionally ``bootstrap_port``,
 ``model_id``, ``id``, ``kv_connector``, ``kv_role``, ``kv_engine_id``; any other field makes SMG reject
 the whole file. So a sidecar in the gateway's pod can replace SMG's own Kubernetes watcher: this
-module decides the document, ``sidecar.smg_writer`` puts it on disk.
+module decides the document, ``sidecar.serve.smg_writer`` puts it on disk.
 
 Roles mirror SMG's flags: a peer takes the role of the first selector it matches, in SMG's order
 encode, prefill, decode; otherwise it is ``regular`` when it matches the regular selector, else it is
@@ -21,6 +21,7 @@ registration removed), never the old one carried over.
 from __future__ import annotations
 
 import json
+import pathlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -62,6 +63,14 @@ class SmgRoles:
         if self.regular is not None and self.regular.matches(labels):
             return "regular"
         return None
+
+
+@dataclass(frozen=True)
+class SmgManifestSettings:
+    """Where SMG's worker manifest goes and which peers it lists in which role."""
+
+    path: pathlib.Path
+    roles: SmgRoles
 
 
 def smg_manifest(peers: Iterable[Peer], roles: SmgRoles) -> dict[str, Any]:

@@ -25,12 +25,22 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 WORKER_PORTS_ANNOTATION = "smg.ai/worker-ports"
 BOOTSTRAP_PORT_ANNOTATION = "sglang.ai/bootstrap-port"
 KV_CONNECTOR_ANNOTATION = "smg.ai/kv-connector"
 KV_ENGINE_ID_ANNOTATION = "smg.ai/kv-engine-id"
-PROTOCOLS = ("http", "grpc")
+
+
+class WorkerProtocol(StrEnum):
+    """The scheme of a peer's worker URLs (``DISCOVERY_WORKER_PROTOCOL``)."""
+
+    HTTP = "http"
+    GRPC = "grpc"
+
+
+PROTOCOLS = tuple(p.value for p in WorkerProtocol)
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,2 @@
-"""etcd backend (see sidecar/etcd/__init__ docs)."""
+"""The etcd backend (Dynamo's ``v1/`` keys on a lease): the v3 client, the watch, the lease, its settings
+and ``build``."""

@@ -1,9 +1,10 @@
 """The watch of this instance's own keys in etcd, which runs whatever ``DISCOVERY_WATCH`` says.
 
-The etcd twin of ``sidecar.kube.own_registration``. An instance's registration is its keys, all on its
-lease: a key deleted or overwritten by someone else, or every key gone at once because the lease was
-revoked, drops the instance from every reader, and the keep-alive would notice a revoked lease only at
-its next renewal (up to TTL/2 later) and a deleted key never. So the sidecar follows exactly the keys it
+The etcd ``OwnWatch`` (``sidecar.peers.own_watch``), the twin of ``sidecar.kube.own_registration``. An
+instance's registration is its keys, all on its lease: a key deleted or overwritten by someone else, or
+every key gone at once because the lease was revoked, drops the instance from every reader, and the
+keep-alive would notice a revoked lease only at its next renewal (up to TTL/2 later) and a deleted key
+never. So the sidecar follows exactly the keys it
 wrote, and only them: one ``Watch`` stream with one watcher per key (no range: nobody else's keys
 travel), from the revision at which it read them back.
 
@@ -17,22 +18,23 @@ travel), from the revision at which it read them back.
 * When the publisher writes other keys, or takes a new lease, it calls ``refresh``: the stream is closed
   and the loop starts over with the new keys.
 
-The thread, its stop, the open stream, health and backoff are the ``SourceLoop``'s (its store keeps
-only health: this watch feeds no peers).
+The thread, its stop, the open stream, health and backoff are the ``SourceLoop``'s; its store is the
+``OwnWatchStore`` (this watch feeds no peers: a read-back is its relist, which makes it healthy).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Protocol
 
 import structlog
 
 from sidecar.etcd._pb import etcd_v3_pb2 as pb
 from sidecar.etcd.client import EtcdAuthFailed, EtcdClient, EtcdCompacted, EtcdError, EtcdPermissionDenied
-from sidecar.source_loop import SourceLoop
+from sidecar.peers.own_watch import OwnWatchStore
+from sidecar.peers.source_loop import SourceLoop
 
 READ_BATCH = 64
 """Keys read back per transaction (etcd refuses more than 128 operations in one)."""
@@ -51,29 +53,11 @@ class OwnKeys(Protocol):
         ...
 
 
-class _HealthOnly:
-    """The ``SourceStore`` of a watch that feeds no peers: only whether it reaches etcd."""
-
-    def __init__(self) -> None:
-        self.healthy = False
-
-    def upsert(self, *_: object, **__: object) -> None:
-        return None
-
-    def delete(self, *_: object, **__: object) -> None:
-        return None
-
-    def replace(self, records: Mapping[str, object], received: float | None = None) -> int:
-        return 0
-
-    def set_health(self, healthy: bool, reason: str = "") -> None:
-        self.healthy = healthy
-
-
 class OwnKeysWatch(SourceLoop):
     """Owns the watch of this instance's keys: which keys it follows and from which revision; its thread,
-    open stream, health and backoff are the ``SourceLoop``'s. The daemon starts and stops it; the
-    publisher calls ``refresh`` from its threads (``_refresh`` is an event: set from there, taken here)."""
+    open stream, health and backoff are the ``SourceLoop``'s. The etcd backend builds it for its
+    publisher and the daemon starts and stops it with the publisher; the publisher calls ``refresh`` from
+    its threads (``_refresh`` is an event: set from there, taken here)."""
 
     def __init__(
         self,
@@ -92,7 +76,7 @@ class OwnKeysWatch(SourceLoop):
         self.progress_interval = progress_interval
         self.resync = resync
         self.clock = clock
-        self.health = _HealthOnly()
+        self.health = OwnWatchStore()
         super().__init__(
             self.health, structlog.get_logger("sidecar.etcd.own_keys"), backoff_max, thread_name="etcd-own-keys"
         )
@@ -157,7 +141,7 @@ class OwnKeysWatch(SourceLoop):
                 elif kvs[0].value != written[key] or kvs[0].lease != lease:
                     self.publisher.check(lease, key, kvs[0].value, kvs[0].lease)
         self._report_healthy("etcd reachable again")
-        self.health.healthy = True  # (the loop reports transitions only; the first read back counts too)
+        self.health.replace({})  # read back at one revision: the relist of a watch that keeps no peers
         return revision
 
     def _watch(self, lease: int, keys: list[str], revision: int) -> None:

@@ -1,6 +1,6 @@
 """This process's registration in etcd, as Dynamo's runtime makes it: a lease, keys on it, keep-alives.
 
-The etcd twin of ``sidecar.kube.registration``, and a ``MetadataPublisher`` to the pod-facing API.
+The etcd twin of ``sidecar.kube.publisher``, and a ``Publisher`` to the pod-facing API.
 
 * Register: grant a lease of ``ETCD_LEASE_TTL`` seconds; its ID **is** the instance ID (Dynamo's
   ``connection_id``). Write every entry of the metadata (``spec.data``-shaped: ``endpoints``,
@@ -23,11 +23,14 @@ The etcd twin of ``sidecar.kube.registration``, and a ``MetadataPublisher`` to t
 * Follow its own keys (``sidecar.etcd.own_keys``, whatever ``DISCOVERY_WATCH`` says): a key deleted or
   overwritten by someone else is written again at once, under the same lease; all keys deleted because
   the lease was revoked are noticed at once too (not at the next renewal), and a new lease is registered.
-  What happens is said by ``health`` (``sidecar.registration_health``), as for the Kubernetes CR.
+  What happens is said by the loop's ``health``, as for the Kubernetes CR.
 * Deregister (SIGTERM): revoke the lease; etcd deletes every key in one revision, so watchers see the
   instance leave at once.
 
-``_apply_lock`` serialises everything that writes (registration, publish, loss handling);
+The thread, the state (``sidecar.peers.publisher_loop.PublisherState``), backoff, the failure rule, the
+health reports and the one publish path are the ``PublisherLoop``'s; the lease, its keys, their writing
+and their repair are this module's. Its
+``_apply_lock`` serialises everything that writes (registration, publish, loss handling); its
 ``_state_lock`` guards the fields readers look at and is never held during a call to etcd.
 """
 
@@ -35,18 +38,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import structlog
 
-from sidecar.core.backoff import Backoff
 from sidecar.core.dynamo_keys import DocumentError, registration_keys
-from sidecar.core.instance_join import peer_key
-from sidecar.core.merge_patch import apply_merge_patch
-from sidecar.core.resources import validate_worker_data
+from sidecar.core.instance_join import instance_peer_key
 from sidecar.etcd._pb import etcd_v3_pb2 as pb
 from sidecar.etcd.client import (
     EtcdAuthFailed,
@@ -58,17 +57,18 @@ from sidecar.etcd.client import (
     EtcdTooLarge,
     EtcdUnavailable,
 )
-from sidecar.metrics import Metrics
-from sidecar.ports import (
+from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import (
     Forbidden,
     Invalid,
-    NotRegistering,
+    RegisterMode,
     Registration,
     RegistrationError,
     TooLarge,
     Unavailable,
 )
-from sidecar.registration_health import RegistrationHealth
+from sidecar.peers.publisher_loop import RESYNC_SECONDS, PublisherLoop, PublisherState
+from sidecar.peers.registration_health import HealthListener
 
 MAX_TXN_KEYS = 64
 RENEWAL_RETRY = 0.5  # seconds between renewals while they fail (within the TTL)
@@ -83,8 +83,11 @@ def _absent(key: str) -> pb.Compare:
     return pb.Compare(key=key.encode(), target=pb.Compare.VERSION, result=pb.Compare.EQUAL, version=0)
 
 
-def registration_error(exc: EtcdError, action: str) -> RegistrationError:
-    """The meaning of a failed etcd call, as the pod-facing API reports it."""
+def registration_error(exc: Exception, action: str, reach: str = "") -> RegistrationError:
+    """The meaning of a failed etcd call (an ``EtcdError``), with an operator's sentence; the etcd twin of
+    ``sidecar.kube.publisher.registration_error``, with the same contract.
+
+    ``reach``: what the sentence says could not be done when etcd is unreachable (``action``)."""
     if isinstance(exc, EtcdPermissionDenied):
         return Forbidden(
             f"etcd refused to {action}: {exc}; grant the etcd user (ETCD_AUTH_USERNAME) a role with readwrite on "
@@ -98,13 +101,20 @@ def registration_error(exc: EtcdError, action: str) -> RegistrationError:
         return Invalid(f"cannot {action}: {exc}")
     if isinstance(exc, EtcdLeaseNotFound):
         return Unavailable(f"cannot {action}: this instance's lease expired; it is registering again with a new one")
-    return Unavailable(f"cannot reach etcd to {action}: {exc}")
+    return Unavailable(f"cannot reach etcd to {reach or action}: {exc}")
 
 
-class EtcdPublisher:
-    """Owns this instance's lease, the desired metadata, what is written under the lease, and the thread
-    that keeps it alive. The daemon starts and deregisters it; the gRPC layer calls ``registration``,
-    ``publish`` and ``problems`` from its threads."""
+class EtcdPublisher(PublisherLoop):
+    """Owns this instance's lease and what is written under it; the loop that keeps it alive, the state
+    and the desired metadata are the ``PublisherLoop``'s. The etcd backend builds it and the daemon starts
+    and deregisters it; the gRPC layer calls ``registration``, ``publish`` and ``problems`` from its
+    threads; the own-keys watch (``sidecar.etcd.own_keys``) calls ``written_snapshot`` and ``check``.
+    ``_state_lock`` (the loop's) also guards ``_lease``, ``_granted_ttl``, ``_last_renewed``, ``_written``,
+    ``_revision``, ``_lost_lease``, ``_loss`` and ``_repair``."""
+
+    thread_name = "etcd-publisher"
+    noun = "this instance"
+    unregistered = "not registered in etcd"
 
     def __init__(
         self,
@@ -116,37 +126,36 @@ class EtcdPublisher:
         backoff_max: float = 30.0,
         labels: Mapping[str, str] | None = None,
         on_registered: Callable[[int], None] | None = None,
-        register: str = "auto",
+        register: str = RegisterMode.AUTO,
+        name: str = "",
+        resync: float = RESYNC_SECONDS,
+        health_listener: HealthListener | None = None,
     ) -> None:
+        super().__init__(
+            initial_data,
+            metrics=metrics,
+            backoff_max=backoff_max,
+            register=register,
+            log=structlog.get_logger("sidecar.etcd.publisher"),
+            watch_only_reason="watch-only: DISCOVERY_REGISTER=never, so this sidecar holds no lease and writes "
+            "nothing in etcd; publish through whatever registers this instance in etcd",
+            resync=resync,
+            health_listener=health_listener,
+        )
         self.client = client
         self.on_registered = on_registered  # called with each new lease once its keys are written
-        self.watch_only = register == "never"  # DISCOVERY_REGISTER=never: no lease, nothing written
+        self.name = name  # what GetSelf calls this instance (the pod's name)
         self.lease_ttl = lease_ttl
-        self.metrics = metrics
         self.labels = dict(labels or {})
-        self.log = structlog.get_logger("sidecar.etcd.publisher")
-        self.health = RegistrationHealth(self.log, metrics)
-        # Told when the written keys or the lease change (the own-keys watch then follows the new ones).
-        self.on_keys_changed: Callable[[], None] = lambda: None
-        self.backoff = Backoff(maximum=backoff_max)
-        self._apply_lock = threading.Lock()
-        self._state_lock = threading.Lock()
-        self._data: dict[str, Any] = copy.deepcopy(dict(initial_data))
         self._lease = 0  # the current lease (0: none)
         self._granted_ttl = lease_ttl
         self._last_renewed = 0.0  # monotonic time a renewal (or the grant) last succeeded
         self._written: dict[str, bytes | None] = {}  # key -> value under the current lease (None: unknown)
         self._revision = 0  # etcd revision of the last write
-        self._last_error = ""
         self._lost_lease = 0  # a lease given up on, to revoke before registering again
         self._loss = ""  # why the last lease was lost, until registered again
         self._repair = False  # the own-keys watch saw a key of this lease deleted or overwritten
-        self._deregistering = False
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self.registered = threading.Event()
         self.leases_granted = 0
-        self._thread: threading.Thread | None = None
 
     # -- what the API reads ---------------------------------------------------------------------------
     @property
@@ -162,31 +171,21 @@ class EtcdPublisher:
                 resource_version=str(self._revision) if self._revision else "",
                 data=copy.deepcopy(self._data),
                 labels=dict(self.labels),
+                name=self.name,
+                peer_uid=instance_peer_key(self._lease) if self._lease else "",
                 instance_id=self._lease,
-                peer_uid=peer_key(self._lease) if self._lease else "",
             )
-
-    def problems(self) -> list[str]:
-        if self.registered.is_set() or self.watch_only:
-            return []
-        with self._state_lock:
-            error = self._last_error
-        return ["not registered in etcd" + (f": {error}" if error else "")]
-
-    def notes(self) -> list[str]:
-        """A healthy but unusual state, for ``/readyz``'s body."""
-        if self.watch_only:
-            return ["watch-only: DISCOVERY_REGISTER=never, so this sidecar holds no lease and writes nothing in etcd"]
-        return []
 
     def written_keys(self) -> dict[str, bytes | None]:
         with self._state_lock:
             return dict(self._written)
 
-    # -- the own-keys watch (``OwnKeys``) ------------------------------------------------------------------
+    # -- the own-keys watch (``sidecar.etcd.own_keys.OwnKeys``) -----------------------------------------------
     def written_snapshot(self) -> tuple[int, dict[str, bytes | None]]:
         with self._state_lock:
-            return (0, {}) if self._deregistering else (self._lease, dict(self._written))
+            if self._state is PublisherState.DEREGISTERING:
+                return 0, {}
+            return self._lease, dict(self._written)
 
     def check(self, lease: int, key: str, value: bytes | None, key_lease: int) -> None:
         """The own-keys watch saw ``key`` change: unless it is this publisher's own write, restore it now.
@@ -195,7 +194,7 @@ class EtcdPublisher:
         (the watch may deliver an own write's event before the write's answer arrives).
         """
         with self._apply_lock, self._state_lock:
-            if self._deregistering or lease != self._lease or key not in self._written:
+            if self._state is PublisherState.DEREGISTERING or lease != self._lease or key not in self._written:
                 return  # not this lease's any more, or no longer a key of the metadata
             expected = self._written[key]
             if value is not None and key_lease == lease and (expected is None or value == expected):
@@ -209,51 +208,38 @@ class EtcdPublisher:
             self.health.lost("keys_altered", f"{key} was overwritten (now on {holder})", lease=f"{lease:x}")
         self._wake.set()
 
-    # -- publish --------------------------------------------------------------------------------------
-    def publish(self, document: Mapping[str, Any], merge: bool) -> Registration:
-        """Replace (or RFC 7386 merge-patch) the metadata and write it now (``MetadataPublisher``)."""
-        if self.watch_only:
-            raise NotRegistering(
-                "this sidecar does not register (DISCOVERY_REGISTER=never): publish through whatever registers "
-                "this instance in etcd"
+    # -- publish (the PublisherLoop's hooks) ----------------------------------------------------------------
+    def _refusal(self, previous: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
+        with self._state_lock:
+            lease = self._lease
+        try:
+            registration_keys(new, lease or 1)
+        except DocumentError as exc:
+            return f"the metadata cannot be registered in etcd: {exc}"
+        return None
+
+    def _write(self, data: Mapping[str, Any]) -> Registration:
+        with self._state_lock:
+            lease = self._lease
+            why = self._error
+        if not lease:
+            raise Unavailable(
+                "not registered in etcd yet" + (f" ({why})" if why else "") + "; publish again once registered"
             )
-        with self._apply_lock:
-            with self._state_lock:
-                previous = self._data
-                deregistering = self._deregistering
-                lease = self._lease
-            if deregistering:
-                raise Unavailable("this instance is deregistering (the sidecar is shutting down): nothing is written")
-            new = apply_merge_patch(previous, dict(document)) if merge else copy.deepcopy(dict(document))
-            problem = validate_worker_data(new)
-            if problem:
-                raise Invalid(problem)
-            try:
-                registration_keys(new, lease or 1)
-            except DocumentError as exc:
-                raise Invalid(f"the metadata cannot be registered in etcd: {exc}") from exc
-            if not lease:
-                with self._state_lock:
-                    why = self._last_error
-                raise Unavailable(
-                    "not registered in etcd yet" + (f" ({why})" if why else "") + "; publish again once registered"
-                )
-            before = set(self.written_keys())
-            try:
-                self._write(new, lease)
-            except EtcdError as exc:
-                self._count_error("publish", exc)
-                if isinstance(exc, EtcdLeaseNotFound):
-                    self._wake.set()
-                raise registration_error(exc, "publish metadata") from exc
-            with self._state_lock:
-                self._data = new
-            if set(self.written_keys()) != before:
-                self.on_keys_changed()
+        before = set(self.written_keys())
+        try:
+            self._write_keys(data, lease)
+        except EtcdError as exc:
+            self._count_error("publish", exc)
+            if isinstance(exc, EtcdLeaseNotFound):
+                self._wake.set()
+            raise registration_error(exc, "publish metadata") from exc
+        if set(self.written_keys()) != before:
+            self._registration_changed()  # other keys: the own watch follows those now
         return self.registration()
 
     # -- writing --------------------------------------------------------------------------------------
-    def _write(self, document: Mapping[str, Any], lease: int) -> None:
+    def _write_keys(self, document: Mapping[str, Any], lease: int) -> None:
         """Make the keys under ``lease`` exactly ``document``'s. Raises ``EtcdError``, ``KeyConflict``."""
         try:
             desired = registration_keys(document, lease)
@@ -310,46 +296,27 @@ class EtcdPublisher:
                 continue
         raise EtcdUnavailable("the registration transaction kept failing its create-if-absent check", "conflict")
 
-    # -- the loop -------------------------------------------------------------------------------------
-    def start(self) -> threading.Thread:
-        """Run in a background thread; return it (the daemon's liveness probe watches it)."""
-        self._thread = threading.Thread(target=self.run, name="etcd-publisher", daemon=True)
-        self._thread.start()
-        return self._thread
+    # -- the loop (the PublisherLoop's hooks) -------------------------------------------------------------------
+    def _establish(self) -> None:
+        try:
+            self._register()
+        except EtcdError as exc:
+            self._count_error("register", exc)
+            raise registration_error(exc, "register this instance") from exc
 
-    def run(self) -> None:
-        if self.watch_only:
-            self.log.info("watch-only: DISCOVERY_REGISTER=never, no lease is taken")
-            self._stop.wait()  # the thread stays (liveness watches it) and does nothing
-            return
-        while not self._stop.is_set():
-            try:
-                self._register()
-                self.backoff.reset()
-                self._keep_alive()
-                continue
-            except EtcdError as exc:
-                self._count_error("register", exc)
-                error = registration_error(exc, "register this instance")
-                message, needs_human = str(error), not isinstance(error, Unavailable)
-            except RegistrationError as exc:
-                message, needs_human = str(exc), False
-            except Exception as exc:  # a bug must cost a retry, never the registration
-                self.log.exception("unexpected error registering in etcd; retrying")
-                message, needs_human = f"unexpected error: {type(exc).__name__}: {exc}", True
-            if self._stop.is_set():
-                break
-            with self._state_lock:
-                loss = self._loss
-            self._set_unregistered(f"{loss}; {message}" if loss else message)
-            self.health.failed(message, needs_human=needs_human)
-            self._stop.wait(self.backoff.next_delay())
+    def _hold(self) -> None:
+        self._keep_alive()
+
+    def _failed(self, message: str, needs_human: bool) -> None:
+        """The loop's rule, with the lost lease named first in ``problems()`` until registered again."""
+        with self._state_lock:
+            loss = self._loss
+        super()._failed(f"{loss}; {message}" if loss else message, needs_human)
 
     def _register(self) -> None:
         with self._apply_lock:
+            self._check_writes()
             with self._state_lock:
-                if self._deregistering:
-                    raise Unavailable("deregistering: nothing is written any more")
                 lease, lost = self._lease, self._lost_lease
                 data = copy.deepcopy(self._data)
             if lease:
@@ -371,7 +338,7 @@ class EtcdPublisher:
                 self._written = {}
             self.leases_granted += 1
             try:
-                self._write(data, lease)
+                self._write_keys(data, lease)
             except BaseException:
                 with self._state_lock:
                     self._lease = 0
@@ -380,7 +347,6 @@ class EtcdPublisher:
                     self.client.lease_revoke(lease)
                 raise
             with self._state_lock:
-                self._last_error = ""
                 self._loss = ""
                 self._repair = False
             if self.on_registered is not None:
@@ -388,11 +354,8 @@ class EtcdPublisher:
             self.log.info(
                 "registered in etcd", instance_id=lease, instance_id_hex=f"{lease:x}", ttl=self._granted_ttl
             )
-            self.health.in_place(lease=f"{lease:x}")  # first: whoever sees "registered" sees it told
-            self.registered.set()
-            if self.metrics is not None:
-                self.metrics.registered.set(1)
-        self.on_keys_changed()
+            self._mark_registered(lease=f"{lease:x}")
+        self._registration_changed()  # a new lease and its keys: the own watch follows those now
 
     def _keep_alive(self) -> None:
         """Renew the lease every TTL/2 until it is lost (then return) or the publisher stops.
@@ -429,7 +392,7 @@ class EtcdPublisher:
                     continue
             if remaining <= 0 and not overdue:
                 overdue = True
-                self._set_unregistered(
+                self._mark_unregistered(
                     f"lease {lease:x} presumed lost: no renewal succeeded for {ttl}s (its TTL), etcd unreachable; "
                     "it is kept if etcd still has it, else replaced by a new lease (a new instance ID)"
                 )
@@ -449,16 +412,12 @@ class EtcdPublisher:
             if granted <= 0:
                 self._lose(lease, "etcd says the lease expired or was revoked")
                 return
-            if failing or overdue:
-                self.health.in_place(lease=f"{lease:x}")
             if overdue:
                 overdue = False
-                with self._state_lock:
-                    self._last_error = ""
-                self.registered.set()
-                if self.metrics is not None:
-                    self.metrics.registered.set(1)
+                self._mark_registered(lease=f"{lease:x}")  # tells health first: the outage is over
                 self.log.info("etcd still had the lease: registered under the same instance ID", lease=f"{lease:x}")
+            elif failing:
+                self.health.in_place(lease=f"{lease:x}")  # renewals work again (registered all along)
             failing = False
             wait = interval
             with self._state_lock:
@@ -483,12 +442,12 @@ class EtcdPublisher:
             return False
         with self._apply_lock:
             with self._state_lock:
-                if self._lease != lease or self._deregistering:
+                if self._lease != lease or self._state is PublisherState.DEREGISTERING:
                     return False
                 data = copy.deepcopy(self._data)
                 self._repair = False
             try:
-                self._write(data, lease)
+                self._write_keys(data, lease)
             except EtcdError as exc:
                 with self._state_lock:
                     self._repair = True
@@ -511,42 +470,23 @@ class EtcdPublisher:
             message = f"lease {lease:x} lost: {why}; registering again with a new lease (a new instance ID)"
             with self._state_lock:
                 self._loss = message
-            self._set_unregistered(message)
+            self._mark_unregistered(message)
             self.health.lost("lease_lost", message, lease=f"{lease:x}")
             self.log.info("etcd lease lost", lease=f"{lease:x}", reason=why)
-        self.on_keys_changed()
-
-    def _set_unregistered(self, message: str) -> None:
-        self.registered.clear()
-        if self.metrics is not None:
-            self.metrics.registered.set(0)
-        with self._state_lock:
-            self._last_error = message
+        self._registration_changed()  # no lease, no keys: the own watch waits for the next ones
 
     def _count_error(self, operation: str, exc: EtcdError) -> None:
         if self.metrics is not None:
             self.metrics.api_errors.labels(f"etcd-{operation}", exc.code or "error").inc()
 
     # -- shutdown -------------------------------------------------------------------------------------
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(5)
-
-    def deregister(self, timeout: float = 5.0) -> bool:
+    def _withdraw(self, timeout: float) -> bool:
         """Revoke the lease: etcd deletes every key of this instance at once. True when it is gone."""
-        with self._state_lock:
-            self._deregistering = True
-        self.stop()
-        self.health.forget()
         with self._apply_lock:
             with self._state_lock:
                 lease, self._lease = self._lease, 0
                 self._written = {}
-            self.registered.clear()
-            if self.metrics is not None:
-                self.metrics.registered.set(0)
+            self._mark_unregistered()
             if not lease:
                 return True
             try:

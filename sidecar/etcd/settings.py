@@ -22,13 +22,21 @@ Where this differs from Dynamo, it accepts more, never less:
 Endpoint schemes follow the etcd-client crate Dynamo links: ``https://`` is TLS, ``http://`` is plain
 text (and refused with a complete TLS triple: "TLS options are only supported with HTTPS URLs"), a bare
 ``host:port`` is TLS when the TLS triple is set and plain text otherwise.
+
+Every variable is also a flag (``OPTIONS``, this backend's options table); ``load`` reads them through
+the app's ``OptionReader`` and turns what Dynamo would log and ignore into start-up errors naming the
+variable and the flag, so a half-configured TLS or login is never silently dropped.
 """
 
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+from sidecar.core.smg_manifest import SmgManifestSettings
+from sidecar.peers.options import Option, OptionReader, parse_positive_int
 
 DEFAULT_ENDPOINTS = "http://localhost:2379"
 DEFAULT_LEASE_TTL = 30
@@ -44,6 +52,37 @@ PASSWORD_ENV = "ETCD_AUTH_PASSWORD"  # noqa: S105 - the variable's name, not a p
 CA_ENV = "ETCD_AUTH_CA"
 CLIENT_CERT_ENV = "ETCD_AUTH_CLIENT_CERT"
 CLIENT_KEY_ENV = "ETCD_AUTH_CLIENT_KEY"
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        ENDPOINTS_ENV,
+        "--etcd-endpoints",
+        "etcd backend: comma-separated client URLs (https:// for TLS)",
+        default=DEFAULT_ENDPOINTS,
+    ),
+    Option(
+        LEASE_TTL_ENV,
+        "--etcd-lease-ttl",
+        "etcd backend: TTL of this instance's lease in whole seconds (renewed every TTL/2)",
+        default=str(DEFAULT_LEASE_TTL),
+    ),
+    Option(
+        STARTUP_TIMEOUT_ENV,
+        "--etcd-startup-connect-timeout",
+        "etcd backend: whole seconds to wait for etcd at start-up before giving up (exit 1)",
+        default=str(int(DEFAULT_STARTUP_CONNECT_TIMEOUT)),
+    ),
+    Option(USERNAME_ENV, "--etcd-auth-username", "etcd backend: user name (with the password)"),
+    Option(PASSWORD_ENV, "--etcd-auth-password", "etcd backend: password (with the user name)"),
+    Option(CA_ENV, "--etcd-auth-ca", "etcd backend: CA certificate, PEM text (as Dynamo reads it) or a PEM file"),
+    Option(
+        CLIENT_CERT_ENV,
+        "--etcd-auth-client-cert",
+        "etcd backend: client certificate, PEM text or a PEM file (with the key)",
+    ),
+    Option(CLIENT_KEY_ENV, "--etcd-auth-client-key", "etcd backend: client key, PEM text or a PEM file"),
+)
 
 
 class EtcdSettingsError(ValueError):
@@ -85,6 +124,11 @@ class EtcdSettings:
     client_key_pem: bytes | None = field(default=None, repr=False)
     lease_ttl: int = DEFAULT_LEASE_TTL
     startup_connect_timeout: float = DEFAULT_STARTUP_CONNECT_TIMEOUT
+
+    @property
+    def smg_manifest(self) -> SmgManifestSettings | None:
+        """Always None: etcd peers carry no pods, hence no workers for SGLang Model Gateway's manifest."""
+        return None
 
     @property
     def tls(self) -> bool:
@@ -221,3 +265,39 @@ def _positive_int(env: Mapping[str, str], name: str, default: int, warnings: lis
         warnings.append(f"{name} must be at least 1; got {value}; using {default} (as Dynamo does)")
         return default
     return value
+
+
+def load(reader: OptionReader, foreign: Sequence[Option] = ()) -> EtcdSettings | None:
+    """Read this table; None when any problem was recorded.
+
+    Peers are Dynamo's ``v1/`` keys and registration is a lease: no Service, no UID. Another backend's
+    option that chooses what is watched (``Option.chooses``) would silently mean nothing here, so it is
+    refused.
+    """
+    for option in foreign:
+        if option.chooses and reader.get(option.env) is not None:
+            reader.problems.append(
+                f"{reader.where(option.env)} chooses {option.chooses}, but {reader.where('DYN_DISCOVERY_BACKEND')} "
+                "is etcd, where every instance under etcd's v1/ keys is a peer: unset it"
+            )
+    ttl = reader.get(LEASE_TTL_ENV, parse_positive_int)
+    startup = reader.get(STARTUP_TIMEOUT_ENV, parse_positive_int)
+    values = {o.env: reader.get(o.env) for o in OPTIONS if o.env not in (LEASE_TTL_ENV, STARTUP_TIMEOUT_ENV)}
+    values[LEASE_TTL_ENV] = None if ttl is None else str(ttl)  # already reported when unusable
+    values[STARTUP_TIMEOUT_ENV] = None if startup is None else str(startup)
+    settings: EtcdSettings | None = None
+    try:
+        settings, warnings = EtcdSettings.from_env({k: v for k, v in values.items() if v is not None})
+    except EtcdSettingsError as exc:
+        warnings = exc.problems
+    # Dynamo logs these and goes on without the setting; the sidecar refuses to start on them instead,
+    # so a half-configured TLS or login is never silently dropped.
+    reader.problems.extend(_name_flags(reader, warning) for warning in warnings)
+    return None if reader.problems else settings
+
+
+def _name_flags(reader: OptionReader, sentence: str) -> str:
+    """``sentence`` with each etcd variable it names followed by its flag, once."""
+    for option in OPTIONS:
+        sentence = re.sub(rf"\b{option.env}\b(?! \()", reader.where(option.env), sentence, count=1)
+    return sentence

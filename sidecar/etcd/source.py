@@ -16,9 +16,10 @@ The etcd twin of ``sidecar.kube.reflector``, the way Dynamo's own reader does it
   unhealthy (the stream says DEGRADED; peers are kept), jittered backoff, try again; healthy again once
   every watcher is re-created.
 * Bad values (not JSON, the wrong ``type`` for the bucket, a required field missing, beyond the
-  metadata bounds) are logged with the key and the reason and skipped; the key's last valid value is
-  kept while the key stays on the same lease, exactly as Dynamo's reader keeps its last parsed
-  instance. Nothing else is affected: other keys, and other peers, go on.
+  metadata bounds) are logged with the key and the reason and handed to the store as what they are, a
+  record with a problem: the core's instance join keeps the key's last valid value while the key stays
+  on the same lease, exactly as Dynamo's reader keeps its last parsed instance (and as the Kubernetes
+  join keeps a pod's last valid metadata). Nothing else is affected: other keys, and other peers, go on.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import time
 
 import structlog
 
-from sidecar.core.dynamo_keys import BUCKETS, BadValue, Bucket, parse_kv
+from sidecar.core.dynamo_keys import BUCKETS, Bucket, read_kv
 from sidecar.core.records import InstanceRecord
 from sidecar.etcd._pb import etcd_v3_pb2 as pb
 from sidecar.etcd.client import (
@@ -39,9 +40,9 @@ from sidecar.etcd.client import (
     EtcdUnavailable,
     prefix_end,
 )
-from sidecar.metrics import Metrics
-from sidecar.ports import SourceStore
-from sidecar.source_loop import SourceLoop
+from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import SourceStore
+from sidecar.peers.source_loop import SourceLoop
 
 SOURCE_NAME = "etcd"
 
@@ -51,11 +52,11 @@ class _Relist(Exception):
 
 
 class EtcdSource(SourceLoop):
-    """Owns the etcd watch: its resume revisions and last valid records; its thread, open stream, health and
-    backoff are the ``SourceLoop``'s.
+    """Owns the etcd watch: its resume revisions; its thread, open stream, health and backoff are the
+    ``SourceLoop``'s.
 
-    The daemon constructs and starts it; it writes into ``store``. ``stop`` may be called from any thread.
-    ``_known`` (the last valid record per key) is touched by the watch thread only.
+    The etcd backend constructs it and the daemon starts it; it writes into ``store``. ``stop`` may be
+    called from any thread; ``_next`` is touched by the watch thread only.
     """
 
     def __init__(
@@ -88,7 +89,6 @@ class EtcdSource(SourceLoop):
         self.relists = 0
         self.bad_values = 0
         self._next: dict[str, int] = {}  # bucket prefix -> the revision its watcher resumes from
-        self._known: dict[str, InstanceRecord] = {}
 
     def run(self) -> None:
         need_list = True
@@ -149,7 +149,6 @@ class EtcdSource(SourceLoop):
                     records[record.key] = record
         self.revision = revision
         self._next = {bucket.prefix: revision + 1 for bucket in self.buckets}
-        self._known = records
         self.relists += 1
         changes = self.store.replace(dict(records), time.monotonic())
         self._became_healthy()  # after the relist is applied: CONNECTED then means current
@@ -158,22 +157,18 @@ class EtcdSource(SourceLoop):
         self.log.info("listed etcd", keys=len(records), revision=revision, changes=changes)
 
     def _parse(self, key: bytes, value: bytes, lease: int) -> InstanceRecord | None:
-        """The key's record; for a bad value, the key's last valid record on the same lease (or None)."""
-        try:
-            return parse_kv(key, value, lease)
-        except BadValue as exc:
-            text = key.decode(errors="replace")
+        """The key's record (None outside the buckets); a bad value is logged, and its record says why."""
+        record = read_kv(key, value, lease)
+        if record is not None and record.problem is not None:
             self.bad_values += 1
-            last = self._known.get(text)
-            keep = last is not None and last.lease == lease
             self.log.warning(
-                "bad value under a Dynamo etcd prefix; skipping it",
-                kept_last_valid=keep,
-                key=text,
+                "bad value under a Dynamo etcd prefix; skipping it (the key's last valid value on the same "
+                "lease is kept)",
+                key=record.key,
                 lease=f"{lease:x}",
-                reason=str(exc),
+                reason=record.problem,
             )
-            return last if keep else None
+        return record
 
     # -- watch --------------------------------------------------------------------------------------
     def _watch(self) -> None:
@@ -239,16 +234,12 @@ class EtcdSource(SourceLoop):
         kv = event.kv
         key = kv.key.decode(errors="replace")
         if event.type == pb.Event.DELETE:
-            self._known.pop(key, None)
             self.store.delete(key, received)
             kind = "deleted"
         else:
             record = self._parse(kv.key, kv.value, kv.lease)
             if record is None:
-                if self._known.pop(key, None) is not None:
-                    self.store.delete(key, received)  # the key left its last valid lease's hands
                 return
-            self._known[key] = record
             self.store.upsert(key, record, received)
             kind = "modified" if kv.version > 1 else "added"
         if self.metrics is not None:

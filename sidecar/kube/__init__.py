@@ -1,1 +1,1 @@
-"""The Kubernetes-facing shell: transport, watches and registration."""
+"""The Kubernetes backend: the API transport, the reflectors, this pod's CR, its settings and ``build``."""

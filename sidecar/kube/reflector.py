@@ -36,9 +36,9 @@ import urllib3
 from sidecar.core.records import Record
 from sidecar.kube.api import CONNECTION_ERRORS, ApiError, KubeApi
 from sidecar.kube.sources import WatchTarget
-from sidecar.metrics import Metrics
-from sidecar.ports import SourceStore
-from sidecar.source_loop import SourceLoop
+from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import SourceStore
+from sidecar.peers.source_loop import SourceLoop
 
 INITIAL_EVENTS_END = "k8s.io/initial-events-end"
 """The annotation on the bookmark that closes a streaming list's initial events."""
@@ -79,7 +79,7 @@ class Reflector(SourceLoop):
     and backoff are the ``SourceLoop``'s.
 
     The daemon constructs and starts it; it writes into ``store`` and tells ``observers`` (the
-    registrar follows its own CR this way). ``stop`` may be called from any thread.
+    publisher follows its own CR this way). ``stop`` may be called from any thread.
     """
 
     def __init__(

@@ -15,7 +15,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.config import Settings
 from sidecar.core.records import Record
 from sidecar.core.resources import (
     object_key,
@@ -25,6 +24,7 @@ from sidecar.core.resources import (
     parse_worker_metadata,
 )
 from sidecar.kube.api import ResourcePath
+from sidecar.kube.settings import KubeSettings
 
 RawObject = Mapping[str, Any]
 
@@ -61,7 +61,7 @@ WORKER_METADATA = KubeSource(
 
 SOURCES = (ENDPOINT_SLICES, PODS, POD_CONTAINERS, WORKER_METADATA)
 OWN_REGISTRATION = "registration"
-"""The label of the watch of this pod's own CR (metrics, logs): it feeds the registrar, not the directory."""
+"""The label of the watch of this pod's own CR (metrics, logs): it feeds the publisher, not the directory."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def own_registration_target(namespace: str, metadata_name: str) -> WatchTarget:
     )
 
 
-def watch_targets(settings: Settings) -> list[WatchTarget]:
+def watch_targets(settings: KubeSettings) -> list[WatchTarget]:
     """The sources this sidecar watches, as its settings say: readiness from EndpointSlices or from Pods
     (``DISCOVERY_POD_SELECTOR``, or Dynamo's container mode), and metadata from the CRs, in each namespace
     of ``DISCOVERY_NAMESPACES`` (one watch per namespace, or one cluster-wide watch for ``*``).

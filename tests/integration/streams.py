@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import grpc
 
-from devcluster.objects import wait_for
+from devcluster.waiting import wait_for
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.client import DiscoveryClient, PeerSetUpdate, PeerSetView
 

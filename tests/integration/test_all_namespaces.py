@@ -14,7 +14,8 @@ from collections.abc import Iterator
 import pytest
 
 from devcluster.cluster import ControlPlane
-from devcluster.objects import Cluster, wait_for
+from devcluster.objects import Cluster
+from devcluster.waiting import wait_for
 from tests.conftest import MANIFESTS, POD_DISCOVERY_RBAC, Sidecars, kubectl
 from tests.integration.streams import StreamRecorder
 

@@ -22,9 +22,10 @@ from devcluster.build import ROOT, ensure_built
 from devcluster.cluster import ControlPlane
 from devcluster.crds import delete_crds
 from devcluster.injection import wait_until_injecting
-from devcluster.objects import PODS, Cluster, wait_for
-from sidecar.injection.policy import opt_ins, policy_name
-from sidecar.injection.template import load_template
+from devcluster.objects import PODS, Cluster
+from devcluster.waiting import wait_for
+from sidecar.app.injection.policy import opt_ins, policy_name
+from sidecar.app.injection.template import load_template
 from sidecar.kube.api import ApiError, KubeApi
 from tests.conftest import Sidecars, kubectl
 

@@ -17,7 +17,8 @@ import tomllib
 import pytest
 
 from devcluster.build import ROOT, uv_binary
-from devcluster.objects import Cluster, wait_for
+from devcluster.objects import Cluster
+from devcluster.waiting import wait_for
 from tests.conftest import Sidecars
 from tests.integration.test_peer_stream import SERVICE, World, truth
 

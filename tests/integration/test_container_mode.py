@@ -25,8 +25,9 @@ import pytest
 
 from devcluster.cluster import ControlPlane
 from devcluster.dynamo import DynamoProcess, DynamoProcesses
-from devcluster.objects import WORKER_METADATA, Cluster, wait_for
+from devcluster.objects import WORKER_METADATA, Cluster
 from devcluster.sidecars import write_token_kubeconfig
+from devcluster.waiting import wait_for
 from discovery_client.client import DiscoveryClient, make_filter
 from sidecar.core.instance_id import instance_id
 from sidecar.kube.api import ApiError, KubeApi

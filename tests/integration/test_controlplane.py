@@ -12,8 +12,9 @@ import json
 import pytest
 
 from devcluster.cluster import ControlPlane
-from devcluster.objects import ENDPOINT_SLICES, PODS, WORKER_METADATA, Cluster, wait_for
+from devcluster.objects import ENDPOINT_SLICES, PODS, WORKER_METADATA, Cluster
 from devcluster.sidecars import write_token_kubeconfig
+from devcluster.waiting import wait_for
 from sidecar.kube.api import ApiError, KubeApi
 
 pytestmark = pytest.mark.integration

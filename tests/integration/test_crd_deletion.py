@@ -15,7 +15,7 @@ import pytest
 
 from devcluster.cluster import ControlPlane
 from devcluster.crds import STALLED, delete_crds
-from devcluster.objects import wait_for
+from devcluster.waiting import wait_for
 from sidecar.kube.api import KubeApi
 
 pytestmark = pytest.mark.integration

@@ -9,12 +9,13 @@ import psutil
 import pytest
 
 from devcluster.cluster import ControlPlane, free_port
-from devcluster.objects import Cluster, wait_for
+from devcluster.objects import Cluster
 from devcluster.sidecars import write_token_kubeconfig
+from devcluster.waiting import wait_for
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.client import AsyncDiscoveryClient, make_filter
-from sidecar.config import load_settings
-from sidecar.daemon import Sidecar
+from sidecar.app.config import load_settings
+from sidecar.app.daemon import Sidecar
 from tests.integration.test_peer_stream import register_like_dynamo
 
 pytestmark = pytest.mark.integration

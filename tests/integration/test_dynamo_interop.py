@@ -37,8 +37,9 @@ import pytest
 
 from devcluster.cluster import ControlPlane
 from devcluster.dynamo import TESTED_VERSION, DynamoProcess, DynamoProcesses, runtime_version
-from devcluster.objects import ENDPOINT_SLICES, SERVICES, WORKER_METADATA, Cluster, wait_for
+from devcluster.objects import ENDPOINT_SLICES, SERVICES, WORKER_METADATA, Cluster
 from devcluster.sidecars import SidecarProcess
+from devcluster.waiting import wait_for
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.client import DiscoveryClient, make_filter
 from tests.conftest import Sidecars

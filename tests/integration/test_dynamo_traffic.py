@@ -37,9 +37,10 @@ import pytest
 from devcluster.build import ROOT
 from devcluster.cluster import ControlPlane
 from devcluster.dynamo_serving import MODEL, DynamoDeployment, Frontend
-from devcluster.objects import Cluster, wait_for
+from devcluster.objects import Cluster
 from devcluster.sidecars import build_sidecar
 from devcluster.traffic import Load, Outcome, failures, percentile
+from devcluster.waiting import wait_for
 from discovery_client.client import make_filter
 from tests.conftest import MANIFESTS, kubectl
 from tests.integration.streams import StreamRecorder

@@ -19,17 +19,18 @@ from typing import Any
 import pytest
 import structlog
 
-from devcluster.etcd import EtcdServer, wait_for
+from devcluster.etcd import EtcdServer
 from devcluster.faults import FaultProxy
+from devcluster.waiting import wait_for
 from sidecar.core.directory import PeerDirectory
 from sidecar.core.eventlog import ApiStatus
-from sidecar.core.instance_join import InstanceJoin, peer_key
+from sidecar.core.instance_join import InstanceJoin, instance_peer_key
 from sidecar.etcd.client import EtcdClient
 from sidecar.etcd.publisher import EtcdPublisher
 from sidecar.etcd.settings import Endpoint, EtcdSettings
 from sidecar.etcd.source import EtcdSource
-from sidecar.hub import PeerHub
-from sidecar.ports import Invalid
+from sidecar.peers.hub import PeerHub
+from sidecar.peers.ports import Invalid
 
 pytestmark = pytest.mark.integration
 
@@ -149,7 +150,7 @@ def worker_data(address: str = "10.0.0.1:9000", channel_id: int = 0xABC) -> dict
 
 
 def complete(peers: dict[str, Any], lease: int) -> bool:
-    peer = peers.get(peer_key(lease))
+    peer = peers.get(instance_peer_key(lease))
     return peer is not None and all(peer.data[m] for m in ("endpoints", "model_cards", "event_channels"))
 
 
@@ -307,7 +308,7 @@ def test_the_source_sees_instances_come_change_and_go_across_an_etcd_restart(
     # One registration writes three buckets in one revision; each bucket is watched on its own (as
     # Dynamo watches them), so the peer may show its endpoints before its model card: wait for all.
     peers = watcher.wait(lambda p: complete(p, lease_a), "instance A with its three keys")
-    peer = peers[peer_key(lease_a)]
+    peer = peers[instance_peer_key(lease_a)]
     assert peer.instance_id == lease_a
     assert set(peer.data) == {"endpoints", "model_cards", "event_channels", "event_sources"}
     assert peer.data["endpoints"][f"demo/backend/generate/{lease_a:x}"]["instance_id"] == lease_a
@@ -315,25 +316,25 @@ def test_the_source_sees_instances_come_change_and_go_across_an_etcd_restart(
 
     etcd.stop()
     wait_for(lambda: watcher.hub.status().status is ApiStatus.DEGRADED, DEADLINE, "the stream to say DEGRADED")
-    assert peer_key(lease_a) in watcher.peers()  # peers are kept while etcd is away
+    assert instance_peer_key(lease_a) in watcher.peers()  # peers are kept while etcd is away
     etcd.start()
     wait_for(lambda: watcher.hub.status().status is ApiStatus.CONNECTED, DEADLINE, "CONNECTED again")
-    assert a.instance_id == lease_a and peer_key(lease_a) in watcher.peers()
+    assert a.instance_id == lease_a and instance_peer_key(lease_a) in watcher.peers()
 
     b = publisher_for(closer, client_for(closer, etcd.client_port), worker_data("10.0.0.2:9000", channel_id=0xDEF))
     lease_b = start_registered(b)
-    watcher.wait(lambda p: peer_key(lease_b) in p, "instance B, added after the restart")
+    watcher.wait(lambda p: instance_peer_key(lease_b) in p, "instance B, added after the restart")
     a.publish({"model_cards": {"demo/backend/generate/0": model("demo", "backend", "generate", "mistral")}}, merge=True)
     watcher.wait(
-        lambda p: p[peer_key(lease_a)].data["model_cards"][f"demo/backend/generate/{lease_a:x}"]["card_json"][
+        lambda p: p[instance_peer_key(lease_a)].data["model_cards"][f"demo/backend/generate/{lease_a:x}"]["card_json"][
             "display_name"
         ]
         == "mistral",
         "A's model card update",
     )
     a.deregister()
-    peers = watcher.wait(lambda p: peer_key(lease_a) not in p, "A's removal")
-    assert set(peers) == {peer_key(lease_b)}
+    peers = watcher.wait(lambda p: instance_peer_key(lease_a) not in p, "A's removal")
+    assert set(peers) == {instance_peer_key(lease_b)}
 
 
 def test_the_source_relists_when_its_revision_was_compacted_while_it_was_away(
@@ -345,7 +346,7 @@ def test_the_source_relists_when_its_revision_was_compacted_while_it_was_away(
     writer = client_for(closer, etcd.client_port)
     a = publisher_for(closer, writer, worker_data())
     lease_a = start_registered(a)
-    watcher.wait(lambda p: peer_key(lease_a) in p, "instance A")
+    watcher.wait(lambda p: instance_peer_key(lease_a) in p, "instance A")
     relists = watcher.source.relists
 
     proxy.refuse()  # the watcher is cut off; etcd and the writers go on
@@ -356,9 +357,9 @@ def test_the_source_relists_when_its_revision_was_compacted_while_it_was_away(
     etcd.compact()  # the history the watcher would resume from is gone
     proxy.accept()
 
-    peers = watcher.wait(lambda p: set(p) == {peer_key(lease_b)}, "the relisted state: B only")
+    peers = watcher.wait(lambda p: set(p) == {instance_peer_key(lease_b)}, "the relisted state: B only")
     assert watcher.source.relists > relists
-    assert peers[peer_key(lease_b)].instance_id == lease_b
+    assert peers[instance_peer_key(lease_b)].instance_id == lease_b
     wait_for(lambda: watcher.hub.status().status is ApiStatus.CONNECTED, DEADLINE, "CONNECTED again")
 
 
@@ -373,18 +374,18 @@ def test_bad_values_under_the_prefix_are_logged_and_skipped_while_other_peers_st
     etcd.put(f"v1/instances/demo/backend/generate/{junk_lease:x}", "not json {", lease=junk_lease)
     with structlog.testing.capture_logs() as logs:
         watcher = Watcher(closer, client_for(closer, etcd.client_port))
-        assert set(watcher.peers()) == {peer_key(lease_a)}  # the list skipped the bad value
+        assert set(watcher.peers()) == {instance_peer_key(lease_a)}  # the list skipped the bad value
         wrong_type = json.dumps({**model("demo", "backend", "generate", "x"), "type": "Endpoint"})
         etcd.put(f"v1/mdc/demo/backend/generate/{junk_lease:x}", wrong_type, lease=junk_lease)
         good = json.dumps({**endpoint("demo", "backend", "other"), "instance_id": junk_lease})
         etcd.put(f"v1/instances/demo/backend/other/{junk_lease:x}", good, lease=junk_lease)
-        peers = watcher.wait(lambda p: peer_key(junk_lease) in p, "the junk lease's one good key")
+        peers = watcher.wait(lambda p: instance_peer_key(junk_lease) in p, "the junk lease's one good key")
         # the buckets are watched separately: the bad model card may come before or after the good key
         wait_for(lambda: watcher.source.bad_values >= 2, DEADLINE, "the bad model card to be seen and skipped")
         peers = watcher.peers()
-    assert set(peers[peer_key(junk_lease)].data["endpoints"]) == {f"demo/backend/other/{junk_lease:x}"}
-    assert peers[peer_key(junk_lease)].data["model_cards"] == {}
-    assert peer_key(lease_a) in peers
+    assert set(peers[instance_peer_key(junk_lease)].data["endpoints"]) == {f"demo/backend/other/{junk_lease:x}"}
+    assert peers[instance_peer_key(junk_lease)].data["model_cards"] == {}
+    assert instance_peer_key(lease_a) in peers
     skipped = {e["key"]: e["reason"] for e in logs if e["event"].startswith("bad value")}
     assert "not JSON" in skipped[f"v1/instances/demo/backend/generate/{junk_lease:x}"]
     assert "type must be 'Model'" in skipped[f"v1/mdc/demo/backend/generate/{junk_lease:x}"]
@@ -408,7 +409,7 @@ def test_user_and_password_authentication(etcd: EtcdServer, closer: Closer) -> N
     publisher = publisher_for(closer, client, worker_data())
     lease = start_registered(publisher)
     watcher = Watcher(closer, client)
-    watcher.wait(lambda p: peer_key(lease) in p, "the instance, read with the same credentials")
+    watcher.wait(lambda p: instance_peer_key(lease) in p, "the instance, read with the same credentials")
 
     refused = publisher_for(closer, client_for(closer, etcd.client_port, username="worker", password="nope"), {})
     refused.start()
@@ -437,7 +438,7 @@ def test_tls_with_client_certificates_given_as_pem_text(
     publisher = publisher_for(closer, client, worker_data())
     lease = start_registered(publisher)
     watcher = Watcher(closer, client)
-    watcher.wait(lambda p: peer_key(lease) in p, "the instance over TLS")
+    watcher.wait(lambda p: instance_peer_key(lease) in p, "the instance over TLS")
 
     untrusted = EtcdClient(EtcdSettings(endpoints=settings.endpoints, lease_ttl=TTL), request_timeout=3.0)
     closer.add(untrusted.close)

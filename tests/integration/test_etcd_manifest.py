@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from devcluster.cluster import ControlPlane
-from sidecar.config import load_settings
+from sidecar.app.config import load_settings
+from sidecar.etcd.settings import EtcdSettings
 from tests.conftest import MANIFESTS, kubectl
 
 pytestmark = pytest.mark.integration
@@ -47,9 +48,10 @@ def test_its_sidecar_environment_configures_the_etcd_backend(tmp_path: pathlib.P
         else:
             env[item["name"]] = f"secret-{item['valueFrom']['secretKeyRef']['key']}"
     settings = load_settings(environ=env)
-    assert settings.uses_etcd and settings.etcd is not None
-    assert settings.etcd.endpoints_text == "http://etcd.dynamo-system.svc:2379"
-    assert (settings.etcd.lease_ttl, settings.etcd.username) == (30, "secret-username")
+    etcd = settings.backend_settings
+    assert settings.backend == "etcd" and isinstance(etcd, EtcdSettings)
+    assert etcd.endpoints_text == "http://etcd.dynamo-system.svc:2379"
+    assert (etcd.lease_ttl, etcd.username) == (30, "secret-username")
     assert settings.grpc_listen.unix_path == "/run/discovery/discovery.sock"
     worker = spec["containers"][0]
     assert {e["name"]: e.get("value") for e in worker["env"]}["DISCOVERY_GRPC_LISTEN"] == env["DISCOVERY_GRPC_LISTEN"]

@@ -21,8 +21,8 @@ import pytest
 
 from devcluster.etcd import EtcdServer
 from devcluster.faults import FaultProxy
-from devcluster.objects import wait_for
 from devcluster.sidecars import SidecarProcess, launch_etcd_sidecar
+from devcluster.waiting import wait_for
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.client import DiscoveryClient, PeerSetView
 from tests.integration.streams import StreamRecorder

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from devcluster.objects import WORKER_METADATA, Cluster, wait_for
+from devcluster.objects import WORKER_METADATA, Cluster
+from devcluster.waiting import wait_for
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
 from discovery_client.client import DiscoveryClient

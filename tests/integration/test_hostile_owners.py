@@ -18,11 +18,12 @@ from typing import Any
 import pytest
 
 from devcluster.cluster import ControlPlane, free_port
-from devcluster.objects import WORKER_METADATA, Cluster, wait_for
+from devcluster.objects import WORKER_METADATA, Cluster
 from devcluster.sidecars import write_token_kubeconfig
+from devcluster.waiting import wait_for
 from discovery_client.client import DiscoveryClient
-from sidecar.config import load_settings
-from sidecar.daemon import Sidecar
+from sidecar.app.config import load_settings
+from sidecar.app.daemon import Sidecar
 from sidecar.kube.api import ApiError, KubeApi, WatchStream
 from tests.conftest import Sidecars
 from tests.integration.streams import StreamRecorder
@@ -152,7 +153,7 @@ def in_process_sidecar(
             "DISCOVERY_WATCH": "always",
         }
     )
-    return Sidecar(settings, api=api)
+    return Sidecar(settings, transport=api)
 
 
 # -- A: a replaced pod incarnation stops writing ----------------------------------------------------------
@@ -210,19 +211,19 @@ def test_a_replaced_incarnation_stops_writing_and_leaves_the_new_one_alone(
         }
 
         def old_stopped() -> bool:
-            if old.registrar.superseded:
+            if old.publisher.superseded:
                 return True
             locked_out = any("401" in p or "rejected the credentials" in p for p in old.readiness_problems())
             return old_credential == "pod-bound-token" and locked_out
 
         wait_for(old_stopped, 30, what=f"the old sidecar to stop writing ({old.readiness_problems()})")
         if old_credential == "impersonated":
-            assert old.registrar.superseded
-        if old.registrar.superseded:
-            (problem,) = old.registrar.problems()
+            assert old.publisher.superseded
+        if old.publisher.superseded:
+            (problem,) = old.publisher.problems()
             assert problem in superseded
-            assert problem in old.readiness_problems(), "readiness fails through registrar.problems()"
-            assert old.registrar.registration().registered is False
+            assert problem in old.readiness_problems(), "readiness fails through publisher.problems()"
+            assert old.publisher.registration().registered is False
         assert old.readiness_problems(), "the old sidecar is not ready any more"
 
         new.wait_ready()

@@ -22,7 +22,8 @@ from devcluster.build import ROOT
 from devcluster.cluster import ControlPlane
 from devcluster.dockerfile import load
 from devcluster.image import USER_ID, Image, ImageSidecar, ensure_image, launch_image_sidecar, run_in_image
-from devcluster.objects import WORKER_METADATA, Cluster, wait_for
+from devcluster.objects import WORKER_METADATA, Cluster
+from devcluster.waiting import wait_for
 from tests.conftest import Sidecars
 from tests.integration.streams import StreamRecorder
 

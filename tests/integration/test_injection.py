@@ -1,7 +1,7 @@
 """Sidecar injection by the MutatingAdmissionPolicy, on the real API server (Kubernetes 1.36, MAP v1).
 
 The policy, its bindings and the parameter object (a SidecarInjection) are the kustomize component
-(``manifests/components/injection``, generated from ``sidecar/injection/template.yaml``). Pods are created
+(``manifests/components/injection``, generated from ``sidecar/app/injection/template.yaml``). Pods are created
 directly, except a Deployment's, which the real Deployment and ReplicaSet controllers make (and which stay
 Pending: no scheduler places them). A sidecar is then started from the injected spec,
 resolved as the kubelet would (``devcluster.sidecars.launch_from_pod``), and shown to register and see
@@ -22,12 +22,13 @@ import yaml
 from devcluster.build import ensure_built
 from devcluster.cluster import ControlPlane
 from devcluster.injection import wait_until_injecting
-from devcluster.objects import PODS, Cluster, wait_for
+from devcluster.objects import PODS, Cluster
 from devcluster.sidecars import SidecarProcess, launch_from_pod
+from devcluster.waiting import wait_for
 from discovery_client.client import DiscoveryClient
-from sidecar.injection import policy
-from sidecar.injection.pod import inject_pod
-from sidecar.injection.template import load_template
+from sidecar.app.injection import policy
+from sidecar.app.injection.pod import inject_pod
+from sidecar.app.injection.template import load_template
 from sidecar.kube.api import ApiError, KubeApi
 from tests.conftest import MANIFESTS, kubectl
 
@@ -196,6 +197,7 @@ def test_a_pod_opting_in_where_no_parameters_are_is_refused(
 ) -> None:
     """No parameter object in the namespace (the chart or component was not installed there): the pod is
     refused, naming the binding, rather than started without the discovery its main container expects."""
+
     def refused() -> str:
         try:
             dry_run_create(admin_api, namespace, pod_body("lonely", {LABEL: "true"}))

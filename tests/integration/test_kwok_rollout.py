@@ -16,7 +16,8 @@ import pytest
 
 from devcluster.cluster import ControlPlane
 from devcluster.kwok import POD_NETWORK, SCHEDULER, Kwok, pod_template_spec
-from devcluster.objects import ENDPOINT_SLICES, PODS, Cluster, wait_for
+from devcluster.objects import ENDPOINT_SLICES, PODS, Cluster
+from devcluster.waiting import wait_for
 from devcluster.watching import CollectionWatch
 from sidecar.kube.api import ApiError, KubeApi
 from tests.conftest import kubectl

@@ -25,8 +25,8 @@ import pytest
 import yaml
 
 from devcluster.cluster import ControlPlane
-from devcluster.objects import wait_for
-from sidecar.config import OPTIONS, OPTIONS_BY_ENV, load_settings
+from devcluster.waiting import wait_for
+from sidecar.app.config import OPTIONS, OPTIONS_BY_ENV, load_settings
 from tests.conftest import MANIFESTS, kubectl
 
 pytestmark = pytest.mark.integration

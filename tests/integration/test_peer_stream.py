@@ -13,7 +13,8 @@ from collections.abc import Iterator
 import pytest
 
 from devcluster.cluster import ControlPlane
-from devcluster.objects import ENDPOINT_SLICES, PODS, WORKER_METADATA, Cluster, wait_for
+from devcluster.objects import ENDPOINT_SLICES, PODS, WORKER_METADATA, Cluster
+from devcluster.waiting import wait_for
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.client import DiscoveryClient, PeerSetView
 from sidecar.kube.api import ApiError

@@ -13,7 +13,8 @@ import pathlib
 import pytest
 
 from bench.rollout import ProcessSubscribers, peer_subscribers
-from devcluster.objects import Cluster, wait_for
+from devcluster.objects import Cluster
+from devcluster.waiting import wait_for
 from tests.conftest import Sidecars
 
 pytestmark = pytest.mark.integration

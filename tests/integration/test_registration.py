@@ -8,13 +8,14 @@ import re
 import pytest
 
 from devcluster.cluster import ControlPlane
-from devcluster.objects import WORKER_METADATA, Cluster, wait_for
+from devcluster.objects import WORKER_METADATA, Cluster
 from devcluster.sidecars import SidecarProcess, write_token_kubeconfig
+from devcluster.waiting import wait_for
 from discovery_client.client import DiscoveryClient
-from sidecar.config import PodIdentity
 from sidecar.kube.api import ApiError, KubeApi
-from sidecar.kube.registration import Registrar
-from sidecar.metrics import Metrics
+from sidecar.kube.publisher import KubePublisher
+from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import PodIdentity
 from tests.conftest import Sidecars
 from tests.integration.streams import StreamRecorder
 
@@ -166,7 +167,7 @@ def test_fencing_precondition_never_deletes_a_fresh_cr(namespace: str, cluster: 
             return seen
 
     racing = RacingApi(admin_api.api_client)
-    registrar = Registrar(racing, identity, {}, {"fresh": 1}, "discovery-sidecar", Metrics())
+    registrar = KubePublisher(racing, identity, {}, {"fresh": 1}, "discovery-sidecar", Metrics())
     registrar.fence()
     assert racing.swapped, "fencing must have read the stale CR"
     fresh = admin_api.get(path)

@@ -16,7 +16,8 @@ import pytest
 
 from devcluster.cluster import ControlPlane
 from devcluster.faults import FaultProxy
-from devcluster.objects import WORKER_METADATA, Cluster, wait_for
+from devcluster.objects import WORKER_METADATA, Cluster
+from devcluster.waiting import wait_for
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.client import DiscoveryClient
 from tests.conftest import Sidecars

@@ -21,8 +21,9 @@ import pytest
 
 from devcluster import rust_client
 from devcluster.faults import FaultProxy
-from devcluster.objects import Cluster, wait_for
+from devcluster.objects import Cluster
 from devcluster.rust_client import RustWatch
+from devcluster.waiting import wait_for
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
 from discovery_client.client import snapshot_peers

@@ -24,10 +24,12 @@ import yaml
 
 from devcluster.cluster import ControlPlane, free_port
 from devcluster.faults import FaultProxy
-from devcluster.objects import Cluster, wait_for
+from devcluster.objects import Cluster
 from devcluster.smg import MODEL, SmgGateway, StandInWorker
 from devcluster.traffic import Load, chat_completion, failures
-from sidecar.config import load_settings
+from devcluster.waiting import wait_for
+from sidecar.app.config import load_settings
+from sidecar.kube.settings import KubeSettings
 from tests.conftest import MANIFESTS, POD_DISCOVERY_RBAC, Sidecars, kubectl
 
 pytestmark = pytest.mark.integration
@@ -393,7 +395,8 @@ def test_example_manifest_is_accepted_and_consistent(
     local.parent.mkdir()
     env.update(POD_NAME="smg-gateway-0", POD_NAMESPACE=namespace, POD_UID="u", DISCOVERY_SMG_MANIFEST=str(local))
     settings = load_settings(environ={**env, "DISCOVERY_PODINFO_DIR": str(tmp_path / "none")})
-    assert settings.smg_manifest is not None and settings.require_metadata is False
+    assert settings.smg_manifest is not None and isinstance(settings.backend_settings, KubeSettings)
+    assert settings.backend_settings.require_metadata is False
     assert settings.register == "never"
     assert settings.smg_manifest.roles.role({"app": "sglang-worker", "role": "prefill"}) == "prefill"
 

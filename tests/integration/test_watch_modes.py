@@ -11,8 +11,9 @@ import threading
 import grpc
 import pytest
 
-from devcluster.objects import WORKER_METADATA, Cluster, wait_for
+from devcluster.objects import WORKER_METADATA, Cluster
 from devcluster.sidecars import SidecarProcess
+from devcluster.waiting import wait_for
 from discovery_client.client import DiscoveryClient, make_filter
 from tests.conftest import Sidecars
 

@@ -19,8 +19,8 @@ When a method's script runs out, ``stream`` hands out an idle watch (open, silen
 once and remember it in ``exhausted``, so an under-scripted test fails with the call that was not
 expected instead of spinning or hanging.
 
-``RecordingStore`` implements ``sidecar.ports.SourceStore``; tests wait, with a deadline, for a
-condition on what it recorded (``wait_for``) instead of sleeping.
+The store a reflector writes into is ``tests.unit.fake_store.RecordingStore``, shared with the etcd
+source's tests (``tests.unit.fake_etcd``).
 """
 
 from __future__ import annotations
@@ -29,15 +29,12 @@ import copy
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal, cast
 
-from sidecar.core.records import Record
 from sidecar.kube.api import ApiError, BytesObserver, KubeApi, Query, RequestObserver
-
-DEADLINE = 5.0
-"""How long a test waits for something that should happen at once (generous: only failures wait it out)."""
+from tests.unit.fake_store import DEADLINE
 
 Method = Literal["get", "stream", "apply", "merge_patch", "delete"]
 METHODS: tuple[Method, ...] = ("get", "stream", "apply", "merge_patch", "delete")
@@ -269,77 +266,3 @@ class ScriptedApi:
             if closed:
                 answer.close()
         return answer
-
-
-# -- the store ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StoreCall:
-    """One call into the store (or a ``note`` a test added to the same timeline)."""
-
-    op: str  # "upsert", "delete", "replace", "set_health", or a test's own note
-    key: str = ""
-    record: Record | None = None
-    records: Mapping[str, Record] = field(default_factory=dict)
-    healthy: bool | None = None
-    reason: str = ""
-    detail: Any = None
-
-
-class RecordingStore:
-    """A ``SourceStore`` that records every call, in order, and lets tests wait for what they expect."""
-
-    def __init__(self) -> None:
-        self.calls: list[StoreCall] = []
-        self._cond = threading.Condition()
-
-    def _record(self, call: StoreCall) -> None:
-        with self._cond:
-            self.calls.append(call)
-            self._cond.notify_all()
-
-    # -- SourceStore ------------------------------------------------------------------------------
-    def upsert(self, key: str, record: Record, received: float | None = None) -> None:
-        self._record(StoreCall("upsert", key=key, record=record))
-
-    def delete(self, key: str, received: float | None = None) -> None:
-        self._record(StoreCall("delete", key=key))
-
-    def replace(self, records: Mapping[str, Record], received: float | None = None) -> int:
-        self._record(StoreCall("replace", records=dict(records)))
-        return len(records)
-
-    def set_health(self, healthy: bool, reason: str = "") -> None:
-        self._record(StoreCall("set_health", healthy=healthy, reason=reason))
-
-    # -- for tests --------------------------------------------------------------------------------
-    def note(self, op: str, key: str = "", detail: Any = None) -> None:
-        """Add a test's own entry to the timeline (an observer saying it was called, say)."""
-        self._record(StoreCall(op, key=key, detail=detail))
-
-    def snapshot(self) -> list[StoreCall]:
-        with self._cond:
-            return list(self.calls)
-
-    def ops(self) -> list[str]:
-        return [c.op for c in self.snapshot()]
-
-    def of(self, op: str) -> list[StoreCall]:
-        return [c for c in self.snapshot() if c.op == op]
-
-    def wait_for(
-        self, predicate: Callable[[Sequence[StoreCall]], bool], what: str = "", timeout: float = DEADLINE
-    ) -> list[StoreCall]:
-        """Block until ``predicate(calls)`` holds; return the calls. Fails the test after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not predicate(self.calls):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(f"store never saw {what or predicate} within {timeout}s: {self.calls}")
-                self._cond.wait(remaining)
-            return list(self.calls)
-
-    def wait_for_ops(self, op: str, count: int, timeout: float = DEADLINE) -> list[StoreCall]:
-        """Block until ``op`` was called ``count`` times; return those calls."""
-        calls = self.wait_for(lambda cs: sum(c.op == op for c in cs) >= count, f"{count} x {op}", timeout)
-        return [c for c in calls if c.op == op]

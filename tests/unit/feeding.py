@@ -12,8 +12,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sidecar.core.directory import PeerDirectory
-from sidecar.hub import PeerHub
 from sidecar.kube.sources import ENDPOINT_SLICES, SOURCES, WORKER_METADATA, KubeSource
+from sidecar.peers.hub import PeerHub
 
 SOURCE_NAMES = (ENDPOINT_SLICES.name, WORKER_METADATA.name)
 """What a sidecar with a Service (the default) watches: a hub over these is synced once both are listed."""

@@ -20,11 +20,13 @@ import pytest
 
 from bench import watchers
 from bench.watchers import normalise
-from sidecar.config import load_settings
+from sidecar.app.config import load_settings
 from sidecar.kube.reflector import Reflector
+from sidecar.kube.settings import KubeSettings
 from sidecar.kube.sources import own_registration_target, watch_targets
-from sidecar.metrics import Metrics
-from tests.unit.fake_api import DEADLINE, RecordingStore, ScriptedApi
+from sidecar.peers.metrics import Metrics
+from tests.unit.fake_api import ScriptedApi
+from tests.unit.fake_store import DEADLINE, RecordingStore
 from tests.unit.test_reflector import page
 
 NAMESPACE = "bench"
@@ -50,7 +52,9 @@ def sidecar_requests(tmp_path: pathlib.Path, environ: dict[str, str], own: bool 
             **environ,
         }
     )
-    targets = watch_targets(settings) if not own else [own_registration_target(NAMESPACE, settings.metadata_name)]
+    kube = settings.backend_settings
+    assert isinstance(kube, KubeSettings)
+    targets = watch_targets(kube) if not own else [own_registration_target(NAMESPACE, kube.metadata_name)]
     api = ScriptedApi()
     api.on_get(*(page([], rv="7") for _ in targets))
     reflectors = [
@@ -61,7 +65,7 @@ def sidecar_requests(tmp_path: pathlib.Path, environ: dict[str, str], own: bool 
             Metrics(),
             silence_timeout=30,
             backoff_max=0.05,
-            streaming_list=settings.streaming_list,
+            streaming_list=kube.streaming_list,
         )
         for t in targets
     ]

@@ -1,4 +1,4 @@
-"""Tests for sidecar.config: env/flag/podinfo resolution and validation, all problems reported at once."""
+"""Tests for sidecar.app.config: env/flag/podinfo resolution and validation, all problems reported at once."""
 
 from __future__ import annotations
 
@@ -10,21 +10,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.config import (
+from sidecar.app.config import (
     OPTIONS,
-    SERVICE_NAME_LABEL,
     UNIX_PATH_MAX,
     ConfigError,
-    ListenAddress,
     Settings,
     add_arguments,
     load_settings,
-    parse_duration,
 )
 from sidecar.core.selectors import parse_selector, selector_from_labels
 from sidecar.core.smg_manifest import SmgRoles
 from sidecar.core.workers import ModelIdFrom, WorkerPolicy
+from sidecar.etcd.settings import EtcdSettings
+from sidecar.kube.settings import SERVICE_NAME_LABEL, KubeSettings
 from sidecar.kube.sources import watch_targets
+from sidecar.peers.options import parse_duration
+from sidecar.peers.ports import ListenAddress
 
 
 @pytest.fixture
@@ -54,6 +55,17 @@ def load(environ: dict[str, str], argv: list[str] | None = None) -> Settings:
     return load_settings(args=args, environ=environ)
 
 
+def kube(s: Settings) -> KubeSettings:
+    """The Kubernetes backend's own settings (the default backend)."""
+    assert isinstance(s.backend_settings, KubeSettings)
+    return s.backend_settings
+
+
+def etcd(s: Settings) -> EtcdSettings | None:
+    """The etcd backend's own settings, or None on another backend."""
+    return s.backend_settings if isinstance(s.backend_settings, EtcdSettings) else None
+
+
 def problems(environ: dict[str, str], argv: list[str] | None = None) -> str:
     with pytest.raises(ConfigError) as info:
         load(environ, argv)
@@ -63,15 +75,15 @@ def problems(environ: dict[str, str], argv: list[str] | None = None) -> str:
 def test_minimal_configuration_and_defaults(env: dict[str, str]) -> None:
     s = load(env)
     assert (s.identity.name, s.identity.namespace, s.identity.uid) == ("worker-0", "ns", "uid-1")
-    assert s.endpointslice_selector == selector_from_labels({SERVICE_NAME_LABEL: "workers"})
+    assert kube(s).endpointslice_selector == selector_from_labels({SERVICE_NAME_LABEL: "workers"})
     assert s.grpc_listen == ListenAddress(host="127.0.0.1", port=50051)
     assert s.http_listen == ListenAddress(host="0.0.0.0", port=8090)
     assert s.initial_metadata == {}
     assert s.pod_labels == {}
-    assert s.kubeconfig is None
+    assert kube(s).kubeconfig is None
     assert (s.watch_silence_timeout, s.request_timeout, s.backoff_max, s.shutdown_timeout) == (90, 15, 30, 20)
     assert s.history_size == 10000
-    assert s.field_manager == "discovery-sidecar"
+    assert kube(s).field_manager == "discovery-sidecar"
     assert (s.log_format, s.log_level) == ("auto", "info")
     assert s.raw["POD_NAME"] == "worker-0"
 
@@ -265,7 +277,7 @@ def test_metadata_and_metadata_file_together(env: dict[str, str], tmp_path: path
 
 def test_backend(env: dict[str, str]) -> None:
     s = load({**env, "DYN_DISCOVERY_BACKEND": "kubernetes"})
-    assert (s.identity.name, s.backend, s.etcd, s.uses_etcd) == ("worker-0", "kubernetes", None, False)
+    assert (s.identity.name, s.backend, etcd(s), s.backend == "etcd") == ("worker-0", "kubernetes", None, False)
     out = problems({**env, "DYN_DISCOVERY_BACKEND": "consul"})
     assert "DYN_DISCOVERY_BACKEND (--backend): expected one of kubernetes, etcd" in out and "'consul'" in out
 
@@ -285,21 +297,29 @@ class TestEtcdBackend:
     def test_defaults_are_dynamos(self, etcd_env: dict[str, str]) -> None:
         """ETCD_* defaults as Dynamo's runtime reads them; POD_UID and the readiness source are not needed."""
         s = load(etcd_env)
-        assert s.uses_etcd and s.etcd is not None
-        assert s.etcd.endpoints_text == "http://localhost:2379"
-        assert (s.etcd.lease_ttl, s.etcd.startup_connect_timeout) == (30, 120.0)
-        assert s.identity.uid == "" and s.endpointslice_selector is None and s.pod_selector is None
+        assert s.backend == "etcd" and etcd(s) is not None
+        assert etcd(s).endpoints_text == "http://localhost:2379"
+        assert (etcd(s).lease_ttl, etcd(s).startup_connect_timeout) == (30, 120.0)
+        assert s.identity.uid == "" and not isinstance(s.backend_settings, KubeSettings)
 
     def test_flags_win_over_env(self, etcd_env: dict[str, str]) -> None:
         """Every ETCD_* variable has a flag, and flags win as everywhere else."""
         s = load(
             {**etcd_env, "ETCD_ENDPOINTS": "http://a:1", "ETCD_LEASE_TTL": "4"},
-            ["--etcd-endpoints", "http://b:2,http://c:3", "--etcd-lease-ttl", "6", "--etcd-auth-username", "u",
-             "--etcd-auth-password", "p"],
+            [
+                "--etcd-endpoints",
+                "http://b:2,http://c:3",
+                "--etcd-lease-ttl",
+                "6",
+                "--etcd-auth-username",
+                "u",
+                "--etcd-auth-password",
+                "p",
+            ],
         )
-        assert s.etcd is not None
-        assert s.etcd.endpoints_text == "http://b:2,http://c:3"
-        assert (s.etcd.lease_ttl, s.etcd.username, s.etcd.password) == (6, "u", "p")
+        assert etcd(s) is not None
+        assert etcd(s).endpoints_text == "http://b:2,http://c:3"
+        assert (etcd(s).lease_ttl, etcd(s).username, etcd(s).password) == (6, "u", "p")
 
     def test_backend_from_flag(self, env: dict[str, str]) -> None:
         """``--backend etcd`` switches, and then a Service name is refused as meaningless."""
@@ -345,16 +365,16 @@ class TestEtcdBackend:
                 "ETCD_AUTH_CLIENT_KEY": pem,
             }
         )
-        assert s.etcd is not None and s.etcd.tls and s.etcd.ca_pem == pem.encode()
+        assert etcd(s) is not None and etcd(s).tls and etcd(s).ca_pem == pem.encode()
 
     def test_etcd_settings_ignored_on_kubernetes(self, env: dict[str, str]) -> None:
         """On the Kubernetes backend ETCD_* are not read (as Dynamo's Kubernetes backend ignores them)."""
-        assert load({**env, "ETCD_LEASE_TTL": "nonsense"}).etcd is None
+        assert etcd(load({**env, "ETCD_LEASE_TTL": "nonsense"})) is None
 
 
 def test_service_name_and_selector_combine(env: dict[str, str]) -> None:
     s = load({**env, "DISCOVERY_ENDPOINTSLICE_SELECTOR": "tier in (gpu),!canary"})
-    selector = s.endpointslice_selector
+    selector = kube(s).endpointslice_selector
     assert selector == parse_selector(f"{SERVICE_NAME_LABEL}=workers,tier in (gpu),!canary")
     assert selector.matches({SERVICE_NAME_LABEL: "workers", "tier": "gpu"})
     assert not selector.matches({SERVICE_NAME_LABEL: "workers", "tier": "cpu"})
@@ -365,7 +385,7 @@ def test_service_name_and_selector_combine(env: dict[str, str]) -> None:
 def test_selector_alone(env: dict[str, str]) -> None:
     del env["DISCOVERY_SERVICE_NAME"]
     s = load({**env, "DISCOVERY_ENDPOINTSLICE_SELECTOR": "app=dynamo"})
-    assert s.endpointslice_selector == parse_selector("app=dynamo")
+    assert kube(s).endpointslice_selector == parse_selector("app=dynamo")
 
 
 def test_neither_service_nor_selector(env: dict[str, str]) -> None:
@@ -460,9 +480,9 @@ class TestPodLabelDiscovery:
         """With DISCOVERY_POD_SELECTOR, Pods define readiness: no Service, no EndpointSlice selector."""
         del env["DISCOVERY_SERVICE_NAME"]
         s = load({**env, "DISCOVERY_POD_SELECTOR": "app=sglang-worker,role in (prefill,decode)"})
-        assert s.pod_selector == parse_selector("app=sglang-worker,role in (prefill,decode)")
-        assert s.endpointslice_selector is None
-        assert [(t.source.name, t.namespace, t.label_selector) for t in watch_targets(s)] == [
+        assert kube(s).pod_selector == parse_selector("app=sglang-worker,role in (prefill,decode)")
+        assert kube(s).endpointslice_selector is None
+        assert [(t.source.name, t.namespace, t.label_selector) for t in watch_targets(kube(s))] == [
             ("pods", "ns", "app=sglang-worker,role in (decode,prefill)"),  # canonical form
             ("dynamoworkermetadatas", "ns", ""),
         ]
@@ -489,14 +509,14 @@ class TestNamespaces:
     def test_default_is_the_pods_own(self, env: dict[str, str]) -> None:
         """Unset: the pod's namespace, one watch per source, named as before."""
         s = load(env)
-        assert s.namespaces == ("ns",)
-        assert [t.name for t in watch_targets(s)] == ["endpointslices", "dynamoworkermetadatas"]
+        assert kube(s).namespaces == ("ns",)
+        assert [t.name for t in watch_targets(kube(s))] == ["endpointslices", "dynamoworkermetadatas"]
 
     def test_a_list_gives_one_watch_per_namespace_and_source(self, env: dict[str, str]) -> None:
         """Each namespace's watch is its own source (its relist must not touch another namespace)."""
         s = load({**env, "DISCOVERY_NAMESPACES": " a, b,a "})
-        assert s.namespaces == ("a", "b")
-        assert [t.name for t in watch_targets(s)] == [
+        assert kube(s).namespaces == ("a", "b")
+        assert [t.name for t in watch_targets(kube(s))] == [
             "endpointslices@a",
             "dynamoworkermetadatas@a",
             "endpointslices@b",
@@ -506,8 +526,8 @@ class TestNamespaces:
     def test_star_is_one_cluster_wide_watch(self, env: dict[str, str]) -> None:
         """``*`` lists and watches every namespace in one request per source."""
         s = load({**env, "DISCOVERY_NAMESPACES": "*"})
-        targets = watch_targets(s)
-        assert s.namespaces == ("",)
+        targets = watch_targets(kube(s))
+        assert kube(s).namespaces == ("",)
         assert [t.collection for t in targets] == [
             "/apis/discovery.k8s.io/v1/endpointslices",
             "/apis/nvidia.com/v1alpha1/dynamoworkermetadatas",
@@ -523,8 +543,8 @@ class TestWorkersAndMetadata:
     def test_defaults(self, env: dict[str, str]) -> None:
         """Metadata required, no worker port, http, no model id, no SMG manifest."""
         s = load(env)
-        assert s.require_metadata is True
-        assert s.workers == WorkerPolicy(port=None, protocol="http", model_id_from=None)
+        assert kube(s).require_metadata is True
+        assert kube(s).workers == WorkerPolicy(port=None, protocol="http", model_id_from=None)
         assert s.smg_manifest is None
 
     def test_given(self, env: dict[str, str]) -> None:
@@ -537,8 +557,8 @@ class TestWorkersAndMetadata:
                 "DISCOVERY_MODEL_ID_FROM": "label:model",
             }
         )
-        assert s.require_metadata is False
-        assert s.workers == WorkerPolicy(port=8000, protocol="grpc", model_id_from=ModelIdFrom("label", "model"))
+        assert kube(s).require_metadata is False
+        assert kube(s).workers == WorkerPolicy(port=8000, protocol="grpc", model_id_from=ModelIdFrom("label", "model"))
 
     def test_bad_values_are_reported_together(self, env: dict[str, str]) -> None:
         out = problems(
@@ -591,3 +611,13 @@ class TestSmgManifest:
         """A selector SMG's flag would not take either is a start-up error naming the variable."""
         out = problems({**env, "DISCOVERY_SMG_MANIFEST": "/tmp/w.json", "DISCOVERY_SMG_DECODE_SELECTOR": text})
         assert "DISCOVERY_SMG_DECODE_SELECTOR (--smg-decode-selector): invalid label selector" in out
+
+    def test_a_manifest_with_watch_never_is_refused(self, env: dict[str, str], tmp_path: pathlib.Path) -> None:
+        """The manifest lists peers, which DISCOVERY_WATCH=never never watches: a start-up error naming both.
+
+        (The check read DISCOVERY_WATCH before it was parsed, so it never fired until the modes were parsed
+        once, into enums.)"""
+        manifest = {"DISCOVERY_SMG_MANIFEST": str(tmp_path / "w.json"), "DISCOVERY_SMG_SELECTOR": "app=w"}
+        out = problems({**env, **manifest, "DISCOVERY_WATCH": "never"})
+        assert "DISCOVERY_SMG_MANIFEST (--smg-manifest) lists peers, but DISCOVERY_WATCH (--watch) is 'never'" in out
+        assert load({**env, **manifest, "DISCOVERY_WATCH": "always"}).smg_manifest is not None

@@ -7,11 +7,12 @@ from typing import Any
 
 import pytest
 
-from sidecar.config import ConfigError, load_settings
-from sidecar.core.containers import MAIN_CONTAINER_ANNOTATION, main_container_of, metadata_name, peer_key
+from sidecar.app.config import ConfigError, load_settings
+from sidecar.core.containers import MAIN_CONTAINER_ANNOTATION, main_container_of, metadata_name, pod_peer_key
 from sidecar.core.instance_id import instance_id
 from sidecar.core.join import PeerJoin
 from sidecar.core.resources import parse_pod_containers, parse_worker_metadata
+from sidecar.kube.settings import KubeSettings
 from sidecar.kube.sources import POD_CONTAINERS, watch_targets
 
 NS = "ns"
@@ -62,8 +63,8 @@ class TestNames:
         assert main_container_of({MAIN_CONTAINER_ANNOTATION: "  "}) == "main"
 
     def test_peer_keys(self) -> None:
-        assert peer_key("u0", "w0", "w0") == "u0"
-        assert peer_key("u0", "w0", "w0-engine") == "u0/engine"
+        assert pod_peer_key("u0", "w0", "w0") == "u0"
+        assert pod_peer_key("u0", "w0", "w0-engine") == "u0/engine"
 
 
 class TestParse:
@@ -138,9 +139,16 @@ class TestJoin:
 BASE = {"POD_NAME": "w0", "POD_NAMESPACE": NS, "POD_UID": "u0", "DISCOVERY_PODINFO_DIR": "/nonexistent"}
 
 
+def kube_settings(environ: dict[str, str]) -> KubeSettings:
+    """The Kubernetes backend's own settings from ``environ``."""
+    settings = load_settings(environ=environ).backend_settings
+    assert isinstance(settings, KubeSettings)
+    return settings
+
+
 class TestSettings:
     def test_container_mode_names_the_cr_and_watches_pods_as_dynamo_does(self) -> None:
-        settings = load_settings(environ={**BASE, "DYN_KUBE_DISCOVERY_MODE": "container", "CONTAINER_NAME": "engine"})
+        settings = kube_settings({**BASE, "DYN_KUBE_DISCOVERY_MODE": "container", "CONTAINER_NAME": "engine"})
         assert (settings.container_mode, settings.container_name, settings.metadata_name) == (
             True,
             "engine",
@@ -156,7 +164,7 @@ class TestSettings:
             "CONTAINER_NAME": "vllm",
             "DYN_MAIN_CONTAINER_NAME": "vllm",
         }
-        assert load_settings(environ=env).metadata_name == "w0"
+        assert kube_settings(env).metadata_name == "w0"
 
     @pytest.mark.parametrize(
         ("extra", "message"),
@@ -175,5 +183,5 @@ class TestSettings:
         assert message in str(info.value)
 
     def test_pod_mode_is_unchanged(self) -> None:
-        settings = load_settings(environ={**BASE, "DISCOVERY_SERVICE_NAME": "w", "CONTAINER_NAME": "ignored"})
+        settings = kube_settings({**BASE, "DISCOVERY_SERVICE_NAME": "w", "CONTAINER_NAME": "ignored"})
         assert (settings.container_mode, settings.metadata_name) == (False, "w0")

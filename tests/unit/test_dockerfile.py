@@ -18,7 +18,7 @@ import tomllib
 import pytest
 
 from devcluster.dockerfile import DOCKERFILE, ROOT, Dockerfile, DockerIgnore, Instruction, load, parse, parse_env
-from sidecar.config import OPTIONS_BY_ENV, parse_http_listen
+from sidecar.app.config import OPTIONS_BY_ENV, parse_http_listen
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from sidecar.core.dynamo_entries import (
     parse_endpoint_path,
 )
 from sidecar.core.peer import Document, Peer, PeerState
-from sidecar.wire import encode_peer, filter_from_pb
+from sidecar.serve.wire import encode_peer, filter_from_pb
 
 GENERATE = EndpointPath("demo", "backend", "generate")
 

@@ -6,8 +6,8 @@ import json
 from typing import Any
 
 from sidecar.core.directory import PeerDirectory
-from sidecar.core.dynamo_keys import parse_kv
-from sidecar.core.instance_join import InstanceJoin, peer_key
+from sidecar.core.dynamo_keys import parse_kv, read_kv
+from sidecar.core.instance_join import InstanceJoin, instance_peer_key
 from sidecar.core.peer import PeerState
 from sidecar.core.records import InstanceRecord
 
@@ -38,8 +38,8 @@ def test_keys_of_one_lease_make_one_peer_shaped_like_spec_data() -> None:
         f"v1/mdc/ns/c/e/{A:x}": record(f"v1/mdc/ns/c/e/{A:x}", A),
         f"v1/instances/ns/c/e/{B:x}": record(f"v1/instances/ns/c/e/{B:x}", B),
     })
-    assert set(d.peers) == {peer_key(A), peer_key(B)}
-    peer = d.peers[peer_key(A)]
+    assert set(d.peers) == {instance_peer_key(A), instance_peer_key(B)}
+    peer = d.peers[instance_peer_key(A)]
     assert (peer.uid, peer.name, peer.namespace, peer.instance_id) == (f"etcd/{A:x}", f"{A:x}", "", A)
     assert peer.state is PeerState.READY and peer.addresses == () and dict(peer.labels) == {}
     assert peer.data == {
@@ -58,7 +58,7 @@ def test_an_instance_leaves_with_its_last_key_and_changes_are_one_entry_each() -
     assert d.apply("etcd", key, record(key, A)) == []  # the same value again: no change
     assert len(d.apply("etcd", card, record(card, A))) == 1  # the peer gained a model card
     assert len(d.apply("etcd", card, record(card, A, card_json={"name": "n"}))) == 1
-    assert len(d.apply("etcd", key, None)) == 1 and peer_key(A) in d.peers  # still has its card
+    assert len(d.apply("etcd", key, None)) == 1 and instance_peer_key(A) in d.peers  # still has its card
     (entry,) = d.apply("etcd", card, None)
     assert entry.change.after is None and d.peers == {}
 
@@ -70,3 +70,28 @@ def test_a_relist_that_changes_nothing_logs_nothing() -> None:
     head = d.log.head_revision
     d.replace("etcd", {k: record(k, A) for k in records})
     assert d.log.head_revision == head
+
+
+def test_a_bad_value_keeps_the_keys_last_valid_value_while_on_the_same_lease() -> None:
+    """Dynamo's reader keeps its last parsed instance; so does the join (a record with a problem)."""
+    d = directory()
+    key = f"v1/instances/ns/c/e/{A:x}"
+    d.replace("etcd", {key: record(key, A, version="1")})
+    before = d.peers[instance_peer_key(A)]
+    bad = read_kv(key.encode(), b"garbage", A)
+    assert bad is not None and bad.problem and "not JSON" in bad.problem
+    assert d.apply("etcd", key, bad) == [] and d.peers[instance_peer_key(A)] == before  # kept
+    assert d.apply("etcd", key, record(key, A, version="2")) != []  # a valid value again: it changes
+    (gone,) = d.apply("etcd", key, read_kv(key.encode(), b"garbage", B))  # another lease: the key is gone
+    assert gone.change.after is None and d.peers == {}
+
+
+def test_a_bad_value_never_valid_adds_nothing_and_a_relist_keeps_the_last_valid_value() -> None:
+    d = directory()
+    key = f"v1/instances/ns/c/e/{A:x}"
+    d.replace("etcd", {key: read_kv(key.encode(), b"[1]", A)})  # type: ignore[dict-item]
+    assert d.peers == {} and d.synced
+    d.replace("etcd", {key: record(key, A)})
+    before = d.peers[instance_peer_key(A)]
+    d.replace("etcd", {key: read_kv(key.encode(), b"{}", A)})  # type: ignore[dict-item]
+    assert d.peers == {instance_peer_key(A): before}

@@ -8,7 +8,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from devcluster.etcd import wait_for
+from devcluster.waiting import wait_for
 from sidecar.etcd._pb import etcd_v3_pb2 as pb
 from sidecar.etcd.client import EtcdUnavailable
 from sidecar.etcd.own_keys import OwnKeysWatch

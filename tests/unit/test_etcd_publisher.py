@@ -1,4 +1,5 @@
-"""The etcd publisher on a scripted client: transactions it sends, errors it reports, lease loss.
+"""The etcd publisher on the scripted etcd (``tests.unit.fake_etcd``): transactions it sends, errors it
+reports, lease loss.
 
 The same against a real etcd (keys on the lease, keep-alive past the TTL, revoke, expiry, partition) is
 covered in tests/integration/test_etcd_backend.py.
@@ -6,77 +7,19 @@ covered in tests/integration/test_etcd_backend.py.
 
 from __future__ import annotations
 
-import itertools
-import threading
 from typing import Any
 
 import pytest
 import structlog
 
-from devcluster.etcd import wait_for
+from devcluster.waiting import wait_for
 from sidecar.etcd._pb import etcd_v3_pb2 as pb
 from sidecar.etcd.client import EtcdPermissionDenied, EtcdTooLarge, EtcdUnavailable
 from sidecar.etcd.publisher import MAX_TXN_KEYS, EtcdPublisher
-from sidecar.ports import Forbidden, Invalid, TooLarge, Unavailable
+from sidecar.peers.ports import Forbidden, Invalid, TooLarge, Unavailable
+from tests.unit.fake_etcd import ScriptedEtcd
 
 DEADLINE = 10.0
-
-
-class ScriptedClient:
-    """An in-memory etcd keyed store with leases; ``fail_next`` makes the next txn raise."""
-
-    request_timeout = 1.0
-
-    def __init__(self) -> None:
-        self.kv: dict[str, tuple[bytes, int]] = {}
-        self.leases: set[int] = set()
-        self.ids = itertools.count(0x100)
-        self.txns: list[pb.TxnRequest] = []
-        self.fail_next: Exception | None = None
-        self.revision = 1
-        self.lock = threading.Lock()
-
-    def lease_grant(self, ttl: int) -> pb.LeaseGrantResponse:
-        lease = next(self.ids)
-        self.leases.add(lease)
-        return pb.LeaseGrantResponse(ID=lease, TTL=ttl)
-
-    def lease_revoke(self, lease: int) -> pb.LeaseRevokeResponse:
-        with self.lock:
-            self.leases.discard(lease)
-            self.kv = {k: v for k, v in self.kv.items() if v[1] != lease}
-        return pb.LeaseRevokeResponse()
-
-    unreachable = False  # keep-alives fail as if etcd could not be reached
-
-    def lease_time_to_live(self, lease: int, keys: bool = False) -> pb.LeaseTimeToLiveResponse:
-        return pb.LeaseTimeToLiveResponse(ID=lease, TTL=5 if lease in self.leases else -1)
-
-    def lease_keep_alive_once(self, lease: int, timeout: float | None = None) -> int:
-        if self.unreachable:
-            raise EtcdUnavailable("etcd unreachable (scripted)", "unavailable")
-        return 1 if lease in self.leases else 0
-
-    def txn(self, request: pb.TxnRequest) -> pb.TxnResponse:
-        with self.lock:
-            if self.fail_next is not None:
-                error, self.fail_next = self.fail_next, None
-                raise error
-            self.txns.append(request)
-            ok = all(c.key.decode() not in self.kv for c in request.compare)
-            ops = request.success if ok else request.failure
-            responses = []
-            for op in ops:
-                if op.HasField("request_put"):
-                    self.kv[op.request_put.key.decode()] = (op.request_put.value, op.request_put.lease)
-                elif op.HasField("request_delete_range"):
-                    self.kv.pop(op.request_delete_range.key.decode(), None)
-                else:
-                    key = op.request_range.key.decode()
-                    kvs = [pb.KeyValue(key=key.encode(), lease=self.kv[key][1])] if key in self.kv else []
-                    responses.append(pb.ResponseOp(response_range=pb.RangeResponse(kvs=kvs)))
-            self.revision += 1
-            return pb.TxnResponse(succeeded=ok, responses=responses, header=pb.ResponseHeader(revision=self.revision))
 
 
 def endpoints(n: int) -> dict[str, Any]:
@@ -89,7 +32,7 @@ def endpoints(n: int) -> dict[str, Any]:
     }
 
 
-def registered(client: ScriptedClient, data: dict[str, Any], ttl: int = 10) -> EtcdPublisher:
+def registered(client: ScriptedEtcd, data: dict[str, Any], ttl: int = 10) -> EtcdPublisher:
     publisher = EtcdPublisher(client, data, lease_ttl=ttl, backoff_max=0.05)  # type: ignore[arg-type]
     publisher.start()
     assert publisher.registered.wait(DEADLINE), publisher.problems()
@@ -97,20 +40,20 @@ def registered(client: ScriptedClient, data: dict[str, Any], ttl: int = 10) -> E
 
 
 def test_registration_creates_every_key_if_absent_in_transactions_etcd_accepts() -> None:
-    client = ScriptedClient()
+    client = ScriptedEtcd()
     publisher = registered(client, endpoints(MAX_TXN_KEYS + 6))
     try:
         assert [len(t.success) for t in client.txns] == [MAX_TXN_KEYS, 6]  # etcd allows 128 ops per txn
         assert all(c.target == pb.Compare.VERSION and c.version == 0 for t in client.txns for c in t.compare)
         lease = publisher.instance_id
-        assert lease and {v[1] for v in client.kv.values()} == {lease}
+        assert lease and {v.lease for v in client.kv.values()} == {lease}
         assert f"v1/instances/ns/c/e0/{lease:x}" in client.kv
     finally:
         publisher.stop()
 
 
 def test_publish_writes_only_the_difference() -> None:
-    client = ScriptedClient()
+    client = ScriptedEtcd()
     publisher = registered(client, endpoints(3))
     try:
         client.txns.clear()
@@ -139,7 +82,7 @@ def test_publish_writes_only_the_difference() -> None:
     ],
 )
 def test_publish_failures_have_a_meaning_and_keep_the_previous_metadata(error: Exception, meaning: type) -> None:
-    client = ScriptedClient()
+    client = ScriptedEtcd()
     publisher = registered(client, endpoints(1))
     try:
         client.fail_next = error
@@ -151,7 +94,7 @@ def test_publish_failures_have_a_meaning_and_keep_the_previous_metadata(error: E
 
 
 def test_publish_refuses_what_dynamo_would_not_read() -> None:
-    client = ScriptedClient()
+    client = ScriptedEtcd()
     publisher = registered(client, endpoints(1))
     try:
         with pytest.raises(Invalid, match="transport is missing"):
@@ -164,7 +107,7 @@ def test_publish_refuses_what_dynamo_would_not_read() -> None:
 
 
 def test_a_lease_etcd_no_longer_knows_is_replaced_by_a_new_one() -> None:
-    client = ScriptedClient()
+    client = ScriptedEtcd()
     publisher = registered(client, endpoints(1), ttl=1)
     try:
         first = publisher.instance_id
@@ -181,7 +124,7 @@ def test_a_lease_etcd_no_longer_knows_is_replaced_by_a_new_one() -> None:
 
 def test_a_ttl_without_renewal_is_presumed_lost_and_kept_if_etcd_still_has_the_lease() -> None:
     """After etcd restarts it renews every lease: the first answer, not the local clock, decides."""
-    client = ScriptedClient()
+    client = ScriptedEtcd()
     publisher = registered(client, endpoints(1), ttl=1)
     try:
         lease = publisher.instance_id
@@ -196,7 +139,7 @@ def test_a_ttl_without_renewal_is_presumed_lost_and_kept_if_etcd_still_has_the_l
 
 
 def test_a_presumed_lost_lease_etcd_no_longer_has_is_replaced() -> None:
-    client = ScriptedClient()
+    client = ScriptedEtcd()
     publisher = registered(client, endpoints(1), ttl=1)
     try:
         lease = publisher.instance_id
@@ -212,7 +155,7 @@ def test_a_presumed_lost_lease_etcd_no_longer_has_is_replaced() -> None:
 
 
 def test_deregister_revokes_and_nothing_is_written_afterwards() -> None:
-    client = ScriptedClient()
+    client = ScriptedEtcd()
     publisher = registered(client, endpoints(2))
     assert publisher.deregister()
     assert client.kv == {} and not publisher.registered.is_set()
@@ -221,14 +164,21 @@ def test_deregister_revokes_and_nothing_is_written_afterwards() -> None:
 
 
 # -- following its own keys (the own-keys watch calls ``check``; issue 19) -------------------------------------
+def stored(client: ScriptedEtcd, key: str) -> tuple[bytes, int] | None:
+    """What etcd holds under ``key`` now: its value and lease (None: absent)."""
+    with client.lock:
+        kv = client.kv.get(key)
+    return None if kv is None else (kv.value, kv.lease)
+
+
 def test_its_own_writes_seen_by_the_watch_change_nothing() -> None:
-    client = ScriptedClient()
+    client = ScriptedEtcd()
     publisher = registered(client, endpoints(1))
     try:
         lease = publisher.instance_id
         assert lease is not None
         (key,) = publisher.written_keys()
-        value, _ = client.kv[key]
+        value = client.kv[key].value
         with structlog.testing.capture_logs() as logs:
             publisher.check(lease, key, value, lease)
             publisher.check(lease + 1, key, None, 0)  # about another lease: not this one's business
@@ -238,20 +188,20 @@ def test_its_own_writes_seen_by_the_watch_change_nothing() -> None:
 
 
 def test_a_deleted_or_overwritten_key_is_written_again_under_the_same_lease() -> None:
-    client = ScriptedClient()
+    client = ScriptedEtcd()
     publisher = registered(client, endpoints(2))
     try:
         lease = publisher.instance_id
         assert lease is not None
         key = sorted(publisher.written_keys())[0]
-        value, _ = client.kv[key]
+        value = client.kv[key].value
         with structlog.testing.capture_logs() as logs:
             del client.kv[key]
             publisher.check(lease, key, None, 0)
-            wait_for(lambda: client.kv.get(key) == (value, lease), DEADLINE, "the key written again")
-            client.kv[key] = (b"{}", 0)
+            wait_for(lambda: stored(client, key) == (value, lease), DEADLINE, "the key written again")
+            client.kv[key] = pb.KeyValue(key=key.encode(), value=b"{}", lease=0)
             publisher.check(lease, key, b"{}", 0)
-            wait_for(lambda: client.kv.get(key) == (value, lease), DEADLINE, "the value restored")
+            wait_for(lambda: stored(client, key) == (value, lease), DEADLINE, "the value restored")
             wait_for(lambda: len([e for e in logs if e["event"] == "registration restored"]) == 2, DEADLINE, "logged")
         lost = [e["reason"] for e in logs if e["event"] == "registration lost; restoring it"]
         assert lost == ["keys_deleted", "keys_altered"]
@@ -263,7 +213,7 @@ def test_a_deleted_or_overwritten_key_is_written_again_under_the_same_lease() ->
 def test_keys_gone_with_a_revoked_lease_bring_a_new_lease_at_once() -> None:
     """All keys deleted because the lease was revoked: the lease is asked about and replaced, without waiting
     for the next renewal (TTL/2 = 30 s here)."""
-    client = ScriptedClient()
+    client = ScriptedEtcd()
     publisher = registered(client, endpoints(1), ttl=60)
     try:
         lease = publisher.instance_id

@@ -1,4 +1,5 @@
-"""The etcd source's loop on a scripted client: resume revisions, relist on compaction, bad values, health.
+"""The etcd source's loop on the scripted etcd (``tests.unit.fake_etcd``): resume revisions, relist on
+compaction, bad values, health.
 
 The same loop against a real etcd (restart, compaction while cut off, bad values) is covered in
 tests/integration/test_etcd_backend.py; here the client answers exactly what each test scripts.
@@ -6,100 +7,22 @@ tests/integration/test_etcd_backend.py; here the client answers exactly what eac
 
 from __future__ import annotations
 
-import json
-import queue
-import threading
-from collections.abc import Iterator, Mapping
-from typing import Any
-
-from devcluster.etcd import wait_for
+from devcluster.waiting import wait_for
+from sidecar.core.directory import PeerDirectory
 from sidecar.core.dynamo_keys import ENDPOINTS, MODEL_CARDS
-from sidecar.core.records import InstanceRecord
+from sidecar.core.instance_join import InstanceJoin, instance_peer_key
 from sidecar.etcd._pb import etcd_v3_pb2 as pb
 from sidecar.etcd.client import EtcdUnavailable
-from sidecar.etcd.settings import Endpoint
-from sidecar.etcd.source import EtcdSource
+from sidecar.etcd.source import SOURCE_NAME, EtcdSource
+from sidecar.peers.hub import PeerHub
+from sidecar.peers.ports import SourceStore
+from tests.unit.fake_etcd import LEASE, ScriptedEtcd, ScriptedWatch, endpoint_value, kv
+from tests.unit.fake_store import RecordingStore
 
 DEADLINE = 10.0
-LEASE = 0xA1
 
 
-def endpoint_value(name: str, lease: int = LEASE, **extra: Any) -> bytes:
-    return json.dumps({"type": "Endpoint", "namespace": "ns", "component": "c", "endpoint": name,
-                       "instance_id": lease, "transport": {"tcp": "h:1"}, **extra}).encode()
-
-
-def kv(key: str, value: bytes, lease: int = LEASE, version: int = 1) -> pb.KeyValue:
-    return pb.KeyValue(key=key.encode(), value=value, lease=lease, version=version)
-
-
-class ScriptedStream:
-    def __init__(self, creates: list[pb.WatchCreateRequest]) -> None:
-        self.creates = creates
-        self.responses: queue.Queue[pb.WatchResponse | Exception | None] = queue.Queue()
-        self.closed = threading.Event()
-
-    def __iter__(self) -> Iterator[pb.WatchResponse]:
-        while True:
-            item = self.responses.get()
-            if item is None or self.closed.is_set():
-                raise EtcdUnavailable("closed", "closed")
-            if isinstance(item, Exception):
-                raise item
-            yield item
-
-    def close(self) -> None:
-        self.closed.set()
-        self.responses.put(None)
-
-    def created(self) -> None:
-        for create in self.creates:
-            self.responses.put(pb.WatchResponse(watch_id=create.watch_id, created=True))
-
-
-class ScriptedClient:
-    """``range_prefix`` answers from ``self.data`` at ``self.revision``; ``watch`` hands out ScriptedStreams."""
-
-    endpoint = Endpoint("etcd", 2379, False)
-
-    def __init__(self) -> None:
-        self.data: dict[str, pb.KeyValue] = {}
-        self.revision = 10
-        self.ranges = 0
-        self.streams: queue.Queue[ScriptedStream] = queue.Queue()
-
-    def range_prefix(self, prefix: bytes, *, revision: int = 0, page_size: int = 500) -> tuple[int, list[pb.KeyValue]]:
-        self.ranges += 1
-        return revision or self.revision, [v for k, v in sorted(self.data.items()) if k.encode().startswith(prefix)]
-
-    def watch(self, creates: list[pb.WatchCreateRequest], **_: Any) -> ScriptedStream:
-        stream = ScriptedStream(list(creates))
-        self.streams.put(stream)
-        return stream
-
-
-class RecordingStore:
-    def __init__(self) -> None:
-        self.records: dict[str, InstanceRecord] = {}
-        self.health: list[bool] = []
-        self.replaced = 0
-
-    def upsert(self, key: str, record: InstanceRecord, received: float | None = None) -> None:
-        self.records[key] = record
-
-    def delete(self, key: str, received: float | None = None) -> None:
-        self.records.pop(key, None)
-
-    def replace(self, records: Mapping[str, InstanceRecord], received: float | None = None) -> int:
-        self.records = dict(records)
-        self.replaced += 1
-        return 0
-
-    def set_health(self, healthy: bool, reason: str = "") -> None:
-        self.health.append(healthy)
-
-
-def started(client: ScriptedClient, store: RecordingStore) -> tuple[EtcdSource, ScriptedStream]:
+def started(client: ScriptedEtcd, store: SourceStore) -> tuple[EtcdSource, ScriptedWatch]:
     source = EtcdSource(client, store, backoff_max=0.05)  # type: ignore[arg-type]
     source.start()
     stream = client.streams.get(timeout=DEADLINE)
@@ -112,8 +35,8 @@ def put_event(key: str, value: bytes, lease: int = LEASE, version: int = 2) -> p
 
 
 def test_lists_at_one_revision_then_watches_each_bucket_from_the_next_with_previous_values() -> None:
-    client, store = ScriptedClient(), RecordingStore()
-    client.data["v1/instances/ns/c/e/a1"] = kv("v1/instances/ns/c/e/a1", endpoint_value("e"))
+    client, store = ScriptedEtcd(), RecordingStore()
+    client.kv["v1/instances/ns/c/e/a1"] = kv("v1/instances/ns/c/e/a1", endpoint_value("e"))
     source, stream = started(client, store)
     try:
         assert set(store.records) == {"v1/instances/ns/c/e/a1"}
@@ -137,10 +60,10 @@ def test_lists_at_one_revision_then_watches_each_bucket_from_the_next_with_previ
 
 
 def test_a_compacted_watch_relists() -> None:
-    client, store = ScriptedClient(), RecordingStore()
+    client, store = ScriptedEtcd(), RecordingStore()
     source, stream = started(client, store)
     try:
-        client.data["v1/instances/ns/c/e/a1"] = kv("v1/instances/ns/c/e/a1", endpoint_value("e"))
+        client.kv["v1/instances/ns/c/e/a1"] = kv("v1/instances/ns/c/e/a1", endpoint_value("e"))
         client.revision = 50
         stream.responses.put(pb.WatchResponse(watch_id=1, canceled=True, compact_revision=40))
         relisted = client.streams.get(timeout=DEADLINE)
@@ -152,26 +75,36 @@ def test_a_compacted_watch_relists() -> None:
 
 
 def test_a_bad_value_keeps_the_keys_last_valid_value_on_the_same_lease_only() -> None:
-    client, store = ScriptedClient(), RecordingStore()
+    """The source hands the bad value on, with its problem; the hub's join keeps the last valid value."""
+    client = ScriptedEtcd()
+    hub = PeerHub(PeerDirectory("h", 100, [SOURCE_NAME], join=InstanceJoin()), self_uid="")
     key = "v1/instances/ns/c/e/a1"
-    client.data[key] = kv(key, endpoint_value("e", version="1"))
-    source, stream = started(client, store)
+    client.kv[key] = kv(key, endpoint_value("e", version="1"))
+    source, stream = started(client, hub.store(SOURCE_NAME))
     try:
-        first = store.records[key]
+
+        def endpoints() -> dict[str, object] | None:
+            peer = hub.state().peers
+            return dict(peer[0].data["endpoints"]) if peer else None
+
+        wait_for(lambda: hub.synced, DEADLINE, what="the list")
+        first = endpoints()
+        assert first is not None and first["ns/c/e/a1"]["version"] == "1"  # type: ignore[index]
         stream.responses.put(pb.WatchResponse(watch_id=1, header=pb.ResponseHeader(revision=12),
                                               events=[put_event(key, b"garbage")]))
         wait_for(lambda: source.bad_values == 1, DEADLINE, "the bad value to be seen")
-        assert store.records[key] == first  # kept
+        assert endpoints() == first  # kept
+        assert [p.uid for p in hub.state().peers] == [instance_peer_key(LEASE)]
         stream.responses.put(pb.WatchResponse(watch_id=1, header=pb.ResponseHeader(revision=13),
                                               events=[put_event(key, b"garbage", lease=0xB2)]))
-        wait_for(lambda: key not in store.records, DEADLINE, "the key to leave its old lease's instance")
+        wait_for(lambda: endpoints() is None, DEADLINE, "the key to leave its old lease's instance")
         assert source.bad_values == 2
     finally:
         source.stop()
 
 
 def test_a_permission_denied_watch_makes_the_source_unhealthy_with_the_reason() -> None:
-    client, store = ScriptedClient(), RecordingStore()
+    client, store = ScriptedEtcd(), RecordingStore()
     reasons: list[str] = []
     store.set_health = lambda healthy, reason="": reasons.append(reason)  # type: ignore[method-assign]
     source = EtcdSource(client, store, backoff_max=0.05)  # type: ignore[arg-type]

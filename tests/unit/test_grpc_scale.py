@@ -25,16 +25,17 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from devcluster.waiting import wait_for
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
 from discovery_client.client import PeerSetView
-from sidecar.config import ListenAddress
 from sidecar.core.eventlog import ApiStatus, LogEntry
-from sidecar.grpc_service import BLOCKING_WORKERS, ENCODING_WORKERS, SERVICE_NAME, DiscoveryService, GrpcServer
-from sidecar.hub import PeerHub
 from sidecar.kube.sources import ENDPOINT_SLICES, WORKER_METADATA
-from sidecar.metrics import Metrics
-from sidecar.ports import Forbidden, PeerSetState, Registration, Unavailable
+from sidecar.peers.hub import PeerHub
+from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import Forbidden, ListenAddress, PeerSetState, Registration, Subscriber, Unavailable
+from sidecar.serve.grpc_server import GrpcServer
+from sidecar.serve.grpc_service import BLOCKING_WORKERS, ENCODING_WORKERS, SERVICE_NAME, DiscoveryService
 from tests.unit.feeding import SourceFeed, new_hub
 from tests.unit.test_grpc_stream import (
     SELF,
@@ -46,15 +47,6 @@ from tests.unit.test_grpc_stream import (
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 LOOPBACK = ListenAddress(host="127.0.0.1", port=0)
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> None:
-    """Poll ``condition`` until it holds; fail with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.01)  # poll interval, not synchronisation: the condition decides
 
 
 def rss_bytes() -> int:
@@ -80,7 +72,7 @@ def subscribers(h: Harness) -> float | None:
 
 
 class FakePublisher:
-    """A ``MetadataPublisher`` whose publish blocks until the test releases it (like a slow API server)."""
+    """A ``Publisher`` whose publish blocks until the test releases it (like a slow API server)."""
 
     def __init__(self) -> None:
         self.data: dict[str, Any] = {}
@@ -93,7 +85,9 @@ class FakePublisher:
 
     def registration(self) -> Registration:
         with self._lock:
-            return Registration(True, str(self.version), dict(self.data), {"app": "w"})
+            return Registration(
+                True, str(self.version), dict(self.data), {"app": "w"}, name=SELF.name, peer_uid=SELF.uid, instance_id=1
+            )
 
     def publish(self, document: Mapping[str, Any], merge: bool) -> Registration:
         self.entered.set()
@@ -185,7 +179,7 @@ def test_unary_calls_and_health_answer_with_200_streams_open(publisher: FakePubl
                     call.cancel()
 
         asyncio.run(scenario())
-        wait_until(lambda: h.service.streams == 0, what="cancelled streams to be uncounted")
+        wait_for(lambda: h.service.streams == 0, what="cancelled streams to be uncounted")
         assert subscribers(h) == 0
     finally:
         h.close()
@@ -222,14 +216,14 @@ def test_stream_over_the_limit_is_resource_exhausted_and_says_what_to_do() -> No
                 assert (await health.Check(health_pb2.HealthCheckRequest(), timeout=5)).status == SERVING
                 # A stream that ends frees its place.
                 calls[0].cancel()
-                await asyncio.to_thread(wait_until, lambda: h.service.streams == 2, 10, "the cancelled stream")
+                await asyncio.to_thread(wait_for, lambda: h.service.streams == 2, 10, "the cancelled stream")
                 replacement = await open_streams(stub, 1)
                 assert h.service.streams == 3
                 for call in calls[1:] + replacement:
                     call.cancel()
 
         asyncio.run(scenario())
-        wait_until(lambda: h.service.streams == 0, what="every stream to be uncounted")
+        wait_for(lambda: h.service.streams == 0, what="every stream to be uncounted")
     finally:
         h.close()
 
@@ -281,13 +275,13 @@ def test_1000_streams_from_one_client_process_without_a_thread_each(
         warm = h.stub.WatchPeers(pb.WatchPeersRequest())
         assert next(iter(warm)).WhichOneof("kind") == "snapshot"
         warm.cancel()
-        wait_until(lambda: h.service.streams == 0, what="the warm-up stream to end")
+        wait_for(lambda: h.service.streams == 0, what="the warm-up stream to end")
         threads_before = threading.active_count()
         rss_before = rss_bytes()
         client.start()
         assert ours.poll(180), "the client process reports its snapshots"
         assert ours.recv() == ("snapshots", streams), "every stream received a non-empty snapshot"
-        wait_until(lambda: h.service.streams == streams, what=f"{streams} streams counted")
+        wait_for(lambda: h.service.streams == streams, what=f"{streams} streams counted")
         rss_after = rss_bytes()
         threads_with_streams = threading.active_count()
         health = health_pb2_grpc.HealthStub(h.channel)
@@ -316,7 +310,7 @@ def test_1000_streams_from_one_client_process_without_a_thread_each(
         ours.send("finish")
         client.join(60)
         assert client.exitcode == 0
-        wait_until(lambda: h.service.streams == 0, what="the client's streams to be uncounted")
+        wait_for(lambda: h.service.streams == 0, what="the client's streams to be uncounted")
     finally:
         if client.is_alive():
             client.kill()
@@ -333,7 +327,7 @@ def assert_no_new_threads(before: set[int | None]) -> None:
         return [t for t in threading.enumerate() if t.ident not in before and t.is_alive()]
 
     try:
-        wait_until(lambda: not leftover(), 10, "threads to end")
+        wait_for(lambda: not leftover(), 10, "threads to end")
     except AssertionError:
         raise AssertionError(f"threads left behind: {leftover()}") from None
 
@@ -400,11 +394,15 @@ def test_set_serving_from_many_threads_ends_in_the_last_state() -> None:
         h.close()
 
 
-class ListenerlessReader:
-    """The hub as a bare ``PeerReader``, without ``add_listener``: streams rely on the periodic check."""
+class WrappedReader:
+    """The hub behind another ``PeerReader``: the service knows it only through the protocol, and is woken
+    only through its one change signal (``subscribe``)."""
 
     def __init__(self, hub: PeerHub) -> None:
         self._hub = hub
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        self._hub.subscribe(subscriber)
 
     def demand(self) -> bool:
         return self._hub.demand()
@@ -444,10 +442,10 @@ class ListenerlessReader:
         return self._hub.source_health()
 
 
-def test_without_notifications_the_periodic_check_still_delivers_every_change() -> None:
+def test_any_reader_is_served_every_change_through_its_change_signal() -> None:
     hub = new_hub(100, SELF.uid)
     feed = SourceFeed(hub)
-    server = GrpcServer(DiscoveryService(ListenerlessReader(hub), None, SELF, Metrics()), LOOPBACK)
+    server = GrpcServer(DiscoveryService(WrappedReader(hub), None, SELF, Metrics()), LOOPBACK)
     server.start()
     try:
         feed.replace(ENDPOINT_SLICES, [endpoint_slice("s1", {"a": ("uid-a", True)})])
@@ -470,7 +468,7 @@ def test_a_sync_that_appends_nothing_still_releases_the_first_snapshot() -> None
     h = Harness()
     try:
         reader = Reader(h.stub.WatchPeers(pb.WatchPeersRequest()))
-        h.sync()  # no peers at all: the sync marks the hub synced without a log entry for the listener
+        h.sync()  # no peers at all: the sync appends no log entry, yet the change signal says it synced
         first = reader.next()
         assert first.WhichOneof("kind") == "snapshot" and not first.snapshot.peers
         assert first.snapshot.reason == pb.SNAPSHOT_REASON_INITIAL
@@ -486,7 +484,7 @@ def test_closing_the_hub_alone_ends_streams_with_unavailable() -> None:
         readers = [Reader(h.stub.WatchPeers(pb.WatchPeersRequest())) for _ in range(5)]
         for reader in readers:
             assert reader.next().WhichOneof("kind") == "snapshot"
-        h.hub.close()  # no listener call and no server stop: the periodic check must notice
+        h.hub.close()  # no log entry and no server stop: the change signal alone says the hub closed
         for reader in readers:
             with pytest.raises(grpc.RpcError) as ended:
                 reader.next()

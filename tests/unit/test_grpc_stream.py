@@ -22,11 +22,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
 from discovery_client.client import PeerSetView, make_filter
-from sidecar.config import UNIX_PATH_MAX, ListenAddress, PodIdentity
-from sidecar.grpc_service import MAX_STREAMS, DiscoveryService, GrpcServer
+from sidecar.app.config import UNIX_PATH_MAX
 from sidecar.kube.sources import ENDPOINT_SLICES, WORKER_METADATA
-from sidecar.metrics import Metrics
-from sidecar.ports import MetadataPublisher
+from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import ListenAddress, PodIdentity, Publisher
+from sidecar.serve.grpc_server import GrpcServer
+from sidecar.serve.grpc_service import MAX_STREAMS, DiscoveryService
 from tests.unit.feeding import SourceFeed, new_hub
 
 NS = "ns"
@@ -64,9 +65,7 @@ def worker_cr(pod: str, uid: str, labels: dict | None = None, data: dict | None 
 
 
 class Harness:
-    def __init__(
-        self, history: int = 1000, publisher: MetadataPublisher | None = None, max_streams: int = MAX_STREAMS
-    ) -> None:
+    def __init__(self, history: int = 1000, publisher: Publisher | None = None, max_streams: int = MAX_STREAMS) -> None:
         self.hub = new_hub(history, SELF.uid)
         self.feed = SourceFeed(self.hub)
         self.metrics = Metrics()
@@ -338,7 +337,7 @@ def test_health_and_reflection(harness: Harness) -> None:
 
 
 def test_grpc_listen_refuses_non_loopback() -> None:
-    from sidecar.config import parse_grpc_listen
+    from sidecar.app.config import parse_grpc_listen
 
     with pytest.raises(ValueError, match="loopback"):
         parse_grpc_listen("0.0.0.0:50051")
@@ -348,7 +347,7 @@ def test_grpc_listen_refuses_non_loopback() -> None:
 def test_unix_socket_listener_and_cli_client(socket_dir: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
     """On a socket whose path is as long as the kernel allows (the setting refuses longer ones): the server
     binds it and the CLI reaches it."""
-    from sidecar.cli import main as cli_main
+    from sidecar.app.cli import main as cli_main
 
     socket_path = socket_dir / ("s" * (UNIX_PATH_MAX - len(str(socket_dir)) - 1))
     assert len(str(socket_path)) == UNIX_PATH_MAX

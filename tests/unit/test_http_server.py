@@ -1,4 +1,4 @@
-"""Tests for sidecar.http_server: who may read the peer list; probes stay open to all."""
+"""Tests for sidecar.serve.http_server: who may read the peer list; probes stay open to all."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from sidecar.config import ListenAddress
-from sidecar.http_server import HttpServer, may_read_peers
-from sidecar.metrics import Metrics
+from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import ListenAddress
+from sidecar.serve.http_server import HttpServer, may_read_peers
 from tests.unit.feeding import new_hub
 
 

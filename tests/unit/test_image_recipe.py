@@ -42,7 +42,7 @@ def test_base_is_debian_with_the_python_the_lock_was_made_for() -> None:
 
 def test_context_is_what_docker_would_send() -> None:
     files = {p.as_posix() for p in context_files()}
-    for needed in ("pyproject.toml", "uv.lock", "LICENSE", "sidecar/cli.py", "clients/python/pyproject.toml"):
+    for needed in ("pyproject.toml", "uv.lock", "LICENSE", "sidecar/app/cli.py", "clients/python/pyproject.toml"):
         assert needed in files, needed
     assert not [f for f in files if f.startswith(("tests/", ".venv/", ".git/", "devcluster/")) or "__pycache__" in f]
 
@@ -64,7 +64,7 @@ def test_walk_prunes_nothing_the_patterns_would_keep(tmp_path: pathlib.Path) -> 
 
 def test_cache_key_follows_the_context_only(tmp_path: pathlib.Path) -> None:
     root = tmp_path / "repo"
-    for name in (".dockerignore", "pyproject.toml", "uv.lock", "sidecar/cli.py", "README.md"):
+    for name in (".dockerignore", "pyproject.toml", "uv.lock", "sidecar/app/cli.py", "README.md"):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, root / name)
     (root / "tests").mkdir()
@@ -73,7 +73,8 @@ def test_cache_key_follows_the_context_only(tmp_path: pathlib.Path) -> None:
     key = image_key(config, root)
     (root / "tests" / "test_x.py").write_text("x = 2\n")
     assert image_key(config, root) == key, "a file outside the build context does not rebuild the image"
-    (root / "sidecar" / "cli.py").write_text((root / "sidecar" / "cli.py").read_text() + "\n# changed\n")
+    cli = root / "sidecar" / "app" / "cli.py"
+    cli.write_text(cli.read_text() + "\n# changed\n")
     changed = image_key(config, root)
     assert changed != key, "a source change rebuilds the image"
     (root / "uv.lock").write_text((root / "uv.lock").read_text() + "\n")

@@ -11,16 +11,17 @@ import contextlib
 import copy
 import io
 import json
+import pathlib
 from typing import Any
 
 import pytest
 import yaml
 
-from sidecar.cli import build_parser
-from sidecar.config import OPTIONS_BY_ENV, load_settings
-from sidecar.injection import manifests, policy
-from sidecar.injection.pod import ParameterError, inject_pod, setting_values
-from sidecar.injection.template import load_template
+from sidecar.app.cli import build_parser
+from sidecar.app.config import OPTIONS_BY_ENV, load_settings
+from sidecar.app.injection import manifests, policy
+from sidecar.app.injection.pod import ParameterError, inject_pod, setting_values
+from sidecar.app.injection.template import load_template
 
 TEMPLATE = load_template()
 PARAMS = TEMPLATE.default_params()
@@ -240,9 +241,15 @@ class TestInjectCommand:
 
 class TestGeneratedPolicy:
     def test_committed_files_are_what_the_generator_makes(self) -> None:
-        """One source of truth: edit the template, then run python -m sidecar.injection.policy --write."""
+        """One source of truth: edit the template, then run python -m sidecar.app.injection.policy --write.
+
+        The files are the ones the chart and kustomize ship (under the repository's root, not a copy beside
+        the package: a wrong root once made this test compare the generator with its own stray output)."""
+        repo = pathlib.Path(__file__).resolve().parents[2]
         for path, text in policy.rendered_files(TEMPLATE).items():
-            assert path.read_text() == text, f"{path} is out of date: run python -m sidecar.injection.policy --write"
+            assert path.is_relative_to(repo / "charts") or path.is_relative_to(repo / "manifests"), path
+            stale = f"{path} is out of date: run python -m sidecar.app.injection.policy --write"
+            assert path.read_text() == text, stale
 
     def test_the_policy_reads_every_setting_and_parameter(self) -> None:
         """Each setting's annotation and parameter, and each placeholder parameter, appear in the CEL."""

@@ -24,7 +24,7 @@ def test_committed_stubs_match_the_proto(tmp_path: pathlib.Path) -> None:
 
 def test_readme_documents_every_setting() -> None:
     """The configuration table (docs/configuration.md, linked from the README) names every setting."""
-    from sidecar.config import OPTIONS
+    from sidecar.app.config import OPTIONS
 
     page = ROOT / "docs" / "configuration.md"
     assert "docs/configuration.md" in (ROOT / "README.md").read_text(), "the README links the configuration page"

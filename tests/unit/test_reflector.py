@@ -15,12 +15,13 @@ import pytest
 import structlog
 import urllib3
 
-from devcluster.objects import wait_for
+from devcluster.waiting import wait_for
 from sidecar.kube.api import ApiError
 from sidecar.kube.reflector import Reflector, WatchObserver
 from sidecar.kube.sources import ENDPOINT_SLICES, WORKER_METADATA, WatchTarget
-from sidecar.metrics import Metrics
-from tests.unit.fake_api import DEADLINE, Call, RecordingStore, ScriptedApi, ScriptedStream
+from sidecar.peers.metrics import Metrics
+from tests.unit.fake_api import Call, ScriptedApi, ScriptedStream
+from tests.unit.fake_store import DEADLINE, RecordingStore
 
 NS = "ns"
 SLICES = WatchTarget(ENDPOINT_SLICES, NS)

@@ -16,17 +16,18 @@ import pytest
 import structlog
 import urllib3
 
-from devcluster.objects import wait_for
-from sidecar.config import PodIdentity
+from devcluster.waiting import wait_for
+from sidecar.core.instance_id import instance_id
 from sidecar.kube.api import ApiError
-from sidecar.kube.registration import DYNAMO_FIELD_MANAGER, Registrar, Superseded, registration_error, spec_managers
+from sidecar.kube.publisher import DYNAMO_FIELD_MANAGER, KubePublisher, Superseded, registration_error, spec_managers
 from sidecar.kube.sources import WORKER_METADATA
-from sidecar.metrics import Metrics
-from sidecar.ports import (
+from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import (
     Forbidden,
     Invalid,
     NotFound,
     NotRegistering,
+    PodIdentity,
     Registration,
     RegistrationError,
     Unavailable,
@@ -38,6 +39,8 @@ POD = PodIdentity("worker-0", NS, "uid-pod-new")
 PATH = "/apis/nvidia.com/v1alpha1/namespaces/ns/dynamoworkermetadatas/worker-0"
 POD_PATH = "/api/v1/namespaces/ns/pods/worker-0"
 LABELS = {"app": "w", "role": "decode"}
+SELF: dict[str, Any] = {"name": POD.name, "peer_uid": POD.uid, "instance_id": instance_id(POD.name)}
+"""Who the registrar says this pod is (GetSelf): the CR's name, the pod UID, the name's SipHash."""
 FIELD_MANAGER = "discovery-sidecar"
 
 
@@ -121,16 +124,36 @@ def accepted(uid: str = "cr-new", rv: str = "11") -> Callable[[Call], dict[str, 
     return respond
 
 
-def registered_gauge(registrar: Registrar) -> float | None:
+def registered_gauge(registrar: KubePublisher) -> float | None:
     return registrar.metrics.registry.get_sample_value("discovery_registered")
+
+
+class OwnWatchStub:
+    """The watch of the publisher's own CR, as the publisher sees it (``sidecar.peers.own_watch.OwnWatch``):
+    only whether it follows the CR. Its events are the tests' ``observe`` and ``relisted`` calls."""
+
+    def __init__(self) -> None:
+        self.healthy = True
+        self.refreshes = 0
+
+    def refresh(self) -> None:
+        self.refreshes += 1
+
+    def start(self) -> threading.Thread:
+        raise NotImplementedError("the tests call observe and relisted themselves")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        return None
 
 
 class Rig:
     def __init__(self) -> None:
         self.api = ScriptedApi()
-        self.registrar = Registrar(
+        self.registrar = KubePublisher(
             self.api.as_kube_api(), POD, LABELS, INITIAL, FIELD_MANAGER, Metrics(), backoff_max=0.05
         )
+        self.own_watch = OwnWatchStub()
+        self.registrar.own_watch = self.own_watch
 
     def register(self, uid: str = "cr-new", rv: str = "11") -> dict[str, Any]:
         """One successful apply (no CR yet), outside the loop."""
@@ -248,7 +271,7 @@ class TestApplyBody:
             "spec": {"data": INITIAL},
         }
         assert applied["metadata"]["uid"] == "cr-new"
-        assert rig.registrar.registration() == Registration(True, "11", INITIAL, LABELS)
+        assert rig.registrar.registration() == Registration(True, "11", INITIAL, LABELS, **SELF)
         assert registered_gauge(rig.registrar) == 1
         assert WORKER_METADATA.resource.item(NS, POD.name) == PATH
 
@@ -262,7 +285,7 @@ class TestPublish:
         result = rig.registrar.publish(document, merge=False)
 
         assert rig.applied_bodies()[0]["spec"]["data"] == document
-        assert result == Registration(True, "12", document, LABELS)
+        assert result == Registration(True, "12", document, LABELS, **SELF)
         assert rig.registrar.registration().data == document
 
     def test_merge_patch_changes_only_what_it_names(self, rig: Rig) -> None:
@@ -525,7 +548,7 @@ class TestObserve:
 
 
 # -- deregistration ----------------------------------------------------------------------------------------
-def deregister_async(registrar: Registrar, timeout: float = DEADLINE) -> Future[bool]:
+def deregister_async(registrar: KubePublisher, timeout: float = DEADLINE) -> Future[bool]:
     executor = ThreadPoolExecutor(max_workers=1)
     future = executor.submit(registrar.deregister, timeout)
     executor.shutdown(wait=False)
@@ -558,7 +581,7 @@ class TestDeregister:
     def test_without_a_healthy_watch_a_get_confirms_at_once(self, rig: Rig) -> None:
         """The own-CR watch is down: deregistration does not wait for an event that cannot come."""
         rig.register()
-        rig.registrar.watch_healthy = lambda: False
+        rig.own_watch.healthy = False
         rig.api.on_delete({"kind": "Status"}).on_get(NOT_FOUND)
         with structlog.testing.capture_logs() as logs:
             assert rig.registrar.deregister(timeout=DEADLINE * 10) is True
@@ -912,7 +935,7 @@ class TestWatchOnly:
 
     def test_never_registers_nothing_and_is_ready(self) -> None:
         api = ScriptedApi()
-        registrar = Registrar(api.as_kube_api(), POD, LABELS, INITIAL, FIELD_MANAGER, Metrics(), register="never")
+        registrar = KubePublisher(api.as_kube_api(), POD, LABELS, INITIAL, FIELD_MANAGER, Metrics(), register="never")
         try:
             registrar.start()
             with pytest.raises(NotRegistering, match="DISCOVERY_REGISTER=never"):
@@ -926,7 +949,7 @@ class TestWatchOnly:
 
     def test_an_unknown_mode_is_refused(self) -> None:
         with pytest.raises(ValueError, match="register must be one of"):
-            Registrar(ScriptedApi().as_kube_api(), POD, LABELS, INITIAL, FIELD_MANAGER, Metrics(), register="maybe")
+            KubePublisher(ScriptedApi().as_kube_api(), POD, LABELS, INITIAL, FIELD_MANAGER, Metrics(), register="maybe")
 
 
 class TestRestart:

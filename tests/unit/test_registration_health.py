@@ -6,8 +6,8 @@ from typing import Any
 
 import structlog
 
-from sidecar.metrics import Metrics
-from sidecar.registration_health import RegistrationHealth
+from sidecar.peers.metrics import Metrics
+from sidecar.peers.registration_health import RegistrationHealth
 
 
 class Clock:

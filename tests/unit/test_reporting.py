@@ -1,4 +1,4 @@
-"""Tests for sidecar.reporting: what operators read when peers change."""
+"""Tests for sidecar.peers.reporting: what operators read when peers change."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from structlog.testing import capture_logs
 from sidecar.core.eventlog import LogEntry, PeerChange
 from sidecar.core.peer import Document, Peer, PeerState
 from sidecar.core.workers import Worker
-from sidecar.metrics import Metrics
-from sidecar.reporting import PeerChangeReporter
+from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import HubChange
+from sidecar.peers.reporting import PeerChangeReporter
 
 PEER = Peer(
     uid="u1",
@@ -31,7 +32,7 @@ PEER = Peer(
 def report(*changes: PeerChange) -> list[dict[str, object]]:
     reporter = PeerChangeReporter(structlog.get_logger(), Metrics())
     with capture_logs() as logs:
-        reporter([LogEntry(revision, change) for revision, change in enumerate(changes, 1)])
+        reporter(HubChange(tuple(LogEntry(revision, change) for revision, change in enumerate(changes, 1))))
     return [e for e in logs if str(e["event"]).startswith("workers skipped")]
 
 

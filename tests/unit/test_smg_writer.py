@@ -1,4 +1,4 @@
-"""Tests for sidecar.smg_writer: the manifest file follows the hub, atomically, only once synced."""
+"""Tests for sidecar.serve.smg_writer: the manifest file follows the hub, atomically, only once synced."""
 
 from __future__ import annotations
 
@@ -11,16 +11,15 @@ from typing import Any
 import pytest
 import structlog
 
-from devcluster.objects import wait_for
-from sidecar.config import SmgManifestSettings
+from devcluster.waiting import wait_for
 from sidecar.core.directory import PeerDirectory
 from sidecar.core.join import PeerJoin
 from sidecar.core.resources import parse_pod
 from sidecar.core.selectors import parse_selector
-from sidecar.core.smg_manifest import SmgRoles
+from sidecar.core.smg_manifest import SmgManifestSettings, SmgRoles
 from sidecar.core.workers import WorkerPolicy
-from sidecar.hub import PeerHub
-from sidecar.smg_writer import SmgManifestWriter, write_atomically
+from sidecar.peers.hub import PeerHub
+from sidecar.serve.smg_writer import SmgManifestWriter, write_atomically
 
 
 def pod(name: str, ip: str, role: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:

@@ -33,7 +33,7 @@ def test_installed_packages_report_it() -> None:
 
 def test_the_command_reports_it() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "sidecar.cli", "--version"], capture_output=True, text=True, timeout=60, check=True
+        [sys.executable, "-m", "sidecar.app.cli", "--version"], capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout.strip() == f"discovery-sidecar {VERSION}"
 

@@ -1,11 +1,11 @@
-"""Tests for sidecar.wire's request validation: strict JSON and known publish modes."""
+"""Tests for sidecar.serve.wire's request validation: strict JSON and known publish modes."""
 
 from __future__ import annotations
 
 import pytest
 
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
-from sidecar.wire import document_from_publish
+from sidecar.serve.wire import document_from_publish
 
 
 class TestPublishDocument:
@@ -47,7 +47,7 @@ class TestWorkers:
         """Peer.workers (field 18): a bootstrap port is present only when the pod gave one."""
         from sidecar.core.peer import Document, Peer, PeerState
         from sidecar.core.workers import Worker
-        from sidecar.wire import encode_peer, peer_from_pb_json
+        from sidecar.serve.wire import encode_peer, peer_from_pb_json
 
         peer = Peer(
             uid="u",

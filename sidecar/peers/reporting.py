@@ -1,26 +1,27 @@
 """What operators see of the peer set changing: a log line per addition/removal, and the peer gauges.
 
-A hub listener: it is called in the writer's thread with each batch of new log entries, after the
-hub's lock is released, and does nothing but log and count.
+A hub subscriber: it is called in the writer's thread with each change (``HubChange``), after the
+hub's lock is released, and does nothing but log and count the change's new log entries.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sidecar.core.eventlog import ApiStatus, LogEntry, PeerChange, StatusChange
-from sidecar.metrics import Metrics
+from sidecar.core.eventlog import ApiStatus, PeerChange, StatusChange
+from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import HubChange
 
 
 class PeerChangeReporter:
-    """Owns nothing but a logger and the metrics it updates; the daemon registers it with the hub."""
+    """Owns nothing but a logger and the metrics it updates; the daemon subscribes it to the hub."""
 
     def __init__(self, log: Any, metrics: Metrics) -> None:
         self.log = log
         self.metrics = metrics
 
-    def __call__(self, entries: list[LogEntry]) -> None:
-        for entry in entries:
+    def __call__(self, change: HubChange) -> None:
+        for entry in change.entries:
             if isinstance(entry.change, StatusChange):
                 self._status(entry.change, entry.revision)
             else:

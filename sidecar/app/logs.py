@@ -4,11 +4,29 @@ from __future__ import annotations
 
 import logging
 import sys
+from enum import StrEnum
 
 import structlog
 
 
-def configure_logging(fmt: str = "auto", level: str = "info") -> None:
+class LogFormat(StrEnum):
+    """``DISCOVERY_LOG_FORMAT``."""
+
+    AUTO = "auto"  # console on a terminal, JSON otherwise
+    JSON = "json"
+    CONSOLE = "console"
+
+
+class LogLevel(StrEnum):
+    """``DISCOVERY_LOG_LEVEL``."""
+
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+def configure_logging(fmt: str = LogFormat.AUTO, level: str = LogLevel.INFO) -> None:
     """``fmt``: auto (console on a TTY, JSON otherwise), json or console."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer: structlog.typing.Processor = (

@@ -1,24 +1,24 @@
-"""The local gRPC API: ``discovery.v1.Discovery`` plus standard health checking and reflection.
+"""The ``discovery.v1.Discovery`` servicer: WatchPeers, ListPeers, GetSelf, PublishMetadata.
 
-The server is a ``grpc.aio`` server on one event-loop thread (``GrpcServer``). A ``WatchPeers`` stream
-is a coroutine that holds nothing but a cursor (a revision) into the hub's shared event log: no thread.
-Streams sleep on one shared wake-up (``Wakeup``) that the hub's writer threads trigger after each
-commit. As a safety net (a sync or a closed hub appends nothing, so calls no listener), the service
-checks the hub every ``WAKE_INTERVAL`` and triggers it when anything a stream waits for changed. On
+It runs on the event loop of ``sidecar.serve.grpc_server.GrpcServer``. A ``WatchPeers`` stream is a
+coroutine that holds nothing but a cursor (a revision) into the hub's shared event log: no thread.
+Streams sleep on one shared wake-up (``Wakeup``) that the hub's change signal triggers (the service
+subscribes to it): new entries, the first sync and the hub closing all wake them, so nothing polls. On
 waking, a stream reads new entries without blocking, projects them through its filter (coalesced per
 peer) and sends them. gRPC's flow control suspends a send to a client that does not read; meanwhile the
 log moves on without it, and if the client's position falls out of the bounded history it is sent a
 fresh snapshot (``SNAPSHOT_REASON_CLIENT_TOO_SLOW``) instead of a backlog. Memory per stream is thus
 bounded by one batch (or one snapshot part), whatever the client does.
 
-Nothing that blocks runs on the loop: ``PublishMetadata`` (network IO) and the wait for the first
-sync run in a small pool, snapshots (CPU proportional to the peer set) in another, so health checks
-and unary calls are answered while thousands of streams are open or being (re)initialised. Streams
-are bounded by ``max_streams``; unary calls and health checks are never refused because of streams.
+Nothing that blocks runs on the loop: ``PublishMetadata`` (network IO) runs in a small pool, snapshots
+(CPU proportional to the peer set) in another, so health checks and unary calls are answered while
+thousands of streams are open or being (re)initialised. Streams are bounded by ``max_streams``; unary
+calls and health checks are never refused because of streams.
 
-The service reads the peer set through ``PeerReader`` and publishes through ``MetadataPublisher``
-(``sidecar.ports``); it imports no Kubernetes code, and maps the publisher's errors, which carry a
-meaning, to status codes.
+The service reads the peer set through ``PeerReader`` and publishes through ``Publisher``
+(``sidecar.peers.ports``); it imports no backend, and maps the publisher's errors, which carry a
+meaning, to status codes. ``GetSelf`` reports what the publisher says this instance is (name, peer
+key, instance ID): the service has no notion of a backend.
 """
 
 from __future__ import annotations
@@ -27,47 +27,36 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
-import gc
-import os
-import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Coroutine
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from collections.abc import AsyncGenerator, Callable
+from typing import Any, TypeVar
 
 import grpc
 import structlog
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
-from sidecar.config import ListenAddress, PodIdentity
-from sidecar.core.containers import peer_key
-from sidecar.core.eventlog import ApiStatus, LogEntry
-from sidecar.core.instance_id import instance_id
+from sidecar.core.eventlog import ApiStatus
 from sidecar.core.peer import canonical_json
 from sidecar.core.projection import DeltaMessage, PeerFilter, StatusMessage, project, snapshot_peers
-from sidecar.metrics import Metrics
-from sidecar.ports import (
+from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import (
     Forbidden,
     Invalid,
-    MetadataPublisher,
     NotFound,
     NotRegistering,
     NotWatching,
     PeerReader,
+    PodIdentity,
+    Publisher,
     RegistrationError,
     TooLarge,
     Unavailable,
 )
-from sidecar.wire import API_STATUS, EVENT_TYPE, PeerEncoder, document_from_publish, filter_from_pb, to_struct
+from sidecar.serve.wire import API_STATUS, EVENT_TYPE, PeerEncoder, document_from_publish, filter_from_pb, to_struct
 
 T = TypeVar("T")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Discovery"].full_name
-WAKE_INTERVAL = 0.5
-"""How often the service checks the hub for changes no notification reported, waking the streams if any
-(seconds): the bound on how long a missed wake-up can delay a stream."""
 BATCH_LIMIT = 2000
 """Most log entries folded into one read; bounds the work and memory of one iteration."""
 MAX_STREAMS = 2048
@@ -76,7 +65,7 @@ costs no thread but ~35 KiB of RSS (measured; mostly gRPC core's per-call state)
 client that leaks streams to ~70 MiB, inside a 256 MiB container limit with thousands of peers, and
 bounds the per-change fan-out. Unary calls and health checks are not counted and never refused."""
 BLOCKING_WORKERS = 4
-"""Threads for blocking calls: ``publish`` (serialised by the publisher anyway) and the sync wait."""
+"""Threads for blocking calls: ``publish`` (serialised by the publisher anyway)."""
 ENCODING_WORKERS = 2
 """Threads that build snapshots (CPU under the GIL: more would not encode faster)."""
 PENDING_MARGIN = 1024
@@ -130,15 +119,9 @@ def too_many_streams(limit: int) -> str:
     )
 
 
-@runtime_checkable
-class _Notifying(Protocol):
-    """A ``PeerReader`` that can call back after each commit (``PeerHub.add_listener``)."""
-
-    def add_listener(self, listener: Callable[[list[LogEntry]], None]) -> None: ...
-
-
 class Wakeup:
-    """Wakes every waiting coroutine at once; ``trigger_threadsafe`` may be called from any thread.
+    """Wakes every waiting coroutine at once; ``trigger_threadsafe`` may be called from any thread (the
+    hub's change signal calls it in the writer's thread).
 
     A waiter takes ``current()`` *before* checking what it waits for, then awaits it: a change made after
     the check triggers an event the waiter already holds, so no wake-up is lost. ``trigger`` swaps in a
@@ -179,30 +162,27 @@ StreamContext = grpc.aio.ServicerContext[pb.WatchPeersRequest, pb.WatchPeersResp
 class DiscoveryService(pb_grpc.DiscoveryServicer):
     """The ``discovery.v1.Discovery`` servicer, on ``GrpcServer``'s event loop.
 
-    Owns the stream count (changed on the loop only), the wake-up the hub triggers, and two small thread
-    pools for work that must not run on the loop; ``GrpcServer`` runs ``run()`` while serving and calls
-    ``begin_shutdown()`` and ``close()`` when stopping. Reads ``peers`` without holding its lock across
-    IO; ``PeerEncoder`` has its own lock (the pools encode too). Constructed by the daemon (or a test)
-    with the hub and the publisher, before the hub's writers start (it registers a listener).
+    Owns the stream count (changed on the loop only), the wake-up the hub's change signal triggers, and
+    two small thread pools for work that must not run on the loop; ``GrpcServer`` calls ``attach`` with
+    its loop, and ``begin_shutdown()`` and ``close()`` when stopping. Reads ``peers`` without holding its
+    lock across IO; ``PeerEncoder`` has its own lock (the pools encode too). Constructed by the daemon (or
+    a test) with the hub and the publisher; it subscribes to the hub's change signal at once.
     """
 
     def __init__(
         self,
         peers: PeerReader,
-        publisher: MetadataPublisher | None,
+        publisher: Publisher | None,
         identity: PodIdentity,
         metrics: Metrics,
         encoder: PeerEncoder | None = None,
         max_streams: int = MAX_STREAMS,
-        metadata_name: str = "",
     ) -> None:
         if max_streams < 1:
             raise ValueError("max_streams must be at least 1")
         self.peers = peers
         self.publisher = publisher
         self.identity = identity
-        # This instance's name: the pod's, or {pod}-{container} in Dynamo's container mode (its instance ID's input).
-        self.metadata_name = metadata_name or identity.name
         self.metrics = metrics
         self.encoder = encoder or PeerEncoder()
         self.max_streams = max_streams
@@ -218,39 +198,12 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         self._stopping = False
         self._blocking = concurrent.futures.ThreadPoolExecutor(BLOCKING_WORKERS, thread_name_prefix="grpc-blocking")
         self._encoding = concurrent.futures.ThreadPoolExecutor(ENCODING_WORKERS, thread_name_prefix="grpc-encode")
-        if isinstance(peers, _Notifying):
-            peers.add_listener(lambda _entries: self._changes.trigger_threadsafe())
+        peers.subscribe(lambda _change: self._changes.trigger_threadsafe())
 
     # -- lifecycle (called by GrpcServer) ----------------------------------------------------------------
-    async def run(self) -> None:
-        """While serving: the safety net under the hub's listener. Every ``WAKE_INTERVAL`` it checks, once
-        for all streams, whatever a stream may wait for (new log entries, read from the hub itself; the
-        sync; shutdown) and wakes them all if any changed. Idle streams are not woken for nothing."""
-        loop = asyncio.get_running_loop()
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve on ``loop``: from now on the hub's change signal wakes the streams there."""
         self._changes.attach(loop)
-        synced = loop.create_task(self._wake_when_synced())
-        known_revision, was_synced = 0, False
-        try:
-            while True:
-                await asyncio.sleep(WAKE_INTERVAL)
-                entries = self.peers.wait_entries(known_revision, 0, BATCH_LIMIT)
-                if entries is None:  # fell out of the history: everything is new
-                    known_revision = self.peers.state().revision
-                elif entries:
-                    known_revision = entries[-1].revision
-                is_synced = self.peers.synced
-                if entries != [] or is_synced != was_synced or self._ending():
-                    self._changes.trigger()
-                was_synced = is_synced
-        finally:
-            synced.cancel()
-
-    async def _wake_when_synced(self) -> None:
-        # The sync itself may append nothing (no peers yet), so no listener call: one pooled thread waits.
-        while not self._ending():
-            if await self._in_thread(self._blocking, functools.partial(self.peers.wait_synced, WAKE_INTERVAL)):
-                break
-        self._changes.trigger()
 
     def begin_shutdown(self) -> None:
         """End every stream now, with UNAVAILABLE (on the loop)."""
@@ -472,27 +425,24 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
     async def GetSelf(
         self, request: pb.GetSelfRequest, context: grpc.aio.ServicerContext[pb.GetSelfRequest, pb.GetSelfResponse]
     ) -> pb.GetSelfResponse:
-        identity = self.identity
-        state = self.publisher.registration() if self.publisher is not None else None  # a copy, no IO
-        if state is None or state.instance_id is None:  # the Kubernetes backend: the name decides
-            own_id = instance_id(self.metadata_name)
-            own_uid = peer_key(identity.uid, identity.name, self.metadata_name)
-        else:  # the publisher decides (etcd: the lease, and the peer it makes)
-            own_id = state.instance_id
-            own_uid = state.peer_uid or ""
+        # What the publisher says this instance is (no IO: a copy); without one, only the pod is known.
+        state = self.publisher.registration() if self.publisher is not None else None
+        if state is None:
+            return pb.GetSelfResponse(
+                name=self.identity.name, namespace=self.identity.namespace, uid=self.identity.uid, instance_id_hex="0"
+            )
         response = pb.GetSelfResponse(
-            name=self.metadata_name,
-            namespace=identity.namespace,
-            uid=own_uid,
-            instance_id=own_id,
-            instance_id_hex=format(own_id, "x"),
+            name=state.name,
+            namespace=self.identity.namespace,
+            uid=state.peer_uid,
+            instance_id=state.instance_id,
+            instance_id_hex=format(state.instance_id, "x"),
+            registered=state.registered,
+            metadata_resource_version=state.resource_version,
+            data_json=canonical_json(state.data),
         )
-        if state is not None:
-            response.registered = state.registered
-            response.metadata_resource_version = state.resource_version
-            response.data.CopyFrom(to_struct(state.data))
-            response.data_json = canonical_json(state.data)
-            response.labels.update(state.labels)
+        response.data.CopyFrom(to_struct(state.data))
+        response.labels.update(state.labels)
         return response
 
     async def PublishMetadata(
@@ -514,166 +464,3 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         return pb.PublishMetadataResponse(
             metadata_resource_version=applied.resource_version, data_json=canonical_json(applied.data)
         )
-
-
-class GrpcServer:
-    """The server with Discovery, health and reflection, bound to loopback or a Unix socket.
-
-    Owns a ``grpc.aio`` server and the event-loop thread it runs on (from construction to ``stop``), and
-    ends the service's pools when it stops. The listening socket is bound at construction; ``start()``
-    returns once the server accepts calls. Every gRPC object is created and used on the loop thread;
-    other threads reach it through ``_on_loop`` (``set_serving`` is called from the daemon's threads).
-    ``_lock`` guards ``_serving`` and ``_closed``.
-    """
-
-    def __init__(self, service: DiscoveryService, listen: ListenAddress) -> None:
-        self.listen = listen
-        self.service = service
-        self.health = health_aio.HealthServicer()
-        self.log = structlog.get_logger("sidecar.grpc")
-        self._lock = threading.Lock()
-        self._serving = False
-        self._closed = False
-        self._background: asyncio.Task[None] | None = None
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run_loop, name="grpc-loop", daemon=True)
-        self._thread.start()
-        self._server: grpc.aio.Server | None = None
-        try:
-            self._server, self.port = self._on_loop(self._build()).result()
-        except BaseException:
-            self._end_loop()
-            raise
-
-    async def _build(self) -> tuple[grpc.aio.Server, int]:
-        # No maximum_concurrent_rpcs: streams are limited by the service, unary calls and health never.
-        # gRPC core queues calls that arrive before the loop asks for the next one, and by default cancels
-        # some once 1,000 wait (all beyond 3,000): a burst of every allowed stream, plus unary calls, must
-        # fit, so that a stream over the limit is told why (RESOURCE_EXHAUSTED) rather than CANCELLED.
-        pending = self.service.max_streams + PENDING_MARGIN
-        server = grpc.aio.server(
-            options=[
-                ("grpc.server.max_pending_requests", pending),
-                ("grpc.server.max_pending_requests_hard_limit", 2 * pending),
-            ]
-        )
-        pb_grpc.add_DiscoveryServicer_to_server(self.service, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            server,
-        )
-        if self.listen.unix_path:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.listen.unix_path)  # a socket left by a previous run of this container
-        try:
-            port = server.add_insecure_port(self.listen.bind_target)
-        except RuntimeError as exc:  # grpc's "Failed to bind": in use, or not an address of this host
-            raise OSError(f"cannot listen on {self.listen.grpc_target}: {exc}") from None
-        if not self.listen.unix_path and port == 0:
-            raise OSError(f"cannot listen on {self.listen.grpc_target}")
-        await self._apply_health()
-        return server, port
-
-    @property
-    def target(self) -> str:
-        """What a client dials (the real port when 0 was asked for)."""
-        if self.listen.unix_path:
-            return self.listen.grpc_target
-        return ListenAddress(host=self.listen.host, port=self.port).grpc_target
-
-    # -- the loop thread --------------------------------------------------------------------------------
-    def _run_loop(self) -> None:
-        loop = self._loop
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_forever()
-        finally:
-            try:
-                tasks = asyncio.all_tasks(loop)
-                for task in tasks:
-                    task.cancel()
-                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-                loop.run_until_complete(loop.shutdown_asyncgens())
-            finally:
-                asyncio.set_event_loop(None)
-                loop.close()
-
-    def _on_loop(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-        """Run ``coroutine`` on the loop (from another thread)."""
-        try:
-            return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-        except RuntimeError:  # the loop is closed
-            coroutine.close()
-            raise
-
-    def _end_loop(self) -> None:
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self.service.close()
-        # gRPC's poller thread ends with its last aio object. Every aborted call leaves a reference cycle
-        # in gRPC (RPCState -> AbortError -> traceback -> handler frame -> context -> RPCState) that holds
-        # the server, so dropping ours is not enough: collect the cycles now rather than at some later GC.
-        self._server = None
-        gc.collect()
-
-    # -- health -----------------------------------------------------------------------------------------
-    def set_serving(self, serving: bool) -> None:
-        """Set the health status of "" and the Discovery service; callable from any thread."""
-        with self._lock:
-            self._serving = serving
-            if self._closed:
-                return
-        if threading.current_thread() is self._thread:
-            self._loop.create_task(self._apply_health())
-            return
-        with contextlib.suppress(RuntimeError):
-            # Waited for, so a Check right after this call sees it; bounded, should the loop be stopping.
-            concurrent.futures.wait([self._on_loop(self._apply_health())], timeout=5)
-
-    async def _apply_health(self) -> None:
-        with self._lock:
-            serving = self._serving
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        await self.health.set("", status)
-        await self.health.set(SERVICE_NAME, status)
-
-    # -- start and stop ---------------------------------------------------------------------------------
-    def start(self) -> None:
-        self._on_loop(self._start()).result()
-
-    async def _start(self) -> None:
-        assert self._server is not None
-        self._background = asyncio.get_running_loop().create_task(self.service.run())
-        await self._server.start()
-
-    def stop(self, grace: float) -> None:
-        """Tell health watchers NOT_SERVING, end every stream with UNAVAILABLE, give unary calls ``grace``
-        seconds, then stop the loop thread and the pools: no thread is left."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        try:
-            done, _ = concurrent.futures.wait([self._on_loop(self._shutdown(grace))], timeout=grace + 5)
-            if not done:
-                self.log.warning("the gRPC server did not stop in time; cancelling what is left", grace=grace)
-        finally:
-            self._end_loop()
-
-    async def _shutdown(self, grace: float) -> None:
-        await self.health.enter_graceful_shutdown()
-        self.service.begin_shutdown()
-        # The streams end themselves, each with its UNAVAILABLE status, while the server still runs as usual;
-        # stopping the server under them raced its GOAWAY and teardown with those statuses, and a client could
-        # get "connection reset" instead of the reason (tests/unit/test_grpc_scale.py, intermittently).
-        # Within the same grace: what the streams took is not given again to the server's stop.
-        started = asyncio.get_running_loop().time()
-        await self.service.streams_ended(grace)
-        if self._server is not None:
-            await self._server.stop(max(0.0, grace - (asyncio.get_running_loop().time() - started)))
-        if self._background is not None:
-            self._background.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._background

@@ -1,8 +1,9 @@
-"""The lock and the wake-ups around the pure peer directory.
+"""The lock and the one change signal around the pure peer directory.
 
 Sources write through a ``SourceStore`` bound to their name (``store``); the gRPC streams, the HTTP
-debug endpoint and the daemon read through the ``PeerReader`` methods. The hub knows no source and no
-transport: what a record means is the join's business, where it came from the source's.
+debug endpoint, the SMG writer and the daemon read through the ``PeerReader`` methods and subscribe to
+the hub's one change signal (``subscribe``). The hub knows no source and no transport: what a record
+means is the join's business, where it came from the source's.
 """
 
 from __future__ import annotations
@@ -14,22 +15,23 @@ from sidecar.core.directory import PeerDirectory
 from sidecar.core.eventlog import ApiStatus, LogEntry, StatusChange
 from sidecar.core.projection import status_before
 from sidecar.core.records import Record
-from sidecar.ports import NotWatching, PeerSetState
+from sidecar.peers.ports import HubChange, NotWatching, PeerSetState, Subscriber
 
 REGISTRATION = "registration"
 """The name this pod's own registration goes by in the stream's DEGRADED reason."""
-EntryListener = Callable[[list[LogEntry]], None]
-"""Called (outside the lock, in the writer's thread) with every batch of new entries: logs and metrics."""
 
 
 class PeerHub:
     """Owns the ``PeerDirectory`` and the one lock that guards it, plus the source-health table.
 
-    ``_lock`` guards ``_directory``, ``_source_health``, ``_registration_problem``, ``_closed`` and ``_self_uid``;
-    ``_changed`` (on the same lock)
-    wakes readers when the log grows or the sync, health or stop state changes. Readers never hold the
-    lock while doing IO: they copy what they need (a slice of log entries, the peer set) and release it.
-    Listeners are registered before the writers start and never change after.
+    ``_lock`` guards ``_directory``, ``_source_health``, ``_registration_problem``, ``_closed``, ``_synced``,
+    ``_self_uid`` and ``_on_demand``. Every change (entries appended, the first sync, a source's or the
+    registration's health, closing) is signalled once, in ``_commit`` or ``close``: ``_changed`` (a
+    condition on the same lock) wakes the threads blocked in ``wait_synced`` and ``wait_entries``, then
+    each subscriber is called, outside the lock, in the writer's thread.
+    Readers never hold the lock while doing IO: they copy what they need (a slice of log entries, the
+    peer set) and release it. ``_subscribers`` is a tuple replaced whole under the lock and read without
+    it (a subscriber added during a change is called from the next one).
     """
 
     def __init__(self, directory: PeerDirectory, self_uid: str) -> None:
@@ -38,7 +40,8 @@ class PeerHub:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._closed = False
-        self._listeners: list[EntryListener] = []
+        self._synced = directory.synced  # the directory's sync, once reached (it is never lost)
+        self._subscribers: tuple[Subscriber, ...] = ()
         self._source_health: dict[str, str] = {}  # source -> why it is unhealthy
         self._registration_problem = ""  # why this pod's registration cannot be written ("" while it can)
         # What a peer request does first (``demand``): nothing (watching from start-up), start the watches
@@ -46,8 +49,10 @@ class PeerHub:
         self._on_demand: Callable[[], None] | None = None
         self._refusal = ""
 
-    def add_listener(self, listener: EntryListener) -> None:
-        self._listeners.append(listener)
+    def subscribe(self, subscriber: Subscriber) -> None:
+        """Call ``subscriber`` with a ``HubChange`` after every change from now on (``PeerReader``)."""
+        with self._lock:
+            self._subscribers = (*self._subscribers, subscriber)
 
     def watch_on_demand(self, start: Callable[[], None]) -> None:
         """Call ``start`` (once, in the first caller's thread) when a client first asks for peers."""
@@ -74,47 +79,69 @@ class PeerHub:
         return _HubStore(self, source)
 
     # -- writes -----------------------------------------------------------------------------------
-    def _commit(self, mutate: Callable[[PeerDirectory], list[LogEntry]]) -> list[LogEntry]:
+    def _commit(self, mutate: Callable[[PeerDirectory], list[LogEntry]], changed: bool = False) -> list[LogEntry]:
+        """Apply ``mutate`` under the lock; signal when it appended entries, synced the directory, or
+        ``changed`` says the caller changed something else the readers see (a source's health)."""
         with self._changed:
             entries = mutate(self._directory)
+            # Synced once is synced for good (the directory never forgets a source listed): checked until then.
+            became_synced = not self._synced and self._directory.synced
+            if became_synced:
+                self._synced = True
+            if not (entries or changed or became_synced):
+                return entries
             self._changed.notify_all()
-        if entries:
-            for listener in self._listeners:
-                listener(entries)
+            change = HubChange(entries, self._synced, self._closed)  # the list is this commit's own
+            subscribers = self._subscribers
+        for subscriber in subscribers:
+            subscriber(change)
         return entries
 
     def _set_source_health(self, source: str, healthy: bool, reason: str) -> None:
         with self._changed:
+            before = self._source_health.get(source)
             if healthy:
                 self._source_health.pop(source, None)
             else:
                 self._source_health[source] = reason
-        self._update_status()
+            changed = self._source_health.get(source) != before
+        self._update_status(changed)
 
     def set_registration_health(self, healthy: bool, reason: str = "") -> None:
         """This pod's registration cannot be written (an object being deleted holds it, or writes fail): the
         streams say DEGRADED with the reason, as for a source that lost its origin. Not a source: readiness
-        and ``source_health`` leave it out (the publisher reports it there itself)."""
+        and ``source_health`` leave it out (the publisher reports it there itself). The publisher's
+        ``RegistrationHealth`` calls it (its listener), on a change only."""
         with self._changed:
+            before = self._registration_problem
             self._registration_problem = "" if healthy else reason
-        self._update_status()
+            changed = self._registration_problem != before
+        self._update_status(changed)
 
-    def _update_status(self) -> None:
+    def _update_status(self, changed: bool) -> None:
+        """Commit the API status the sources' health and the registration's say; ``changed``: one of them
+        changed (subscribers are told even when the status does not flip)."""
         with self._changed:
             unhealthy = sorted(self._source_health.items())
             if self._registration_problem:
                 unhealthy.append((REGISTRATION, self._registration_problem))
         if unhealthy:
             why = "; ".join(f"{name}: {reason}" for name, reason in unhealthy)
-            self._commit(lambda d: d.set_status(ApiStatus.DEGRADED, why))
+            self._commit(lambda d: d.set_status(ApiStatus.DEGRADED, why), changed)
         else:
-            self._commit(lambda d: d.set_status(ApiStatus.CONNECTED, "watches re-established"))
+            self._commit(lambda d: d.set_status(ApiStatus.CONNECTED, "watches re-established"), changed)
 
     def close(self) -> None:
-        """Wake every reader for good (shutdown)."""
+        """Wake every reader and subscriber for good (shutdown)."""
         with self._changed:
+            if self._closed:
+                return
             self._closed = True
             self._changed.notify_all()
+            change = HubChange((), self._directory.synced, closed=True)
+            subscribers = self._subscribers
+        for subscriber in subscribers:
+            subscriber(change)
 
     # -- reads (PeerReader) -----------------------------------------------------------------------
     @property
@@ -131,7 +158,7 @@ class PeerHub:
 
         Streams read it when they project, so a change applies to what they send from then on.
         """
-        with self._changed:
+        with self._lock:
             self._self_uid = uid
 
     @property

@@ -7,32 +7,34 @@
   and re-created, never adopted; the delete carries preconditions (that object's UID and
   resourceVersion) so that, racing another writer, it can only ever remove the stale object it saw.
 * Before fencing, and whenever the watch shows the CR of this pod's name owned by another UID (or its
-  own CR deleted from under it, which is what the new incarnation's fencing does), the registrar reads
+  own CR deleted from under it, which is what the new incarnation's fencing does), the publisher reads
   its own Pod: when the Pod of its name is gone or has another UID, *this* incarnation
   is the stale one (force-deleted while its sidecar still runs, and replaced). It is then
   ``superseded``: it stops writing for good (no apply, no fencing delete, no deregistering delete; the
   CR belongs to the new pod) and says so in ``problems()``, which fails readiness. Without ``get`` on
   pods the check cannot be made: a hint is logged once and fencing goes on as before.
-* The registrar follows its own CR through a watch of that one object, which runs whatever
+* The publisher follows its own CR through a watch of that one object, which runs whatever
   ``DISCOVERY_WATCH`` says (``sidecar.kube.own_registration``): deleted from under it (or taken over by
-  another owner, or altered), it is restored at once, and the log and metrics say so
-  (``sidecar.registration_health``); listing owners besides this pod (an ownerReference merged in by
-  someone else), the extra owners are removed with a merge patch guarded by the resourceVersion read.
-  Server-side apply cannot do it: entries another field manager added stay theirs, and with them in
-  place the admission policy refuses the apply. Keys another writer added to ``spec.data`` go the same
-  way, so peers read exactly what this pod published.
+  another owner, or altered), it is restored at once, and the log and metrics say so (the loop's
+  ``health``); listing owners besides this pod (an ownerReference merged in by someone else), the extra
+  owners are removed with a merge patch guarded by the resourceVersion read. Server-side apply cannot
+  do it: entries another field manager added stay theirs, and with them in place the admission policy
+  refuses the apply. Keys another writer added to ``spec.data`` go the same way, so peers read exactly
+  what this pod published.
 * Never onto a terminating object: a CR of this name with a ``deletionTimestamp`` (a finalizer holds it)
   is waited out, never written: applying onto it would make the new data, and the new owner, vanish with
-  it when the finalizer is lifted. Until it is gone ``problems()`` names the object and its finalizers
-  (readiness fails), the stream says DEGRADED for this pod's registration, and publishing is refused as
-  unavailable; the CR is re-created as soon as the watch shows the old one gone.
+  it when the finalizer is lifted. The pass raises ``Terminating`` (a ``Blocked``): until the object is
+  gone the loop is ``BLOCKED``, ``problems()`` names the object and its finalizers (readiness fails), the
+  stream says DEGRADED for this pod's registration, and publishing is refused as unavailable; the CR is
+  re-created as soon as the watch shows the old one gone.
 * Between events, a resync every ``resync`` seconds (60 by default) reads the CR and writes only when it
   changed since this sidecar's last write.
 * Deregistration (SIGTERM) deletes the CR, again only this incarnation's (UID precondition), and waits
-  until the deletion has come back through the watch: then peers watching the API server see it too.
+  until the deletion has come back through the own watch (when it follows the CR): then peers watching
+  the API server see it too; otherwise one GET confirms it.
 * It never fights another writer of the same CR. When Dynamo's own runtime in the main container
   (field manager ``dynamo-worker``) manages this pod's CR, found before the first write or at any time
-  through the watch, the registrar goes *watch-only*: it writes nothing more (no apply, no delete at
+  through the watch, the publisher goes *watch-only*: it writes nothing more (no apply, no delete at
   SIGTERM: Dynamo keeps its CR and garbage collection removes it with the pod), refuses
   ``PublishMetadata`` with the reason, and says so in the log and ``/readyz``'s body. The peers are
   still served. ``DISCOVERY_REGISTER=never`` selects watch-only from the start.
@@ -41,51 +43,54 @@
   back to ``DISCOVERY_METADATA`` (the Python client also re-publishes after a reconnect, which covers
   a graceful restart, whose deregistration deleted the CR).
 
-To the pod-facing API this is a ``MetadataPublisher``: ``publish`` raises the ``sidecar.ports`` errors
-with a meaning (forbidden, invalid, not found, unavailable), never a Kubernetes client exception.
+The thread, the state (``sidecar.peers.publisher_loop.PublisherState``: unregistered, registered,
+blocked, watch-only, superseded, deregistering), backoff, the failure rule, the health reports and the
+one publish path are the ``PublisherLoop``'s; what is written, and how, is this module's. To the
+pod-facing API this is a ``Publisher``: ``publish`` raises the ``sidecar.peers.ports`` errors with a
+meaning (forbidden, invalid, not found, unavailable, blocked), never a Kubernetes client exception.
 """
 
 from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, NoReturn
 
 import structlog
 
-from sidecar.config import PodIdentity
-from sidecar.core.backoff import Backoff
+from sidecar.core.containers import pod_peer_key
 from sidecar.core.dynamo_schema import dynamo_metadata_problem
-from sidecar.core.merge_patch import apply_merge_patch, removal_patch
+from sidecar.core.instance_id import instance_id
+from sidecar.core.merge_patch import removal_patch
 from sidecar.core.records import MetadataRecord
 from sidecar.core.resources import validate_worker_data, with_empty_maps
 from sidecar.core.server_side_apply import emptied_paths, emptied_to_null, intermediate_form
 from sidecar.kube.api import CONNECTION_ERRORS, ApiError, KubeApi, ResourcePath
 from sidecar.kube.sources import WORKER_METADATA
-from sidecar.metrics import Metrics
-from sidecar.ports import (
+from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import (
+    Blocked,
     Forbidden,
     Invalid,
     NotFound,
     NotRegistering,
+    PodIdentity,
+    RegisterMode,
     Registration,
     RegistrationError,
     TooLarge,
     Unavailable,
 )
-from sidecar.registration_health import RegistrationHealth
+from sidecar.peers.publisher_loop import RESYNC_SECONDS, PublisherLoop, PublisherState
+from sidecar.peers.registration_health import HealthListener
 
 API_VERSION = "nvidia.com/v1alpha1"
 KIND = "DynamoWorkerMetadata"
-RESYNC_SECONDS = 60.0
-"""How often the registration is read back (and written if it changed) without an event saying so."""
-TERMINATING_POLL_SECONDS = 5.0
-"""While waiting out a terminating CR: how often to look again, should the watch miss its deletion."""
 PODS = ResourcePath("", "v1", "pods")
 DYNAMO_FIELD_MANAGER = "dynamo-worker"
 """The field manager Dynamo's runtime (1.6.1) applies its ``DynamoWorkerMetadata`` under."""
-REGISTER_MODES = ("auto", "never")
+REGISTER_MODES = tuple(mode.value for mode in RegisterMode)
 
 
 class Superseded(Forbidden):
@@ -93,7 +98,7 @@ class Superseded(Forbidden):
     with another UID): the sidecar stopped writing, and nothing it could retry will change that."""
 
 
-class Terminating(Unavailable):
+class Terminating(Blocked):
     """The CR of this pod's name is being deleted (it has a ``deletionTimestamp``; a finalizer holds it):
     nothing may be written onto it, the registration is re-created once it is gone. ``str()`` names the
     object and its finalizers."""
@@ -148,14 +153,14 @@ def stored_form_problem(before: Mapping[str, Any], sent: Mapping[str, Any]) -> s
     )
 
 
-NEEDS_HUMAN = (400, 401, 403, 404, 413, 422)
-"""API answers that retrying as is will not change: logged at error level (the rest are transient)."""
+def registration_error(exc: Exception, action: str, reach: str = "") -> RegistrationError:
+    """The meaning of a failed request (an ``ApiError`` or a connection error), with an operator's sentence;
+    the Kubernetes twin of ``sidecar.etcd.publisher.registration_error``, with the same contract. What needs
+    a human is every meaning but ``Unavailable`` (400, 401, 403, 404, 413, 422).
 
-
-def registration_error(exc: Exception, action: str) -> RegistrationError:
-    """The meaning of a failed request (an ``ApiError`` or a connection error), with an operator's sentence."""
+    ``reach``: what the sentence says could not be done when the API server is unreachable (``action``)."""
     if not isinstance(exc, ApiError):
-        return Unavailable(f"cannot reach the API server to {action}: {type(exc).__name__}")
+        return Unavailable(f"cannot reach the API server to {reach or action}: {type(exc).__name__}")
     message = explain(exc, action)
     if exc.status in (401, 403):
         return Forbidden(message)
@@ -215,17 +220,17 @@ def other_owners(obj: Mapping[str, Any], identity: PodIdentity) -> list[tuple[st
     return [(r.get("kind", ""), r.get("name", ""), r.get("uid", "")) for r in refs if not _is_pod(r, identity)]
 
 
-class Registrar:
-    """Owns this pod's CR: the desired data, the last applied object, and the thread that keeps it applied.
+class KubePublisher(PublisherLoop):
+    """Owns this pod's CR: what was last applied and observed, and how it is applied, fenced, followed and
+    withdrawn (the loop, the state, the health and the desired data are the ``PublisherLoop``'s).
 
-    The daemon starts and deregisters it; the watch of its own CR calls ``observe`` (each event) and
-    ``relisted`` (each list); the gRPC layer calls ``registration`` and ``publish`` (as a
-    ``MetadataPublisher``) from its threads. ``_apply_lock`` serialises applies (network IO: the loop and
-    ``publish`` never interleave); ``_state_lock`` guards ``_data``, ``_applied``, ``_observed``,
-    ``_last_error``, ``_deregistering``, ``_superseded``, ``_watch_only``, ``_adopt`` and ``_conflict`` and
-    is never held during IO, so readers do not wait for the API server. ``health`` says what happens to
-    the registration (lost, restored, blocked, failing) in logs, metrics and the stream's status.
+    The Kubernetes backend builds it and the daemon starts and deregisters it; the watch of its own CR
+    (``sidecar.kube.own_registration``) calls ``observe`` (each event) and ``relisted`` (each list); the
+    gRPC layer calls ``registration`` and ``publish`` (as a ``Publisher``) from its threads.
+    ``_state_lock`` (the loop's) also guards ``_applied``, ``_observed``, ``_adopt`` and ``_conflict``.
     """
+
+    thread_name = "kube-publisher"
 
     def __init__(
         self,
@@ -236,39 +241,35 @@ class Registrar:
         field_manager: str,
         metrics: Metrics,
         backoff_max: float = 30.0,
-        register: str = "auto",
+        register: str = RegisterMode.AUTO,
         metadata_name: str = "",
         resync: float = RESYNC_SECONDS,
+        health_listener: HealthListener | None = None,
     ) -> None:
+        if register not in REGISTER_MODES:
+            raise ValueError(f"register must be one of {REGISTER_MODES}, got {register!r}")
+        super().__init__(
+            initial_data,
+            metrics=metrics,
+            backoff_max=backoff_max,
+            register=register,
+            log=structlog.get_logger("sidecar.registration").bind(pod=identity.name),
+            watch_only_reason="watch-only (DISCOVERY_REGISTER=never): this sidecar does not write the pod's "
+            "DynamoWorkerMetadata",
+            resync=resync,
+            health_listener=health_listener,
+        )
+        self.metrics: Metrics = metrics
         self.api = api
         self.identity = identity
         self.labels = dict(labels)
         self.field_manager = field_manager
-        self.metrics = metrics
-        self.log = structlog.get_logger("sidecar.registration").bind(pod=identity.name)
-        self.health = RegistrationHealth(self.log, metrics)
-        self.resync = resync
         # The CR's name: the pod's, or {pod}-{container} in Dynamo's container mode. Owner references, the
         # incarnation check and the admission policy are still about the pod.
         self.metadata_name = metadata_name or identity.name
         self.path = WORKER_METADATA.resource.item(identity.namespace, self.metadata_name)
         self.pod_path = PODS.item(identity.namespace, identity.name)
-        self._apply_lock = threading.Lock()
-        self._state_lock = threading.Lock()
-        self._data: dict[str, Any] = copy.deepcopy(dict(initial_data))
-        self._applied: dict[str, Any] | None = None
-        self._last_error = ""
-        self._deregistering = False
-        self._superseded = ""  # why this incarnation stopped writing for good; "" while it has not
-        if register not in REGISTER_MODES:
-            raise ValueError(f"register must be one of {REGISTER_MODES}, got {register!r}")
-        # Why this sidecar writes nothing (another writer manages the CR, or DISCOVERY_REGISTER=never); ""
-        # while it does.
-        self._watch_only = (
-            "watch-only (DISCOVERY_REGISTER=never): this sidecar does not write the pod's DynamoWorkerMetadata"
-            if register == "never"
-            else ""
-        )
+        self._applied: dict[str, Any] | None = None  # the CR as last written (or read back as written)
         self._observed: Mapping[str, Any] | None = None  # our CR as the watch last showed it (watch-only reads it)
         # Until the first apply (or a publish): keep the data of a CR of this incarnation found at start-up.
         self._adopt = True
@@ -276,16 +277,8 @@ class Registrar:
         # Pod before writing again (``check_incarnation``).
         self._conflict = False
         self._pods_hint_logged = False
-        self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._registered_logged = False  # "registered" is logged once; later losses and restores by health
         self._gone = threading.Event()  # our CR's deletion came back through the watch
-        self.registered = threading.Event()
-        # Whether a running watch shows this CR (``observe`` is called for it) and reaches the API server: then
-        # deregistration waits for its deletion to come back through that watch; otherwise one GET confirms it.
-        self.confirm_by_watch = True
-        self.watch_healthy: Callable[[], bool] = lambda: True
-        self.backoff = Backoff(maximum=backoff_max)
-        self._thread: threading.Thread | None = None
 
     # -- the desired object ---------------------------------------------------------------------------
     def owner_references(self) -> list[dict[str, Any]]:
@@ -302,8 +295,6 @@ class Registrar:
         ]
 
     def desired(self) -> dict[str, Any]:
-        with self._state_lock:
-            data = copy.deepcopy(self._data)
         return {
             "apiVersion": API_VERSION,
             "kind": KIND,
@@ -313,7 +304,7 @@ class Registrar:
                 "labels": dict(self.labels),
                 "ownerReferences": self.owner_references(),
             },
-            "spec": {"data": data},
+            "spec": {"data": self.data()},
         }
 
     def registration(self) -> Registration:
@@ -324,7 +315,7 @@ class Registrar:
         first write it is the data about to be written.
         """
         with self._state_lock:
-            watch_only = bool(self._watch_only)
+            watch_only = self._state is PublisherState.WATCH_ONLY
             applied = (self._observed if watch_only else self._applied) or {}
             stored = (applied.get("spec") or {}).get("data")
             data = with_empty_maps(copy.deepcopy(stored if isinstance(stored, Mapping) and applied else self._data))
@@ -334,43 +325,24 @@ class Registrar:
                 resource_version=(applied.get("metadata") or {}).get("resourceVersion", ""),
                 data=data if applied else {},
                 labels=dict((applied.get("metadata") or {}).get("labels") or {}),
+                **self._instance(),
             )
         return Registration(
             registered=self.registered.is_set(),
             resource_version=(applied.get("metadata") or {}).get("resourceVersion", ""),
             data=data,
             labels=dict(self.labels),
+            **self._instance(),
         )
 
-    @property
-    def superseded(self) -> bool:
-        """This pod incarnation no longer exists (its Pod is gone or has another UID): nothing is written any
-        more, ever. Readiness fails through ``problems()``; the process has nothing left to do but exit."""
-        with self._state_lock:
-            return bool(self._superseded)
-
-    @property
-    def watch_only(self) -> str:
-        """Why this sidecar writes nothing ("" while it registers the pod)."""
-        with self._state_lock:
-            return self._watch_only
-
-    def problems(self) -> list[str]:
-        with self._state_lock:
-            superseded = self._superseded
-            error = self._last_error
-            watch_only = self._watch_only
-        if superseded:
-            return [superseded]
-        if watch_only or self.registered.is_set():
-            return []  # watch-only: the peers are served; whether the pod is registered is its writer's business
-        blocked = self.health.blocking()
-        return ["not registered" + (f": {blocked or error}" if blocked or error else "")]
-
-    def notes(self) -> list[str]:
-        """A healthy but unusual state, for ``/readyz``'s body: watch-only, and why."""
-        reason = self.watch_only
-        return [reason] if reason else []
+    def _instance(self) -> dict[str, Any]:
+        """Who this pod (or container) is to peers: the CR's name, its peer key, and Dynamo's instance ID
+        (the SipHash of that name), which never change while the pod incarnation lives."""
+        return {
+            "name": self.metadata_name,
+            "peer_uid": pod_peer_key(self.identity.uid, self.identity.name, self.metadata_name),
+            "instance_id": instance_id(self.metadata_name),
+        }
 
     def _go_watch_only(self, manager: str) -> NotRegistering:
         """Stop writing for good: ``manager`` manages this pod's CR. Returns the error publishing raises."""
@@ -378,15 +350,11 @@ class Registrar:
             f"watch-only: this pod's DynamoWorkerMetadata is managed by {manager!r} (Dynamo's runtime in the main "
             "container), so this sidecar writes nothing and serves peers only; publish through Dynamo's runtime"
         )
-        with self._state_lock:
-            first = not self._watch_only
-            if first:
-                self._watch_only = message
-            message = self._watch_only
-        if first:
+        first = not self.watch_only
+        reason = self._enter(PublisherState.WATCH_ONLY, message)
+        if first and reason == message:
             self.log.warning("another writer manages this pod's CR: watch-only from now on", manager=manager)
-            self._wake.set()
-        return NotRegistering(message)
+        return NotRegistering(reason)
 
     def _yield_to(self, obj: Mapping[str, Any]) -> str | None:
         """The writer this sidecar must leave the CR to, if one manages it (Dynamo's runtime), else None."""
@@ -431,16 +399,15 @@ class Registrar:
         message = (
             f"this pod incarnation (uid {self.identity.uid}) no longer exists: {what} — the sidecar stopped writing"
         )
-        with self._state_lock:
-            first = not self._superseded
-            if first:
-                self._superseded = message
-            message = self._superseded
-        self.registered.clear()
-        self.metrics.registered.set(0)
+        first = not self.superseded
+        message = self._enter(PublisherState.SUPERSEDED, message) or message
+        self._mark_unregistered()
         if first:
             self.log.error("pod incarnation superseded: the sidecar stopped writing", reason=message)
         raise Superseded(message)
+
+    def _superseded_error(self, reason: str) -> RegistrationError:
+        return Superseded(reason)
 
     def _take_conflict(self) -> bool:
         with self._state_lock:
@@ -531,25 +498,19 @@ class Registrar:
     def apply(self, force: bool = False) -> dict[str, Any]:
         """Fence, then server-side apply the desired CR (unless it is in place as last written, and not
         ``force``). Raises ``ApiError``, a connection error, ``Terminating`` (the CR of this name is being
-        deleted), ``Superseded`` (this incarnation no longer exists) or ``Unavailable`` (deregistering)."""
+        deleted), ``Superseded`` (this incarnation no longer exists), ``NotRegistering`` (watch-only) or
+        ``Unavailable`` (deregistering)."""
         with self._apply_lock:
             return self._apply_locked(force)
 
     def _apply_locked(self, force: bool) -> dict[str, Any]:
-        with self._state_lock:
-            deregistering = self._deregistering
-            superseded = self._superseded
-        if superseded:  # nothing is ever written again: the CR of this name is the new incarnation's
-            raise Superseded(superseded)
-        if deregistering:  # nothing may re-create the CR once deregistration began
-            raise Unavailable("this pod is deregistering (the sidecar is shutting down): nothing is written any more")
-        watch_only = self.watch_only
-        if watch_only:
-            raise NotRegistering(watch_only)
+        # Nothing is written unless the state writes: superseded (the CR of this name is the new
+        # incarnation's), deregistering (nothing may re-create the CR) or watch-only.
+        self._check_writes()
         try:
             current = self.fence()
         except Terminating:
-            self._not_registered()
+            self._mark_unregistered()
             raise
         with self._state_lock:
             last = self._applied
@@ -558,8 +519,9 @@ class Registrar:
             if manager:
                 with self._state_lock:
                     self._observed = current
-                self.registered.set()
-                raise self._go_watch_only(manager)
+                error = self._go_watch_only(manager)
+                self._mark_registered()  # its writer's registration stands
+                raise error
             self._adopt_published(current)
             if last is not None and not force:
                 altered = self._alteration(current, last)
@@ -568,17 +530,17 @@ class Registrar:
                 self.health.lost("altered", f"its {altered} changed behind the sidecar's back", uid=_uid(current))
         elif last is not None and self.registered.is_set():
             # Gone, and no watch event said so (a relist, or the resync): as good as deleted.
-            self._not_registered()
+            self._mark_unregistered()
             self.health.lost("missing", "the CR was not found when read back", uid=_uid(last))
-        applied = self._write(self.desired())
+        applied = self._server_side_apply(self.desired())
         if is_terminating(applied):  # deleted between the read and the write: wait it out, write nothing more
-            self._not_registered()
+            self._mark_unregistered()
             raise Terminating(terminating_reason(applied, self.identity))
         with self._state_lock:
             self._adopt = False
         return self._in_place(applied)
 
-    def _write(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _server_side_apply(self, body: dict[str, Any]) -> dict[str, Any]:
         """Apply ``body`` so that the stored ``spec.data`` is exactly what it says, and return the stored CR.
 
         Server-side apply stores an object this manager emptied as null (``sidecar.core.server_side_apply``),
@@ -620,16 +582,9 @@ class Registrar:
         """``obj`` is this pod's CR, written or read back as this sidecar wants it: registered."""
         with self._state_lock:
             self._applied = obj
-            self._last_error = ""
         self._gone.clear()
-        self.health.in_place(resource_version=_rv(obj))  # first: whoever sees "registered" sees it told
-        self.registered.set()
-        self.metrics.registered.set(1)
+        self._mark_registered(resource_version=_rv(obj))
         return obj
-
-    def _not_registered(self) -> None:
-        self.registered.clear()
-        self.metrics.registered.set(0)
 
     def _adopt_published(self, current: Mapping[str, Any]) -> None:
         """Before this process's first write: keep what this incarnation's CR already says.
@@ -658,107 +613,49 @@ class Registrar:
             resource_version=(current.get("metadata") or {}).get("resourceVersion", ""),
         )
 
-    def publish(self, document: Mapping[str, Any], merge: bool) -> Registration:
-        """Replace (or RFC 7386 merge-patch) spec.data and apply it now (``MetadataPublisher``).
+    # -- the PublisherLoop's hooks ---------------------------------------------------------------------------
+    def _refusal(self, previous: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
+        """What this pod publishes must be readable by Dynamo, and so must the revision server-side apply
+        stores on the way to it (an object this pod emptied is null there)."""
+        return dynamo_metadata_problem(new) or stored_form_problem(previous, new)
 
-        Refused as ``Invalid`` (nothing written) when Dynamo could not decode the result, or the revision
-        server-side apply stores on the way to it (an object this pod emptied is null there). The reply is
-        the stored CR's data, read as peers read it. On any failure the previous data stays the desired
-        data, so the loop keeps applying that.
-        """
-        with self._apply_lock:
-            with self._state_lock:
-                watch_only = self._watch_only
-                previous = self._data
-                adopt = self._adopt
-                self._adopt = False  # what the main container publishes now wins over what the CR held
-            if watch_only:
-                raise NotRegistering(watch_only)
-            new = apply_merge_patch(previous, dict(document)) if merge else copy.deepcopy(dict(document))
-            problem = validate_worker_data(new) or dynamo_metadata_problem(new) or stored_form_problem(previous, new)
-            if problem:
-                with self._state_lock:
-                    self._adopt = adopt
-                raise Invalid(problem)
-            with self._state_lock:
-                self._data = new
-            try:
-                applied = self._apply_locked(force=True)
-            except Exception as exc:
-                with self._state_lock:
-                    self._data = previous
-                if not isinstance(exc, (ApiError, *CONNECTION_ERRORS)):
-                    raise
-                code = str(exc.status) if isinstance(exc, ApiError) else "connection"
-                self.metrics.api_errors.labels("publish", code).inc()
-                raise registration_error(exc, "publish metadata") from exc
+    def _accepted(self) -> None:
+        with self._state_lock:
+            self._adopt = False  # what the main container publishes now wins over what the CR held
+
+    def _write(self, data: Mapping[str, Any]) -> Registration:
+        """Apply now (``data`` is the desired data already); the reply is the stored CR's data, read as peers
+        read it."""
+        try:
+            applied = self._apply_locked(force=True)
+        except (ApiError, *CONNECTION_ERRORS) as exc:
+            code = str(exc.status) if isinstance(exc, ApiError) else "connection"
+            self.metrics.api_errors.labels("publish", code).inc()
+            raise registration_error(exc, "publish metadata") from exc
         stored = (applied.get("spec") or {}).get("data")
         return Registration(
             registered=True,
             resource_version=applied["metadata"]["resourceVersion"],
             data=with_empty_maps(copy.deepcopy(stored if isinstance(stored, Mapping) else {})),
             labels=dict(self.labels),
+            **self._instance(),
         )
 
-    # -- the loop --------------------------------------------------------------------------------------
-    def start(self) -> threading.Thread:
-        """Run in a background thread; return it (the daemon's liveness probe watches it)."""
-        self._thread = threading.Thread(target=self.run, name="registrar", daemon=True)
-        self._thread.start()
-        return self._thread
+    def _establish(self) -> None:
+        try:
+            cr = self.apply()
+        except (ApiError, *CONNECTION_ERRORS) as exc:
+            code = str(exc.status) if isinstance(exc, ApiError) else "connection"
+            self.metrics.api_errors.labels("register", code).inc()
+            raise registration_error(exc, "register this pod's DynamoWorkerMetadata", reach="register") from exc
+        if not self._registered_logged:
+            self._registered_logged = True
+            self.log.info("registered", resource_version=_rv(cr))
 
-    def run(self) -> None:
-        """Keep the CR applied: after each event of the own-CR watch at once, else every ``resync`` seconds.
+    def _hold(self) -> None:
+        self._sleep(self.resync)  # until the own watch shows a change to our CR, or the resync is due
 
-        A transient failure (unreachable, throttled, a server error) leaves ``registered`` as it was: the CR
-        most likely still stands, and failing readiness on every pod during an API server outage would take
-        them all out of their Services for nothing; one that needs a human (forbidden, invalid, the CRD
-        missing), or a CR known to be gone, is not registered.
-        """
-        first = True
-        while not self._stop.is_set():
-            try:
-                cr = self.apply()
-                self.backoff.reset()
-                if first:
-                    self.log.info("registered", resource_version=_rv(cr))
-                    first = False
-                self._wake.wait(self.resync)
-                self._wake.clear()
-                continue
-            except Terminating as exc:
-                with self._state_lock:
-                    self._last_error = str(exc)
-                self.health.blocked(str(exc))
-                self.backoff.reset()
-                # poll: the watch's DELETED event wakes it at once; this is in case the watch misses it
-                self._wake.wait(min(self.resync, TERMINATING_POLL_SECONDS))
-                self._wake.clear()
-                continue
-            except (Superseded, NotRegistering):
-                # Nothing to write, ever again. The thread stays (it is not dead: liveness) until the daemon stops it.
-                self.health.forget()
-                self._stop.wait()
-                return
-            except ApiError as exc:
-                self.metrics.api_errors.labels("register", str(exc.status)).inc()
-                message = explain(exc, "register this pod's DynamoWorkerMetadata")
-                needs_human = exc.status in NEEDS_HUMAN
-            except CONNECTION_ERRORS as exc:
-                self.metrics.api_errors.labels("register", "connection").inc()
-                message = f"cannot reach the API server to register: {type(exc).__name__}"
-                needs_human = False
-            except RegistrationError as exc:  # deregistration began while this pass was under way
-                message, needs_human = str(exc), False
-            if self._stop.is_set():
-                break
-            if needs_human or self.health.is_lost or not self.registered.is_set():
-                self._not_registered()
-            with self._state_lock:
-                self._last_error = message
-            self.health.failed(message, needs_human=needs_human)
-            self._stop.wait(self.backoff.next_delay())
-
+    # -- following its own CR (the own watch: ``sidecar.kube.own_registration``) ----------------------------
     def observe(self, kind: str, obj: Mapping[str, Any]) -> None:
         """Observer of the own-CR watch: react to each change of this pod's CR at once.
 
@@ -769,29 +666,25 @@ class Registrar:
         meta = obj.get("metadata") or {}
         if meta.get("name") != self.metadata_name or meta.get("namespace") != self.identity.namespace:
             return
-        with self._state_lock:
-            deregistering = self._deregistering
-            superseded = self._superseded
-        if superseded:
+        state = self.state
+        if state is PublisherState.SUPERSEDED:
             return  # the CR of this name is the new incarnation's: nothing here is ours to react to
+        deregistering = state is PublisherState.DEREGISTERING
         ours = owned_by(obj, self.identity)
         terminating = is_terminating(obj)
         live = kind != "DELETED" and not terminating
         with self._state_lock:
             self._observed = obj if ours and live else None
-            watch_only = self._watch_only
         manager = self._yield_to(obj) if live else None
         if manager and not deregistering:
             self._go_watch_only(manager)
-            watch_only = self.watch_only
-        if watch_only:
+        if self.watch_only:
             # Another writer's CR: follow it for GetSelf and readiness, never write it.
-            (self.registered.set if ours and live else self.registered.clear)()
-            self.metrics.registered.set(1 if self.registered.is_set() else 0)
+            (self._mark_registered if ours and live else self._mark_unregistered)()
             return
         if kind == "DELETED":
             if not ours:
-                if self.health.blocking():
+                if state is PublisherState.BLOCKED:
                     self._wake.set()  # the terminating CR the loop waits out is gone: create ours now
                 return  # another incarnation's CR (fencing removed it): not ours to re-create or confirm
             applied_uid = self._applied_uid()
@@ -826,11 +719,10 @@ class Registrar:
 
     def _lose(self, reason: str, detail: str, obj: Mapping[str, Any], conflict: bool) -> None:
         """The CR is gone or not ours as it stands: not registered (readiness says why), restore it now."""
-        with self._state_lock:
-            if conflict:
+        if conflict:
+            with self._state_lock:
                 self._conflict = True
-            self._last_error = f"its DynamoWorkerMetadata {self.identity.namespace}/{self.metadata_name}: {detail}"
-        self._not_registered()
+        self._mark_unregistered(f"its DynamoWorkerMetadata {self.identity.namespace}/{self.metadata_name}: {detail}")
         self.health.lost(reason, detail, uid=_uid(obj))
         self._wake.set()
 
@@ -839,17 +731,16 @@ class Registrar:
         only here. Anything but the CR as this sidecar last wrote it wakes the loop, which reads it back."""
         with self._state_lock:
             last = self._applied
-            watch_only = self._watch_only
+            watch_only = self._state is PublisherState.WATCH_ONLY
             observed = self._observed
         if watch_only:
             owned = found is not None and self.identity.uid in found.owner_pod_uids
             if not owned:
                 with self._state_lock:
                     self._observed = None
-                self.registered.clear()
+                self._mark_unregistered()
             elif observed is None or found is None or _rv(observed) != found.resource_version:
                 self._read_back_watch_only()
-            self.metrics.registered.set(1 if self.registered.is_set() else 0)
             return
         if last is None or found is None or found.resource_version != _rv(last):
             self._wake.set()
@@ -863,26 +754,14 @@ class Registrar:
             return
         self.observe("MODIFIED", obj)
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(5)
-
-    def deregister(self, timeout: float) -> bool:
-        """Delete this incarnation's CR and wait until the watch saw it go. True when confirmed.
+    # -- withdrawing it -----------------------------------------------------------------------------------
+    def _withdraw(self, timeout: float) -> bool:
+        """Delete this incarnation's CR and wait until the own watch saw it go (when it follows the CR; else,
+        or when it missed the event within ``timeout``, one GET says). True when confirmed.
 
         A superseded incarnation deletes nothing (the CR of its name is the new pod's) and returns True.
         """
-        with self._state_lock:
-            self._deregistering = True
-            watch_only = self._watch_only
-        self.stop()
-        self.health.forget()
-        if watch_only:
-            self.log.info("not deregistering: watch-only, the CR is its writer's", reason=watch_only)
-            return True
-        with self._apply_lock:  # an apply under way finishes first; none starts after (they check _deregistering)
+        with self._apply_lock:  # an apply under way finishes first; none starts after (the state says so)
             applied_uid = self._applied_uid()
             try:
                 self._check_conflict()  # the watch saw the CR of this name owned by another UID: whose is it?
@@ -890,8 +769,7 @@ class Registrar:
                 pass
             except (ApiError, *CONNECTION_ERRORS) as exc:
                 self.log.warning("cannot check this pod incarnation before deregistering", error=str(exc))
-        self.registered.clear()
-        self.metrics.registered.set(0)
+        self._mark_unregistered()
         if self.superseded:
             self.log.info("not deregistering: this pod incarnation was superseded, the CR is the new pod's")
             return True
@@ -914,7 +792,7 @@ class Registrar:
             # Transient: the CR goes with the pod (garbage collection), and readiness has already failed.
             self.log.warning("deregistration failed: API server unreachable", error=type(exc).__name__)
             return False
-        if self.confirm_by_watch and self.watch_healthy() and self._gone.wait(timeout):
+        if self.own_watch_healthy and self._gone.wait(timeout):
             self.log.info("deregistered", confirmed_by_watch=True)
             return True
         # No watch shows it (it is down, or missed the event within the budget): one GET says.

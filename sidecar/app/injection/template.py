@@ -93,5 +93,5 @@ def parse_template(text: str) -> Template:
 @functools.cache
 def load_template() -> Template:
     """The template shipped in this package."""
-    text = importlib.resources.files("sidecar.injection").joinpath("template.yaml").read_text()
+    text = importlib.resources.files("sidecar.app.injection").joinpath("template.yaml").read_text()
     return parse_template(text)

@@ -18,7 +18,7 @@ import time
 from typing import Any, Protocol
 
 from sidecar.core.backoff import Backoff
-from sidecar.ports import SourceStore
+from sidecar.peers.ports import SourceStore
 
 
 class Closable(Protocol):
@@ -106,8 +106,3 @@ class SourceLoop:
                 failed_attempts=self._outage_attempts,
             )
             self.store.set_health(True)
-
-    @property
-    def healthy(self) -> bool:
-        """Whether the last attempt reached the origin (read from other threads: a plain bool, no lock)."""
-        return self._healthy

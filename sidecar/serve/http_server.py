@@ -15,19 +15,28 @@ import ipaddress
 import json
 import threading
 from collections.abc import Callable
+from enum import StrEnum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from sidecar.config import ListenAddress
-from sidecar.metrics import Metrics
-from sidecar.ports import NotWatching, PeerReader
+from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import ListenAddress, NotWatching, PeerReader
 
 Check = Callable[[], list[str]]
 """Returns the reasons something is not OK (empty: OK)."""
 
-DEBUG_PEERS_ACCESS = ("loopback", "all", "off")
+
+class DebugPeers(StrEnum):
+    """Who may read ``/debug/peers`` (``DISCOVERY_DEBUG_PEERS``)."""
+
+    LOOPBACK = "loopback"  # this pod only
+    ALL = "all"
+    OFF = "off"
+
+
+DEBUG_PEERS_ACCESS = tuple(access.value for access in DebugPeers)
 DEBUG_SYNC_WAIT = 10.0
 """Seconds the ``/debug/peers`` request that started the watches waits for their first sync."""
 

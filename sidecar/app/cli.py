@@ -14,9 +14,9 @@ import grpc
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.client import DEFAULT_TARGET, DiscoveryClient, PeerSetUpdate, make_filter
 from sidecar import __version__
-from sidecar.config import ConfigError, add_arguments, load_settings
+from sidecar.app.config import ConfigError, add_arguments, load_settings
 from sidecar.core.instance_id import instance_id
-from sidecar.wire import peer_from_pb_json
+from sidecar.serve.wire import peer_from_pb_json
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -25,8 +25,8 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"discovery-sidecar: {exc}", file=sys.stderr)
         return 2
-    from sidecar.daemon import Sidecar
-    from sidecar.logs import configure_logging
+    from sidecar.app.daemon import Sidecar
+    from sidecar.app.logs import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)
     try:
@@ -154,7 +154,7 @@ def _peers(args: argparse.Namespace) -> int:
 
 
 def _inject(args: argparse.Namespace) -> int:
-    from sidecar.injection.manifests import run
+    from sidecar.app.injection.manifests import run
 
     return run(args)
 
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     peers.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the list (not with --watch)")
     peers.set_defaults(func=_peers)
 
-    from sidecar.injection.manifests import add_arguments as add_inject_arguments
+    from sidecar.app.injection.manifests import add_arguments as add_inject_arguments
 
     inject = commands.add_parser(
         "inject",

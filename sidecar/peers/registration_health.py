@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sidecar.metrics import Metrics
+from sidecar.peers.metrics import Metrics
 
 HealthListener = Callable[[bool, str], None]
 """Told (healthy, reason) when the registration starts or stops being degraded (the stream's status)."""

@@ -17,7 +17,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from sidecar.injection.template import Template
+from sidecar.app.injection.template import Template
 
 
 class ParameterError(ValueError):

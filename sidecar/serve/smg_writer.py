@@ -1,7 +1,8 @@
 """Keeps SGLang Model Gateway's worker manifest file equal to the peer set (``DISCOVERY_SMG_MANIFEST``).
 
-A hub reader like the gRPC streams: it waits for the log to grow, recomputes the document with the pure
-``sidecar.core.smg_manifest`` and replaces the file when, and only when, its text changed. SMG re-reads
+A hub reader like the gRPC streams: it sleeps until the hub's change signal wakes it (new entries, the
+sync, the hub closing), recomputes the document with the pure ``sidecar.core.smg_manifest`` and replaces
+the file when, and only when, its text changed. SMG re-reads
 the file as soon as it changes, so every rule here is about never showing SMG a wrong or partial set:
 
 * nothing is written before the sidecar has synced (an empty manifest then would deregister every
@@ -21,14 +22,14 @@ import tempfile
 import threading
 from typing import Any
 
-from sidecar.config import SmgManifestSettings
 from sidecar.core.eventlog import ApiStatus
-from sidecar.core.smg_manifest import manifest_text, smg_manifest
-from sidecar.metrics import Metrics
-from sidecar.ports import PeerReader
+from sidecar.core.smg_manifest import SmgManifestSettings, manifest_text, smg_manifest
+from sidecar.peers.metrics import Metrics
+from sidecar.peers.ports import PeerReader
 
 RETRY_SECONDS = 2.0
-"""How soon a failed write (a full or read-only volume) is tried again, besides on the next change."""
+"""How soon a failed write (a full or read-only volume) is tried again, besides on the next change: the
+only timed wake-up, and only while a write is failing."""
 
 
 def write_atomically(path: pathlib.Path, text: str) -> None:
@@ -50,8 +51,10 @@ def write_atomically(path: pathlib.Path, text: str) -> None:
 class SmgManifestWriter:
     """Owns the manifest file and the thread that writes it; the daemon starts and stops it.
 
-    ``_problem`` (why the last write failed, or None) and ``written_once`` are read by the readiness probe
-    from another thread; single reference assignments, so they need no lock.
+    ``_wake`` is set by the hub's change signal (in the writer's thread) and by ``stop``; the thread
+    clears it before it reads the hub, so a change during a write wakes it again. ``_problem`` (why the
+    last write failed, or None) and ``written_once`` are read by the readiness probe from another thread;
+    single reference assignments, so they need no lock.
     """
 
     def __init__(
@@ -62,6 +65,8 @@ class SmgManifestWriter:
         self.settings = settings
         self.log = log.bind(manifest=str(settings.path))
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        reader.subscribe(lambda _change: self._wake.set())
         self._problem: str | None = None
         self._written: str | None = self._current_text()
         self.writes = 0  # files written by this process (tests and the debug log read it)
@@ -91,23 +96,24 @@ class SmgManifestWriter:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     def _run(self) -> None:
-        while not self._stop.is_set() and not self.reader.wait_synced(1.0):
-            if self.reader.closed:
-                return
         revision = -1
-        while not self._stop.is_set() and not self.reader.closed:
-            state = self.reader.state()
-            # Held while a source is unhealthy (the peer set may be stale); DEGRADED for this pod's own registration
-            # alone says nothing about the peers.
-            current = state.status.status is ApiStatus.CONNECTED or not self.reader.source_health()
-            if current and (state.revision != revision or self._problem or not self.written_once):
-                revision = state.revision
-                self._sync(smg_manifest(state.peers, self.settings.roles), revision)
-            self.seen_revision = state.revision
-            timeout = RETRY_SECONDS if self._problem else 1.0
-            self.reader.wait_entries(state.revision, timeout, 1)
+        while True:
+            self._wake.clear()  # before reading: a change from here on sets it again
+            if self._stop.is_set() or self.reader.closed:
+                return
+            if self.reader.synced:  # nothing is written before the sync: an empty file would drop every worker
+                state = self.reader.state()
+                # Held while a source is unhealthy (the peer set may be stale); DEGRADED for this pod's own
+                # registration alone says nothing about the peers.
+                current = state.status.status is ApiStatus.CONNECTED or not self.reader.source_health()
+                if current and (state.revision != revision or self._problem or not self.written_once):
+                    revision = state.revision
+                    self._sync(smg_manifest(state.peers, self.settings.roles), revision)
+                self.seen_revision = state.revision
+            self._wake.wait(RETRY_SECONDS if self._problem else None)
 
     def _sync(self, manifest: dict[str, Any], revision: int) -> None:
         text = manifest_text(manifest)

@@ -16,8 +16,8 @@ from typing import Any, TextIO
 
 import yaml
 
-from sidecar.injection.pod import ParameterError, check_params, inject_pod
-from sidecar.injection.template import Template, load_template
+from sidecar.app.injection.pod import ParameterError, check_params, inject_pod
+from sidecar.app.injection.template import Template, load_template
 
 _TEMPLATE_KINDS = frozenset({"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "ReplicationController"})
 
