@@ -38,18 +38,13 @@ def build(settings: SharedSettings, kube: KubeSettings, metrics: Metrics, transp
     api.on_bytes = metrics.api_bytes.inc
     identity = settings.identity
     self_uid = pod_peer_key(identity.uid, identity.name, kube.metadata_name)
-    upstream = settings.upstream
+    upstream = settings.upstream  # following a relay: its peers, joined there, are this hub's one source
     targets = watch_targets(kube) if upstream is None else []
-    hub = (
-        new_hub(
-            settings,
-            [target.name for target in targets],
-            PeerJoin(require_metadata=kube.require_metadata, workers=kube.workers),
-            self_uid=self_uid,
-        )
-        if upstream is None
-        else new_hub(settings, [UPSTREAM_SOURCE], RelayedJoin(), self_uid=self_uid)
-    )
+    if upstream is None:
+        join: PeerJoin | RelayedJoin = PeerJoin(require_metadata=kube.require_metadata, workers=kube.workers)
+        hub = new_hub(settings, [target.name for target in targets], join, self_uid=self_uid)
+    else:
+        hub = new_hub(settings, [UPSTREAM_SOURCE], RelayedJoin(), self_uid=self_uid)
     publisher = KubePublisher(
         api,
         identity,
@@ -72,13 +67,11 @@ def build(settings: SharedSettings, kube: KubeSettings, metrics: Metrics, transp
         streaming_list=kube.streaming_list,
     )
     publisher.own_watch = own
-    sources: list[Reflector | UpstreamSource] = list(_reflectors(api, targets, hub, settings, kube, metrics))
-    descriptions = [
-        f"{r.target.name} in {r.target.namespace or 'all namespaces'} ({r.target.selectors})"
-        for r in [*sources, own]
-        if isinstance(r, (Reflector, OwnRegistrationWatch))
-    ]
-    if upstream is not None:
+    sources: list[Reflector] | list[UpstreamSource]
+    if upstream is None:
+        sources = _reflectors(api, targets, hub, settings, kube, metrics)
+        descriptions = [_describe(w.target) for w in [*sources, own]]
+    else:
         # Peers come from the relay tier: one stream, no peer watch on the API server.
         sources = [
             UpstreamSource(
@@ -91,8 +84,9 @@ def build(settings: SharedSettings, kube: KubeSettings, metrics: Metrics, transp
                 settings.backoff_max,
             )
         ]
-        targets_text = ", ".join(f"{h}:{p}" for h, p in upstream.targets)
-        descriptions.insert(0, f"peers of {', '.join(n or '*' for n in kube.namespaces)} from the relay {targets_text}")
+        relay = ", ".join(f"{host}:{port}" for host, port in upstream.targets)
+        namespaces = ", ".join(n or "*" for n in kube.namespaces)
+        descriptions = [f"peers of {namespaces} from the relay {relay}", _describe(own.target)]
     return Backend(
         name="kubernetes",
         hub=hub,
@@ -102,6 +96,11 @@ def build(settings: SharedSettings, kube: KubeSettings, metrics: Metrics, transp
         close=api.close,
         own_watches=[own],
     )
+
+
+def _describe(target: WatchTarget) -> str:
+    """What one watch watches, for people (the "started" log line)."""
+    return f"{target.name} in {target.namespace or 'all namespaces'} ({target.selectors})"
 
 
 def _reflectors(
@@ -147,9 +146,7 @@ def build_relay(
     return RelayBackend(
         hub=hub,
         sources=reflectors,
-        descriptions=[
-            f"{r.target.name} in {r.target.namespace or 'all namespaces'} ({r.target.selectors})" for r in reflectors
-        ],
+        descriptions=[_describe(r.target) for r in reflectors],
         access=KubeAccess(api, kube.namespaces, [t.source.resource for t in targets], access_ttl),
         close=api.close,
     )

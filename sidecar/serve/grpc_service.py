@@ -28,8 +28,9 @@ import concurrent.futures
 import contextlib
 import functools
 import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import grpc
@@ -37,7 +38,7 @@ import structlog
 
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
-from sidecar.core.eventlog import ApiStatus
+from sidecar.core.eventlog import ApiStatus, LogEntry
 from sidecar.core.peer import canonical_json
 from sidecar.core.projection import DeltaMessage, PeerFilter, StatusMessage, project, snapshot_peers
 from sidecar.peers.metrics import Metrics
@@ -79,9 +80,14 @@ ENCODING_WORKERS = 2
 SNAPSHOTS_AT_ONCE = 16
 """Snapshots being built and written at once; other streams wait their turn. A snapshot held for a client costs
 about twice its size until gRPC has sent it (the message, its serialised bytes), so a burst of clients
-connecting at once (a relay's followers after a failover: hundreds) would otherwise hold hundreds of copies:
-333 streams of 1,000 peers peaked at 808 MB without the bound (bench/relay_fanout.py). The encoding pool is
-CPU-bound under the GIL, so the burst takes about as long either way."""
+connecting at once (a relay's followers after a failover: hundreds) would otherwise hold hundreds of copies
+(bench/relay_fanout.py: 333 followers of 1,000 peers, peak RSS 400 MiB with the bound against 524-630 without).
+The encoding pool is CPU-bound under the GIL, so the burst takes no longer."""
+SHARED_BATCHES = 64
+"""Projected batches kept for other streams at the same position with the same filter (most recent first out)."""
+SHARED_BATCH_ENTRIES = 64
+"""Batches of more entries (a slow client catching up, alone at its position) are built for their stream only:
+with ``SHARED_BATCHES`` this bounds what is kept to a few MiB."""
 PENDING_MARGIN = 1024
 """Calls gRPC core may queue for the loop beyond ``max_streams`` before it cancels any (a burst)."""
 DEFAULT_CLIENT_RECEIVE_BYTES = 4 * 2**20 - 64 * 1024
@@ -112,6 +118,16 @@ def access_error_code(exc: AccessError) -> grpc.StatusCode:
         if isinstance(exc, meaning):
             return code
     return grpc.StatusCode.UNAVAILABLE
+
+
+@dataclass(frozen=True)
+class ProjectedBatch:
+    """One projected message of a batch of log entries, encoded (in parts): shared by every stream that reads
+    the same entries with the same filter, so nothing in it may be changed once built."""
+
+    kind: str  # "delta" or "status" (the messages_sent label)
+    received: float | None  # when the change's cause arrived (propagation lag)
+    messages: list[pb.WatchPeersResponse]
 
 
 class StreamRevoked(Exception):
@@ -237,6 +253,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         max_streams: int = MAX_STREAMS,
         access: Access | None = None,
         snapshots_at_once: int = SNAPSHOTS_AT_ONCE,
+        shared_batches: int = SHARED_BATCHES,
     ) -> None:
         if max_streams < 1:
             raise ValueError("max_streams must be at least 1")
@@ -261,6 +278,9 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         self._blocking = concurrent.futures.ThreadPoolExecutor(BLOCKING_WORKERS, thread_name_prefix="grpc-blocking")
         self._encoding = concurrent.futures.ThreadPoolExecutor(ENCODING_WORKERS, thread_name_prefix="grpc-encode")
         self._snapshot_slots = asyncio.Semaphore(snapshots_at_once)  # on the loop (bound at first use)
+        # Projected batches by (filter, self, history, from, to), shared by the streams at that position (loop only).
+        self._batches: OrderedDict[tuple[Any, ...], list[ProjectedBatch]] = OrderedDict()
+        self._shared_batches = shared_batches  # 0: every stream builds its own (bench.relay_fanout compares)
         peers.subscribe(lambda _change: self._changes.trigger_threadsafe())
 
     # -- lifecycle (called by GrpcServer) ----------------------------------------------------------------
@@ -475,20 +495,54 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(changed.wait(), max(0.0, grant.expires - time.monotonic()))
                 continue
-            # Deltas are encoded on the loop: at most BATCH_LIMIT entries, mostly cache hits in the encoder.
-            for projected in project(entries, peer_filter, self.peers.self_uid):
-                for message in self._to_pb(projected, history_id):
+            for batch in self._projected(entries, cursor, peer_filter, history_id):
+                self._sent[batch.kind].inc()
+                for message in batch.messages:
                     yield message
-                if projected.received is not None:
-                    self.metrics.propagation_lag.observe(time.monotonic() - projected.received)
+                if batch.received is not None:
+                    self.metrics.propagation_lag.observe(time.monotonic() - batch.received)
             cursor = entries[-1].revision
+
+    def _projected(
+        self, entries: list[LogEntry], cursor: int, peer_filter: PeerFilter, history_id: str
+    ) -> list[ProjectedBatch]:
+        """The messages of log entries ``cursor+1..`` for one filter, built once for every stream at that position
+        with that filter (on the loop: no lock). Streams woken by one change read the same entries, so a relay
+        with hundreds of followers projects and encodes each change once per filter, not once per follower.
+        Deltas are encoded on the loop: at most BATCH_LIMIT entries, mostly cache hits in the encoder."""
+        self_uid = self.peers.self_uid
+        if len(entries) > SHARED_BATCH_ENTRIES or not self._shared_batches:
+            return self._build(entries, peer_filter, self_uid, history_id)
+        key = (peer_filter, self_uid, history_id, cursor, entries[-1].revision)
+        try:
+            hit = self._batches.get(key)
+        except TypeError:  # a filter that cannot be a key (never, as filters are built): built for this stream
+            return self._build(entries, peer_filter, self_uid, history_id)
+        if hit is not None:
+            self._batches.move_to_end(key)
+            return hit
+        built = self._build(entries, peer_filter, self_uid, history_id)
+        self._batches[key] = built
+        while len(self._batches) > self._shared_batches:
+            self._batches.popitem(last=False)
+        return built
+
+    def _build(
+        self, entries: list[LogEntry], peer_filter: PeerFilter, self_uid: str, history_id: str
+    ) -> list[ProjectedBatch]:
+        return [
+            ProjectedBatch(
+                "status" if isinstance(projected, StatusMessage) else "delta",
+                projected.received,
+                self._to_pb(projected, history_id),
+            )
+            for projected in project(entries, peer_filter, self_uid)
+        ]
 
     def _to_pb(self, message: DeltaMessage | StatusMessage, history_id: str) -> list[pb.WatchPeersResponse]:
         if isinstance(message, StatusMessage):
-            self._sent["status"].inc()
             status = pb.StatusChange(status=API_STATUS[message.change.status], reason=message.change.reason)
             return [pb.WatchPeersResponse(revision=message.revision, history_id=history_id, status=status)]
-        self._sent["delta"].inc()
         events = [pb.PeerEvent(type=EVENT_TYPE[e.type], peer=self.encoder.encode(e.peer)) for e in message.events]
         parts = split_by_size(events, lambda e: e.ByteSize())
         return [

@@ -220,3 +220,24 @@ def test_tls_only_verified_and_a_renewed_pair_is_served_without_a_restart(tmp_pa
         )
     finally:
         relay.close()
+
+
+def test_a_batch_is_projected_once_per_filter_and_position(relay: Relay) -> None:
+    """Followers at the same position with the same filter share the batch's messages (a relay's hundreds of
+    streams encode each change once); another filter, or another position, gets its own, correct, batch."""
+    from sidecar.core.projection import PeerFilter
+    from sidecar.core.selectors import parse_selector
+
+    cursor = relay.hub.head_revision()
+    relay.add("c")
+    entries = relay.hub.wait_entries(cursor, 0, 100)
+    assert entries
+    service, history = relay.service, relay.hub.history_id
+    everyone = PeerFilter()
+    first = service._projected(entries, cursor, everyone, history)
+    assert service._projected(entries, cursor, PeerFilter(), history) is first, "an equal filter shares it"
+    nobody = service._projected(entries, cursor, PeerFilter(selector=parse_selector("role=none")), history)
+    assert nobody is not first and not any(m.delta.events for b in nobody for m in b.messages)
+    assert [e.peer.name for b in first for m in b.messages for e in m.delta.events] == ["c"]
+    later = service._projected(entries[1:], entries[0].revision, everyone, history) if len(entries) > 1 else []
+    assert later is not first
