@@ -339,6 +339,7 @@ class Registrar:
         self.listener: Subscribers | None = None
         self.pending = 0
         self.retries = 0
+        self.last_write = 0.0  # monotonic: when the latest CR write (a registration or deregistration) succeeded
         self.errors: list[str] = []
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="registrar")
@@ -363,6 +364,8 @@ class Registrar:
                 for attempt in range(attempts):
                     try:
                         action()
+                        with self._lock:
+                            self.last_write = max(self.last_write, time.monotonic())
                         return
                     except Exception as exc:  # noqa: BLE001 - retried, then recorded
                         if attempt == attempts - 1:
@@ -647,6 +650,9 @@ class RolloutBench:
                 replaced = [r for r in records if r.name in old]
                 last_ready = max(r.ready for r in new if r.ready is not None)
                 last_gone = max((r.gone for r in replaced if r.gone is not None), default=settled_at)
+                # The peer set is final at the later of the last Ready and the last CR write (a new pod's
+                # registration, an old one's deregistration): under load the writes trail the Ready by seconds.
+                final_at = max(last_ready, self.registrar.last_write)
                 converged: dict[str, Any] = {}
                 for _ in range(10):  # the truth can move once more (a late controller write): read it again
                     truth, peers = final_peers(self.api)
@@ -664,6 +670,12 @@ class RolloutBench:
                     replaced_pods=sum(1 for r in replaced if r.gone is not None),
                     last_ready_after_restart_s=last_ready - restart_at,
                     last_pod_gone_after_last_ready_s=last_gone - last_ready,
+                    last_write_after_last_ready_s=self.registrar.last_write - last_ready,
+                    convergence_after_final_s={
+                        "p50": percentile([t - final_at for t in changes.values()], 50),
+                        "p99": percentile([t - final_at for t in changes.values()], 99),
+                        "max": max((t - final_at for t in changes.values()), default=None),
+                    },
                     settled_after_restart_s=settled_at - restart_at,
                     converged=converged["converged"],
                     behind=converged["behind_count"],
@@ -840,6 +852,14 @@ def plot(rows: list[dict[str, Any]]) -> None:
             xs, [(r["apiserver_watch_bytes"] or 0) / 1e6 for r in series], "-", marker=marker, color=color, label=arm
         )
         axes[1].plot(xs, [r["apiserver_cpu_s"] for r in series], "-", marker=marker, color=color, label=arm)
+        if arm == "relays":  # what the relays send their followers: the cost that moved off the API server
+            axes[0].plot(
+                xs, [(r["rollout_bytes"] or 0) / 1e6 for r in series], "--", marker=marker, color=color,
+                label="relays' egress",
+            )  # fmt: skip
+            axes[1].plot(
+                xs, [r["relay_cpu_s"] for r in series], "--", marker=marker, color=color, label="relays' CPU-s"
+            )
         axes[2].plot(xs, [r["p99"] for r in series], "-", marker=marker, color=color, label=f"{arm} p99")
         axes[2].plot(xs, [r["max"] for r in series], ":", marker=marker, color=color, label=f"{arm} max")
     # COST_MODEL.md: one rolling restart costs ~100 KB per (restart x watcher): P² with every pod watching,
@@ -853,10 +873,12 @@ def plot(rows: list[dict[str, Any]]) -> None:
     axes[0].plot(
         sizes, [p * relays * 100e3 / 1e6 for p in sizes], ":", color="C2", label=f"model, relays: {relays} x P x 100 KB"
     )
+    egress = [p * p * 2e3 / 1e6 for p in sizes]
+    axes[0].plot(sizes, egress, ":", color="C2", alpha=0.5, label="model, relays' egress: P² x 2 KB")
     axes[2].axhline(1.0, color="grey", linestyle="--", linewidth=0.8, label="goal through relays: p99 1 s")
     titles = (
-        "API server watch-event bytes, one rollout (MB)",
-        "kube-apiserver CPU-s, one rollout",
+        "API server watch-event bytes (relays' egress), one rollout (MB)",
+        "kube-apiserver CPU-s (relays' CPU-s), one rollout",
         "convergence after the last Ready (s)",
     )
     for axis, title in zip(axes, titles, strict=True):
