@@ -118,7 +118,11 @@ def run_size(size: int, rounds: int, removals: int, work: pathlib.Path, bin_dir:
             work,
         ).start()
         sidecar_process = launch_etcd_sidecar(
-            f"sidecar-{size}", NAMESPACE, etcd.url, work / "sidecars", extra_env={"DISCOVERY_LOG_LEVEL": "warning"},
+            f"sidecar-{size}",
+            NAMESPACE,
+            etcd.url,
+            work / "sidecars",
+            extra_env={"DISCOVERY_LOG_LEVEL": "warning"},
             start=False,
         )
         sidecar = EtcdSidecarObserver(sidecar_process).start()
@@ -139,9 +143,7 @@ def run_size(size: int, rounds: int, removals: int, work: pathlib.Path, bin_dir:
             name = f"{lease:x}"
             t0 = time.time_ns()
             client.put(key_of(lease).encode(), entry(lease, seq), lease=lease)
-            seen = wait_all(
-                observers, lambda o, n=name, s=seq: (lambda r: r.name == n and r.seq == s), t0
-            )
+            seen = wait_all(observers, lambda o, n=name, s=seq: lambda r: r.name == n and r.seq == s, t0)
             for observer in observers:
                 if observer.name in seen:
                     updates[observer.name].append(seen[observer.name])
@@ -154,9 +156,7 @@ def run_size(size: int, rounds: int, removals: int, work: pathlib.Path, bin_dir:
             name = f"{lease:x}"
             t0 = time.time_ns()
             client.lease_revoke(lease)
-            seen = wait_all(
-                observers, lambda o, n=name: (lambda r: r.name == n and r.type in ("DELETE", "REMOVED")), t0
-            )
+            seen = wait_all(observers, lambda o, n=name: lambda r: r.name == n and r.type in ("DELETE", "REMOVED"), t0)
             for observer in observers:
                 if observer.name in seen:
                     removal[observer.name].append(seen[observer.name])

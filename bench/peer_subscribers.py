@@ -44,6 +44,7 @@ class Totals:
         self.events: Counter[str] = Counter()
         self.requests: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
+        self.reasons: Counter[str] = Counter()  # "CODE: details" of the failed streams (what the server said)
 
 
 class Subscriber:
@@ -56,10 +57,20 @@ class Subscriber:
         self.view = PeerSetView()
         self.synced = asyncio.Event()
         self.last_peer_change = 0.0
+        self.failed_at: float | None = None  # monotonic: the last stream failure not yet followed by a sync
+        self.failovers: list[float] = []  # seconds from a stream's failure to the next replica's first sync
         self.task: asyncio.Task[None] | None = None
 
     def peers(self) -> dict[str, str]:
         return {p.name: STATES.get(p.state, "UNKNOWN") for p in self.view.peers.values()}
+
+    def slim(self, stored: list[pb.Peer]) -> None:
+        """Keep only what ``peers()`` reads of each peer just stored. A peer taken from a message keeps that
+        whole message alive (protobuf's arena): a thousand subscribers holding a thousand peers each would
+        hold every snapshot and delta they ever received (gigabytes), where each sidecar holds one set."""
+        for peer in stored:
+            if self.view.peers.get(peer.uid) is peer:
+                self.view.peers[peer.uid] = pb.Peer(uid=peer.uid, name=peer.name, state=peer.state)
 
     async def run(self) -> None:
         group = self.group
@@ -75,18 +86,30 @@ class Subscriber:
                     group.totals.bytes["watchpeers"] += message.ByteSize() + 5
                     kind = message.WhichOneof("kind") or ""
                     group.totals.events[kind] += 1
+                    before = self.peers() if kind == "snapshot" and not message.partial else None
                     update = self.view.apply(message)
                     if update is None:
                         continue
-                    if update.reset or update.added or update.updated or update.removed:
+                    self.slim(list(self.view.peers.values()) if update.reset else [*update.added, *update.updated])
+                    if before is not None:  # a snapshot (a new replica's, after a failover) may change nothing
+                        changed = before != self.peers()
+                    else:
+                        changed = bool(update.added or update.updated or update.removed)
+                    if changed:
                         self.last_peer_change = time.monotonic()
                     if kind in ("snapshot", "resumed"):
                         self.synced.set()
+                        if self.failed_at is not None:
+                            self.failovers.append(time.monotonic() - self.failed_at)
+                            self.failed_at = None
                     backoff = 0.1
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as exc:
                 group.totals.errors[f"{exc.code().name}"] += 1
+                group.totals.reasons[f"{exc.code().name}: {(exc.details() or '')[:160]}"] += 1
+                if self.failed_at is None:
+                    self.failed_at = time.monotonic()
             finally:
                 if not group.shared_channels:
                     await channel.close()
@@ -143,11 +166,17 @@ class Subscribers:
             if not behind or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)  # poll: the streams advance between checks
+        wanted = set(peers)
+        held = [set(s.peers()) for s in self.subscribers.values()]
         return {
             "converged": not behind,
             "behind": behind[:20],
             "behind_count": len(behind),
+            # Peers of the truth a subscriber lacks, and peers it holds that the truth has not, over all of them.
+            "lost": sum(len(wanted - h) for h in held),
+            "phantom": sum(len(h - wanted) for h in held),
             "last_peer_change": {s.index: s.last_peer_change for s in self.subscribers.values()},
+            "failover_s": [f for s in self.subscribers.values() for f in s.failovers],
         }
 
     def stats(self) -> dict[str, Any]:
@@ -156,6 +185,7 @@ class Subscribers:
             "events": dict(self.totals.events),
             "requests": dict(self.totals.requests),
             "errors": dict(self.totals.errors),
+            "error_reasons": dict(self.totals.reasons.most_common(10)),
             "watchers": len(self.subscribers),
             "t": time.monotonic(),
         }
@@ -181,6 +211,7 @@ class Subscribers:
                 reply["stats"] = self.stats()
             elif cmd == "converge":
                 reply.update(await self.converge(command.get("peers") or {}, float(command.get("timeout", 120))))
+                print(json.dumps({"error_reasons": self.stats()["error_reasons"]}), file=sys.stderr, flush=True)
             elif cmd == "quit":
                 break
             reply["t"] = time.monotonic()

@@ -14,8 +14,9 @@ rollout on the same plane, one after the other:
   holding one simulated sidecar per live pod (the sidecar's requests; a new pod's sidecar starts with a
   fresh sync when kwok starts the pod, an old one's stops when its pod is gone);
 * ``routers`` (``W = R``, 10 by default): only routers watch the API server, through the whole rollout;
-* ``relays``: every pod follows one of 3 relay replicas over ``WatchPeers`` (``RelaySubscribers``: the
-  hook for ``discovery-sidecar relay``, which does not exist yet).
+* ``relays``: every pod follows one of 3 ``discovery-sidecar relay`` replicas over ``WatchPeers``
+  (``RelaySubscribers``); ``relays-kill`` likewise, with one replica killed (SIGKILL) mid-rollout: its
+  followers move to the others.
 
 Per arm: the connect phase (the subscribers' initial sync), then the rollout: bytes the subscribers
 received and the API server's own count of watch-event bytes, CPU seconds of kube-apiserver, etcd,
@@ -64,10 +65,12 @@ from bench.cost import (
 )
 from bench.watchers import live_endpoints
 from bench.workload import LABELS, NAMESPACE, SERVICE, metadata
-from devcluster.build import ensure_built
+from devcluster.build import ROOT, ensure_built
 from devcluster.cluster import ControlPlane
 from devcluster.kwok import Kwok, pod_template_spec
-from devcluster.objects import ENDPOINT_SLICES, PODS, WORKER_METADATA, Cluster
+from devcluster.objects import ENDPOINT_SLICES, PODS, SERVICE_ACCOUNTS, WORKER_METADATA, Cluster
+from devcluster.relays import RelayProcess, launch_relay, make_relay_tls
+from devcluster.sidecars import write_token_kubeconfig
 from devcluster.waiting import wait_for
 from devcluster.watching import CollectionWatch
 from sidecar.kube.api import ApiError, KubeApi
@@ -176,27 +179,137 @@ def peer_subscribers(
     return JsonLinesChild(argv, log)
 
 
+RELAY_NAMESPACE = "discovery-sidecar"
+RELAY_SERVICE_ACCOUNT = "discovery-sidecar-relay"
+RELAY_RBAC = ROOT / "manifests" / "components" / "relay" / "relay-rbac.yaml"
+
+
+def relay_kubeconfig(plane: ControlPlane, work: pathlib.Path) -> pathlib.Path:
+    """The relays' own credentials: the relay's ServiceAccount with the ClusterRole the manifests ship
+    (``manifests/components/relay/relay-rbac.yaml``), so the benchmark runs the relay with exactly the
+    rights a deployment gives it."""
+    api = KubeApi.from_kubeconfig(str(plane.kubeconfig))
+    try:
+        cluster = Cluster(api)
+        with contextlib.suppress(ApiError):  # already there from an earlier arm
+            cluster.create_namespace(RELAY_NAMESPACE)
+        kubectl = [str(plane.kubectl), f"--kubeconfig={plane.kubeconfig}", f"--namespace={RELAY_NAMESPACE}"]
+        subprocess.run([*kubectl, "apply", "-f", str(RELAY_RBAC)], check=True, capture_output=True, timeout=120)
+        cluster.wait_for_service_account(RELAY_NAMESPACE, RELAY_SERVICE_ACCOUNT)
+        reply = api.create(
+            SERVICE_ACCOUNTS.item(RELAY_NAMESPACE, RELAY_SERVICE_ACCOUNT) + "/token",
+            {
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenRequest",
+                "spec": {"audiences": ["https://kubernetes.default.svc"], "expirationSeconds": 7200},
+            },
+        )
+    finally:
+        api.close()
+    return write_token_kubeconfig(plane, reply["status"]["token"], work / "relay.kubeconfig")
+
+
+class RelaySubscribers(ProcessSubscribers):
+    """Every pod's sidecar follows one of the relay replicas: one WatchPeers stream each, over TLS, with the
+    sidecar service account's token, spread round-robin over the replicas and moved to the next one when its
+    relay fails (``bench.peer_subscribers``). ``kill_at``: once that fraction of ``P`` new pods has started
+    during the rollout, the first replica is killed (``relays-kill``); its followers fail over to the others."""
+
+    def __init__(
+        self,
+        name: str,
+        relays: list[RelayProcess],
+        child: JsonLinesChild,
+        probes: JsonLinesChild,
+        kill_at: float | None = None,
+    ) -> None:
+        super().__init__(name, child, every_pod=True)
+        self.relays = relays
+        # One more subscriber per replica, in a process of its own that does nothing else: how soon a reader
+        # that keeps up hears the final set (the pods' simulator, one Python thread for all of them, falls
+        # behind on this shared machine, so its convergence is partly its own backlog).
+        self.probes = ProcessSubscribers("probes", probes, every_pod=False, fixed=len(relays))
+        self.kill_at = kill_at
+        self.kill_after: int | None = None  # new pods started before the kill; set by start() from P
+        self.started_during_rollout = 0
+        self.killed_at: float | None = None  # monotonic
+
+    def start(self, pods: Sequence[str]) -> None:
+        if self.kill_at is not None:
+            self.kill_after = max(1, int(self.kill_at * len(pods)))
+        self.probes.start(())
+        super().start(pods)
+
+    def pod_started(self, pod: str) -> None:
+        super().pod_started(pod)
+        self.started_during_rollout += 1
+        if self.kill_after is not None and self.killed_at is None and self.started_during_rollout >= self.kill_after:
+            self.killed_at = time.monotonic()
+            say(f"  killing relay-0 after {self.started_during_rollout} new pods")
+            self.relays[0].kill()
+
+    def converge(self, truth: dict[str, dict[str, str]], peers: dict[str, str], timeout: float) -> dict[str, Any]:
+        reply = super().converge(truth, peers, timeout)
+        failovers = reply.pop("failover_s", None) or []
+        reply["failover_s"] = {
+            "streams": len(failovers),
+            "p50": percentile(failovers, 50),
+            "p99": percentile(failovers, 99),
+            "max": max(failovers) if failovers else None,
+        }
+        reply["killed_at"] = self.killed_at
+        probes = self.probes.converge(truth, peers, timeout)
+        reply["probes"] = {
+            "converged": probes["converged"],
+            "lost": probes.get("lost"),
+            "phantom": probes.get("phantom"),
+            "last_peer_change": probes["last_peer_change"],
+        }
+        return reply
+
+    def processes(self) -> dict[str, int]:
+        pids = {f"relay-{i}": r.process.pid for i, r in enumerate(self.relays) if r.process is not None}
+        return super().processes() | pids
+
+    def close(self) -> None:
+        try:
+            self.probes.close()
+            super().close()
+        finally:
+            for relay in self.relays:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    relay.terminate()
+
+
 def relay_arm(
     name: str, plane: ControlPlane, token: pathlib.Path, logs: pathlib.Path, args: argparse.Namespace
 ) -> Subscribers:
-    """``relays``: every pod following one of ``--relays`` relay replicas over WatchPeers (issue #23, items 1-2).
-
-    The hook for the relay, which does not exist yet. What it needs to return: a ``Subscribers`` whose
-    subscribers are ``ProcessSubscribers(name, peer_subscribers(targets, logs / ..., ca, token),
-    every_pod=True)`` (one WatchPeers stream per pod, spread over the relays, resumed on the next relay when
-    one fails: ``bench/peer_subscribers.py``, tested against a real sidecar), and whose ``processes()`` adds
-    each relay replica (``relay-0``, ...) so that their CPU-s and peak RSS are reported, and whose ``close()``
-    stops them. The relays are ``discovery-sidecar relay`` processes started here against ``plane`` with
-    ``DISCOVERY_NAMESPACES=bench``, ``DISCOVERY_SERVICE_NAME=workers`` (``bench.workload``),
-    ``DISCOVERY_RELAY_LISTEN=127.0.0.1:<free port>`` and TLS, authenticating to the API server with a
-    kubeconfig of their own; the subscribers present ``token`` (the sidecar service account's)."""
-    raise NotImplementedError("the relay arm needs `discovery-sidecar relay` (issue #23, items 1-2)")
+    """``relays`` (and ``relays-kill``): every pod following one of ``--relays`` ``discovery-sidecar relay``
+    replicas over WatchPeers (issue #23, items 1-2 and 4). The relays watch ``bench``'s EndpointSlices of
+    ``workers`` and its CRs with their own ServiceAccount; the subscribers present ``token`` (the sidecar
+    service account's), which the relays check with a TokenReview and a SubjectAccessReview."""
+    kubeconfig = relay_kubeconfig(plane, logs)
+    tls = make_relay_tls(logs / "relay-pki")  # a test CA of the relays' own, and their certificate for localhost
+    watch = {"DISCOVERY_NAMESPACES": NAMESPACE, "DISCOVERY_SERVICE_NAME": SERVICE}
+    relays = [launch_relay(f"{name}-relay-{i}", kubeconfig, tls, logs, watch) for i in range(args.relays)]
+    try:
+        for relay in relays:
+            relay.wait_ready(120)
+        targets = [r.address for r in relays]
+        child = peer_subscribers(targets, logs / f"subscribers-{name}.log", tls.ca, token)
+        probes = peer_subscribers(targets, logs / f"probes-{name}.log", tls.ca, token)
+    except BaseException:
+        for relay in relays:
+            relay.terminate()
+        raise
+    return RelaySubscribers(name, relays, child, probes, args.kill_at if name == "relays-kill" else None)
 
 
 ARMS: dict[str, Callable[[str, ControlPlane, pathlib.Path, pathlib.Path, argparse.Namespace], Subscribers]] = {
     "routers": watcher_arm,
     "every-pod": watcher_arm,
     "relays": relay_arm,
+    "relays-kill": relay_arm,
 }
 
 
@@ -226,6 +339,7 @@ class Registrar:
         self.listener: Subscribers | None = None
         self.pending = 0
         self.retries = 0
+        self.last_write = 0.0  # monotonic: when the latest CR write (a registration or deregistration) succeeded
         self.errors: list[str] = []
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="registrar")
@@ -250,6 +364,8 @@ class Registrar:
                 for attempt in range(attempts):
                     try:
                         action()
+                        with self._lock:
+                            self.last_write = max(self.last_write, time.monotonic())
                         return
                     except Exception as exc:  # noqa: BLE001 - retried, then recorded
                         if attempt == attempts - 1:
@@ -342,6 +458,19 @@ def final_peers(api: KubeApi) -> tuple[dict[str, dict[str, str]], dict[str, str]
     names = {i["metadata"]["name"] for i in crs}
     truth = {"endpointslices": rv_map(iter(slices)), "dynamoworkermetadatas": rv_map(iter(crs))}
     return truth, {pod: state for pod, state in live.items() if pod in names}
+
+
+def _probes(probes: Mapping[str, Any] | None, last_ready: float) -> dict[str, Any] | None:
+    """The relay arms' probes (one prompt reader per replica): their convergence after the last Ready."""
+    if not probes:
+        return None
+    after = [t - last_ready for t in probes["last_peer_change"].values()]
+    return {
+        "converged": probes["converged"],
+        "lost": probes["lost"],
+        "phantom": probes["phantom"],
+        "convergence_s": {"subscribers": len(after), "max": max(after) if after else None, "each": sorted(after)},
+    }
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -521,6 +650,9 @@ class RolloutBench:
                 replaced = [r for r in records if r.name in old]
                 last_ready = max(r.ready for r in new if r.ready is not None)
                 last_gone = max((r.gone for r in replaced if r.gone is not None), default=settled_at)
+                # The peer set is final at the later of the last Ready and the last CR write (a new pod's
+                # registration, an old one's deregistration): under load the writes trail the Ready by seconds.
+                final_at = max(last_ready, self.registrar.last_write)
                 converged: dict[str, Any] = {}
                 for _ in range(10):  # the truth can move once more (a late controller write): read it again
                     truth, peers = final_peers(self.api)
@@ -538,11 +670,24 @@ class RolloutBench:
                     replaced_pods=sum(1 for r in replaced if r.gone is not None),
                     last_ready_after_restart_s=last_ready - restart_at,
                     last_pod_gone_after_last_ready_s=last_gone - last_ready,
+                    last_write_after_last_ready_s=self.registrar.last_write - last_ready,
+                    convergence_after_final_s={
+                        "p50": percentile([t - final_at for t in changes.values()], 50),
+                        "p99": percentile([t - final_at for t in changes.values()], 99),
+                        "max": max((t - final_at for t in changes.values()), default=None),
+                    },
                     settled_after_restart_s=settled_at - restart_at,
                     converged=converged["converged"],
                     behind=converged["behind_count"],
                     behind_why=converged.get("behind_why"),
                     behind_sample=converged.get("behind"),
+                    lost=converged.get("lost"),
+                    phantom=converged.get("phantom"),
+                    failover_s=converged.get("failover_s"),
+                    probes=_probes(converged.get("probes"), last_ready),
+                    relay_killed_after_restart_s=(
+                        converged["killed_at"] - restart_at if converged.get("killed_at") else None
+                    ),
                     convergence_s={
                         "subscribers": len(after),
                         "p50": percentile(after, 50),
@@ -576,6 +721,12 @@ def _mb(value: float | None) -> str:
 
 def _num(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _relays(values: Mapping[str, float], combine: Callable[[list[float]], float]) -> float | None:
+    """The relay replicas' figures (``relay-0``, ...) combined: their CPU-s summed, their largest RSS."""
+    found = [v for k, v in values.items() if k.startswith("relay-")]
+    return combine(found) if found else None
 
 
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -617,6 +768,15 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     group[0].get("kwok_parallelism", "?"), group[0].get("args", {}).get("registrar_threads", "?")
                 ),
                 "rollout_seconds": med(lambda r: r["rollout"]["seconds"]),
+                "relay_cpu_s": med(lambda r: _relays(r["rollout"]["cpu_s"], sum)),
+                "relay_peak_rss": med(lambda r: _relays(r["rollout"]["peak_rss_bytes"], max)),
+                "lost": med(lambda r: r["rollout"].get("lost")),
+                "phantom": med(lambda r: r["rollout"].get("phantom")),
+                "failover_p50": med(lambda r: (r["rollout"].get("failover_s") or {}).get("p50")),
+                "failover_max": med(lambda r: (r["rollout"].get("failover_s") or {}).get("max")),
+                "failover_streams": med(lambda r: (r["rollout"].get("failover_s") or {}).get("streams")),
+                "load": med(lambda r: (r.get("machine") or {}).get("load_before", [None])[0]),
+                "probe_max": med(lambda r: ((r["rollout"].get("probes") or {}).get("convergence_s") or {}).get("max")),
             }
         )
     return rows
@@ -636,16 +796,24 @@ def write_report() -> list[dict[str, Any]]:
         f"maxUnavailable {args.get('max_unavailable', '?')}; kwok: a pod Ready {args.get('ready', '?')} to "
         f"{args.get('ready_max', '?')} after it started,",
         f"its containers out {args.get('stop', '?')} after its deletion). Subscribers simulated by `bench.watchers",
-        "--peers` (the sidecar's requests). Convergence: from the last new pod's Ready to each subscriber holding the",
-        "final peer set, over every subscriber alive at the end. MB = 10^6 bytes; medians over `n` runs.",
+        "--peers` (the sidecar's requests), or for `relays` by `bench.peer_subscribers` (one WatchPeers stream",
+        "per pod, over TLS, to one of 3 `discovery-sidecar relay` replicas; `relays-kill`: the first replica",
+        "SIGKILLed once half the new pods started). Convergence: from the last new pod's Ready to each subscriber",
+        "holding the final peer set, over every subscriber alive at the end. Lost / phantom: peers missing from /",
+        "extra in the subscribers' final sets, summed. Failover: from a stream's failure to its snapshot from the",
+        "next replica. Probes (relay arms): one more subscriber per replica in a process of its own, a reader that",
+        "keeps up; their largest convergence. Load: the 1-minute load average when the arm started (2 cores).",
+        "MB = 10^6 bytes; medians over `n` runs.",
         "",
         "| P | arm | n | subscribers | connect MB / apiserver CPU-s / s | rollout MB to subscribers (apiserver "
         "watch-event MB) | apiserver CPU-s | etcd / kcm / kwok CPU-s | subscribers CPU-s | apiserver peak RSS MB | "
-        "last Ready after restart s | convergence s p50 / p99 / max | kwok / registrar writes at once |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "last Ready after restart s | convergence s p50 / p99 / max | kwok / registrar writes at once | "
+        "relays CPU-s (all) / peak RSS MB (largest) | lost / phantom | failover s p50 / max (streams) | load |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         flag = "" if r["converged"] else " NOT converged"
+        probe = "" if r["probe_max"] is None else f" (probes: {r['probe_max']:.2f})"
         lines.append(
             f"| {r['P']} | {r['arm']} | {r['repeats']} | {_num(r['subscribers'], 0)} | "
             f"{_mb(r['connect_bytes'])} / {_num(r['connect_apiserver_cpu_s'])} / {_num(r['connect_seconds'])} | "
@@ -653,7 +821,10 @@ def write_report() -> list[dict[str, Any]]:
             f"{_num(r['etcd_cpu_s'])} / {_num(r['kcm_cpu_s'])} / {_num(r['kwok_cpu_s'])} | "
             f"{_num(r['subscriber_cpu_s'])} | "
             f"{_mb(r['apiserver_peak_rss'])} | {_num(r['last_ready_s'])} | "
-            f"{_num(r['p50'], 2)} / {_num(r['p99'], 2)} / {_num(r['max'], 2)}{flag} | {r['at_once']} |"
+            f"{_num(r['p50'], 2)} / {_num(r['p99'], 2)} / {_num(r['max'], 2)}{flag}{probe} | {r['at_once']} | "
+            f"{_num(r['relay_cpu_s'])} / {_mb(r['relay_peak_rss'])} | {_num(r['lost'], 0)} / {_num(r['phantom'], 0)} | "
+            f"{_num(r['failover_p50'], 2)} / {_num(r['failover_max'], 2)} ({_num(r['failover_streams'], 0)}) | "
+            f"{_num(r['load'])} |"
         )
     (RESULTS_DIR / "ROLLOUT.md").write_text("\n".join(lines) + "\n")
     plot(rows)
@@ -681,6 +852,14 @@ def plot(rows: list[dict[str, Any]]) -> None:
             xs, [(r["apiserver_watch_bytes"] or 0) / 1e6 for r in series], "-", marker=marker, color=color, label=arm
         )
         axes[1].plot(xs, [r["apiserver_cpu_s"] for r in series], "-", marker=marker, color=color, label=arm)
+        if arm == "relays":  # what the relays send their followers: the cost that moved off the API server
+            axes[0].plot(
+                xs, [(r["rollout_bytes"] or 0) / 1e6 for r in series], "--", marker=marker, color=color,
+                label="relays' egress",
+            )  # fmt: skip
+            axes[1].plot(
+                xs, [r["relay_cpu_s"] for r in series], "--", marker=marker, color=color, label="relays' CPU-s"
+            )
         axes[2].plot(xs, [r["p99"] for r in series], "-", marker=marker, color=color, label=f"{arm} p99")
         axes[2].plot(xs, [r["max"] for r in series], ":", marker=marker, color=color, label=f"{arm} max")
     # COST_MODEL.md: one rolling restart costs ~100 KB per (restart x watcher): P² with every pod watching,
@@ -694,10 +873,12 @@ def plot(rows: list[dict[str, Any]]) -> None:
     axes[0].plot(
         sizes, [p * relays * 100e3 / 1e6 for p in sizes], ":", color="C2", label=f"model, relays: {relays} x P x 100 KB"
     )
+    egress = [p * p * 2e3 / 1e6 for p in sizes]
+    axes[0].plot(sizes, egress, ":", color="C2", alpha=0.5, label="model, relays' egress: P² x 2 KB")
     axes[2].axhline(1.0, color="grey", linestyle="--", linewidth=0.8, label="goal through relays: p99 1 s")
     titles = (
-        "API server watch-event bytes, one rollout (MB)",
-        "kube-apiserver CPU-s, one rollout",
+        "API server watch-event bytes (relays' egress), one rollout (MB)",
+        "kube-apiserver CPU-s (relays' CPU-s), one rollout",
         "convergence after the last Ready (s)",
     )
     for axis, title in zip(axes, titles, strict=True):
@@ -718,6 +899,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=["routers", "every-pod"])
     parser.add_argument("--routers", type=int, default=10, help="R, the routers arm's subscribers")
     parser.add_argument("--relays", type=int, default=3, help="relay replicas of the relays arm")
+    parser.add_argument(
+        "--kill-at", type=float, default=0.5, help="relays-kill: kill a replica once this share of P new pods started"
+    )
     parser.add_argument("--nodes", type=int, default=20, help="kwok nodes")
     parser.add_argument("--max-surge", default="25%", help="the Deployment's maxSurge (default: Kubernetes')")
     parser.add_argument("--max-unavailable", default="25%", help="the Deployment's maxUnavailable")

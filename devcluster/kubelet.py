@@ -93,11 +93,18 @@ class PodNetwork:
         return f"127.0.0.1:{self.ports[port]}"
 
 
-def mount_volumes(pod: Mapping[str, Any], container: Mapping[str, Any], root: pathlib.Path) -> dict[str, pathlib.Path]:
+def mount_volumes(
+    pod: Mapping[str, Any],
+    container: Mapping[str, Any],
+    root: pathlib.Path,
+    config_map: Callable[[str, str], Mapping[str, str] | None] | None = None,
+) -> dict[str, pathlib.Path]:
     """Materialise the container's mounts under ``root``: mount path -> host directory.
 
     The service-account token volume is skipped (the stand-in hands the process a pod-bound token in a
-    kubeconfig instead: in-cluster credentials are read from a fixed path that cannot be moved)."""
+    kubeconfig instead: in-cluster credentials are read from a fixed path that cannot be moved). A configMap
+    volume gets the ConfigMap's keys as files, read with ``config_map(namespace, name)`` (None: it does not
+    exist, which leaves an optional volume empty and refuses a required one, as the kubelet would)."""
     volumes = {v["name"]: v for v in (pod.get("spec") or {}).get("volumes") or ()}
     mounts: dict[str, pathlib.Path] = {}
     for mount in container.get("volumeMounts") or ():
@@ -113,8 +120,17 @@ def mount_volumes(pod: Mapping[str, Any], container: Mapping[str, Any], root: pa
                 if "fieldRef" not in item:
                     raise UnsupportedSpec(f"volume {mount['name']}: only fieldRef items are supported")
                 (host / item["path"]).write_text(field_value(pod, item["fieldRef"]["fieldPath"]))
+        elif "configMap" in volume and config_map is not None:
+            source = volume["configMap"]
+            data = config_map(pod["metadata"]["namespace"], source["name"])
+            if data is None and not source.get("optional"):
+                raise UnsupportedSpec(f"volume {mount['name']}: ConfigMap {source['name']} does not exist")
+            paths = {i["key"]: i["path"] for i in source.get("items") or ()} or {k: k for k in data or {}}
+            for key, path in paths.items():
+                if data and key in data:
+                    (host / path).write_text(data[key])
         elif "emptyDir" not in volume:
-            raise UnsupportedSpec(f"volume {mount['name']}: only downwardAPI and emptyDir are supported")
+            raise UnsupportedSpec(f"volume {mount['name']}: only downwardAPI, configMap and emptyDir are supported")
         mounts[mount["mountPath"]] = host
     return mounts
 

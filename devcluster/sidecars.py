@@ -8,6 +8,7 @@ in a cluster. Tests, the demo and the benchmarks all use this.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import pathlib
@@ -28,6 +29,7 @@ from devcluster.kubelet import PodNetwork, UnsupportedSpec, mount_volumes, resol
 from devcluster.objects import Cluster
 from devcluster.waiting import wait_for
 from sidecar.app.config import OPTIONS_BY_ENV
+from sidecar.kube.api import ApiError
 
 SIDECAR_SERVICE_ACCOUNT = "discovery-sidecar"
 
@@ -223,6 +225,17 @@ def launch_sidecar(
 SIDECAR_CONTAINER = "discovery-sidecar"
 
 
+def _config_map(cluster: Cluster, namespace: str, name: str) -> dict[str, str] | None:
+    """A ConfigMap's data as the kubelet would mount it; None when there is none of that name."""
+    try:
+        found = cluster.api.get(f"/api/v1/namespaces/{namespace}/configmaps/{name}")
+    except ApiError as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return {str(k): str(v) for k, v in (found.get("data") or {}).items()}
+
+
 def launch_from_pod(
     plane: ControlPlane,
     cluster: Cluster,
@@ -248,7 +261,7 @@ def launch_from_pod(
     if sidecar.get("args", ["run"])[:1] != ["run"]:
         raise UnsupportedSpec(f"pod {name}: the stand-in runs `discovery-sidecar run`, the spec says {sidecar['args']}")
     root = work_dir / name
-    mounts = mount_volumes(pod, sidecar, root / "volumes")
+    mounts = mount_volumes(pod, sidecar, root / "volumes", functools.partial(_config_map, cluster))
     env = translate_paths(resolve_env(pod, sidecar), mounts)
     podinfo_default = OPTIONS_BY_ENV["DISCOVERY_PODINFO_DIR"].default
     if "DISCOVERY_PODINFO_DIR" not in env and podinfo_default in mounts:

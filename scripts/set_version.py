@@ -26,6 +26,9 @@ PLACES: list[tuple[str, str]] = [
     # the injected sidecar's default image (the template, and the kustomize component generated from it)
     ("sidecar/app/injection/template.yaml", r"(?m)^  image: ghcr\.io/example/discovery-sidecar:(\S+)$"),
     ("manifests/components/injection/injection.yaml", r"(?m)^  image: ghcr\.io/example/discovery-sidecar:(\S+)$"),
+    # the relay's image (the component, and the chart's copy of it)
+    ("manifests/components/relay/relay.yaml", r"(?m)^          image: ghcr\.io/example/discovery-sidecar:(\S+)$"),
+    ("charts/discovery-sidecar/files/relay.yaml", r"(?m)^          image: ghcr\.io/example/discovery-sidecar:(\S+)$"),
 ]
 
 

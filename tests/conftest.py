@@ -21,6 +21,7 @@ from devcluster.cluster import ControlPlane
 from devcluster.etcd import EtcdServer
 from devcluster.kwok import Kwok
 from devcluster.objects import Cluster
+from devcluster.relays import RelayProcess, RelayTls, launch_relay, make_relay_tls
 from devcluster.sidecars import SidecarProcess, launch_sidecar
 from devcluster.sockets import short_socket_dir
 from sidecar.kube.api import KubeApi
@@ -147,3 +148,49 @@ def etcd(etcd_bin: pathlib.Path, tmp_path: pathlib.Path) -> Iterator[EtcdServer]
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def relay_tls(tmp_path_factory: pytest.TempPathFactory) -> RelayTls:
+    """A relay's key pair and the CA that verifies it, made once per session (devcluster.pki)."""
+    return make_relay_tls(tmp_path_factory.mktemp("relay-tls"))
+
+
+class Relays:
+    """Starts relay processes (``discovery-sidecar relay``) for a test and always stops them."""
+
+    def __init__(self, plane: ControlPlane, tls: RelayTls, work_dir: pathlib.Path) -> None:
+        self.plane = plane
+        self.tls = tls
+        self.work_dir = work_dir
+        self.running: list[RelayProcess] = []
+        self._count = itertools.count()
+
+    def start(self, settings: dict[str, str], kubeconfig: pathlib.Path | None = None) -> RelayProcess:
+        """A relay watching as ``settings`` say (the admin's credentials unless ``kubeconfig``)."""
+        relay = launch_relay(
+            f"relay-{next(self._count)}", kubeconfig or self.plane.kubeconfig, self.tls, self.work_dir, settings
+        )
+        self.running.append(relay)
+        return relay
+
+    def follow_env(self, *relays: RelayProcess) -> dict[str, str]:
+        """What a sidecar needs to follow ``relays``."""
+        return {
+            "DISCOVERY_UPSTREAM": ",".join(r.address for r in relays),
+            "DISCOVERY_UPSTREAM_CA": str(self.tls.ca),
+        }
+
+    def stop_all(self) -> None:
+        for relay in self.running:
+            try:
+                relay.terminate(timeout=15)
+            except Exception:  # noqa: BLE001 - teardown must reach every process
+                relay.kill()
+
+
+@pytest.fixture
+def relays(control_plane: ControlPlane, relay_tls: RelayTls, tmp_path: pathlib.Path) -> Iterator[Relays]:
+    manager = Relays(control_plane, relay_tls, tmp_path / "relays")
+    yield manager
+    manager.stop_all()

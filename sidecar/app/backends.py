@@ -14,7 +14,7 @@ from enum import StrEnum
 
 from sidecar.etcd import settings as etcd_settings
 from sidecar.kube import settings as kube_settings
-from sidecar.peers.backend import Backend, BackendSettings, SharedSettings
+from sidecar.peers.backend import Backend, BackendSettings, RelayBackend, SharedSettings
 from sidecar.peers.metrics import Metrics
 from sidecar.peers.options import Option, OptionReader
 from sidecar.peers.ports import PodIdentity
@@ -35,7 +35,7 @@ OPTION_TABLES: dict[BackendName, tuple[Option, ...]] = {
 
 
 def load_settings(
-    name: BackendName, reader: OptionReader, identity: PodIdentity
+    name: BackendName, reader: OptionReader, identity: PodIdentity, registers: bool = True, follows_relay: bool = False
 ) -> kube_settings.KubeSettings | etcd_settings.EtcdSettings | None:
     """The chosen backend's settings, read by its own loader; None when any problem was recorded.
 
@@ -45,7 +45,7 @@ def load_settings(
     foreign: Sequence[Option] = [o for other, table in OPTION_TABLES.items() if other is not name for o in table]
     if name is BackendName.ETCD:
         return etcd_settings.load(reader, foreign)
-    return kube_settings.load(reader, identity, foreign)
+    return kube_settings.load(reader, identity, foreign, registers=registers, follows_relay=follows_relay)
 
 
 def build(
@@ -68,3 +68,17 @@ def build(
 
     assert isinstance(backend_settings, kube_settings.KubeSettings), "load_settings read the Kubernetes table"
     return build_kube(settings, backend_settings, metrics, transport)
+
+
+def build_relay(
+    settings: SharedSettings,
+    backend_settings: BackendSettings,
+    metrics: Metrics,
+    access_ttl: float,
+    transport: object | None = None,
+) -> RelayBackend:
+    """A relay's watches and access reviews (Kubernetes only: it authorises clients by their tokens)."""
+    from sidecar.kube.backend import build_relay as build_kube_relay
+
+    assert isinstance(backend_settings, kube_settings.KubeSettings), "the relay reads the Kubernetes table"
+    return build_kube_relay(settings, backend_settings, metrics, access_ttl, transport)

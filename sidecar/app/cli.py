@@ -14,7 +14,7 @@ import grpc
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.client import DEFAULT_TARGET, DiscoveryClient, PeerSetUpdate, make_filter
 from sidecar import __version__
-from sidecar.app.config import ConfigError, add_arguments, load_settings
+from sidecar.app.config import ConfigError, add_arguments, load_relay_settings, load_settings
 from sidecar.core.instance_id import instance_id
 from sidecar.serve.wire import peer_from_pb_json
 
@@ -35,6 +35,24 @@ def _run(args: argparse.Namespace) -> int:
         print(f"discovery-sidecar: cannot start: {exc}", file=sys.stderr)
         return 1
     return sidecar.run_until_signalled()
+
+
+def _relay(args: argparse.Namespace) -> int:
+    try:
+        settings = load_relay_settings(args)
+    except ConfigError as exc:
+        print(f"discovery-sidecar relay: {exc}", file=sys.stderr)
+        return 2
+    from sidecar.app.logs import configure_logging
+    from sidecar.app.relay import Relay
+
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        relay = Relay(settings)
+    except OSError as exc:
+        print(f"discovery-sidecar relay: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return relay.run_until_signalled()
 
 
 def _instance_id(args: argparse.Namespace) -> int:
@@ -174,6 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(run)
     run.set_defaults(func=_run)
+
+    relay = commands.add_parser(
+        "relay",
+        help="run the relay tier: watch peers once, serve them to sidecars over TLS (DISCOVERY_UPSTREAM)",
+        description="Watch the peers of DISCOVERY_NAMESPACES as a sidecar would (same settings), and serve "
+        "WatchPeers and ListPeers on DISCOVERY_RELAY_LISTEN over TLS to sidecars that follow it, each client "
+        "authorised by its own service-account token. Reads the same options table as run; flags win.",
+    )
+    add_arguments(relay)
+    relay.set_defaults(func=_relay)
 
     ids = commands.add_parser("instance-id", help="print Dynamo's instance ID for pod names (NAME<TAB>ID)")
     ids.add_argument("names", nargs="+", metavar="NAME")

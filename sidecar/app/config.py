@@ -33,7 +33,7 @@ from sidecar.core.dynamo_schema import dynamo_metadata_problem
 from sidecar.core.resources import validate_worker_data
 from sidecar.core.selectors import SelectorError, selector_from_labels
 from sidecar.core.smg_manifest import SmgManifestSettings
-from sidecar.peers.backend import BackendSettings
+from sidecar.peers.backend import BackendSettings, Upstream
 from sidecar.peers.options import (
     Option,
     known,
@@ -41,7 +41,7 @@ from sidecar.peers.options import (
     parse_duration,
     parse_positive_int,
 )
-from sidecar.peers.ports import ListenAddress, PodIdentity, RegisterMode, WatchMode
+from sidecar.peers.ports import ListenAddress, PodIdentity, RegisterMode, TlsFiles, WatchMode
 from sidecar.serve.http_server import DebugPeers
 
 _T = TypeVar("_T")
@@ -106,6 +106,41 @@ def parse_byte_size(text: str) -> int:
     if value < 1024:
         raise ValueError(f"expected at least 1Ki, got {text!r}")
     return value
+
+
+def parse_relay_listen(text: str) -> ListenAddress:
+    """Where a relay serves sidecars: ``host:port`` on any interface (it is authenticated, over TLS)."""
+    return _parse_host_port(text, loopback_only=False)
+
+
+def parse_upstream(text: str) -> tuple[tuple[str, int], ...]:
+    """``host:port`` (a DNS name with several addresses: a headless Service) or a comma-separated list."""
+    targets = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        match = re.fullmatch(r"\[?([^\[\]/]+?)\]?:(\d+)", part)
+        if not match:
+            raise ValueError(f"expected host:port (e.g. discovery-relay.discovery.svc:50052), got {part!r}")
+        port = int(match.group(2))
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port {port} is out of range 1-65535")
+        targets.append((match.group(1), port))
+    if not targets:
+        raise ValueError("expected at least one host:port")
+    return tuple(targets)
+
+
+def parse_pem_file(text: str) -> str:
+    """A readable PEM file (a mounted Secret's key); its path."""
+    path = pathlib.Path(text.strip())
+    try:
+        content = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    if b"-----BEGIN " not in content:
+        raise ValueError(f"{path} is not a PEM file (no -----BEGIN line)")
+    return str(path)
 
 
 def parse_http_listen(text: str) -> ListenAddress | None:
@@ -260,6 +295,33 @@ COMMON_OPTIONS: tuple[Option, ...] = (
         "watch-only; never: watch-only (serve peers, write nothing)",
         default="auto",
     ),
+    Option(
+        "DISCOVERY_UPSTREAM",
+        "--upstream",
+        "follow a relay tier (discovery-sidecar relay) instead of watching the API server for peers: the relay "
+        "Service as host:port (a DNS name with several addresses) or a comma-separated list of host:port; "
+        "registration stays in the pod",
+    ),
+    Option(
+        "DISCOVERY_UPSTREAM_CA",
+        "--upstream-ca",
+        "PEM bundle of the CA that verifies the relay's certificate (required with DISCOVERY_UPSTREAM)",
+    ),
+    Option(
+        "DISCOVERY_RELAY_LISTEN",
+        "--relay-listen",
+        "discovery-sidecar relay: where it serves sidecars (TLS), host:port",
+        default="0.0.0.0:50052",
+    ),
+    Option("DISCOVERY_RELAY_TLS_CERT", "--relay-tls-cert", "discovery-sidecar relay: its certificate chain (PEM path)"),
+    Option("DISCOVERY_RELAY_TLS_KEY", "--relay-tls-key", "discovery-sidecar relay: its private key (PEM path)"),
+    Option(
+        "DISCOVERY_RELAY_ACCESS_TTL",
+        "--relay-access-ttl",
+        "discovery-sidecar relay: how long a client's TokenReview and SubjectAccessReviews are trusted before "
+        "they are asked again (an open stream is then checked again, and ended if refused)",
+        default="30s",
+    ),
     Option("DISCOVERY_LOG_FORMAT", "--log-format", "auto (JSON unless on a terminal), json or console", default="auto"),
     Option("DISCOVERY_LOG_LEVEL", "--log-level", "debug, info, warning or error", default="info"),
 )
@@ -315,6 +377,7 @@ class Settings:
     backend: BackendName
     backend_settings: BackendSettings
     raw: Mapping[str, str] = field(default_factory=dict, repr=False)
+    upstream: Upstream | None = None  # the relay followed for peers (DISCOVERY_UPSTREAM)
 
     @property
     def smg_manifest(self) -> SmgManifestSettings | None:
@@ -403,7 +466,11 @@ def load_settings(args: argparse.Namespace | None = None, environ: Mapping[str, 
     uid = reader.get("POD_UID")  # required by the backends that own objects by it (Kubernetes)
     labels = reader.get("DISCOVERY_POD_LABELS", parse_labels) or {}
     identity = PodIdentity(name=name or "", namespace=namespace or "", uid=uid or "")
-    backend_settings = load_backend_settings(backend, reader, identity)
+    upstream = _upstream(reader, backend)
+    # Following a relay, the relay decides what defines readiness: this pod's readiness options are not needed.
+    backend_settings = load_backend_settings(
+        backend, reader, identity, follows_relay="DISCOVERY_UPSTREAM" in reader.raw
+    )
     initial_metadata = _initial_metadata(reader)
     grpc_listen = reader.get("DISCOVERY_GRPC_LISTEN", parse_grpc_listen)
     http_listen = reader.get("DISCOVERY_HTTP_LISTEN", parse_http_listen)
@@ -429,6 +496,7 @@ def load_settings(args: argparse.Namespace | None = None, environ: Mapping[str, 
     # No problems, so every required setting was given and every one with a default parsed.
     assert backend_settings is not None, "a backend loader returns None only with a problem recorded"
     return Settings(
+        upstream=upstream,
         identity=identity,
         pod_labels=labels,
         grpc_listen=known(grpc_listen),
@@ -449,6 +517,110 @@ def load_settings(args: argparse.Namespace | None = None, environ: Mapping[str, 
         backend=backend,
         backend_settings=backend_settings,
         raw=reader.raw,
+    )
+
+
+def _upstream(reader: _Reader, backend: BackendName) -> Upstream | None:
+    targets = reader.get("DISCOVERY_UPSTREAM", parse_upstream)
+    ca = reader.get("DISCOVERY_UPSTREAM_CA", parse_pem_file)
+    if "DISCOVERY_UPSTREAM" not in reader.raw:
+        if "DISCOVERY_UPSTREAM_CA" in reader.raw:
+            reader.problems.append(
+                f"{reader.where('DISCOVERY_UPSTREAM_CA')} is set but {reader.where('DISCOVERY_UPSTREAM')} (the relay "
+                "to follow) is not"
+            )
+        return None
+    if backend is not BackendName.KUBERNETES:
+        reader.problems.append(
+            f"{reader.where('DISCOVERY_UPSTREAM')}: a relay serves Kubernetes peers; "
+            f"{reader.where('DYN_DISCOVERY_BACKEND')} is {backend.value!r}"
+        )
+    if "DISCOVERY_UPSTREAM_CA" not in reader.raw:
+        reader.problems.append(
+            f"{reader.where('DISCOVERY_UPSTREAM_CA')} is not set: the CA bundle that verifies the relay's certificate "
+            "(the ca.crt of its TLS Secret, or the cluster's CA bundle)"
+        )
+    if targets is None or ca is None:
+        return None
+    return Upstream(targets=targets, ca_file=ca)
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    """Every validated setting of ``discovery-sidecar relay``: what it watches (the Kubernetes table, read
+    as a sidecar reads it), where and how it serves, and how long a client's access is trusted."""
+
+    namespace: str  # its own (the default of DISCOVERY_NAMESPACES)
+    kube: BackendSettings  # a sidecar.kube.settings.KubeSettings
+    listen: ListenAddress
+    tls: TlsFiles
+    access_ttl: float
+    http_listen: ListenAddress | None
+    watch_silence_timeout: float
+    request_timeout: float
+    backoff_max: float
+    history_size: int
+    history_bytes: int
+    debug_peers: DebugPeers
+    shutdown_timeout: float
+    log_format: LogFormat
+    log_level: LogLevel
+    # What a relay never does (SharedSettings for the backend's watches): it registers nothing.
+    identity: PodIdentity = PodIdentity("", "", "")
+    pod_labels: Mapping[str, str] = field(default_factory=dict)
+    initial_metadata: Mapping[str, Any] = field(default_factory=dict)
+    register: RegisterMode = RegisterMode.NEVER
+    registration_resync: float = 60.0
+    upstream: Upstream | None = None
+
+
+def load_relay_settings(
+    args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+) -> RelaySettings:
+    """Resolve and validate the relay's settings; raise ``ConfigError`` listing all problems."""
+    reader = _Reader(args, os.environ if environ is None else environ)
+    namespace = reader.get("POD_NAMESPACE") or ""
+    if not namespace and not (reader.get("DISCOVERY_NAMESPACES") or "").strip():
+        reader.problems.append(
+            f"set {reader.where('DISCOVERY_NAMESPACES')} (where peers are watched) or "
+            f"{reader.where('POD_NAMESPACE')} (the relay's own namespace, its default)"
+        )
+    kube = load_backend_settings(BackendName.KUBERNETES, reader, PodIdentity("", namespace, ""), registers=False)
+    listen = reader.get("DISCOVERY_RELAY_LISTEN", parse_relay_listen)
+    cert = reader.get("DISCOVERY_RELAY_TLS_CERT", parse_pem_file, required="the relay's certificate (PEM path)")
+    key = reader.get("DISCOVERY_RELAY_TLS_KEY", parse_pem_file, required="the relay's private key (PEM path)")
+    access_ttl = reader.get("DISCOVERY_RELAY_ACCESS_TTL", parse_duration)
+    http_listen = reader.get("DISCOVERY_HTTP_LISTEN", parse_http_listen)
+    watch_silence_timeout = reader.get("DISCOVERY_WATCH_SILENCE_TIMEOUT", parse_duration)
+    request_timeout = reader.get("DISCOVERY_REQUEST_TIMEOUT", parse_duration)
+    backoff_max = reader.get("DISCOVERY_BACKOFF_MAX", parse_duration)
+    history_size = reader.get("DISCOVERY_HISTORY_SIZE", parse_positive_int)
+    history_bytes = reader.get("DISCOVERY_HISTORY_BYTES", parse_byte_size)
+    debug_peers = reader.get("DISCOVERY_DEBUG_PEERS", parse_choice(DebugPeers))
+    shutdown_timeout = reader.get("DISCOVERY_SHUTDOWN_TIMEOUT", parse_duration)
+    log_format = reader.get("DISCOVERY_LOG_FORMAT", parse_choice(LogFormat))
+    log_level = reader.get("DISCOVERY_LOG_LEVEL", parse_choice(LogLevel))
+    if kube is not None and kube.smg_manifest is not None:
+        reader.problems.append(f"{reader.where('DISCOVERY_SMG_MANIFEST')} is a sidecar's: a relay writes no manifest")
+    if reader.problems:
+        raise ConfigError("invalid relay configuration:\n  - " + "\n  - ".join(reader.problems))
+    assert kube is not None, "a backend loader returns None only with a problem recorded"
+    return RelaySettings(
+        namespace=namespace,
+        kube=kube,
+        listen=known(listen),
+        tls=TlsFiles(cert=known(cert), key=known(key)),
+        access_ttl=known(access_ttl),
+        http_listen=http_listen,
+        watch_silence_timeout=known(watch_silence_timeout),
+        request_timeout=known(request_timeout),
+        backoff_max=known(backoff_max),
+        history_size=known(history_size),
+        history_bytes=known(history_bytes),
+        debug_peers=known(debug_peers),
+        shutdown_timeout=known(shutdown_timeout),
+        log_format=known(log_format),
+        log_level=known(log_level),
     )
 
 

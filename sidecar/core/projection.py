@@ -34,12 +34,17 @@ class PeerFilter:
     ready_only: bool = False
     endpoint: EndpointPath | None = None
     model: str = ""
+    # The namespaces this client may see (a relay's authorised scope, never a client's own choice); None:
+    # every namespace the peer set holds.
+    namespaces: frozenset[str] | None = None
 
     def groups_of(self, peer: Peer, self_uid: str) -> tuple[str, ...] | None:
         """The group names ``peer`` is in, or None when the filter excludes it."""
         if peer.uid == self_uid and not self.include_self:
             return None
         if self.ready_only and peer.state is not PeerState.READY:
+            return None
+        if self.namespaces is not None and peer.namespace not in self.namespaces:
             return None
         if not self.selector.matches(peer.labels):
             return None

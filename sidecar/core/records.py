@@ -10,6 +10,8 @@ has this metadata) is a new parser and nothing else.
 * ``MetadataRecord``: the metadata one pod incarnation published (a ``DynamoWorkerMetadata`` CR).
 * ``InstanceRecord``: one key of one Dynamo instance in etcd (``sidecar.core.dynamo_keys.read_kv``);
   the instance join (``sidecar.core.instance_join``) makes a peer of each instance's keys.
+* ``RelayedPeer``: a peer already joined by a relay (``discovery-sidecar relay``), received over its
+  ``WatchPeers`` stream; the relayed join (``sidecar.core.relayed_join``) passes it through.
 
 A record whose data is unusable says so (``problem``) rather than being dropped by the source: the join
 decides what to keep (the last valid data of the same pod incarnation, or of the same lease), for every
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.core.containers import pod_peer_key
-from sidecar.core.peer import Document, PortInfo
+from sidecar.core.peer import Document, Peer, PortInfo
 
 
 @dataclass(frozen=True)
@@ -139,5 +141,18 @@ class InstanceRecord:
     problem: str | None = None
 
 
-Record = ReadinessRecord | MetadataRecord | InstanceRecord
+@dataclass(frozen=True)
+class RelayedPeer:
+    """A peer as a relay serves it: joined there (from its own watches, by the same rule), so nothing
+    is left to join here. Keyed by the peer's key (``Peer.uid``)."""
+
+    peer: Peer
+
+    @property
+    def problem(self) -> str | None:
+        """A relay sends only peers that joined: never rejected here."""
+        return None
+
+
+Record = ReadinessRecord | MetadataRecord | InstanceRecord | RelayedPeer
 """Anything a source writes into the store."""

@@ -117,6 +117,14 @@ class KubeApi:
     def close(self) -> None:
         self.api_client.close()
 
+    def bearer_token(self) -> str:
+        """The token this client presents to the API server ("" when it authenticates otherwise, e.g. with a
+        client certificate). In a pod, the projected service-account token, read again after it rotates
+        (the official client's refresh hook); elsewhere the kubeconfig's. A relay is shown the same one."""
+        value = self.api_client.configuration.get_api_key_with_prefix("BearerToken") or ""
+        scheme, _, token = value.strip().partition(" ")
+        return token.strip() if token and scheme.lower() == "bearer" else value.strip()
+
     def _send(
         self,
         method: str,

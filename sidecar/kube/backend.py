@@ -10,13 +10,18 @@ from __future__ import annotations
 
 from sidecar.core.containers import pod_peer_key
 from sidecar.core.join import PeerJoin
+from sidecar.core.relayed_join import RelayedJoin
+from sidecar.kube.access import KubeAccess
 from sidecar.kube.api import KubeApi
 from sidecar.kube.own_registration import OwnRegistrationWatch
 from sidecar.kube.publisher import KubePublisher
 from sidecar.kube.reflector import Reflector
 from sidecar.kube.settings import KubeSettings
-from sidecar.kube.sources import watch_targets
-from sidecar.peers.backend import Backend, SharedSettings, new_hub
+from sidecar.kube.sources import WatchTarget, watch_targets
+from sidecar.kube.upstream import SOURCE as UPSTREAM_SOURCE
+from sidecar.kube.upstream import UpstreamSource
+from sidecar.peers.backend import Backend, RelayBackend, SharedSettings, new_hub
+from sidecar.peers.hub import PeerHub
 from sidecar.peers.metrics import Metrics
 
 
@@ -32,13 +37,14 @@ def build(settings: SharedSettings, kube: KubeSettings, metrics: Metrics, transp
     api.on_request = lambda verb, code: metrics.api_requests.labels(verb, str(code)).inc()
     api.on_bytes = metrics.api_bytes.inc
     identity = settings.identity
-    targets = watch_targets(kube)
-    hub = new_hub(
-        settings,
-        [target.name for target in targets],
-        PeerJoin(require_metadata=kube.require_metadata, workers=kube.workers),
-        self_uid=pod_peer_key(identity.uid, identity.name, kube.metadata_name),
-    )
+    self_uid = pod_peer_key(identity.uid, identity.name, kube.metadata_name)
+    upstream = settings.upstream  # following a relay: its peers, joined there, are this hub's one source
+    targets = watch_targets(kube) if upstream is None else []
+    if upstream is None:
+        join: PeerJoin | RelayedJoin = PeerJoin(require_metadata=kube.require_metadata, workers=kube.workers)
+        hub = new_hub(settings, [target.name for target in targets], join, self_uid=self_uid)
+    else:
+        hub = new_hub(settings, [UPSTREAM_SOURCE], RelayedJoin(), self_uid=self_uid)
     publisher = KubePublisher(
         api,
         identity,
@@ -61,7 +67,51 @@ def build(settings: SharedSettings, kube: KubeSettings, metrics: Metrics, transp
         streaming_list=kube.streaming_list,
     )
     publisher.own_watch = own
-    reflectors = [
+    sources: list[Reflector] | list[UpstreamSource]
+    if upstream is None:
+        sources = _reflectors(api, targets, hub, settings, kube, metrics)
+        descriptions = [_describe(w.target) for w in [*sources, own]]
+    else:
+        # Peers come from the relay tier: one stream, no peer watch on the API server.
+        sources = [
+            UpstreamSource(
+                hub.store(UPSTREAM_SOURCE),
+                upstream,
+                kube.namespaces,
+                kube.peer_selector,
+                api.bearer_token,
+                metrics,
+                settings.backoff_max,
+            )
+        ]
+        relay = ", ".join(f"{host}:{port}" for host, port in upstream.targets)
+        namespaces = ", ".join(n or "*" for n in kube.namespaces)
+        descriptions = [f"peers of {namespaces} from the relay {relay}", _describe(own.target)]
+    return Backend(
+        name="kubernetes",
+        hub=hub,
+        publisher=publisher,
+        sources=sources,
+        descriptions=descriptions,
+        close=api.close,
+        own_watches=[own],
+    )
+
+
+def _describe(target: WatchTarget) -> str:
+    """What one watch watches, for people (the "started" log line)."""
+    return f"{target.name} in {target.namespace or 'all namespaces'} ({target.selectors})"
+
+
+def _reflectors(
+    api: KubeApi,
+    targets: list[WatchTarget],
+    hub: PeerHub,
+    settings: SharedSettings,
+    kube: KubeSettings,
+    metrics: Metrics,
+) -> list[Reflector]:
+    return [
         Reflector(
             api,
             target,
@@ -73,15 +123,30 @@ def build(settings: SharedSettings, kube: KubeSettings, metrics: Metrics, transp
         )
         for target in targets
     ]
-    return Backend(
-        name="kubernetes",
+
+
+def build_relay(
+    settings: SharedSettings, kube: KubeSettings, metrics: Metrics, access_ttl: float, transport: object | None = None
+) -> RelayBackend:
+    """A relay's parts: the same reflectors and join as a sidecar's (watching always), and the API server's
+    reviews of who may read them. Its service account lists and watches the peer resources in the
+    namespaces it serves, and creates token and access reviews."""
+    if transport is not None and not isinstance(transport, KubeApi):
+        raise TypeError(f"the Kubernetes backend needs a KubeApi, got {type(transport).__name__}")
+    api = transport or KubeApi.from_kubeconfig(kube.kubeconfig, settings.request_timeout)
+    api.on_request = lambda verb, code: metrics.api_requests.labels(verb, str(code)).inc()
+    api.on_bytes = metrics.api_bytes.inc
+    targets = watch_targets(kube)
+    hub = new_hub(
+        settings,
+        [target.name for target in targets],
+        PeerJoin(require_metadata=kube.require_metadata, workers=kube.workers),
+    )
+    reflectors = _reflectors(api, targets, hub, settings, kube, metrics)
+    return RelayBackend(
         hub=hub,
-        publisher=publisher,
         sources=reflectors,
-        descriptions=[
-            f"{r.target.name} in {r.target.namespace or 'all namespaces'} ({r.target.selectors})"
-            for r in [*reflectors, own]
-        ],
+        descriptions=[_describe(r.target) for r in reflectors],
+        access=KubeAccess(api, kube.namespaces, [t.source.resource for t in targets], access_ttl),
         close=api.close,
-        own_watches=[own],
     )

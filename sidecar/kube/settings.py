@@ -201,7 +201,13 @@ class KubeSettings:
         return self.initial_list is InitialList.STREAM
 
 
-def load(reader: OptionReader, identity: PodIdentity, foreign: Sequence[Option] = ()) -> KubeSettings | None:
+def load(
+    reader: OptionReader,
+    identity: PodIdentity,
+    foreign: Sequence[Option] = (),
+    registers: bool = True,
+    follows_relay: bool = False,
+) -> KubeSettings | None:
     """Read this table (and the pod's UID, which owns the CR); None when any problem was recorded.
 
     ``identity`` is the pod as the common settings read it (its name and namespace may be placeholders
@@ -209,7 +215,8 @@ def load(reader: OptionReader, identity: PodIdentity, foreign: Sequence[Option] 
     (``foreign``) are not read here, as Dynamo's Kubernetes backend ignores its etcd settings.
     """
     need_downward = "expose it with the downward API (fieldRef) or a podinfo volume"
-    reader.get("POD_UID", required=f"the pod's UID; {need_downward}")
+    if registers:  # a relay (registers=False) watches only: it owns no CR
+        reader.get("POD_UID", required=f"the pod's UID; {need_downward}")
     service = reader.get("DISCOVERY_SERVICE_NAME")
     slice_selector = reader.get("DISCOVERY_ENDPOINTSLICE_SELECTOR", parse_selector_value)
     selector = EVERYTHING
@@ -256,10 +263,11 @@ def load(reader: OptionReader, identity: PodIdentity, foreign: Sequence[Option] 
                 f"{reader.where('DISCOVERY_POD_SELECTOR')} selects every Pod; give a non-empty selector"
             )
     elif not wants_slices:
-        reader.problems.append(
-            f"set {reader.where('DISCOVERY_SERVICE_NAME')}, {reader.where('DISCOVERY_ENDPOINTSLICE_SELECTOR')} "
-            f"or {reader.where('DISCOVERY_POD_SELECTOR')}: they say what defines peer readiness"
-        )
+        if not follows_relay:  # following a relay, the relay's settings say what defines readiness
+            reader.problems.append(
+                f"set {reader.where('DISCOVERY_SERVICE_NAME')}, {reader.where('DISCOVERY_ENDPOINTSLICE_SELECTOR')} "
+                f"or {reader.where('DISCOVERY_POD_SELECTOR')}: they say what defines peer readiness"
+            )
     elif selector.is_empty() and not reader.problems:
         reader.problems.append(
             f"{reader.where('DISCOVERY_ENDPOINTSLICE_SELECTOR')} selects every EndpointSlice in the namespace; "

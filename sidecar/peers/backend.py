@@ -19,7 +19,20 @@ from sidecar.core.directory import PeerDirectory
 from sidecar.core.join import Join
 from sidecar.core.smg_manifest import SmgManifestSettings
 from sidecar.peers.hub import PeerHub
-from sidecar.peers.ports import PodIdentity, Publisher, RegisterMode
+from sidecar.peers.ports import Access, PodIdentity, Publisher, RegisterMode
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """The relay tier a sidecar follows (``DISCOVERY_UPSTREAM``) and the CA that verifies it.
+
+    ``targets``: ``(host, port)`` pairs, tried in turn; a host that is a DNS name is resolved at every
+    connection, and each of its addresses is a replica (a headless Service's name gives them all). The
+    certificate is verified against ``host`` whatever address is dialled.
+    """
+
+    targets: tuple[tuple[str, int], ...]
+    ca_file: str
 
 
 class SharedSettings(Protocol):
@@ -57,6 +70,11 @@ class SharedSettings(Protocol):
 
     @property
     def history_bytes(self) -> int: ...
+
+    @property
+    def upstream(self) -> Upstream | None:
+        """The relay to follow instead of watching the API server (None: watch it)."""
+        ...
 
 
 class BackendSettings(Protocol):
@@ -121,3 +139,15 @@ class Backend:
     # Blocks until the backend's store can be reached at start-up (True), or ``stop`` is set (False);
     # raises ``StartupError`` when it never will (etcd: Dynamo's ETCD_STARTUP_CONNECT_TIMEOUT_SECONDS).
     wait_reachable: Callable[[threading.Event], bool] = field(default=_reachable)
+
+
+@dataclass
+class RelayBackend:
+    """What a relay runs (``discovery-sidecar relay``): the watches and the hub they feed, as a sidecar's,
+    and who may read them (``access``); no publisher, nothing registered."""
+
+    hub: PeerHub
+    sources: Sequence[Source]
+    descriptions: Sequence[str]
+    access: Access
+    close: Callable[[], None]

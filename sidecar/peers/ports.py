@@ -63,6 +63,14 @@ class ListenAddress:
         return self.grpc_target
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A server's TLS key pair, as PEM files (a mounted Secret: re-read when they change, e.g. renewed)."""
+
+    cert: str
+    key: str
+
+
 class WatchMode(StrEnum):
     """When peers are watched (``DISCOVERY_WATCH``)."""
 
@@ -259,3 +267,44 @@ class Blocked(Unavailable):
 class NotRegistering(RegistrationError):
     """This sidecar does not write the pod's registration (watch-only): another writer owns it, or the
     configuration says so. Publishing through it would fight that writer, so it is refused."""
+
+
+# -- who may read peers through a relay ------------------------------------------------------------------
+class AccessError(Exception):
+    """A relay's client may not be served (now); ``str()`` is a sentence for the client's operator."""
+
+
+class Unauthenticated(AccessError):
+    """The client presented no token, or one the API server does not accept (expired, its pod deleted)."""
+
+
+class AccessDenied(AccessError):
+    """The client's identity may not list the peers of a namespace it asked for; ``str()`` names it."""
+
+
+class NotServed(AccessError):
+    """The client asked for a namespace this relay does not watch."""
+
+
+class AccessUnavailable(AccessError):
+    """The API server could not be asked (TokenReview or SubjectAccessReview failed): retry later."""
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What one client may see through a relay, until ``expires`` (``time.monotonic()``), when it must be
+    checked again (an open stream is ended when the check then fails)."""
+
+    namespaces: frozenset[str] | None  # the namespaces whose peers it may see; None: every namespace
+    expires: float
+    user: str = ""  # who it is, as the API server reviewed its token (for logs)
+
+
+class Access(Protocol):
+    """Who may read peers through a relay: authenticates a client's token and authorises each namespace
+    it asks for (``sidecar.kube.access`` asks the API server). Blocking: the gRPC layer calls it in a pool."""
+
+    def admit(self, token: str, namespaces: Sequence[str] | None) -> Grant:
+        """The client's grant for ``namespaces`` (None: every namespace this relay watches); raises an
+        ``AccessError`` subclass saying why not."""
+        ...

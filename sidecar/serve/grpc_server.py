@@ -23,10 +23,54 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
-from sidecar.peers.ports import ListenAddress
+from sidecar.peers.ports import ListenAddress, TlsFiles
 from sidecar.serve.grpc_service import PENDING_MARGIN, SERVICE_NAME, DiscoveryService
 
 T = TypeVar("T")
+REMOTE_CLIENT_OPTIONS = [
+    # A relay's clients are other pods' sidecars, whose streams sit idle between changes: they ping every 20 s
+    # to notice a vanished replica (sidecar.kube.upstream), which gRPC's default policy (one ping per 5 min
+    # without data, two strikes) would answer by closing the connection. And a client that vanished is found
+    # by the relay's own pings, so its stream does not hold memory for hours.
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+]
+
+
+def reloading_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
+    """Server credentials from PEM files, read again on the next handshake after either file changed
+    (cert-manager renews a Secret in place: no restart). A pair that cannot be read at start-up raises
+    ``OSError`` naming the file; a renewal that cannot be read keeps the pair in use (and is retried)."""
+
+    def read() -> grpc.ServerCertificateConfiguration:
+        pair = []
+        for path in (tls.key, tls.cert):
+            with open(path, "rb") as file:
+                pair.append(file.read())
+        return grpc.ssl_server_certificate_configuration([(pair[0], pair[1])])
+
+    def stamp() -> tuple[float, float]:
+        return (os.stat(tls.cert).st_mtime, os.stat(tls.key).st_mtime)
+
+    loaded = [stamp()]
+    initial = read()
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        try:
+            current = stamp()
+            if current == loaded[0]:
+                return None
+            configuration = read()
+        except OSError:
+            return None
+        loaded[0] = current
+        return configuration
+
+    # grpc's stub says the fetcher returns a configuration; None (keep the current one) is documented.
+    return grpc.dynamic_ssl_server_credentials(initial, fetch)  # type: ignore[arg-type]
 
 
 class GrpcServer:
@@ -39,8 +83,9 @@ class GrpcServer:
     ``_lock`` guards ``_serving`` and ``_closed``.
     """
 
-    def __init__(self, service: DiscoveryService, listen: ListenAddress) -> None:
+    def __init__(self, service: DiscoveryService, listen: ListenAddress, tls: TlsFiles | None = None) -> None:
         self.listen = listen
+        self.tls = tls  # a relay's key pair: then the port speaks TLS only
         self.service = service
         self.health = health_aio.HealthServicer()
         self.log = structlog.get_logger("sidecar.grpc")
@@ -63,12 +108,13 @@ class GrpcServer:
         # some once 1,000 wait (all beyond 3,000): a burst of every allowed stream, plus unary calls, must
         # fit, so that a stream over the limit is told why (RESOURCE_EXHAUSTED) rather than CANCELLED.
         pending = self.service.max_streams + PENDING_MARGIN
-        server = grpc.aio.server(
-            options=[
-                ("grpc.server.max_pending_requests", pending),
-                ("grpc.server.max_pending_requests_hard_limit", 2 * pending),
-            ]
-        )
+        options: list[tuple[str, int]] = [
+            ("grpc.server.max_pending_requests", pending),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * pending),
+        ]
+        if self.tls is not None:
+            options += REMOTE_CLIENT_OPTIONS
+        server = grpc.aio.server(options=options)
         pb_grpc.add_DiscoveryServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -79,7 +125,10 @@ class GrpcServer:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.listen.unix_path)  # a socket left by a previous run of this container
         try:
-            port = server.add_insecure_port(self.listen.bind_target)
+            if self.tls is not None:
+                port = server.add_secure_port(self.listen.bind_target, reloading_credentials(self.tls))
+            else:
+                port = server.add_insecure_port(self.listen.bind_target)
         except RuntimeError as exc:  # grpc's "Failed to bind": in use, or not an address of this host
             raise OSError(f"cannot listen on {self.listen.grpc_target}: {exc}") from None
         if not self.listen.unix_path and port == 0:

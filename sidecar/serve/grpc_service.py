@@ -28,7 +28,9 @@ import concurrent.futures
 import contextlib
 import functools
 import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import grpc
@@ -36,21 +38,28 @@ import structlog
 
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
-from sidecar.core.eventlog import ApiStatus
+from sidecar.core.eventlog import ApiStatus, LogEntry
 from sidecar.core.peer import canonical_json
 from sidecar.core.projection import DeltaMessage, PeerFilter, StatusMessage, project, snapshot_peers
 from sidecar.peers.metrics import Metrics
 from sidecar.peers.ports import (
+    Access,
+    AccessDenied,
+    AccessError,
+    AccessUnavailable,
     Forbidden,
+    Grant,
     Invalid,
     NotFound,
     NotRegistering,
+    NotServed,
     NotWatching,
     PeerReader,
     PodIdentity,
     Publisher,
     RegistrationError,
     TooLarge,
+    Unauthenticated,
     Unavailable,
 )
 from sidecar.serve.wire import API_STATUS, EVENT_TYPE, PeerEncoder, document_from_publish, filter_from_pb, to_struct
@@ -68,6 +77,17 @@ BLOCKING_WORKERS = 4
 """Threads for blocking calls: ``publish`` (serialised by the publisher anyway)."""
 ENCODING_WORKERS = 2
 """Threads that build snapshots (CPU under the GIL: more would not encode faster)."""
+SNAPSHOTS_AT_ONCE = 16
+"""Snapshots being built and written at once; other streams wait their turn. A snapshot held for a client costs
+about twice its size until gRPC has sent it (the message, its serialised bytes), so a burst of clients
+connecting at once (a relay's followers after a failover: hundreds) would otherwise hold hundreds of copies
+(bench/relay_fanout.py: 333 followers of 1,000 peers, peak RSS 400 MiB with the bound against 524-630 without).
+The encoding pool is CPU-bound under the GIL, so the burst takes no longer."""
+SHARED_BATCHES = 64
+"""Projected batches kept for other streams at the same position with the same filter (most recent first out)."""
+SHARED_BATCH_ENTRIES = 64
+"""Batches of more entries (a slow client catching up, alone at its position) are built for their stream only:
+with ``SHARED_BATCHES`` this bounds what is kept to a few MiB."""
 PENDING_MARGIN = 1024
 """Calls gRPC core may queue for the loop beyond ``max_streams`` before it cancels any (a burst)."""
 DEFAULT_CLIENT_RECEIVE_BYTES = 4 * 2**20 - 64 * 1024
@@ -76,6 +96,60 @@ PART_BYTES = 1 << 20
 """Largest payload of one stream message: gRPC clients refuse messages over 4 MiB by default, so bigger
 snapshots and deltas go out in parts (``partial``) that clients apply together."""
 SHUTTING_DOWN = "the discovery sidecar is shutting down; reconnect to resume"
+RELAY_SHUTTING_DOWN = "this discovery relay replica is shutting down; follow another replica"
+NAMESPACES_METADATA = "discovery-namespaces"
+"""The request metadata in which a relay's client names the namespaces it wants (comma-separated; ``*``:
+all). Absent: every namespace the relay watches. Carried as metadata, not in the filter, because it is
+the scope the relay authorises, not a filter a main container chooses."""
+RELAY_ONLY_PEERS = (
+    "this is a discovery relay: it serves WatchPeers and ListPeers to sidecars; GetSelf and PublishMetadata are "
+    "served by the sidecar in each pod"
+)
+ACCESS_ERROR_CODES: dict[type[AccessError], grpc.StatusCode] = {
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    AccessDenied: grpc.StatusCode.PERMISSION_DENIED,
+    NotServed: grpc.StatusCode.FAILED_PRECONDITION,
+    AccessUnavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def access_error_code(exc: AccessError) -> grpc.StatusCode:
+    for meaning, code in ACCESS_ERROR_CODES.items():
+        if isinstance(exc, meaning):
+            return code
+    return grpc.StatusCode.UNAVAILABLE
+
+
+@dataclass(frozen=True)
+class ProjectedBatch:
+    """One projected message of a batch of log entries, encoded (in parts): shared by every stream that reads
+    the same entries with the same filter, so nothing in it may be changed once built."""
+
+    kind: str  # "delta" or "status" (the messages_sent label)
+    received: float | None  # when the change's cause arrived (propagation lag)
+    messages: list[pb.WatchPeersResponse]
+
+
+class StreamRevoked(Exception):
+    """A stream's grant was checked again and refused: the stream ends with ``code`` and ``str()``."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def bearer_token(authorization: str) -> str:
+    """The token of an ``authorization: Bearer <token>`` header ("" when there is none)."""
+    scheme, _, token = authorization.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def requested_namespaces(metadata: dict[str, str]) -> list[str] | None:
+    """The namespaces a relay's client asked for (``NAMESPACES_METADATA``), None for "all it watches"."""
+    text = metadata.get(NAMESPACES_METADATA, "").strip()
+    if not text:
+        return None
+    return [n.strip() if n.strip() != "*" else "" for n in text.split(",") if n.strip()]
 
 
 def split_by_size(items: list[T], size_of: Callable[[T], int], limit: int = PART_BYTES) -> list[list[T]]:
@@ -177,6 +251,9 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         metrics: Metrics,
         encoder: PeerEncoder | None = None,
         max_streams: int = MAX_STREAMS,
+        access: Access | None = None,
+        snapshots_at_once: int = SNAPSHOTS_AT_ONCE,
+        shared_batches: int = SHARED_BATCHES,
     ) -> None:
         if max_streams < 1:
             raise ValueError("max_streams must be at least 1")
@@ -186,6 +263,8 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         self.metrics = metrics
         self.encoder = encoder or PeerEncoder()
         self.max_streams = max_streams
+        # A relay's: each client's token is checked, and its streams see only the namespaces it may list.
+        self.access = access
         self.streams = 0
         """Open WatchPeers streams (those counted against ``max_streams``)."""
         self._no_streams = asyncio.Event()  # set while no WatchPeers handler runs (on the loop)
@@ -198,6 +277,10 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         self._stopping = False
         self._blocking = concurrent.futures.ThreadPoolExecutor(BLOCKING_WORKERS, thread_name_prefix="grpc-blocking")
         self._encoding = concurrent.futures.ThreadPoolExecutor(ENCODING_WORKERS, thread_name_prefix="grpc-encode")
+        self._snapshot_slots = asyncio.Semaphore(snapshots_at_once)  # on the loop (bound at first use)
+        # Projected batches by (filter, self, history, from, to), shared by the streams at that position (loop only).
+        self._batches: OrderedDict[tuple[Any, ...], list[ProjectedBatch]] = OrderedDict()
+        self._shared_batches = shared_batches  # 0: every stream builds its own (bench.relay_fanout compares)
         peers.subscribe(lambda _change: self._changes.trigger_threadsafe())
 
     # -- lifecycle (called by GrpcServer) ----------------------------------------------------------------
@@ -238,6 +321,9 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             peer_filter = filter_from_pb(request.filter)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        grant = await self._admit(context)
+        if grant is not None:
+            peer_filter = replace(peer_filter, namespaces=grant.namespaces)
         await self._demand(context)
         if self.streams >= self.max_streams:
             self.log.warning("refused a WatchPeers stream: at the limit", limit=self.max_streams)
@@ -247,18 +333,57 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         try:
             self.metrics.subscribers.inc()
             try:
-                async with contextlib.aclosing(self._stream(request, peer_filter)) as messages:
+                async with contextlib.aclosing(self._stream(request, peer_filter, grant, context)) as messages:
                     async for message in messages:
                         await context.write(message)
+            except StreamRevoked as exc:
+                self.log.info("ended a relayed stream: its client's access was refused", reason=str(exc))
+                await context.abort(exc.code, str(exc))
             finally:
                 self.metrics.subscribers.dec()
             if self._ending():
-                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN if self.access is None else RELAY_SHUTTING_DOWN
+                )
         finally:
             # Counted until the handler has returned, its status included: shutdown waits for that.
             self.streams -= 1
             if self.streams == 0:
                 self._no_streams.set()
+
+    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> Grant | None:
+        """A relay's check of its client (None when this is no relay): the bearer token in the call's
+        ``authorization`` metadata, for the namespaces it asks for. Refused calls are aborted with the
+        meaning's status code and the reason (naming the namespace refused)."""
+        if self.access is None:
+            return None
+        try:
+            return await self._check(context)
+        except AccessError as exc:
+            await context.abort(access_error_code(exc), str(exc))
+        raise AssertionError("abort raises")  # pragma: no cover
+
+    async def _check(self, context: grpc.aio.ServicerContext[Any, Any]) -> Grant:
+        """Ask ``access`` (in the blocking pool: it may call the API server) about the call's token and scope."""
+        access = self.access
+        assert access is not None
+        metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        token = bearer_token(metadata.get("authorization", ""))
+        namespaces = requested_namespaces(metadata)
+        return await self._in_thread(self._blocking, functools.partial(access.admit, token, namespaces))
+
+    async def _recheck(self, context: grpc.aio.ServicerContext[Any, Any], grant: Grant) -> Grant:
+        """The grant of an open stream, checked again now that it expired; ``StreamRevoked`` when refused.
+        The scope cannot grow: the stream keeps the namespaces it was admitted for."""
+        try:
+            renewed = await self._check(context)
+        except AccessUnavailable:
+            # The API server cannot be asked: the client was allowed a moment ago; ask again soon rather
+            # than cutting every stream when the control plane blinks.
+            return replace(grant, expires=time.monotonic() + 5.0)
+        except AccessError as exc:
+            raise StreamRevoked(access_error_code(exc), str(exc)) from None
+        return renewed
 
     async def _demand(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """Tell the reader a client wants peers (DISCOVERY_WATCH=auto starts the watches now); a sidecar that
@@ -292,14 +417,15 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         Filtering, sorting and encoding run in the encoding pool; so does building each part, just before
         it is sent, so a stream holds one part (at most ``PART_BYTES``) beside references to the shared
         encoded peers, however slowly its client reads."""
-        revision, status, parts = await self._in_thread(
-            self._encoding, functools.partial(self._snapshot_parts, peer_filter)
-        )
-        for index, part in enumerate(parts):
-            yield await self._in_thread(
-                self._encoding,
-                functools.partial(self._snapshot_message, revision, status, reason, part, index < len(parts) - 1),
+        async with self._snapshot_slots:  # released once the last part is written (the generator resumed)
+            revision, status, parts = await self._in_thread(
+                self._encoding, functools.partial(self._snapshot_parts, peer_filter)
             )
+            for index, part in enumerate(parts):
+                yield await self._in_thread(
+                    self._encoding,
+                    functools.partial(self._snapshot_message, revision, status, reason, part, index < len(parts) - 1),
+                )
 
     def _snapshot_parts(self, peer_filter: PeerFilter) -> tuple[int, ApiStatus, list[list[pb.Peer]]]:
         revision, peers, status = self._filtered_peers(peer_filter)
@@ -322,7 +448,11 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         return revision, [self.encoder.encode(g) for g in grouped], status.status
 
     async def _stream(
-        self, request: pb.WatchPeersRequest, peer_filter: PeerFilter
+        self,
+        request: pb.WatchPeersRequest,
+        peer_filter: PeerFilter,
+        grant: Grant | None = None,
+        context: StreamContext | None = None,
     ) -> AsyncGenerator[pb.WatchPeersResponse, None]:
         if not await self._wait_synced(None):
             return
@@ -346,6 +476,8 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                 yield message
             self._sent["snapshot"].inc()
         while not self._ending():
+            if grant is not None and context is not None and time.monotonic() >= grant.expires:
+                grant = await self._recheck(context, grant)
             changed = self._changes.current()  # before reading: a commit after the read triggers it
             entries = self.peers.wait_entries(cursor, 0, BATCH_LIMIT)
             if entries is None:
@@ -357,22 +489,60 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                 self._sent["snapshot"].inc()
                 continue
             if not entries:
-                await changed.wait()
+                if grant is None:
+                    await changed.wait()
+                else:  # woken at the latest when the grant must be checked again
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), max(0.0, grant.expires - time.monotonic()))
                 continue
-            # Deltas are encoded on the loop: at most BATCH_LIMIT entries, mostly cache hits in the encoder.
-            for projected in project(entries, peer_filter, self.peers.self_uid):
-                for message in self._to_pb(projected, history_id):
+            for batch in self._projected(entries, cursor, peer_filter, history_id):
+                self._sent[batch.kind].inc()
+                for message in batch.messages:
                     yield message
-                if projected.received is not None:
-                    self.metrics.propagation_lag.observe(time.monotonic() - projected.received)
+                if batch.received is not None:
+                    self.metrics.propagation_lag.observe(time.monotonic() - batch.received)
             cursor = entries[-1].revision
+
+    def _projected(
+        self, entries: list[LogEntry], cursor: int, peer_filter: PeerFilter, history_id: str
+    ) -> list[ProjectedBatch]:
+        """The messages of log entries ``cursor+1..`` for one filter, built once for every stream at that position
+        with that filter (on the loop: no lock). Streams woken by one change read the same entries, so a relay
+        with hundreds of followers projects and encodes each change once per filter, not once per follower.
+        Deltas are encoded on the loop: at most BATCH_LIMIT entries, mostly cache hits in the encoder."""
+        self_uid = self.peers.self_uid
+        if len(entries) > SHARED_BATCH_ENTRIES or not self._shared_batches:
+            return self._build(entries, peer_filter, self_uid, history_id)
+        key = (peer_filter, self_uid, history_id, cursor, entries[-1].revision)
+        try:
+            hit = self._batches.get(key)
+        except TypeError:  # a filter that cannot be a key (never, as filters are built): built for this stream
+            return self._build(entries, peer_filter, self_uid, history_id)
+        if hit is not None:
+            self._batches.move_to_end(key)
+            return hit
+        built = self._build(entries, peer_filter, self_uid, history_id)
+        self._batches[key] = built
+        while len(self._batches) > self._shared_batches:
+            self._batches.popitem(last=False)
+        return built
+
+    def _build(
+        self, entries: list[LogEntry], peer_filter: PeerFilter, self_uid: str, history_id: str
+    ) -> list[ProjectedBatch]:
+        return [
+            ProjectedBatch(
+                "status" if isinstance(projected, StatusMessage) else "delta",
+                projected.received,
+                self._to_pb(projected, history_id),
+            )
+            for projected in project(entries, peer_filter, self_uid)
+        ]
 
     def _to_pb(self, message: DeltaMessage | StatusMessage, history_id: str) -> list[pb.WatchPeersResponse]:
         if isinstance(message, StatusMessage):
-            self._sent["status"].inc()
             status = pb.StatusChange(status=API_STATUS[message.change.status], reason=message.change.reason)
             return [pb.WatchPeersResponse(revision=message.revision, history_id=history_id, status=status)]
-        self._sent["delta"].inc()
         events = [pb.PeerEvent(type=EVENT_TYPE[e.type], peer=self.encoder.encode(e.peer)) for e in message.events]
         parts = split_by_size(events, lambda e: e.ByteSize())
         return [
@@ -393,6 +563,9 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             peer_filter = filter_from_pb(request.filter)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        grant = await self._admit(context)
+        if grant is not None:
+            peer_filter = replace(peer_filter, namespaces=grant.namespaces)
         await self._demand(context)
         remaining: float | None = context.time_remaining()
         if not await self._wait_synced(min(remaining, 3600) if remaining is not None else 3600):
@@ -425,6 +598,8 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
     async def GetSelf(
         self, request: pb.GetSelfRequest, context: grpc.aio.ServicerContext[pb.GetSelfRequest, pb.GetSelfResponse]
     ) -> pb.GetSelfResponse:
+        if self.access is not None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, RELAY_ONLY_PEERS)
         # What the publisher says this instance is (no IO: a copy); without one, only the pod is known.
         state = self.publisher.registration() if self.publisher is not None else None
         if state is None:
@@ -450,6 +625,8 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         request: pb.PublishMetadataRequest,
         context: grpc.aio.ServicerContext[pb.PublishMetadataRequest, pb.PublishMetadataResponse],
     ) -> pb.PublishMetadataResponse:
+        if self.access is not None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, RELAY_ONLY_PEERS)
         publisher = self.publisher
         if publisher is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this sidecar does not register the pod")

@@ -168,6 +168,8 @@ def test_bad_values_are_refused_with_their_name(bare_plane: ControlPlane) -> Non
         (["--set", "crd.install=always"], "crd.install must be auto or never"),
         (["--set", "rbac.allNamespaces=secrets"], "rbac.allNamespaces must be endpointslices, pods or empty"),
         (["--set", "smgGateway.enabled=true"], "smgGateway.enabled needs rbac.podDiscovery=true"),
+        (["--set", "relay.enabled=true", "--set", "relay.replicas=1"], "relay.replicas must be at least 2"),
+        (["--set", "relay.enabled=true", "--set", "relay.namespaces={*,a}"], 'relay.namespaces: "*"'),
     ):
         result = helm(bare_plane, "template", "t", str(CHART), *values, check=False)
         assert result.returncode != 0 and message in result.stderr, result.stderr
@@ -180,13 +182,20 @@ def test_template_is_accepted_by_a_server_side_dry_run(bare_plane: ControlPlane,
     # helm template leaves out crds/ (helm install applies them first): the parameter objects' CRD.
     kubectl(bare_plane, "apply", "-f", str(CHART / "crds"))
     wait_established(bare_plane, "sidecarinjections.discovery-sidecar.io")
-    for extra in ([], ["--set", "admissionPolicy.containerMode=true", "--set", "rbac.allNamespaces=pods"]):
+    relay = ["--set", "relay.enabled=true", "--set", "relay.tls.caBundle=-----BEGIN CERTIFICATE-----"]
+    for extra in (
+        [],
+        ["--set", "admissionPolicy.containerMode=true", "--set", "rbac.allNamespaces=pods"],
+        [*relay, "--set", "relay.namespaces={*}"],
+    ):
         rendered = helm(
             bare_plane, "template", "ds", str(CHART), "-n", "chart-sys",
             "--set", "namespaces={team-a,team-b,chart-sys}", *EVERYTHING_ON, *extra,
         ).stdout  # fmt: skip
         kinds = {d["kind"] for d in yaml.safe_load_all(rendered) if d}
         assert {"MutatingAdmissionPolicy", "ValidatingAdmissionPolicy", "PodMonitor", "PrometheusRule"} <= kinds
+        if relay[1] in extra:
+            assert {"Deployment", "Service", "PodDisruptionBudget", "ClusterRoleBinding", "ConfigMap"} <= kinds
         path = bare_plane.work_dir / "rendered.yaml"
         path.write_text(rendered)
         output = kubectl(bare_plane, "apply", "--dry-run=server", "--validate=strict", "-f", str(path))
@@ -203,6 +212,42 @@ def test_the_injection_parameters_are_the_templates(bare_plane: ControlPlane) ->
 
 
 @pytest.mark.usefixtures("clean_slate")
+def test_the_relay_installs_and_injected_sidecars_follow_it(
+    bare_plane: ControlPlane, bare_api: KubeApi, clean_slate: None
+) -> None:
+    """relay.enabled: the relay's objects are installed in the release's namespace, its peer-reading ClusterRole
+    bound in each namespace it serves, the CA bundle in each sidecar namespace, and the injection's parameters
+    point injected sidecars at the relay's Service with that CA."""
+    namespaces(bare_api, "relay-sys", "relay-a", "relay-b")
+    # No --wait: the relay's Deployment never becomes available without a kubelet.
+    helm(bare_plane, "install", "ds", str(CHART), "-n", "relay-sys", "--set", "namespaces={relay-a,relay-b}",
+         "--set", "relay.enabled=true", "--set", "relay.tls.caBundle=-----BEGIN CERTIFICATE-----")  # fmt: skip
+    deployment = bare_api.get("/apis/apps/v1/namespaces/relay-sys/deployments/discovery-sidecar-relay")
+    assert deployment["spec"]["replicas"] == 3
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["DISCOVERY_NAMESPACES"] == "relay-a,relay-b"
+    assert container["args"] == ["relay"]
+    assert get(bare_api, "/apis/policy/v1/namespaces/relay-sys/poddisruptionbudgets/discovery-sidecar-relay")
+    for namespace in ("relay-a", "relay-b"):
+        binding = bare_api.get(
+            f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings/discovery-sidecar-relay"
+        )
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "discovery-sidecar-relay", "namespace": "relay-sys"}
+        ]
+        ca = bare_api.get(f"/api/v1/namespaces/{namespace}/configmaps/discovery-sidecar-upstream-ca")
+        assert ca["data"] == {"ca.crt": "-----BEGIN CERTIFICATE-----"}
+        params = bare_api.get(
+            f"/apis/discovery-sidecar.io/v1alpha1/namespaces/{namespace}/sidecarinjections/discovery-sidecar-injection"
+        )
+        assert params["data"]["upstream"] == "discovery-sidecar-relay.relay-sys.svc:50052"
+        assert params["data"]["upstream-ca"] == "/etc/discovery-sidecar/upstream-ca/ca.crt"
+    assert not get(bare_api, "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/discovery-sidecar-relay")
+    assert get(bare_api, "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/discovery-sidecar-relay-auth")
+    helm(bare_plane, "uninstall", "ds", "-n", "relay-sys", "--wait")
+
+
 def test_install_upgrade_uninstall_where_no_one_owns_the_crd(bare_plane: ControlPlane, bare_api: KubeApi) -> None:
     """The chart installs the CRD, keeps owning it through an upgrade, and leaves it (keep) when uninstalled;
     a pod labelled for injection gets the chart's image, and the upgrade's image after it."""
@@ -383,6 +428,8 @@ def test_chart_files_are_the_manifests() -> None:
         "rbac-all-namespaces.yaml": "optional/rbac-all-namespaces.yaml",
         "rbac-pod-discovery-all-namespaces.yaml": "optional/rbac-pod-discovery-all-namespaces.yaml",
         "smg-gateway.yaml": "components/smg/smg-gateway.yaml",
+        "relay.yaml": "components/relay/relay.yaml",
+        "relay-rbac.yaml": "components/relay/relay-rbac.yaml",
     }
     for chart_file, manifest in copies.items():
         chart_text = (CHART / "files" / chart_file).read_text()

@@ -23,6 +23,7 @@ from devcluster.build import ensure_built
 from devcluster.cluster import ControlPlane
 from devcluster.injection import wait_until_injecting
 from devcluster.objects import PODS, Cluster
+from devcluster.relays import launch_relay, make_relay_tls
 from devcluster.sidecars import SidecarProcess, launch_from_pod
 from devcluster.waiting import wait_for
 from discovery_client.client import DiscoveryClient
@@ -291,6 +292,82 @@ def test_a_sidecar_started_from_the_injected_spec_registers_and_sees_its_peers(
     finally:
         for process in processes:
             process.terminate(30)
+
+
+def test_an_injected_sidecar_follows_a_relay_verified_with_the_mounted_ca(
+    control_plane: ControlPlane, cluster: Cluster, injecting: str, admin_api: KubeApi, tmp_path: pathlib.Path
+) -> None:
+    """The injection's upstream settings end to end: the relay's CA bundle in the namespace's ConfigMap
+    discovery-sidecar-upstream-ca is mounted into the injected sidecar (the optional volume), whose
+    DISCOVERY_UPSTREAM_CA names it; the sidecar verifies the relay with it, follows it, and lists a worker the
+    relay sees as its peer. A worker injected without the annotations watches the API server as before."""
+    tls = make_relay_tls(tmp_path / "relay-pki")
+    admin_api.create(
+        f"/api/v1/namespaces/{injecting}/configmaps",
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "discovery-sidecar-upstream-ca"},
+            "data": {"ca.crt": tls.ca.read_text()},
+        },
+    )
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "workers", "labels": DYNAMO_LABEL},
+        "spec": {"clusterIP": "None", "selector": {"app": "workers"}, "ports": [{"name": "http", "port": 8000}]},
+    }
+    admin_api.create(f"/api/v1/namespaces/{injecting}/services", service)
+    relay = launch_relay(
+        "relay-0",
+        control_plane.kubeconfig,
+        tls,
+        tmp_path / "relay",
+        {
+            "DISCOVERY_NAMESPACES": injecting,
+            "DISCOVERY_ENDPOINTSLICE_SELECTOR": "nvidia.com/dynamo-discovery-enabled=true",
+        },
+    )
+    processes: list[SidecarProcess] = []
+    try:
+        relay.wait_ready(60)
+        follow = {
+            f"{TEMPLATE.annotation_prefix}upstream": relay.address,
+            f"{TEMPLATE.annotation_prefix}upstream-ca": "/etc/discovery-sidecar/upstream-ca/ca.crt",
+        }
+        for name, annotations in (("w-0", {}), ("f-0", follow)):
+            created = admin_api.create(
+                PODS.collection(injecting),
+                pod_body(
+                    name,
+                    {"app": "workers", LABEL: "true"},
+                    annotations,
+                    containers=[
+                        {"name": "main", "image": "ex/w:1", "ports": [{"containerPort": 8000, "name": "http"}]}
+                    ],
+                ),
+            )
+            (sidecar,) = sidecars_in(created["spec"])
+            env = {e["name"]: e.get("value") for e in sidecar["env"]}
+            assert ("DISCOVERY_UPSTREAM" in env) == bool(annotations), env
+            pod = cluster.set_pod_status(injecting, name, ready=True)
+            processes.append(
+                launch_from_pod(control_plane, cluster, pod, tmp_path, extra_env={"DISCOVERY_BACKOFF_MAX": "2s"})
+            )
+        for process in processes:
+            process.wait_ready(60)
+        follower = processes[1]
+        assert follower.settings()["DISCOVERY_UPSTREAM_CA"].startswith(str(tmp_path)), "the mounted file, not a path"
+        with DiscoveryClient(follower.target) as client:
+            assert wait_for(
+                lambda: {p.name for p in client.list_peers(timeout=10).peers} == {"w-0"},
+                30,
+                what="the follower to see w-0 through the relay",
+            )
+    finally:
+        for process in processes:
+            process.terminate(30)
+        relay.terminate()
 
 
 # -- a policy whose parameters' kind is unknown refuses only the pods that opted in ----------------------------------

@@ -39,7 +39,7 @@ MANIFEST_FILES = (
 )
 BASE_FILES = ("rbac.yaml", "admission-policy.yaml")
 BASE_KINDS = {"ServiceAccount", "Role", "RoleBinding", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
-COMPONENTS = ("crd", "injection", "pod-discovery", "container-mode", "smg")
+COMPONENTS = ("crd", "injection", "pod-discovery", "container-mode", "smg", "relay")
 CLUSTER_SCOPED = (
     "customresourcedefinition/dynamoworkermetadatas.nvidia.com",
     "validatingadmissionpolicy/dynamoworkermetadata-own-pod-only",
@@ -58,6 +58,7 @@ ALL_KINDS = {
 DEPLOYMENT = "dynamo-worker-prefill"
 SIDECAR = "discovery-sidecar"
 SERVICE_ACCOUNT = "discovery-sidecar"
+RELAY = "discovery-sidecar-relay"
 
 
 def _documents(text: str) -> list[dict[str, Any]]:
@@ -162,7 +163,10 @@ def test_kustomize_renders_the_base_and_every_component(
         return re.sub(r"\s+", " ", json.dumps(spec, sort_keys=True).replace("\\n", " "))
 
     assert flat(policy["spec"]) == flat(variant[0]["spec"]), "the container-mode component replaces the strict policy"
-    assert ("Role", "discovery-sidecar-pod-discovery") in {(d["kind"], d["metadata"]["name"]) for d in rendered}
+    named = {(d["kind"], d["metadata"]["name"]) for d in rendered}
+    assert ("Role", "discovery-sidecar-pod-discovery") in named
+    relay = {("Deployment", RELAY), ("Service", RELAY), ("PodDisruptionBudget", RELAY), ("ServiceAccount", RELAY)}
+    assert relay | {("ClusterRoleBinding", RELAY), ("ClusterRoleBinding", f"{RELAY}-auth")} <= named
     # What kustomize renders is accepted as a whole, once the parameter objects' CRD is established (as the
     # component's README says: it is applied first).
     kubectl(control_plane, "apply", "-f", str(MANIFESTS / "components" / "injection" / "sidecarinjections.yaml"))
@@ -302,6 +306,40 @@ def test_the_service_account_may_do_what_the_sidecar_needs_and_no_more(
     ):
         assert not can(verb, resource), f"the sidecar may {verb} {resource}"
     assert not can("list", "dynamoworkermetadatas.nvidia.com", "--all-namespaces"), "a Role, not a ClusterRole"
+
+
+def test_the_relay_may_read_peers_and_review_tokens_and_no_more(control_plane: ControlPlane, namespace: str) -> None:
+    """The relay component's RBAC as the authorizer answers it: what ``discovery-sidecar relay`` does (list/watch
+    peers everywhere, TokenReview, SubjectAccessReview) and nothing else. (bench.rollout's relay arm runs real relays
+    with exactly these rights.)"""
+    rbac = MANIFESTS / "components" / "relay" / "relay-rbac.yaml"
+    kubectl(control_plane, "apply", "-f", str(rbac), namespace=namespace)
+    account = f"system:serviceaccount:discovery-sidecar:{RELAY}"  # the subject its cluster bindings name
+    try:
+
+        def can(verb: str, resource: str, *extra: str) -> bool:
+            output = kubectl(control_plane, "auth", "can-i", verb, resource, *extra, f"--as={account}", check=False)
+            answer = output.strip().splitlines()[0] if output.strip() else ""
+            assert answer in ("yes", "no"), output
+            return answer == "yes"
+
+        for verb in ("list", "watch"):
+            for resource in ("dynamoworkermetadatas.nvidia.com", "endpointslices.discovery.k8s.io"):
+                assert can(verb, resource, "--all-namespaces"), f"the relay cannot {verb} {resource}"
+        assert can("create", "tokenreviews.authentication.k8s.io")
+        assert can("create", "subjectaccessreviews.authorization.k8s.io")
+        for verb, resource in (
+            ("create", "dynamoworkermetadatas.nvidia.com"),
+            ("patch", "dynamoworkermetadatas.nvidia.com"),
+            ("delete", "dynamoworkermetadatas.nvidia.com"),
+            ("get", "dynamoworkermetadatas.nvidia.com"),
+            ("list", "pods"),
+            ("get", "secrets"),
+            ("create", "serviceaccounts/token"),
+        ):
+            assert not can(verb, resource, "--all-namespaces"), f"the relay may {verb} {resource}"
+    finally:
+        kubectl(control_plane, "delete", "-f", str(rbac), "--ignore-not-found", namespace=namespace)
 
 
 def test_the_workload_is_wired_consistently(tmp_path: pathlib.Path) -> None:

@@ -14,11 +14,12 @@ import pytest
 
 from devcluster.cluster import ControlPlane
 from devcluster.objects import ENDPOINT_SLICES, PODS, WORKER_METADATA, Cluster
+from devcluster.relays import RelayProcess
 from devcluster.waiting import wait_for
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.client import DiscoveryClient, PeerSetView
 from sidecar.kube.api import ApiError
-from tests.conftest import Sidecars
+from tests.conftest import Relays, Sidecars
 from tests.integration.streams import StreamRecorder
 
 pytestmark = pytest.mark.integration
@@ -51,13 +52,25 @@ def truth(cluster: Cluster, namespace: str) -> dict[str, str]:
 
 
 class World:
-    def __init__(self, cluster: Cluster, namespace: str, sidecars: Sidecars) -> None:
+    """One namespace with the workers' Service and an observer pod whose sidecar watches the API server, or,
+    given ``relays``, follows a relay that does (the same scenarios must hold through the relay tier)."""
+
+    def __init__(self, cluster: Cluster, namespace: str, sidecars: Sidecars, relays: Relays | None = None) -> None:
         self.cluster = cluster
         self.namespace = namespace
         self.sidecars = sidecars
         cluster.create_service(namespace, SERVICE, {"app": "w"})
         observer_pod = cluster.start_pod(namespace, OBSERVER, {"app": "w", "role": "router"})
-        self.observer = sidecars.start(observer_pod, SERVICE).wait_ready()
+        follow: dict[str, str] = {}
+        self.relay: RelayProcess | None = None
+        if relays is not None:
+            self.relay = relays.start({"DISCOVERY_NAMESPACES": namespace, "DISCOVERY_SERVICE_NAME": SERVICE})
+            follow = relays.follow_env(self.relay.wait_ready())
+        self.observer = sidecars.start(observer_pod, SERVICE, extra_env=follow).wait_ready()
+
+    def log_events(self) -> list[dict]:
+        """What the observer logged, and the relay it follows (which watches the peers for it), if any."""
+        return self.observer.log_events() + (self.relay.log_events() if self.relay is not None else [])
 
     def worker(self, name: str, role: str = "prefill", ready: bool = True, ip: str | None = None) -> dict:
         pod = self.cluster.start_pod(self.namespace, name, {"app": "w", "role": role}, ready=ready, ip=ip)
@@ -70,9 +83,12 @@ class World:
         stream.wait_until(lambda r: r.names() == expected, timeout, f"stream == {expected}")
 
 
-@pytest.fixture
-def world(namespace: str, cluster: Cluster, sidecars: Sidecars) -> World:
-    return World(cluster, namespace, sidecars)
+@pytest.fixture(params=["apiserver", "relay"])
+def world(
+    namespace: str, cluster: Cluster, sidecars: Sidecars, relays: Relays, request: pytest.FixtureRequest
+) -> World:
+    """The observer watching the API server itself, and following a relay (issue 23: same semantics)."""
+    return World(cluster, namespace, sidecars, relays if request.param == "relay" else None)
 
 
 @pytest.fixture
@@ -237,7 +253,7 @@ def test_apiserver_restart_degrades_then_recovers_without_losing_peers(
     assert not [p.name for u in outage for p in u.removed + u.added], "no peer lost or invented by the outage"
     world.worker("w-3")  # and the watches are live again
     world.settle(stream, {f"w-{i}": READY for i in range(4)})
-    events = world.observer.log_events()
+    events = world.log_events()
     assert [e for e in events if e.get("event") == "watch failed, retrying"], "the outage was seen by the watches"
     relisted = {e["source"] for e in events if e.get("event") == "resource version expired, relisting"}
     # (and the watch of its own CR, the third watch the sidecar holds)
@@ -306,6 +322,6 @@ def test_invalid_metadata_keeps_last_valid_data(world: World, stream: StreamReco
     world.worker("w-after")  # ordering sentinel on the same watch
     world.settle(stream, {"w-bad": READY, "w-after": READY})
     assert stream.peers()["w-bad"].data_json == good
-    assert any(e.get("event", "").startswith("invalid worker metadata") for e in world.observer.log_events())
+    assert any(e.get("event", "").startswith("invalid worker metadata") for e in world.log_events())
     assert pod["metadata"]["uid"] == stream.peers()["w-bad"].uid
     assert world.cluster.api.get(PODS.item(world.namespace, "w-bad"))

@@ -64,7 +64,7 @@ class TestInjectPod:
         """The sidecar goes before the pod's own init containers (it serves them too)."""
         spec = injected(spec=pod_spec(initContainers=[{"name": "setup", "image": "ex/setup:1"}]))
         assert [c["name"] for c in spec["initContainers"]] == ["discovery-sidecar", "setup"]
-        assert [v["name"] for v in spec["volumes"]] == ["discovery-podinfo", "discovery-tmp"]
+        assert [v["name"] for v in spec["volumes"]] == ["discovery-podinfo", "discovery-tmp", "discovery-upstream-ca"]
         assert spec["containers"][0]["env"] == [{"name": "DISCOVERY_GRPC_LISTEN", "value": "127.0.0.1:50051"}]
         assert spec["initContainers"][0]["image"] == PARAMS["image"]
 
@@ -86,7 +86,12 @@ class TestInjectPod:
         spec = pod_spec(volumes=[{"name": "discovery-tmp", "emptyDir": {}}, {"name": "data", "emptyDir": {}}])
         spec["containers"][0]["env"] = [{"name": "DISCOVERY_GRPC_LISTEN", "value": "unix:///run/d.sock"}]
         result = injected(spec=spec)
-        assert [v["name"] for v in result["volumes"]] == ["discovery-tmp", "data", "discovery-podinfo"]
+        assert [v["name"] for v in result["volumes"]] == [
+            "discovery-tmp",
+            "data",
+            "discovery-podinfo",
+            "discovery-upstream-ca",
+        ]
         assert result["volumes"][0] == {"name": "discovery-tmp", "emptyDir": {}}, "the pod's volume of that name stays"
         assert result["containers"][0]["env"] == [{"name": "DISCOVERY_GRPC_LISTEN", "value": "unix:///run/d.sock"}]
 
