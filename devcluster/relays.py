@@ -8,22 +8,15 @@ a CA, and a serving certificate for localhost and 127.0.0.1), so sidecars verify
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import pathlib
-import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from devcluster.cluster import free_port
 from devcluster.pki import write_pki
-from devcluster.waiting import wait_for
+from devcluster.processes import DaemonProcess, inherited_environment
 
 
 @dataclass(frozen=True)
@@ -42,8 +35,10 @@ def make_relay_tls(directory: pathlib.Path) -> RelayTls:
 
 
 @dataclass
-class RelayProcess:
+class RelayProcess(DaemonProcess):
     """One ``discovery-sidecar relay`` subprocess."""
+
+    kind = "relay"
 
     name: str
     kubeconfig: pathlib.Path
@@ -60,7 +55,7 @@ class RelayProcess:
         return f"localhost:{self.grpc_port}"
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("DISCOVERY_", "POD_", "ETCD_", "DYN_"))}
+        env = inherited_environment()
         env.update(
             KUBECONFIG=str(self.kubeconfig),
             DISCOVERY_RELAY_LISTEN=f"127.0.0.1:{self.grpc_port}",
@@ -73,66 +68,8 @@ class RelayProcess:
         env.update(self.settings)
         return env
 
-    def start(self) -> RelayProcess:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "sidecar.app.cli", "relay"],
-            env=self.env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        log.close()
-        return self
-
-    def http_get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=2) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-        except OSError as exc:
-            return 0, str(exc)
-
-    def ready(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(f"relay {self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
-        return self.http_get("/readyz")[0] == 200
-
-    def wait_ready(self, timeout: float = 30.0) -> RelayProcess:
-        wait_for(self.ready, timeout, what=f"relay {self.name} ready")
-        return self
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        if self.process is None:
-            return 0
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
-            raise
-
-    def kill(self) -> None:
-        """SIGKILL: a replica that dies without a word (its streams break, nothing is said)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(5)
-
-    def log_events(self) -> list[dict[str, Any]]:
-        events = []
-        with contextlib.suppress(OSError):
-            for line in self.log_path.read_text(errors="replace").splitlines():
-                with contextlib.suppress(ValueError):
-                    events.append(json.loads(line))
-        return events
-
-    def log_tail(self, lines: int = 30) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "sidecar.app.cli", "relay"]
 
 
 def launch_relay(

@@ -7,18 +7,13 @@ in a cluster. Tests, the demo and the benchmarks all use this.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import os
 import pathlib
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +22,7 @@ from devcluster.build import ROOT, uv_binary
 from devcluster.cluster import ControlPlane, free_port
 from devcluster.kubelet import PodNetwork, UnsupportedSpec, mount_volumes, resolve_env, translate_paths
 from devcluster.objects import Cluster
-from devcluster.waiting import wait_for
+from devcluster.processes import DaemonProcess, inherited_environment
 from sidecar.app.config import OPTIONS_BY_ENV
 from sidecar.kube.api import ApiError
 
@@ -53,8 +48,10 @@ def write_token_kubeconfig(
 
 
 @dataclass
-class SidecarProcess:
+class SidecarProcess(DaemonProcess):
     """One ``discovery-sidecar run`` subprocess for one pod."""
+
+    kind = "sidecar"
 
     pod: Mapping[str, Any]
     kubeconfig: pathlib.Path
@@ -72,7 +69,7 @@ class SidecarProcess:
 
     @property
     def name(self) -> str:
-        return self.pod["metadata"]["name"]
+        return str(self.pod["metadata"]["name"])
 
     @property
     def target(self) -> str:
@@ -109,7 +106,7 @@ class SidecarProcess:
 
     def env(self) -> dict[str, str]:
         """The launched process's environment: this one's, less any sidecar setting it holds, plus ``settings``."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("DISCOVERY_", "POD_", "ETCD_", "DYN_"))}
+        env = inherited_environment()
         if self.etcd_endpoints:
             env.pop("KUBECONFIG", None)
         env.update(self.settings())
@@ -121,74 +118,15 @@ class SidecarProcess:
         """What runs the sidecar: this interpreter's ``sidecar.app.cli`` (``devcluster.image`` runs the image)."""
         return [sys.executable, "-m", "sidecar.app.cli", "run"]
 
-    def start(self) -> SidecarProcess:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            self.command(),
-            env=self.env(),
-            # A build's directory must come first on sys.path: `python -m` puts the working directory
-            # there, and this checkout's would shadow it.
-            cwd=self.log_path.parent if self.build is not None else None,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        log.close()
-        return self
-
-    def http_get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=2) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-        except OSError as exc:
-            return 0, str(exc)
-
-    def ready(self) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(f"sidecar {self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
-        return self.http_get("/readyz")[0] == 200
-
-    def wait_ready(self, timeout: float = 30.0) -> SidecarProcess:
-        wait_for(self.ready, timeout, what=f"sidecar {self.name} ready")
-        return self
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        """SIGTERM, as the kubelet sends it; return the exit code."""
-        if self.process is None:
-            return 0
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
-            raise
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(5)
-
-    def log_tail(self, lines: int = 30) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
+    def working_directory(self) -> pathlib.Path | None:
+        # A build's directory must come first on sys.path: `python -m` puts the working directory
+        # there, and this checkout's would shadow it.
+        return self.log_path.parent if self.build is not None else None
 
     def version(self) -> str:
         """The version this process said it runs (its last ``started`` log line), or empty."""
         started = [e for e in self.log_events() if e.get("event") == "started"]
         return str(started[-1].get("version", "")) if started else ""
-
-    def log_events(self) -> list[dict[str, Any]]:
-        events = []
-        with contextlib.suppress(OSError):
-            for line in self.log_path.read_text(errors="replace").splitlines():
-                with contextlib.suppress(ValueError):
-                    events.append(json.loads(line))
-        return events
 
 
 def launch_sidecar(
