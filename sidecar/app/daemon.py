@@ -21,16 +21,15 @@ are told UNAVAILABLE and can resume against the next sidecar), then stop the wat
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
-from types import FrameType
 
 import structlog
 
 from sidecar import __version__
 from sidecar.app.backends import build
 from sidecar.app.config import Settings
+from sidecar.app.lifecycle import serve_once_synced, stop_on_signals
 from sidecar.peers.backend import StartupError
 from sidecar.peers.metrics import Metrics
 from sidecar.peers.ports import WatchMode
@@ -134,7 +133,7 @@ class Sidecar:
             self._start_watches("the SMG manifest writer")
         if mode is WatchMode.ALWAYS:
             self._start_watches("DISCOVERY_WATCH=always")
-            threading.Thread(target=self._mark_serving_when_synced, name="health", daemon=True).start()
+            serve_once_synced(self.hub, self.grpc, self.log)
         else:
             # Nothing is watched until asked (auto) or ever (never): the API answers at once; peer requests
             # start the watches and wait for the sync within their deadline, or are refused.
@@ -166,11 +165,6 @@ class Sidecar:
             self._threads.extend(source.start() for source in self.backend.sources)
         self.log.info("watching peers", reason=why, watches=len(self.backend.sources))
 
-    def _mark_serving_when_synced(self) -> None:
-        if self.hub.wait_synced(None):
-            self.grpc.set_serving(True)
-            self.log.info("synced", peers=len(self.hub.state().peers))
-
     def shutdown(self) -> None:
         if self._stopping.is_set():
             return
@@ -191,14 +185,7 @@ class Sidecar:
         self.log.info("stopped", deregistration_confirmed=confirmed, seconds=round(time.monotonic() - started, 2))
 
     def run_until_signalled(self) -> int:
-        stop = threading.Event()
-
-        def on_signal(signum: int, _frame: FrameType | None) -> None:
-            self.log.info("signal received", signal=signal.Signals(signum).name)
-            stop.set()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        stop = stop_on_signals(self.log)
         try:
             reached = self.backend.wait_reachable(stop)
         except StartupError as exc:

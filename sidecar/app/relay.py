@@ -15,16 +15,15 @@ keeps it ready and its streams say DEGRADED, as a sidecar's do.
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
-from types import FrameType
 
 import structlog
 
 from sidecar import __version__
 from sidecar.app.backends import build_relay
 from sidecar.app.config import RelaySettings
+from sidecar.app.lifecycle import serve_once_synced, stop_on_signals
 from sidecar.peers.metrics import Metrics
 from sidecar.peers.ports import PodIdentity
 from sidecar.peers.reporting import PeerChangeReporter
@@ -94,7 +93,7 @@ class Relay:
         if self.http is not None:
             self.http.start()
         self._threads = [source.start() for source in self.backend.sources]
-        threading.Thread(target=self._mark_serving_when_synced, name="health", daemon=True).start()
+        serve_once_synced(self.hub, self.grpc, self.log)
         self.log.info(
             "relay started",
             version=__version__,
@@ -103,11 +102,6 @@ class Relay:
             watches=list(self.backend.descriptions),
             history_id=self.hub.history_id,
         )
-
-    def _mark_serving_when_synced(self) -> None:
-        if self.hub.wait_synced(None):
-            self.grpc.set_serving(True)
-            self.log.info("synced", peers=len(self.hub.state().peers))
 
     def shutdown(self) -> None:
         """End every stream with UNAVAILABLE (sidecars move to another replica), then stop the watches."""
@@ -125,14 +119,7 @@ class Relay:
         self.log.info("stopped", seconds=round(time.monotonic() - started, 2))
 
     def run_until_signalled(self) -> int:
-        stop = threading.Event()
-
-        def on_signal(signum: int, _frame: FrameType | None) -> None:
-            self.log.info("signal received", signal=signal.Signals(signum).name)
-            stop.set()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        stop = stop_on_signals(self.log)
         self.start()
         stop.wait()
         self.shutdown()
