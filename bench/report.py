@@ -263,7 +263,16 @@ def write(results: dict[str, Any], bench_dir: pathlib.Path) -> None:
         f"{p['events_streamed']} events (the rest coalesced per peer while it was behind).",
     ]
     profile = churn.get("profile") or {}
-    if profile.get("top_self"):
+    if profile.get("categories"):
+        lines += [
+            "",
+            "Where the sidecar's CPU goes under churn (py-spy `--gil --native`: only samples holding the GIL, so "
+            "waiting is not counted; shares of those samples, each sample counted once by its innermost known "
+            f"frame; full list in `bench/results/{profile['file']}`, see docs/benchmarks.md):",
+            "",
+        ]
+        lines += [f"* {share}% {label}" for label, share in profile["categories"].items()]
+    elif profile.get("top_self"):
         lines += [
             "",
             "Where the sidecar's time goes under churn (py-spy, self time, top entries; full list in "

@@ -1,0 +1,171 @@
+"""py-spy on a running sidecar under churn, and what its samples say about where the CPU goes.
+
+Two modes. ``gil`` (the default) samples only the thread holding the GIL, with native frames: each sample is
+the interpreter doing work, so shares are shares of CPU spent in Python and the C it calls (JSON, protobuf,
+gRPC's Cython, the garbage collector); threads parked in ``epoll_wait``, ``SSL_read`` or ``Condition.wait``
+hold no GIL and are not counted. Native stacks need py-spy to pause the process at each sample, so a
+profile's run is never a measurement's run. ``wall`` is the older view (every thread py-spy does not judge
+idle, without pausing the process): waiting shows up in it as ``SSLSocket.read`` and ``Condition.wait``.
+"""
+
+from __future__ import annotations
+
+import collections
+import pathlib
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bench import report
+
+PY_SPY = pathlib.Path(sys.executable).parent / "py-spy"
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    flags: tuple[str, ...]
+    file: str  # the summary's name under bench/results/
+
+
+GIL = Mode("gil", ("--gil", "--native"), "sidecar-profile-gil.txt")
+# Native frames cannot be read without pausing the process; if py-spy cannot, the GIL view without them.
+GIL_NONBLOCKING = Mode("gil", ("--gil", "--nonblocking"), "sidecar-profile-gil.txt")
+WALL = Mode("wall", ("--nonblocking",), "sidecar-profile.txt")
+
+# What a sample is spent on: the first of these, from the innermost frame outwards, that one of its frames
+# matches. Innermost first, so the collector running inside a JSON decode counts as GC, and a write(2) to
+# the loop's self-pipe inside a hub commit counts as a wake-up.
+CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
+    ("GC (the cyclic collector)", ("gc_collect", "collect_with_callback", "(gc)")),
+    ("thread-to-loop wake-ups (`_write_to_self`)", ("_write_to_self", "call_soon_threadsafe")),
+    (
+        "gRPC's send per message (cygrpc, sendmsg)",
+        ("sendmsg", "_send_message", "send_serialized_message", "_AioCall", "grpc_call_start_batch", "tcp_flush"),
+    ),
+    (
+        "protobuf encoding and message splitting",
+        (
+            "SerializeToString",
+            "ByteSize",
+            "split_by_size",
+            "_to_pb",
+            "encode_peer",
+            "serve/wire.py",
+            "_message.",
+            "upb_",
+            "PyUpb",
+            "well_known_types",
+        ),
+    ),
+    ("JSON decoding", ("json/decoder.py", "_json.c", "scan_once", "json_decode.py", "JSONDecoder")),
+    (
+        "the watch stream's chunked reading (urllib3, ssl)",
+        ("read_chunked", "urllib3/", "ssl.py", "socket.py", "WatchStream.__iter__", "SSL_read", "ssl3_"),
+    ),
+    ("the join, the log and the projection (sidecar/core)", ("sidecar/core/",)),
+    ("metrics (prometheus_client)", ("prometheus_client/",)),
+    ("the hub and the streams (sidecar/peers, sidecar/serve)", ("sidecar/peers/", "sidecar/serve/")),
+    ("asyncio's event loop", ("asyncio/",)),
+    ("the reflector (sidecar/kube)", ("sidecar/kube/",)),
+]
+OTHER = "other"
+
+
+def categorise(collapsed: str, categories: list[tuple[str, tuple[str, ...]]] = CATEGORIES) -> dict[str, float]:
+    """Each category's share of the samples (percent, summing to 100), ``other`` for what none matches."""
+    counts: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        counts[_category_of(stack.split(";"), categories)] += count
+    if not total:
+        return {}
+    order = [label for label, _ in categories] + [OTHER]
+    return {label: round(100 * counts[label] / total, 1) for label in order if counts[label]}
+
+
+def _category_of(frames: list[str], categories: list[tuple[str, tuple[str, ...]]]) -> str:
+    for frame in reversed(frames):
+        for label, patterns in categories:
+            if any(pattern in frame for pattern in patterns):
+                return label
+    return OTHER
+
+
+def summarise(collapsed: str, mode: Mode) -> dict[str, Any]:
+    """``report.summarise_profile``'s self and inclusive tops, with the category shares before them."""
+    summary = report.summarise_profile(collapsed)
+    shares = categorise(collapsed)
+    header = [f"py-spy mode: {mode.name} ({' '.join(mode.flags)}; idle samples excluded)"]
+    if mode.name == "gil":
+        header += ["", "what the CPU samples are spent on (% of samples holding the GIL, innermost match):"]
+        header += [f"  {share:5.1f}%  {label}" for label, share in shares.items()]
+    summary["text"] = "\n".join(header) + "\n\n" + summary["text"]
+    summary["categories"] = shares
+    return summary
+
+
+def record(pid: int, raw: pathlib.Path, mode: Mode, seconds: float, load: Callable[[], None]) -> str | None:
+    """py-spy ``pid`` into ``raw`` (collapsed stacks) while ``load`` runs; py-spy's error text if it failed."""
+    raw.unlink(missing_ok=True)
+    spy = subprocess.Popen(
+        [str(PY_SPY), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "100"]
+        + ["--format", "raw", "--output", str(raw), *mode.flags],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    load()
+    _, err = spy.communicate(timeout=seconds + 60)
+    if raw.exists() and raw.stat().st_size:
+        return None
+    return f"py-spy {' '.join(mode.flags)} exited {spy.returncode}: {err.strip()[-500:]}"
+
+
+def profile(
+    pid: int, work: pathlib.Path, out_dir: pathlib.Path, mode: Mode, seconds: float, load: Callable[[], None]
+) -> dict[str, Any]:
+    """Record ``pid`` under ``load`` and write the summary to ``out_dir/mode.file`` (the raw stacks beside it)."""
+    raw = work / f"profile-{mode.name}.collapsed"
+    error = record(pid, raw, mode, seconds, load)
+    if error is not None and mode == GIL:
+        # No native stacks (no ptrace, or an unsupported build): the GIL-only view without them.
+        fallback_error = record(pid, raw, GIL_NONBLOCKING, seconds, load)
+        if fallback_error is None:
+            mode, error = GIL_NONBLOCKING, None
+        else:
+            error = f"{error}; then {fallback_error}"
+    if error is not None:
+        return {"error": error, "mode": mode.name}
+    text = raw.read_text()
+    summary = summarise(text, mode)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / mode.file).write_text(summary["text"])
+    (out_dir / mode.file).with_suffix(".collapsed").write_text(_without_line_numbers(text))
+    return {
+        "mode": mode.name,
+        "flags": list(mode.flags),
+        "top_self": summary["top_self"],
+        "top_inclusive": summary["top_inclusive"],
+        "categories": summary["categories"],
+        "file": mode.file,
+    }
+
+
+def _without_line_numbers(collapsed: str) -> str:
+    """The raw stacks folded per function (line numbers dropped), so the kept file stays small."""
+    folded: collections.Counter[str] = collections.Counter()
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if stack and count_text.isdigit():
+            frames = (re.sub(r"^0x[0-9a-f]+ ", "? ", re.sub(r":\d+\)$", ")", f)) for f in stack.split(";"))
+            folded[";".join(frames)] += int(count_text)
+    return "".join(f"{stack} {count}\n" for stack, count in folded.most_common())
