@@ -43,8 +43,8 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("GC (the cyclic collector)", ("gc_collect", "collect_with_callback", "(gc)")),
     ("thread-to-loop wake-ups (`_write_to_self`)", ("_write_to_self", "call_soon_threadsafe")),
     (
-        "gRPC's send per message (cygrpc, sendmsg)",
-        ("sendmsg", "_send_message", "send_serialized_message", "_AioCall", "grpc_call_start_batch", "tcp_flush"),
+        "gRPC's send per message (cygrpc: sendmsg, the poller's eventfd kick)",
+        ("sendmsg", "eventfd_write", "send_serialized_message", "_AioCall", "grpc_call_start_batch", "tcp_flush"),
     ),
     (
         "protobuf encoding and message splitting",
@@ -76,7 +76,7 @@ OTHER = "other"
 
 
 def categorise(collapsed: str, categories: list[tuple[str, tuple[str, ...]]] = CATEGORIES) -> dict[str, float]:
-    """Each category's share of the samples (percent, summing to 100), ``other`` for what none matches."""
+    """Each category's share of the samples (percent, summing to 100), largest first, ``other`` last."""
     counts: collections.Counter[str] = collections.Counter()
     total = 0
     for line in collapsed.splitlines():
@@ -88,8 +88,9 @@ def categorise(collapsed: str, categories: list[tuple[str, tuple[str, ...]]] = C
         counts[_category_of(stack.split(";"), categories)] += count
     if not total:
         return {}
-    order = [label for label, _ in categories] + [OTHER]
-    return {label: round(100 * counts[label] / total, 1) for label in order if counts[label]}
+    other = counts.pop(OTHER, 0)
+    shares = {label: round(100 * n / total, 1) for label, n in counts.most_common()}
+    return {**shares, OTHER: round(100 * other / total, 1)} if other else shares
 
 
 def _category_of(frames: list[str], categories: list[tuple[str, tuple[str, ...]]]) -> str:
