@@ -222,8 +222,8 @@ class Bench:
                 self.work,
                 BENCH_DIR / "results",
                 mode,
-                seconds=8,
-                load=lambda: scenarios.churn(workload, [sidecar], 4, 8),
+                seconds=20,
+                load=lambda: scenarios.churn(workload, [sidecar], 4, 20),
             )
         return results
 

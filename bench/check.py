@@ -40,6 +40,7 @@ from typing import Any
 BENCH_DIR = pathlib.Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 BUDGET = BENCH_DIR / "budget.json"
+PROFILE_SECONDS = 20
 
 RAW, CLIENT_GO, SIDECAR = "raw-watch", "client-go-informer", "sidecar"
 WATCHERS = (SIDECAR, RAW, CLIENT_GO)
@@ -217,19 +218,22 @@ def before_after_table(this: Mapping[str, Any], base: Mapping[str, Any], peers: 
 
 def reps_table(trees: Mapping[str, Mapping[str, Any]]) -> list[str]:
     lines = [
-        "| rep | tree | p99 overhead ms | sidecar CPU ms / 1k ev | client-go CPU ms / 1k ev | churn writes/s "
-        "| pipeline events/s | sidecar RSS MiB | first snapshot s |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| rep | tree | raw watch p99 ms | p99 overhead ms | sidecar CPU ms / 1k ev | client-go CPU ms / 1k ev "
+        "| churn writes/s | pipeline events/s | sidecar RSS MiB | first snapshot s |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     count = max((len(t["reps"]) for t in trees.values()), default=0)
     for index in range(count):
-        for name, tree in trees.items():
+        names = list(trees) if index % 2 == 0 else list(trees)[::-1]  # in the order they ran
+        for name in names:
+            tree = trees[name]
             if index >= len(tree["reps"]):
                 continue
             r = tree["reps"][index]
             cpu = r.get("cpu_ms_per_1000_events") or {}
             lines.append(
-                f"| {index + 1} | {name} | {_num(r.get('p99_overhead_ms'), 2)} | {_num(cpu.get(SIDECAR), 0)} | "
+                f"| {index + 1} | {name} | {_num((r.get('cr_p99_ms') or {}).get(RAW), 2)} | "
+                f"{_num(r.get('p99_overhead_ms'), 2)} | {_num(cpu.get(SIDECAR), 0)} | "
                 f"{_num(cpu.get(CLIENT_GO), 0)} | {_num(r.get('churn_write_rate'), 0)} | "
                 f"{_num(r.get('pipeline_events_per_s'), 0)} | {_num((r.get('rss_mib') or {}).get(SIDECAR))} | "
                 f"{_num((r.get('first_snapshot_s') or {}).get(SIDECAR), 2)} |"
@@ -359,8 +363,8 @@ def measure(bench: Any, tree: Tree, args: argparse.Namespace, rng: random.Random
                 bench.work,
                 BENCH_DIR / "results",
                 profiling.GIL,
-                seconds=8,
-                load=lambda: scenarios.churn(bench.workload, [sidecar], args.churn_writers, 8),
+                seconds=PROFILE_SECONDS,
+                load=lambda: scenarios.churn(bench.workload, [sidecar], args.churn_writers, PROFILE_SECONDS),
             )
     finally:
         bench.stop_observers(observers)
@@ -408,8 +412,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bench.start()
             assert bench.workload is not None
             bench.workload.grow_to(args.peers, log=say)
+            for index in range(args.warmup):
+                # The plane is still busy with the new peers (EndpointSlices, garbage collection): not counted.
+                say(f"warm-up {index + 1}/{args.warmup}: {trees[0].name}")
+                measure(bench, trees[0], args, rng, profile=False)
             for index in range(args.reps):
-                for tree in trees:
+                # this, base; base, this; ...: neither tree always follows the other's churn.
+                for tree in trees if index % 2 == 0 else trees[::-1]:
                     say(f"repetition {index + 1}/{args.reps}: {tree.name}")
                     last = index == args.reps - 1
                     result = measure(bench, tree, args, rng, profile=args.profile and last and tree.name == "this")
@@ -419,7 +428,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bench.stop()
     say("pipeline capacity (control plane stopped), alternately")
     for index in range(args.reps):
-        for tree in trees:
+        for tree in trees if index % 2 == 0 else trees[::-1]:
             pipeline = pipeline_run(tree, args.peers, args.pipeline_events)
             reps[tree.name][index]["pipeline_events_per_s"] = pipeline["end_to_end_rate_per_s"]
             reps[tree.name][index]["pipeline_cpu_ms_per_1000_events"] = pipeline["sidecar_cpu_ms_per_1000_events"]
@@ -451,6 +460,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget", type=pathlib.Path, default=BUDGET)
     parser.add_argument("--peers", type=int, default=1000)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="repetitions run first and not counted")
     parser.add_argument("--cr-writes", type=int, default=100, help="CR updates per repetition (latency)")
     parser.add_argument("--churn-writers", type=int, default=4)
     parser.add_argument("--churn-seconds", type=float, default=8)

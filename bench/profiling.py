@@ -36,15 +36,22 @@ GIL = Mode("gil", ("--gil", "--native"), "sidecar-profile-gil.txt")
 GIL_NONBLOCKING = Mode("gil", ("--gil", "--nonblocking"), "sidecar-profile-gil.txt")
 WALL = Mode("wall", ("--nonblocking",), "sidecar-profile.txt")
 
-# What a sample is spent on: the first of these, from the innermost frame outwards, that one of its frames
-# matches. Innermost first, so the collector running inside a JSON decode counts as GC, and a write(2) to
-# the loop's self-pipe inside a hub commit counts as a wake-up.
+# What a sample is spent on: GC or a wake-up if any of its frames is one (``ANYWHERE``), otherwise the first
+# of the others that a frame matches, from the innermost frame outwards (so protobuf work called from the
+# stream's code counts as protobuf, and gRPC's Cython frames around the servicer do not claim it).
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("GC (the cyclic collector)", ("gc_collect", "collect_with_callback", "(gc)")),
-    ("thread-to-loop wake-ups (`_write_to_self`)", ("_write_to_self", "call_soon_threadsafe")),
     (
-        "gRPC's send per message (cygrpc: sendmsg, the poller's eventfd kick)",
-        ("sendmsg", "eventfd_write", "send_serialized_message", "_AioCall", "grpc_call_start_batch", "tcp_flush"),
+        "thread-to-loop wake-ups (`_write_to_self`, and the loop's side: `_read_from_self`, `Wakeup.trigger`)",
+        ("_write_to_self", "call_soon_threadsafe", "_read_from_self", "_process_self_data", "Wakeup.trigger"),
+    ),
+    (
+        "gRPC's send per message (cygrpc, its sendmsg and its poller's eventfd kick)",
+        ("sendmsg", "eventfd_write", "grpc/_cython", "grpc/aio/"),
+    ),
+    (
+        "JSON encoding (`json.dumps`: a peer's `data_json`)",
+        ("json/encoder.py", "encoder_listencode", "encoder_call", "JSONEncoder"),
     ),
     (
         "protobuf encoding and message splitting",
@@ -61,17 +68,29 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
             "well_known_types",
         ),
     ),
-    ("JSON decoding", ("json/decoder.py", "_json.c", "scan_once", "json_decode.py", "JSONDecoder")),
     (
-        "the watch stream's chunked reading (urllib3, ssl)",
-        ("read_chunked", "urllib3/", "ssl.py", "socket.py", "WatchStream.__iter__", "SSL_read", "ssl3_"),
+        "JSON decoding (watch events)",
+        (
+            "json/decoder.py",
+            "scan_once",
+            "scanstring",
+            "_parse_object",
+            "_parse_array",
+            "json_decode.py",
+            "JSONDecoder",
+        ),
+    ),
+    (
+        "the watch stream's chunked reading (urllib3, http.client, ssl)",
+        ("read_chunked", "urllib3/", "http/client.py", "ssl.py", "socket.py", "WatchStream.__iter__", "SSL_read"),
     ),
     ("the join, the log and the projection (sidecar/core)", ("sidecar/core/",)),
     ("metrics (prometheus_client)", ("prometheus_client/",)),
     ("the hub and the streams (sidecar/peers, sidecar/serve)", ("sidecar/peers/", "sidecar/serve/")),
-    ("asyncio's event loop", ("asyncio/",)),
+    ("asyncio's loop turns (`_run_once`, epoll, handles)", ("asyncio/", "selectors.py", "_asynciomodule.c")),
     ("the reflector (sidecar/kube)", ("sidecar/kube/",)),
 ]
+ANYWHERE = 2  # the first categories count wherever their frame is in a stack
 OTHER = "other"
 
 
@@ -94,8 +113,13 @@ def categorise(collapsed: str, categories: list[tuple[str, tuple[str, ...]]] = C
 
 
 def _category_of(frames: list[str], categories: list[tuple[str, tuple[str, ...]]]) -> str:
+    # GC and the wake-ups first, wherever they are in the stack: the collector and a wake-up's handle run
+    # inside other work's frames, and their own innermost frames are generic (asyncio's Event, libc).
+    for label, patterns in categories[:ANYWHERE]:
+        if any(pattern in frame for frame in frames for pattern in patterns):
+            return label
     for frame in reversed(frames):
-        for label, patterns in categories:
+        for label, patterns in categories[ANYWHERE:]:
             if any(pattern in frame for pattern in patterns):
                 return label
     return OTHER
@@ -114,11 +138,13 @@ def summarise(collapsed: str, mode: Mode) -> dict[str, Any]:
     return summary
 
 
-def record(pid: int, raw: pathlib.Path, mode: Mode, seconds: float, load: Callable[[], None]) -> str | None:
+def record(
+    pid: int, raw: pathlib.Path, mode: Mode, seconds: float, load: Callable[[], None], rate: int = 200
+) -> str | None:
     """py-spy ``pid`` into ``raw`` (collapsed stacks) while ``load`` runs; py-spy's error text if it failed."""
     raw.unlink(missing_ok=True)
     spy = subprocess.Popen(
-        [str(PY_SPY), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "100"]
+        [str(PY_SPY), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(rate)]
         + ["--format", "raw", "--output", str(raw), *mode.flags],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
