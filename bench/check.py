@@ -254,7 +254,9 @@ def render(run: Mapping[str, Any], budget: Mapping[str, Limit]) -> str:
         f"{run['settings']['reps']} repetitions of start-up, {run['settings']['cr_writes']} CR updates and "
         f"{run['settings']['churn_seconds']:g} s of churn from {run['settings']['churn_writers']} writers, then "
         f"the pipeline ({run['settings']['pipeline_events']:,} events) once per repetition with the control plane "
-        "stopped. Medians over the repetitions; a ratio is taken within each repetition, then its median.",
+        "stopped. Medians over the repetitions; a ratio is taken within each repetition, then its median. "
+        "Latencies swing with the machine's load (the raw watch's own p99 is in the last table): read them "
+        "against the budget on a quiet machine, and between trees only within one run.",
         "",
         f"## This tree ({trees['this']['describe']}) against the budget (`bench/budget.json`)",
         "",
@@ -282,7 +284,8 @@ def render(run: Mapping[str, Any], budget: Mapping[str, Limit]) -> str:
             lines.append(
                 f"`py-spy record {' '.join(profile['flags'])}`: shares of the samples holding the GIL (waiting is "
                 "not counted), each sample counted once by its innermost known frame; "
-                f"`bench/results/{profile['file']}`."
+                f"`bench/results/{profile['file']}`. The samples stand for {profile['sampled_seconds']:.1f} s "
+                f"holding the GIL; the process used {profile['process_cpu_seconds']:.1f} CPU-s meanwhile."
             )
             lines += [""] + [f"* {share}% {label}" for label, share in profile["categories"].items()]
     return "\n".join(lines) + "\n"

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
+
 from bench import report
 
 PY_SPY = pathlib.Path(sys.executable).parent / "py-spy"
@@ -84,7 +86,16 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
         "the watch stream's chunked reading (urllib3, http.client, ssl)",
         ("read_chunked", "urllib3/", "http/client.py", "ssl.py", "socket.py", "WatchStream.__iter__", "SSL_read"),
     ),
-    ("the join, the log and the projection (sidecar/core)", ("sidecar/core/",)),
+    (
+        "parsing watch objects into records (core/resources.py, core/bounds.py)",
+        ("sidecar/core/resources.py", "sidecar/core/bounds.py", "sidecar/core/dynamo_schema.py"),
+    ),
+    (
+        "the join and the log (core/directory.py, join.py, eventlog.py)",
+        ("sidecar/core/directory.py", "sidecar/core/join.py", "sidecar/core/instance_join.py", "eventlog.py"),
+    ),
+    ("the per-stream projection (core/projection.py)", ("sidecar/core/projection.py",)),
+    ("the rest of sidecar/core (peer records, instance ids)", ("sidecar/core/",)),
     ("metrics (prometheus_client)", ("prometheus_client/",)),
     ("the hub and the streams (sidecar/peers, sidecar/serve)", ("sidecar/peers/", "sidecar/serve/")),
     ("asyncio's loop turns (`_run_once`, epoll, handles)", ("asyncio/", "selectors.py", "_asynciomodule.c")),
@@ -125,11 +136,32 @@ def _category_of(frames: list[str], categories: list[tuple[str, tuple[str, ...]]
     return OTHER
 
 
-def summarise(collapsed: str, mode: Mode) -> dict[str, Any]:
+@dataclass(frozen=True)
+class CpuShare:
+    """How much of the process's CPU the samples stand for: GIL-held seconds sampled against CPU-seconds used."""
+
+    sampled_seconds: float
+    process_cpu_seconds: float
+
+    def sentence(self) -> str:
+        return (
+            f"samples stand for {self.sampled_seconds:.1f} s holding the GIL; the process used "
+            f"{self.process_cpu_seconds:.1f} CPU-s meanwhile (the rest: C code outside the GIL, such as gRPC "
+            "core's threads and TLS)"
+        )
+
+
+def samples(collapsed: str) -> int:
+    return sum(int(line.rpartition(" ")[2]) for line in collapsed.splitlines() if line.rpartition(" ")[2].isdigit())
+
+
+def summarise(collapsed: str, mode: Mode, cpu: CpuShare | None = None) -> dict[str, Any]:
     """``report.summarise_profile``'s self and inclusive tops, with the category shares before them."""
     summary = report.summarise_profile(collapsed)
     shares = categorise(collapsed)
     header = [f"py-spy mode: {mode.name} ({' '.join(mode.flags)}; idle samples excluded)"]
+    if cpu is not None:
+        header.append(cpu.sentence())
     if mode.name == "gil":
         header += ["", "what the CPU samples are spent on (% of samples holding the GIL, innermost match):"]
         header += [f"  {share:5.1f}%  {label}" for label, share in shares.items()]
@@ -158,14 +190,25 @@ def record(
 
 
 def profile(
-    pid: int, work: pathlib.Path, out_dir: pathlib.Path, mode: Mode, seconds: float, load: Callable[[], None]
+    pid: int,
+    work: pathlib.Path,
+    out_dir: pathlib.Path,
+    mode: Mode,
+    seconds: float,
+    load: Callable[[], None],
+    rate: int = 200,
 ) -> dict[str, Any]:
     """Record ``pid`` under ``load`` and write the summary to ``out_dir/mode.file`` (the raw stacks beside it)."""
     raw = work / f"profile-{mode.name}.collapsed"
-    error = record(pid, raw, mode, seconds, load)
+    process = psutil.Process(pid)
+    cpu_before = sum(process.cpu_times()[:2])
+    error = record(pid, raw, mode, seconds, load, rate)
+    cpu_seconds = sum(process.cpu_times()[:2]) - cpu_before
     if error is not None and mode == GIL:
         # No native stacks (no ptrace, or an unsupported build): the GIL-only view without them.
-        fallback_error = record(pid, raw, GIL_NONBLOCKING, seconds, load)
+        cpu_before = sum(process.cpu_times()[:2])
+        fallback_error = record(pid, raw, GIL_NONBLOCKING, seconds, load, rate)
+        cpu_seconds = sum(process.cpu_times()[:2]) - cpu_before
         if fallback_error is None:
             mode, error = GIL_NONBLOCKING, None
         else:
@@ -173,7 +216,7 @@ def profile(
     if error is not None:
         return {"error": error, "mode": mode.name}
     text = raw.read_text()
-    summary = summarise(text, mode)
+    summary = summarise(text, mode, CpuShare(samples(text) / rate, cpu_seconds))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / mode.file).write_text(summary["text"])
     (out_dir / mode.file).with_suffix(".collapsed").write_text(_without_line_numbers(text))
@@ -183,6 +226,8 @@ def profile(
         "top_self": summary["top_self"],
         "top_inclusive": summary["top_inclusive"],
         "categories": summary["categories"],
+        "sampled_seconds": round(samples(text) / rate, 2),
+        "process_cpu_seconds": round(cpu_seconds, 2),
         "file": mode.file,
     }
 
