@@ -143,8 +143,16 @@ class TestMarkdown:
         record = run_record([rep()])
         record["profile"] = {"error": "Permission denied (os error 13)"}
         assert "py-spy failed: `Permission denied (os error 13)`" in check.render(record, check.load_budget())
-        record["profile"] = {"flags": ["--gil", "--native"], "file": "p.txt", "categories": {"GC": 4.5}}
-        assert "* 4.5% GC" in check.render(record, check.load_budget())
+        record["profile"] = {
+            "flags": ["--gil", "--native"],
+            "file": "p.txt",
+            "categories": {"GC": 4.5},
+            "sampled_seconds": 2.0,
+            "process_cpu_seconds": 3.0,
+        }
+        text = check.render(record, check.load_budget())
+        assert "* 4.5% GC" in text
+        assert "stand for 2.0 s holding the GIL; the process used 3.0 CPU-s" in text
 
 
 def test_profile_samples_count_once_by_their_innermost_known_frame() -> None:
