@@ -146,8 +146,8 @@ class CpuShare:
     def sentence(self) -> str:
         return (
             f"samples stand for {self.sampled_seconds:.1f} s holding the GIL; the process used "
-            f"{self.process_cpu_seconds:.1f} CPU-s meanwhile (the rest: C code outside the GIL, such as gRPC "
-            "core's threads and TLS)"
+            f"{self.process_cpu_seconds:.1f} CPU-s meanwhile (more CPU than GIL: C code outside it, such as gRPC "
+            "core's threads and TLS; more GIL than CPU: a thread holding it while it waits for a core)"
         )
 
 
