@@ -125,6 +125,8 @@ def summarise(reps: list[dict[str, Any]]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Row:
+    """One line of the budget table: a figure per watcher (or the sidecar's own) and what the budget judges."""
+
     label: str
     values: dict[str, float | None]  # by watcher; the sidecar's alone for its own figures
     ratios: dict[str, float | None]  # the sidecar's over the raw watch and client-go
@@ -174,9 +176,10 @@ def budget_table(summary: Mapping[str, Any], budget: Mapping[str, Limit], peers:
     ]
     for row in rows(summary, peers):
         limit = budget.get(row.figure) if row.figure else None
-        aim = ""
+        aim = verdict = ""
         if limit is not None:
             aim = limit.aim() + (" × client-go" if row.figure == "cpu_vs_client_go" else "")
+            verdict = limit.verdict(row.judged)
         cells = [
             row.label,
             _num(row.values.get(SIDECAR), row.digits),
@@ -185,9 +188,7 @@ def budget_table(summary: Mapping[str, Any], budget: Mapping[str, Limit], peers:
             _num(row.ratios.get(RAW), 2) if RAW in row.ratios else "",
             _num(row.ratios.get(CLIENT_GO), 2) if CLIENT_GO in row.ratios else "",
             aim,
-            f"**{limit.verdict(row.judged)}**"
-            if limit and limit.verdict(row.judged) == "over"
-            else (limit.verdict(row.judged) if limit else ""),
+            f"**{verdict}**" if verdict == "over" else verdict,
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
