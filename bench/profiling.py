@@ -147,7 +147,8 @@ class CpuShare:
         return (
             f"samples stand for {self.sampled_seconds:.1f} s holding the GIL; the process used "
             f"{self.process_cpu_seconds:.1f} CPU-s meanwhile (more CPU than GIL: C code outside it, such as gRPC "
-            "core's threads and TLS; more GIL than CPU: a thread holding it while it waits for a core)"
+            "core's threads and TLS; more GIL than CPU: a thread holding it while it waits for a core, or while "
+            "py-spy has the process paused to read native stacks)"
         )
 
 
@@ -160,7 +161,7 @@ def summarise(collapsed: str, mode: Mode, cpu: CpuShare | None = None) -> dict[s
     summary = report.summarise_profile(collapsed)
     shares = categorise(collapsed)
     header = [f"py-spy mode: {mode.name} ({' '.join(mode.flags)}; idle samples excluded)"]
-    if cpu is not None:
+    if cpu is not None and mode.name == "gil":
         header.append(cpu.sentence())
     if mode.name == "gil":
         header += ["", "what the CPU samples are spent on (% of samples holding the GIL, innermost match):"]
