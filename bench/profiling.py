@@ -187,7 +187,8 @@ def record(
     _, err = spy.communicate(timeout=seconds + 60)
     if raw.exists() and raw.stat().st_size:
         return None
-    return f"py-spy {' '.join(mode.flags)} exited {spy.returncode}: {err.strip()[-500:]}"
+    message = " ".join(err.split("Stack backtrace:")[0].split())  # py-spy's own words, without its backtrace
+    return f"py-spy {' '.join(mode.flags)} exited {spy.returncode}: {message[-500:]}"
 
 
 def profile(
