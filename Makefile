@@ -13,7 +13,7 @@ UV := $(UV_HOME)/bin/uv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: venv lock lock-upgrade demo demo-etcd test unit integration lint proto-lint proto-release rust-client rust-lint protos version controlplane image cluster-up cluster-down bench bench-cost bench-rollout clean
+.PHONY: venv lock lock-upgrade demo demo-etcd test unit integration lint proto-lint proto-release rust-client rust-lint protos version controlplane image cluster-up cluster-down bench bench-check bench-cost bench-rollout clean
 
 $(UV): hack/uv.requirements
 	$(PYTHON) -m venv $(UV_HOME)
@@ -106,6 +106,11 @@ cluster-down: venv
 
 bench: venv
 	$(PY) -m bench
+
+# BASE: another checkout (a worktree of main) measured alternately with this one; CHECK_ARGS: --profile, --strict, ...
+bench-check: venv     ## the hot path against bench/budget.json in a few minutes (BASE=DIR: before/after); bench/comparisons/
+	$(PY) -m devcluster build
+	$(PY) -m bench.check $(if $(BASE),--base $(BASE)) $(CHECK_ARGS)
 
 COST_SIZES ?= 100 300 1000
 bench-cost: venv      ## API server cost at P pods, every pod watching vs 10 routers (bench/results/COST.md)

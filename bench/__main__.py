@@ -21,7 +21,7 @@ from typing import Any
 
 import psutil
 
-from bench import pipeline, report, scenarios
+from bench import pipeline, profiling, report, scenarios
 from bench.baselines.build_go import ensure_go_watch
 from bench.baselines.build_rust import ensure_kube_rs_watch
 from bench.observers import LineObserver, Observer, SidecarObserver
@@ -200,49 +200,32 @@ class Bench:
             for writers in self.args.churn_writers:
                 say(f"churn: {writers} writer threads for {self.args.churn_seconds}s")
                 results.append(scenarios.churn(self.workload, observers, writers, self.args.churn_seconds))
-            profile = self.profile_sidecar(observers)
+            profiles = self.profile_sidecar(observers)
         finally:
             self.stop_observers(observers)
         return {
             "peers": self.workload.size,  # at least churn_size: the workload never shrinks
             "runs": results,
-            "profile": profile,
+            "profile": profiles["gil"],  # CPU only: samples holding the GIL, native frames
+            "profile_wall": profiles["wall"],  # every thread that is not idle, waiting included
         }
 
     def profile_sidecar(self, observers: list[Observer]) -> dict[str, Any]:
-        """py-spy samples the sidecar while writers keep it busy; summarise where the time goes."""
+        """py-spy samples the sidecar while writers keep it busy: CPU only (GIL held), then every thread."""
         sidecar = next(o for o in observers if isinstance(o, SidecarObserver))
         assert sidecar.process is not None and self.workload is not None
-        out = BENCH_DIR / "results" / "sidecar-profile.txt"
-        out.parent.mkdir(exist_ok=True)
-        raw = self.work / "profile.collapsed"
-        spy = subprocess.Popen(
-            [
-                str(pathlib.Path(sys.executable).parent / "py-spy"),
-                "record",
-                "--pid",
-                str(sidecar.process.pid),
-                "--duration",
-                "8",
-                "--rate",
-                "200",
-                "--format",
-                "raw",
-                "--output",
-                str(raw),
-                "--nonblocking",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        scenarios.churn(self.workload, observers[-1:], 4, 8)
-        _, err = spy.communicate(timeout=60)
-        if not raw.exists():
-            return {"error": f"py-spy produced no profile: {err.strip()[-500:]}"}
-        summary = report.summarise_profile(raw.read_text())
-        out.write_text(summary["text"])
-        return {"top_self": summary["top_self"], "top_inclusive": summary["top_inclusive"], "file": str(out.name)}
+        workload = self.workload
+        results = {}
+        for mode in (profiling.GIL, profiling.WALL):
+            results[mode.name] = profiling.profile(
+                sidecar.process.pid,
+                self.work,
+                BENCH_DIR / "results",
+                mode,
+                seconds=20,
+                load=lambda: scenarios.churn(workload, [sidecar], 4, 20),
+            )
+        return results
 
     def restart_phase(self) -> dict[str, Any]:
         assert self.plane is not None
