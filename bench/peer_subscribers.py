@@ -30,10 +30,95 @@ import grpc
 import grpc.aio
 
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
-from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
-from discovery_client.client import CHANNEL_OPTIONS, PeerSetView
+from discovery_client.client import CHANNEL_OPTIONS
 
 STATES = {pb.PEER_STATE_READY: "READY", pb.PEER_STATE_DRAINING: "DRAINING"}
+WATCH_PEERS = "/discovery.v1.Discovery/WatchPeers"
+
+Entry = tuple[str, str]
+"""What a subscriber keeps of one peer: its name and state ("READY", "DRAINING", "UNKNOWN")."""
+
+
+class Interned:
+    """One copy of each pod UID and (name, state) pair for every subscriber of the process.
+
+    Each of ``P`` subscribers holds the same ``P`` peers: sharing the strings and pairs leaves a subscriber
+    only its dict's slots (about 100 bytes a peer), where a ``pb.Peer`` of its own, even stripped to three
+    fields, costs about 1.2 KB (an arena of its own)."""
+
+    def __init__(self) -> None:
+        self._values: dict[object, object] = {}
+
+    def uid(self, uid: str) -> str:
+        return self._values.setdefault(uid, uid)  # type: ignore[return-value]
+
+    def entry(self, name: str, state: int) -> Entry:
+        pair = (name, STATES.get(state, "UNKNOWN"))
+        return self._values.setdefault(pair, pair)  # type: ignore[return-value]
+
+
+class LeanPeerSet:
+    """A subscriber's peer set, reduced to what the benchmark reads: pod UID -> (name, state).
+
+    The same semantics as the client library's ``PeerSetView`` (which ``tests/unit/test_peer_subscribers``
+    checks it against): the parts of a change (``partial``) are gathered and applied together, a snapshot
+    replaces the set in its order, a delta's events apply in order (REMOVED pops, ADDED/UPDATED store),
+    the resume position (revision, history id) moves only once a change is complete, and a resume request
+    drops an incomplete change. What differs is what is kept: a pair per peer, shared through ``Interned``,
+    not the decoded message; parts are folded in as they arrive instead of being held."""
+
+    def __init__(self, interned: Interned) -> None:
+        self.interned = interned
+        self.peers: dict[str, Entry] = {}
+        self.revision = 0
+        self.history_id = ""
+        self.version = 0  # counts the completed changes that touched the set (snapshots and deltas)
+        self._snapshot: list[tuple[str, Entry]] = []  # the peers of an incomplete snapshot's parts
+        self._events: list[tuple[bool, str, Entry]] = []  # (removed, uid, entry) of an incomplete delta's parts
+
+    def names(self) -> dict[str, str]:
+        """Pod name -> state, what the benchmark compares with the truth (a later UID of a name wins)."""
+        return dict(self.peers.values())
+
+    def apply(self, message: pb.WatchPeersResponse) -> bool | None:
+        """Apply one message; None mid-change, else whether the peer set changed: for a snapshot, whether
+        the names and states differ from before (a new replica's snapshot after a failover may change
+        nothing); for a delta, whether it carried any event (as ``PeerSetUpdate``'s lists would)."""
+        interned = self.interned
+        for peer in message.snapshot.peers:
+            self._snapshot.append((interned.uid(peer.uid), interned.entry(peer.name, peer.state)))
+        for event in message.delta.events:
+            peer = event.peer
+            entry = interned.entry(peer.name, peer.state)
+            self._events.append((event.type == pb.EVENT_TYPE_REMOVED, interned.uid(peer.uid), entry))
+        if message.partial:
+            return None
+        snapshot, self._snapshot = self._snapshot, []
+        events, self._events = self._events, []
+        kind = message.WhichOneof("kind") or ""
+        changed = False
+        if kind == "snapshot":
+            before = self.names()
+            self.peers = dict(snapshot)
+            changed = before != self.names()
+            self.version += 1
+        elif kind == "delta":
+            for removed, uid, entry in events:
+                if removed:
+                    self.peers.pop(uid, None)
+                else:
+                    self.peers[uid] = entry
+            changed = bool(events)
+            self.version += 1
+        self.revision = message.revision
+        self.history_id = message.history_id
+        return changed
+
+    def resume_request(self, peer_filter: pb.PeerFilter) -> pb.WatchPeersRequest:
+        self._snapshot, self._events = [], []  # an incomplete change is resent from the last complete revision
+        return pb.WatchPeersRequest(
+            filter=peer_filter, resume_history_id=self.history_id, resume_revision=self.revision
+        )
 
 
 class Totals:
@@ -54,7 +139,7 @@ class Subscriber:
         self.group = group
         self.index = index
         self.target = first_target
-        self.view = PeerSetView()
+        self.view = LeanPeerSet(group.interned)
         self.synced = asyncio.Event()
         self.last_peer_change = 0.0
         self.failed_at: float | None = None  # monotonic: the last stream failure not yet followed by a sync
@@ -62,15 +147,26 @@ class Subscriber:
         self.task: asyncio.Task[None] | None = None
 
     def peers(self) -> dict[str, str]:
-        return {p.name: STATES.get(p.state, "UNKNOWN") for p in self.view.peers.values()}
+        return self.view.names()
 
-    def slim(self, stored: list[pb.Peer]) -> None:
-        """Keep only what ``peers()`` reads of each peer just stored. A peer taken from a message keeps that
-        whole message alive (protobuf's arena): a thousand subscribers holding a thousand peers each would
-        hold every snapshot and delta they ever received (gigabytes), where each sidecar holds one set."""
-        for peer in stored:
-            if self.view.peers.get(peer.uid) is peer:
-                self.view.peers[peer.uid] = pb.Peer(uid=peer.uid, name=peer.name, state=peer.state)
+    def receive(self, raw: bytes) -> bool:
+        """Count and apply one message of the stream; whether it completed a change."""
+        totals = self.group.totals
+        totals.bytes["watchpeers"] += len(raw) + 5
+        message = pb.WatchPeersResponse.FromString(raw)
+        kind = message.WhichOneof("kind") or ""
+        totals.events[kind] += 1
+        changed = self.view.apply(message)
+        if changed is None:
+            return False
+        if changed:
+            self.last_peer_change = time.monotonic()
+        if kind in ("snapshot", "resumed"):
+            self.synced.set()
+            if self.failed_at is not None:
+                self.failovers.append(time.monotonic() - self.failed_at)
+                self.failed_at = None
+        return True
 
     async def run(self) -> None:
         group = self.group
@@ -79,30 +175,17 @@ class Subscriber:
             target = group.targets[self.target % len(group.targets)]
             channel = group.channel(target)
             try:
-                stub = pb_grpc.DiscoveryStub(channel)
+                # Undecoded: the bytes counted are the message's own (its protobuf size), the parse is ours.
+                call = channel.unary_stream(WATCH_PEERS, request_serializer=pb.WatchPeersRequest.SerializeToString)
                 request = self.view.resume_request(pb.PeerFilter(include_self=True))
                 group.totals.requests[f"WatchPeers {'resume' if self.view.history_id else 'fresh'}"] += 1
-                async for message in stub.WatchPeers(request, metadata=group.metadata):
-                    group.totals.bytes["watchpeers"] += message.ByteSize() + 5
-                    kind = message.WhichOneof("kind") or ""
-                    group.totals.events[kind] += 1
-                    before = self.peers() if kind == "snapshot" and not message.partial else None
-                    update = self.view.apply(message)
-                    if update is None:
-                        continue
-                    self.slim(list(self.view.peers.values()) if update.reset else [*update.added, *update.updated])
-                    if before is not None:  # a snapshot (a new replica's, after a failover) may change nothing
-                        changed = before != self.peers()
-                    else:
-                        changed = bool(update.added or update.updated or update.removed)
-                    if changed:
-                        self.last_peer_change = time.monotonic()
-                    if kind in ("snapshot", "resumed"):
-                        self.synced.set()
-                        if self.failed_at is not None:
-                            self.failovers.append(time.monotonic() - self.failed_at)
-                            self.failed_at = None
-                    backoff = 0.1
+                stream = call(request, metadata=group.metadata)
+                # read(), not ``async for``: grpc's iterator, like a loop variable, holds the last message (a
+                # snapshot, megabytes at 2,000 peers) until the next one arrives; a thousand streams hold gigabytes.
+                while (raw := await stream.read()) is not grpc.aio.EOF:
+                    if self.receive(raw):
+                        backoff = 0.1
+                    del raw
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as exc:
@@ -128,6 +211,7 @@ class Subscribers:
         self.subscribers: dict[str, Subscriber] = {}
         self.started = 0
         self.totals = Totals()
+        self.interned = Interned()
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def channel(self, target: str) -> grpc.aio.Channel:
@@ -161,8 +245,15 @@ class Subscribers:
 
     async def converge(self, peers: dict[str, str], timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
+        checked: dict[str, tuple[int, bool]] = {}  # subscriber -> (its set's version when compared, equal)
         while True:
-            behind = [s.index for s in self.subscribers.values() if s.peers() != peers]
+            behind = []
+            for s in self.subscribers.values():
+                seen = checked.get(s.index)
+                if seen is None or seen[0] != s.view.version:  # compare only the sets that changed since
+                    seen = checked[s.index] = (s.view.version, s.peers() == peers)
+                if not seen[1]:
+                    behind.append(s.index)
             if not behind or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)  # poll: the streams advance between checks
