@@ -2,15 +2,18 @@
 
 ``python -m bench.peer_subscribers --targets HOST:PORT[,HOST:PORT...]`` follows, for each subscriber id
 it is told to start, one ``WatchPeers`` stream, spread round-robin over the targets (relay replicas, or
-any sidecar: the API is the same). Each subscriber keeps the peer set with the client library's
-``PeerSetView`` and, when its stream fails, resumes (history id and revision) on the next target, as a
-sidecar following relays moves to another replica.
+any sidecar: the API is the same). Each subscriber keeps its peer set as the client library's
+``PeerSetView`` would, reduced to what the benchmark compares (``LeanPeerSet``: pod UID -> name and state,
+shared between subscribers), and, when its stream fails, resumes (history id and revision) on the next
+target, as a sidecar following relays moves to another replica. ``--processes N`` spreads the subscribers
+over N worker processes behind the same commands (``Workers``).
 
 It answers the JSON-lines commands of ``bench.watchers`` (``bench.rollout.ProcessSubscribers`` drives
 both): ``start``/``stop`` with ``ids``, ``wait_ready`` (every started subscriber has its first snapshot),
 ``stats``, ``converge`` with ``peers`` (pod name -> READY/DRAINING; ``truth``, the API server's
-resourceVersions, does not apply here) and ``quit``. Bytes counted are what the subscribers received:
-each message's protobuf size plus gRPC's 5-byte frame header (before HTTP/2 and TLS), the relays' egress.
+resourceVersions, does not apply here), ``pids`` (the worker processes, for their CPU and memory) and
+``quit``. Bytes counted are what the subscribers received: each message's protobuf size plus gRPC's 5-byte
+frame header (before HTTP/2 and TLS), the relays' egress.
 """
 
 from __future__ import annotations
@@ -226,11 +229,12 @@ class Subscribers:
             self._channels[target] = channel
         return channel
 
-    def start(self, ids: list[str]) -> None:
-        for index in ids:
+    def start(self, ids: list[str], first: list[int] | None = None) -> None:
+        """Start ``ids``' subscribers; ``first``: each one's first target (a front's count), else this process's."""
+        for at, index in enumerate(ids):
             if index in self.subscribers:
                 continue
-            subscriber = Subscriber(self, index, self.started)
+            subscriber = Subscriber(self, index, first[at] if first else self.started)
             self.started += 1
             subscriber.task = asyncio.ensure_future(subscriber.run())
             self.subscribers[index] = subscriber
@@ -281,35 +285,154 @@ class Subscribers:
             "t": time.monotonic(),
         }
 
-    async def serve(self) -> None:
-        loop = asyncio.get_running_loop()
-        stdin = asyncio.StreamReader(limit=2**28)  # a converge command carries every object's name and version
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
-        while True:
-            line = await stdin.readline()
-            if not line:
-                break
-            command = json.loads(line)
-            cmd = command["cmd"]
-            reply: dict[str, Any] = {"cmd": cmd}
-            if cmd == "start":
-                self.start([str(i) for i in command["ids"]])
-            elif cmd == "stop":
-                await self.stop([str(i) for i in command["ids"]])
-            elif cmd == "wait_ready":
-                await asyncio.gather(*(s.synced.wait() for s in self.subscribers.values()))
-            elif cmd == "stats":
-                reply["stats"] = self.stats()
-            elif cmd == "converge":
-                reply.update(await self.converge(command.get("peers") or {}, float(command.get("timeout", 120))))
-                print(json.dumps({"error_reasons": self.stats()["error_reasons"]}), file=sys.stderr, flush=True)
-            elif cmd == "quit":
-                break
-            reply["t"] = time.monotonic()
-            print(json.dumps(reply), flush=True)
+    async def handle(self, command: dict[str, Any]) -> dict[str, Any]:
+        """Answer one command of the JSON-lines interface (the module docstring)."""
+        cmd = command["cmd"]
+        reply: dict[str, Any] = {"cmd": cmd}
+        if cmd == "start":
+            self.start([str(i) for i in command["ids"]], command.get("first"))
+        elif cmd == "stop":
+            await self.stop([str(i) for i in command["ids"]])
+        elif cmd == "wait_ready":
+            await asyncio.gather(*(s.synced.wait() for s in self.subscribers.values()))
+        elif cmd == "stats":
+            reply["stats"] = self.stats()
+        elif cmd == "converge":
+            reply.update(await self.converge(command.get("peers") or {}, float(command.get("timeout", 120))))
+            print(json.dumps({"error_reasons": self.stats()["error_reasons"]}), file=sys.stderr, flush=True)
+        elif cmd == "pids":
+            reply["pids"] = {}  # no process but this one
+        return reply
+
+    async def close(self) -> None:
         await self.stop(list(self.subscribers))
         for channel in self._channels.values():
             await channel.close()
+
+
+class Workers:
+    """``--processes N``: the subscribers spread over N worker processes (each this module with
+    ``--processes 1``), behind the same commands, so that decoding is not one Python thread's.
+
+    Owns the workers and which worker each subscriber is on. A subscriber goes to the next worker in turn
+    and keeps the first target it would have had in one process (``first``), so the streams spread over the
+    targets as before. Replies are merged: counters summed, lists and maps joined, ``converged`` if every
+    worker's subscribers converged (each worker waits up to the same timeout, at the same time)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.workers: list[asyncio.subprocess.Process] = []
+        self.owner: dict[str, int] = {}  # subscriber id -> its worker's index
+        self.started = 0
+
+    async def open(self) -> None:
+        argv = [sys.executable, "-m", "bench.peer_subscribers", "--targets", self.args.targets, "--processes", "1"]
+        argv += ["--ca", self.args.ca] if self.args.ca else []
+        argv += ["--token-file", self.args.token_file] if self.args.token_file else []
+        argv += ["--shared-channels"] if self.args.shared_channels else []
+        for _ in range(self.args.processes):
+            self.workers.append(
+                await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=2**28
+                )
+            )
+
+    async def call(self, worker: int, command: dict[str, Any]) -> dict[str, Any]:
+        process = self.workers[worker]
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write((json.dumps(command) + "\n").encode())
+        await process.stdin.drain()
+        line = await process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"subscriber worker {worker} exited with {await process.wait()}")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    async def each(self, commands: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+        """Send each worker its command at once; their replies."""
+        return list(await asyncio.gather(*(self.call(w, c) for w, c in commands.items())))
+
+    async def handle(self, command: dict[str, Any]) -> dict[str, Any]:
+        cmd = command["cmd"]
+        reply: dict[str, Any] = {"cmd": cmd}
+        everyone = dict.fromkeys(range(len(self.workers)), command)
+        if cmd == "start":
+            parts: dict[int, dict[str, list[Any]]] = {}
+            for index in (str(i) for i in command["ids"]):
+                if index in self.owner:
+                    continue
+                worker = self.owner[index] = self.started % len(self.workers)
+                part = parts.setdefault(worker, {"ids": [], "first": []})
+                part["ids"].append(index)
+                part["first"].append(self.started)
+                self.started += 1
+            await self.each({w: {"cmd": "start", **part} for w, part in parts.items()})
+        elif cmd == "stop":
+            gone: dict[int, list[str]] = {}
+            for index in (str(i) for i in command["ids"]):
+                if index in self.owner:
+                    gone.setdefault(self.owner.pop(index), []).append(index)
+            await self.each({w: {"cmd": "stop", "ids": ids} for w, ids in gone.items()})
+        elif cmd == "wait_ready":
+            await self.each(everyone)
+        elif cmd == "stats":
+            reply["stats"] = merge_stats([r["stats"] for r in await self.each(everyone)])
+        elif cmd == "converge":
+            reply.update(merge_converge(await self.each(everyone)))
+        elif cmd == "pids":
+            reply["pids"] = {f"subscribers-{i}": p.pid for i, p in enumerate(self.workers)}
+        return reply
+
+    async def close(self) -> None:
+        for process in self.workers:
+            if process.stdin is not None:
+                process.stdin.write(b'{"cmd": "quit"}\n')
+                process.stdin.close()
+        for process in self.workers:
+            await process.wait()
+
+
+def merge_stats(replies: list[dict[str, Any]]) -> dict[str, Any]:
+    """The workers' ``stats`` as one process's: each counter summed."""
+    merged: dict[str, Any] = {}
+    for key in ("bytes", "events", "requests", "errors", "error_reasons"):
+        total: Counter[str] = Counter()
+        for reply in replies:
+            total.update(reply.get(key) or {})
+        merged[key] = dict(total.most_common(10)) if key == "error_reasons" else dict(total)
+    merged["watchers"] = sum(r["watchers"] for r in replies)
+    merged["t"] = time.monotonic()
+    return merged
+
+
+def merge_converge(replies: list[dict[str, Any]]) -> dict[str, Any]:
+    """The workers' ``converge`` replies as one process's."""
+    return {
+        "converged": all(r["converged"] for r in replies),
+        "behind": [i for r in replies for i in r["behind"]][:20],
+        "behind_count": sum(r["behind_count"] for r in replies),
+        "lost": sum(r["lost"] for r in replies),
+        "phantom": sum(r["phantom"] for r in replies),
+        "last_peer_change": {i: t for r in replies for i, t in r["last_peer_change"].items()},
+        "failover_s": [f for r in replies for f in r["failover_s"]],
+    }
+
+
+async def serve(group: Subscribers | Workers) -> None:
+    """Answer the JSON-lines commands on stdin, one reply line each on stdout, until ``quit`` or EOF."""
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader(limit=2**28)  # a converge command carries every object's name and version
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    try:
+        while line := await stdin.readline():
+            command = json.loads(line)
+            if command["cmd"] == "quit":
+                break
+            reply = await group.handle(command)
+            reply["t"] = time.monotonic()
+            print(json.dumps(reply), flush=True)
+    finally:
+        await group.close()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -320,11 +443,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--shared-channels", action="store_true", help="one connection per target instead of one per subscriber"
     )
+    parser.add_argument(
+        "--processes", type=int, default=1, help="worker processes the subscribers are spread over (1: this one)"
+    )
     return parser.parse_args(argv)
 
 
+async def _main(args: argparse.Namespace) -> None:
+    if args.processes <= 1:
+        await serve(Subscribers(args))
+        return
+    workers = Workers(args)
+    await workers.open()
+    await serve(workers)
+
+
 def main(argv: list[str] | None = None) -> None:
-    asyncio.run(Subscribers(parse_args(argv)).serve())
+    asyncio.run(_main(parse_args(argv)))
 
 
 if __name__ == "__main__":
