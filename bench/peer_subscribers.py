@@ -46,7 +46,7 @@ class Interned:
     """One copy of each pod UID and (name, state) pair for every subscriber of the process.
 
     Each of ``P`` subscribers holds the same ``P`` peers: sharing the strings and pairs leaves a subscriber
-    only its dict's slots (about 100 bytes a peer), where a ``pb.Peer`` of its own, even stripped to three
+    only its dict's slots (~25 bytes a peer), where a ``pb.Peer`` of its own, even stripped to three
     fields, costs about 1.2 KB (an arena of its own)."""
 
     def __init__(self) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bench.peer_subscribers import Interned, LeanPeerSet
+from bench.peer_subscribers import Interned, LeanPeerSet, merge_converge, merge_stats
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.client import PeerSetView
 
@@ -162,3 +162,64 @@ def test_subscribers_share_strings_and_pairs() -> None:
     for uid, entry in first.peers.items():
         other_uid = next(u for u in second.peers if u == uid)
         assert other_uid is uid and second.peers[uid] is entry
+
+
+class TestWorkersReplies:
+    """``--processes N``: the workers' replies read as one process's."""
+
+    def test_stats_are_summed(self) -> None:
+        first = {
+            "bytes": {"watchpeers": 10},
+            "events": {"snapshot": 2},
+            "requests": {"WatchPeers fresh": 2},
+            "errors": {},
+            "error_reasons": {"UNAVAILABLE: x": 1},
+            "watchers": 2,
+            "t": 1.0,
+        }
+        second = {
+            "bytes": {"watchpeers": 5},
+            "events": {"snapshot": 1, "delta": 4},
+            "requests": {},
+            "errors": {"UNAVAILABLE": 1},
+            "error_reasons": {"UNAVAILABLE: x": 2},
+            "watchers": 1,
+            "t": 2.0,
+        }
+        merged = merge_stats([first, second])
+        assert merged["bytes"] == {"watchpeers": 15}
+        assert merged["events"] == {"snapshot": 3, "delta": 4}
+        assert merged["requests"] == {"WatchPeers fresh": 2}
+        assert merged["errors"] == {"UNAVAILABLE": 1}
+        assert merged["error_reasons"] == {"UNAVAILABLE: x": 3}
+        assert merged["watchers"] == 3
+
+    def test_converge_needs_every_worker(self) -> None:
+        done = {
+            "converged": True,
+            "behind": [],
+            "behind_count": 0,
+            "lost": 0,
+            "phantom": 0,
+            "last_peer_change": {"a": 1.0},
+            "failover_s": [0.5],
+        }
+        late = {
+            "converged": False,
+            "behind": ["b"],
+            "behind_count": 1,
+            "lost": 2,
+            "phantom": 1,
+            "last_peer_change": {"b": 2.0},
+            "failover_s": [],
+        }
+        assert merge_converge([done, late]) == {
+            "converged": False,
+            "behind": ["b"],
+            "behind_count": 1,
+            "lost": 2,
+            "phantom": 1,
+            "last_peer_change": {"a": 1.0, "b": 2.0},
+            "failover_s": [0.5],
+        }
+        assert merge_converge([done, done])["converged"]
