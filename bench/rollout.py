@@ -169,13 +169,19 @@ def watcher_arm(
 
 
 def peer_subscribers(
-    targets: Sequence[str], log: pathlib.Path, ca: pathlib.Path | None = None, token: pathlib.Path | None = None
+    targets: Sequence[str],
+    log: pathlib.Path,
+    ca: pathlib.Path | None = None,
+    token: pathlib.Path | None = None,
+    processes: int = 1,
 ) -> JsonLinesChild:
     """A ``bench.peer_subscribers`` process: subscribers following ``WatchPeers`` streams, spread over
-    ``targets`` (host:port), verified with ``ca`` (else plaintext), presenting ``token`` if given."""
+    ``targets`` (host:port), verified with ``ca`` (else plaintext), presenting ``token`` if given, spread
+    over ``processes`` worker processes behind it (1: in that one process)."""
     argv = [sys.executable, "-m", "bench.peer_subscribers", "--targets", ",".join(targets)]
     argv += ["--ca", str(ca)] if ca else []
     argv += ["--token-file", str(token)] if token else []
+    argv += ["--processes", str(processes)] if processes > 1 else []
     return JsonLinesChild(argv, log)
 
 
@@ -233,6 +239,7 @@ class RelaySubscribers(ProcessSubscribers):
         self.kill_after: int | None = None  # new pods started before the kill; set by start() from P
         self.started_during_rollout = 0
         self.killed_at: float | None = None  # monotonic
+        self.workers: dict[str, int] | None = None  # the simulator's worker processes (``--subscriber-processes``)
 
     def start(self, pods: Sequence[str]) -> None:
         if self.kill_at is not None:
@@ -268,8 +275,10 @@ class RelaySubscribers(ProcessSubscribers):
         return reply
 
     def processes(self) -> dict[str, int]:
+        if self.workers is None:
+            self.workers = self.call(cmd="pids")["pids"]  # "subscribers-0", ...: their CPU-s and peak RSS
         pids = {f"relay-{i}": r.process.pid for i, r in enumerate(self.relays) if r.process is not None}
-        return super().processes() | pids
+        return super().processes() | self.workers | pids
 
     def close(self) -> None:
         try:
@@ -296,7 +305,8 @@ def relay_arm(
         for relay in relays:
             relay.wait_ready(120)
         targets = [r.address for r in relays]
-        child = peer_subscribers(targets, logs / f"subscribers-{name}.log", tls.ca, token)
+        log = logs / f"subscribers-{name}.log"
+        child = peer_subscribers(targets, log, tls.ca, token, processes=args.subscriber_processes)
         probes = peer_subscribers(targets, logs / f"probes-{name}.log", tls.ca, token)
     except BaseException:
         for relay in relays:
@@ -729,6 +739,12 @@ def _relays(values: Mapping[str, float], combine: Callable[[list[float]], float]
     return combine(found) if found else None
 
 
+def _subscribers_cpu_s(values: Mapping[str, float]) -> float | None:
+    """The simulator's CPU-s: its process's, and its workers' (``subscribers-0``, ...) if it had any."""
+    found = [v for k, v in values.items() if k == "subscribers" or k.startswith("subscribers-")]
+    return sum(found) if found else None
+
+
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Median per (P, arm) across repeats."""
     groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
@@ -756,7 +772,7 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "etcd_cpu_s": med(lambda r: r["rollout"]["cpu_s"].get("etcd")),
                 "kcm_cpu_s": med(lambda r: r["rollout"]["cpu_s"].get("kube-controller-manager")),
                 "kwok_cpu_s": med(lambda r: r["rollout"]["cpu_s"].get("kwok")),
-                "subscriber_cpu_s": med(lambda r: r["rollout"]["cpu_s"].get("subscribers")),
+                "subscriber_cpu_s": med(lambda r: _subscribers_cpu_s(r["rollout"]["cpu_s"])),
                 "apiserver_peak_rss": med(lambda r: r["rollout"]["peak_rss_bytes"].get("kube-apiserver")),
                 "last_ready_s": med(lambda r: r["rollout"]["last_ready_after_restart_s"]),
                 "p50": med(lambda r: r["rollout"]["convergence_s"]["p50"]),
@@ -899,6 +915,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=["routers", "every-pod"])
     parser.add_argument("--routers", type=int, default=10, help="R, the routers arm's subscribers")
     parser.add_argument("--relays", type=int, default=3, help="relay replicas of the relays arm")
+    parser.add_argument(
+        "--subscriber-processes",
+        type=int,
+        default=2,
+        help="relay arms: worker processes the simulated sidecars are spread over (bench.peer_subscribers)",
+    )
     parser.add_argument(
         "--kill-at", type=float, default=0.5, help="relays-kill: kill a replica once this share of P new pods started"
     )

@@ -23,9 +23,11 @@ SERVICE = "workers"
 LABELS = {"app": "worker"}
 
 
+@pytest.mark.parametrize("processes", [1, 2])
 def test_subscribers_follow_watchpeers_from_a_sidecar(
-    cluster: Cluster, namespace: str, sidecars: Sidecars, tmp_path: pathlib.Path
+    cluster: Cluster, namespace: str, sidecars: Sidecars, tmp_path: pathlib.Path, processes: int
 ) -> None:
+    """In one process, and spread over two workers behind the same commands (``--processes 2``)."""
     cluster.create_service(namespace, SERVICE, LABELS)
     for name in ("peer-a", "peer-b"):
         pod = cluster.start_pod(namespace, name, LABELS)
@@ -34,7 +36,8 @@ def test_subscribers_follow_watchpeers_from_a_sidecar(
     observer = cluster.start_pod(namespace, "observer", {"app": "observer"})  # not behind the Service
     sidecar = sidecars.start(observer, SERVICE).wait_ready()
 
-    arm = ProcessSubscribers("relays", peer_subscribers([sidecar.target], tmp_path / "subscribers.log"), every_pod=True)
+    child = peer_subscribers([sidecar.target], tmp_path / "subscribers.log", processes=processes)
+    arm = ProcessSubscribers("relays", child, every_pod=True)
     try:
         arm.start(["s-0", "s-1", "s-2"])  # returns once each has its first snapshot
         first = arm.converge({}, {"peer-a": "READY", "peer-b": "READY"}, 30)
