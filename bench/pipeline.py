@@ -21,6 +21,7 @@ import grpc
 from bench.workload import metadata, peer_name
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
+from sidecar.core import json_decode
 from sidecar.core.directory import PeerDirectory
 from sidecar.kube.sources import ENDPOINT_SLICES, WORKER_METADATA
 from sidecar.peers.hub import PeerHub
@@ -104,7 +105,7 @@ def run(peers: int = 1000, events: int = 30000) -> dict[str, Any]:
     cpu_started = time.process_time()
     for line in lines:
         arrived = time.monotonic()
-        obj = json.loads(line)["object"]  # parsed and stored as the reflector does
+        obj = json_decode.loads(line)["object"]  # decoded and stored as the reflector does
         metadata.upsert(WORKER_METADATA.key(obj), WORKER_METADATA.parse(obj), arrived)
     applied = time.perf_counter()
     if not ours.poll(120):
