@@ -1,6 +1,6 @@
 """Two trees' pipeline capacity, alternated in one session: before, after, before, after, ...
 
-``python -m bench.alternate BEFORE_DIR AFTER_DIR [--rounds 5] [--peers 1000] [--events 20000]``
+``python -m bench.alternate BEFORE_DIR AFTER_DIR [--rounds 5] [--peers 1000] [--events 20000] [--streams 1]``
 
 On a 2-core machine shared with other work, figures from separate sessions differ by more than most
 changes; alternating the two trees run by run lets the machine's noise hit both alike. Every run is
@@ -29,14 +29,14 @@ FIGURES = {
 }
 RUN = (
     "import json, sys; sys.path.insert(1, {harness!r}); import alternate_pipeline as p; "
-    "print(json.dumps(p.run(peers={peers}, events={events})))"
+    "print(json.dumps(p.run(peers={peers}, events={events}, streams={streams})))"
 )
 
 
-def run_once(tree: pathlib.Path, harness: str, peers: int, events: int) -> dict[str, Any]:
+def run_once(tree: pathlib.Path, harness: str, peers: int, events: int, streams: int) -> dict[str, Any]:
     python = tree / ".venv" / "bin" / "python"
     done = subprocess.run(
-        [str(python), "-c", RUN.format(harness=harness, peers=peers, events=events)],
+        [str(python), "-c", RUN.format(harness=harness, peers=peers, events=events, streams=streams)],
         cwd=tree,
         capture_output=True,
         text=True,
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--peers", type=int, default=1000)
     parser.add_argument("--events", type=int, default=20000)
+    parser.add_argument("--streams", type=int, default=1, help="WatchPeers streams reading every change")
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args(argv)
     runs: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         for index in range(args.rounds):
             for side in ("before", "after"):
                 tree = getattr(args, side).resolve()
-                result = run_once(tree, harness, args.peers, args.events)
+                result = run_once(tree, harness, args.peers, args.events, args.streams)
                 runs[side].append(result)
                 print(
                     f"[alternate] round {index + 1} {side}: {result['end_to_end_rate_per_s']:,.0f} events/s, "

@@ -3,8 +3,9 @@
 On this 2-core machine etcd + kube-apiserver accept far fewer writes per second than the sidecar can
 absorb, so the end-to-end churn test measures the API server. This measures the sidecar's pipeline
 alone, in one process: raw watch-event lines (JSON bytes, as the API server sends them) are decoded and
-applied to the hub exactly as the reflector does, and a real gRPC WatchPeers client on loopback
-counts what it receives. Events/second is measured from the first line fed to the last event received.
+applied to the hub exactly as the reflector does, and a real gRPC WatchPeers client on loopback (``streams``
+streams of it, as several main containers or a relay's followers would open) counts what it receives.
+Events/second is measured from the first line fed to the last event received (on every stream).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import statistics
+import threading
 import time
 import uuid
 from typing import Any
@@ -66,23 +68,41 @@ def _cr(i: int, seq: int) -> dict[str, Any]:
     }
 
 
-def _consume(target: str, last_seq: int, connection: Any) -> None:
-    """In a separate process, like a main container: read the stream until ``last_seq`` arrives."""
-    received = 0
+def _read(stub: Any, last_seq: int, ready: threading.Barrier, counts: list[int], index: int) -> None:
+    synced = False
+    for message in stub.WatchPeers(pb.WatchPeersRequest(), wait_for_ready=True):
+        if message.WhichOneof("kind") == "snapshot":
+            if not synced:
+                synced = True
+                ready.wait()
+            # A later snapshot: this reader fell behind the history (it may carry the last update).
+            if any(json.loads(p.data_json)["seq"] == last_seq for p in message.snapshot.peers):
+                return
+            continue
+        for event in message.delta.events:
+            counts[index] += 1
+            if json.loads(event.peer.data_json)["seq"] == last_seq:
+                return
+
+
+def _consume(target: str, last_seq: int, connection: Any, streams: int = 1) -> None:
+    """In a separate process, like a main container: read ``streams`` streams (a thread each) until
+    ``last_seq`` arrives on every one; events are counted on the first."""
+    counts = [0] * streams
+    ready = threading.Barrier(streams + 1)
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.DiscoveryStub(channel)
-        for message in stub.WatchPeers(pb.WatchPeersRequest(), wait_for_ready=True):
-            if message.WhichOneof("kind") == "snapshot":
-                connection.send(("ready", time.time_ns(), 0))
-                continue
-            for event in message.delta.events:
-                received += 1
-                if json.loads(event.peer.data_json)["seq"] == last_seq:
-                    connection.send(("done", time.time_ns(), received))
-                    return
+        readers = [threading.Thread(target=_read, args=(stub, last_seq, ready, counts, i)) for i in range(streams)]
+        for reader in readers:
+            reader.start()
+        ready.wait()
+        connection.send(("ready", time.time_ns(), 0))
+        for reader in readers:
+            reader.join()
+        connection.send(("done", time.time_ns(), counts[0]))
 
 
-def run(peers: int = 1000, events: int = 30000) -> dict[str, Any]:
+def run(peers: int = 1000, events: int = 30000, streams: int = 1) -> dict[str, Any]:
     hub = PeerHub(PeerDirectory(uuid.uuid4().hex, 10000, [ENDPOINT_SLICES.name, WORKER_METADATA.name]), "self")
     for source, objects in ((ENDPOINT_SLICES, _slices(peers)), (WORKER_METADATA, [_cr(i, 0) for i in range(peers)])):
         hub.store(source.name).replace({source.key(o): source.parse(o) for o in objects})
@@ -92,10 +112,15 @@ def run(peers: int = 1000, events: int = 30000) -> dict[str, Any]:
         ListenAddress(host="127.0.0.1", port=0),
     )
     server.start()
+    try:  # as the daemon does once started (bench.alternate also runs this on trees from before the collector)
+        from sidecar.app.collector import release, settle
+    except ImportError:
+        release = settle = lambda: None  # noqa: E731
+    settle()
     lines = [json.dumps({"type": "MODIFIED", "object": _cr(n % peers, n + 1)}).encode() for n in range(events)]
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
-    consumer = context.Process(target=_consume, args=(server.target, events, theirs), daemon=True)
+    consumer = context.Process(target=_consume, args=(server.target, events, theirs, streams), daemon=True)
     consumer.start()
     if not ours.poll(60):
         raise RuntimeError("the consumer process never received its snapshot")
@@ -114,9 +139,11 @@ def run(peers: int = 1000, events: int = 30000) -> dict[str, Any]:
     cpu = time.process_time() - cpu_started
     consumer.join(10)
     hub.close()
+    release()
     server.stop(0.5)
     return {
         "peers": peers,
+        "streams": streams,
         "events_fed": events,
         "events_streamed": received,
         "apply_rate_per_s": events / (applied - started),
