@@ -29,6 +29,7 @@ from types import FrameType
 import structlog
 
 from sidecar import __version__
+from sidecar.app import collector
 from sidecar.app.backends import build
 from sidecar.app.config import Settings
 from sidecar.peers.backend import StartupError
@@ -156,6 +157,7 @@ class Sidecar:
             watches=list(self.backend.descriptions),
             history_id=self.hub.history_id,
         )
+        collector.settle()  # start-up is over: what it built lives as long as the process
 
     def _start_watches(self, why: str) -> None:
         """Start every watch, once: at start-up (always) or on the first peer request (auto)."""
@@ -170,11 +172,13 @@ class Sidecar:
         if self.hub.wait_synced(None):
             self.grpc.set_serving(True)
             self.log.info("synced", peers=len(self.hub.state().peers))
+            collector.settle()  # the synced peer set lives on: out of the collector's way
 
     def shutdown(self) -> None:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        collector.release()  # the gRPC server's cycles must be collectable when it stops
         budget = self.settings.shutdown_timeout
         started = time.monotonic()
         self.log.info("shutting down: deregistering first", budget_seconds=budget)

@@ -23,6 +23,7 @@ from types import FrameType
 import structlog
 
 from sidecar import __version__
+from sidecar.app import collector
 from sidecar.app.backends import build_relay
 from sidecar.app.config import RelaySettings
 from sidecar.peers.metrics import Metrics
@@ -103,17 +104,20 @@ class Relay:
             watches=list(self.backend.descriptions),
             history_id=self.hub.history_id,
         )
+        collector.settle()  # start-up is over: what it built lives as long as the process
 
     def _mark_serving_when_synced(self) -> None:
         if self.hub.wait_synced(None):
             self.grpc.set_serving(True)
             self.log.info("synced", peers=len(self.hub.state().peers))
+            collector.settle()  # the synced peer set lives on: out of the collector's way
 
     def shutdown(self) -> None:
         """End every stream with UNAVAILABLE (sidecars move to another replica), then stop the watches."""
         if self._stopping.is_set():
             return
         self._stopping.set()
+        collector.release()  # the gRPC server's cycles must be collectable when it stops
         started = time.monotonic()
         self.hub.close()
         self.grpc.stop(grace=min(2.0, self.settings.shutdown_timeout))
