@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import pathlib
 import statistics
 import threading
 import time
@@ -102,6 +104,23 @@ def _consume(target: str, last_seq: int, connection: Any, streams: int = 1) -> N
         connection.send(("done", time.time_ns(), counts[0]))
 
 
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds of this process's threads, summed by name: Python's by their ``threading`` name, gRPC core's
+    (C++, invisible to Python profilers) by their OS name. Linux only."""
+    python_names = {t.native_id: t.name for t in threading.enumerate()}
+    totals: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in pathlib.Path("/proc/self/task").iterdir():
+        try:
+            name = python_names.get(int(task.name)) or "core:" + (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+        except OSError:  # the thread ended
+            continue
+        name = name.rstrip("0123456789_-") or name  # pools: one name for their numbered threads
+        totals[name] = totals.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return totals
+
+
 def run(peers: int = 1000, events: int = 30000, streams: int = 1) -> dict[str, Any]:
     hub = PeerHub(PeerDirectory(uuid.uuid4().hex, 10000, [ENDPOINT_SLICES.name, WORKER_METADATA.name]), "self")
     for source, objects in ((ENDPOINT_SLICES, _slices(peers)), (WORKER_METADATA, [_cr(i, 0) for i in range(peers)])):
@@ -128,6 +147,7 @@ def run(peers: int = 1000, events: int = 30000, streams: int = 1) -> dict[str, A
     started_ns = time.time_ns()
     started = time.perf_counter()
     cpu_started = time.process_time()
+    threads_started = _thread_cpu()
     for line in lines:
         arrived = time.monotonic()
         obj = json_decode.loads(line)["object"]  # decoded and stored as the reflector does
@@ -137,6 +157,7 @@ def run(peers: int = 1000, events: int = 30000, streams: int = 1) -> dict[str, A
         raise RuntimeError("the consumer never saw the last event")
     _, finished_ns, received = ours.recv()
     cpu = time.process_time() - cpu_started
+    threads = {name: seconds - threads_started.get(name, 0.0) for name, seconds in _thread_cpu().items()}
     consumer.join(10)
     hub.close()
     release()
@@ -149,6 +170,9 @@ def run(peers: int = 1000, events: int = 30000, streams: int = 1) -> dict[str, A
         "apply_rate_per_s": events / (applied - started),
         "end_to_end_rate_per_s": events / ((finished_ns - started_ns) / 1e9),
         "sidecar_cpu_ms_per_1000_events": cpu * 1000 / events * 1000,
+        "cpu_ms_per_1000_events_by_thread": {
+            name: round(seconds * 1000 / events * 1000, 1) for name, seconds in sorted(threads.items()) if seconds > 0
+        },
         "note": "the consumer runs in its own process; events_streamed < events_fed means the stream "
         "coalesced several updates of one peer into one event for a reader that was behind",
     }
