@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     text = table(runs, figures)
     print(text)
     if args.out:
-        args.out.write_text(json.dumps({"before": str(args.before), "after": str(args.after), **runs}, indent=2))
+        trees = {"before_tree": str(args.before), "after_tree": str(args.after)}
+        args.out.write_text(json.dumps({**trees, **runs}, indent=2))
     return 0
 
 

@@ -83,10 +83,11 @@ ENCODING_WORKERS = 2
 """Threads that build snapshots (CPU under the GIL: more would not encode faster)."""
 SNAPSHOTS_AT_ONCE = 16
 """Snapshots being built and written at once; other streams wait their turn. A snapshot held for a client costs
-about twice its size until gRPC has sent it (the message, its serialised bytes), so a burst of clients
-connecting at once (a relay's followers after a failover: hundreds) would otherwise hold hundreds of copies
-(bench/relay_fanout.py: 333 followers of 1,000 peers, peak RSS 400 MiB with the bound against 524-630 without).
-The encoding pool is CPU-bound under the GIL, so the burst takes no longer."""
+its serialised size until gRPC has sent it (each part is serialised in the encoding pool, which drops the
+message: a tenth less peak RSS in a burst than holding both, bench/comparisons/2026-12-07-per-pod-cost.md), so a
+burst of clients connecting at once (a relay's followers after a failover: hundreds) would otherwise hold hundreds
+of copies (bench/relay_fanout.py: 333 followers of 1,000 peers, peak RSS 400 MiB with the bound against 524-630
+without). The encoding pool is CPU-bound under the GIL, so the burst takes no longer."""
 SHARED_BATCHES = 64
 """Projected batches kept for other streams at the same position with the same filter (most recent first out)."""
 SHARED_BATCH_ENTRIES = 64
