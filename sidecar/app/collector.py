@@ -12,9 +12,11 @@ So, once start-up is over (the servers listening; again once the watches have sy
 collects what start-up threw away, moves everything still alive to the permanent generation that the
 collector never traverses (``gc.freeze``), and makes young collections rarer. Cycles are still
 collected (gRPC leaves some behind aborted calls), only later: at most ``YOUNG_THRESHOLD`` allocations
-late, a few MiB at worst, and a young collection of that many containers takes about 0.3 ms. At shutdown ``release`` undoes it: the gRPC server's last cycles, some made
-before a ``settle``, must be collectable when the server is dropped (``GrpcServer.stop``), so that its
-threads end (and a test process that ran a sidecar goes on as before). Called by the daemon and the relay.
+late, a few MiB at worst, and a young collection of that many containers takes about 0.3 ms. ``settle``
+itself costs one full collection, about 20 ms at start-up. At shutdown ``release`` undoes it: the gRPC
+server's last cycles, some made before a ``settle``, must be collectable when the server is dropped
+(``GrpcServer.stop``), so that its threads end (and a test process that ran a sidecar goes on as before).
+Called by the daemon and the relay.
 """
 
 from __future__ import annotations
