@@ -104,6 +104,9 @@ RUNTIME = "runc"  # crun 1.8 (Debian 12) refuses a hybrid cgroup v1/v2 hierarchy
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 LOCAL_REPOSITORY = "localhost/discovery-sidecar"  # the images in podman's storage
 KEEP = 3  # cached images (and bases) kept per kind; older ones are removed after a build
+VENV_BUILD = {"UV_COMPILE_BYTECODE": "1", "SOURCE_DATE_EPOCH": "315532800"}
+"""As the Dockerfile's builder: the venv ships .pyc, checked by hash (a layer need not keep the sources' mtimes).
+Part of the image's key: a change rebuilds the venv."""
 
 # In a private mount namespace: the base read-only, the build's own directories writable over it, the
 # host's /dev, a /proc and the host's resolv.conf (uv downloads what its cache lacks), then uv in a chroot.
@@ -225,6 +228,7 @@ def image_key(config: ImageConfig, root: pathlib.Path = ROOT) -> str:
     digest.update(base_key().encode())
     digest.update(uv_binary().parent.parent.name.encode())  # uv-<version>
     digest.update(json.dumps(config.__dict__, sort_keys=True).encode())
+    digest.update(json.dumps(VENV_BUILD, sort_keys=True).encode())
     for path in context_files(root):
         digest.update(path.as_posix().encode() + b"\0" + _sha256((root / path).read_bytes()).encode())
     return f"{project_version(root)}-{digest.hexdigest()[:12]}"
@@ -401,6 +405,7 @@ def _install_venv(rootfs: pathlib.Path, venv: pathlib.Path, log: Log) -> None:
         "UV_LINK_MODE": "copy",
         "UV_NO_PROGRESS": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
+        **VENV_BUILD,
         "VENV_DIR": VENV,
     }
     # Reach the package index as this machine does: its proxy settings and CA bundle, if any.

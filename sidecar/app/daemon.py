@@ -27,6 +27,7 @@ import time
 import structlog
 
 from sidecar import __version__
+from sidecar.app import collector
 from sidecar.app.backends import build
 from sidecar.app.config import Settings
 from sidecar.app.lifecycle import serve_once_synced, stop_on_signals
@@ -155,6 +156,7 @@ class Sidecar:
             watches=list(self.backend.descriptions),
             history_id=self.hub.history_id,
         )
+        collector.settle()  # start-up is over: what it built lives as long as the process
 
     def _start_watches(self, why: str) -> None:
         """Start every watch, once: at start-up (always) or on the first peer request (auto)."""
@@ -169,6 +171,7 @@ class Sidecar:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        collector.release()  # the gRPC server's cycles must be collectable when it stops
         budget = self.settings.shutdown_timeout
         started = time.monotonic()
         self.log.info("shutting down: deregistering first", budget_seconds=budget)

@@ -12,6 +12,7 @@ import threading
 from types import FrameType
 from typing import Any
 
+from sidecar.app import collector
 from sidecar.peers.hub import PeerHub
 from sidecar.serve.grpc_server import GrpcServer
 
@@ -33,12 +34,14 @@ def stop_on_signals(log: Any) -> threading.Event:
 
 
 def serve_once_synced(hub: PeerHub, grpc: GrpcServer, log: Any) -> threading.Thread:
-    """Mark the gRPC health service serving when the hub first syncs (a thread; returns it started)."""
+    """Mark the gRPC health service serving when the hub first syncs, and settle the collector (a thread;
+    returns it started)."""
 
     def wait() -> None:
         if hub.wait_synced(None):
             grpc.set_serving(True)
             log.info("synced", peers=len(hub.state().peers))
+            collector.settle()  # the synced peer set lives on: out of the collector's way
 
     thread = threading.Thread(target=wait, name="health", daemon=True)
     thread.start()

@@ -21,6 +21,7 @@ import time
 import structlog
 
 from sidecar import __version__
+from sidecar.app import collector
 from sidecar.app.backends import build_relay
 from sidecar.app.config import RelaySettings
 from sidecar.app.lifecycle import serve_once_synced, stop_on_signals
@@ -102,12 +103,14 @@ class Relay:
             watches=list(self.backend.descriptions),
             history_id=self.hub.history_id,
         )
+        collector.settle()  # start-up is over: what it built lives as long as the process
 
     def shutdown(self) -> None:
         """End every stream with UNAVAILABLE (sidecars move to another replica), then stop the watches."""
         if self._stopping.is_set():
             return
         self._stopping.set()
+        collector.release()  # the gRPC server's cycles must be collectable when it stops
         started = time.monotonic()
         self.hub.close()
         self.grpc.stop(grace=min(2.0, self.settings.shutdown_timeout))

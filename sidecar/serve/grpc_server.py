@@ -22,9 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
 from sidecar.peers.ports import ListenAddress, TlsFiles
-from sidecar.serve.grpc_service import PENDING_MARGIN, SERVICE_NAME, DiscoveryService
+from sidecar.serve.grpc_service import PENDING_MARGIN, SERVICE_NAME, DiscoveryService, add_to_server
 
 T = TypeVar("T")
 REMOTE_CLIENT_OPTIONS = [
@@ -115,7 +114,7 @@ class GrpcServer:
         if self.tls is not None:
             options += REMOTE_CLIENT_OPTIONS
         server = grpc.aio.server(options=options)
-        pb_grpc.add_DiscoveryServicer_to_server(self.service, server)
+        add_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

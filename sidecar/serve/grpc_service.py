@@ -10,6 +10,10 @@ log moves on without it, and if the client's position falls out of the bounded h
 fresh snapshot (``SNAPSHOT_REASON_CLIENT_TOO_SLOW``) instead of a backlog. Memory per stream is thus
 bounded by one batch (or one snapshot part), whatever the client does.
 
+Stream messages are serialized by the service and written as bytes (``add_to_server`` registers
+WatchPeers without a response serializer): the streams woken by one change share its projected batch, so
+a change is serialized once per filter, not once per stream.
+
 Nothing that blocks runs on the loop: ``PublishMetadata`` (network IO) runs in a small pool, snapshots
 (CPU proportional to the peer set) in another, so health checks and unary calls are answered while
 thousands of streams are open or being (re)initialised. Streams are bounded by ``max_streams``; unary
@@ -79,10 +83,11 @@ ENCODING_WORKERS = 2
 """Threads that build snapshots (CPU under the GIL: more would not encode faster)."""
 SNAPSHOTS_AT_ONCE = 16
 """Snapshots being built and written at once; other streams wait their turn. A snapshot held for a client costs
-about twice its size until gRPC has sent it (the message, its serialised bytes), so a burst of clients
-connecting at once (a relay's followers after a failover: hundreds) would otherwise hold hundreds of copies
-(bench/relay_fanout.py: 333 followers of 1,000 peers, peak RSS 400 MiB with the bound against 524-630 without).
-The encoding pool is CPU-bound under the GIL, so the burst takes no longer."""
+its serialised size until gRPC has sent it (each part is serialised in the encoding pool, which drops the
+message: a tenth less peak RSS in a burst than holding both, bench/comparisons/2026-12-07-per-pod-cost.md), so a
+burst of clients connecting at once (a relay's followers after a failover: hundreds) would otherwise hold hundreds
+of copies (bench/relay_fanout.py: 333 followers of 1,000 peers, peak RSS 400 MiB with the bound against 524-630
+without). The encoding pool is CPU-bound under the GIL, so the burst takes no longer."""
 SHARED_BATCHES = 64
 """Projected batches kept for other streams at the same position with the same filter (most recent first out)."""
 SHARED_BATCH_ENTRIES = 64
@@ -122,12 +127,12 @@ def access_error_code(exc: AccessError) -> grpc.StatusCode:
 
 @dataclass(frozen=True)
 class ProjectedBatch:
-    """One projected message of a batch of log entries, encoded (in parts): shared by every stream that reads
-    the same entries with the same filter, so nothing in it may be changed once built."""
+    """One projected message of a batch of log entries, serialized (in parts): shared by every stream that reads
+    the same entries with the same filter, which all write the same bytes."""
 
     kind: str  # "delta" or "status" (the messages_sent label)
     received: float | None  # when the change's cause arrived (propagation lag)
-    messages: list[pb.WatchPeersResponse]
+    messages: list[bytes]  # serialized ``WatchPeersResponse`` messages
 
 
 class StreamRevoked(Exception):
@@ -230,7 +235,8 @@ class Wakeup:
             loop.call_soon_threadsafe(self.trigger)
 
 
-StreamContext = grpc.aio.ServicerContext[pb.WatchPeersRequest, pb.WatchPeersResponse]
+StreamContext = grpc.aio.ServicerContext[pb.WatchPeersRequest, bytes]
+"""A WatchPeers call: its messages are written already serialized (``add_to_server``)."""
 
 
 class DiscoveryService(pb_grpc.DiscoveryServicer):
@@ -335,7 +341,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             try:
                 async with contextlib.aclosing(self._stream(request, peer_filter, grant, context)) as messages:
                     async for message in messages:
-                        await context.write(message)
+                        await context.write(message)  # bytes: gRPC writes them as they are
             except StreamRevoked as exc:
                 self.log.info("ended a relayed stream: its client's access was refused", reason=str(exc))
                 await context.abort(exc.code, str(exc))
@@ -411,21 +417,23 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
 
     async def _snapshot(
         self, peer_filter: PeerFilter, reason: pb.SnapshotReason
-    ) -> AsyncGenerator[pb.WatchPeersResponse, None]:
-        """The filtered peer set at one revision, in as many parts as its size needs (all with that revision).
+    ) -> AsyncGenerator[tuple[int, bytes], None]:
+        """The filtered peer set at one revision, in as many parts as its size needs: (that revision, a
+        serialized part) for each.
 
-        Filtering, sorting and encoding run in the encoding pool; so does building each part, just before
-        it is sent, so a stream holds one part (at most ``PART_BYTES``) beside references to the shared
-        encoded peers, however slowly its client reads."""
+        Filtering, sorting and encoding run in the encoding pool; so does building and serializing each part,
+        just before it is sent, so a stream holds one part (at most ``PART_BYTES``) beside references to the
+        shared encoded peers, however slowly its client reads."""
         async with self._snapshot_slots:  # released once the last part is written (the generator resumed)
             revision, status, parts = await self._in_thread(
                 self._encoding, functools.partial(self._snapshot_parts, peer_filter)
             )
             for index, part in enumerate(parts):
-                yield await self._in_thread(
+                message = await self._in_thread(
                     self._encoding,
                     functools.partial(self._snapshot_message, revision, status, reason, part, index < len(parts) - 1),
                 )
+                yield revision, message.SerializeToString()
 
     def _snapshot_parts(self, peer_filter: PeerFilter) -> tuple[int, ApiStatus, list[list[pb.Peer]]]:
         revision, peers, status = self._filtered_peers(peer_filter)
@@ -453,7 +461,8 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         peer_filter: PeerFilter,
         grant: Grant | None = None,
         context: StreamContext | None = None,
-    ) -> AsyncGenerator[pb.WatchPeersResponse, None]:
+    ) -> AsyncGenerator[bytes, None]:
+        """The serialized messages of one stream: a snapshot (or ``resumed``), then the log's changes."""
         if not await self._wait_synced(None):
             return
         history_id = self.peers.history_id
@@ -467,12 +476,12 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             cursor = request.resume_revision
             yield pb.WatchPeersResponse(
                 revision=cursor, history_id=history_id, resumed=pb.Resumed(status=API_STATUS[resumed_status])
-            )
+            ).SerializeToString()
             self._sent["resumed"].inc()
         else:
             reason = pb.SNAPSHOT_REASON_RESUME_UNAVAILABLE if wants_resume else pb.SNAPSHOT_REASON_INITIAL
-            async for message in self._snapshot(peer_filter, reason):
-                cursor = message.revision
+            async for revision, message in self._snapshot(peer_filter, reason):
+                cursor = revision
                 yield message
             self._sent["snapshot"].inc()
         while not self._ending():
@@ -483,8 +492,8 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             if entries is None:
                 self.log.info("client fell behind the history; sending a fresh snapshot", revision=cursor)
                 self._slow_client_resets.inc()
-                async for message in self._snapshot(peer_filter, pb.SNAPSHOT_REASON_CLIENT_TOO_SLOW):
-                    cursor = message.revision
+                async for revision, message in self._snapshot(peer_filter, pb.SNAPSHOT_REASON_CLIENT_TOO_SLOW):
+                    cursor = revision
                     yield message
                 self._sent["snapshot"].inc()
                 continue
@@ -508,7 +517,8 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
     ) -> list[ProjectedBatch]:
         """The messages of log entries ``cursor+1..`` for one filter, built once for every stream at that position
         with that filter (on the loop: no lock). Streams woken by one change read the same entries, so a relay
-        with hundreds of followers projects and encodes each change once per filter, not once per follower.
+        with hundreds of followers projects, encodes and serializes each change once per filter, not once per
+        follower (a sidecar's streams usually share one filter: the same holds for its main containers).
         Deltas are encoded on the loop: at most BATCH_LIMIT entries, mostly cache hits in the encoder."""
         self_uid = self.peers.self_uid
         if len(entries) > SHARED_BATCH_ENTRIES or not self._shared_batches:
@@ -534,15 +544,17 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
             ProjectedBatch(
                 "status" if isinstance(projected, StatusMessage) else "delta",
                 projected.received,
-                self._to_pb(projected, history_id),
+                self._serialized(projected, history_id),
             )
             for projected in project(entries, peer_filter, self_uid)
         ]
 
-    def _to_pb(self, message: DeltaMessage | StatusMessage, history_id: str) -> list[pb.WatchPeersResponse]:
+    def _serialized(self, message: DeltaMessage | StatusMessage, history_id: str) -> list[bytes]:
+        """One projected message as the serialized ``WatchPeersResponse`` messages (parts) that carry it."""
         if isinstance(message, StatusMessage):
             status = pb.StatusChange(status=API_STATUS[message.change.status], reason=message.change.reason)
-            return [pb.WatchPeersResponse(revision=message.revision, history_id=history_id, status=status)]
+            response = pb.WatchPeersResponse(revision=message.revision, history_id=history_id, status=status)
+            return [response.SerializeToString()]
         events = [pb.PeerEvent(type=EVENT_TYPE[e.type], peer=self.encoder.encode(e.peer)) for e in message.events]
         parts = split_by_size(events, lambda e: e.ByteSize())
         return [
@@ -551,7 +563,7 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
                 history_id=history_id,
                 delta=pb.Delta(events=part),
                 partial=index < len(parts) - 1,
-            )
+            ).SerializeToString()
             for index, part in enumerate(parts)
         ]
 
@@ -641,3 +653,34 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         return pb.PublishMetadataResponse(
             metadata_resource_version=applied.resource_version, data_json=canonical_json(applied.data)
         )
+
+
+def add_to_server(service: DiscoveryService, server: grpc.aio.Server) -> None:
+    """Register ``service``'s methods on ``server``, as the generated ``add_DiscoveryServicer_to_server`` does,
+    except that WatchPeers has no response serializer: its handler writes messages the service serialized
+    (a batch once for every stream that shares it), which gRPC then sends as they are. The other methods
+    return messages, serialized by gRPC as usual."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "WatchPeers": grpc.unary_stream_rpc_method_handler(
+            service.WatchPeers,
+            request_deserializer=pb.WatchPeersRequest.FromString,
+            response_serializer=None,  # the bytes are written unchanged
+        ),
+        "ListPeers": grpc.unary_unary_rpc_method_handler(
+            service.ListPeers,
+            request_deserializer=pb.ListPeersRequest.FromString,
+            response_serializer=pb.ListPeersResponse.SerializeToString,
+        ),
+        "GetSelf": grpc.unary_unary_rpc_method_handler(
+            service.GetSelf,
+            request_deserializer=pb.GetSelfRequest.FromString,
+            response_serializer=pb.GetSelfResponse.SerializeToString,
+        ),
+        "PublishMetadata": grpc.unary_unary_rpc_method_handler(
+            service.PublishMetadata,
+            request_deserializer=pb.PublishMetadataRequest.FromString,
+            response_serializer=pb.PublishMetadataResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)

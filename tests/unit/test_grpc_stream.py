@@ -176,6 +176,28 @@ def test_deltas_follow_in_order_with_increasing_revisions(harness: Harness) -> N
     assert names(v2) == {"b"}
 
 
+def test_streams_written_as_bytes_receive_the_messages_grpc_would_serialize(harness: Harness) -> None:
+    """WatchPeers messages are serialized by the service and written as bytes (``add_to_server``), one shared
+    batch for every stream: two streams see the same messages, and each peer equals what ListPeers (a message
+    serialized by gRPC itself) returns, groups and data included."""
+    harness.add("a", labels={"role": "prefill"}, data={"model": "m", "nested": [1, {"x": "y"}]})
+    harness.sync()
+    request = pb.WatchPeersRequest(filter=make_filter(groups={"prefill": "role=prefill"}))
+    readers = [Reader(harness.stub.WatchPeers(request)) for _ in range(2)]
+    views = [PeerSetView(), PeerSetView()]
+    snapshots = [reader.next() for reader in readers]
+    assert snapshots[0] == snapshots[1] and snapshots[0].WhichOneof("kind") == "snapshot"
+    harness.add("b", labels={"role": "prefill"}, data={"model": "m2"})
+    harness.remove("a")
+    for reader, view, snapshot in zip(readers, views, snapshots, strict=True):
+        view.apply(snapshot)
+        reader.until(view, lambda v: names(v) == {"b"})
+        assert view.revision == harness.hub.head_revision()
+    listed = harness.stub.ListPeers(pb.ListPeersRequest(filter=request.filter), timeout=10)
+    assert list(views[0].peers.values()) == list(views[1].peers.values()) == list(listed.peers)
+    assert list(listed.peers[0].groups) == ["prefill"]
+
+
 def test_resume_gets_exactly_what_was_missed(harness: Harness) -> None:
     harness.add("a")
     harness.add("b")

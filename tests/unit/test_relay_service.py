@@ -30,7 +30,7 @@ from sidecar.peers.ports import (
     TlsFiles,
 )
 from sidecar.serve.grpc_server import GrpcServer
-from sidecar.serve.grpc_service import DiscoveryService
+from sidecar.serve.grpc_service import DiscoveryService, ProjectedBatch
 from tests.unit.feeding import SourceFeed, new_hub
 from tests.unit.test_grpc_stream import NS, Reader, endpoint_slice, worker_cr
 
@@ -237,7 +237,11 @@ def test_a_batch_is_projected_once_per_filter_and_position(relay: Relay) -> None
     first = service._projected(entries, cursor, everyone, history)
     assert service._projected(entries, cursor, PeerFilter(), history) is first, "an equal filter shares it"
     nobody = service._projected(entries, cursor, PeerFilter(selector=parse_selector("role=none")), history)
-    assert nobody is not first and not any(m.delta.events for b in nobody for m in b.messages)
-    assert [e.peer.name for b in first for m in b.messages for e in m.delta.events] == ["c"]
+
+    def events(batches: list[ProjectedBatch]) -> list[pb.PeerEvent]:  # the messages are shared serialized
+        return [e for b in batches for m in b.messages for e in pb.WatchPeersResponse.FromString(m).delta.events]
+
+    assert nobody is not first and not events(nobody)
+    assert [e.peer.name for e in events(first)] == ["c"]
     later = service._projected(entries[1:], entries[0].revision, everyone, history) if len(entries) > 1 else []
     assert later is not first
