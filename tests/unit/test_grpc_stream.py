@@ -27,7 +27,7 @@ from sidecar.kube.sources import ENDPOINT_SLICES, WORKER_METADATA
 from sidecar.peers.metrics import Metrics
 from sidecar.peers.ports import ListenAddress, PodIdentity, Publisher
 from sidecar.serve.grpc_server import GrpcServer
-from sidecar.serve.grpc_service import MAX_STREAMS, DiscoveryService
+from sidecar.serve.grpc_service import MAX_STREAMS, DiscoveryService, add_to_server
 from tests.unit.feeding import SourceFeed, new_hub
 
 NS = "ns"
@@ -196,6 +196,41 @@ def test_streams_written_as_bytes_receive_the_messages_grpc_would_serialize(harn
     listed = harness.stub.ListPeers(pb.ListPeersRequest(filter=request.filter), timeout=10)
     assert list(views[0].peers.values()) == list(views[1].peers.values()) == list(listed.peers)
     assert list(listed.peers[0].groups) == ["prefill"]
+
+
+class _RecordingServer:
+    """Stands in for ``grpc.aio.Server`` where ``add_to_server`` registers its handlers."""
+
+    def __init__(self) -> None:
+        self.registered: dict[str, dict[str, grpc.RpcMethodHandler[object, object]]] = {}
+        self.generic: list[object] = []
+
+    def add_generic_rpc_handlers(self, handlers: tuple[object, ...]) -> None:
+        self.generic.extend(handlers)
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[object, object]]
+    ) -> None:
+        self.registered[service] = handlers
+
+
+def test_add_to_server_registers_every_method_of_the_proto_service() -> None:
+    """``add_to_server`` lists the service's methods by hand (WatchPeers without a response serializer): an RPC
+    added to the proto but not there would be UNIMPLEMENTED, so the list must equal the proto's."""
+    server = _RecordingServer()
+    add_to_server(DiscoveryService.__new__(DiscoveryService), server)  # type: ignore[arg-type]
+    service = pb.DESCRIPTOR.services_by_name["Discovery"]
+    (handlers,) = server.registered.values()
+    assert list(server.registered) == [service.full_name] and len(server.generic) == 1
+    assert set(handlers) == {method.name for method in service.methods}
+    for method in service.methods:
+        handler = handlers[method.name]
+        assert handler.response_streaming == method.server_streaming
+        assert handler.request_streaming == method.client_streaming
+        if method.name == "WatchPeers":
+            assert handler.response_serializer is None  # written as the bytes the service serialized
+        else:
+            assert handler.response_serializer is not None
 
 
 def test_resume_gets_exactly_what_was_missed(harness: Harness) -> None:
