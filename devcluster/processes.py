@@ -10,11 +10,13 @@ Only what they run and with which settings differs, so that is all a subclass sa
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import pathlib
 import signal
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from typing import Any, Self
@@ -24,10 +26,35 @@ from devcluster.waiting import wait_for
 SETTING_PREFIXES = ("DISCOVERY_", "POD_", "ETCD_", "DYN_")
 """Variables a launched daemon must not inherit from this process: it gets exactly the settings it is given."""
 
+BYTECODE_CACHE = pathlib.Path.home() / ".cache" / "discovery-sidecar" / "pycache"
+"""Where launched daemons keep their modules' bytecode (``PYTHONPYCACHEPREFIX``), outside the checkout."""
+
+WARM_IMPORTS = (
+    "import sidecar.app.cli, sidecar.app.daemon, sidecar.app.relay, sidecar.kube.backend, sidecar.etcd.backend"
+)
+"""What a daemon imports at start-up, imported once ahead of the first start so that its bytecode is cached."""
+
 
 def inherited_environment() -> dict[str, str]:
-    """This process's environment less any daemon setting it holds (a test's own, a developer's shell's)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(SETTING_PREFIXES)}
+    """This process's environment less any daemon setting it holds (a test's own, a developer's shell's), and
+    with bytecode written and read.
+
+    The image ships its venv's bytecode (docs/image.md), and a plain install writes it at the first start. A
+    shell with ``PYTHONDONTWRITEBYTECODE`` (this project's CI and tool machines have it) would otherwise make
+    every daemon compile the ~450 modules it imports at every start, about 1.3 CPU-s: the benchmarks would
+    count that as the sidecar's start-up, and the tests would pay it hundreds of times."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(SETTING_PREFIXES)}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env.setdefault("PYTHONPYCACHEPREFIX", str(BYTECODE_CACHE))
+    return env
+
+
+@functools.cache
+def warm_bytecode(python: str = sys.executable) -> None:
+    """Import what a daemon imports, once per interpreter and test or bench process, with the daemons' bytecode
+    settings: the first daemon then starts as every later one does, from bytecode (mtime-checked, so an edited
+    module is compiled again)."""
+    subprocess.run([python, "-c", WARM_IMPORTS], env=inherited_environment(), check=False, capture_output=True)
 
 
 class DaemonProcess:
@@ -53,6 +80,7 @@ class DaemonProcess:
         return None
 
     def start(self) -> Self:
+        warm_bytecode()
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 self.command(),
