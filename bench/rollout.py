@@ -122,11 +122,12 @@ class ProcessSubscribers:
     ``wait_ready``, ``stats``, ``converge`` with ``peers``). Every arm is one of these; they differ in the
     process's argv and in whether subscribers follow the pods (``every_pod``) or are a fixed set."""
 
-    def __init__(self, name: str, child: JsonLinesChild, every_pod: bool, fixed: int = 0) -> None:
+    def __init__(self, name: str, child: JsonLinesChild, every_pod: bool, fixed: int = 0, wave: int = 0) -> None:
         self.name = name
         self.child = child
         self.every_pod = every_pod
         self.fixed = fixed
+        self.wave = wave  # > 0: connect this many, wait for their first sync, then the next (``--connect-wave``)
         self.lock = threading.Lock()  # one command at a time on the child's pipe
 
     def call(self, **command: Any) -> dict[str, Any]:
@@ -135,8 +136,11 @@ class ProcessSubscribers:
 
     def start(self, pods: Sequence[str]) -> None:
         ids = list(pods) if self.every_pod else [f"{self.name}-{i}" for i in range(self.fixed)]
-        for at in range(0, len(ids), 500):
-            self.call(cmd="start", ids=ids[at : at + 500])
+        step = self.wave or 500
+        for at in range(0, len(ids), step):
+            self.call(cmd="start", ids=ids[at : at + step])
+            if self.wave:
+                self.call(cmd="wait_ready")
         self.call(cmd="wait_ready")
 
     def pod_started(self, pod: str) -> None:
@@ -228,8 +232,9 @@ class RelaySubscribers(ProcessSubscribers):
         child: JsonLinesChild,
         probes: JsonLinesChild,
         kill_at: float | None = None,
+        wave: int = 0,
     ) -> None:
-        super().__init__(name, child, every_pod=True)
+        super().__init__(name, child, every_pod=True, wave=wave)
         self.relays = relays
         # One more subscriber per replica, in a process of its own that does nothing else: how soon a reader
         # that keeps up hears the final set (the pods' simulator, one Python thread for all of them, falls
@@ -312,7 +317,8 @@ def relay_arm(
         for relay in relays:
             relay.terminate()
         raise
-    return RelaySubscribers(name, relays, child, probes, args.kill_at if name == "relays-kill" else None)
+    kill_at = args.kill_at if name == "relays-kill" else None
+    return RelaySubscribers(name, relays, child, probes, kill_at, wave=args.connect_wave)
 
 
 ARMS: dict[str, Callable[[str, ControlPlane, pathlib.Path, pathlib.Path, argparse.Namespace], Subscribers]] = {
@@ -637,6 +643,9 @@ class RolloutBench:
         arm = ARMS[name](name, self.plane, self.token_file, self.logs, self.args)
         result: dict[str, Any] = {"P": size, "arm": name, "initial": self.args.initial}
         result["kwok_parallelism"] = self.kwok.parallelism if self.kwok else None
+        if name.startswith("relays"):
+            result["subscriber_processes"] = self.args.subscriber_processes
+            result["connect_wave"] = self.args.connect_wave
         pids = self.pids() | arm.processes()
         with RssSampler(pids) as rss:
             try:
@@ -920,6 +929,14 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=2,
         help="relay arms: worker processes the simulated sidecars are spread over (bench.peer_subscribers)",
+    )
+    parser.add_argument(
+        "--connect-wave",
+        type=int,
+        default=0,
+        help="relay arms: connect the simulated sidecars this many at a time, each wave synced before the next "
+        "(0: all at once). Pods of a real rollout start in waves of maxSurge; on one 2-core machine 2,000 "
+        "followers connecting at once starve the relays (bench/COST_MODEL.md)",
     )
     parser.add_argument(
         "--kill-at", type=float, default=0.5, help="relays-kill: kill a replica once this share of P new pods started"
