@@ -122,7 +122,9 @@ class TestTheIssue22Run:
         assert "Slope (KiB per additional peer): not measured" in text
         assert target_row(text, "KiB per additional peer").endswith("| - | not measured |")
         assert "## Propagation latency, 1000 peers" in text
-        assert target_row(text, "RSS at 1k peers").endswith("| yes |")
+        assert target_row(text, "RSS after the initial sync").endswith("| 24.00 | yes |")  # 20 + 1,000 x 0.004
+        # The synthetic churn gives every watcher the same CPU per event: a ratio of 1, within the budget's 1.0.
+        assert target_row(text, "CPU per 1,000 events under churn").endswith("| 1.00 | yes |")
 
 
 class TestOneSize:
@@ -136,8 +138,9 @@ class TestOneSize:
 
     def test_no_latency_at_1000_peers_is_not_measured(self, tmp_path: pathlib.Path) -> None:
         text = written(tmp_path, [20], [20])
-        assert target_row(text, "overhead over the raw watch").endswith("| - | not measured |")
-        assert target_row(text, "first synced snapshot").endswith("| - | not measured |")
+        assert target_row(text, "p99 CR-update overhead").endswith("| - | not measured |")
+        assert target_row(text, "process start to first synced snapshot").endswith("| - | not measured |")
+        assert target_row(text, "RSS after the initial sync").endswith("| - | not measured |")
 
 
 class TestSeveralSizes:
@@ -173,3 +176,13 @@ def test_the_span_of_the_slope() -> None:
     assert report.slope_span({}) is None
     assert report.slope_span({"0": {}, "1000": {}, "5000": {}}) == (1000, 5000)
     assert report.slope_span({"100": {}, "1000": {}}) == (100, 1000)
+
+
+def test_churn_cpu_is_compared_with_the_informer_run_by_run() -> None:
+    """The budget's ``cpu_vs_client_go``: per churn run the sidecar's CPU over the informer's, then the median."""
+    runs = [
+        {"sidecar": {"cpu_ms_per_1000_events": s}, "client-go-informer": {"cpu_ms_per_1000_events": c}}
+        for s, c in [(700, 350), (600, 400), (900, 300)]
+    ]
+    assert report._churn_cpu_vs_client_go({"churn": {"runs": runs}}) == 2.0  # ratios 2.0, 1.5, 3.0
+    assert report._churn_cpu_vs_client_go({"churn": {"runs": []}}) is None
