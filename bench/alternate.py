@@ -47,20 +47,20 @@ RUN = (
 )
 
 
-def run_once(tree: pathlib.Path, program: str) -> dict[str, Any]:
-    python = tree / ".venv" / "bin" / "python"
+def run_json(python: str, program: str, cwd: pathlib.Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``program`` (Python source that prints one JSON object last) with another tree's interpreter, in a
+    process of its own, and return that object; RuntimeError with the end of its stderr when it fails."""
     done = subprocess.run(
-        [str(python), "-c", program],
-        cwd=tree,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+        [python, "-c", program], cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False
     )
     if done.returncode != 0:
-        raise RuntimeError(f"the pipeline failed in {tree}: {done.stderr[-2000:]}")
+        raise RuntimeError(f"the pipeline failed in {cwd}: {done.stderr.strip()[-2000:]}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
+
+
+def run_once(tree: pathlib.Path, program: str) -> dict[str, Any]:
+    return run_json(str(tree / ".venv" / "bin" / "python"), program, tree)
 
 
 def _figure(value: float) -> str:

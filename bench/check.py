@@ -378,20 +378,9 @@ def measure(bench: Any, tree: Tree, args: argparse.Namespace, rng: random.Random
 def pipeline_run(tree: Tree, peers: int, events: int) -> dict[str, Any]:
     """``bench.pipeline.run`` of ``tree``'s code, in a process of its own (its directory first on the path)."""
     code = f"import json; from bench import pipeline; print(json.dumps(pipeline.run(peers={peers}, events={events})))"
-    env = {**os.environ, "PYTHONPATH": str(tree.path)}
-    done = subprocess.run(
-        [tree.python, "-c", code],
-        cwd=tree.path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"{tree.name}'s pipeline failed: {done.stderr.strip()[-2000:]}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    from bench.alternate import run_json
+
+    return run_json(tree.python, code, tree.path, env={**os.environ, "PYTHONPATH": str(tree.path)})
 
 
 def _load() -> str:

@@ -109,13 +109,9 @@ def categorise(collapsed: str, categories: list[tuple[str, tuple[str, ...]]] = C
     """Each category's share of the samples (percent, summing to 100), largest first, ``other`` last."""
     counts: collections.Counter[str] = collections.Counter()
     total = 0
-    for line in collapsed.splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
+    for stack, count in report.collapsed_stacks(collapsed):
         total += count
-        counts[_category_of(stack.split(";"), categories)] += count
+        counts[_category_of(stack, categories)] += count
     if not total:
         return {}
     other = counts.pop(OTHER, 0)
@@ -153,7 +149,7 @@ class CpuShare:
 
 
 def samples(collapsed: str) -> int:
-    return sum(int(line.rpartition(" ")[2]) for line in collapsed.splitlines() if line.rpartition(" ")[2].isdigit())
+    return sum(count for _, count in report.collapsed_stacks(collapsed))
 
 
 def summarise(collapsed: str, mode: Mode, cpu: CpuShare | None = None) -> dict[str, Any]:

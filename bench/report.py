@@ -9,10 +9,20 @@ import pathlib
 import re
 import statistics
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 OBSERVERS = ["raw-watch", "client-go-informer", "kube-rs-reflector", "sidecar"]
 TARGETS = {"kb_per_peer": 4.0}  # the memory slope's; the hot path's figures are bounded by bench/budget.json
+
+
+def collapsed_stacks(collapsed: str) -> Iterator[tuple[list[str], int]]:
+    """Each stack (outermost frame first) and its sample count from py-spy's raw, collapsed-stack output
+    (``frame;frame;... count`` per line); other lines are skipped."""
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if stack and count_text.isdigit():
+            yield stack.split(";"), int(count_text)
 
 
 def summarise_profile(collapsed: str, top: int = 15) -> dict[str, Any]:
@@ -20,13 +30,9 @@ def summarise_profile(collapsed: str, top: int = 15) -> dict[str, Any]:
     self_counts: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
     total = 0
-    for line in collapsed.splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
+    for stack, count in collapsed_stacks(collapsed):
         total += count
-        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack]
         self_counts[frames[-1]] += count
         for frame in set(frames):
             inclusive[frame] += count
