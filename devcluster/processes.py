@@ -57,6 +57,18 @@ def warm_bytecode(python: str = sys.executable) -> None:
     subprocess.run([python, "-c", WARM_IMPORTS], env=inherited_environment(), check=False, capture_output=True)
 
 
+def local_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, str]:
+    """Status and body of a GET of ``path`` on a local process's HTTP port, an error status included; (0, the
+    error) when nothing answers: for probes that poll until something is up."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError as exc:
+        return 0, str(exc)
+
+
 class DaemonProcess:
     """Start, probe, stop and read one daemon subprocess.
 
@@ -94,13 +106,7 @@ class DaemonProcess:
 
     def http_get(self, path: str) -> tuple[int, str]:
         """Status and body of ``path`` on the daemon's HTTP port; (0, the error) when nothing answers."""
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=2) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-        except OSError as exc:
-            return 0, str(exc)
+        return local_get(self.http_port, path)
 
     def ready(self) -> bool:
         """``/readyz`` answers 200; a process that has exited raises, with its log's tail, instead of waiting on."""

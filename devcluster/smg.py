@@ -24,13 +24,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from devcluster.cluster import free_port
+from devcluster.processes import local_get
 from devcluster.waiting import wait_for
 
 MODEL = "stand-in-model"
@@ -220,13 +219,7 @@ class SmgGateway:
     def _get(self, path: str) -> tuple[int, str]:
         if self.process.poll() is not None:
             raise RuntimeError(f"smg exited with {self.process.returncode}:\n{self.log_tail()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=3) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-        except OSError as exc:
-            return 0, str(exc)
+        return local_get(self.port, path, timeout=3)
 
     def up(self) -> bool:
         return self._get("/workers")[0] == 200

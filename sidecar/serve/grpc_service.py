@@ -655,32 +655,32 @@ class DiscoveryService(pb_grpc.DiscoveryServicer):
         )
 
 
+PRESERIALIZED = frozenset({"WatchPeers"})
+"""Methods whose handlers write messages already serialized (bytes): gRPC must not serialize them again."""
+
+_HANDLER_KINDS: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler[Any, Any]]] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+"""The handler factory for a method, by (client streaming, server streaming)."""
+
+
 def add_to_server(service: DiscoveryService, server: grpc.aio.Server) -> None:
     """Register ``service``'s methods on ``server``, as the generated ``add_DiscoveryServicer_to_server`` does,
-    except that WatchPeers has no response serializer: its handler writes messages the service serialized
-    (a batch once for every stream that shares it), which gRPC then sends as they are. The other methods
-    return messages, serialized by gRPC as usual."""
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
-        "WatchPeers": grpc.unary_stream_rpc_method_handler(
-            service.WatchPeers,
-            request_deserializer=pb.WatchPeersRequest.FromString,
-            response_serializer=None,  # the bytes are written unchanged
-        ),
-        "ListPeers": grpc.unary_unary_rpc_method_handler(
-            service.ListPeers,
-            request_deserializer=pb.ListPeersRequest.FromString,
-            response_serializer=pb.ListPeersResponse.SerializeToString,
-        ),
-        "GetSelf": grpc.unary_unary_rpc_method_handler(
-            service.GetSelf,
-            request_deserializer=pb.GetSelfRequest.FromString,
-            response_serializer=pb.GetSelfResponse.SerializeToString,
-        ),
-        "PublishMetadata": grpc.unary_unary_rpc_method_handler(
-            service.PublishMetadata,
-            request_deserializer=pb.PublishMetadataRequest.FromString,
-            response_serializer=pb.PublishMetadataResponse.SerializeToString,
-        ),
-    }
+    except that the ``PRESERIALIZED`` methods (WatchPeers) have no response serializer: their handler writes
+    messages the service serialized (a batch once for every stream that shares it), which gRPC then sends as
+    they are. The handlers are derived from the proto's service descriptor, so every method it declares is
+    registered, with its own request and response types."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in pb.DESCRIPTOR.services_by_name["Discovery"].methods:
+        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            getattr(service, method.name),
+            request_deserializer=request.FromString,
+            response_serializer=None if method.name in PRESERIALIZED else response.SerializeToString,
+        )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
