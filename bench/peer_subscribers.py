@@ -5,8 +5,10 @@ it is told to start, one ``WatchPeers`` stream, spread round-robin over the targ
 any sidecar: the API is the same). Each subscriber keeps its peer set as the client library's
 ``PeerSetView`` would, reduced to what the benchmark compares (``LeanPeerSet``: pod UID -> name and state,
 shared between subscribers), and, when its stream fails, resumes (history id and revision) on the next
-target, as a sidecar following relays moves to another replica. ``--processes N`` spreads the subscribers
-over N worker processes behind the same commands (``Workers``).
+target, as a sidecar following relays moves to another replica: with the sidecar's channel options
+(``sidecar.kube.upstream.CHANNEL_OPTIONS``: its connect deadline and keepalive) and its rotation and backoff
+(``sidecar.core.failover``), so a failover storm here is the one sidecars would make. ``--processes N``
+spreads the subscribers over N worker processes behind the same commands (``Workers``).
 
 It answers the JSON-lines commands of ``bench.watchers`` (``bench.rollout.ProcessSubscribers`` drives
 both): ``start``/``stop`` with ``ids``, ``wait_ready`` (every started subscriber has its first snapshot),
@@ -23,7 +25,6 @@ import asyncio
 import contextlib
 import json
 import pathlib
-import random
 import sys
 import time
 from collections import Counter
@@ -33,7 +34,9 @@ import grpc
 import grpc.aio
 
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
-from discovery_client.client import CHANNEL_OPTIONS
+from sidecar.core.backoff import Backoff
+from sidecar.core.failover import ReplicaRotation
+from sidecar.kube.upstream import CHANNEL_OPTIONS, REFUSALS
 
 STATES = {pb.PEER_STATE_READY: "READY", pb.PEER_STATE_DRAINING: "DRAINING"}
 WATCH_PEERS = "/discovery.v1.Discovery/WatchPeers"
@@ -141,7 +144,9 @@ class Subscriber:
     def __init__(self, group: Subscribers, index: str, first_target: int) -> None:
         self.group = group
         self.index = index
-        self.target = first_target
+        self.rotation = ReplicaRotation(next_index=first_target)
+        self.backoff = Backoff(maximum=group.backoff_max)
+        self.served = False  # the current stream brought a snapshot or a resume
         self.view = LeanPeerSet(group.interned)
         self.synced = asyncio.Event()
         self.last_peer_change = 0.0
@@ -166,17 +171,22 @@ class Subscriber:
             self.last_peer_change = time.monotonic()
         if kind in ("snapshot", "resumed"):
             self.synced.set()
+            self.served = True  # this replica serves the subscriber: a new run of failures starts
+            self.backoff.reset()
             if self.failed_at is not None:
                 self.failovers.append(time.monotonic() - self.failed_at)
                 self.failed_at = None
         return True
 
     async def run(self) -> None:
+        """Follow one replica at a time; on a failure, move on as a sidecar does (``ReplicaRotation``): the
+        next replica at once, a backoff once every replica failed in a row, reset by a snapshot or resume."""
         group = self.group
-        backoff = 0.1
         while True:
-            target = group.targets[self.target % len(group.targets)]
+            target = group.targets[self.rotation.pick(len(group.targets))]
             channel = group.channel(target)
+            self.served = False
+            refused = False
             try:
                 # Undecoded: the bytes counted are the message's own (its protobuf size), the parse is ours.
                 call = channel.unary_stream(WATCH_PEERS, request_serializer=pb.WatchPeersRequest.SerializeToString)
@@ -186,28 +196,28 @@ class Subscriber:
                 # read(), not ``async for``: grpc's iterator, like a loop variable, holds the last message (a
                 # snapshot, megabytes at 2,000 peers) until the next one arrives; a thousand streams hold gigabytes.
                 while (raw := await stream.read()) is not grpc.aio.EOF:
-                    if self.receive(raw):
-                        backoff = 0.1
+                    self.receive(raw)
                     del raw
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as exc:
                 group.totals.errors[f"{exc.code().name}"] += 1
                 group.totals.reasons[f"{exc.code().name}: {(exc.details() or '')[:160]}"] += 1
+                refused = exc.code() in REFUSALS
                 if self.failed_at is None:
                     self.failed_at = time.monotonic()
             finally:
                 if not group.shared_channels:
                     await channel.close()
-            self.target += 1  # the next replica, as a sidecar fails over
-            await asyncio.sleep(backoff * (1 + random.random()))  # jittered backoff
-            backoff = min(backoff * 2, 2.0)
+            if self.rotation.ended(len(group.targets), self.served, refused):
+                await asyncio.sleep(self.backoff.next_delay())
 
 
 class Subscribers:
     def __init__(self, args: argparse.Namespace) -> None:
         self.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
         self.shared_channels = args.shared_channels
+        self.backoff_max: float = args.backoff_max
         self.credentials = grpc.ssl_channel_credentials(pathlib.Path(args.ca).read_bytes()) if args.ca else None
         token = pathlib.Path(args.token_file).read_text().strip() if args.token_file else ""
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -330,6 +340,7 @@ class Workers:
         argv += ["--ca", self.args.ca] if self.args.ca else []
         argv += ["--token-file", self.args.token_file] if self.args.token_file else []
         argv += ["--shared-channels"] if self.args.shared_channels else []
+        argv += ["--backoff-max", str(self.args.backoff_max)]
         for _ in range(self.args.processes):
             self.workers.append(
                 await asyncio.create_subprocess_exec(
@@ -442,6 +453,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--token-file", default="", help="sent as `authorization: Bearer` on every stream")
     parser.add_argument(
         "--shared-channels", action="store_true", help="one connection per target instead of one per subscriber"
+    )
+    parser.add_argument(
+        "--backoff-max",
+        type=float,
+        default=30.0,
+        help="longest wait between reconnections once every target failed in a row (the sidecar's "
+        "DISCOVERY_BACKOFF_MAX, default 30 s)",
     )
     parser.add_argument(
         "--processes", type=int, default=1, help="worker processes the subscribers are spread over (1: this one)"

@@ -54,9 +54,10 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     # Reconnect within 2 s of etcd coming back (gRPC's default backoff grows to 2 minutes); the
-    # callers' own jittered backoff paces the retries.
+    # callers' own jittered backoff paces the retries. Not ``grpc.min_reconnect_backoff_ms``: gRPC core
+    # takes it as each connection attempt's deadline (20 s by default), and 100 ms cuts off a TLS
+    # handshake with a loaded etcd.
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 

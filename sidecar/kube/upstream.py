@@ -36,6 +36,7 @@ import structlog
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
 from discovery_client.client import PeerSetUpdate, PeerSetView
+from sidecar.core.failover import ReplicaRotation
 from sidecar.core.peer import Document, Peer, PeerState, PortInfo
 from sidecar.core.records import RelayedPeer
 from sidecar.core.selectors import LabelSelector
@@ -150,21 +151,19 @@ class UpstreamSource(SourceLoop):
         with open(upstream.ca_file, "rb") as file:
             self._credentials = grpc.ssl_channel_credentials(root_certificates=file.read())
         self._view = PeerSetView()
-        # Which replica to dial next (rotates); a random start spreads sidecars over the replicas of a list.
-        self._next = random.randrange(1 << 16)
+        # Which replica to dial next, and when to back off; a random start spreads sidecars over the replicas.
+        self._rotation = ReplicaRotation(next_index=random.randrange(1 << 16))
         self.replica = ""  # the replica followed now, for logs and tests ("" between streams)
         self._delivered = False  # the current stream brought this sidecar a snapshot or a resume
 
     def run(self) -> None:
-        failed_in_a_row = 0
         while not self._stop.is_set():
             replicas = resolve(self.upstream.targets)
             if not replicas:
                 names = ", ".join(f"{h}:{p}" for h, p in self.upstream.targets)
                 self._retry_later("cannot resolve the relay", f"no address for {names}", "is the relay Service up?")
                 continue
-            dial, host = replicas[self._next % len(replicas)]
-            self._next += 1
+            dial, host = replicas[self._rotation.pick(len(replicas))]
             self._delivered = False
             hint: str | None = None
             needs_human = False
@@ -183,15 +182,11 @@ class UpstreamSource(SourceLoop):
                 self.replica = ""
             if self._stop.is_set():
                 return
-            if self._delivered:  # that replica served this sidecar: a new run of failures starts
-                failed_in_a_row = 0
-            failed_in_a_row += 1
-            if failed_in_a_row < len(replicas) and not needs_human:
+            if not self._rotation.ended(len(replicas), self._delivered, refused=needs_human):
                 # Another replica at once: the peers are kept meanwhile, and said DEGRADED.
                 self.log.warning("lost the relay; moving to another replica", reason=reason)
                 self._set_unhealthy(reason)
                 continue
-            failed_in_a_row = 0
             self._retry_later("cannot follow any relay replica", reason, hint, needs_human)
 
     def _set_unhealthy(self, reason: str) -> None:

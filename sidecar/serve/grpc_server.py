@@ -29,13 +29,21 @@ T = TypeVar("T")
 REMOTE_CLIENT_OPTIONS = [
     # A relay's clients are other pods' sidecars, whose streams sit idle between changes: they ping every 20 s
     # to notice a vanished replica (sidecar.kube.upstream), which gRPC's default policy (one ping per 5 min
-    # without data, two strikes) would answer by closing the connection. And a client that vanished is found
-    # by the relay's own pings, so its stream does not hold memory for hours.
+    # without data, two strikes) would answer by closing the connection.
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 0),
+    # A client that vanished is found by the relay's own pings, so its stream does not hold memory for hours.
+    # The answer may wait long: in a failover, a follower is busy taking in a snapshot of every peer (megabytes
+    # at 2,000 peers, queued ahead of the ping), and dropping it as dead makes it reconnect and be owed another
+    # snapshot: at 2,000 pods on a loaded machine, a 20 s timeout dropped ~1,500 live followers that way and the
+    # failover never settled (bench/COST_MODEL.md). A dead follower costs an idle stream until then (~35 KiB).
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.keepalive_time_ms", 60_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 90_000),
+    # A handshake its client has given up on (a follower's connection attempt lasts 20 s, gRPC's default) is
+    # given up here too, rather than after gRPC's 120 s: in a reconnect storm those held connections, one
+    # file descriptor each, ran two replicas out of descriptors (bench/COST_MODEL.md).
+    ("grpc.server_handshake_timeout_ms", 20_000),
 ]
 
 

@@ -45,9 +45,11 @@ CHANNEL_OPTIONS = [
     # ListPeers answers in one message; 10,000 peers with metadata are well over gRPC's 4 MiB default.
     ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
     # The sidecar is on loopback or a Unix socket and often starts moments before its client: retry the
-    # connection quickly instead of gRPC's default 1 s (growing to 120 s) backoff.
+    # connection quickly instead of gRPC's default 1 s (growing to 120 s) backoff. Not
+    # ``grpc.min_reconnect_backoff_ms``: despite its name, gRPC core uses it as the deadline of each
+    # connection attempt (20 s by default), and at 100 ms a sidecar paused that long (a CPU-throttled
+    # container) would see its client give up on every attempt.
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 PERMANENT_CODES = (
