@@ -25,6 +25,14 @@ subscriber alive at the end, the time from the last new pod's Ready (as seen on 
 subscriber holding the final peer set (p50, p99, max). The peer set a simulated sidecar holds is the one
 the sidecar would serve from what it received (``bench.watchers.PeerView``).
 
+That convergence includes the control plane's own delay: under load the EndpointSlice controller may publish
+the last readiness and removals well after the last Ready. So the harness also runs a *truth watcher*
+(``bench.truth.TruthWatcher``, started once with the registrar, its history marked at each restart): a direct
+watch of the same API server's slices and CRs, joined as a sidecar joins them.
+``truth_last_change_after_last_ready_s`` is when its set last changed (``truth_matches_final``: to the final
+set), and ``convergence_after_truth_s`` each subscriber's (and probe's) last change after it: the delay of what
+lies between the API server and the subscriber, in the relay arms the relay tier's own.
+
 Results: ``bench/results/rollout-p<P>-<arm>[-<tag>].json``, ``bench/results/ROLLOUT.md`` and
 ``bench/plots/rollout.png`` (against ``bench/COST_MODEL.md``'s model). Benchmarks measure; nothing here
 asserts a timing.
