@@ -31,7 +31,8 @@ the last readiness and removals well after the last Ready. So the harness also r
 watch of the same API server's slices and CRs, joined as a sidecar joins them.
 ``truth_last_change_after_last_ready_s`` is when its set last changed (``truth_matches_final``: to the final
 set), and ``convergence_after_truth_s`` each subscriber's (and probe's) last change after it: the delay of what
-lies between the API server and the subscriber, in the relay arms the relay tier's own.
+lies between the API server and the subscriber, in the relay arms the relay tier's own. The truth watcher is
+the harness's: what it received (``truth_watcher_bytes``) is taken out of ``apiserver_watch_event_bytes``.
 
 Results: ``bench/results/rollout-p<P>-<arm>[-<tag>].json``, ``bench/results/ROLLOUT.md`` and
 ``bench/plots/rollout.png`` (against ``bench/COST_MODEL.md``'s model). Benchmarks measure; nothing here
@@ -548,11 +549,12 @@ class RolloutBench:
         self.registrar = Registrar(patient, Cluster(patient), threads=self.args.registrar_threads)
         self.registrar.start()
         # The baseline: when the peer set itself last changed, seen by a direct watcher of the same API server.
-        self.truth = TruthWatcher(patient).start()
+        self.truth = TruthWatcher(KubeApi.from_kubeconfig(str(self.plane.kubeconfig), request_timeout=60)).start()
 
     def stop(self) -> None:
         if self.truth is not None:
             self.truth.stop()
+            self.truth.api.close()
         if self.registrar is not None:
             self.registrar.stop()
         if self.kwok is not None:
@@ -645,7 +647,8 @@ class RolloutBench:
             with contextlib.suppress(psutil.Error):
                 times = psutil.Process(pid).cpu_times()
                 cpu[name] = times.user + times.system
-        return {"t": time.monotonic(), "cpu": cpu, "metrics": scrape(self.plane), "stats": arm.stats()}
+        truth = self.truth.received_bytes() if self.truth is not None else 0
+        return {"t": time.monotonic(), "cpu": cpu, "metrics": scrape(self.plane), "stats": arm.stats(), "truth": truth}
 
     @staticmethod
     def phase(before: dict[str, Any], after: dict[str, Any], rss: RssSampler) -> dict[str, Any]:
@@ -654,6 +657,9 @@ class RolloutBench:
 
         metrics = delta(after["metrics"], before["metrics"])
         received = counts("bytes")
+        # The truth watcher is the harness's, not the arm's: what it received is taken out of the watch events.
+        truth = after.get("truth", 0) - before.get("truth", 0)
+        watch_bytes = sum(v for k, v in metrics.items() if k.startswith("watch_event_sum"))
         return {
             "seconds": after["t"] - before["t"],
             "subscriber_bytes": sum(received.values()),
@@ -661,7 +667,8 @@ class RolloutBench:
             "subscriber_events": counts("events"),
             "subscriber_requests": counts("requests"),
             "subscriber_errors": counts("errors"),
-            "apiserver_watch_event_bytes": sum(v for k, v in metrics.items() if k.startswith("watch_event_sum")),
+            "apiserver_watch_event_bytes": watch_bytes - truth,
+            "truth_watcher_bytes": truth,
             "apiserver_list_response_bytes": sum(v for k, v in metrics.items() if k.startswith("response_bytes LIST")),
             "apiserver_metrics": metrics,
             "cpu_s": {n: after["cpu"][n] - before["cpu"].get(n, 0.0) for n in after["cpu"]},

@@ -118,13 +118,18 @@ class TruthWatcher:
 
     Started once with the harness's registrar, it lives for the whole run; ``mark()`` at each rollout's
     restart starts a new change history. Event times are ``time.monotonic()`` (system-wide on Linux, so
-    comparable with the subscriber processes'), taken when the event reached this process's handler. ``_lock``
-    guards ``state``, written from both watch threads."""
+    comparable with the subscriber processes'), taken when the event reached this process's handler.
+
+    ``api`` is a client of its own: the watcher counts the bytes it reads (``received``), which the API server
+    counts among its watch events and ``bench.rollout`` takes out of them again (the watcher is the harness's,
+    not the arm's). ``_lock`` guards ``state`` and ``received``, written from both watch threads."""
 
     def __init__(self, api: KubeApi) -> None:
         self.api = api
         self.state = TruthPeerSet()
+        self.received = 0  # response bytes read by ``api`` (the watches' event lines; lists, at start and after a 410)
         self._lock = threading.Lock()
+        api.on_bytes = self._on_bytes
         self._watches = [
             CollectionWatch(
                 api,
@@ -147,6 +152,10 @@ class TruthWatcher:
         for watch in self._watches:
             watch.stop()
 
+    def _on_bytes(self, count: int) -> None:
+        with self._lock:
+            self.received += count
+
     def _on_slice(self, kind: str, item: Mapping[str, Any]) -> None:
         at = time.monotonic()
         live = None if kind == "DELETED" else live_endpoints(item)
@@ -161,6 +170,10 @@ class TruthWatcher:
     def mark(self) -> None:
         with self._lock:
             self.state.mark()
+
+    def received_bytes(self) -> int:
+        with self._lock:
+            return self.received
 
     def peers(self) -> dict[str, str]:
         with self._lock:
