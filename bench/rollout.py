@@ -25,6 +25,15 @@ subscriber alive at the end, the time from the last new pod's Ready (as seen on 
 subscriber holding the final peer set (p50, p99, max). The peer set a simulated sidecar holds is the one
 the sidecar would serve from what it received (``bench.watchers.PeerView``).
 
+That convergence includes the control plane's own delay: under load the EndpointSlice controller may publish
+the last readiness and removals well after the last Ready. So the harness also runs a *truth watcher*
+(``bench.truth.TruthWatcher``, started once with the registrar, its history marked at each restart): a direct
+watch of the same API server's slices and CRs, joined as a sidecar joins them.
+``truth_last_change_after_last_ready_s`` is when its set last changed (``truth_matches_final``: to the final
+set), and ``convergence_after_truth_s`` each subscriber's (and probe's) last change after it: the delay of what
+lies between the API server and the subscriber, in the relay arms the relay tier's own. The truth watcher is
+the harness's: what it received (``truth_watcher_bytes``) is taken out of ``apiserver_watch_event_bytes``.
+
 Results: ``bench/results/rollout-p<P>-<arm>[-<tag>].json``, ``bench/results/ROLLOUT.md`` and
 ``bench/plots/rollout.png`` (against ``bench/COST_MODEL.md``'s model). Benchmarks measure; nothing here
 asserts a timing.
@@ -63,6 +72,7 @@ from bench.cost import (
     rv_map,
     scrape,
 )
+from bench.truth import TruthWatcher, join_peers
 from bench.watchers import live_endpoints
 from bench.workload import LABELS, NAMESPACE, SERVICE, metadata
 from devcluster.build import ROOT, ensure_built
@@ -466,18 +476,33 @@ def final_peers(api: KubeApi) -> tuple[dict[str, dict[str, str]], dict[str, str]
     """The truth: name -> resourceVersion of the slices and CRs, and the peer set a sidecar serves from them."""
     slices = list(list_all(api, ENDPOINT_SLICES.collection(NAMESPACE), SLICE_SELECTOR))
     crs = list(list_all(api, WORKER_METADATA.collection(NAMESPACE)))
-    live: dict[str, str] = {}
-    for item in slices:
-        for pod, state in live_endpoints(item).items():
-            if live.get(pod) != "READY":
-                live[pod] = state
     names = {i["metadata"]["name"] for i in crs}
     truth = {"endpointslices": rv_map(iter(slices)), "dynamoworkermetadatas": rv_map(iter(crs))}
-    return truth, {pod: state for pod, state in live.items() if pod in names}
+    return truth, join_peers((live_endpoints(item) for item in slices), names)
 
 
-def _probes(probes: Mapping[str, Any] | None, last_ready: float) -> dict[str, Any] | None:
-    """The relay arms' probes (one prompt reader per replica): their convergence after the last Ready."""
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """p50, p99, max and min of ``values`` (None for each when there are none)."""
+    return {
+        "p50": percentile(values, 50),
+        "p99": percentile(values, 99),
+        "max": max(values, default=None),
+        "min": min(values, default=None),
+    }
+
+
+def after_truth(last_peer_change: Mapping[str, float], truth_change: float | None) -> dict[str, Any] | None:
+    """Each subscriber's last peer-set change behind the truth watcher's (``TruthWatcher``): the delay of what
+    lies between the API server and the subscriber (a relay tier, the simulator's own backlog). None if the
+    truth did not change."""
+    if truth_change is None:
+        return None
+    return {"subscribers": len(last_peer_change)} | spread([t - truth_change for t in last_peer_change.values()])
+
+
+def _probes(probes: Mapping[str, Any] | None, last_ready: float, truth_change: float | None) -> dict[str, Any] | None:
+    """The relay arms' probes (one prompt reader per replica): their convergence after the last Ready, and
+    behind the truth watcher's last change."""
     if not probes:
         return None
     after = [t - last_ready for t in probes["last_peer_change"].values()]
@@ -486,6 +511,7 @@ def _probes(probes: Mapping[str, Any] | None, last_ready: float) -> dict[str, An
         "lost": probes["lost"],
         "phantom": probes["phantom"],
         "convergence_s": {"subscribers": len(after), "max": max(after) if after else None, "each": sorted(after)},
+        "convergence_after_truth_s": after_truth(probes["last_peer_change"], truth_change),
     }
 
 
@@ -508,6 +534,7 @@ class RolloutBench:
         self.api: KubeApi | None = None
         self.cluster: Cluster | None = None
         self.registrar: Registrar | None = None
+        self.truth: TruthWatcher | None = None
         self.token_file = work / "subscriber.token"
 
     def start(self) -> None:
@@ -521,8 +548,13 @@ class RolloutBench:
         patient = KubeApi.from_kubeconfig(str(self.plane.kubeconfig), request_timeout=60)
         self.registrar = Registrar(patient, Cluster(patient), threads=self.args.registrar_threads)
         self.registrar.start()
+        # The baseline: when the peer set itself last changed, seen by a direct watcher of the same API server.
+        self.truth = TruthWatcher(KubeApi.from_kubeconfig(str(self.plane.kubeconfig), request_timeout=60)).start()
 
     def stop(self) -> None:
+        if self.truth is not None:
+            self.truth.stop()
+            self.truth.api.close()
         if self.registrar is not None:
             self.registrar.stop()
         if self.kwok is not None:
@@ -615,7 +647,8 @@ class RolloutBench:
             with contextlib.suppress(psutil.Error):
                 times = psutil.Process(pid).cpu_times()
                 cpu[name] = times.user + times.system
-        return {"t": time.monotonic(), "cpu": cpu, "metrics": scrape(self.plane), "stats": arm.stats()}
+        truth = self.truth.received_bytes() if self.truth is not None else 0
+        return {"t": time.monotonic(), "cpu": cpu, "metrics": scrape(self.plane), "stats": arm.stats(), "truth": truth}
 
     @staticmethod
     def phase(before: dict[str, Any], after: dict[str, Any], rss: RssSampler) -> dict[str, Any]:
@@ -624,6 +657,9 @@ class RolloutBench:
 
         metrics = delta(after["metrics"], before["metrics"])
         received = counts("bytes")
+        # The truth watcher is the harness's, not the arm's: what it received is taken out of the watch events.
+        truth = after.get("truth", 0) - before.get("truth", 0)
+        watch_bytes = sum(v for k, v in metrics.items() if k.startswith("watch_event_sum"))
         return {
             "seconds": after["t"] - before["t"],
             "subscriber_bytes": sum(received.values()),
@@ -631,7 +667,8 @@ class RolloutBench:
             "subscriber_events": counts("events"),
             "subscriber_requests": counts("requests"),
             "subscriber_errors": counts("errors"),
-            "apiserver_watch_event_bytes": sum(v for k, v in metrics.items() if k.startswith("watch_event_sum")),
+            "apiserver_watch_event_bytes": watch_bytes - truth,
+            "truth_watcher_bytes": truth,
             "apiserver_list_response_bytes": sum(v for k, v in metrics.items() if k.startswith("response_bytes LIST")),
             "apiserver_metrics": metrics,
             "cpu_s": {n: after["cpu"][n] - before["cpu"].get(n, 0.0) for n in after["cpu"]},
@@ -639,7 +676,8 @@ class RolloutBench:
         }
 
     def run_arm(self, name: str, size: int) -> dict[str, Any]:
-        assert self.api is not None and self.registrar is not None
+        assert self.api is not None and self.registrar is not None and self.truth is not None
+        truth_watcher = self.truth
         arm = ARMS[name](name, self.plane, self.token_file, self.logs, self.args)
         result: dict[str, Any] = {"P": size, "arm": name, "initial": self.args.initial}
         result["kwok_parallelism"] = self.kwok.parallelism if self.kwok else None
@@ -659,6 +697,7 @@ class RolloutBench:
                 say(f"  connected {result['subscribers']} subscribers in {result['connect']['seconds']:.1f}s")
                 rss.peak = {n: 0 for n in rss.pids}
                 self.registrar.listen(arm)
+                truth_watcher.mark()
                 old = frozenset(r.name for r in self.registrar.live())
                 restart_at = time.monotonic()
                 self.kubectl("rollout", "restart", f"deployment/{DEPLOYMENT}")
@@ -678,6 +717,11 @@ class RolloutBench:
                     converged = arm.converge(truth, peers, 60)
                     if converged["converged"]:
                         break
+                # The truth watcher holds the final set too (it is one more watcher of the same API server).
+                with contextlib.suppress(TimeoutError):
+                    wait_for(lambda: truth_watcher.peers() == peers, 30, what="the truth watcher's final set")
+                truth_matches = truth_watcher.peers() == peers
+                truth_change, truth_changes = truth_watcher.last_change()
                 done = self.snapshot(arm)
                 rollout = self.phase(connected, done, rss)
                 changes = converged.get("last_peer_change") or {}
@@ -690,11 +734,7 @@ class RolloutBench:
                     last_ready_after_restart_s=last_ready - restart_at,
                     last_pod_gone_after_last_ready_s=last_gone - last_ready,
                     last_write_after_last_ready_s=self.registrar.last_write - last_ready,
-                    convergence_after_final_s={
-                        "p50": percentile([t - final_at for t in changes.values()], 50),
-                        "p99": percentile([t - final_at for t in changes.values()], 99),
-                        "max": max((t - final_at for t in changes.values()), default=None),
-                    },
+                    convergence_after_final_s=spread([t - final_at for t in changes.values()]),
                     settled_after_restart_s=settled_at - restart_at,
                     converged=converged["converged"],
                     behind=converged["behind_count"],
@@ -703,25 +743,29 @@ class RolloutBench:
                     lost=converged.get("lost"),
                     phantom=converged.get("phantom"),
                     failover_s=converged.get("failover_s"),
-                    probes=_probes(converged.get("probes"), last_ready),
+                    probes=_probes(converged.get("probes"), last_ready, truth_change),
+                    truth_matches_final=truth_matches,
+                    truth_changes=truth_changes,
+                    truth_last_change_after_last_ready_s=(
+                        truth_change - last_ready if truth_change is not None else None
+                    ),
+                    convergence_after_truth_s=after_truth(changes, truth_change),
                     relay_killed_after_restart_s=(
                         converged["killed_at"] - restart_at if converged.get("killed_at") else None
                     ),
-                    convergence_s={
-                        "subscribers": len(after),
-                        "p50": percentile(after, 50),
-                        "p99": percentile(after, 99),
-                        "max": max(after) if after else None,
-                        "min": min(after) if after else None,
-                    },
+                    convergence_s={"subscribers": len(after)} | spread(after),
                 )
                 result["rollout"] = rollout
                 conv = rollout["convergence_s"]
+                behind = rollout["convergence_after_truth_s"] or {}
                 say(
                     f"  rollout: {rollout['subscriber_bytes'] / 1e6:,.1f} MB to subscribers, apiserver "
                     f"{rollout['cpu_s']['kube-apiserver']:.1f} CPU-s, last Ready "
                     f"{rollout['last_ready_after_restart_s']:.1f}s after the restart; converged "
-                    f"{rollout['converged']}: p50 {conv['p50']}, p99 {conv['p99']}, max {conv['max']}"
+                    f"{rollout['converged']}: p50 {conv['p50']}, p99 {conv['p99']}, max {conv['max']}; the truth "
+                    f"last changed {rollout['truth_last_change_after_last_ready_s']}s after the last Ready "
+                    f"(matches the final set: {truth_matches}); behind it p50 {behind.get('p50')}, "
+                    f"p99 {behind.get('p99')}, max {behind.get('max')}"
                 )
             finally:
                 self.registrar.listen(None)
@@ -752,6 +796,15 @@ def _subscribers_cpu_s(values: Mapping[str, float]) -> float | None:
     """The simulator's CPU-s: its process's, and its workers' (``subscribers-0``, ...) if it had any."""
     found = [v for k, v in values.items() if k == "subscribers" or k.startswith("subscribers-")]
     return sum(found) if found else None
+
+
+def _behind_truth(row: Mapping[str, Any]) -> str:
+    """The report's "behind the truth" cell: n/m for results from before the truth watcher."""
+    if row.get("truth_after_ready") is None:
+        return "n/m"
+    flag = "" if row.get("truth_matches", True) else " truth NOT final"
+    behind = f"{_num(row.get('truth_p50'), 2)} / {_num(row.get('truth_p99'), 2)}"
+    return f"{behind} ({_num(row['truth_after_ready'], 2)}){flag}"
 
 
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -802,6 +855,11 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "failover_streams": med(lambda r: (r["rollout"].get("failover_s") or {}).get("streams")),
                 "load": med(lambda r: (r.get("machine") or {}).get("load_before", [None])[0]),
                 "probe_max": med(lambda r: ((r["rollout"].get("probes") or {}).get("convergence_s") or {}).get("max")),
+                # behind the truth watcher's last change; results from before it have no such field
+                "truth_p50": med(lambda r: (r["rollout"].get("convergence_after_truth_s") or {}).get("p50")),
+                "truth_p99": med(lambda r: (r["rollout"].get("convergence_after_truth_s") or {}).get("p99")),
+                "truth_after_ready": med(lambda r: r["rollout"].get("truth_last_change_after_last_ready_s")),
+                "truth_matches": all(r["rollout"].get("truth_matches_final", True) for r in group),
             }
         )
     return rows
@@ -827,18 +885,24 @@ def write_report() -> list[dict[str, Any]]:
         "holding the final peer set, over every subscriber alive at the end. Lost / phantom: peers missing from /",
         "extra in the subscribers' final sets, summed. Failover: from a stream's failure to its snapshot from the",
         "next replica. Probes (relay arms): one more subscriber per replica in a process of its own, a reader that",
-        "keeps up; their largest convergence. Load: the 1-minute load average when the arm started (2 cores).",
+        "keeps up; their largest convergence. Behind the truth: each subscriber's last change after that of a direct",
+        "watcher of the same API server in the harness (the slices and CRs, joined as a sidecar joins them): the",
+        "delay of what lies between the API server and the subscriber (the relay tier's own); in parentheses, when",
+        "that watcher's set last changed after the last Ready (n/m: a result from before it). Load: the 1-minute",
+        "load average when the arm started (2 cores).",
         "MB = 10^6 bytes; medians over `n` runs.",
         "",
         "| P | arm | n | subscribers | connect MB / apiserver CPU-s / s | rollout MB to subscribers (apiserver "
         "watch-event MB) | apiserver CPU-s | etcd / kcm / kwok CPU-s | subscribers CPU-s | apiserver peak RSS MB | "
-        "last Ready after restart s | convergence s p50 / p99 / max | kwok / registrar writes at once | "
+        "last Ready after restart s | convergence s p50 / p99 / max | behind the truth s p50 / p99 (truth's last "
+        "change after last Ready s) | kwok / registrar writes at once | "
         "relays CPU-s (all) / peak RSS MB (largest) | lost / phantom | failover s p50 / max (streams) | load |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         flag = "" if r["converged"] else " NOT converged"
         probe = "" if r["probe_max"] is None else f" (probes: {r['probe_max']:.2f})"
+        behind = _behind_truth(r)
         lines.append(
             f"| {r['P']} | {r['arm']} | {r['repeats']} | {_num(r['subscribers'], 0)} | "
             f"{_mb(r['connect_bytes'])} / {_num(r['connect_apiserver_cpu_s'])} / {_num(r['connect_seconds'])} | "
@@ -846,7 +910,8 @@ def write_report() -> list[dict[str, Any]]:
             f"{_num(r['etcd_cpu_s'])} / {_num(r['kcm_cpu_s'])} / {_num(r['kwok_cpu_s'])} | "
             f"{_num(r['subscriber_cpu_s'])} | "
             f"{_mb(r['apiserver_peak_rss'])} | {_num(r['last_ready_s'])} | "
-            f"{_num(r['p50'], 2)} / {_num(r['p99'], 2)} / {_num(r['max'], 2)}{flag}{probe} | {r['at_once']} | "
+            f"{_num(r['p50'], 2)} / {_num(r['p99'], 2)} / {_num(r['max'], 2)}{flag}{probe} | {behind} | "
+            f"{r['at_once']} | "
             f"{_num(r['relay_cpu_s'])} / {_mb(r['relay_peak_rss'])} | {_num(r['lost'], 0)} / {_num(r['phantom'], 0)} | "
             f"{_num(r['failover_p50'], 2)} / {_num(r['failover_max'], 2)} ({_num(r['failover_streams'], 0)}) | "
             f"{_num(r['load'])} |"

@@ -68,7 +68,7 @@ import ssl
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -127,7 +127,7 @@ def _condition(conditions: dict[str, Any], name: str, default: bool) -> bool:
     return default if value is None else bool(value)
 
 
-def live_endpoints(item: dict[str, Any]) -> dict[str, str]:
+def live_endpoints(item: Mapping[str, Any]) -> dict[str, str]:
     """pod name -> READY or DRAINING for the endpoints of one EndpointSlice that count towards a peer, by the
     sidecar's rule (``sidecar.core.records.EndpointEntry.live``: ready, or serving and terminating)."""
     live: dict[str, str] = {}
