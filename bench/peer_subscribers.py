@@ -202,7 +202,8 @@ class Subscriber:
                 raise
             except grpc.aio.AioRpcError as exc:
                 group.totals.errors[f"{exc.code().name}"] += 1
-                group.totals.reasons[f"{exc.code().name}: {(exc.details() or '')[:160]}"] += 1
+                when = "after" if self.served else "before"  # the stream's snapshot (or resume): which side
+                group.totals.reasons[f"{exc.code().name}: {(exc.details() or '')[:160]} ({when} its snapshot)"] += 1
                 refused = exc.code() in REFUSALS
                 if self.failed_at is None:
                     self.failed_at = time.monotonic()

@@ -667,6 +667,8 @@ class RolloutBench:
             "subscriber_events": counts("events"),
             "subscriber_requests": counts("requests"),
             "subscriber_errors": counts("errors"),
+            # The most frequent "CODE: details (before/after its snapshot)" of failed streams (relay arms).
+            "subscriber_error_reasons": counts("error_reasons"),
             "apiserver_watch_event_bytes": watch_bytes - truth,
             "truth_watcher_bytes": truth,
             "apiserver_list_response_bytes": sum(v for k, v in metrics.items() if k.startswith("response_bytes LIST")),
