@@ -118,6 +118,12 @@ class GrpcServer:
         options: list[tuple[str, int]] = [
             ("grpc.server.max_pending_requests", pending),
             ("grpc.server.max_pending_requests_hard_limit", 2 * pending),
+            # Nor by age: gRPC core cancels a call the loop has not picked up within 30 s by default, and a loop
+            # busy with a burst (a relay owing snapshots to hundreds of followers after a failover) takes longer.
+            # The client then reconnects and asks again, adding to the burst: at 2,000 pods, ~600 of the moving
+            # followers' streams were cancelled that way before their snapshot (bench/COST_MODEL.md). A waiting
+            # call costs gRPC core's state only; one whose client gave up is dropped by core then.
+            ("grpc.server_max_unrequested_time_in_server", 600),
         ]
         if self.tls is not None:
             options += REMOTE_CLIENT_OPTIONS
