@@ -144,7 +144,7 @@ class Subscriber:
     def __init__(self, group: Subscribers, index: str, first_target: int) -> None:
         self.group = group
         self.index = index
-        self.rotation = ReplicaRotation(next_index=first_target)
+        self.rotation = ReplicaRotation(first=first_target)
         self.backoff = Backoff(maximum=group.backoff_max)
         self.served = False  # the current stream brought a snapshot or a resume
         self.view = LeanPeerSet(group.interned)

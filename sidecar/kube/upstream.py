@@ -24,7 +24,6 @@ service-account token, re-read as it rotates), sent on every new stream.
 from __future__ import annotations
 
 import json
-import random
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -151,8 +150,8 @@ class UpstreamSource(SourceLoop):
         with open(upstream.ca_file, "rb") as file:
             self._credentials = grpc.ssl_channel_credentials(root_certificates=file.read())
         self._view = PeerSetView()
-        # Which replica to dial next, and when to back off; a random start spreads sidecars over the replicas.
-        self._rotation = ReplicaRotation(next_index=random.randrange(1 << 16))
+        # Which replica to dial next (at random: sidecars spread over the replicas), and when to back off.
+        self._rotation = ReplicaRotation()
         self.replica = ""  # the replica followed now, for logs and tests ("" between streams)
         self._delivered = False  # the current stream brought this sidecar a snapshot or a resume
 
