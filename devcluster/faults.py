@@ -3,8 +3,9 @@
 Some failures cannot be asked of a real API server: a watch connection that stays open but goes
 silent (what a managed control plane's load balancer does to idle watches), or an API server that is
 unreachable when a sidecar starts. ``FaultProxy`` is a TCP proxy on loopback in front of the real
-server (TLS passes through untouched, so certificates still verify) that can refuse connections, or
-freeze the connections it has open without closing them.
+server (TLS passes through untouched, so certificates still verify) that can refuse connections, answer
+new ones only after a pause (a server paused that long), or freeze the connections it has open without
+closing them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class FaultProxy:
         self._accepting.set()
         self._closed = threading.Event()
         self.connections_accepted = 0
+        self.answer_delay = 0.0  # seconds a new connection waits before it reaches the server
         self.bytes_to_server = 0
         self.bytes_from_server = 0
         threading.Thread(target=self._accept_loop, name="fault-proxy", daemon=True).start()
@@ -42,6 +44,11 @@ class FaultProxy:
 
     def accept(self) -> None:
         self._accepting.set()
+
+    def answer_after(self, seconds: float) -> None:
+        """Connect each new connection to the server only ``seconds`` after accepting it (0: at once), as a
+        server paused that long (a CPU-throttled container) answers; open connections are not affected."""
+        self.answer_delay = seconds
 
     def freeze_existing(self) -> int:
         """Stop moving bytes on every open connection without closing it; return how many."""
@@ -75,16 +82,23 @@ class FaultProxy:
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
                 client.close()  # RST: connection refused/reset, as seen by the client
                 continue
-            try:
-                upstream = socket.create_connection(self.upstream, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            frozen = threading.Event()
-            with self._lock:
-                self._pairs.append((client, upstream, frozen))
-                self.connections_accepted += 1
-            threading.Thread(target=self._pump, args=(client, upstream, frozen), daemon=True).start()
+            threading.Thread(target=self._connect, args=(client, self.answer_delay), daemon=True).start()
+
+    def _connect(self, client: socket.socket, delay: float) -> None:
+        """Join ``client`` to the server (after ``delay`` seconds, the fault), then move bytes between them."""
+        if delay and self._closed.wait(delay):  # the pause this fault is for; closed meanwhile: drop the client
+            client.close()
+            return
+        try:
+            upstream = socket.create_connection(self.upstream, timeout=5)
+        except OSError:
+            client.close()
+            return
+        frozen = threading.Event()
+        with self._lock:
+            self._pairs.append((client, upstream, frozen))
+            self.connections_accepted += 1
+        self._pump(client, upstream, frozen)
 
     def _pump(self, client: socket.socket, upstream: socket.socket, frozen: threading.Event) -> None:
         peers = {client: upstream, upstream: client}

@@ -8,12 +8,9 @@ asyncio ``watch`` wire it to a real stream: a snapshot, a broken stream, a resum
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import queue
-import socket
 import threading
-import time
 from collections.abc import AsyncGenerator, Iterable, Iterator
 from concurrent import futures
 from contextlib import aclosing
@@ -22,6 +19,7 @@ from typing import NamedTuple, cast
 import grpc
 import pytest
 
+from devcluster.faults import FaultProxy
 from discovery_client.api.discovery.v1 import discovery_pb2 as pb
 from discovery_client.api.discovery.v1 import discovery_pb2_grpc as pb_grpc
 from discovery_client.client import (
@@ -432,61 +430,16 @@ def stand_in() -> Iterator[StandInServer]:
     server.stop(grace=0)
 
 
-class SlowToAnswer:
-    """A TCP front of a gRPC server that answers each new connection only ``delay`` seconds after accepting it:
-    a sidecar paused that long (a CPU-throttled container, a loaded node). Owns its listening socket and one
-    thread per connection; ``close`` stops accepting."""
-
-    def __init__(self, upstream_port: int, delay: float) -> None:
-        self.delay = delay
-        self.upstream_port = upstream_port
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.target = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, name="slow-accept", daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:  # closed
-                return
-            threading.Thread(target=self._serve, args=(client,), name="slow-conn", daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
-        time.sleep(self.delay)  # the pause this stand-in is for (not a synchronisation)
-        try:
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-        except OSError:
-            client.close()
-            return
-        threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
-        self._pipe(upstream, client)
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for end in (source, sink):
-                with contextlib.suppress(OSError):
-                    end.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self._listener.close()
-
-
 class TestASidecarSlowToAnswerIsWaitedFor:
     """A connection attempt gets gRPC's own 20 s. The client once set ``grpc.min_reconnect_backoff_ms`` to 100 ms
     for quick reconnections, which gRPC core also takes as each attempt's deadline: a sidecar that took longer
     than about a second (the backoff's cap) to answer a new connection was never reached."""
 
     def test_a_call_reaches_a_sidecar_that_answers_connections_after_a_pause(self, stand_in: StandInServer) -> None:
-        slow = SlowToAnswer(int(stand_in.target.rsplit(":", 1)[1]), delay=1.5)
+        slow = FaultProxy(int(stand_in.target.rsplit(":", 1)[1]))
+        slow.answer_after(1.5)
         try:
-            with DiscoveryClient(slow.target) as client:
+            with DiscoveryClient(f"127.0.0.1:{slow.port}") as client:
                 assert client.get_self(timeout=DEADLINE).name == "worker-0"
         finally:
             slow.close()
