@@ -11,8 +11,9 @@ against the token presented) and ``DISCOVERY_PEER_SELECTOR``. Everything a main 
 top (selectors, groups, endpoint, model, itself) is applied by the sidecar, as always.
 
 Failover: replicas are interchangeable. A stream that breaks (a replica killed or drained) makes the
-source unhealthy (the main container's stream says DEGRADED, its peer set is kept) and the next address
-is dialled at once; only when every address failed in a row is there a backoff. The resume position is
+source unhealthy (the main container's stream says DEGRADED, its peer set is kept) and another address,
+one not yet tried, at random, is dialled at once; only when every address failed in a row is there a backoff
+(``sidecar.core.failover``). The resume position is
 the relay's (``history_id``, revision): the same replica resumes with what was missed; another one cannot
 (its history is its own) and sends a snapshot, which ``replace`` diffs against the peers held, so the
 main container sees only the real changes: nothing lost, nothing invented.
