@@ -9,6 +9,7 @@ and records its PIDs so ``make cluster-down`` can stop it.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import json
@@ -180,6 +181,21 @@ class ControlPlane:
     def stop_apiserver(self) -> None:
         self.components["kube-apiserver"].stop()
 
+    def restart_controller_manager(self, timeout: float = 120.0) -> None:
+        """A fresh kube-controller-manager, its informers listed anew.
+
+        After the API server has been away, the running one recovers on client-go's schedule: each informer
+        reconnects after a backoff of up to 30 s, and until the EndpointSlice informer has seen the
+        controller's own writes, every Service's sync fails ("informer cache is out of date") and is retried
+        with a growing delay. A test that takes the API server away restarts it afterwards, so the tests after
+        it do not inherit that recovery.
+        """
+        component = self.components["kube-controller-manager"]
+        component.stop()
+        self.log("restarting kube-controller-manager")
+        component.start(self.tie_to_parent)
+        self._wait("kube-controller-manager", self._kcm_healthy, timeout)
+
     def restart_apiserver(self, timeout: float = 120.0) -> None:
         self.stop_apiserver()
         self.start_apiserver(timeout)
@@ -203,6 +219,19 @@ class ControlPlane:
         revision = revision or self.etcd_revision()
         self._etcd_post("/v3/kv/compaction", {"revision": str(revision), "physical": True})
         return revision
+
+    def compact_past_every_watch(self) -> int:
+        """Compact etcd so that no watch position handed out so far can be resumed: each gets 410 Gone.
+
+        Call with the API server stopped. A client may hold the newest revision (a bookmark carries it), and
+        resuming at revision R asks for R + 1 onwards, which a compaction at R + 1 still keeps. Two writes
+        outside the API's keys move the revision past that, and the compaction at the new revision then
+        passes every position the stopped server could have handed out.
+        """
+        for _ in range(2):
+            key = base64.b64encode(b"/devcluster/revision-advance").decode()
+            self._etcd_post("/v3/kv/put", {"key": key, "value": base64.b64encode(b"x").decode()})
+        return self.compact_etcd()
 
     def _etcd_post(self, path: str, body: dict[str, object]) -> dict[str, object]:
         request = urllib.request.Request(

@@ -46,6 +46,20 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
         plane.stop()
 
 
+@pytest.fixture
+def outage_control_plane(control_plane: ControlPlane) -> Iterator[ControlPlane]:
+    """The session's control plane for a test that takes its API server away; put back whole afterwards.
+
+    The API server is started again if the test stopped short, and kube-controller-manager is restarted
+    (``ControlPlane.restart_controller_manager``): the one that lived through the outage can take a minute
+    to publish new endpoints, which the next test would see as its own failure.
+    """
+    yield control_plane
+    if not control_plane.components["kube-apiserver"].alive():
+        control_plane.start_apiserver()
+    control_plane.restart_controller_manager()
+
+
 def kubectl(plane: ControlPlane, *args: str, namespace: str | None = None, check: bool = True) -> str:
     argv = [str(plane.kubectl), f"--kubeconfig={plane.kubeconfig}"]
     if namespace:

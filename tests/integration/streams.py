@@ -61,7 +61,8 @@ class StreamRecorder:
         try:
             wait_for(check, timeout, what=what or "the stream to reach the expected state")
         except TimeoutError as exc:
-            raise AssertionError(f"{exc}; stream shows {self.names()} (error: {self.error})") from None
+            shown = f"{self.names()} after {len(self.kinds())} messages {self.kinds()[-5:]}"
+            raise AssertionError(f"{exc}; stream shows {shown} (error: {self.error})") from None
 
     def wait_names(self, expected: set[str], timeout: float = 30.0) -> None:
         self.wait_until(lambda r: set(r.names()) == expected, timeout, f"peers == {sorted(expected)}")

@@ -118,8 +118,9 @@ def _try_list(api: KubeApi, path: str) -> dict | None:
 
 
 def test_watch_from_compacted_resource_version_gets_410(
-    control_plane: ControlPlane, namespace: str, admin_api: KubeApi
+    outage_control_plane: ControlPlane, namespace: str, admin_api: KubeApi
 ) -> None:
+    control_plane = outage_control_plane
     path = f"/api/v1/namespaces/{namespace}/configmaps"
     first = admin_api.create(path, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {}})
     old_rv = first["metadata"]["resourceVersion"]

@@ -222,21 +222,24 @@ def test_pod_moving_between_slices_is_never_dropped(world: World, stream: Stream
 
 
 def test_apiserver_restart_degrades_then_recovers_without_losing_peers(
-    control_plane: ControlPlane, world: World, stream: StreamRecorder
+    outage_control_plane: ControlPlane, world: World, stream: StreamRecorder
 ) -> None:
+    control_plane = outage_control_plane
     for i in range(3):
         world.worker(f"w-{i}")
     world.settle(stream, {f"w-{i}": READY for i in range(3)})
     before = len(stream.updates)
-    # One unrelated write first, so that the compaction passes every watch's resourceVersion: a watch may
-    # hold the newest revision (a streaming list's closing bookmark carries it), and resuming exactly at the
-    # compacted revision is still allowed. Then the restarted server cannot serve either watch's revision.
-    world.cluster.api.create(
-        f"/api/v1/namespaces/{world.namespace}/configmaps",
-        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "advance-the-revision"}},
+    # The watch of its own CR holds a position to resume from once its first list is in; on a server that
+    # has just started, that list can take a second (the new resource's watch cache is still filling).
+    wait_for(
+        lambda: any(e.get("event") == "listed" and e.get("source") == "registration" for e in world.log_events()),
+        30,
+        what="the registration watch's first list",
     )
-    control_plane.compact_etcd()
     control_plane.stop_apiserver()
+    # With the server stopped, compact past every position it handed out (even one a bookmark brought up to
+    # the newest revision): the restarted server can resume none of the three watches.
+    control_plane.compact_past_every_watch()
     stream.wait_until(
         lambda r: any(u.kind == "status" and not u.connected for u in r.updates[before:]),
         60,
@@ -263,6 +266,7 @@ def test_apiserver_restart_degrades_then_recovers_without_losing_peers(
 def test_reconnect_with_last_revision_gets_exactly_what_was_missed(world: World) -> None:
     world.worker("w-keep")
     world.worker("w-gone")
+    wait_for(lambda: truth(world.cluster, world.namespace) == {"w-keep": READY, "w-gone": READY}, 45, what="truth")
     first = StreamRecorder(world.observer.target, reconnect=False)
     first.wait_names({"w-keep", "w-gone"})
     view: PeerSetView = first.view
