@@ -809,11 +809,19 @@ def _behind_truth(row: Mapping[str, Any]) -> str:
     return f"{behind} ({_num(row['truth_after_ready'], 2)}){flag}"
 
 
+def arm_label(result: Mapping[str, Any]) -> str:
+    """The report's name for a result's arm: a relay arm run with other than 3 replicas says how many, so its
+    runs are summarised apart from the 3-replica ones."""
+    arm = str(result["arm"])
+    replicas = (result.get("args") or {}).get("relays", 3)
+    return f"{arm}, {replicas} replicas" if arm.startswith("relays") and replicas != 3 else arm
+
+
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Median per (P, arm) across repeats."""
+    """Median per (P, arm) across repeats; a relay arm with other than 3 replicas is an arm of its own."""
     groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for result in results:
-        groups.setdefault((result["P"], result["arm"]), []).append(result)
+        groups.setdefault((result["P"], arm_label(result)), []).append(result)
     rows = []
     for (size, arm), group in sorted(groups.items()):
 
@@ -882,7 +890,8 @@ def write_report() -> list[dict[str, Any]]:
         f"{args.get('ready_max', '?')} after it started,",
         f"its containers out {args.get('stop', '?')} after its deletion). Subscribers simulated by `bench.watchers",
         "--peers` (the sidecar's requests), or for `relays` by `bench.peer_subscribers` (one WatchPeers stream",
-        "per pod, over TLS, to one of 3 `discovery-sidecar relay` replicas; `relays-kill`: the first replica",
+        "per pod, over TLS, to one of 3 `discovery-sidecar relay` replicas unless the arm names another count;",
+        "`relays-kill`: the first replica",
         "SIGKILLed once half the new pods started). Convergence: from the last new pod's Ready to each subscriber",
         "holding the final peer set, over every subscriber alive at the end. Lost / phantom: peers missing from /",
         "extra in the subscribers' final sets, summed. Failover: from a stream's failure to its snapshot from the",
@@ -1045,6 +1054,8 @@ def main(argv: list[str] | None = None) -> None:
                     }
                     result["args"] = vars(args)
                     suffix = f"-{args.tag}" if args.tag else ""
+                    if arm.startswith("relays") and args.relays != 3:
+                        suffix = f"-{args.relays}replicas{suffix}"
                     (RESULTS_DIR / f"rollout-p{size}-{arm}{suffix}.json").write_text(
                         json.dumps(result, indent=1) + "\n"
                     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.rollout import _behind_truth, after_truth, percentile
+from bench.rollout import _behind_truth, after_truth, arm_label, percentile
 
 
 def test_percentile_is_the_nearest_rank() -> None:
@@ -27,3 +27,12 @@ def test_the_report_cell_is_n_m_for_results_from_before_the_truth_watcher() -> N
     row = {"truth_after_ready": 9.5, "truth_p50": 0.1234, "truth_p99": 0.4, "truth_matches": True}
     assert _behind_truth(row) == "0.12 / 0.40 (9.50)"
     assert _behind_truth(row | {"truth_matches": False}).endswith("truth NOT final")
+
+
+def test_a_relay_arm_with_another_replica_count_is_reported_apart() -> None:
+    three = {"P": 2000, "arm": "relays-kill", "args": {"relays": 3}}
+    five = {"P": 2000, "arm": "relays-kill", "args": {"relays": 5}}
+    assert arm_label(three) == "relays-kill"
+    assert arm_label(five) == "relays-kill, 5 replicas"
+    assert arm_label({"P": 2000, "arm": "routers", "args": {"relays": 5}}) == "routers", "not a relay arm"
+    assert arm_label({"P": 100, "arm": "relays"}) == "relays", "results from before the option: 3 replicas"
