@@ -124,6 +124,9 @@ class GrpcServer:
             # followers' streams were cancelled that way before their snapshot (bench/COST_MODEL.md). A waiting
             # call costs gRPC core's state only; one whose client gave up is dropped by core then.
             ("grpc.server_max_unrequested_time_in_server", 600),
+            # gRPC sets SO_REUSEPORT by default: a second server on a port in use would bind too, and the kernel
+            # would share the connections between the two. A port in use must be refused, and said so.
+            ("grpc.so_reuseport", 0),
         ]
         if self.tls is not None:
             options += REMOTE_CLIENT_OPTIONS

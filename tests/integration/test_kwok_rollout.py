@@ -41,9 +41,10 @@ def _deployment() -> dict[str, Any]:
             "template": {
                 "metadata": {
                     "labels": labels,
-                    # kwok's delays for these pods: quick, but a terminating pod lingers long enough (1 s) for
-                    # the EndpointSlice controller to publish it as terminating first.
-                    "annotations": {"devcluster.kwok/ready": "300ms", "devcluster.kwok/stop": "1s"},
+                    # kwok's delays for these pods: quick, but a terminating pod lingers long enough (3 s, within
+                    # its 5 s grace) for the EndpointSlice controller to publish it as terminating first, even
+                    # after one of its 1 s retries.
+                    "annotations": {"devcluster.kwok/ready": "300ms", "devcluster.kwok/stop": "3s"},
                 },
                 "spec": pod_template_spec(
                     terminationGracePeriodSeconds=5,

@@ -134,6 +134,9 @@ def test_http_endpoints(namespace: str, cluster: Cluster, sidecars: Sidecars) ->
     assert {p["name"]: p["self"] for p in listing["peers"]} == {"h": True, "peer": False}
     assert process.http_get("/healthz") == (200, "ok\n")
     assert process.http_get("/readyz") == (200, "ok\n")
+    # The gauges follow the peer set just after it changes (outside the hub's lock): wait for them.
+    ready_gauge = 'discovery_peers{state="ready"} 2.0'
+    wait_for(lambda: ready_gauge in process.http_get("/metrics")[1], 10, what="the ready-peers gauge")
     _, metrics = process.http_get("/metrics")
     for name in (
         'discovery_peers{state="ready"} 2.0',

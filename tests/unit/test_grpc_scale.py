@@ -505,3 +505,17 @@ def test_a_port_in_use_is_an_os_error_and_leaves_no_threads(threads_before: set[
         with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
             GrpcServer(DiscoveryService(new_hub(10, SELF.uid), None, SELF, Metrics()), ListenAddress("127.0.0.1", port))
     assert_no_new_threads(threads_before)
+
+
+def test_a_port_another_sidecar_serves_is_refused_not_shared(threads_before: set[int | None]) -> None:
+    """gRPC's default SO_REUSEPORT would let the second server bind as well, each then getting some of the
+    clients: two sidecars on one port must fail loudly instead."""
+    first = GrpcServer(DiscoveryService(new_hub(10, SELF.uid), None, SELF, Metrics()), ListenAddress("127.0.0.1", 0))
+    try:
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{first.port}"):
+            GrpcServer(
+                DiscoveryService(new_hub(10, SELF.uid), None, SELF, Metrics()), ListenAddress("127.0.0.1", first.port)
+            )
+    finally:
+        first.stop(0)
+    assert_no_new_threads(threads_before)
