@@ -183,13 +183,15 @@ def test_registration_creates_dynamos_keys_on_one_lease_whose_id_is_the_instance
 
 
 def test_keep_alive_holds_the_keys_well_past_the_ttl(etcd: EtcdServer, closer: Closer) -> None:
-    publisher = publisher_for(closer, client_for(closer, etcd.client_port), worker_data())
+    # A renewal every TTL / 2: with 2 s, a 1 s stall of this loaded machine would lose the keys; 5 s leaves 2.5.
+    ttl = 5
+    publisher = publisher_for(closer, client_for(closer, etcd.client_port), worker_data(), ttl=ttl)
     lease = start_registered(publisher)
-    until = time.monotonic() + 3 * TTL  # the subject of this test is time itself
+    until = time.monotonic() + 2 * ttl  # the subject of this test is time itself
     while time.monotonic() < until:
         assert len(keys_on(etcd, lease)) == 3, "a key vanished while the lease was being kept alive"
         assert etcd.lease_ttl(lease) > 0
-        time.sleep(0.2)  # poll: the keys are checked throughout three TTLs, not waited for
+        time.sleep(0.2)  # poll: the keys are checked throughout two TTLs, not waited for
     assert publisher.instance_id == lease and publisher.leases_granted == 1
 
 

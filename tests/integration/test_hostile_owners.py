@@ -233,6 +233,9 @@ def test_a_replaced_incarnation_stops_writing_and_leaves_the_new_one_alone(
             what="the CR to be owned by U2",
         )
         assert final["spec"]["data"] == {"incarnation": 2}
+        # The GET can be ahead of the watch: count from the event that brought this very version.
+        final_version = final["metadata"]["resourceVersion"]
+        wait_for(lambda: any(e[2] == final_version for e in events.snapshot()), 30, what="the watch to catch up")
         settled = len(events.snapshot())
 
         # A quiet period: nothing writes the CR any more (the bug re-applied it every few milliseconds).
