@@ -202,6 +202,7 @@ def peer_subscribers(
 RELAY_NAMESPACE = "discovery-sidecar"
 RELAY_SERVICE_ACCOUNT = "discovery-sidecar-relay"
 RELAY_RBAC = ROOT / "manifests" / "components" / "relay" / "relay-rbac.yaml"
+DEFAULT_RELAYS = 3  # replicas of the relay arms; another count is reported as an arm of its own
 
 
 def relay_kubeconfig(plane: ControlPlane, work: pathlib.Path) -> pathlib.Path:
@@ -809,12 +810,17 @@ def _behind_truth(row: Mapping[str, Any]) -> str:
     return f"{behind} ({_num(row['truth_after_ready'], 2)}){flag}"
 
 
+def named_replicas(arm: str, relays: int) -> int | None:
+    """The replica count an arm's report row and result file name: a relay arm's, unless the default 3."""
+    return relays if arm.startswith("relays") and relays != DEFAULT_RELAYS else None
+
+
 def arm_label(result: Mapping[str, Any]) -> str:
     """The report's name for a result's arm: a relay arm run with other than 3 replicas says how many, so its
     runs are summarised apart from the 3-replica ones."""
     arm = str(result["arm"])
-    replicas = (result.get("args") or {}).get("relays", 3)
-    return f"{arm}, {replicas} replicas" if arm.startswith("relays") and replicas != 3 else arm
+    replicas = named_replicas(arm, (result.get("args") or {}).get("relays", DEFAULT_RELAYS))
+    return f"{arm}, {replicas} replicas" if replicas else arm
 
 
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -970,7 +976,7 @@ def plot(rows: list[dict[str, Any]]) -> None:
     axes[0].plot(
         sizes, [p * routers * 100e3 / 1e6 for p in sizes], ":", color="C1", label=f"model: {routers:.0f} x P x 100 KB"
     )
-    relays = next((r["args_relays"] for r in rows if r.get("args_relays")), 3)
+    relays = next((r["args_relays"] for r in rows if r.get("args_relays")), DEFAULT_RELAYS)
     axes[0].plot(
         sizes, [p * relays * 100e3 / 1e6 for p in sizes], ":", color="C2", label=f"model, relays: {relays} x P x 100 KB"
     )
@@ -999,7 +1005,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100], help="replica counts P, in increasing order")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=["routers", "every-pod"])
     parser.add_argument("--routers", type=int, default=10, help="R, the routers arm's subscribers")
-    parser.add_argument("--relays", type=int, default=3, help="relay replicas of the relays arm")
+    parser.add_argument("--relays", type=int, default=DEFAULT_RELAYS, help="relay replicas of the relays arm")
     parser.add_argument(
         "--subscriber-processes",
         type=int,
@@ -1054,8 +1060,8 @@ def main(argv: list[str] | None = None) -> None:
                     }
                     result["args"] = vars(args)
                     suffix = f"-{args.tag}" if args.tag else ""
-                    if arm.startswith("relays") and args.relays != 3:
-                        suffix = f"-{args.relays}replicas{suffix}"
+                    if replicas := named_replicas(arm, args.relays):
+                        suffix = f"-{replicas}replicas{suffix}"
                     (RESULTS_DIR / f"rollout-p{size}-{arm}{suffix}.json").write_text(
                         json.dumps(result, indent=1) + "\n"
                     )
