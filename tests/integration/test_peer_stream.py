@@ -77,9 +77,13 @@ class World:
         register_like_dynamo(self.cluster, pod)
         return pod
 
+    def wait_truth(self, expected: dict[str, str], timeout: float = 45.0) -> None:
+        """Wait until the API's own objects say ``expected`` (the control plane's part, before any stream's)."""
+        wait_for(lambda: truth(self.cluster, self.namespace) == expected, timeout, what=f"API truth == {expected}")
+
     def settle(self, stream: StreamRecorder, expected: dict[str, str], timeout: float = 45.0) -> None:
         """Wait until the API's truth and the stream both equal ``expected``."""
-        wait_for(lambda: truth(self.cluster, self.namespace) == expected, timeout, what=f"API truth == {expected}")
+        self.wait_truth(expected, timeout)
         stream.wait_until(lambda r: r.names() == expected, timeout, f"stream == {expected}")
 
 
@@ -272,7 +276,7 @@ def test_apiserver_restart_degrades_then_recovers_without_losing_peers(
 def test_reconnect_with_last_revision_gets_exactly_what_was_missed(world: World) -> None:
     world.worker("w-keep")
     world.worker("w-gone")
-    wait_for(lambda: truth(world.cluster, world.namespace) == {"w-keep": READY, "w-gone": READY}, 45, what="truth")
+    world.wait_truth({"w-keep": READY, "w-gone": READY})
     first = StreamRecorder(world.observer.target, reconnect=False)
     first.wait_names({"w-keep", "w-gone"})
     view: PeerSetView = first.view
@@ -280,7 +284,7 @@ def test_reconnect_with_last_revision_gets_exactly_what_was_missed(world: World)
     resume_at = view.revision
     world.cluster.delete_pod(world.namespace, "w-gone", grace_seconds=0)
     world.worker("w-new")
-    wait_for(lambda: truth(world.cluster, world.namespace) == {"w-keep": READY, "w-new": READY}, 45, what="truth")
+    world.wait_truth({"w-keep": READY, "w-new": READY})
     resumed_view = PeerSetView()
     resumed_view.peers = dict(view.peers)
     resumed_view.revision, resumed_view.history_id = resume_at, view.history_id
